@@ -1,0 +1,304 @@
+"""``smartrelay-ctl``: the admin CLI (SPEC section 6).
+
+Every command loads the config, opens the database (bringing its schema up to date, as the
+server does at start), does one job and exits. Problems are one line on stderr and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import getpass
+import sqlite3
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import NoReturn, TextIO
+
+import psycopg2
+from twisted.internet.task import react
+
+from smartrelay import __version__
+from smartrelay.config import Config, ConfigError, load_config
+from smartrelay.passwords import generate_password, hash_password
+from smartrelay.reactor import IRelayReactor, as_relay_reactor
+from smartrelay.storage.engines import create_engine
+from smartrelay.storage.migrations import SchemaError, current_version, migrate
+from smartrelay.storage.store import (
+    SUPPRESSION_REASONS,
+    DuplicateName,
+    LoginTable,
+    NewSuppression,
+    Store,
+    to_ms,
+)
+from smartrelay.tap import default_config_path
+from smartrelay.timefmt import parse_rfc3339, rfc3339
+from smartrelay.units import parse_duration
+
+PROG = "smartrelay-ctl"
+SUPPRESSION_COLUMNS = ("address", "reason", "created_at", "expires_at", "note")
+
+
+class CliError(Exception):
+    """A problem to report as one line, exit status 1."""
+
+
+Command = Callable[[argparse.Namespace, Store], Awaitable[None]]
+
+
+# -- commands -------------------------------------------------------------------------------
+async def cmd_migrate(args: argparse.Namespace, store: Store) -> None:
+    # The schema was brought up to date when the database was opened; report where it is.
+    print(f"schema is at version {await current_version(store.engine)}")
+
+
+async def cmd_credential_add(args: argparse.Namespace, store: Store) -> None:
+    password = generate_password()
+    await _add_login(store.smtp_credentials, "SMTP credential", args.name, password)
+    print(f"SMTP credential {args.name!r} added; its password (shown only this once):")
+    print(password)
+
+
+async def cmd_credential_list(args: argparse.Namespace, store: Store) -> None:
+    for login in await store.smtp_credentials.list():
+        print(f"{login.name}\t{rfc3339(login.created_at)}")
+
+
+async def cmd_credential_remove(args: argparse.Namespace, store: Store) -> None:
+    await _remove_login(store.smtp_credentials, "SMTP credential", args.name)
+
+
+async def cmd_web_user_add(args: argparse.Namespace, store: Store) -> None:
+    await _add_login(store.web_users, "web user", args.name, read_new_password(args.name))
+    print(f"web user {args.name!r} added")
+
+
+async def cmd_web_user_remove(args: argparse.Namespace, store: Store) -> None:
+    await _remove_login(store.web_users, "web user", args.name)
+
+
+async def cmd_web_user_password(args: argparse.Namespace, store: Store) -> None:
+    if await store.web_users.password_hash(args.name) is None:
+        raise CliError(f"no web user named {args.name!r}")
+    password = read_new_password(args.name)
+    if not await store.web_users.set_password(args.name, hash_password(password)):
+        raise CliError(f"no web user named {args.name!r}")
+    print(f"password of web user {args.name!r} changed")
+
+
+async def _add_login(table: LoginTable, kind: str, name: str, password: str) -> None:
+    if not name.strip() or any(c.isspace() for c in name):
+        raise CliError(f"{kind} name must be non-empty and without spaces: {name!r}")
+    try:
+        await table.add(name, hash_password(password))
+    except DuplicateName:
+        raise CliError(f"{kind} {name!r} exists already") from None
+
+
+async def _remove_login(table: LoginTable, kind: str, name: str) -> None:
+    if not await table.remove(name):
+        raise CliError(f"no {kind} named {name!r}")
+    print(f"{kind} {name!r} removed")
+
+
+def read_new_password(name: str) -> str:
+    """Ask twice on a terminal; otherwise take the first line of standard input."""
+    if sys.stdin.isatty():
+        first = getpass.getpass(f"password for {name}: ")
+        if first != getpass.getpass("again: "):
+            raise CliError("the passwords do not match")
+        password = first
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < 8:
+        raise CliError("the password must have at least 8 characters")
+    return password
+
+
+async def cmd_suppression_list(args: argparse.Namespace, store: Store) -> None:
+    for entry in await store.list_suppressions(include_expired=args.all):
+        expires = "forever" if entry.expires_at is None else rfc3339(entry.expires_at)
+        print(f"{entry.address}\t{entry.reason}\t{expires}\t{entry.note}".rstrip("\t"))
+
+
+async def cmd_suppression_add(args: argparse.Namespace, store: Store) -> None:
+    address = check_address(args.address)
+    expires_at = None
+    if args.expires != "forever":
+        try:
+            expires_at = store.clock.seconds() + parse_duration(args.expires)
+        except ValueError as error:
+            raise CliError(f"--expires: {error}") from None
+    await store.add_suppression(address, args.reason, expires_at, args.note)
+    print(f"{address.lower()} suppressed ({args.reason})")
+
+
+async def cmd_suppression_remove(args: argparse.Namespace, store: Store) -> None:
+    if not await store.remove_suppression(args.address):
+        raise CliError(f"{args.address} is not suppressed")
+    print(f"{args.address.lower()} removed from the suppression list")
+
+
+async def cmd_suppression_import(args: argparse.Namespace, store: Store) -> None:
+    entries = read_suppression_file(args.file)
+    await store.add_suppressions(entries)
+    print(f"imported {len(entries)} suppression(s)")
+
+
+def read_suppression_file(path: str) -> list[NewSuppression]:
+    if path == "-":
+        return parse_suppression_csv(sys.stdin, "<stdin>")
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            return parse_suppression_csv(handle, path)
+    except OSError as error:
+        raise CliError(f"{path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise CliError(f"{path}: not UTF-8 text") from None
+
+
+async def cmd_suppression_export(args: argparse.Namespace, store: Store) -> None:
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(SUPPRESSION_COLUMNS)
+    for e in await store.list_suppressions(include_expired=args.all):
+        expires = "" if e.expires_at is None else rfc3339(e.expires_at)
+        writer.writerow([e.address, e.reason, rfc3339(e.created_at), expires, e.note])
+
+
+def check_address(address: str) -> str:
+    local, at, domain = address.strip().rpartition("@")
+    if not at or not local or "." not in domain or any(c.isspace() for c in address.strip()):
+        raise CliError(f"not an email address: {address!r}")
+    return address.strip()
+
+
+def parse_suppression_csv(handle: TextIO, name: str) -> list[NewSuppression]:
+    """Rows of ``export``'s format, or a bare list of addresses (one per line, no header)."""
+    rows = list(csv.reader(handle))
+    if not rows:
+        return []
+    header = [c.strip().lower() for c in rows[0]]
+    if "address" in header:
+        unknown = [c for c in header if c not in SUPPRESSION_COLUMNS]
+        if unknown:
+            raise CliError(f"{name}: line 1: unknown column(s) {', '.join(unknown)}")
+        body, first_line = rows[1:], 2
+    else:
+        header, body, first_line = ["address"], rows, 1
+    entries = []
+    for number, row in enumerate(body, start=first_line):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) > len(header):
+            raise CliError(f"{name}: line {number}: {len(row)} fields, expected {len(header)}")
+        fields = dict(zip(header, (cell.strip() for cell in row), strict=False))
+        try:
+            entries.append(_suppression_row(fields))
+        except (CliError, ValueError) as error:
+            raise CliError(f"{name}: line {number}: {error}") from None
+    return entries
+
+
+def _suppression_row(fields: dict[str, str]) -> NewSuppression:
+    reason = fields.get("reason") or "manual"
+    if reason not in SUPPRESSION_REASONS:
+        raise CliError(f"unknown reason {reason!r} (one of {', '.join(SUPPRESSION_REASONS)})")
+    expires = fields.get("expires_at") or ""
+    expires_at = None if expires in ("", "forever") else parse_rfc3339(expires)
+    return NewSuppression(
+        check_address(fields.get("address", "")), reason, expires_at, fields.get("note", "")
+    )
+
+
+# -- plumbing -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="SmartRelay administration")
+    parser.add_argument(
+        "--config", "-c", help=f"config file (default: {default_config_path()})", default=None
+    )
+    parser.add_argument("--version", action="version", version=f"SmartRelay {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    commands.add_parser("migrate", help="create or upgrade the database schema").set_defaults(
+        run=cmd_migrate
+    )
+
+    credential = commands.add_parser("smtp-credential", help="SMTP AUTH credentials")
+    credential_cmds = credential.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = credential_cmds.add_parser("add", help="add one; prints its generated password once")
+    p.add_argument("name")
+    p.set_defaults(run=cmd_credential_add)
+    credential_cmds.add_parser("list", help="list the names").set_defaults(run=cmd_credential_list)
+    p = credential_cmds.add_parser("remove", help="remove one")
+    p.add_argument("name")
+    p.set_defaults(run=cmd_credential_remove)
+
+    user = commands.add_parser("web-user", help="logins for the reports UI")
+    user_cmds = user.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, run, text in (
+        ("add", cmd_web_user_add, "add one (password asked, or read from stdin)"),
+        ("remove", cmd_web_user_remove, "remove one"),
+        ("password", cmd_web_user_password, "set a new password (asked, or read from stdin)"),
+    ):
+        p = user_cmds.add_parser(action, help=text)
+        p.add_argument("name")
+        p.set_defaults(run=run)
+
+    suppression = commands.add_parser("suppression", help="the suppression list")
+    sup_cmds = suppression.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = sup_cmds.add_parser("list", help="address, reason, expiry, note (tab-separated)")
+    p.add_argument("--all", action="store_true", help="include expired entries")
+    p.set_defaults(run=cmd_suppression_list)
+    p = sup_cmds.add_parser("add", help="suppress an address")
+    p.add_argument("address")
+    p.add_argument("--reason", default="manual", choices=SUPPRESSION_REASONS)
+    p.add_argument("--expires", default="forever", help='"forever" (default) or e.g. "30d"')
+    p.add_argument("--note", default="")
+    p.set_defaults(run=cmd_suppression_add)
+    p = sup_cmds.add_parser("remove", help="remove an address")
+    p.add_argument("address")
+    p.set_defaults(run=cmd_suppression_remove)
+    p = sup_cmds.add_parser("import", help="add entries from a CSV file ('-' for stdin)")
+    p.add_argument("file")
+    p.set_defaults(run=cmd_suppression_import)
+    p = sup_cmds.add_parser("export", help="CSV of the list to stdout")
+    p.add_argument("--all", action="store_true", help="include expired entries")
+    p.set_defaults(run=cmd_suppression_export)
+    return parser
+
+
+def fail(message: str) -> NoReturn:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+async def run_command(reactor: IRelayReactor, args: argparse.Namespace, config: Config) -> None:
+    try:
+        engine = create_engine(reactor, config.database.url)
+        await engine.start()
+    except (psycopg2.Error, sqlite3.Error, OSError) as error:
+        fail(f"cannot open database {config.database.redacted_url}: {_one_line(error)}")
+    try:
+        store = Store(engine, reactor)
+        await migrate(engine, to_ms(reactor.seconds()))
+        command: Command = args.run
+        await command(args, store)
+    except (CliError, SchemaError, ValueError) as error:
+        fail(str(error))
+    except (psycopg2.Error, sqlite3.Error) as error:
+        fail(f"database error: {_one_line(error)}")
+    finally:
+        await engine.close()
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config or default_config_path())
+    except ConfigError as error:
+        fail(str(error))
+    react(lambda reactor: run_command(as_relay_reactor(reactor), args, config))

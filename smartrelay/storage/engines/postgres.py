@@ -1,0 +1,163 @@
+"""PostgreSQL engine through txpostgres (psycopg2's asynchronous mode on the reactor).
+
+Several relay processes or hosts may share one database: due work is claimed with
+``FOR UPDATE SKIP LOCKED`` and a NOTIFY sent inside a transaction wakes every node's
+listener when (and only if) it commits.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Cooperator
+from twisted.logger import Logger
+from txpostgres.txpostgres import Connection, Cursor
+from zope.interface import implementer
+
+from smartrelay.reactor import IRelayReactor
+from smartrelay.storage.interfaces import ICursor, IDatabaseEngine, Row
+from smartrelay.storage.pool import NotifyingCursor, PooledEngine
+
+log = Logger()
+
+_CHANNEL = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+@lru_cache(maxsize=1024)
+def to_pyformat(sql: str) -> str:
+    """``?`` placeholders (the portable form) to psycopg2's ``%s``; literal ``%`` doubled."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+def _plain(value: Any) -> Any:
+    return bytes(value) if isinstance(value, memoryview) else value
+
+
+def _plain_row(row: Row) -> Row:
+    return tuple(_plain(v) for v in row)
+
+
+@implementer(ICursor)
+class PostgresCursor(NotifyingCursor):
+    def __init__(self, cursor: Cursor) -> None:
+        super().__init__()
+        self._cursor = cursor
+        self._has_rows = False
+        self.rowcount = -1
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Deferred[None]:
+        d = self._cursor.execute(to_pyformat(sql), tuple(args))
+        return d.addCallback(self._executed)
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._executemany(sql, rows))
+
+    async def _executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        # psycopg2's async mode has no executemany; one round trip per row, same transaction.
+        for row in rows:
+            await self.execute(sql, row)
+        self._has_rows = False
+
+    def _executed(self, _: object) -> None:
+        self._has_rows = self._cursor.description is not None
+        self.rowcount = self._cursor.rowcount
+
+    def fetchone(self) -> Row | None:
+        if not self._has_rows:
+            return None
+        row = self._cursor.fetchone()
+        return None if row is None else _plain_row(row)
+
+    def fetchall(self) -> list[Row]:
+        if not self._has_rows:
+            return []
+        return [_plain_row(r) for r in self._cursor.fetchall()]
+
+    def notify(self, channel: str) -> Deferred[None]:
+        if not _CHANNEL.match(channel):
+            raise ValueError(f"bad notification channel {channel!r}")
+        return self.execute(f"NOTIFY {channel}")
+
+
+@implementer(IDatabaseEngine)
+class PostgresEngine(PooledEngine[Connection]):
+    name = "postgresql"
+    supports_skip_locked = True
+
+    def __init__(self, reactor: IRelayReactor, dsn: str, pool_size: int = 4) -> None:
+        super().__init__(pool_size)
+        self._reactor = reactor
+        self._dsn = dsn
+        # txpostgres hands NOTIFY observers to a Cooperator; give it one on our reactor.
+        self._cooperator = Cooperator(scheduler=lambda f: reactor.callLater(0, f))
+        self._listener: Connection | None = None
+        self._channels: dict[str, list[Callable[[], object]]] = {}
+        self._server_version = "?"
+
+    def _new_connection(self) -> Connection:
+        return Connection(reactor=self._reactor, cooperator=self._cooperator)
+
+    async def _open_connection(self) -> Connection:
+        connection = self._new_connection()
+        await connection.connect(self._dsn)
+        if self._server_version == "?":
+            cursor = connection.cursor()
+            await cursor.execute("SHOW server_version")
+            row = cursor.fetchone()
+            self._server_version = str(row[0]) if row else "?"
+        return connection
+
+    def _close_connection(self, connection: Connection) -> Deferred[None]:
+        connection.close()
+        return succeed(None)
+
+    def _make_cursor(self, connection: Connection) -> PostgresCursor:
+        return PostgresCursor(connection.cursor())
+
+    async def _begin(self, connection: Connection, readonly: bool) -> None:
+        await connection.cursor().execute("BEGIN READ ONLY" if readonly else "BEGIN")
+
+    async def _end(self, connection: Connection, commit: bool) -> None:
+        await connection.cursor().execute("COMMIT" if commit else "ROLLBACK")
+
+    async def _close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        await super()._close()
+
+    def listen(self, channel: str, callback: Callable[[], object]) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._listen(channel, callback))
+
+    async def _listen(self, channel: str, callback: Callable[[], object]) -> None:
+        if not _CHANNEL.match(channel):
+            raise ValueError(f"bad notification channel {channel!r}")
+        if self._listener is None:
+            self._listener = self._new_connection()
+            await self._listener.connect(self._dsn)
+            self._listener.addNotifyObserver(self._on_notify)
+        if channel not in self._channels:
+            await self._listener.runOperation(f"LISTEN {channel}")
+        self._channels.setdefault(channel, []).append(callback)
+
+    def _on_notify(self, notify: Any) -> None:
+        for callback in self._channels.get(notify.channel, ()):
+            try:
+                callback()
+            except Exception:
+                log.failure("notification observer for {channel} failed", channel=notify.channel)
+
+    def schema_sql(self, text: str) -> str:
+        return text.replace(
+            "$ID_PK", "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY"
+        ).replace("$BLOB", "BYTEA")
+
+    def lock_statement(self) -> str | None:
+        return "SELECT pg_advisory_xact_lock(hashtext(?))"
+
+    def version(self) -> str:
+        return f"PostgreSQL {self._server_version}"

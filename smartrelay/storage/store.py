@@ -1,0 +1,360 @@
+"""The queries SmartRelay runs, written once for both engines.
+
+Each public method is one transaction. Times cross this API as float seconds (the clock's
+unit) and are stored as integer milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from attrs import field, frozen
+from twisted.internet.interfaces import IReactorTime
+
+from smartrelay.ids import new_queue_id
+from smartrelay.storage.interfaces import ICursor, IDatabaseEngine
+
+QUEUE_CHANNEL = "smartrelay_queue"
+IDEMPOTENCY_WINDOW = 24 * 3600.0
+
+SUPPRESSION_REASONS = ("hard_bounce", "soft_bounce", "complaint", "unsubscribe", "manual")
+
+
+def to_ms(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
+def from_ms(ms: int | None) -> float | None:
+    return None if ms is None else ms / 1000.0
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+@frozen
+class NewMessage:
+    """An accepted message, as the SMTP listener hands it to storage."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    raw: bytes
+    client_ip: str | None = None
+    credential: str | None = None
+    tags: tuple[str, ...] = ()
+    metadata: dict[str, str] = field(factory=dict)
+    options: dict[str, bool] = field(factory=dict)
+    idempotency_key: str | None = None
+
+
+@frozen
+class QueuedMessage:
+    queue_id: str
+    duplicate: bool = False
+
+
+@frozen
+class ClaimedRecipient:
+    id: int
+    queue_id: str
+    address: str
+    domain: str
+    attempts: int
+
+
+@frozen
+class Suppression:
+    address: str
+    reason: str
+    created_at: float
+    expires_at: float | None
+    note: str
+
+
+@frozen
+class NewSuppression:
+    address: str
+    reason: str = "manual"
+    expires_at: float | None = None
+    note: str = ""
+
+
+@frozen
+class Login:
+    name: str
+    created_at: float
+
+
+class DuplicateName(Exception):
+    """A credential or web user of that name exists already."""
+
+
+class Store:
+    def __init__(self, engine: IDatabaseEngine, clock: IReactorTime) -> None:
+        self.engine = engine
+        self.clock = clock
+        self.smtp_credentials = LoginTable(self, "smtp_credentials")
+        self.web_users = LoginTable(self, "web_users")
+
+    def _now_ms(self) -> int:
+        return to_ms(self.clock.seconds())
+
+    # -- queue ------------------------------------------------------------------------------
+    async def queue_message(self, message: NewMessage) -> QueuedMessage:
+        """Store a message, its recipients and their ``received`` events in one transaction.
+
+        With an idempotency key seen in the last 24 hours, nothing is written and the first
+        message's queue id comes back with ``duplicate=True``.
+        """
+        now_ms = self._now_ms()
+        queue_id = new_queue_id(now_ms / 1000)
+
+        async def txn(cursor: ICursor) -> QueuedMessage:
+            if message.idempotency_key is not None:
+                lock = self.engine.lock_statement()
+                if lock is not None:  # two nodes must not both take the same key
+                    await cursor.execute(lock, (f"idempotency:{message.idempotency_key}",))
+                await cursor.execute(
+                    "SELECT queue_id FROM messages"
+                    " WHERE idempotency_key = ? AND received_at >= ?"
+                    " ORDER BY received_at LIMIT 1",
+                    (message.idempotency_key, now_ms - to_ms(IDEMPOTENCY_WINDOW)),
+                )
+                row = cursor.fetchone()
+                if row is not None:
+                    return QueuedMessage(str(row[0]), duplicate=True)
+            await cursor.execute(
+                "INSERT INTO messages (queue_id, received_at, sender, size, client_ip,"
+                " credential, tags, metadata, options, idempotency_key, raw)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    queue_id,
+                    now_ms,
+                    message.sender,
+                    len(message.raw),
+                    message.client_ip,
+                    message.credential,
+                    json.dumps(list(message.tags)),
+                    json.dumps(message.metadata, sort_keys=True),
+                    json.dumps(message.options, sort_keys=True),
+                    message.idempotency_key,
+                    message.raw,
+                ),
+            )
+            await cursor.executemany(
+                "INSERT INTO recipients (queue_id, address, domain, state, attempts,"
+                " next_attempt_at, updated_at) VALUES (?, ?, ?, 'queued', 0, ?, ?)",
+                [(queue_id, r, domain_of(r), now_ms, now_ms) for r in message.recipients],
+            )
+            received = {
+                "size": len(message.raw),
+                "client_ip": message.client_ip,
+                "credential": message.credential,
+            }
+            await insert_events(cursor, now_ms, "received", queue_id, message.recipients, received)
+            await cursor.notify(QUEUE_CHANNEL)
+            return QueuedMessage(queue_id)
+
+        return await self.engine.run_interaction("queue_message", txn)
+
+    async def claim_due(self, owner: str, limit: int, lease: float) -> list[ClaimedRecipient]:
+        """Claim up to ``limit`` due recipients for ``owner`` until ``now + lease``.
+
+        The claimed rows' ``next_attempt_at`` moves to the lease expiry, so if the owner dies
+        they come due again by themselves. On PostgreSQL, ``SKIP LOCKED`` lets several nodes
+        claim at once without waiting on, or ever getting, each other's rows.
+        """
+        now_ms = self._now_ms()
+        skip_locked = " FOR UPDATE SKIP LOCKED" if self.engine.supports_skip_locked else ""
+
+        async def txn(cursor: ICursor) -> list[ClaimedRecipient]:
+            await cursor.execute(
+                "UPDATE recipients SET state = 'delivering', lease_owner = ?,"
+                " next_attempt_at = ?, updated_at = ?"
+                " WHERE id IN (SELECT id FROM recipients"
+                "  WHERE next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?"
+                f"{skip_locked})"
+                " RETURNING id, queue_id, address, domain, attempts",
+                (owner, now_ms + to_ms(lease), now_ms, now_ms, limit),
+            )
+            return sorted(
+                (
+                    ClaimedRecipient(int(r[0]), str(r[1]), str(r[2]), str(r[3]), int(r[4]))
+                    for r in cursor.fetchall()
+                ),
+                key=lambda c: c.id,
+            )
+
+        return await self.engine.run_interaction("claim_due", txn)
+
+    async def count_recipients(self, state: str | None = None) -> int:
+        async def txn(cursor: ICursor) -> int:
+            if state is None:
+                await cursor.execute("SELECT COUNT(*) FROM recipients")
+            else:
+                await cursor.execute("SELECT COUNT(*) FROM recipients WHERE state = ?", (state,))
+            row = cursor.fetchone()
+            return int(row[0]) if row else 0
+
+        return await self.engine.run_interaction("count_recipients", txn, readonly=True)
+
+    # -- suppressions -----------------------------------------------------------------------
+    async def add_suppression(
+        self,
+        address: str,
+        reason: str,
+        expires_at: float | None = None,
+        note: str = "",
+    ) -> None:
+        """Suppress ``address`` (case-insensitive); replaces an existing entry."""
+        await self.add_suppressions([NewSuppression(address, reason, expires_at, note)])
+
+    async def add_suppressions(self, entries: Sequence[NewSuppression]) -> None:
+        """Add or replace several entries in one transaction (all or nothing)."""
+        for entry in entries:
+            if entry.reason not in SUPPRESSION_REASONS:
+                raise ValueError(f"unknown suppression reason {entry.reason!r}")
+        now_ms = self._now_ms()
+        rows = [
+            (
+                e.address.lower(),
+                e.reason,
+                now_ms,
+                None if e.expires_at is None else to_ms(e.expires_at),
+                e.note,
+            )
+            for e in entries
+        ]
+
+        async def txn(cursor: ICursor) -> None:
+            await cursor.executemany(
+                "INSERT INTO suppressions (address, reason, created_at, expires_at, note)"
+                " VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (address) DO UPDATE SET reason = excluded.reason,"
+                " created_at = excluded.created_at, expires_at = excluded.expires_at,"
+                " note = excluded.note",
+                rows,
+            )
+
+        await self.engine.run_interaction("add_suppressions", txn)
+
+    async def remove_suppression(self, address: str) -> bool:
+        async def txn(cursor: ICursor) -> bool:
+            await cursor.execute("DELETE FROM suppressions WHERE address = ?", (address.lower(),))
+            return int(cursor.rowcount) > 0
+
+        return await self.engine.run_interaction("remove_suppression", txn)
+
+    async def list_suppressions(self, include_expired: bool = False) -> list[Suppression]:
+        now_ms = self._now_ms()
+
+        async def txn(cursor: ICursor) -> list[Suppression]:
+            sql = "SELECT address, reason, created_at, expires_at, note FROM suppressions"
+            args: tuple[Any, ...] = ()
+            if not include_expired:
+                sql += " WHERE expires_at IS NULL OR expires_at > ?"
+                args = (now_ms,)
+            await cursor.execute(sql + " ORDER BY address", args)
+            return [_suppression(row) for row in cursor.fetchall()]
+
+        return await self.engine.run_interaction("list_suppressions", txn, readonly=True)
+
+    async def active_suppressions(self, addresses: Iterable[str]) -> dict[str, Suppression]:
+        """The entries in force now for any of ``addresses``, keyed by lower-cased address."""
+        wanted = sorted({a.lower() for a in addresses})
+        if not wanted:
+            return {}
+        now_ms = self._now_ms()
+
+        async def txn(cursor: ICursor) -> dict[str, Suppression]:
+            marks = ", ".join("?" for _ in wanted)
+            await cursor.execute(
+                "SELECT address, reason, created_at, expires_at, note FROM suppressions"
+                f" WHERE address IN ({marks}) AND (expires_at IS NULL OR expires_at > ?)",
+                (*wanted, now_ms),
+            )
+            return {str(row[0]): _suppression(row) for row in cursor.fetchall()}
+
+        return await self.engine.run_interaction("active_suppressions", txn, readonly=True)
+
+
+class LoginTable:
+    """A table of names with password hashes (SMTP credentials, web users)."""
+
+    def __init__(self, store: Store, table: str) -> None:
+        self._store = store
+        self._table = table
+
+    async def add(self, name: str, password_hash: str) -> None:
+        now_ms = self._store._now_ms()
+
+        async def txn(cursor: ICursor) -> None:
+            await cursor.execute(
+                f"INSERT INTO {self._table} (name, password_hash, created_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (name) DO NOTHING",
+                (name, password_hash, now_ms),
+            )
+            if int(cursor.rowcount) == 0:
+                raise DuplicateName(name)
+
+        await self._store.engine.run_interaction(f"add_{self._table}", txn)
+
+    async def set_password(self, name: str, password_hash: str) -> bool:
+        async def txn(cursor: ICursor) -> bool:
+            await cursor.execute(
+                f"UPDATE {self._table} SET password_hash = ? WHERE name = ?",
+                (password_hash, name),
+            )
+            return int(cursor.rowcount) > 0
+
+        return await self._store.engine.run_interaction(f"password_{self._table}", txn)
+
+    async def remove(self, name: str) -> bool:
+        async def txn(cursor: ICursor) -> bool:
+            await cursor.execute(f"DELETE FROM {self._table} WHERE name = ?", (name,))
+            return int(cursor.rowcount) > 0
+
+        return await self._store.engine.run_interaction(f"remove_{self._table}", txn)
+
+    async def list(self) -> list[Login]:
+        async def txn(cursor: ICursor) -> list[Login]:
+            await cursor.execute(f"SELECT name, created_at FROM {self._table} ORDER BY name")
+            return [Login(str(r[0]), int(r[1]) / 1000) for r in cursor.fetchall()]
+
+        return await self._store.engine.run_interaction(f"list_{self._table}", txn, readonly=True)
+
+    async def password_hash(self, name: str) -> str | None:
+        async def txn(cursor: ICursor) -> str | None:
+            await cursor.execute(f"SELECT password_hash FROM {self._table} WHERE name = ?", (name,))
+            row = cursor.fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._store.engine.run_interaction(f"hash_{self._table}", txn, readonly=True)
+
+
+async def insert_events(
+    cursor: ICursor,
+    time_ms: int,
+    event_type: str,
+    queue_id: str | None,
+    recipients: Sequence[str | None],
+    data: dict[str, Any],
+) -> None:
+    """One event row per recipient, inside the caller's transaction."""
+    payload = json.dumps(data, sort_keys=True)
+    await cursor.executemany(
+        "INSERT INTO events (type, time, queue_id, recipient, data) VALUES (?, ?, ?, ?, ?)",
+        [(event_type, time_ms, queue_id, r, payload) for r in recipients],
+    )
+
+
+def _suppression(row: Sequence[Any]) -> Suppression:
+    return Suppression(
+        address=str(row[0]),
+        reason=str(row[1]),
+        created_at=int(row[2]) / 1000,
+        expires_at=from_ms(row[3]),
+        note=str(row[4]),
+    )

@@ -1,0 +1,111 @@
+"""A throwaway PostgreSQL server for tests: initdb + pg_ctl in a temp dir, on a free port."""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg2
+
+
+class PostgresUnavailable(Exception):
+    pass
+
+
+def find_bindir() -> str:
+    """PostgreSQL's server binaries (Debian keeps them off PATH, one folder per version)."""
+    candidates = []
+    if shutil.which("pg_config"):
+        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True)
+        candidates.append(out.stdout.strip())
+    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+    if shutil.which("initdb"):
+        candidates.append(os.path.dirname(shutil.which("initdb") or ""))
+    for bindir in candidates:
+        if os.path.exists(os.path.join(bindir, "initdb")) and os.path.exists(
+            os.path.join(bindir, "pg_ctl")
+        ):
+            return bindir
+    raise PostgresUnavailable("PostgreSQL server binaries (initdb, pg_ctl) not found")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PostgresServer:
+    def __init__(self, bindir: str, directory: str, port: int, as_postgres: bool) -> None:
+        self.bindir = bindir
+        self.directory = directory
+        self.port = port
+        self._as_postgres = as_postgres
+        self._counter = 0
+
+    def _run(self, *args: str) -> None:
+        command = list(args)
+        if self._as_postgres:  # initdb and pg_ctl refuse to run as root
+            command = ["runuser", "-u", "postgres", "--", *command]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise PostgresUnavailable(f"{' '.join(args)} failed: {result.stderr or result.stdout}")
+
+    def start(self) -> None:
+        data = os.path.join(self.directory, "data")
+        self._run(
+            os.path.join(self.bindir, "initdb"), "-D", data, "-A", "trust", "-U", "postgres",
+            "--no-sync",
+        )  # fmt: skip
+        options = (
+            f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1"
+            " -c fsync=off -c max_connections=200"
+        )
+        self._run(
+            os.path.join(self.bindir, "pg_ctl"), "-D", data, "-o", options,
+            "-l", os.path.join(self.directory, "log"), "-w", "start",
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        data = os.path.join(self.directory, "data")
+        self._run(os.path.join(self.bindir, "pg_ctl"), "-D", data, "-m", "immediate", "stop")
+
+    def dsn(self, dbname: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
+
+    def create_database(self) -> str:
+        """A fresh, empty database; returns its URL."""
+        self._counter += 1
+        name = f"test_{os.getpid()}_{self._counter}"
+        conn = psycopg2.connect(self.dsn())
+        conn.autocommit = True
+        with conn.cursor() as cursor:
+            cursor.execute(f"CREATE DATABASE {name}")
+        conn.close()
+        return self.dsn(name)
+
+
+@contextmanager
+def running_postgres() -> Iterator[PostgresServer]:
+    bindir = find_bindir()
+    as_postgres = os.geteuid() == 0
+    directory = tempfile.mkdtemp(prefix="smartrelay-pg-")
+    try:
+        if as_postgres:
+            pw = pwd.getpwnam("postgres")
+            os.chown(directory, pw.pw_uid, pw.pw_gid)
+        server = PostgresServer(bindir, directory, free_port(), as_postgres)
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

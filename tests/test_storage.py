@@ -1,0 +1,228 @@
+"""The storage layer on both engines (test ids end in [sqlite] and [postgresql])."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytest_twisted
+from twisted.internet.task import Clock
+
+from smartrelay.storage.interfaces import ICursor, IDatabaseEngine
+from smartrelay.storage.migrations import current_version, latest_version, migrate
+from smartrelay.storage.store import DuplicateName, NewMessage, Store
+
+
+def message(*recipients: str, key: str | None = None) -> NewMessage:
+    return NewMessage(
+        sender="app@example.com",
+        recipients=recipients or ("a@example.net",),
+        raw=b"Subject: hi\r\n\r\nbody \x00\xff bytes\r\n",
+        client_ip="127.0.0.1",
+        tags=("welcome",),
+        metadata={"user": "42"},
+        idempotency_key=key,
+    )
+
+
+async def count(engine: IDatabaseEngine, table: str) -> int:
+    async def txn(cursor: ICursor) -> int:
+        await cursor.execute(f"SELECT COUNT(*) FROM {table}")
+        row = cursor.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    return await engine.run_interaction("count", txn, readonly=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_migrations_apply_once(engine: IDatabaseEngine) -> None:
+    assert await current_version(engine) == latest_version() >= 1
+    assert await migrate(engine, 0) == []
+    for table in ("messages", "recipients", "events", "suppressions", "web_users"):
+        assert await count(engine, table) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_queue_message_writes_message_recipients_and_events(
+    store: Store, engine: IDatabaseEngine
+) -> None:
+    queued = await store.queue_message(message("a@example.net", "B@Example.ORG"))
+    assert not queued.duplicate and len(queued.queue_id) == 16
+
+    async def txn(cursor: ICursor) -> None:
+        await cursor.execute("SELECT sender, raw, tags, metadata, size FROM messages")
+        sender, raw, tags, metadata, size = cursor.fetchall()[0]
+        assert sender == "app@example.com"
+        assert raw == b"Subject: hi\r\n\r\nbody \x00\xff bytes\r\n"
+        assert json.loads(tags) == ["welcome"] and json.loads(metadata) == {"user": "42"}
+        assert size == len(raw)
+        await cursor.execute("SELECT address, domain, state FROM recipients ORDER BY id")
+        assert cursor.fetchall() == [
+            ("a@example.net", "example.net", "queued"),
+            ("B@Example.ORG", "example.org", "queued"),
+        ]
+        await cursor.execute("SELECT type, queue_id, recipient, data FROM events ORDER BY id")
+        events = cursor.fetchall()
+        assert [(e[0], e[1], e[2]) for e in events] == [
+            ("received", queued.queue_id, "a@example.net"),
+            ("received", queued.queue_id, "B@Example.ORG"),
+        ]
+        assert json.loads(events[0][3]) == {"client_ip": "127.0.0.1", "credential": None,
+                                            "size": len(raw)}  # fmt: skip
+
+    await engine.run_interaction("check", txn, readonly=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_transaction_leaves_nothing(engine: IDatabaseEngine) -> None:
+    async def txn(cursor: ICursor) -> None:
+        await cursor.execute(
+            "INSERT INTO messages (queue_id, received_at, sender, size, raw)"
+            " VALUES ('Q1', 0, 's', 1, ?)",
+            (b"x",),
+        )
+        await cursor.execute(
+            "INSERT INTO recipients (queue_id, address, domain, state, updated_at)"
+            " VALUES ('Q1', 'a@b', 'b', 'queued', 0)"
+        )
+        raise RuntimeError("crash between statements")
+
+    with pytest.raises(RuntimeError):
+        await engine.run_interaction("half", txn)
+    assert await count(engine, "messages") == 0
+    assert await count(engine, "recipients") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_sql_error_rolls_back_and_engine_stays_usable(
+    store: Store, engine: IDatabaseEngine
+) -> None:
+    async def txn(cursor: ICursor) -> None:
+        await cursor.execute("INSERT INTO suppressions (address, reason, created_at)"
+                             " VALUES ('x@y', 'manual', 0)")  # fmt: skip
+        await cursor.execute("INSERT INTO no_such_table VALUES (1)")
+
+    with pytest.raises(Exception, match="no_such_table"):
+        await engine.run_interaction("bad", txn)
+    assert await count(engine, "suppressions") == 0
+    await store.add_suppression("x@y", "manual")
+    assert await count(engine, "suppressions") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_idempotency_key_returns_first_queue_id_within_24h(
+    store: Store, clock: Clock, engine: IDatabaseEngine
+) -> None:
+    first = await store.queue_message(message(key="order-1"))
+    again = await store.queue_message(message(key="order-1"))
+    assert again.duplicate and again.queue_id == first.queue_id
+    other = await store.queue_message(message(key="order-2"))
+    assert not other.duplicate
+    clock.advance(24 * 3600 + 1)
+    later = await store.queue_message(message(key="order-1"))
+    assert not later.duplicate and later.queue_id != first.queue_id
+    assert await count(engine, "messages") == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_claim_due_respects_limit_time_and_lease(store: Store, clock: Clock) -> None:
+    for i in range(5):
+        await store.queue_message(message(f"r{i}@example.net"))
+    first = await store.claim_due("node-a", limit=3, lease=60)
+    assert [c.address for c in first] == ["r0@example.net", "r1@example.net", "r2@example.net"]
+    second = await store.claim_due("node-b", limit=10, lease=60)
+    assert [c.address for c in second] == ["r3@example.net", "r4@example.net"]
+    assert await store.claim_due("node-b", limit=10, lease=60) == []
+    assert await store.count_recipients("delivering") == 5
+    # The owner of the first batch died: after the lease the rows come due again.
+    clock.advance(61)
+    reclaimed = await store.claim_due("node-c", limit=10, lease=60)
+    assert {c.id for c in reclaimed} == {c.id for c in first + second}
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_transactions_all_commit(store: Store, engine: IDatabaseEngine) -> None:
+    from twisted.internet.defer import Deferred, gatherResults
+
+    results = await gatherResults(
+        [
+            Deferred.fromCoroutine(store.queue_message(message(f"r{i}@example.net")))
+            for i in range(40)
+        ]
+    )
+    assert len({r.queue_id for r in results}) == 40
+    assert await count(engine, "recipients") == 40
+
+
+@pytest_twisted.ensureDeferred
+async def test_notify_wakes_listener_after_commit_only(
+    store: Store, engine: IDatabaseEngine
+) -> None:
+    from twisted.internet.defer import Deferred
+
+    from smartrelay.storage.store import QUEUE_CHANNEL
+    from tests.conftest import real_reactor
+
+    woken: list[int] = []
+    waiter: Deferred[None] = Deferred()
+
+    def wake() -> None:
+        woken.append(1)
+        if not waiter.called:
+            waiter.callback(None)
+
+    await engine.listen(QUEUE_CHANNEL, wake)
+
+    async def rolled_back(cursor: ICursor) -> None:
+        await cursor.notify(QUEUE_CHANNEL)
+        raise RuntimeError("no commit")
+
+    with pytest.raises(RuntimeError):
+        await engine.run_interaction("rolled_back", rolled_back)
+    await store.queue_message(message())
+    waiter.addTimeout(10, real_reactor())
+    await waiter
+    assert woken == [1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_suppressions(store: Store, clock: Clock) -> None:
+    await store.add_suppression("User@Example.com", "hard_bounce", note="5.1.1")
+    await store.add_suppression("temp@example.com", "soft_bounce",
+                                expires_at=clock.seconds() + 100)  # fmt: skip
+    active = await store.active_suppressions(["user@example.COM", "temp@example.com", "x@y"])
+    assert set(active) == {"user@example.com", "temp@example.com"}
+    assert active["user@example.com"].reason == "hard_bounce"
+    assert active["user@example.com"].expires_at is None
+    clock.advance(101)
+    assert set(await store.active_suppressions(["temp@example.com"])) == set()
+    assert [s.address for s in await store.list_suppressions()] == ["user@example.com"]
+    assert len(await store.list_suppressions(include_expired=True)) == 2
+    # Adding again replaces the entry.
+    await store.add_suppression("temp@example.com", "complaint")
+    assert (await store.active_suppressions(["temp@example.com"]))[
+        "temp@example.com"
+    ].reason == "complaint"
+    assert await store.remove_suppression("USER@example.com") is True
+    assert await store.remove_suppression("user@example.com") is False
+    with pytest.raises(ValueError, match="unknown suppression reason"):
+        await store.add_suppression("a@b", "because")
+
+
+@pytest.mark.parametrize("table", ["smtp_credentials", "web_users"])
+@pytest_twisted.ensureDeferred
+async def test_login_tables(store: Store, table: str) -> None:
+    logins = getattr(store, table)
+    await logins.add("app1", "hash-1")
+    with pytest.raises(DuplicateName):
+        await logins.add("app1", "hash-2")
+    assert await logins.password_hash("app1") == "hash-1"
+    assert await logins.set_password("app1", "hash-3") is True
+    assert await logins.set_password("nobody", "hash-3") is False
+    assert await logins.password_hash("app1") == "hash-3"
+    await logins.add("app0", "h")
+    assert [login.name for login in await logins.list()] == ["app0", "app1"]
+    assert await logins.remove("app1") is True
+    assert await logins.remove("app1") is False
+    assert await logins.password_hash("app1") is None
