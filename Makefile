@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= etc/smartrelay.toml
-# Editable install in "compat" mode puts the checkout on sys.path, so Twisted finds
-# twisted/plugins/smartrelay_plugin.py and `twistd smartrelay` works from the checkout.
+# Twisted finds plugins by scanning sys.path for twisted/plugins/ folders, which an editable
+# install's import hook does not provide; a .pth file puts the checkout itself on sys.path so
+# `twistd smartrelay` runs this checkout's code from any working directory.
 PIP_INSTALL := $(BIN)/pip install --quiet --disable-pip-version-check
 
 .PHONY: run check lint typecheck test venv clean
@@ -17,11 +18,13 @@ $(BIN)/python:
 	$(PIP_INSTALL) --upgrade pip setuptools wheel
 
 $(VENV)/.run-installed: $(BIN)/python setup.cfg pyproject.toml
-	$(PIP_INSTALL) -e . --config-settings editable_mode=compat
+	$(PIP_INSTALL) -e .
+	$(BIN)/python -c 'import os, site; open(os.path.join(site.getsitepackages()[0], \
+	  "smartrelay-checkout.pth"), "w").write(os.getcwd() + "\n")'
 	@touch $@
 
 $(VENV)/.test-installed: $(VENV)/.run-installed
-	$(PIP_INSTALL) -e '.[test]' --config-settings editable_mode=compat
+	$(PIP_INSTALL) -e '.[test]'
 	@touch $@
 
 venv: $(VENV)/.run-installed
@@ -31,8 +34,8 @@ run: $(VENV)/.run-installed
 	$(BIN)/twistd --nodaemon --pidfile= smartrelay --config $(CONFIG)
 
 lint: $(VENV)/.test-installed
-	$(BIN)/ruff check smartrelay tests twisted bench
-	$(BIN)/ruff format --check smartrelay tests twisted bench
+	$(BIN)/ruff check
+	$(BIN)/ruff format --check
 
 typecheck: $(VENV)/.test-installed
 	$(BIN)/mypy
