@@ -12,6 +12,7 @@ import sys
 from typing import cast
 
 import twisted
+from attrs import evolve
 from twisted.application.service import IService, MultiService
 from twisted.logger import Logger
 from twisted.python import usage
@@ -19,6 +20,10 @@ from twisted.python import usage
 from smartrelay import __version__
 from smartrelay.config import Config, ConfigError, load_config
 from smartrelay.reactor import IRelayReactor, as_relay_reactor
+from smartrelay.smtp.backends import InboundBackend, SubmissionBackend
+from smartrelay.smtp.listener import SmtpFactory, listener_service
+from smartrelay.smtp.session import ListenerSettings
+from smartrelay.smtp.tls import TlsError, ensure_certificate, server_context_factory
 from smartrelay.storage.service import StorageService
 
 log = Logger()
@@ -55,6 +60,60 @@ class RelayService(MultiService):
             reactor, config.database.url, config.database.redacted_url, self.fatal
         )
         self.storage.setServiceParent(self)  # type: ignore[no-untyped-call]
+        self.submission: SmtpFactory | None = None
+        self.inbound: SmtpFactory | None = None
+        if config.smtp.listen or config.inbound.listen:
+            self._add_smtp_listeners()
+
+    def _add_smtp_listeners(self) -> None:
+        config, reactor = self.config, self._reactor
+        material = ensure_certificate(
+            config.smtp.tls_certificate,
+            config.smtp.tls_key,
+            config.server.data_dir,
+            config.server.hostname,
+        )
+        if material.generated:
+            log.warn(
+                "no TLS certificate configured: using a self-signed one, {path}",
+                path=material.certificate_path,
+            )
+        tls = server_context_factory(material)
+        smtp = config.smtp
+        submission = ListenerSettings(
+            hostname=config.server.hostname,
+            max_message_size=smtp.max_message_size,
+            max_recipients=smtp.max_recipients,
+            require_tls=smtp.require_tls,
+            require_auth=smtp.require_auth,
+            allowed_networks=smtp.allowed_networks,
+            max_connections=smtp.max_connections,
+            max_connections_per_client=smtp.max_connections_per_client,
+        )
+        self.submission = SmtpFactory(
+            submission,
+            SubmissionBackend(reactor, config.server.hostname, self.storage.when_ready),
+            reactor,
+            tls,
+            name="smtp",
+        )
+        listener_service(reactor, smtp.listen, self.submission, self.fatal).setServiceParent(self)
+        inbound = evolve(
+            submission,
+            require_tls=False,
+            require_auth=False,
+            allowed_networks=None,
+            max_recipients=max(smtp.max_recipients, 100),
+        )
+        self.inbound = SmtpFactory(
+            inbound,
+            InboundBackend(reactor, config.inbound.return_path_domain, self.storage.when_ready),
+            reactor,
+            tls,
+            name="inbound",
+        )
+        inbound_service = listener_service(reactor, config.inbound.listen, self.inbound, self.fatal)
+        inbound_service.setServiceParent(self)
 
     def startService(self) -> None:
         log.info(
@@ -91,6 +150,6 @@ def makeService(options: Options) -> IService:
     path = options["config"] or default_config_path()
     try:
         config = load_config(path)
-    except ConfigError as error:
+        return cast(IService, RelayService(config, as_relay_reactor(reactor)))
+    except (ConfigError, TlsError) as error:
         raise SystemExit(f"smartrelay: {error}") from None
-    return cast(IService, RelayService(config, as_relay_reactor(reactor)))

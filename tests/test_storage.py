@@ -153,6 +153,29 @@ async def test_concurrent_transactions_all_commit(store: Store, engine: IDatabas
     )
     assert len({r.queue_id for r in results}) == 40
     assert await count(engine, "recipients") == 40
+    # Group commit: messages that arrived during a commit shared the next transaction.
+    assert store._queue_committer.batches < 40
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_message_fails_alone_in_its_group(
+    store: Store, engine: IDatabaseEngine
+) -> None:
+    from twisted.internet.defer import Deferred, DeferredList
+
+    first = await store.queue_message(message("x@example.net"))
+    # The same queue id again violates the primary key: that one message must fail, the
+    # messages committed in the same group must not.
+    clash = NewMessage("a@example.com", ("y@example.net",), b"x", queue_id=first.queue_id)
+    submitted = [message(f"r{i}@example.net") for i in range(5)]
+    submitted.insert(2, clash)
+    results = await DeferredList(
+        [Deferred.fromCoroutine(store.queue_message(m)) for m in submitted], consumeErrors=True
+    )
+    outcomes = [ok for ok, _ in results]
+    assert outcomes == [True, True, False, True, True, True]
+    assert await count(engine, "messages") == 6
+    assert await count(engine, "recipients") == 6
 
 
 @pytest_twisted.ensureDeferred

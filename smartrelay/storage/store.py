@@ -14,9 +14,11 @@ from attrs import field, frozen
 from twisted.internet.interfaces import IReactorTime
 
 from smartrelay.ids import new_queue_id
+from smartrelay.storage.batching import GroupCommitter
 from smartrelay.storage.interfaces import ICursor, IDatabaseEngine
 
 QUEUE_CHANNEL = "smartrelay_queue"
+FEEDBACK_CHANNEL = "smartrelay_feedback"
 IDEMPOTENCY_WINDOW = 24 * 3600.0
 
 SUPPRESSION_REASONS = ("hard_bounce", "soft_bounce", "complaint", "unsubscribe", "manual")
@@ -47,6 +49,20 @@ class NewMessage:
     metadata: dict[str, str] = field(factory=dict)
     options: dict[str, bool] = field(factory=dict)
     idempotency_key: str | None = None
+    #: Chosen by the caller when the id must appear in the message (its Received header).
+    queue_id: str | None = None
+
+
+@frozen
+class NewFeedback:
+    """A message received by the inbound listener, kept raw until the feedback issue's
+    processor classifies it."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    raw: bytes
+    client_ip: str | None = None
+    report_id: str | None = None
 
 
 @frozen
@@ -97,67 +113,126 @@ class Store:
         self.clock = clock
         self.smtp_credentials = LoginTable(self, "smtp_credentials")
         self.web_users = LoginTable(self, "web_users")
+        # SQLite has one writer at a time anyway; PostgreSQL overlaps a few commits.
+        in_flight = 1 if engine.name == "sqlite" else 3
+        self._queue_committer: GroupCommitter[NewMessage, QueuedMessage] = GroupCommitter(
+            self._queue_batch, max_batch=200, max_in_flight=in_flight
+        )
 
     def _now_ms(self) -> int:
         return to_ms(self.clock.seconds())
 
     # -- queue ------------------------------------------------------------------------------
     async def queue_message(self, message: NewMessage) -> QueuedMessage:
-        """Store a message, its recipients and their ``received`` events in one transaction.
+        """Store a message, its recipients and their ``received`` events durably.
 
+        Returns once the transaction holding them has committed. Messages queued while another
+        commit is under way are written together in the next transaction (group commit).
         With an idempotency key seen in the last 24 hours, nothing is written and the first
         message's queue id comes back with ``duplicate=True``.
         """
-        now_ms = self._now_ms()
-        queue_id = new_queue_id(now_ms / 1000)
+        return await self._queue_committer.submit(message)
 
-        async def txn(cursor: ICursor) -> QueuedMessage:
-            if message.idempotency_key is not None:
-                lock = self.engine.lock_statement()
-                if lock is not None:  # two nodes must not both take the same key
-                    await cursor.execute(lock, (f"idempotency:{message.idempotency_key}",))
-                await cursor.execute(
-                    "SELECT queue_id FROM messages"
-                    " WHERE idempotency_key = ? AND received_at >= ?"
-                    " ORDER BY received_at LIMIT 1",
-                    (message.idempotency_key, now_ms - to_ms(IDEMPOTENCY_WINDOW)),
-                )
-                row = cursor.fetchone()
-                if row is not None:
-                    return QueuedMessage(str(row[0]), duplicate=True)
-            await cursor.execute(
+    async def _queue_batch(self, messages: Sequence[NewMessage]) -> list[QueuedMessage]:
+        """One transaction for a group of messages: a handful of statements, whatever its size."""
+        now_ms = self._now_ms()
+        queue_ids = [m.queue_id or new_queue_id(now_ms / 1000) for m in messages]
+
+        async def txn(cursor: ICursor) -> list[QueuedMessage]:
+            results = [QueuedMessage(q) for q in queue_ids]
+            seen_keys: dict[str, str] = {}
+            for i, message in enumerate(messages):
+                key = message.idempotency_key
+                if key is None:
+                    continue
+                first = seen_keys.get(key) or await self._idempotent_queue_id(cursor, key, now_ms)
+                if first is not None:
+                    results[i] = QueuedMessage(first, duplicate=True)
+                else:
+                    seen_keys[key] = queue_ids[i]
+            new = [(m, r.queue_id) for m, r in zip(messages, results, strict=True)
+                   if not r.duplicate]  # fmt: skip
+            await cursor.executemany(
                 "INSERT INTO messages (queue_id, received_at, sender, size, client_ip,"
                 " credential, tags, metadata, options, idempotency_key, raw)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    queue_id,
-                    now_ms,
-                    message.sender,
-                    len(message.raw),
-                    message.client_ip,
-                    message.credential,
-                    json.dumps(list(message.tags)),
-                    json.dumps(message.metadata, sort_keys=True),
-                    json.dumps(message.options, sort_keys=True),
-                    message.idempotency_key,
-                    message.raw,
-                ),
+                [
+                    (
+                        queue_id,
+                        now_ms,
+                        m.sender,
+                        len(m.raw),
+                        m.client_ip,
+                        m.credential,
+                        json.dumps(list(m.tags)),
+                        json.dumps(m.metadata, sort_keys=True),
+                        json.dumps(m.options, sort_keys=True),
+                        m.idempotency_key,
+                        m.raw,
+                    )
+                    for m, queue_id in new
+                ],
             )
             await cursor.executemany(
                 "INSERT INTO recipients (queue_id, address, domain, state, attempts,"
                 " next_attempt_at, updated_at) VALUES (?, ?, ?, 'queued', 0, ?, ?)",
-                [(queue_id, r, domain_of(r), now_ms, now_ms) for r in message.recipients],
+                [
+                    (queue_id, r, domain_of(r), now_ms, now_ms)
+                    for m, queue_id in new
+                    for r in m.recipients
+                ],
             )
-            received = {
-                "size": len(message.raw),
-                "client_ip": message.client_ip,
-                "credential": message.credential,
-            }
-            await insert_events(cursor, now_ms, "received", queue_id, message.recipients, received)
-            await cursor.notify(QUEUE_CHANNEL)
-            return QueuedMessage(queue_id)
+            await cursor.executemany(
+                "INSERT INTO events (type, time, queue_id, recipient, data)"
+                " VALUES ('received', ?, ?, ?, ?)",
+                [
+                    (now_ms, queue_id, r, _received_data(m))
+                    for m, queue_id in new
+                    for r in m.recipients
+                ],
+            )
+            if new:
+                await cursor.notify(QUEUE_CHANNEL)
+            return results
 
-        return await self.engine.run_interaction("queue_message", txn)
+        return await self.engine.run_interaction("queue_messages", txn)
+
+    async def _idempotent_queue_id(self, cursor: ICursor, key: str, now_ms: int) -> str | None:
+        """The queue id of a message with this idempotency key in the last 24 hours."""
+        lock = self.engine.lock_statement()
+        if lock is not None:  # two nodes must not both take the same key
+            await cursor.execute(lock, (f"idempotency:{key}",))
+        await cursor.execute(
+            "SELECT queue_id FROM messages WHERE idempotency_key = ? AND received_at >= ?"
+            " ORDER BY received_at LIMIT 1",
+            (key, now_ms - to_ms(IDEMPOTENCY_WINDOW)),
+        )
+        row = cursor.fetchone()
+        return None if row is None else str(row[0])
+
+    async def store_feedback(self, report: NewFeedback) -> str:
+        """Keep a message that arrived at the inbound MX (a bounce, a complaint, a reply) for
+        the feedback processor; returns its id."""
+        now_ms = self._now_ms()
+        report_id = report.report_id or "R" + new_queue_id(now_ms / 1000)
+
+        async def txn(cursor: ICursor) -> str:
+            await cursor.execute(
+                "INSERT INTO feedback_reports (report_id, received_at, sender, recipients,"
+                " client_ip, state, raw) VALUES (?, ?, ?, ?, ?, 'new', ?)",
+                (
+                    report_id,
+                    now_ms,
+                    report.sender,
+                    json.dumps(list(report.recipients)),
+                    report.client_ip,
+                    report.raw,
+                ),
+            )
+            await cursor.notify(FEEDBACK_CHANNEL)
+            return report_id
+
+        return await self.engine.run_interaction("store_feedback", txn)
 
     async def claim_due(self, owner: str, limit: int, lease: float) -> list[ClaimedRecipient]:
         """Claim up to ``limit`` due recipients for ``owner`` until ``now + lease``.
@@ -348,6 +423,14 @@ async def insert_events(
         "INSERT INTO events (type, time, queue_id, recipient, data) VALUES (?, ?, ?, ?, ?)",
         [(event_type, time_ms, queue_id, r, payload) for r in recipients],
     )
+
+
+def _received_data(message: NewMessage) -> str:
+    return json.dumps(
+        {"client_ip": message.client_ip, "credential": message.credential,
+         "size": len(message.raw)},
+        sort_keys=True,
+    )  # fmt: skip
 
 
 def _suppression(row: Sequence[Any]) -> Suppression:

@@ -1,0 +1,148 @@
+"""What the two listeners do with a message: submission queues it, inbound keeps it as feedback."""
+
+from __future__ import annotations
+
+import datetime
+import email.utils
+from collections.abc import Callable
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from smartrelay.ids import new_queue_id
+from smartrelay.passwords import hash_password, verify_password
+from smartrelay.reactor import IRelayReactor
+from smartrelay.smtp.control import ControlHeaderError, header_block, parse_control_headers
+from smartrelay.smtp.replies import Reply
+from smartrelay.smtp.session import Envelope, ISmtpBackend, Session, address_domain, received_header
+from smartrelay.storage.store import NewFeedback, NewMessage, Store
+
+log = Logger()
+
+StoreReady = Callable[[], Deferred[Store]]
+
+# Checked when the name is unknown, so a wrong name costs as long as a wrong password.
+_DUMMY_HASH = hash_password("smartrelay-no-such-user")
+
+
+def rfc5322_date(seconds: float) -> str:
+    moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC)
+    return email.utils.format_datetime(moment)
+
+
+@implementer(ISmtpBackend)
+class SubmissionBackend:
+    """Applications' mail: control headers parsed, message and recipients queued durably."""
+
+    offers_auth = True
+
+    def __init__(self, reactor: IRelayReactor, hostname: str, store_ready: StoreReady) -> None:
+        self._reactor = reactor
+        self._hostname = hostname
+        self._store_ready = store_ready
+
+    def check_recipient(self, session: Session, address: str) -> Reply | None:
+        return None
+
+    def check_credentials(self, name: str, password: str) -> Deferred[bool]:
+        return Deferred.fromCoroutine(self._check_credentials(name, password))
+
+    async def _check_credentials(self, name: str, password: str) -> bool:
+        store = await self._store_ready()
+        stored = await store.smtp_credentials.password_hash(name)
+        # scrypt takes ~50 ms of CPU on purpose: keep it off the reactor thread.
+        valid: bool = await deferToThreadPool(
+            self._reactor,
+            self._reactor.getThreadPool(),
+            verify_password,
+            password,
+            stored or _DUMMY_HASH,
+        )
+        return valid and stored is not None
+
+    def deliver(self, session: Session, envelope: Envelope, message: bytes) -> Deferred[Reply]:
+        return Deferred.fromCoroutine(self._deliver(session, envelope, message))
+
+    async def _deliver(self, session: Session, envelope: Envelope, message: bytes) -> Reply:
+        try:
+            control = parse_control_headers(header_block(message))
+        except ControlHeaderError as error:
+            log.info("{ip}: message refused: {error}", ip=session.client_ip, error=error)
+            return Reply(550, "5.6.0", f"Bad control header: {error}")
+        store = await self._store_ready()
+        now = self._reactor.seconds()
+        queue_id = new_queue_id(now)
+        trace = received_header(
+            session, self._hostname, queue_id, envelope.recipients, rfc5322_date(now)
+        )
+        queued = await store.queue_message(
+            NewMessage(
+                sender=envelope.sender,
+                recipients=tuple(envelope.recipients),
+                raw=trace + message,
+                client_ip=session.client_ip,
+                credential=session.credential,
+                tags=control.tags,
+                metadata=dict(control.metadata),
+                options=control.options(),
+                idempotency_key=control.idempotency_key,
+                queue_id=queue_id,
+            )
+        )
+        log.info(
+            "{queue_id}: accepted from={sender} rcpts={count} size={size} ip={ip}{dup}",
+            queue_id=queued.queue_id,
+            sender=envelope.sender,
+            count=len(envelope.recipients),
+            size=len(message),
+            ip=session.client_ip,
+            dup=" (duplicate idempotency key: dropped)" if queued.duplicate else "",
+        )
+        return Reply(250, "2.0.0", f"Ok: queued as {queued.queue_id}")
+
+
+@implementer(ISmtpBackend)
+class InboundBackend:
+    """The return-path domain's MX: bounces and FBL reports, from anyone, for us only."""
+
+    offers_auth = False
+
+    def __init__(
+        self, reactor: IRelayReactor, return_path_domain: str, store_ready: StoreReady
+    ) -> None:
+        self._reactor = reactor
+        self._domain = return_path_domain.lower()
+        self._store_ready = store_ready
+
+    def check_recipient(self, session: Session, address: str) -> Reply | None:
+        if address_domain(address) != self._domain:
+            # Never a relay: only the return-path domain is ours.
+            return Reply(550, "5.1.1", f"No such recipient here: <{address}>")
+        return None
+
+    def check_credentials(self, name: str, password: str) -> Deferred[bool]:
+        return succeed(False)
+
+    def deliver(self, session: Session, envelope: Envelope, message: bytes) -> Deferred[Reply]:
+        return Deferred.fromCoroutine(self._deliver(session, envelope, message))
+
+    async def _deliver(self, session: Session, envelope: Envelope, message: bytes) -> Reply:
+        store = await self._store_ready()
+        report_id = await store.store_feedback(
+            NewFeedback(
+                sender=envelope.sender,
+                recipients=tuple(envelope.recipients),
+                raw=message,
+                client_ip=session.client_ip,
+            )
+        )
+        log.info(
+            "{report_id}: feedback received from={sender} rcpts={rcpts} ip={ip}",
+            report_id=report_id,
+            sender=envelope.sender or "<>",
+            rcpts=",".join(envelope.recipients),
+            ip=session.client_ip,
+        )
+        return Reply(250, "2.0.0", f"Ok: queued as {report_id}")

@@ -1,0 +1,147 @@
+"""Listening: the factory that admits or refuses connections, and the listener services."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from collections.abc import Callable
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    IOpenSSLServerConnectionCreator,
+    IReactorTime,
+)
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from smartrelay.reactor import IRelayReactor
+from smartrelay.smtp import replies as R
+from smartrelay.smtp.protocol import SmtpServerProtocol
+from smartrelay.smtp.ratelimit import AuthFailureLimiter
+from smartrelay.smtp.replies import Reply
+from smartrelay.smtp.session import ISmtpBackend, ListenerSettings
+
+log = Logger()
+
+
+class SmtpFactory(Factory):
+    """Makes one protocol per connection; counts connections, in all and per client IP."""
+
+    noisy = False  # the listening services log what matters
+
+    def __init__(
+        self,
+        settings: ListenerSettings,
+        backend: ISmtpBackend,
+        clock: IReactorTime,
+        tls: IOpenSSLServerConnectionCreator | None,
+        name: str = "smtp",
+    ) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.clock = clock
+        self.tls = tls
+        self.name = name
+        self.auth_limiter = AuthFailureLimiter(clock)
+        self.connections: set[SmtpServerProtocol] = set()
+        self.per_client: Counter[str] = Counter()
+
+    def buildProtocol(self, addr: IAddress | None) -> SmtpServerProtocol:
+        protocol = SmtpServerProtocol(
+            self.settings, self.backend, self.clock, self.tls, self.auth_limiter, self._closed
+        )
+        protocol.factory = self
+        host = str(getattr(addr, "host", ""))
+        protocol.refusal = self.refusal(host)
+        if protocol.refusal is not None:
+            log.info(
+                "{name}: refused {ip}: {text}", name=self.name, ip=host, text=protocol.refusal.text
+            )
+        else:
+            self.connections.add(protocol)
+            self.per_client[host] += 1
+        return protocol
+
+    def refusal(self, host: str) -> Reply | None:
+        networks = self.settings.allowed_networks
+        if networks is not None and not self.settings.require_auth:
+            try:
+                address = ipaddress.ip_address(host.split("%")[0])
+            except ValueError:
+                return R.NOT_ALLOWED
+            if address.version == 6 and address.ipv4_mapped is not None:
+                address = address.ipv4_mapped
+            if not any(address in network for network in networks):
+                return R.NOT_ALLOWED
+        if len(self.connections) >= self.settings.max_connections:
+            return R.TOO_MANY_CONNECTIONS
+        if self.per_client[host] >= self.settings.max_connections_per_client:
+            return R.TOO_MANY_FROM_CLIENT
+        return None
+
+    def _closed(self, protocol: SmtpServerProtocol) -> None:
+        if protocol in self.connections:
+            self.connections.discard(protocol)
+            host = protocol.session.client_ip
+            self.per_client[host] -= 1
+            if self.per_client[host] <= 0:
+                del self.per_client[host]
+
+
+class ListeningService(Service):
+    """Listens on one endpoint string; failing to listen is fatal (one line, exit 1)."""
+
+    def __init__(
+        self,
+        reactor: IRelayReactor,
+        description: str,
+        factory: SmtpFactory,
+        on_fatal: Callable[[str], object],
+    ) -> None:
+        self._reactor = reactor
+        self.description = description
+        self._factory = factory
+        self._on_fatal = on_fatal
+        self._port: IListeningPort | None = None
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        endpoint = serverFromString(self._reactor, self.description)
+        d = endpoint.listen(self._factory)
+        d.addCallbacks(self._listening, self._failed)
+
+    def _listening(self, port: IListeningPort) -> None:
+        self._port = port
+        log.info("{name}: listening on {where}", name=self._factory.name, where=self.description)
+
+    def _failed(self, failure: Failure) -> None:
+        self._on_fatal(
+            f"{self._factory.name}: cannot listen on {self.description}:"
+            f" {' '.join(failure.getErrorMessage().split())}"
+        )
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        if self._port is None:
+            return None
+        port, self._port = self._port, None
+        stopped: Deferred[None] | None = port.stopListening()
+        return stopped
+
+
+def listener_service(
+    reactor: IRelayReactor,
+    endpoints: tuple[str, ...],
+    factory: SmtpFactory,
+    on_fatal: Callable[[str], object],
+) -> MultiService:
+    """One listening service per endpoint string, all serving ``factory``."""
+    service = MultiService()
+    for description in endpoints:
+        ListeningService(reactor, description, factory, on_fatal).setServiceParent(service)  # type: ignore[no-untyped-call]
+    return service

@@ -1,0 +1,103 @@
+"""What one SMTP connection knows, and the backend interface a listener delivers to."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+
+from attrs import define, field, frozen
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface
+
+from smartrelay.smtp.replies import Reply
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@frozen
+class ListenerSettings:
+    """Limits and policy of one listener, derived once from the config."""
+
+    hostname: str
+    max_message_size: int
+    max_recipients: int
+    require_tls: bool = False
+    require_auth: bool = False
+    #: None admits everyone (the inbound MX); otherwise clients outside get 554 5.7.1.
+    allowed_networks: tuple[IPNetwork, ...] | None = None
+    max_connections: int = 200
+    max_connections_per_client: int = 50
+    idle_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: server timeout of 5 minutes
+    data_timeout: float = 180.0  # between two chunks of DATA
+    max_command_line: int = 2048  # RFC 5321 says 512; extensions and long addresses need more
+    max_bad_commands: int = 10
+
+
+@define
+class Envelope:
+    """The transaction under way: MAIL FROM and the accepted RCPT TOs."""
+
+    sender: str
+    size_hint: int | None = None
+    smtputf8: bool = False
+    body: str = "7BIT"
+    recipients: list[str] = field(factory=list)
+
+
+@define
+class Session:
+    client_ip: str
+    client_port: int
+    helo: str | None = None
+    esmtp: bool = False
+    tls: bool = False
+    credential: str | None = None
+    envelope: Envelope | None = None
+
+    def reset_transaction(self) -> None:
+        self.envelope = None
+
+    def reset_after_tls(self) -> None:
+        """RFC 3207 4.2: after STARTTLS the client starts over, knowing nothing."""
+        self.helo = None
+        self.esmtp = False
+        self.credential = None
+        self.envelope = None
+
+
+class ISmtpBackend(Interface):
+    """What a listener does with what it is told: the submission and inbound listeners differ."""
+
+    offers_auth = Attribute("True when AUTH may be offered (after STARTTLS).")
+
+    def check_recipient(session: Session, address: str) -> Reply | None:
+        """None to accept RCPT TO:<address>, else the rejection."""
+
+    def check_credentials(name: str, password: str) -> Deferred[bool]:
+        """Whether the SMTP AUTH name and password are valid."""
+
+    def deliver(session: Session, envelope: Envelope, message: bytes) -> Deferred[Reply]:
+        """Store the message durably, then give the reply to the final dot (250 or an error)."""
+
+
+def address_domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def received_header(
+    session: Session, hostname: str, queue_id: str, recipients: Sequence[str], date: str
+) -> bytes:
+    """The trace header RFC 5321 4.4 asks every relay to prepend."""
+    protocol = "ESMTP" if session.esmtp else "SMTP"
+    if session.tls:
+        protocol += "S"
+    if session.credential is not None:
+        protocol += "A"
+    helo = (session.helo or "unknown").replace("(", "").replace(")", "")[:100]
+    ip = session.client_ip
+    literal = f"IPv6:{ip}" if ":" in ip else ip
+    target = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
+    return (
+        f"Received: from {helo} ([{literal}])\r\n\tby {hostname} (SmartRelay) with {protocol}"
+        f" id {queue_id}{target};\r\n\t{date}\r\n"
+    ).encode()

@@ -1,0 +1,77 @@
+"""Group commit: requests that arrive while a transaction is in flight share the next one.
+
+One fsync (SQLite) or one round of commit latency (PostgreSQL) then serves many SMTP sessions,
+and no caller hears back before the transaction holding its request has committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+log = Logger()
+
+
+class GroupCommitter(Generic[Item, Result]):
+    """Runs ``run_batch`` over queued items, at most ``max_in_flight`` batches at a time.
+
+    If a batch of several items fails, each item is retried alone, so one bad item fails only
+    its own caller.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[Sequence[Item]], Awaitable[Sequence[Result]]],
+        max_batch: int = 200,
+        max_in_flight: int = 1,
+    ) -> None:
+        self._run_batch = run_batch
+        self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
+        self._pending: list[tuple[Item, Deferred[Result]]] = []
+        self._in_flight = 0
+        self.batches = 0  # committed transactions, for tests and metrics
+
+    def submit(self, item: Item) -> Deferred[Result]:
+        result: Deferred[Result] = Deferred()
+        self._pending.append((item, result))
+        self._maybe_start()
+        return result
+
+    def _maybe_start(self) -> None:
+        while self._pending and self._in_flight < self._max_in_flight:
+            batch = self._pending[: self._max_batch]
+            del self._pending[: self._max_batch]
+            self._in_flight += 1
+            Deferred.fromCoroutine(self._run(batch))
+
+    async def _run(self, batch: list[tuple[Item, Deferred[Result]]]) -> None:
+        try:
+            await self._commit(batch)
+        finally:
+            self._in_flight -= 1
+            self._maybe_start()
+
+    async def _commit(self, batch: list[tuple[Item, Deferred[Result]]]) -> None:
+        try:
+            results = await self._run_batch([item for item, _ in batch])
+        except Exception:
+            failure = Failure()
+            if len(batch) == 1:
+                batch[0][1].errback(failure)
+                return
+            log.info("group commit of {n} failed ({error}); retrying one by one",
+                     n=len(batch), error=failure.getErrorMessage())  # fmt: skip
+            for one in batch:
+                await self._commit([one])
+            return
+        self.batches += 1
+        for (_, waiter), result in zip(batch, results, strict=True):
+            waiter.callback(result)
