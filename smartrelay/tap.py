@@ -13,13 +13,16 @@ from typing import cast
 
 import twisted
 from attrs import evolve
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python import usage
 
 from smartrelay import __version__
 from smartrelay.config import Config, ConfigError, load_config
 from smartrelay.reactor import IRelayReactor, as_relay_reactor
+from smartrelay.delivery.manager import DeliveryManager
+from smartrelay.delivery.mx import MxResolver, make_system_resolver
 from smartrelay.smtp.backends import InboundBackend, SubmissionBackend
 from smartrelay.smtp.listener import SmtpFactory, listener_service
 from smartrelay.smtp.session import ListenerSettings
@@ -64,6 +67,14 @@ class RelayService(MultiService):
         self.inbound: SmtpFactory | None = None
         if config.smtp.listen or config.inbound.listen:
             self._add_smtp_listeners()
+        self.delivery = DeliveryManager(
+            reactor,
+            config.delivery,
+            config.server.hostname,
+            self.storage.when_ready,
+            MxResolver(make_system_resolver(reactor), reactor),
+        )
+        self.delivery.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def _add_smtp_listeners(self) -> None:
         config, reactor = self.config, self._reactor
@@ -126,6 +137,16 @@ class RelayService(MultiService):
             python=platform.python_version(),
         )
         super().startService()  # type: ignore[no-untyped-call]
+
+    def stopService(self) -> Deferred[None]:
+        """Stop the services one after another, last started first: listeners and delivery
+        finish their commits before the database closes."""
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop_in_order())
+
+    async def _stop_in_order(self) -> None:
+        for service in reversed(list(self)):
+            await maybeDeferred(service.stopService)
 
     def fatal(self, reason: str) -> None:
         """Log ``reason`` as one line and stop the reactor; the process exits with status 1."""

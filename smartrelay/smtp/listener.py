@@ -84,6 +84,11 @@ class SmtpFactory(Factory):
             return R.TOO_MANY_FROM_CLIENT
         return None
 
+    def shutdown(self) -> None:
+        """Tell every open session that we are going away (421 4.3.0)."""
+        for protocol in list(self.connections):
+            protocol.shutdown()
+
     def _closed(self, protocol: SmtpServerProtocol) -> None:
         if protocol in self.connections:
             self.connections.discard(protocol)
@@ -127,6 +132,7 @@ class ListeningService(Service):
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()  # type: ignore[no-untyped-call]
+        self._factory.shutdown()
         if self._port is None:
             return None
         port, self._port = self._port, None

@@ -111,6 +111,7 @@ class SmtpServerProtocol(Protocol):
         self._busy = False  # a command is waiting on a Deferred
         self._closing = False
         self._transport_paused = False
+        self._shutdown_pending = False
         self._timer: IDelayedCall | None = None
         self._bad_commands = 0
         # DATA state
@@ -156,6 +157,13 @@ class SmtpServerProtocol(Protocol):
         self._cancel_timer()
         if self.transport is not None:
             self.transport.loseConnection()
+
+    def shutdown(self) -> None:
+        """The relay is stopping: say so now, or right after the reply under way."""
+        if self._busy:
+            self._shutdown_pending = True
+        elif not self._closing:
+            self.send_and_close(R.SHUTTING_DOWN)
 
     def send_and_close(self, reply: Reply) -> None:
         self.send(reply)
@@ -228,6 +236,8 @@ class SmtpServerProtocol(Protocol):
 
         def done(_: object) -> None:
             self._busy = False
+            if self._shutdown_pending and not self._closing:
+                self.send_and_close(R.SHUTTING_DOWN)
             if not self._closing:
                 self._process()
                 if not self._busy and self._transport_paused and self.transport is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -16,6 +16,10 @@ from smartrelay.storage.migrations import current_version, migrate
 from smartrelay.storage.store import Store, to_ms
 
 log = Logger()
+
+
+class StorageStopped(Exception):
+    """The relay is shutting down; nothing more can be stored."""
 
 
 class StorageService(Service):
@@ -42,6 +46,7 @@ class StorageService(Service):
         self._store: Store | None = None
         self._waiters: list[Deferred[Store]] = []
         self._starting: Deferred[None] | None = None
+        self._stopped = False
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
@@ -77,12 +82,18 @@ class StorageService(Service):
     def when_ready(self) -> Deferred[Store]:
         if self._store is not None:
             return succeed(self._store)
+        if self._stopped:
+            return fail(StorageStopped("storage is shut down"))
         waiter: Deferred[Store] = Deferred()
         self._waiters.append(waiter)
         return waiter
 
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]
+        self._stopped = True
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.errback(StorageStopped("storage is shut down"))
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:

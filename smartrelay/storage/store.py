@@ -81,6 +81,31 @@ class ClaimedRecipient:
 
 
 @frozen
+class StoredMessage:
+    queue_id: str
+    received_at: float
+    sender: str
+    tags: tuple[str, ...]
+    metadata: dict[str, str]
+    options: dict[str, bool]
+    raw: bytes
+
+
+@frozen
+class RecipientOutcome:
+    """A recipient's new state after a delivery attempt, with the events to record."""
+
+    recipient_id: int
+    queue_id: str
+    address: str
+    state: str  # delivered, deferred, bounced, expired
+    attempts: int
+    next_attempt_at: float | None
+    reply: str
+    events: tuple[tuple[str, dict[str, Any]], ...]
+
+
+@frozen
 class Suppression:
     address: str
     reason: str
@@ -263,6 +288,70 @@ class Store:
             )
 
         return await self.engine.run_interaction("claim_due", txn)
+
+    async def load_messages(self, queue_ids: Iterable[str]) -> dict[str, StoredMessage]:
+        wanted = sorted(set(queue_ids))
+        if not wanted:
+            return {}
+
+        async def txn(cursor: ICursor) -> dict[str, StoredMessage]:
+            marks = ", ".join("?" for _ in wanted)
+            await cursor.execute(
+                "SELECT queue_id, received_at, sender, tags, metadata, options, raw"
+                f" FROM messages WHERE queue_id IN ({marks})",
+                wanted,
+            )
+            return {
+                str(r[0]): StoredMessage(
+                    queue_id=str(r[0]),
+                    received_at=int(r[1]) / 1000,
+                    sender=str(r[2]),
+                    tags=tuple(json.loads(r[3])),
+                    metadata=json.loads(r[4]),
+                    options=json.loads(r[5]),
+                    raw=bytes(r[6]),
+                )
+                for r in cursor.fetchall()
+            }
+
+        return await self.engine.run_interaction("load_messages", txn, readonly=True)
+
+    async def record_outcomes(self, owner: str, outcomes: Sequence[RecipientOutcome]) -> int:
+        """Commit delivery outcomes and their events; returns how many rows were still ours.
+
+        A row whose lease another node has taken over (ours expired) is left alone: that node
+        will deliver it again (at least once, never zero times).
+        """
+        now_ms = self._now_ms()
+
+        async def txn(cursor: ICursor) -> int:
+            mine = 0
+            for outcome in outcomes:
+                await cursor.execute(
+                    "UPDATE recipients SET state = ?, attempts = ?, next_attempt_at = ?,"
+                    " last_reply = ?, lease_owner = NULL, updated_at = ?"
+                    " WHERE id = ? AND lease_owner = ?",
+                    (
+                        outcome.state,
+                        outcome.attempts,
+                        None if outcome.next_attempt_at is None
+                        else to_ms(outcome.next_attempt_at),
+                        outcome.reply,
+                        now_ms,
+                        outcome.recipient_id,
+                        owner,
+                    ),
+                )  # fmt: skip
+                if int(cursor.rowcount) == 0:
+                    continue
+                mine += 1
+                for event_type, data in outcome.events:
+                    await insert_events(
+                        cursor, now_ms, event_type, outcome.queue_id, [outcome.address], data
+                    )
+            return mine
+
+        return await self.engine.run_interaction("record_outcomes", txn)
 
     async def count_recipients(self, state: str | None = None) -> int:
         async def txn(cursor: ICursor) -> int:

@@ -1,0 +1,370 @@
+"""The outbound SMTP client: one connection to a next hop, reused for several messages.
+
+Its own small protocol (like the listener's) so that it pipelines MAIL/RCPT/DATA when the
+server offers PIPELINING, reports a reply per recipient, reuses the connection with RSET
+only when a transaction broke off, and says whether TLS was used.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections import deque
+from collections.abc import Sequence
+
+from attrs import frozen
+from twisted.internet import ssl
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, connectionDone
+from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python.failure import Failure
+
+from smartrelay.delivery.routing import NextHop
+from smartrelay.reactor import IRelayReactor
+
+COMMAND_TIMEOUT = 300.0  # RFC 5321 4.5.3.2: 5 minutes for MAIL, RCPT; we use it for all
+DATA_END_TIMEOUT = 600.0  # 10 minutes for the reply to the final dot
+
+
+class SmtpClientError(Exception):
+    """The connection or the session failed before a reply could be had (a temporary error)."""
+
+
+class TlsFailed(SmtpClientError):
+    """The TLS handshake after STARTTLS failed."""
+
+
+class TlsUnavailable(SmtpClientError):
+    """TLS is required but the server does not offer STARTTLS."""
+
+
+@frozen
+class ServerReply:
+    code: int
+    text: str  # the lines' texts joined by "\n"
+
+    @property
+    def line(self) -> str:
+        """One line for logs and events: ``550 5.1.1 No such user``."""
+        return f"{self.code} {' '.join(self.text.split())}"
+
+
+@frozen
+class RecipientResult:
+    address: str
+    reply: ServerReply
+
+    @property
+    def delivered(self) -> bool:
+        return 200 <= self.reply.code < 300
+
+
+class _ReplyReader(LineOnlyReceiver):
+    """Reads (multi-line) replies and hands them to waiters in order."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = 65536
+
+    def __init__(self) -> None:
+        self._waiting: deque[Deferred[ServerReply]] = deque()
+        self._lines: list[str] = []
+        self.connected_deferred: Deferred[_ReplyReader] = Deferred()
+        self.lost = False
+        self.lost_reason: Failure | None = None
+
+    def connectionMade(self) -> None:
+        self.connected_deferred.callback(self)
+
+    def expect(self) -> Deferred[ServerReply]:
+        waiter: Deferred[ServerReply] = Deferred()
+        if self.lost:
+            waiter.errback(SmtpClientError(f"connection lost: {self._lost_text()}"))
+        else:
+            self._waiting.append(waiter)
+        return waiter
+
+    def send(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        text = line.rstrip(b"\r").decode("utf-8", "replace")
+        code, separator, rest = text[:3], text[3:4], text[4:]
+        if not code.isdigit():
+            self._fail_all(SmtpClientError(f"bad reply line {text[:80]!r}"))
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        self._lines.append(rest)
+        if separator == "-":
+            return
+        reply = ServerReply(int(code), "\n".join(self._lines))
+        self._lines = []
+        if self._waiting:
+            self._waiting.popleft().callback(reply)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._fail_all(SmtpClientError("reply line too long"))
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost = True
+        self.lost_reason = reason
+        self._fail_all(SmtpClientError(f"connection lost: {self._lost_text()}"))
+
+    def _lost_text(self) -> str:
+        if self.lost_reason is None or self.lost_reason.check(ConnectionDone):
+            return "closed by the server"
+        return " ".join(self.lost_reason.getErrorMessage().split())
+
+    def _fail_all(self, error: Exception) -> None:
+        waiting, self._waiting = self._waiting, deque()
+        for waiter in waiting:
+            waiter.errback(error)
+
+
+def dot_stuff(message: bytes) -> bytes:
+    """The message as DATA content: dots doubled at line starts, ending in CRLF, then the dot."""
+    if message.startswith(b"."):
+        message = b"." + message
+    message = message.replace(b"\r\n.", b"\r\n..")
+    if not message.endswith(b"\r\n"):
+        message += b"\r\n"
+    return message + b".\r\n"
+
+
+class SmtpConnection:
+    """An established SMTP session with one next hop."""
+
+    def __init__(
+        self, reader: _ReplyReader, hop: NextHop, clock: IReactorTime, helo_name: str
+    ) -> None:
+        self._reader = reader
+        self.hop = hop
+        self._clock = clock
+        self._helo_name = helo_name
+        self.extensions: dict[str, str] = {}
+        self.tls = False
+        self.messages_sent = 0
+        self.greeting = ServerReply(0, "")
+
+    @property
+    def usable(self) -> bool:
+        return not self._reader.lost
+
+    async def _command(self, line: str, timeout: float = COMMAND_TIMEOUT) -> ServerReply:
+        waiter = self._reader.expect()
+        self._reader.send(line.encode("utf-8") + b"\r\n")
+        return await waiter.addTimeout(timeout, self._clock)
+
+    async def _reply(self, timeout: float = COMMAND_TIMEOUT) -> ServerReply:
+        return await self._reader.expect().addTimeout(timeout, self._clock)
+
+    async def start(self, starttls: bool, require_tls: bool) -> ServerReply | None:
+        """Greeting, EHLO (HELO as fallback), STARTTLS, AUTH.
+
+        Returns None when the session is ready, or the server's refusal (a reply that applies
+        to every recipient, e.g. a 554 greeting). Raises SmtpClientError (temporary) when the
+        session could not be set up.
+        """
+        self.greeting = await self._reply()
+        if self.greeting.code != 220:
+            return self.greeting
+        refusal = await self._hello()
+        if refusal is not None:
+            return refusal
+        if not self.tls and (starttls or require_tls):
+            if "STARTTLS" in self.extensions:
+                reply = await self._command("STARTTLS")
+                if reply.code != 220:
+                    if require_tls:
+                        raise TlsUnavailable(f"STARTTLS refused: {reply.line}")
+                else:
+                    self._reader.transport.startTLS(_client_tls_options())  # type: ignore[union-attr]
+                    try:
+                        refusal = await self._hello()
+                    except SmtpClientError as error:
+                        raise TlsFailed(str(error)) from error
+                    self.tls = True
+                    if refusal is not None:
+                        return refusal
+            elif require_tls:
+                raise TlsUnavailable("the server does not offer STARTTLS")
+        if self.hop.username is not None:
+            return await self._authenticate()
+        return None
+
+    async def _hello(self) -> ServerReply | None:
+        reply = await self._command(f"EHLO {self._helo_name}")
+        if reply.code == 250:
+            lines = reply.text.split("\n")[1:]
+            self.extensions = {}
+            for line in lines:
+                keyword, _, params = line.strip().partition(" ")
+                self.extensions[keyword.upper()] = params
+            return None
+        reply = await self._command(f"HELO {self._helo_name}")
+        self.extensions = {}
+        return None if reply.code == 250 else reply
+
+    async def _authenticate(self) -> ServerReply | None:
+        if not self.tls and not self.hop.implicit_tls:
+            raise TlsUnavailable("refusing to send the smarthost password without TLS")
+        mechanisms = self.extensions.get("AUTH", "").upper().split()
+        user = (self.hop.username or "").encode()
+        password = (self.hop.password or "").encode()
+        if "PLAIN" in mechanisms or not mechanisms:
+            token = base64.b64encode(b"\0" + user + b"\0" + password).decode()
+            reply = await self._command(f"AUTH PLAIN {token}")
+        elif "LOGIN" in mechanisms:
+            reply = await self._command("AUTH LOGIN")
+            if reply.code == 334:
+                reply = await self._command(base64.b64encode(user).decode())
+            if reply.code == 334:
+                reply = await self._command(base64.b64encode(password).decode())
+        else:
+            return ServerReply(535, f"5.7.8 no common AUTH mechanism (server offers {mechanisms})")
+        return None if reply.code == 235 else reply
+
+    async def send(
+        self, sender: str, recipients: Sequence[str], message: bytes
+    ) -> list[RecipientResult]:
+        """One transaction; a reply per recipient (the final one for those accepted)."""
+        params = ""
+        size = self.extensions.get("SIZE")
+        if size is not None:
+            params += f" SIZE={len(message)}"
+        if "8BITMIME" in self.extensions:
+            params += " BODY=8BITMIME"
+        needs_utf8 = not (sender.isascii() and all(r.isascii() for r in recipients))
+        if needs_utf8 and "SMTPUTF8" in self.extensions:
+            params += " SMTPUTF8"
+        commands = [f"MAIL FROM:<{sender}>{params}"] + [f"RCPT TO:<{r}>" for r in recipients]
+        if "PIPELINING" in self.extensions:
+            waiters = [self._reader.expect() for _ in range(len(commands) + 1)]
+            self._reader.send("".join(c + "\r\n" for c in [*commands, "DATA"]).encode())
+            replies = [await w.addTimeout(COMMAND_TIMEOUT, self._clock) for w in waiters]
+            mail_reply, rcpt_replies, data_reply = replies[0], replies[1:-1], replies[-1]
+        else:
+            mail_reply = await self._command(commands[0])
+            if mail_reply.code != 250:
+                await self._reset()
+                return [RecipientResult(r, mail_reply) for r in recipients]
+            rcpt_replies = [await self._command(c) for c in commands[1:]]
+            data_reply = (
+                await self._command("DATA")
+                if any(r.code < 300 for r in rcpt_replies)
+                else ServerReply(554, "5.5.1 no recipient accepted")
+            )
+        if mail_reply.code != 250:
+            await self._reset()
+            return [RecipientResult(r, mail_reply) for r in recipients]
+        accepted = [r for r, reply in zip(recipients, rcpt_replies, strict=True) if reply.code < 300]
+        results = {
+            r: RecipientResult(r, reply)
+            for r, reply in zip(recipients, rcpt_replies, strict=True)
+            if reply.code >= 300
+        }
+        if data_reply.code != 354:
+            if accepted:
+                for r in accepted:
+                    results[r] = RecipientResult(r, data_reply)
+            await self._reset()
+            return [results[r] for r in recipients]
+        self._reader.send(dot_stuff(message))
+        final = await self._reply(DATA_END_TIMEOUT)
+        self.messages_sent += 1
+        for r in accepted:
+            results[r] = RecipientResult(r, final)
+        return [results[r] for r in recipients]
+
+    async def _reset(self) -> None:
+        if self.usable:
+            reply = await self._command("RSET")
+            if reply.code != 250:
+                self.close()
+
+    async def quit(self) -> None:
+        if self.usable:
+            try:
+                await self._command("QUIT", timeout=10)
+            except Exception:
+                pass
+        self.close()
+
+    def close(self) -> None:
+        if self._reader.transport is not None:
+            self._reader.transport.loseConnection()
+
+
+def _client_tls_options() -> ssl.CertificateOptions:
+    # MTA-to-MTA TLS is opportunistic: certificates are not checked (RFC 3207 4.1), as
+    # Postfix's "may" level does.
+    return ssl.CertificateOptions(verify=False)
+
+
+async def connect(
+    reactor: IRelayReactor,
+    hop: NextHop,
+    helo_name: str,
+    connect_timeout: float,
+) -> tuple[SmtpConnection, _ReplyReader]:
+    """Open a TCP (or implicit TLS) connection to ``hop``."""
+    endpoint = HostnameEndpoint(reactor, hop.host, hop.port, timeout=connect_timeout)
+    if hop.implicit_tls:
+        endpoint = wrapClientTLS(_client_tls_options(), endpoint)  # type: ignore[assignment]
+    reader = _ReplyReader()
+    factory = Factory.forProtocol(lambda: reader)
+    factory.noisy = False
+    try:
+        await endpoint.connect(factory)
+    except Exception as error:  # refused, unreachable, timeout, DNS
+        raise SmtpClientError(f"cannot connect to {hop.host}:{hop.port}: {error}") from error
+    connection = SmtpConnection(reader, hop, reactor, helo_name)
+    connection.tls = hop.implicit_tls
+    return connection, reader
+
+
+async def open_session(
+    reactor: IRelayReactor,
+    hop: NextHop,
+    helo_name: str,
+    connect_timeout: float,
+    tls_policy: str,
+) -> tuple[SmtpConnection | None, ServerReply | None]:
+    """A ready session, or the refusal that applies to every recipient.
+
+    In opportunistic mode a failed TLS handshake is retried once in the clear; with
+    ``tls_policy == "required"`` (or a smarthost that asks for it) it is an error.
+    """
+    require_tls = tls_policy == "required" or hop.require_tls
+    for starttls in (True, False):
+        connection, _ = await connect(reactor, hop, helo_name, connect_timeout)
+        try:
+            refusal = await connection.start(starttls=starttls, require_tls=require_tls)
+        except TlsFailed:
+            connection.close()
+            if require_tls or not starttls:
+                raise
+            continue
+        except BaseException:
+            connection.close()
+            raise
+        if refusal is not None:
+            await connection.quit()
+            return None, refusal
+        return connection, None
+    raise SmtpClientError("unreachable")  # pragma: no cover
+
+
+__all__ = [
+    "RecipientResult",
+    "ServerReply",
+    "SmtpClientError",
+    "SmtpConnection",
+    "TlsFailed",
+    "TlsUnavailable",
+    "dot_stuff",
+    "open_session",
+]

@@ -1,0 +1,431 @@
+"""The delivery manager: claims due recipients, queues them per destination, delivers.
+
+Due work is claimed from the database in batches (with a lease, docs/storage.md), grouped into
+jobs (one message for one destination domain, all its recipients there in one transaction),
+and put on a per-destination queue in memory. Each destination has up to its throttle's
+``max_connections`` workers; a worker keeps its connection for up to
+``max_messages_per_connection`` messages and sends at the throttle's rate. Every outcome is
+committed (recipient state + event) before the worker moves on.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+import socket
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from attrs import frozen
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from smartrelay.config import DeliveryConfig, Throttle
+from smartrelay.delivery.client import (
+    RecipientResult,
+    ServerReply,
+    SmtpClientError,
+    SmtpConnection,
+    open_session,
+)
+from smartrelay.delivery.mx import MxResolver, PermanentRoutingError, TemporaryRoutingError
+from smartrelay.delivery.retry import schedule_retry
+from smartrelay.delivery.routing import NextHop, ResolvedRoute, Router
+from smartrelay.delivery.throttle import Throttles
+from smartrelay.feedback.smtp_replies import classify_reply
+from smartrelay.reactor import IRelayReactor
+from smartrelay.rewrap.headers import finalize_headers
+from smartrelay.timefmt import rfc3339
+from smartrelay.storage.store import (
+    QUEUE_CHANNEL,
+    ClaimedRecipient,
+    RecipientOutcome,
+    Store,
+    StoredMessage,
+)
+
+log = Logger()
+
+CLAIM_BATCH = 500
+MAX_IN_MEMORY = 5000  # recipients held in destination queues at most
+LEASE = 15 * 60.0  # a claimed recipient not finished in this time is claimed again elsewhere
+POLL_INTERVAL = 5.0  # safety net beside NOTIFY, and how soon a deferred recipient is seen
+BACKOFF_ON_421 = 60.0
+STOP_GRACE = 10.0  # at shutdown, how long deliveries under way may take to finish
+
+
+@frozen
+class Job:
+    """One message for one destination domain."""
+
+    message: StoredMessage
+    domain: str
+    recipients: tuple[ClaimedRecipient, ...]
+
+
+class Destination:
+    """A queue of jobs sharing next hops and a throttle (a domain, or a smarthost)."""
+
+    def __init__(self, key: str, route: ResolvedRoute, throttle_key: str, settings: Throttle):
+        self.key = key
+        self.route = route
+        self.throttle_key = throttle_key
+        self.settings = settings
+        self.jobs: deque[Job] = deque()
+        self.workers = 0
+        self.wake_call: IDelayedCall | None = None
+
+
+class DeliveryManager(Service):
+    name = "delivery"
+
+    def __init__(
+        self,
+        reactor: IRelayReactor,
+        config: DeliveryConfig,
+        hostname: str,
+        store_ready: Callable[[], Deferred[Store]],
+        mx_resolver: MxResolver,
+        node_id: str | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._config = config
+        self._hostname = hostname
+        self._store_ready = store_ready
+        self._store: Store | None = None
+        self._mx = mx_resolver
+        self.router = Router(config.routes)
+        self.throttles = Throttles(reactor, config.throttles, config.max_connections)
+        self.node_id = node_id or f"{socket.gethostname()}-{secrets.token_hex(4)}"
+        self._rng = rng or random.Random()
+        self._destinations: dict[str, Destination] = {}
+        self._in_memory = 0
+        self._pumping = False
+        self._pump_again = False
+        self._poll_call: IDelayedCall | None = None
+        self._workers: set[Deferred[None]] = set()
+        self._connections: set[SmtpConnection] = set()
+
+    # -- service ------------------------------------------------------------------------------
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        Deferred.fromCoroutine(self._start()).addErrback(
+            lambda f: log.failure("delivery could not start", f)
+        )
+
+    async def _start(self) -> None:
+        self._store = await self._store_ready()
+        await self._store.engine.listen(QUEUE_CHANNEL, self.wake)
+        log.info("delivery: node {node} started", node=self.node_id)
+        self.wake()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        if self._poll_call is not None and self._poll_call.active():
+            self._poll_call.cancel()
+        for destination in self._destinations.values():
+            if destination.wake_call is not None and destination.wake_call.active():
+                destination.wake_call.cancel()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        # Work under way may finish its current message and commit its outcome; what is still
+        # on the wire after STOP_GRACE is cut off and recorded as deferred (it may then be
+        # delivered twice: at least once, never zero times). Queued jobs stay claimed and come
+        # back when their lease runs out.
+        if self._workers:
+            grace = self._reactor.callLater(STOP_GRACE, self._cut_connections)
+            for worker in list(self._workers):
+                await worker
+            if grace.active():
+                grace.cancel()
+
+    def _cut_connections(self) -> None:
+        for connection in list(self._connections):
+            connection.close()
+
+    # -- claiming -----------------------------------------------------------------------------
+    def wake(self) -> None:
+        """New or due work may be waiting."""
+        if not self.running or self._store is None:
+            return
+        if self._pumping:
+            self._pump_again = True
+            return
+        Deferred.fromCoroutine(self._pump()).addErrback(
+            lambda f: log.failure("claiming due work failed", f)
+        )
+
+    async def _pump(self) -> None:
+        assert self._store is not None
+        self._pumping = True
+        try:
+            while self.running:
+                self._pump_again = False
+                room = MAX_IN_MEMORY - self._in_memory
+                if room <= 0:
+                    break
+                claimed = await self._store.claim_due(
+                    self.node_id, limit=min(CLAIM_BATCH, room), lease=LEASE
+                )
+                if claimed:
+                    await self._enqueue(claimed)
+                if len(claimed) < min(CLAIM_BATCH, room) and not self._pump_again:
+                    break
+        finally:
+            self._pumping = False
+            self._schedule_poll()
+
+    def _schedule_poll(self) -> None:
+        if self._poll_call is not None and self._poll_call.active():
+            self._poll_call.cancel()
+        if self.running:
+            self._poll_call = self._reactor.callLater(POLL_INTERVAL, self.wake)
+
+    async def _enqueue(self, claimed: Sequence[ClaimedRecipient]) -> None:
+        assert self._store is not None
+        messages = await self._store.load_messages(c.queue_id for c in claimed)
+        groups: dict[tuple[str, str], list[ClaimedRecipient]] = {}
+        for recipient in claimed:
+            groups.setdefault((recipient.queue_id, recipient.domain), []).append(recipient)
+        self._in_memory += len(claimed)
+        touched: list[Destination] = []
+        for (queue_id, domain), recipients in groups.items():
+            job = Job(messages[queue_id], domain, tuple(recipients))
+            route = self.router.route_for(domain)
+            key = self.router.destination_key(route)
+            destination = self._destinations.get(key)
+            if destination is None:
+                destination = self._destinations[key] = Destination(
+                    key,
+                    route,
+                    self.throttles.key_for(domain),
+                    self.throttles.settings_for(domain),
+                )
+            destination.jobs.append(job)
+            touched.append(destination)
+        for destination in touched:
+            self._start_workers(destination)
+
+    # -- workers ------------------------------------------------------------------------------
+    def _start_workers(self, destination: Destination) -> None:
+        if not destination.jobs or not self.running:
+            return
+        settings, key = destination.settings, destination.throttle_key
+        until = self.throttles.backed_off_until(key)
+        if until is not None and until > self._reactor.seconds():
+            self._wake_destination_at(destination, until)
+            return
+        while (
+            destination.jobs
+            and destination.workers < settings.max_connections
+            and self.throttles.acquire_connection(key, settings)
+        ):
+            destination.workers += 1
+            worker = Deferred.fromCoroutine(self._work(destination))
+            self._workers.add(worker)
+            worker.addErrback(lambda f: log.failure("delivery worker failed", f))
+            worker.addCallback(self._worker_done, worker)
+
+    def _worker_done(self, _: None, worker: Deferred[None]) -> None:
+        self._workers.discard(worker)
+
+    def _wake_destination_at(self, destination: Destination, when: float) -> None:
+        if destination.wake_call is not None and destination.wake_call.active():
+            return
+        delay = max(0.0, when - self._reactor.seconds())
+        destination.wake_call = self._reactor.callLater(
+            delay, self._start_workers, destination
+        )
+
+    async def _work(self, destination: Destination) -> None:
+        connection: SmtpConnection | None = None
+        settings, key = destination.settings, destination.throttle_key
+        try:
+            while destination.jobs and self.running:
+                job = destination.jobs[0]
+                wait = self.throttles.take_message(key, settings)
+                if wait > 0:
+                    await deferLater(self._reactor, wait, lambda: None)
+                    continue
+                destination.jobs.popleft()
+                if connection is not None and (
+                    not connection.usable
+                    or connection.messages_sent >= settings.max_messages_per_connection
+                ):
+                    self._connections.discard(connection)
+                    await connection.quit()
+                    connection = None
+                if connection is None:
+                    connection, failure = await self._connect(destination, job)
+                    if connection is not None:
+                        self._connections.add(connection)
+                    if connection is None:
+                        assert failure is not None
+                        # The destination is unreachable or refuses us: every job queued
+                        # for it now shares this answer instead of each trying again.
+                        jobs = [job, *destination.jobs]
+                        destination.jobs.clear()
+                        for failed in jobs:
+                            await self._finish(failed, [RecipientResult(r.address, failure)
+                                                        for r in failed.recipients], None)  # fmt: skip
+                        if failure.code == 421:
+                            self.throttles.back_off(key, BACKOFF_ON_421)
+                        break
+                try:
+                    raw = finalize_headers(job.message.raw, job.message.queue_id, self._hostname)
+                    results = await connection.send(
+                        job.message.sender, [r.address for r in job.recipients], raw
+                    )
+                except (SmtpClientError, DeferredTimeout, CancelledError) as error:
+                    results = [RecipientResult(r.address, _local_reply(str(error) or "timeout"))
+                               for r in job.recipients]  # fmt: skip
+                    self._connections.discard(connection)
+                    connection.close()
+                    connection = None
+                await self._finish(job, results, connection)
+                if any(r.reply.code == 421 for r in results):
+                    self.throttles.back_off(key, BACKOFF_ON_421)
+                    break
+        finally:
+            if connection is not None:
+                self._connections.discard(connection)
+                await connection.quit()
+            destination.workers -= 1
+            self.throttles.release_connection(key)
+            if destination.jobs:
+                self._start_workers(destination)
+            elif destination.workers == 0:
+                self._destinations.pop(destination.key, None)
+
+    async def _connect(
+        self, destination: Destination, job: Job
+    ) -> tuple[SmtpConnection | None, ServerReply | None]:
+        """A session with the first next hop that takes one, or the reply to record."""
+        route = destination.route
+        if route.static_hop is not None:
+            hops = [route.static_hop]
+        else:
+            try:
+                hops = await self._mx.lookup(job.domain)
+            except PermanentRoutingError as error:
+                return None, ServerReply(550, f"5.1.2 {error}")
+            except TemporaryRoutingError as error:
+                return None, _local_reply(f"DNS: {error}")
+        last: ServerReply = _local_reply("no next hop")
+        for hop in hops:
+            try:
+                connection, refusal = await open_session(
+                    self._reactor,
+                    hop,
+                    self._hostname,
+                    self._config.connect_timeout,
+                    self._config.tls,
+                )
+            except (SmtpClientError, DeferredTimeout) as error:
+                last = _local_reply(str(error) or "timeout")
+                log.info("{key}: {host}: {error}", key=destination.key, host=hop.host,
+                         error=error)  # fmt: skip
+                continue
+            if connection is not None:
+                return connection, None
+            assert refusal is not None
+            last = refusal
+            if refusal.code >= 500:
+                break  # RFC 5321 5.1: a permanent refusal is final; a 4xx tries the next MX
+        return None, last
+
+    # -- outcomes -----------------------------------------------------------------------------
+    async def _finish(
+        self, job: Job, results: Sequence[RecipientResult], connection: SmtpConnection | None
+    ) -> None:
+        assert self._store is not None
+        now = self._reactor.seconds()
+        by_address = {r.address: r for r in results}
+        mx = connection.hop.host if connection is not None else ""
+        tls = connection.tls if connection is not None else False
+        outcomes = []
+        for recipient in job.recipients:
+            result = by_address[recipient.address]
+            outcomes.append(self._outcome(job, recipient, result.reply, mx, tls, now))
+        await self._store.record_outcomes(self.node_id, outcomes)
+        self._in_memory -= len(job.recipients)
+        for outcome in outcomes:
+            log.info(
+                "{queue_id}: to=<{rcpt}> dest={dest} {state} reply={reply!r}",
+                queue_id=outcome.queue_id,
+                rcpt=outcome.address,
+                dest=mx or job.domain,
+                state=outcome.state,
+                reply=outcome.reply,
+            )
+        if self._in_memory < MAX_IN_MEMORY // 2:
+            self.wake()
+
+    def _outcome(
+        self,
+        job: Job,
+        recipient: ClaimedRecipient,
+        reply: ServerReply,
+        mx: str,
+        tls: bool,
+        now: float,
+    ) -> RecipientOutcome:
+        attempt = recipient.attempts + 1
+        line = reply.line
+
+        def outcome(
+            state: str, next_at: float | None, *events: tuple[str, dict[str, Any]]
+        ) -> RecipientOutcome:
+            return RecipientOutcome(
+                recipient.id, job.message.queue_id, recipient.address, state, attempt,
+                next_at, line, tuple(events),
+            )  # fmt: skip
+
+        if 200 <= reply.code < 300:
+            return outcome(
+                "delivered", None,
+                ("delivered", {"mx": mx, "reply": line, "tls": tls, "attempt": attempt}),
+            )  # fmt: skip
+        if reply.code >= 500:
+            verdict = classify_reply(reply.code, reply.text)
+            return outcome(
+                "bounced", None,
+                ("bounced", {"category": verdict.category, "hard": verdict.hard,
+                             "status": verdict.status, "reply": line, "source": "smtp"}),
+            )  # fmt: skip
+        next_at = schedule_retry(
+            now=now,
+            first_attempt_at=job.message.received_at,
+            attempt=attempt,
+            schedule=self._config.retry_schedule,
+            max_age=self._config.max_age,
+            reply_text=reply.text,
+            rng=self._rng,
+        )
+        if next_at is None:
+            return outcome(
+                "expired", None,
+                ("expired", {"attempts": attempt}),
+                ("bounced", {"category": "expired", "hard": False, "status": "4.4.7",
+                             "reply": line, "source": "smtp"}),
+            )  # fmt: skip
+        return outcome(
+            "deferred", next_at,
+            ("deferred", {"mx": mx, "reply": line, "attempt": attempt,
+                          "next_attempt": rfc3339(next_at)}),
+        )  # fmt: skip
+
+
+def _local_reply(text: str) -> ServerReply:
+    """A temporary failure found on our side (connection, TLS, DNS), worded as a reply."""
+    return ServerReply(451, f"4.4.1 {' '.join(text.split())}")
+
+
+__all__ = ["DeliveryManager", "Job", "NextHop"]
