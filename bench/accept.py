@@ -105,10 +105,18 @@ def main() -> None:
         )
         twistd = Path(sys.executable).parent / "twistd"
         relay = subprocess.Popen(
-            [str(twistd), "-n", "--pidfile=", "-l", f"{tmp}/relay.log", "smartrelay",
-             "--config", str(config)],
+            [
+                str(twistd),
+                "-n",
+                "--pidfile=",
+                "-l",
+                f"{tmp}/relay.log",
+                "smartrelay",
+                "--config",
+                str(config),
+            ],
             cwd=ROOT,
-        )  # fmt: skip
+        )
         try:
             wait_for_port(port, time.time() + 20)
             cpu_before = _cpu_seconds(relay.pid)

@@ -18,7 +18,8 @@ import psycopg2
 from twisted.internet.task import react
 
 from smartrelay import __version__
-from smartrelay.config import Config, ConfigError, load_config
+from smartrelay.config import EVENT_TYPES, Config, ConfigError, load_config
+from smartrelay.events import csv_row, csv_writer, write_jsonl
 from smartrelay.passwords import generate_password, hash_password
 from smartrelay.reactor import IRelayReactor, as_relay_reactor
 from smartrelay.storage.engines import create_engine
@@ -36,6 +37,7 @@ from smartrelay.timefmt import parse_rfc3339, rfc3339
 from smartrelay.units import parse_duration
 
 PROG = "smartrelay-ctl"
+EXPORT_TYPES = (*EVENT_TYPES, "dropped")
 SUPPRESSION_COLUMNS = ("address", "reason", "created_at", "expires_at", "note")
 
 
@@ -210,6 +212,68 @@ def _suppression_row(fields: dict[str, str]) -> NewSuppression:
     )
 
 
+async def cmd_queue_list(args: argparse.Namespace, store: Store) -> None:
+    rows = await store.pending_recipients(args.queue_id, limit=args.limit)
+    for r in rows:
+        reply = f"\t{r.last_reply}" if r.last_reply else ""
+        print(
+            f"{r.queue_id}\t{r.address}\t{r.state}\tattempts={r.attempts}"
+            f"\tnext={rfc3339(r.next_attempt_at)}{reply}"
+        )
+    if not rows:
+        print(
+            "the queue is empty" if args.queue_id is None else f"nothing queued for {args.queue_id}"
+        )
+
+
+async def cmd_queue_retry(args: argparse.Namespace, store: Store) -> None:
+    count = await store.retry_now(args.queue_id)
+    if args.queue_id is not None and count == 0:
+        raise CliError(f"no waiting recipient for queue id {args.queue_id}")
+    print(f"{count} recipient(s) due now")
+
+
+async def cmd_queue_drop(args: argparse.Namespace, store: Store) -> None:
+    dropped = await store.drop_message(args.queue_id)
+    if not dropped:
+        raise CliError(f"no waiting recipient for queue id {args.queue_id}")
+    print(f"dropped {len(dropped)} recipient(s) of {args.queue_id}")
+
+
+EXPORT_PAGE = 1000
+
+
+async def cmd_events_export(args: argparse.Namespace, store: Store) -> None:
+    now = store.clock.seconds()
+    since = parse_time(args.since, now, "--since")
+    until = parse_time(args.until, now, "--until")
+    writer = csv_writer(sys.stdout) if args.format == "csv" else None
+    after = 0
+    while True:
+        page = await store.export_events(after, EXPORT_PAGE, since, until, args.type)
+        if writer is not None:
+            writer.writerows(csv_row(event) for event in page)
+        else:
+            write_jsonl(page, sys.stdout)
+        if len(page) < EXPORT_PAGE:
+            break
+        after = page[-1].id
+
+
+def parse_time(text: str | None, now: float, option: str) -> float | None:
+    """An RFC 3339 time, or a duration meaning that long ago (``24h``)."""
+    if text is None:
+        return None
+    try:
+        return now - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        return parse_rfc3339(text)
+    except ValueError:
+        raise CliError(f"{option}: {text!r} is neither an RFC 3339 time nor a duration") from None
+
+
 # -- plumbing -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="SmartRelay administration")
@@ -264,6 +328,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sup_cmds.add_parser("export", help="CSV of the list to stdout")
     p.add_argument("--all", action="store_true", help="include expired entries")
     p.set_defaults(run=cmd_suppression_export)
+
+    queue = commands.add_parser("queue", help="the outbound queue")
+    queue_cmds = queue.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = queue_cmds.add_parser("list", help="recipients still to deliver, soonest first")
+    p.add_argument("queue_id", nargs="?", default=None)
+    p.add_argument("--limit", type=int, default=1000)
+    p.set_defaults(run=cmd_queue_list)
+    p = queue_cmds.add_parser("retry", help="make waiting recipients due now")
+    p.add_argument("queue_id", nargs="?", default=None)
+    p.set_defaults(run=cmd_queue_retry)
+    p = queue_cmds.add_parser("drop", help="stop delivering a message")
+    p.add_argument("queue_id")
+    p.set_defaults(run=cmd_queue_drop)
+
+    events = commands.add_parser("events", help="the event log")
+    event_cmds = events.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = event_cmds.add_parser("export", help="events to stdout, oldest first")
+    p.add_argument("--since", help="RFC 3339 time, or a duration ago (24h)")
+    p.add_argument("--until", help="RFC 3339 time, or a duration ago")
+    p.add_argument(
+        "--type",
+        action="append",
+        default=[],
+        choices=EXPORT_TYPES,
+        help="only this type (repeatable)",
+    )
+    p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    p.set_defaults(run=cmd_events_export)
     return parser
 
 

@@ -20,9 +20,9 @@ from twisted.python import usage
 
 from smartrelay import __version__
 from smartrelay.config import Config, ConfigError, load_config
-from smartrelay.reactor import IRelayReactor, as_relay_reactor
 from smartrelay.delivery.manager import DeliveryManager
 from smartrelay.delivery.mx import MxResolver, make_system_resolver
+from smartrelay.reactor import IRelayReactor, as_relay_reactor
 from smartrelay.smtp.backends import InboundBackend, SubmissionBackend
 from smartrelay.smtp.listener import SmtpFactory, listener_service
 from smartrelay.smtp.session import ListenerSettings

@@ -68,8 +68,11 @@ async def test_queue_message_writes_message_recipients_and_events(
             ("received", queued.queue_id, "a@example.net"),
             ("received", queued.queue_id, "B@Example.ORG"),
         ]
-        assert json.loads(events[0][3]) == {"client_ip": "127.0.0.1", "credential": None,
-                                            "size": len(raw)}  # fmt: skip
+        assert json.loads(events[0][3]) == {
+            "client_ip": "127.0.0.1",
+            "credential": None,
+            "size": len(raw),
+        }
 
     await engine.run_interaction("check", txn, readonly=True)
 
@@ -99,8 +102,9 @@ async def test_sql_error_rolls_back_and_engine_stays_usable(
     store: Store, engine: IDatabaseEngine
 ) -> None:
     async def txn(cursor: ICursor) -> None:
-        await cursor.execute("INSERT INTO suppressions (address, reason, created_at)"
-                             " VALUES ('x@y', 'manual', 0)")  # fmt: skip
+        await cursor.execute(
+            "INSERT INTO suppressions (address, reason, created_at) VALUES ('x@y', 'manual', 0)"
+        )
         await cursor.execute("INSERT INTO no_such_table VALUES (1)")
 
     with pytest.raises(Exception, match="no_such_table"):
@@ -212,8 +216,7 @@ async def test_notify_wakes_listener_after_commit_only(
 @pytest_twisted.ensureDeferred
 async def test_suppressions(store: Store, clock: Clock) -> None:
     await store.add_suppression("User@Example.com", "hard_bounce", note="5.1.1")
-    await store.add_suppression("temp@example.com", "soft_bounce",
-                                expires_at=clock.seconds() + 100)  # fmt: skip
+    await store.add_suppression("temp@example.com", "soft_bounce", expires_at=clock.seconds() + 100)
     active = await store.active_suppressions(["user@example.COM", "temp@example.com", "x@y"])
     assert set(active) == {"user@example.com", "temp@example.com"}
     assert active["user@example.com"].reason == "hard_bounce"
@@ -249,3 +252,42 @@ async def test_login_tables(store: Store, table: str) -> None:
     assert await logins.remove("app1") is True
     assert await logins.remove("app1") is False
     assert await logins.password_hash("app1") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_pending_retry_and_drop(store: Store, clock: Clock) -> None:
+    first = await store.queue_message(message("a@example.net", "b@example.net"))
+    second = await store.queue_message(message("c@example.org"))
+    pending = await store.pending_recipients()
+    assert [(p.queue_id, p.address, p.state) for p in pending] == [
+        (first.queue_id, "a@example.net", "queued"),
+        (first.queue_id, "b@example.net", "queued"),
+        (second.queue_id, "c@example.org", "queued"),
+    ]
+    assert [p.address for p in await store.pending_recipients(second.queue_id)] == ["c@example.org"]
+    # A claimed (being delivered) recipient is left alone by retry and drop.
+    claimed = await store.claim_due("node", limit=1, lease=600)
+    assert [c.address for c in claimed] == ["a@example.net"]
+    clock.advance(10)
+    assert await store.retry_now() == 2
+    assert await store.drop_message(first.queue_id) == ["b@example.net"]
+    states = {p.address: p.state for p in await store.pending_recipients()}
+    assert states == {"a@example.net": "delivering", "c@example.org": "queued"}
+    assert await store.drop_message(first.queue_id) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_export_events_pages_and_filters(store: Store, clock: Clock) -> None:
+    start = clock.seconds()
+    for i in range(7):
+        await store.queue_message(message(f"r{i}@example.net"))
+        clock.advance(60)
+    page = await store.export_events(0, 3)
+    assert [e.recipient for e in page] == ["r0@example.net", "r1@example.net", "r2@example.net"]
+    assert page[0].sender == "app@example.com" and page[0].tags == ("welcome",)
+    assert page[0].metadata == {"user": "42"} and page[0].data["client_ip"] == "127.0.0.1"
+    rest = await store.export_events(page[-1].id, 100)
+    assert [e.recipient for e in rest] == [f"r{i}@example.net" for i in range(3, 7)]
+    window = await store.export_events(0, 100, since=start + 120, until=start + 240)
+    assert [e.recipient for e in window] == ["r2@example.net", "r3@example.net"]
+    assert await store.export_events(0, 100, types=["delivered"]) == []

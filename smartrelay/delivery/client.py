@@ -8,6 +8,7 @@ only when a transaction broke off, and says whether TLS was used.
 from __future__ import annotations
 
 import base64
+import contextlib
 from collections import deque
 from collections.abc import Sequence
 
@@ -153,13 +154,13 @@ class SmtpConnection:
     def usable(self) -> bool:
         return not self._reader.lost
 
-    async def _command(self, line: str, timeout: float = COMMAND_TIMEOUT) -> ServerReply:
+    async def _command(self, line: str, limit: float = COMMAND_TIMEOUT) -> ServerReply:
         waiter = self._reader.expect()
         self._reader.send(line.encode("utf-8") + b"\r\n")
-        return await waiter.addTimeout(timeout, self._clock)
+        return await waiter.addTimeout(limit, self._clock)
 
-    async def _reply(self, timeout: float = COMMAND_TIMEOUT) -> ServerReply:
-        return await self._reader.expect().addTimeout(timeout, self._clock)
+    async def _reply(self, limit: float = COMMAND_TIMEOUT) -> ServerReply:
+        return await self._reader.expect().addTimeout(limit, self._clock)
 
     async def start(self, starttls: bool, require_tls: bool) -> ServerReply | None:
         """Greeting, EHLO (HELO as fallback), STARTTLS, AUTH.
@@ -260,7 +261,9 @@ class SmtpConnection:
         if mail_reply.code != 250:
             await self._reset()
             return [RecipientResult(r, mail_reply) for r in recipients]
-        accepted = [r for r, reply in zip(recipients, rcpt_replies, strict=True) if reply.code < 300]
+        accepted = [
+            r for r, reply in zip(recipients, rcpt_replies, strict=True) if reply.code < 300
+        ]
         results = {
             r: RecipientResult(r, reply)
             for r, reply in zip(recipients, rcpt_replies, strict=True)
@@ -287,10 +290,8 @@ class SmtpConnection:
 
     async def quit(self) -> None:
         if self.usable:
-            try:
-                await self._command("QUIT", timeout=10)
-            except Exception:
-                pass
+            with contextlib.suppress(Exception):
+                await self._command("QUIT", limit=10)
         self.close()
 
     def close(self) -> None:

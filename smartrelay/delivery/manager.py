@@ -40,7 +40,6 @@ from smartrelay.delivery.throttle import Throttles
 from smartrelay.feedback.smtp_replies import classify_reply
 from smartrelay.reactor import IRelayReactor
 from smartrelay.rewrap.headers import finalize_headers
-from smartrelay.timefmt import rfc3339
 from smartrelay.storage.store import (
     QUEUE_CHANNEL,
     ClaimedRecipient,
@@ -48,6 +47,7 @@ from smartrelay.storage.store import (
     Store,
     StoredMessage,
 )
+from smartrelay.timefmt import rfc3339
 
 log = Logger()
 
@@ -240,9 +240,7 @@ class DeliveryManager(Service):
         if destination.wake_call is not None and destination.wake_call.active():
             return
         delay = max(0.0, when - self._reactor.seconds())
-        destination.wake_call = self._reactor.callLater(
-            delay, self._start_workers, destination
-        )
+        destination.wake_call = self._reactor.callLater(delay, self._start_workers, destination)
 
     async def _work(self, destination: Destination) -> None:
         connection: SmtpConnection | None = None
@@ -273,8 +271,11 @@ class DeliveryManager(Service):
                         jobs = [job, *destination.jobs]
                         destination.jobs.clear()
                         for failed in jobs:
-                            await self._finish(failed, [RecipientResult(r.address, failure)
-                                                        for r in failed.recipients], None)  # fmt: skip
+                            await self._finish(
+                                failed,
+                                [RecipientResult(r.address, failure) for r in failed.recipients],
+                                None,
+                            )
                         if failure.code == 421:
                             self.throttles.back_off(key, BACKOFF_ON_421)
                         break
@@ -284,8 +285,10 @@ class DeliveryManager(Service):
                         job.message.sender, [r.address for r in job.recipients], raw
                     )
                 except (SmtpClientError, DeferredTimeout, CancelledError) as error:
-                    results = [RecipientResult(r.address, _local_reply(str(error) or "timeout"))
-                               for r in job.recipients]  # fmt: skip
+                    results = [
+                        RecipientResult(r.address, _local_reply(str(error) or "timeout"))
+                        for r in job.recipients
+                    ]
                     self._connections.discard(connection)
                     connection.close()
                     connection = None
@@ -330,8 +333,7 @@ class DeliveryManager(Service):
                 )
             except (SmtpClientError, DeferredTimeout) as error:
                 last = _local_reply(str(error) or "timeout")
-                log.info("{key}: {host}: {error}", key=destination.key, host=hop.host,
-                         error=error)  # fmt: skip
+                log.info("{key}: {host}: {error}", key=destination.key, host=hop.host, error=error)
                 continue
             if connection is not None:
                 return connection, None
@@ -384,22 +386,38 @@ class DeliveryManager(Service):
             state: str, next_at: float | None, *events: tuple[str, dict[str, Any]]
         ) -> RecipientOutcome:
             return RecipientOutcome(
-                recipient.id, job.message.queue_id, recipient.address, state, attempt,
-                next_at, line, tuple(events),
-            )  # fmt: skip
+                recipient.id,
+                job.message.queue_id,
+                recipient.address,
+                state,
+                attempt,
+                next_at,
+                line,
+                tuple(events),
+            )
 
         if 200 <= reply.code < 300:
             return outcome(
-                "delivered", None,
+                "delivered",
+                None,
                 ("delivered", {"mx": mx, "reply": line, "tls": tls, "attempt": attempt}),
-            )  # fmt: skip
+            )
         if reply.code >= 500:
             verdict = classify_reply(reply.code, reply.text)
             return outcome(
-                "bounced", None,
-                ("bounced", {"category": verdict.category, "hard": verdict.hard,
-                             "status": verdict.status, "reply": line, "source": "smtp"}),
-            )  # fmt: skip
+                "bounced",
+                None,
+                (
+                    "bounced",
+                    {
+                        "category": verdict.category,
+                        "hard": verdict.hard,
+                        "status": verdict.status,
+                        "reply": line,
+                        "source": "smtp",
+                    },
+                ),
+            )
         next_at = schedule_retry(
             now=now,
             first_attempt_at=job.message.received_at,
@@ -411,16 +429,28 @@ class DeliveryManager(Service):
         )
         if next_at is None:
             return outcome(
-                "expired", None,
+                "expired",
+                None,
                 ("expired", {"attempts": attempt}),
-                ("bounced", {"category": "expired", "hard": False, "status": "4.4.7",
-                             "reply": line, "source": "smtp"}),
-            )  # fmt: skip
+                (
+                    "bounced",
+                    {
+                        "category": "expired",
+                        "hard": False,
+                        "status": "4.4.7",
+                        "reply": line,
+                        "source": "smtp",
+                    },
+                ),
+            )
         return outcome(
-            "deferred", next_at,
-            ("deferred", {"mx": mx, "reply": line, "attempt": attempt,
-                          "next_attempt": rfc3339(next_at)}),
-        )  # fmt: skip
+            "deferred",
+            next_at,
+            (
+                "deferred",
+                {"mx": mx, "reply": line, "attempt": attempt, "next_attempt": rfc3339(next_at)},
+            ),
+        )
 
 
 def _local_reply(text: str) -> ServerReply:

@@ -15,7 +15,7 @@ from twisted.internet.interfaces import (
     IOpenSSLServerConnectionCreator,
     IReactorTime,
 )
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -29,7 +29,7 @@ from smartrelay.smtp.session import ISmtpBackend, ListenerSettings
 log = Logger()
 
 
-class SmtpFactory(Factory):
+class SmtpFactory(ServerFactory):
     """Makes one protocol per connection; counts connections, in all and per client IP."""
 
     noisy = False  # the listening services log what matters

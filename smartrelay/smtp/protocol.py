@@ -603,8 +603,11 @@ class SmtpServerProtocol(Protocol):
         self.session.reset_transaction()
         assert envelope is not None
         if self._oversize:
-            log.info("{ip}: message of {size} bytes refused: too big", ip=self.session.client_ip,
-                     size=self._size)  # fmt: skip
+            log.info(
+                "{ip}: message of {size} bytes refused: too big",
+                ip=self.session.client_ip,
+                size=self._size,
+            )
             self.send(R.MESSAGE_TOO_BIG)
             return
         if self._has_nul:

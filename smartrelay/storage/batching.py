@@ -67,8 +67,11 @@ class GroupCommitter(Generic[Item, Result]):
             if len(batch) == 1:
                 batch[0][1].errback(failure)
                 return
-            log.info("group commit of {n} failed ({error}); retrying one by one",
-                     n=len(batch), error=failure.getErrorMessage())  # fmt: skip
+            log.info(
+                "group commit of {n} failed ({error}); retrying one by one",
+                n=len(batch),
+                error=failure.getErrorMessage(),
+            )
             for one in batch:
                 await self._commit([one])
             return

@@ -106,6 +106,31 @@ class RecipientOutcome:
 
 
 @frozen
+class PendingRecipient:
+    queue_id: str
+    address: str
+    state: str
+    attempts: int
+    next_attempt_at: float
+    last_reply: str | None
+    sender: str
+    received_at: float
+
+
+@frozen
+class ExportedEvent:
+    id: int
+    type: str
+    time: float
+    queue_id: str | None
+    recipient: str | None
+    data: dict[str, Any]
+    sender: str | None
+    tags: tuple[str, ...]
+    metadata: dict[str, str]
+
+
+@frozen
 class Suppression:
     address: str
     reason: str
@@ -175,8 +200,9 @@ class Store:
                     results[i] = QueuedMessage(first, duplicate=True)
                 else:
                     seen_keys[key] = queue_ids[i]
-            new = [(m, r.queue_id) for m, r in zip(messages, results, strict=True)
-                   if not r.duplicate]  # fmt: skip
+            new = [
+                (m, r.queue_id) for m, r in zip(messages, results, strict=True) if not r.duplicate
+            ]
             await cursor.executemany(
                 "INSERT INTO messages (queue_id, received_at, sender, size, client_ip,"
                 " credential, tags, metadata, options, idempotency_key, raw)"
@@ -334,14 +360,13 @@ class Store:
                     (
                         outcome.state,
                         outcome.attempts,
-                        None if outcome.next_attempt_at is None
-                        else to_ms(outcome.next_attempt_at),
+                        None if outcome.next_attempt_at is None else to_ms(outcome.next_attempt_at),
                         outcome.reply,
                         now_ms,
                         outcome.recipient_id,
                         owner,
                     ),
-                )  # fmt: skip
+                )
                 if int(cursor.rowcount) == 0:
                     continue
                 mine += 1
@@ -352,6 +377,124 @@ class Store:
             return mine
 
         return await self.engine.run_interaction("record_outcomes", txn)
+
+    async def pending_recipients(
+        self, queue_id: str | None = None, limit: int = 1000
+    ) -> list[PendingRecipient]:
+        """Recipients not yet in a final state, soonest due first."""
+
+        async def txn(cursor: ICursor) -> list[PendingRecipient]:
+            sql = (
+                "SELECT r.queue_id, r.address, r.state, r.attempts, r.next_attempt_at,"
+                " r.last_reply, m.sender, m.received_at FROM recipients r"
+                " JOIN messages m ON m.queue_id = r.queue_id"
+                " WHERE r.next_attempt_at IS NOT NULL"
+            )
+            args: list[Any] = []
+            if queue_id is not None:
+                sql += " AND r.queue_id = ?"
+                args.append(queue_id)
+            await cursor.execute(sql + " ORDER BY r.next_attempt_at, r.id LIMIT ?", (*args, limit))
+            return [
+                PendingRecipient(
+                    str(r[0]),
+                    str(r[1]),
+                    str(r[2]),
+                    int(r[3]),
+                    int(r[4]) / 1000,
+                    None if r[5] is None else str(r[5]),
+                    str(r[6]),
+                    int(r[7]) / 1000,
+                )
+                for r in cursor.fetchall()
+            ]
+
+        return await self.engine.run_interaction("pending_recipients", txn, readonly=True)
+
+    async def retry_now(self, queue_id: str | None = None) -> int:
+        """Make waiting recipients (of one message, or all) due now; returns how many."""
+        now_ms = self._now_ms()
+
+        async def txn(cursor: ICursor) -> int:
+            sql = (
+                "UPDATE recipients SET next_attempt_at = ?, updated_at = ?"
+                " WHERE next_attempt_at IS NOT NULL AND state IN ('queued', 'deferred')"
+            )
+            args: list[Any] = [now_ms, now_ms]
+            if queue_id is not None:
+                sql += " AND queue_id = ?"
+                args.append(queue_id)
+            await cursor.execute(sql, args)
+            changed = int(cursor.rowcount)
+            if changed:
+                await cursor.notify(QUEUE_CHANNEL)
+            return changed
+
+        return await self.engine.run_interaction("retry_now", txn)
+
+    async def drop_message(self, queue_id: str) -> list[str]:
+        """Stop delivering a message: its waiting recipients become ``dropped`` (one
+        ``dropped`` event each). Recipients being delivered right now are not touched."""
+        now_ms = self._now_ms()
+
+        async def txn(cursor: ICursor) -> list[str]:
+            await cursor.execute(
+                "UPDATE recipients SET state = 'dropped', next_attempt_at = NULL,"
+                " last_reply = 'dropped by the operator', updated_at = ?"
+                " WHERE queue_id = ? AND next_attempt_at IS NOT NULL"
+                " AND state IN ('queued', 'deferred') RETURNING address",
+                (now_ms, queue_id),
+            )
+            dropped = [str(r[0]) for r in cursor.fetchall()]
+            await insert_events(cursor, now_ms, "dropped", queue_id, dropped, {})
+            return dropped
+
+        return await self.engine.run_interaction("drop_message", txn)
+
+    async def export_events(
+        self,
+        after_id: int,
+        limit: int,
+        since: float | None = None,
+        until: float | None = None,
+        types: Sequence[str] = (),
+    ) -> list[ExportedEvent]:
+        """One page of events with ``id > after_id`` in id order (keyset paging, so an export
+        of any size runs in constant memory), with the message's sender, tags, metadata."""
+
+        async def txn(cursor: ICursor) -> list[ExportedEvent]:
+            sql = (
+                "SELECT e.id, e.type, e.time, e.queue_id, e.recipient, e.data,"
+                " m.sender, m.tags, m.metadata FROM events e"
+                " LEFT JOIN messages m ON m.queue_id = e.queue_id WHERE e.id > ?"
+            )
+            args: list[Any] = [after_id]
+            if since is not None:
+                sql += " AND e.time >= ?"
+                args.append(to_ms(since))
+            if until is not None:
+                sql += " AND e.time < ?"
+                args.append(to_ms(until))
+            if types:
+                sql += f" AND e.type IN ({', '.join('?' for _ in types)})"
+                args.extend(types)
+            await cursor.execute(sql + " ORDER BY e.id LIMIT ?", (*args, limit))
+            return [
+                ExportedEvent(
+                    id=int(r[0]),
+                    type=str(r[1]),
+                    time=int(r[2]) / 1000,
+                    queue_id=None if r[3] is None else str(r[3]),
+                    recipient=None if r[4] is None else str(r[4]),
+                    data=json.loads(r[5]),
+                    sender=None if r[6] is None else str(r[6]),
+                    tags=tuple(json.loads(r[7])) if r[7] is not None else (),
+                    metadata=json.loads(r[8]) if r[8] is not None else {},
+                )
+                for r in cursor.fetchall()
+            ]
+
+        return await self.engine.run_interaction("export_events", txn, readonly=True)
 
     async def count_recipients(self, state: str | None = None) -> int:
         async def txn(cursor: ICursor) -> int:
@@ -516,10 +659,13 @@ async def insert_events(
 
 def _received_data(message: NewMessage) -> str:
     return json.dumps(
-        {"client_ip": message.client_ip, "credential": message.credential,
-         "size": len(message.raw)},
+        {
+            "client_ip": message.client_ip,
+            "credential": message.credential,
+            "size": len(message.raw),
+        },
         sort_keys=True,
-    )  # fmt: skip
+    )
 
 
 def _suppression(row: Sequence[Any]) -> Suppression:

@@ -62,7 +62,7 @@ class RunningRelay:
 
     async def stop(self) -> None:
         if self.service.running:
-            await self.service.stopService()  # type: ignore[no-untyped-call]
+            await self.service.stopService()
 
 
 def relay_config(
@@ -125,14 +125,14 @@ class Relays:
                 try:
                     store = await service.storage.when_ready()
                 except Exception:
-                    await service.stopService()  # type: ignore[no-untyped-call]
+                    await service.stopService()
                     raise
                 if service.failed_reason is None:
                     relay = RunningRelay(service, store, smtp_port, inbound_port)
                     self.started.append(relay)
                     return relay
             reason = service.failed_reason or "failed"
-            await service.stopService()  # type: ignore[no-untyped-call]
+            await service.stopService()
             if "cannot listen" not in reason:
                 break  # only a port taken in the meantime is worth another try
         raise RelayStartError(reason)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IListeningPort, IOpenSSLServerConnectionCreator
+from twisted.internet.interfaces import IAddress, IListeningPort, IOpenSSLServerConnectionCreator
 from zope.interface import implementer
 
 from smartrelay.reactor import IRelayReactor
@@ -69,8 +69,8 @@ class SinkFactory(SmtpFactory):
     max_seen = 0
     total_connections = 0
 
-    def buildProtocol(self, addr: object) -> SmtpServerProtocol:  # type: ignore[override]
-        protocol = super().buildProtocol(addr)  # type: ignore[arg-type]
+    def buildProtocol(self, addr: IAddress | None) -> SmtpServerProtocol:
+        protocol = super().buildProtocol(addr)
         self.total_connections += 1
         self.max_seen = max(self.max_seen, len(self.connections))
         return protocol
