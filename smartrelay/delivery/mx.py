@@ -4,7 +4,8 @@
 
 - MX records sorted by preference, hosts of equal preference shuffled (each lookup, also
   from the cache, so load spreads over them); a host listed twice is kept once, at its best
-  preference. Host names are returned as they are (port 25, kind ``mx``); the connector
+  preference. Host names are returned in lower case without the trailing dot (port 25,
+  kind ``mx``); the connector
   resolves each to its addresses.
 - No MX records (NODATA): the domain itself (implicit MX, RFC 5321 section 5.1) if it has an
   A or AAAA record, else :class:`PermanentRoutingError`.
@@ -15,8 +16,8 @@
 - An address literal (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``) is its own single hop; no DNS.
 
 Answers are cached per domain for ``min(TTL, cache_ttl_cap)`` seconds (the smallest TTL of
-the records used), permanent failures for ``negative_ttl`` (60) seconds, temporary failures
-not at all. Concurrent lookups of one domain share one DNS query.
+the records used), permanent failures for ``negative_ttl`` (60) seconds (also at most the
+cap), temporary failures not at all. Concurrent lookups of one domain share one DNS query.
 
 Internationalized domains are looked up by their A-label (``domain.encode("idna")``).
 """
@@ -207,7 +208,8 @@ class MxResolver:
         try:
             outcome = await self._resolve(name)
         except _Permanent as e:
-            self._store(name, _Negative(str(e), self._clock.seconds() + self.negative_ttl))
+            negative_ttl = min(self.negative_ttl, self.cache_ttl_cap)
+            self._store(name, _Negative(str(e), self._clock.seconds() + negative_ttl))
             outcome = PermanentRoutingError(str(e))
         except TemporaryRoutingError as e:
             outcome = e
@@ -238,18 +240,13 @@ class MxResolver:
         if not records:
             return await self._implicit_mx(name)
         exchanges: list[tuple[int, str]] = []
-        null = False
         for rr in records:
             payload = cast(dns.Record_MX, rr.payload)
             host = _host_name(payload.name.name)
-            if not host:
-                null = True
-            else:
+            if host:  # "" is the root: a null MX
                 exchanges.append((payload.preference, host))
         if not exchanges:
-            if null:
-                raise _Permanent(f"{name}: null MX (the domain accepts no mail, RFC 7505)")
-            raise _Permanent(f"{name}: no usable MX records")
+            raise _Permanent(f"{name}: null MX (the domain accepts no mail, RFC 7505)")
         exchanges.sort(key=lambda e: e[0])  # stable: equal preferences keep the DNS order
         seen: set[str] = set()
         unique: list[tuple[int, str]] = []

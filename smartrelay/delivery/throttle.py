@@ -34,8 +34,11 @@ from smartrelay.delivery.routing import domain_key
 
 __all__ = ["Throttles", "TokenBucket"]
 
-# Float slack: after waiting exactly wait_time(), try_take() must succeed.
-_EPSILON = 1e-9
+# Time slack, in seconds. Clock times are large floats (about 1.7e9, precise to about 2.4e-7
+# s), so elapsed times are a little off: a token due within this much time counts as there
+# (after waiting exactly wait_time(), try_take() succeeds), and no wait is shorter (a shorter
+# one could leave the clock where it is, and a caller polling in a loop would spin).
+MIN_WAIT = 1e-6
 
 
 class TokenBucket:
@@ -69,12 +72,12 @@ class TokenBucket:
         return self._tokens
 
     def full(self) -> bool:
-        return self.tokens() >= self.burst - _EPSILON
+        return self.tokens() + self.rate * MIN_WAIT >= self.burst
 
     def try_take(self, n: float = 1.0) -> bool:
         """Take ``n`` tokens if they are there now; False (and nothing taken) if not."""
         self._refill()
-        if self._tokens + _EPSILON >= n:
+        if self._tokens + self.rate * MIN_WAIT >= n:
             self._tokens = max(0.0, self._tokens - n)
             return True
         return False
@@ -83,11 +86,11 @@ class TokenBucket:
         """Seconds until ``n`` tokens are available (0 if now; ``inf`` if n > burst)."""
         self._refill()
         missing = n - self._tokens
-        if missing <= _EPSILON:
+        if missing <= self.rate * MIN_WAIT:
             return 0.0
-        if n > self.burst + _EPSILON:
+        if n > self.burst + self.rate * MIN_WAIT:
             return math.inf
-        return missing / self.rate
+        return max(missing / self.rate, MIN_WAIT)
 
     def set_rate(self, rate_per_second: float, burst: float | None = None) -> None:
         """Change the rate (and burst; default one second's worth), keeping the tokens."""
@@ -213,7 +216,7 @@ class Throttles:
         """
         until = self.backed_off_until(key)
         if until is not None:
-            return max(until - self._clock.seconds(), _EPSILON)
+            return max(until - self._clock.seconds(), MIN_WAIT)
         bucket = self._buckets.get(key)
         if bucket is None:
             self._maybe_prune()
@@ -222,7 +225,7 @@ class Throttles:
             bucket.set_rate(settings.max_rate_per_second)
         if bucket.try_take():
             return 0.0
-        return max(bucket.wait_time(), _EPSILON)
+        return max(bucket.wait_time(), MIN_WAIT)
 
     # -- back-off
 
