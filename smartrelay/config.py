@@ -243,6 +243,9 @@ class Route:
     def redacted_target(self) -> str:
         return _redact_url(self.target)
 
+    def __repr__(self) -> str:  # never show a smarthost password in logs or tracebacks
+        return f"Route(domain={self.domain!r}, target={self.redacted_target!r})"
+
 
 @frozen
 class Throttle:
