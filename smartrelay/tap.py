@@ -20,7 +20,7 @@ from twisted.python import usage
 
 from smartrelay import __version__
 from smartrelay.config import Config, ConfigError, load_config
-from smartrelay.delivery.manager import DeliveryManager
+from smartrelay.delivery.manager import DeliveryManager, node_id_for
 from smartrelay.delivery.mx import MxResolver, make_system_resolver
 from smartrelay.reactor import IRelayReactor, as_relay_reactor
 from smartrelay.smtp.backends import InboundBackend, SubmissionBackend
@@ -73,6 +73,7 @@ class RelayService(MultiService):
             config.server.hostname,
             self.storage.when_ready,
             MxResolver(make_system_resolver(reactor), reactor),
+            node_id=node_id_for(config.server.data_dir),
         )
         self.delivery.setServiceParent(self)  # type: ignore[no-untyped-call]
 

@@ -291,3 +291,15 @@ async def test_export_events_pages_and_filters(store: Store, clock: Clock) -> No
     window = await store.export_events(0, 100, since=start + 120, until=start + 240)
     assert [e.recipient for e in window] == ["r2@example.net", "r3@example.net"]
     assert await store.export_events(0, 100, types=["delivered"]) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restarted_node_takes_back_its_claims(store: Store) -> None:
+    await store.queue_message(message("a@example.net", "b@example.net"))
+    await store.claim_due("node-a", limit=10, lease=900)
+    await store.claim_due("node-b", limit=10, lease=900)  # nothing left for b
+    assert await store.claim_due("node-a", limit=10, lease=900) == []
+    assert await store.release_claims("node-b") == 0
+    assert await store.release_claims("node-a") == 2
+    again = await store.claim_due("node-a", limit=10, lease=900)
+    assert sorted(c.address for c in again) == ["a@example.net", "b@example.net"]

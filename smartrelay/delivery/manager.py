@@ -10,6 +10,8 @@ committed (recipient state + event) before the worker moves on.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import random
 import secrets
 import socket
@@ -103,6 +105,7 @@ class DeliveryManager(Service):
         self.router = Router(config.routes)
         self.throttles = Throttles(reactor, config.throttles, config.max_connections)
         self.node_id = node_id or f"{socket.gethostname()}-{secrets.token_hex(4)}"
+        # A stable id (see node_id_for) lets a restarted node take back its own claims.
         self._rng = rng or random.Random()
         self._destinations: dict[str, Destination] = {}
         self._in_memory = 0
@@ -122,7 +125,12 @@ class DeliveryManager(Service):
     async def _start(self) -> None:
         self._store = await self._store_ready()
         await self._store.engine.listen(QUEUE_CHANNEL, self.wake)
-        log.info("delivery: node {node} started", node=self.node_id)
+        released = await self._store.release_claims(self.node_id)
+        log.info(
+            "delivery: node {node} started{released}",
+            node=self.node_id,
+            released=f", taking back {released} recipient(s) it had claimed" if released else "",
+        )
         self.wake()
 
     def stopService(self) -> Deferred[None]:
@@ -451,6 +459,12 @@ class DeliveryManager(Service):
                 {"mx": mx, "reply": line, "attempt": attempt, "next_attempt": rfc3339(next_at)},
             ),
         )
+
+
+def node_id_for(data_dir: str) -> str:
+    """The same id for every run of the relay on this host with this data directory."""
+    where = os.path.abspath(data_dir)
+    return f"{socket.gethostname()}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
 
 
 def _local_reply(text: str) -> ServerReply:

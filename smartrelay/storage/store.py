@@ -315,6 +315,22 @@ class Store:
 
         return await self.engine.run_interaction("claim_due", txn)
 
+    async def release_claims(self, owner: str) -> int:
+        """Make recipients claimed by ``owner`` due now: a restarted node takes back at once
+        what it was delivering when it stopped or died, instead of waiting out the lease."""
+        now_ms = self._now_ms()
+
+        async def txn(cursor: ICursor) -> int:
+            await cursor.execute(
+                "UPDATE recipients SET next_attempt_at = ?, lease_owner = NULL, updated_at = ?,"
+                " state = CASE WHEN attempts > 0 THEN 'deferred' ELSE 'queued' END"
+                " WHERE lease_owner = ? AND state = 'delivering'",
+                (now_ms, now_ms, owner),
+            )
+            return int(cursor.rowcount)
+
+        return await self.engine.run_interaction("release_claims", txn)
+
     async def load_messages(self, queue_ids: Iterable[str]) -> dict[str, StoredMessage]:
         wanted = sorted(set(queue_ids))
         if not wanted:
