@@ -1,8 +1,10 @@
-"""Acceptance benchmark: how fast the SMTP listener says 250 with durable storage.
+"""Relay benchmark: acceptance (durable 250) and end-to-end delivery to a sink.
 
-Starts `twistd smartrelay` with a temporary config (SQLite by default, or --database URL),
-drives it with S concurrent SMTP sessions sending N messages in all (asyncio clients in this
-process), and prints accepted msg/s and the DATA-dot -> 250 latency percentiles.
+Starts Postfix's `smtp-sink` and `twistd smartrelay` with a temporary config routing `*` to
+the sink (SQLite by default, or --database URL), drives it with S concurrent SMTP sessions
+sending N messages in all (asyncio clients in this process), and prints accepted msg/s, the
+DATA-dot -> 250 latency percentiles, and end-to-end msg/s (until every recipient has its
+`delivered` event).
 
     .venv/bin/python bench/accept.py --messages 5000 --sessions 50
 """
@@ -94,6 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="smartrelay-bench-") as tmp:
         port = free_port()
+        sink_port = free_port()
         database = args.database or f"sqlite:{tmp}/bench.db"
         config = Path(tmp) / "bench.toml"
         config.write_text(
@@ -102,7 +105,14 @@ def main() -> None:
             f'[smtp]\nlisten = ["tcp:{port}:interface=127.0.0.1"]\n'
             "max_connections_per_client = 1000\n"
             f"[inbound]\nlisten = []\n"
+            f'[delivery.routes]\n"*" = "smtp://127.0.0.1:{sink_port}"\n'
+            f'[[delivery.throttle]]\nmatch = "*"\nmax_connections = 20\n'
+            f'max_messages_per_connection = 1000\nmax_rate = "100000/s"\n'
         )
+        sink_cmd = ["smtp-sink", f"127.0.0.1:{sink_port}", "1000"]
+        if os.geteuid() == 0:
+            sink_cmd[1:1] = ["-u", "nobody"]
+        sink = subprocess.Popen(sink_cmd)
         twistd = Path(sys.executable).parent / "twistd"
         relay = subprocess.Popen(
             [
@@ -129,7 +139,9 @@ def main() -> None:
                     stderr=subprocess.DEVNULL,
                 )
                 time.sleep(1)
+            started = time.perf_counter()
             elapsed, latencies = asyncio.run(drive(port, args.messages, args.sessions))
+            delivered_after = wait_delivered(database, args.messages, started)
             cpu = _cpu_seconds(relay.pid) - cpu_before
             if profiler is not None:
                 profiler.send_signal(signal.SIGINT)
@@ -138,11 +150,17 @@ def main() -> None:
         finally:
             relay.send_signal(signal.SIGTERM)
             relay.wait(timeout=30)
+            sink.terminate()
+            sink.wait(timeout=10)
     latencies.sort()
     p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000  # noqa: E731
     engine = database.split(":", 1)[0]
     print(f"engine={engine} messages={args.messages} sessions={args.sessions} size={len(BODY)}B")
     print(f"accepted: {args.messages / elapsed:,.0f} msg/s ({elapsed:.2f} s)")
+    print(
+        f"end to end (all delivered to the sink): {args.messages / delivered_after:,.0f} msg/s"
+        f" ({delivered_after:.2f} s)"
+    )
     print(
         f"DATA->250 latency ms: p50={p(0.5):.1f} p90={p(0.9):.1f} p99={p(0.99):.1f}"
         f" max={latencies[-1] * 1000:.1f} mean={statistics.mean(latencies) * 1000:.1f}"
@@ -151,6 +169,32 @@ def main() -> None:
         f"relay peak RSS: {rss / 1024:.0f} MiB; relay CPU: {cpu:.2f} s"
         f" ({cpu / elapsed * 100:.0f}% of one core, {cpu / args.messages * 1e6:.0f} us/msg)"
     )
+
+
+def count_delivered(database: str) -> int:
+    if database.startswith("sqlite:"):
+        import sqlite3
+
+        with sqlite3.connect(database.removeprefix("sqlite:"), timeout=30) as db:
+            return int(
+                db.execute("SELECT COUNT(*) FROM events WHERE type = 'delivered'").fetchone()[0]
+            )
+    import psycopg2
+
+    with psycopg2.connect(database) as db, db.cursor() as cursor:
+        cursor.execute("SELECT COUNT(*) FROM events WHERE type = 'delivered'")
+        row = cursor.fetchone()
+        return int(row[0]) if row else 0
+
+
+def wait_delivered(database: str, expected: int, started: float) -> float:
+    """Seconds from ``started`` until every message has its delivered event."""
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if count_delivered(database) >= expected:
+            return time.perf_counter() - started
+        time.sleep(0.05)
+    raise SystemExit("not everything was delivered within 10 minutes")
 
 
 def _cpu_seconds(pid: int) -> float:

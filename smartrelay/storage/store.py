@@ -168,6 +168,9 @@ class Store:
         self._queue_committer: GroupCommitter[NewMessage, QueuedMessage] = GroupCommitter(
             self._queue_batch, max_batch=200, max_in_flight=in_flight
         )
+        self._outcome_committer: GroupCommitter[tuple[str, tuple[RecipientOutcome, ...]], int] = (
+            GroupCommitter(self._record_outcome_batch, max_batch=200, max_in_flight=in_flight)
+        )
 
     def _now_ms(self) -> int:
         return to_ms(self.clock.seconds())
@@ -362,37 +365,48 @@ class Store:
         """Commit delivery outcomes and their events; returns how many rows were still ours.
 
         A row whose lease another node has taken over (ours expired) is left alone: that node
-        will deliver it again (at least once, never zero times).
+        will deliver it again (at least once, never zero times). Outcomes recorded while
+        another commit is under way share the next transaction (group commit).
         """
+        return await self._outcome_committer.submit((owner, tuple(outcomes)))
+
+    async def _record_outcome_batch(
+        self, batch: Sequence[tuple[str, tuple[RecipientOutcome, ...]]]
+    ) -> list[int]:
         now_ms = self._now_ms()
 
-        async def txn(cursor: ICursor) -> int:
-            mine = 0
-            for outcome in outcomes:
-                await cursor.execute(
-                    "UPDATE recipients SET state = ?, attempts = ?, next_attempt_at = ?,"
-                    " last_reply = ?, lease_owner = NULL, updated_at = ?"
-                    " WHERE id = ? AND lease_owner = ?",
-                    (
-                        outcome.state,
-                        outcome.attempts,
-                        None if outcome.next_attempt_at is None else to_ms(outcome.next_attempt_at),
-                        outcome.reply,
-                        now_ms,
-                        outcome.recipient_id,
-                        owner,
-                    ),
-                )
-                if int(cursor.rowcount) == 0:
-                    continue
-                mine += 1
-                for event_type, data in outcome.events:
-                    await insert_events(
-                        cursor, now_ms, event_type, outcome.queue_id, [outcome.address], data
-                    )
-            return mine
+        async def txn(cursor: ICursor) -> list[int]:
+            return [await self._record_in_txn(cursor, now_ms, o, r) for o, r in batch]
 
         return await self.engine.run_interaction("record_outcomes", txn)
+
+    async def _record_in_txn(
+        self, cursor: ICursor, now_ms: int, owner: str, outcomes: Sequence[RecipientOutcome]
+    ) -> int:
+        mine = 0
+        for outcome in outcomes:
+            await cursor.execute(
+                "UPDATE recipients SET state = ?, attempts = ?, next_attempt_at = ?,"
+                " last_reply = ?, lease_owner = NULL, updated_at = ?"
+                " WHERE id = ? AND lease_owner = ?",
+                (
+                    outcome.state,
+                    outcome.attempts,
+                    None if outcome.next_attempt_at is None else to_ms(outcome.next_attempt_at),
+                    outcome.reply,
+                    now_ms,
+                    outcome.recipient_id,
+                    owner,
+                ),
+            )
+            if int(cursor.rowcount) == 0:
+                continue
+            mine += 1
+            for event_type, data in outcome.events:
+                await insert_events(
+                    cursor, now_ms, event_type, outcome.queue_id, [outcome.address], data
+                )
+        return mine
 
     async def pending_recipients(
         self, queue_id: str | None = None, limit: int = 1000
