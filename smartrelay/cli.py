@@ -18,7 +18,7 @@ import psycopg2
 from twisted.internet.task import react
 
 from smartrelay import __version__
-from smartrelay.config import EVENT_TYPES, Config, ConfigError, load_config
+from smartrelay.config import EVENT_TYPES, Config, ConfigError, default_config_path, load_config
 from smartrelay.events import csv_row, csv_writer, write_jsonl
 from smartrelay.passwords import generate_password, hash_password
 from smartrelay.reactor import IRelayReactor, as_relay_reactor
@@ -32,7 +32,6 @@ from smartrelay.storage.store import (
     Store,
     to_ms,
 )
-from smartrelay.tap import default_config_path
 from smartrelay.timefmt import parse_rfc3339, rfc3339
 from smartrelay.units import parse_duration
 
@@ -136,9 +135,10 @@ async def cmd_suppression_add(args: argparse.Namespace, store: Store) -> None:
 
 
 async def cmd_suppression_remove(args: argparse.Namespace, store: Store) -> None:
-    if not await store.remove_suppression(args.address):
-        raise CliError(f"{args.address} is not suppressed")
-    print(f"{args.address.lower()} removed from the suppression list")
+    address = args.address.strip()
+    if not await store.remove_suppression(address):
+        raise CliError(f"{address} is not suppressed")
+    print(f"{address.lower()} removed from the suppression list")
 
 
 async def cmd_suppression_import(args: argparse.Namespace, store: Store) -> None:
@@ -151,7 +151,8 @@ def read_suppression_file(path: str) -> list[NewSuppression]:
     if path == "-":
         return parse_suppression_csv(sys.stdin, "<stdin>")
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
+        # utf-8-sig: spreadsheets save CSV with a byte-order mark.
+        with open(path, newline="", encoding="utf-8-sig") as handle:
             return parse_suppression_csv(handle, path)
     except OSError as error:
         raise CliError(f"{path}: {error.strerror}") from None

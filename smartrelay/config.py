@@ -397,6 +397,15 @@ class Config:
 # Entry points
 
 
+CHECKOUT_CONFIG = "etc/smartrelay.toml"
+INSTALLED_CONFIG = "/etc/smartrelay/smartrelay.toml"
+
+
+def default_config_path() -> str:
+    """``etc/smartrelay.toml`` when run from a checkout, else the installed location."""
+    return CHECKOUT_CONFIG if os.path.exists(CHECKOUT_CONFIG) else INSTALLED_CONFIG
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate the config file at ``path``. Raises :class:`ConfigError`."""
     name = os.fspath(path)

@@ -19,7 +19,14 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from smartrelay import __version__
-from smartrelay.config import Config, ConfigError, load_config
+from smartrelay.config import (
+    CHECKOUT_CONFIG,
+    INSTALLED_CONFIG,
+    Config,
+    ConfigError,
+    default_config_path,
+    load_config,
+)
 from smartrelay.delivery.manager import DeliveryManager, node_id_for
 from smartrelay.delivery.mx import MxResolver, make_system_resolver
 from smartrelay.reactor import IRelayReactor, as_relay_reactor
@@ -30,14 +37,6 @@ from smartrelay.smtp.tls import TlsError, ensure_certificate, server_context_fac
 from smartrelay.storage.service import StorageService
 
 log = Logger()
-
-CHECKOUT_CONFIG = "etc/smartrelay.toml"
-INSTALLED_CONFIG = "/etc/smartrelay/smartrelay.toml"
-
-
-def default_config_path() -> str:
-    """``etc/smartrelay.toml`` when run from a checkout, else the installed location."""
-    return CHECKOUT_CONFIG if os.path.exists(CHECKOUT_CONFIG) else INSTALLED_CONFIG
 
 
 class Options(usage.Options):
@@ -155,7 +154,8 @@ class RelayService(MultiService):
         if self.failed_reason is None:
             self.failed_reason = reason
             self._reactor.addSystemEventTrigger("after", "shutdown", _exit_failed)
-            self._reactor.stop()
+            # Listening fails inside startService, before the reactor runs: stop it then.
+            self._reactor.callWhenRunning(self._reactor.stop)
 
 
 def _exit_failed() -> None:

@@ -26,6 +26,7 @@ from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from smartrelay.config import DeliveryConfig, Throttle
 from smartrelay.delivery.client import (
@@ -42,6 +43,7 @@ from smartrelay.delivery.throttle import Throttles
 from smartrelay.feedback.smtp_replies import classify_reply
 from smartrelay.reactor import IRelayReactor
 from smartrelay.rewrap.headers import finalize_headers
+from smartrelay.storage.service import StorageStopped
 from smartrelay.storage.store import (
     QUEUE_CHANNEL,
     ClaimedRecipient,
@@ -112,19 +114,32 @@ class DeliveryManager(Service):
         self._pumping = False
         self._pump_again = False
         self._poll_call: IDelayedCall | None = None
+        self._starting: Deferred[None] | None = None
         self._workers: set[Deferred[None]] = set()
         self._connections: set[SmtpConnection] = set()
 
     # -- service ------------------------------------------------------------------------------
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
-        Deferred.fromCoroutine(self._start()).addErrback(
-            lambda f: log.failure("delivery could not start", f)
-        )
+        self._starting = Deferred.fromCoroutine(self._start())
+        self._starting.addErrback(self._start_failed)
+
+    def _start_failed(self, failure: Failure) -> None:
+        if not self.running:
+            return  # stopped while starting: nothing to report
+        if failure.check(StorageStopped, StorageFailed):
+            return  # the storage service has reported it (fatal, one line)
+        log.failure("delivery could not start", failure)
 
     async def _start(self) -> None:
-        self._store = await self._store_ready()
-        await self._store.engine.listen(QUEUE_CHANNEL, self.wake)
+        try:
+            store = await self._store_ready()
+        except Exception as error:
+            raise StorageFailed(str(error)) from error
+        await store.engine.listen(QUEUE_CHANNEL, self.wake)
+        if not self.running:
+            return
+        self._store = store
         released = await self._store.release_claims(self.node_id)
         log.info(
             "delivery: node {node} started{released}",
@@ -143,6 +158,8 @@ class DeliveryManager(Service):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        if self._starting is not None and not self._starting.called:
+            self._starting.cancel()
         # Work under way may finish its current message and commit its outcome; what is still
         # on the wire after STOP_GRACE is cut off and recorded as deferred (it may then be
         # delivered twice: at least once, never zero times). Queued jobs stay claimed and come
@@ -459,6 +476,10 @@ class DeliveryManager(Service):
                 {"mx": mx, "reply": line, "attempt": attempt, "next_attempt": rfc3339(next_at)},
             ),
         )
+
+
+class StorageFailed(Exception):
+    """The database never became ready (the storage service reports why)."""
 
 
 def node_id_for(data_dir: str) -> str:

@@ -54,10 +54,14 @@ class PooledEngine(ABC, Generic[C]):
         return Deferred.fromCoroutine(self._start())
 
     async def _start(self) -> None:
-        for _ in range(self._pool_size):
-            connection = await self._open_connection()
-            self._connections.append(connection)
-            self._free.put(connection)
+        try:
+            for _ in range(self._pool_size):
+                connection = await self._open_connection()
+                self._connections.append(connection)
+                self._free.put(connection)
+        except BaseException:
+            await self._close()  # what did open must not linger (threads, sockets)
+            raise
 
     def close(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._close())

@@ -100,6 +100,8 @@ class StorageService(Service):
         if self._starting is not None:
             await self._starting
         if self._engine is not None:
-            engine, self._engine, self._store = self._engine, None, None
+            engine, self._engine, opened = self._engine, None, self._store is not None
+            self._store = None
             await engine.close()
-            log.info("database closed")
+            if opened:
+                log.info("database closed")

@@ -137,9 +137,13 @@ class PostgresEngine(PooledEngine[Connection]):
         if not _CHANNEL.match(channel):
             raise ValueError(f"bad notification channel {channel!r}")
         if self._listener is None:
-            self._listener = self._new_connection()
-            await self._listener.connect(self._dsn)
-            self._listener.addNotifyObserver(self._on_notify)
+            listener = self._new_connection()
+            await listener.connect(self._dsn)
+            if self._closed:  # closed while we were connecting
+                listener.close()
+                raise RuntimeError("database closed")
+            self._listener = listener
+            listener.addNotifyObserver(self._on_notify)
         if channel not in self._channels:
             await self._listener.runOperation(f"LISTEN {channel}")
         self._channels.setdefault(channel, []).append(callback)

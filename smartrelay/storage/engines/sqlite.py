@@ -42,7 +42,9 @@ class SqliteConnection:
 
     def open(self) -> Deferred[None]:
         self._thread.start()
-        return self.run(self._open_in_thread)
+        d = self.run(self._open_in_thread)
+        d.addErrback(self._stop_thread)  # no connection: no thread left behind either
+        return d
 
     def _open_in_thread(self) -> None:
         directory = os.path.dirname(self._path)
@@ -72,7 +74,8 @@ class SqliteConnection:
             self._db = None
 
     def _stop_thread(self, result: T) -> T:
-        self._thread.stop()
+        if self._thread.started:
+            self._thread.stop()
         return result
 
 

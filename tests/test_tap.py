@@ -1,0 +1,203 @@
+"""``twistd smartrelay``: the plugin's options and service, then the real twistd process.
+
+The process tests run ``twistd -n --pidfile= smartrelay --config CFG`` as an operator would,
+read its log as it comes (no fixed sleeps) and stop it with a signal.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+from twisted.application.service import IService, IServiceCollection
+
+from smartrelay.config import load_config
+from smartrelay.storage.migrations import latest_version
+from smartrelay.tap import Options, RelayService, makeService
+from tests.support.run import (
+    assert_ok,
+    ctl,
+    query,
+    run_twistd,
+    running_twistd,
+    schema_versions,
+    write_config,
+    write_relay_config,
+)
+
+#: (extra TOML, the dotted key the one-line error must name, a word of the problem)
+BAD_CONFIGS = [
+    pytest.param("[smtp]\nmax_conections = 5\n", "smtp.max_conections", "unknown key", id="typo"),
+    pytest.param(
+        '[delivery]\nmax_age = "5 days"\n', "delivery.max_age", "invalid duration", id="duration"
+    ),
+    pytest.param(
+        '[smtp]\nallowed_networks = ["127.0.0.0/8", "10.0.0.300/8"]\n',
+        "smtp.allowed_networks[1]",
+        "invalid network",
+        id="cidr",
+    ),
+]
+#: What the first start on an empty database applies: every schema delta.
+ALL_VERSIONS = ", ".join(str(version) for version in range(1, latest_version() + 1))
+SIGNALS = [
+    pytest.param(signal.SIGTERM, id="SIGTERM"),
+    pytest.param(signal.SIGINT, id="SIGINT"),
+]
+
+
+def options(*args: str) -> Options:
+    parsed = Options()  # type: ignore[no-untyped-call]  # twisted.python.usage is untyped
+    parsed.parseOptions(list(args))  # type: ignore[no-untyped-call]
+    return parsed
+
+
+def clean_exit(returncode: int, signum: signal.Signals) -> bool:
+    # After a clean shutdown twistd re-raises the signal that stopped it (status -signum);
+    # 0 is as good.
+    return returncode in (0, -signum)
+
+
+# -- unit level -------------------------------------------------------------------------------
+def test_options_parse_config() -> None:
+    assert options("--config", "etc/relay.toml")["config"] == "etc/relay.toml"
+    assert options("-c", "/etc/smartrelay/x.toml")["config"] == "/etc/smartrelay/x.toml"
+    assert options()["config"] is None
+
+
+def test_make_service_builds_the_relay_without_starting_it(tmp_path: Path) -> None:
+    config = write_relay_config(tmp_path, f"sqlite:{tmp_path / 'relay.db'}")
+    service = makeService(options("--config", str(config)))
+    assert IService.providedBy(service) and isinstance(service, RelayService)
+    assert service.config.path == str(config)
+    assert service.config.database.url == f"sqlite:{tmp_path / 'relay.db'}"
+    assert not service.running
+    assert IServiceCollection(service).getServiceNamed("storage") is service.storage
+    assert not (tmp_path / "relay.db").exists()  # nothing is opened before startService
+
+
+@pytest.mark.parametrize(("extra", "key", "problem"), BAD_CONFIGS)
+def test_make_service_with_a_bad_config_exits_with_one_line(
+    tmp_path: Path, extra: str, key: str, problem: str
+) -> None:
+    config = write_config(tmp_path, f"sqlite:{tmp_path / 'relay.db'}", extra)
+    with pytest.raises(SystemExit) as raised:
+        makeService(options("--config", str(config)))
+    message = raised.value.code
+    assert isinstance(message, str)
+    assert "\n" not in message
+    assert message.startswith(f"smartrelay: {config}: {key}: ")
+    assert problem in message
+
+
+def test_make_service_with_a_missing_config_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.toml"
+    with pytest.raises(SystemExit) as raised:
+        makeService(options("--config", str(missing)))
+    message = raised.value.code
+    assert isinstance(message, str)
+    assert message.startswith(f"smartrelay: {missing}: cannot read file")
+    assert "\n" not in message
+
+
+def test_database_url_is_redacted_for_logs(tmp_path: Path) -> None:
+    url = "postgresql://relay:s3cret-pw@db.example.net:5432/mail"
+    database = load_config(write_config(tmp_path, url)).database
+    assert database.url == url
+    assert database.redacted_url == "postgresql://relay:***@db.example.net:5432/mail"
+
+
+# -- the twistd process -----------------------------------------------------------------------
+@pytest.mark.parametrize("signum", SIGNALS)
+def test_twistd_starts_and_stops_on_a_signal(
+    tmp_path: Path, database_url: str, signum: signal.Signals
+) -> None:
+    config = write_relay_config(tmp_path, database_url)
+    with running_twistd(config, tmp_path) as server:
+        ready = server.wait_for("database ready")
+        start = server.wait_for("SmartRelay")
+        assert f"config={config}" in start
+        assert f"database={database_url}" in start
+        assert database_url in ready
+        assert ready.endswith(f"schema version {latest_version()} (applied {ALL_VERSIONS})")
+        returncode = server.stop(signum, timeout=10)
+        output = server.output
+    assert clean_exit(returncode, signum), output
+    assert f"Received {signum.name}" in output
+    assert "database closed" in output.split(f"Received {signum.name}")[1]
+    assert "Traceback" not in output and "Unhandled" not in output and "fatal" not in output
+
+
+def test_second_start_reuses_the_database(tmp_path: Path, database_url: str) -> None:
+    config = write_relay_config(tmp_path, database_url)
+    with running_twistd(config, tmp_path) as first:
+        assert f"(applied {ALL_VERSIONS})" in first.wait_for("database ready")
+        assert clean_exit(first.stop(signal.SIGTERM), signal.SIGTERM), first.output
+
+    kept = ctl(config, "suppression", "add", "kept@example.com", "--note", "between runs")
+    assert assert_ok(kept).stdout == "kept@example.com suppressed (manual)\n"
+
+    with running_twistd(config, tmp_path) as second:
+        ready = second.wait_for("database ready")
+        assert ready.endswith(f"schema version {latest_version()}"), ready
+        assert "applied" not in ready
+        rows = query(database_url, "SELECT address, note FROM suppressions")
+        assert rows == [("kept@example.com", "between runs")]
+        assert clean_exit(second.stop(signal.SIGTERM), signal.SIGTERM), second.output
+        assert "Traceback" not in second.output
+    assert schema_versions(database_url) == list(range(1, latest_version() + 1))
+
+
+def test_unreachable_database_is_fatal_and_the_password_stays_hidden(tmp_path: Path) -> None:
+    config = write_relay_config(tmp_path, "postgresql://relay:s3cret-pw@127.0.0.1:1/nodb")
+    result = run_twistd(config, tmp_path)
+    assert result.returncode == 1, result.describe()
+    fatal = [line for line in result.lines if "fatal:" in line]
+    assert len(fatal) == 1, result.describe()
+    assert "cannot open database postgresql://relay:***@127.0.0.1:1/nodb" in fatal[0]
+    assert "database=postgresql://relay:***@127.0.0.1:1/nodb" in result.stdout
+    assert "s3cret-pw" not in result.stdout
+    assert "Traceback" not in result.stdout
+
+
+def test_unopenable_sqlite_database_is_fatal(tmp_path: Path) -> None:
+    not_a_database = tmp_path / "garbage.db"
+    not_a_database.write_bytes(b"this is not an SQLite database, just some text\n" * 100)
+    result = run_twistd(write_relay_config(tmp_path, f"sqlite:{not_a_database}"), tmp_path)
+    assert result.returncode == 1, result.describe()
+    fatal = [line for line in result.lines if "fatal:" in line]
+    assert len(fatal) == 1, result.describe()
+    assert f"cannot open database sqlite:{not_a_database}" in fatal[0]
+    assert "Traceback" not in result.stdout
+
+
+def test_listen_address_in_use_is_fatal(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        endpoint = f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1"
+        config = write_relay_config(
+            tmp_path, f"sqlite:{tmp_path / 'relay.db'}", smtp_listen=endpoint
+        )
+        result = run_twistd(config, tmp_path)
+    assert result.returncode == 1, result.describe()
+    fatal = [line for line in result.lines if "fatal:" in line]
+    assert len(fatal) == 1, result.describe()
+    assert f"cannot listen on {endpoint}" in fatal[0]
+    assert "Traceback" not in result.stdout
+
+
+@pytest.mark.parametrize(("extra", "key", "problem"), BAD_CONFIGS)
+def test_twistd_with_a_bad_config_prints_one_line(
+    tmp_path: Path, extra: str, key: str, problem: str
+) -> None:
+    config = write_config(tmp_path, f"sqlite:{tmp_path / 'relay.db'}", extra)
+    result = run_twistd(config, tmp_path)  # stdout and stderr together
+    assert result.returncode == 1, result.describe()
+    assert "Traceback" not in result.stdout
+    assert len(result.lines) == 1, result.describe()
+    assert result.lines[0].startswith(f"smartrelay: {config}: {key}: "), result.describe()
+    assert problem in result.lines[0]
+    assert not (tmp_path / "relay.db").exists()
