@@ -25,6 +25,9 @@ from smartrelay.storage.pool import NotifyingCursor, PooledEngine
 log = Logger()
 
 _CHANNEL = re.compile(r"^[a-z_][a-z0-9_]*$")
+# "INSERT INTO t (a, b) VALUES (?, 'x', ?)" with nothing after the values group.
+_INSERT_VALUES = re.compile(r"^(\s*INSERT\s+INTO\s.*?\sVALUES\s*)(\([^()]*\))\s*$", re.I | re.S)
+_ROWS_PER_INSERT = 500
 
 
 @lru_cache(maxsize=1024)
@@ -57,10 +60,23 @@ class PostgresCursor(NotifyingCursor):
         return Deferred.fromCoroutine(self._executemany(sql, rows))
 
     async def _executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        # psycopg2's async mode has no executemany; one round trip per row, same transaction.
-        for row in rows:
-            await self.execute(sql, row)
+        # psycopg2's async mode has no executemany. An INSERT ... VALUES (...) becomes one
+        # multi-row INSERT per chunk (one round trip); anything else runs row by row.
+        match = _INSERT_VALUES.match(sql)
+        total = 0
+        if match is None:
+            for row in rows:
+                await self.execute(sql, row)
+                total += max(self.rowcount, 0)
+        else:
+            head, group = match[1], match[2]
+            for start in range(0, len(rows), _ROWS_PER_INSERT):
+                chunk = rows[start : start + _ROWS_PER_INSERT]
+                flat = [value for row in chunk for value in row]
+                await self.execute(head + ", ".join([group] * len(chunk)), flat)
+                total += max(self.rowcount, 0)
         self._has_rows = False
+        self.rowcount = total
 
     def _executed(self, _: object) -> None:
         self._has_rows = self._cursor.description is not None
