@@ -1,0 +1,640 @@
+"""Signed tokens for VERP and the tracking URLs, and the secret file holding their keys."""
+
+from __future__ import annotations
+
+import base64
+import errno
+import os
+import random
+import re
+import stat
+import string
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from smartrelay.rewrap.tokens import (
+    MAX_URL_BYTES,
+    Keyring,
+    SecretFileError,
+    TokenCodec,
+    TokenError,
+    add_key,
+    load_keyring,
+)
+
+KEY_1 = bytes(range(32))
+KEY_2 = bytes(range(100, 132))
+IDS = [0, 1, 127, 128, 123456, 2**31, 2**53, 2**63, 2**64 - 1]
+URLS = [
+    "https://example.com/",
+    "https://example.com/a?x=1&y=2&amp;z",
+    "https://example.com/a%20b?q=%E4%c3%A4+c",
+    "https://example.com/page#frag",
+    "https://exämple.com/ü?q=ä&x=1#top",
+    "http://例え.テスト/パス?キー=値#断片",
+    "https://example.com/emoji/\U0001f600?\u200b=\x00\r\n\t ",
+    "",
+    "x" * MAX_URL_BYTES,
+    "https://example.com/track?" + "&".join(f"utm_param{i}=value{i}" for i in range(300)),
+]
+
+BASE64URL = string.ascii_letters + string.digits + "-_"
+BASE32_LOWER = "abcdefghijklmnopqrstuvwxyz234567"
+FOREIGN = "=+/.~% \n\x00üK\u212a"  # U+212A KELVIN SIGN lowercases to "k"
+
+URL_KINDS = ["open", "click", "unsubscribe"]
+ADDRESS_KINDS = ["verp", "mailto"]
+
+
+@pytest.fixture
+def codec() -> TokenCodec:
+    return TokenCodec(Keyring(keys={1: KEY_1}, current=1))
+
+
+def make(codec: TokenCodec, kind: str, recipient_id: int) -> str:
+    if kind == "open":
+        return codec.open_token(recipient_id)
+    if kind == "click":
+        return codec.click_token(recipient_id, "https://example.com/x?a=1&b=2#c")
+    if kind == "unsubscribe":
+        return codec.unsubscribe_token(recipient_id)
+    if kind == "mailto":
+        return codec.unsubscribe_mailto_token(recipient_id)
+    assert kind == "verp"
+    return codec.verp_token(recipient_id)
+
+
+def parser(codec: TokenCodec, kind: str) -> Callable[[str], object]:
+    parsers: dict[str, Callable[[str], object]] = {
+        "open": codec.parse_open,
+        "click": codec.parse_click,
+        "unsubscribe": codec.parse_unsubscribe,
+        "mailto": codec.parse_unsubscribe_mailto,
+        "verp": codec.parse_verp,
+    }
+    return parsers[kind]
+
+
+def all_parsers(codec: TokenCodec) -> list[Callable[[str], object]]:
+    return [parser(codec, kind) for kind in URL_KINDS + ADDRESS_KINDS]
+
+
+def raw_bytes(token: str) -> bytes:
+    if re.fullmatch("[a-z2-7]+", token):
+        return base64.b32decode(token.upper() + "=" * (-len(token) % 8))
+    return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+
+
+def single_edits(token: str, alphabet: str) -> Iterator[str]:
+    """Every token differing from ``token`` by one replaced, removed or added character."""
+    characters = alphabet + alphabet.upper() + FOREIGN
+    for i in range(len(token)):
+        yield token[:i] + token[i + 1 :]
+        for c in characters:
+            if c != token[i]:
+                yield token[:i] + c + token[i + 1 :]
+    for i in range(len(token) + 1):
+        for c in characters:
+            yield token[:i] + c + token[i:]
+
+
+# --------------------------------------------------------------------------------------
+# Round trips
+
+
+@pytest.mark.parametrize("recipient_id", IDS)
+def test_round_trip_every_kind(codec: TokenCodec, recipient_id: int) -> None:
+    assert codec.parse_open(codec.open_token(recipient_id)) == recipient_id
+    assert codec.parse_unsubscribe(codec.unsubscribe_token(recipient_id)) == recipient_id
+    assert codec.parse_verp(codec.verp_token(recipient_id)) == recipient_id
+    mailto = codec.unsubscribe_mailto_token(recipient_id)
+    assert codec.parse_unsubscribe_mailto(mailto) == recipient_id
+    url = "https://exämple.com/ü?q=ä&x=1#top"
+    assert codec.parse_click(codec.click_token(recipient_id, url)) == (recipient_id, url)
+
+
+@pytest.mark.parametrize("url", URLS, ids=range(len(URLS)))
+def test_click_round_trip_is_byte_exact(codec: TokenCodec, url: str) -> None:
+    token = codec.click_token(123456, url)
+    assert re.fullmatch("[A-Za-z0-9_-]+", token)
+    recipient_id, parsed = codec.parse_click(token)
+    assert recipient_id == 123456
+    assert parsed.encode("utf-8") == url.encode("utf-8")
+
+
+def test_long_repetitive_urls_are_compressed(codec: TokenCodec) -> None:
+    url = URLS[-1]
+    assert len(url) > 6000
+    assert len(codec.click_token(1, url)) < len(url) // 3
+    assert len(codec.click_token(1, "x" * MAX_URL_BYTES)) < 100
+
+
+def test_incompressible_url_of_the_maximum_length(codec: TokenCodec) -> None:
+    rng = random.Random(7)
+    url = "https://e.test/" + "".join(rng.choice(BASE64URL) for _ in range(MAX_URL_BYTES - 15))
+    token = codec.click_token(5, url)
+    assert codec.parse_click(token) == (5, url)
+    assert len(token) <= (1 + 1 + 1 + MAX_URL_BYTES + 16) * 4 // 3 + 1
+
+
+def test_url_limit_counts_utf8_bytes(codec: TokenCodec) -> None:
+    with pytest.raises(ValueError, match="8192"):
+        codec.click_token(1, "x" * (MAX_URL_BYTES + 1))
+    with pytest.raises(ValueError, match="8192"):
+        codec.click_token(1, "ü" * (MAX_URL_BYTES // 2 + 1))  # fewer characters than bytes
+
+
+def test_url_that_is_not_unicode_text_is_refused(codec: TokenCodec) -> None:
+    with pytest.raises(ValueError, match="Unicode"):
+        codec.click_token(1, "https://e.test/\ud800")
+    with pytest.raises(TypeError):
+        codec.click_token(1, b"https://e.test/")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", [-1, 2**64, -(2**70)])
+def test_recipient_id_out_of_range(codec: TokenCodec, bad: int) -> None:
+    for make_token in (codec.open_token, codec.unsubscribe_token, codec.verp_token):
+        with pytest.raises(ValueError, match="out of range"):
+            make_token(bad)
+    with pytest.raises(ValueError, match="out of range"):
+        codec.click_token(bad, "https://e.test/")
+
+
+def test_recipient_id_must_be_an_int(codec: TokenCodec) -> None:
+    with pytest.raises(TypeError):
+        codec.open_token(True)
+    with pytest.raises(TypeError):
+        codec.verp_token(1.0)  # type: ignore[arg-type]
+
+
+def test_tokens_are_deterministic_and_distinct_per_kind(codec: TokenCodec) -> None:
+    made = [make(codec, kind, 42) for kind in URL_KINDS + ADDRESS_KINDS]
+    assert made == [make(codec, kind, 42) for kind in URL_KINDS + ADDRESS_KINDS]
+    assert len(set(made)) == len(made)
+
+
+def test_typical_lengths(codec: TokenCodec) -> None:
+    url = "https://www.example.com/products/spring-sale?utm_source=mail"
+    assert len(url) == 60
+    assert len(codec.open_token(123456)) == 27
+    assert len(codec.unsubscribe_token(123456)) == 27
+    assert len(codec.click_token(123456, url)) == 108
+    assert len(codec.verp_token(123456)) == 23
+    assert len(codec.unsubscribe_mailto_token(123456)) == 23
+    # The largest id still leaves "b+" + token well inside a 64-octet local part.
+    assert len(codec.verp_token(2**64 - 1)) == 34
+
+
+# --------------------------------------------------------------------------------------
+# Address tokens: case-insensitive
+
+
+@pytest.mark.parametrize("recipient_id", IDS)
+def test_address_tokens_use_lowercase_base32_and_parse_in_any_case(
+    codec: TokenCodec, recipient_id: int
+) -> None:
+    for kind in ADDRESS_KINDS:
+        token = make(codec, kind, recipient_id)
+        assert re.fullmatch("[a-z2-7]+", token), token
+        parse = parser(codec, kind)
+        assert parse(token.upper()) == recipient_id
+        mixed = "".join(c.upper() if i % 2 else c for i, c in enumerate(token))
+        assert parse(mixed) == recipient_id
+
+
+# --------------------------------------------------------------------------------------
+# Tampering
+
+
+@pytest.mark.parametrize("kind", URL_KINDS)
+def test_every_single_character_edit_of_a_url_token_is_rejected(
+    codec: TokenCodec, kind: str
+) -> None:
+    token = make(codec, kind, 123456)
+    parse = parser(codec, kind)
+    count = 0
+    for edited in single_edits(token, BASE64URL):
+        with pytest.raises(TokenError):
+            parse(edited)
+        count += 1
+    assert count > 100 * len(token)
+
+
+@pytest.mark.parametrize("kind", ADDRESS_KINDS)
+def test_every_single_character_edit_of_an_address_token_is_rejected(
+    codec: TokenCodec, kind: str
+) -> None:
+    token = make(codec, kind, 123456)
+    parse = parser(codec, kind)
+    for edited in single_edits(token, BASE32_LOWER):
+        if edited.isascii() and edited.lower() == token:  # only the case changed
+            assert parse(edited) == 123456
+            continue
+        with pytest.raises(TokenError):
+            parse(edited)
+
+
+def test_unused_bits_in_the_last_character_are_rejected(codec: TokenCodec) -> None:
+    # 20 bytes in base64url: the last character carries 4 bits and 2 unused ones, so the
+    # next character decodes to the same bytes and must still be refused.
+    token = codec.open_token(123456)
+    assert len(raw_bytes(token)) % 3 == 2
+    sibling = token[:-1] + BASE64URL[BASE64URL.index(token[-1]) ^ 1]
+    assert raw_bytes(sibling) == raw_bytes(token)
+    with pytest.raises(TokenError):
+        codec.parse_open(sibling)
+    # The same for base32 (14 bytes: 2 unused bits in the 23rd character).
+    verp = codec.verp_token(123456)
+    verp_sibling = verp[:-1] + BASE32_LOWER[BASE32_LOWER.index(verp[-1]) ^ 1]
+    assert raw_bytes(verp_sibling) == raw_bytes(verp)
+    with pytest.raises(TokenError):
+        codec.parse_verp(verp_sibling)
+
+
+def test_a_token_of_one_kind_fails_as_every_other_kind(codec: TokenCodec) -> None:
+    for made_as in URL_KINDS + ADDRESS_KINDS:
+        token = make(codec, made_as, 123456)
+        for parsed_as in URL_KINDS + ADDRESS_KINDS:
+            if parsed_as == made_as:
+                continue
+            with pytest.raises(TokenError):
+                parser(codec, parsed_as)(token)
+            if parsed_as in ADDRESS_KINDS:
+                with pytest.raises(TokenError):
+                    parser(codec, parsed_as)(token.lower())
+
+
+@pytest.mark.parametrize("kind", URL_KINDS + ADDRESS_KINDS)
+def test_truncated_tokens_are_rejected(codec: TokenCodec, kind: str) -> None:
+    token = make(codec, kind, 2**53)
+    parse = parser(codec, kind)
+    for end in range(len(token)):
+        with pytest.raises(TokenError):
+            parse(token[:end])
+        with pytest.raises(TokenError):
+            parse(token[end + 1 :])
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        "",
+        "a",
+        "AAAA",
+        "A" * 27,
+        "a" * 23,
+        "!!!",
+        "ü" * 27,
+        "\x00" * 27,
+        "../../etc/passwd",
+        "x" * 100_000,
+        "2" * 100_000,
+    ],
+)
+def test_garbage_is_rejected_by_every_parser(codec: TokenCodec, garbage: str) -> None:
+    for parse in all_parsers(codec):
+        with pytest.raises(TokenError):
+            parse(garbage)
+
+
+def test_decorated_tokens_are_rejected(codec: TokenCodec) -> None:
+    for kind in URL_KINDS + ADDRESS_KINDS:
+        token = make(codec, kind, 99)
+        parse = parser(codec, kind)
+        for decorated in (
+            " " + token,
+            token + " ",
+            token + "\n",
+            token + "=" * (-len(token) % 4 or 4),
+            token + "=" * (-len(token) % 8 or 8),
+            token.replace("-", "+").replace("_", "/"),
+            token + ".gif",
+        ):
+            if decorated == token:
+                continue
+            with pytest.raises(TokenError):
+                parse(decorated)
+
+
+def test_non_str_tokens_are_rejected(codec: TokenCodec) -> None:
+    token = codec.open_token(1)
+    with pytest.raises(TokenError):
+        codec.parse_open(token.encode())  # type: ignore[arg-type]
+    with pytest.raises(TokenError):
+        codec.parse_verp(None)  # type: ignore[arg-type]
+
+
+def test_token_errors_are_value_errors() -> None:
+    assert issubclass(TokenError, ValueError)
+    assert issubclass(SecretFileError, ValueError)
+
+
+def test_tokens_from_another_key_are_rejected(codec: TokenCodec) -> None:
+    other = TokenCodec(Keyring(keys={1: KEY_2}, current=1))  # same id, different key
+    for kind in URL_KINDS + ADDRESS_KINDS:
+        with pytest.raises(TokenError, match="signature"):
+            parser(codec, kind)(make(other, kind, 7))
+
+
+# --------------------------------------------------------------------------------------
+# Rotation
+
+
+def write_keys(path: Path, *lines: str) -> None:
+    path.write_text("".join(line + "\n" for line in lines))
+    path.chmod(0o600)
+
+
+def test_rotation_keeps_old_tokens_working(tmp_path: Path) -> None:
+    path = tmp_path / "secret.key"
+    write_keys(path, f"1:{KEY_1.hex()}")
+    old_codec = TokenCodec(load_keyring(str(path)))
+    old = {kind: make(old_codec, kind, 123456) for kind in URL_KINDS + ADDRESS_KINDS}
+    assert {raw_bytes(token)[0] for token in old.values()} == {1}
+
+    rotated = add_key(str(path))
+    assert rotated.current == 2
+    assert set(rotated.keys) == {1, 2}
+    assert rotated.keys[1] == KEY_1
+    assert load_keyring(str(path)) == rotated
+
+    codec = TokenCodec(rotated)
+    for kind, token in old.items():
+        assert parser(codec, kind)(token) in (123456, (123456, "https://example.com/x?a=1&b=2#c"))
+        new = make(codec, kind, 123456)
+        assert raw_bytes(new)[0] == 2
+        with pytest.raises(TokenError, match="unknown key"):
+            parser(old_codec, kind)(new)  # a process that has not reloaded the keys
+
+    retired = TokenCodec(Keyring(keys={2: rotated.keys[2]}, current=2))
+    for kind, token in old.items():
+        with pytest.raises(TokenError, match="unknown key"):
+            parser(retired, kind)(token)
+
+
+# --------------------------------------------------------------------------------------
+# The secret file
+
+
+def test_missing_secret_file_is_created_private_and_then_reused(tmp_path: Path) -> None:
+    path = tmp_path / "var" / "keys" / "secret.key"
+    keyring = load_keyring(str(path))
+    assert len(keyring.keys) == 1
+    assert len(keyring.keys[keyring.current]) == 32
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert os.listdir(path.parent) == ["secret.key"]  # no temporary file left behind
+    assert load_keyring(str(path)) == keyring
+    assert load_keyring(str(path)) != load_keyring(str(tmp_path / "other.key"))
+    token = TokenCodec(keyring).verp_token(3)
+    assert TokenCodec(load_keyring(str(path))).parse_verp(token) == 3
+
+
+def test_a_relative_path_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    keyring = load_keyring("secret.key")
+    assert load_keyring(str(tmp_path / "secret.key")) == keyring
+
+
+def test_concurrent_creation_keeps_the_file_created_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "secret.key"
+    real_link = os.link
+
+    def link_after_another_process(source: str, destination: str) -> None:
+        write_keys(Path(destination), f"9:{KEY_2.hex()}")  # the other process wins the race
+        real_link(source, destination)
+
+    monkeypatch.setattr(os, "link", link_after_another_process)
+    keyring = load_keyring(str(path))
+    assert keyring == Keyring(keys={9: KEY_2}, current=9)
+    assert os.listdir(tmp_path) == ["secret.key"]
+
+
+def test_creation_without_hard_links_falls_back_to_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_links(source: str, destination: str) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    path = tmp_path / "secret.key"
+    keyring = load_keyring(str(path))
+    assert load_keyring(str(path)) == keyring
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert os.listdir(tmp_path) == ["secret.key"]
+
+
+def test_file_format_comments_blank_lines_and_last_line_current(tmp_path: Path) -> None:
+    path = tmp_path / "secret.key"
+    path.write_bytes(
+        b"# rotated 2024-05-01\r\n"
+        b"\r\n"
+        + f"  7 : {KEY_2.hex().upper()}   # old\r\n".encode()
+        + f"3:{KEY_1.hex()}\r\n".encode()
+        + b"# trailing comment"
+    )
+    assert load_keyring(str(path)) == Keyring(keys={7: KEY_2, 3: KEY_1}, current=3)
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("garbage", "expected"),
+        (KEY_1.hex(), "expected"),
+        (f"-1:{KEY_1.hex()}", "expected"),
+        (f"x:{KEY_1.hex()}", "expected"),
+        (f"1={KEY_1.hex()}", "expected"),
+        (f"1:{KEY_1.hex()[:-1]}g", "expected"),
+        (f"256:{KEY_1.hex()}", "out of range"),
+        (f"1000:{KEY_1.hex()}", "out of range"),
+        (f"1:{KEY_1.hex()[:-2]}", "62"),
+        (f"1:{KEY_1.hex()}00", "66"),
+        ("1:", "not 0"),
+        (f"5:{KEY_2.hex()}", "already used on line 2"),
+    ],
+)
+def test_malformed_secret_file_names_file_and_line(tmp_path: Path, line: str, problem: str) -> None:
+    path = tmp_path / "secret.key"
+    write_keys(path, "# keys", f"5:{KEY_1.hex()}", line)
+    with pytest.raises(SecretFileError) as info:
+        load_keyring(str(path))
+    message = str(info.value)
+    assert message.startswith(f"{path}: line 3: ")
+    assert problem in message
+    assert "\n" not in message
+    with pytest.raises(ValueError, match="line 3"):
+        add_key(str(path))
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n", b"# only a comment\n"])
+def test_secret_file_without_keys_is_an_error(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "secret.key"
+    path.write_bytes(content)
+    with pytest.raises(SecretFileError, match=re.escape(f"{path}: no keys")):
+        load_keyring(str(path))
+    assert path.read_bytes() == content  # not replaced by a new key
+
+
+def test_unreadable_secret_files(tmp_path: Path) -> None:
+    binary = tmp_path / "binary.key"
+    binary.write_bytes(b"1:\xff\xfe\n")
+    with pytest.raises(SecretFileError, match=re.escape(f"{binary}: not UTF-8")):
+        load_keyring(str(binary))
+    with pytest.raises(SecretFileError, match=re.escape(f"{tmp_path}: cannot read")):
+        load_keyring(str(tmp_path))  # a directory
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(SecretFileError, match="Not a directory"):
+        load_keyring(str(blocked / "secret.key"))  # its folder would be a file
+
+
+def test_secret_file_that_cannot_be_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(os, "makedirs", refuse)
+    path = tmp_path / "var" / "secret.key"
+    with pytest.raises(SecretFileError, match=re.escape(f"{path}: cannot create: Permission")):
+        load_keyring(str(path))
+
+
+# --------------------------------------------------------------------------------------
+# add_key
+
+
+def test_add_key_appends_keeping_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "secret.key"
+    path.write_text(f"# mine\n4:{KEY_1.hex()}  # first")  # no final newline
+    path.chmod(0o644)
+    keyring = add_key(str(path))
+    lines = path.read_text().splitlines()
+    assert lines[:2] == ["# mine", f"4:{KEY_1.hex()}  # first"]
+    assert re.fullmatch("5:[0-9a-f]{64}", lines[2])
+    assert len(lines) == 3
+    assert keyring.current == 5
+    assert keyring.keys[5].hex() == lines[2][2:]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert os.listdir(tmp_path) == ["secret.key"]
+
+
+def test_add_key_wraps_and_skips_ids_in_use(tmp_path: Path) -> None:
+    path = tmp_path / "secret.key"
+    write_keys(path, f"254:{KEY_1.hex()}", f"255:{KEY_2.hex()}")
+    assert add_key(str(path)).current == 0
+    write_keys(path, f"0:{KEY_1.hex()}", f"255:{KEY_2.hex()}")
+    assert add_key(str(path)).current == 1
+    write_keys(path, f"3:{KEY_1.hex()}", f"4:{KEY_1.hex()}", f"2:{KEY_2.hex()}")
+    assert add_key(str(path)).current == 5
+
+
+def test_add_key_with_all_ids_in_use(tmp_path: Path) -> None:
+    path = tmp_path / "secret.key"
+    write_keys(path, *(f"{i}:{KEY_1.hex()}" for i in range(256)))
+    before = path.read_bytes()
+    with pytest.raises(SecretFileError, match="256"):
+        add_key(str(path))
+    assert path.read_bytes() == before
+
+
+def test_add_key_to_a_missing_file_creates_it(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "secret.key"
+    keyring = add_key(str(path))
+    assert len(keyring.keys) == 1
+    assert load_keyring(str(path)) == keyring
+
+
+# --------------------------------------------------------------------------------------
+# Keyring
+
+
+@pytest.mark.parametrize(
+    ("keys", "current", "problem"),
+    [
+        ({}, 0, "at least one"),
+        ({1: KEY_1}, 2, "current"),
+        ({256: KEY_1}, 256, "range"),
+        ({-1: KEY_1}, -1, "range"),
+        ({1: KEY_1[:16]}, 1, "16 bytes"),
+    ],
+)
+def test_keyring_validation(keys: dict[int, bytes], current: int, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        Keyring(keys=keys, current=current)
+
+
+def test_keyring_is_immutable_and_does_not_show_keys() -> None:
+    keys = {1: KEY_1}
+    keyring = Keyring(keys=keys, current=1)
+    keys[2] = KEY_2  # the caller's dict is copied
+    assert set(keyring.keys) == {1}
+    with pytest.raises(TypeError):
+        keyring.keys[2] = KEY_2  # type: ignore[index]
+    assert KEY_1.hex() not in repr(keyring)
+    assert repr(keyring) == "Keyring(keys={1: <secret>}, current=1)"
+
+
+# --------------------------------------------------------------------------------------
+# Properties
+
+property_codec = TokenCodec(Keyring(keys={1: KEY_1, 200: KEY_2}, current=200))
+recipient_ids = st.integers(min_value=0, max_value=2**64 - 1)
+
+
+@settings(deadline=None)
+@given(recipient_ids, st.text())
+def test_click_round_trip_property(recipient_id: int, url: str) -> None:
+    token = property_codec.click_token(recipient_id, url)
+    assert property_codec.parse_click(token) == (recipient_id, url)
+
+
+@settings(deadline=None)
+@given(recipient_ids, st.text(max_size=100), st.data())
+def test_any_single_edit_of_a_click_token_is_rejected(
+    recipient_id: int, url: str, data: st.DataObject
+) -> None:
+    token = property_codec.click_token(recipient_id, url)
+    position = data.draw(st.integers(0, len(token) - 1))
+    character = data.draw(st.characters().filter(lambda c: c != token[position]))
+    edit = data.draw(st.sampled_from(["replace", "insert", "delete"]))
+    if edit == "replace":
+        edited = token[:position] + character + token[position + 1 :]
+    elif edit == "insert":
+        edited = token[:position] + character + token[position:]
+    else:
+        edited = token[:position] + token[position + 1 :]
+    with pytest.raises(TokenError):
+        property_codec.parse_click(edited)
+
+
+@settings(deadline=None)
+@given(recipient_ids, st.data())
+def test_any_single_edit_of_a_verp_token_is_rejected(
+    recipient_id: int, data: st.DataObject
+) -> None:
+    token = property_codec.verp_token(recipient_id)
+    assert property_codec.parse_verp(token.upper()) == recipient_id
+    position = data.draw(st.integers(0, len(token) - 1))
+    character = data.draw(
+        st.characters().filter(lambda c: c not in (token[position], token[position].upper()))
+    )
+    edited = token[:position] + character + token[position + 1 :]
+    with pytest.raises(TokenError):
+        property_codec.parse_verp(edited)
+
+
+@settings(deadline=None)
+@given(recipient_ids, st.binary(min_size=0, max_size=60))
+def test_arbitrary_bytes_never_parse(recipient_id: int, raw: bytes) -> None:
+    token = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+    for parse in all_parsers(property_codec):
+        with pytest.raises(TokenError):
+            parse(token)
