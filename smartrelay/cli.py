@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 import getpass
+import os
 import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,6 +23,7 @@ from smartrelay.config import EVENT_TYPES, Config, ConfigError, default_config_p
 from smartrelay.events import csv_row, csv_writer, write_jsonl
 from smartrelay.passwords import generate_password, hash_password
 from smartrelay.reactor import IRelayReactor, as_relay_reactor
+from smartrelay.rewrap.dkim import DkimError, generate_key, txt_record_name, zone_file_entry
 from smartrelay.storage.engines import create_engine
 from smartrelay.storage.migrations import SchemaError, current_version, migrate
 from smartrelay.storage.store import (
@@ -275,6 +277,37 @@ def parse_time(text: str | None, now: float, option: str) -> float | None:
         raise CliError(f"{option}: {text!r} is neither an RFC 3339 time nor a duration") from None
 
 
+def cmd_dkim_keygen(args: argparse.Namespace, config: Config) -> None:
+    """``dkim keygen DOMAIN SELECTOR``: write a new key, print its DNS TXT record (no database)."""
+    directory: str = args.directory or os.path.join(config.server.data_dir, "dkim")
+    try:
+        path, record = generate_key(args.domain, args.selector, args.algorithm, directory)
+    except DkimError as error:
+        fail(str(error))
+    domain = args.domain.rstrip(".").lower()
+    kind = "RSA-2048" if args.algorithm == "rsa" else "Ed25519"
+    print(f"Wrote {path} ({kind}, mode 0600). Publish this DNS TXT record:")
+    print()
+    print(f"  name:  {txt_record_name(domain, args.selector)}")
+    print(f"  value: {record}")
+    print()
+    print("Zone file form (the value split into strings of at most 255 characters):")
+    print()
+    print(zone_file_entry(domain, args.selector, record))
+    print()
+    print("Then add to the config file and restart:")
+    print()
+    print("[[dkim.keys]]")
+    print(f'domain = "{domain}"')
+    print(f'selector = "{args.selector}"')
+    print(f"private_key = {_toml_string(path)}")
+    print(f'algorithm = "{args.algorithm}-sha256"')
+
+
+def _toml_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 # -- plumbing -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="SmartRelay administration")
@@ -329,6 +362,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sup_cmds.add_parser("export", help="CSV of the list to stdout")
     p.add_argument("--all", action="store_true", help="include expired entries")
     p.set_defaults(run=cmd_suppression_export)
+
+    dkim = commands.add_parser("dkim", help="DKIM signing keys")
+    dkim_cmds = dkim.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = dkim_cmds.add_parser("keygen", help="write a new key; prints the DNS TXT record")
+    p.add_argument("domain", metavar="DOMAIN")
+    p.add_argument("selector", metavar="SELECTOR")
+    p.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa")
+    p.add_argument("--directory", metavar="DIR", help="where to write it (default: DATA_DIR/dkim)")
+    p.set_defaults(run_offline=cmd_dkim_keygen)
 
     queue = commands.add_parser("queue", help="the outbound queue")
     queue_cmds = queue.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -394,4 +436,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = load_config(args.config or default_config_path())
     except ConfigError as error:
         fail(str(error))
+    offline = getattr(args, "run_offline", None)
+    if offline is not None:  # commands that need no database
+        offline(args, config)
+        return
     react(lambda reactor: run_command(as_relay_reactor(reactor), args, config))

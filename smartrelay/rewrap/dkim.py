@@ -1,0 +1,424 @@
+"""DKIM signing of outgoing messages (RFC 6376; ``ed25519-sha256`` per RFC 8463).
+
+The keys of the ``[[dkim.keys]]`` config entries (SPEC section 2) are loaded once, at start-up,
+by :class:`DkimSigner`; :meth:`DkimSigner.sign` then prepends a ``DKIM-Signature`` to a message
+whose From domain is a key's domain or one of its subdomains (the closest configured parent
+domain wins). Canonicalisation is relaxed/relaxed, ``t=`` is set, ``x=`` and ``l=`` are not.
+
+dkimpy does the canonicalisation and builds the header field, exactly as its own
+``DKIM.sign()`` does, but the signing primitive is the ``cryptography`` library's: dkimpy's RSA
+is pure-Python modular exponentiation (about 20 times slower for RSA-2048). Both
+signature schemes are deterministic, so the result is byte-identical to dkimpy's own output
+for the same message, key and timestamp (tests/test_dkim.py proves it). This also lets the
+signer take its clock as a parameter and parse each key file once rather than per message.
+
+:func:`generate_key` makes a key pair for ``smartrelay-ctl dkim keygen`` (SPEC section 6).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from email.utils import getaddresses
+from typing import Literal
+
+import dkim
+from attrs import field, frozen
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+from smartrelay.config import DkimKey
+
+__all__ = [
+    "RSA_KEY_BITS",
+    "SIGNED_HEADERS",
+    "DkimError",
+    "DkimSigner",
+    "LoadedKey",
+    "generate_key",
+    "load_key",
+    "txt_record",
+    "txt_record_name",
+    "zone_file_entry",
+]
+
+SigningAlgorithm = Literal["rsa-sha256", "ed25519-sha256"]
+PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+
+#: Header fields signed when present: RFC 6376 section 5.4.1's list plus RFC 8058's
+#: List-Unsubscribe-Post. From is listed once more than it occurs ("oversigned"), so that a
+#: From field added later breaks the signature instead of being displayed unsigned.
+SIGNED_HEADERS: tuple[bytes, ...] = (
+    b"from",
+    b"sender",
+    b"reply-to",
+    b"subject",
+    b"date",
+    b"message-id",
+    b"to",
+    b"cc",
+    b"mime-version",
+    b"content-type",
+    b"content-transfer-encoding",
+    b"content-id",
+    b"content-description",
+    b"resent-date",
+    b"resent-from",
+    b"resent-sender",
+    b"resent-to",
+    b"resent-cc",
+    b"resent-message-id",
+    b"in-reply-to",
+    b"references",
+    b"list-id",
+    b"list-help",
+    b"list-unsubscribe",
+    b"list-subscribe",
+    b"list-post",
+    b"list-owner",
+    b"list-archive",
+    b"list-unsubscribe-post",
+)
+_SIGNED = frozenset(SIGNED_HEADERS)
+#: Header fields signed once more than they occur.
+OVERSIGNED_HEADERS: tuple[bytes, ...] = (b"from",)
+
+#: Size of generated RSA keys; RFC 8301 requires at least 1024 bits for signing.
+RSA_KEY_BITS = 2048
+MIN_RSA_KEY_BITS = 1024
+
+_CANONICALIZATION = b"relaxed/relaxed"
+_POLICY = dkim.CanonicalizationPolicy.from_c_value(_CANONICALIZATION)
+_HEADER_NAME = b"DKIM-Signature"
+# dkimpy folds the field with b= as 60 zeros so that b= starts its own line, and refolding
+# after the real signature is put in does not move the tags hashed before it.
+_B_PLACEHOLDER = b"0" * 60
+# RFC 6376 3.1 (selector) and the usual host name syntax for the signing domain.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_NAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+
+
+class DkimError(Exception):
+    """A DKIM key that cannot be used or written; ``str()`` is one line naming the file."""
+
+
+@frozen
+class LoadedKey:
+    """A ``[[dkim.keys]]`` entry with its private key parsed."""
+
+    #: The signing domain (``d=``), lower-case.
+    domain: str
+    #: ``s=``
+    selector: str
+    algorithm: SigningAlgorithm
+    private_key: PrivateKey = field(repr=False, eq=False)
+    #: The file it came from, for messages.
+    path: str = ""
+
+    def sign_digest(self, digest: bytes) -> bytes:
+        """The ``b=`` value (before base64) for the SHA-256 ``digest`` of the header data."""
+        if isinstance(self.private_key, rsa.RSAPrivateKey):
+            return self.private_key.sign(digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+        # RFC 8463 3: PureEdDSA over the SHA-256 hash (not over the data itself).
+        return self.private_key.sign(digest)
+
+    @property
+    def txt_record(self) -> str:
+        """The TXT record to publish at :func:`txt_record_name` for this key."""
+        return txt_record(self.private_key)
+
+
+# -- loading --------------------------------------------------------------------------------
+
+
+def load_key(spec: DkimKey) -> LoadedKey:
+    """Read and check the private key of one ``[[dkim.keys]]`` entry; DkimError if unusable.
+
+    Accepted: PEM, PKCS#1 (``BEGIN RSA PRIVATE KEY``) or PKCS#8 (``BEGIN PRIVATE KEY``), RSA of
+    at least 1024 bits or Ed25519; and for Ed25519 also dkimpy's format, the base64 of the
+    32-byte seed. Encrypted keys are not supported.
+    """
+    path = spec.private_key
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise DkimError(f"{path}: cannot read DKIM private key: {e.strerror or e}") from e
+    key = _parse_private_key(path, data)
+    where = f"{path}: DKIM key {spec.selector!r} of {spec.domain!r}"
+    if spec.algorithm == "rsa-sha256":
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise DkimError(f"{where}: algorithm rsa-sha256 needs an RSA key, found Ed25519")
+        if key.key_size < MIN_RSA_KEY_BITS:
+            raise DkimError(
+                f"{where}: RSA key of {key.key_size} bits is too short"
+                f" (at least {MIN_RSA_KEY_BITS}, RFC 8301; {RSA_KEY_BITS} recommended)"
+            )
+    elif not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise DkimError(f"{where}: algorithm ed25519-sha256 needs an Ed25519 key, found RSA")
+    return LoadedKey(
+        domain=_normalize_domain(spec.domain) or spec.domain.lower(),
+        selector=spec.selector,
+        algorithm=spec.algorithm,
+        private_key=key,
+        path=path,
+    )
+
+
+def _parse_private_key(path: str, data: bytes) -> PrivateKey:
+    if b"-----BEGIN" in data:
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except TypeError as e:  # encrypted, and no password given
+            raise DkimError(f"{path}: encrypted private keys are not supported") from e
+        except (ValueError, UnsupportedAlgorithm) as e:
+            raise DkimError(f"{path}: not a usable PEM private key ({_one_line(e)})") from e
+        if not isinstance(key, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
+            raise DkimError(f"{path}: not an RSA or Ed25519 private key")
+        return key
+    # dkimpy's (and dknewkey's) Ed25519 format: base64 of the 32-byte seed, one line.
+    try:
+        seed = base64.b64decode(b"".join(data.split()), validate=True)
+    except (binascii.Error, ValueError):
+        seed = b""
+    if len(seed) == 32:
+        return ed25519.Ed25519PrivateKey.from_private_bytes(seed)
+    raise DkimError(
+        f"{path}: not a PEM private key, nor an Ed25519 key as the base64 of its 32-byte seed"
+    )
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+# -- signing --------------------------------------------------------------------------------
+
+
+class DkimSigner:
+    """Signs messages with the configured key of their From domain (or its closest parent).
+
+    ``now`` is the clock for ``t=`` (seconds since the epoch), e.g. ``reactor.seconds``.
+    A domain with several keys (say an RSA and an Ed25519 one, or two during a rotation) gets
+    one signature per key, the first configured on top.
+    """
+
+    def __init__(self, keys: Sequence[DkimKey], now: Callable[[], float] = time.time) -> None:
+        self.keys: tuple[LoadedKey, ...] = tuple(load_key(spec) for spec in keys)
+        self._now = now
+        by_domain: dict[str, list[LoadedKey]] = {}
+        for key in self.keys:
+            by_domain.setdefault(key.domain, []).append(key)
+        self._by_domain = {domain: tuple(keys) for domain, keys in by_domain.items()}
+
+    def keys_for(self, from_domain: str) -> tuple[LoadedKey, ...]:
+        """The keys of ``from_domain``, else of its closest parent domain that has any."""
+        domain = _normalize_domain(from_domain)
+        while domain:
+            found = self._by_domain.get(domain)
+            if found:
+                return found
+            domain = domain.partition(".")[2]
+        return ()
+
+    def key_for(self, from_domain: str) -> LoadedKey | None:
+        """The (first) key for ``from_domain``: its own, else its closest parent domain's."""
+        keys = self.keys_for(from_domain)
+        return keys[0] if keys else None
+
+    def sign(self, message: bytes) -> bytes:
+        """``message`` with a DKIM-Signature header field (one per key) prepended.
+
+        Unchanged when no key matches the From domain, or when the message has no single From
+        field with an address, or a header section dkimpy cannot parse.
+        """
+        if not self._by_domain:
+            return message
+        try:
+            headers, body = dkim.rfc822_parse(message)
+        except (dkim.DKIMException, IndexError):
+            return message
+        from_domain = author_domain(headers)
+        if from_domain is None:
+            return message
+        keys = self.keys_for(from_domain)
+        if not keys:
+            return message
+        linesep = b"\r\n" if b"\r\n" in message else b"\n"
+        return sign_parsed(headers, body, keys, int(self._now()), linesep) + message
+
+
+def sign_parsed(
+    headers: Sequence[Sequence[bytes]],
+    body: bytes,
+    keys: Sequence[LoadedKey],
+    timestamp: int,
+    linesep: bytes = b"\r\n",
+) -> bytes:
+    """The DKIM-Signature fields, one per key, for a message split by ``dkim.rfc822_parse``.
+
+    This is dkimpy's ``DKIM.sign()`` with ``canonicalize=(relaxed, relaxed)``,
+    ``include_headers=signed_header_names(headers)`` and default identity, but for the
+    signing call itself, and with ``t=`` from ``timestamp``.
+    """
+    include = signed_header_names(headers)
+    h_value = b" : ".join(include)
+    canonical_headers = _POLICY.canonicalize_headers(headers)
+    body_hash = base64.b64encode(hashlib.sha256(_POLICY.canonicalize_body(body)).digest())
+    fields_out: list[bytes] = []
+    for key in keys:
+        domain = key.domain.encode("ascii")
+        tags: list[tuple[bytes, bytes]] = [
+            (b"v", b"1"),
+            (b"a", key.algorithm.encode("ascii")),
+            (b"c", _CANONICALIZATION),
+            (b"d", domain),
+            (b"i", b"@" + domain),
+            (b"q", b"dns/txt"),
+            (b"s", key.selector.encode("ascii")),
+            (b"t", str(timestamp).encode("ascii")),
+            (b"h", h_value),
+            (b"bh", body_hash),
+            (b"b", _B_PLACEHOLDER),
+        ]
+        unsigned = dkim.fold(
+            b"; ".join(b"=".join(tag) for tag in tags), namelen=len(_HEADER_NAME), linesep=b"\r\n"
+        )
+        unsigned = dkim.RE_BTAG.sub(b"\\1", unsigned)
+        hasher = hashlib.sha256()
+        dkim.hash_headers(
+            hasher,
+            _POLICY,
+            canonical_headers,
+            include,
+            (_HEADER_NAME, b" " + unsigned),
+            dict(tags),
+        )
+        tags[-1] = (b"b", base64.b64encode(key.sign_digest(hasher.digest())))
+        value = b"; ".join(b"=".join(tag) for tag in tags) + linesep
+        fields_out.append(
+            _HEADER_NAME + b": " + dkim.fold(value, namelen=len(_HEADER_NAME), linesep=linesep)
+        )
+    return b"".join(fields_out)
+
+
+def signed_header_names(headers: Sequence[Sequence[bytes]]) -> list[bytes]:
+    """The ``h=`` list: the :data:`SIGNED_HEADERS` present, in message order (lower-case),
+    then each of :data:`OVERSIGNED_HEADERS` once more."""
+    names = [name.lower() for name, *_ in headers if name.lower() in _SIGNED]
+    return names + [name for name in OVERSIGNED_HEADERS if name in names]
+
+
+def author_domain(headers: Sequence[Sequence[bytes]]) -> str | None:
+    """The domain of the (first) address of the message's From field, normalised.
+
+    None unless there is exactly one From field (RFC 5322 3.6) holding an address.
+    """
+    values = [value for name, value, *_ in headers if name.lower() == b"from"]
+    if len(values) != 1:
+        return None
+    text = re.sub(r"\r?\n", "", values[0].decode("utf-8", "replace"))
+    for _name, address in getaddresses([text]):
+        local, at, domain = address.rpartition("@")
+        if at and local:
+            return _normalize_domain(domain)
+    return None
+
+
+def _normalize_domain(domain: str) -> str | None:
+    """Lower-case ASCII (A-label) form without a trailing dot; None if not a domain."""
+    domain = domain.strip().rstrip(".").lower()
+    if not domain:
+        return None
+    if not domain.isascii():
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    return domain if _NAME_RE.fullmatch(domain) else None
+
+
+# -- key generation -------------------------------------------------------------------------
+
+
+def txt_record_name(domain: str, selector: str) -> str:
+    """Where the public key is published: ``SELECTOR._domainkey.DOMAIN``."""
+    return f"{selector}._domainkey.{domain.rstrip('.').lower()}"
+
+
+def txt_record(key: PrivateKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey) -> str:
+    """The DKIM key record (RFC 6376 3.6.1) of a key: ``v=DKIM1; k=rsa; p=BASE64``.
+
+    RSA: ``p`` is the DER SubjectPublicKeyInfo; Ed25519 (RFC 8463 4.2): the raw 32 bytes.
+    """
+    public = (
+        key.public_key() if isinstance(key, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey) else key
+    )
+    if isinstance(public, rsa.RSAPublicKey):
+        kind = "rsa"
+        data = public.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    else:
+        kind = "ed25519"
+        data = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return f"v=DKIM1; k={kind}; p={base64.b64encode(data).decode('ascii')}"
+
+
+def zone_file_entry(domain: str, selector: str, record: str) -> str:
+    """A BIND zone file line for the record, split into strings of at most 255 characters
+    (one TXT string's limit; resolvers join them, RFC 6376 3.6.2.2)."""
+    chunks = [record[i : i + 255] for i in range(0, len(record), 255)] or [""]
+    strings = " ".join(f'"{chunk}"' for chunk in chunks)
+    return f"{txt_record_name(domain, selector)}. IN TXT ( {strings} )"
+
+
+def generate_key(
+    domain: str, selector: str, algorithm: Literal["rsa", "ed25519"], directory: str
+) -> tuple[str, str]:
+    """Write a new private key to ``DIRECTORY/DOMAIN.SELECTOR.pem`` (PKCS#8 PEM, mode 0600;
+    RSA keys have 2048 bits) and return ``(path, txt_record)``, the record to publish at
+    :func:`txt_record_name`. An existing file is never overwritten (DkimError).
+    """
+    domain = domain.rstrip(".").lower()
+    if not _NAME_RE.fullmatch(domain) or "." not in domain:
+        raise DkimError(f"invalid domain {domain!r}")
+    if not _NAME_RE.fullmatch(selector):
+        raise DkimError(f"invalid selector {selector!r} (letters, digits, '-', '.')")
+    key: PrivateKey
+    if algorithm == "rsa":
+        key = rsa.generate_private_key(public_exponent=65537, key_size=RSA_KEY_BITS)
+    elif algorithm == "ed25519":
+        key = ed25519.Ed25519PrivateKey.generate()
+    else:
+        raise DkimError(f"unknown key algorithm {algorithm!r} (rsa or ed25519)")
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    path = os.path.join(directory, f"{domain}.{selector}.pem")
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError as e:
+        raise DkimError(f"{path}: already exists; not overwriting a DKIM key") from e
+    except OSError as e:
+        raise DkimError(f"{path}: cannot create: {e.strerror or e}") from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(pem)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        os.unlink(path)
+        raise DkimError(f"{path}: cannot write: {e.strerror or e}") from e
+    return path, txt_record(key)
