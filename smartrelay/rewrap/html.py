@@ -1,0 +1,303 @@
+"""Click tracking and the open pixel on an HTML document, changing nothing else (SPEC 3 and 4).
+
+The document is tokenized with :class:`html.parser.HTMLParser`, which reports where each tag
+starts and gives its raw text; the new href values and the pixel are spliced into the original
+string at those offsets. Nothing is re-serialised, so comments (Outlook's ``<!--[if mso]>``
+included), scripts, styles, entities, whitespace, attribute order and broken markup come out
+exactly as they went in.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from html import unescape
+from html.entities import html5
+from html.parser import HTMLParser
+
+from attrs import frozen
+
+__all__ = [
+    "NOTRACK_ATTRIBUTE",
+    "HtmlRewrite",
+    "pixel_tag",
+    "rewrite_html",
+    "unescape_attribute",
+]
+
+NOTRACK_ATTRIBUTE = "data-smartrelay-notrack"
+
+# Attribute syntax of the HTML standard's tokenizer (what mail clients and browsers do); only
+# used inside the raw text of a start tag that HTMLParser has already delimited.
+_HTML_SPACE = "\t\n\f\r "
+_TAG_NAME = re.compile(r"<[a-zA-Z][^\t\n\f\r />\x00]*(?:[\t\n\f\r ]|/(?!>))*")
+_ATTRIBUTE = re.compile(
+    r"""
+    (?<=['"\t\n\f\r /])(?P<name>[^\t\n\f\r />][^\t\n\f\r /=>]*)
+    (?P<assign>[\t\n\f\r ]*=[\t\n\f\r ]*
+      (?P<value>'[^']*'|"[^"]*"|(?!['"])[^>\t\n\f\r ]*)
+    )?
+    (?:[\t\n\f\r ]|/(?!>))*
+    """,
+    re.VERBOSE,
+)
+# html.parser raises on ``<![name`` when name is not one of these (an AssertionError from
+# _markupbase); the standard makes any such thing a bogus comment, and so do we.
+_MARKED_SECTION = re.compile(r"<!\[([a-zA-Z][-_.a-zA-Z0-9]*)")
+_MARKED_SECTION_NAMES = frozenset(
+    {"temp", "cdata", "ignore", "include", "rcdata", "if", "else", "endif"}
+)
+
+_TRACKED_SCHEMES = ("http://", "https://")
+_PLACEHOLDER_MARKS = ("{{", "}}", "{%", "%}", "*|", "|*", "[[", "]]", "<%")
+# A character reference as html.unescape finds them.
+_CHARREF = re.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)")
+# Characters that cannot stay literal in an unquoted attribute value.
+_UNQUOTED_UNSAFE = re.compile(r"[&\t\n\f\r \"'=<>`]")
+
+
+@frozen
+class HtmlRewrite:
+    html: str  # the new document
+    links: tuple[str, ...]  # original URLs that were rewritten, in order
+
+
+@frozen
+class _Attribute:
+    """One attribute of a start tag; offsets are into the tag's raw text."""
+
+    name: str  # lower case
+    start: int  # the name's first character
+    end: int  # just after the value (after the name when there is no value)
+    value_start: int  # the value's characters, quotes excluded
+    value_end: int
+    quote: str  # '"', "'" or "" (unquoted)
+    has_value: bool
+
+
+@frozen
+class _Edit:
+    start: int
+    end: int
+    text: str
+
+
+def rewrite_html(
+    html: str, rewrite_url: Callable[[str], str] | None, pixel_url: str | None
+) -> HtmlRewrite:
+    """Rewrite the http(s) links of ``<a href>`` with ``rewrite_url`` and add the open pixel
+    ``pixel_url`` before the last ``</body>``; ``None`` turns either off.
+
+    ``rewrite_url`` receives each URL as a mail client would open it (entities decoded once,
+    surrounding whitespace dropped); what it returns is written back escaped for the attribute.
+    """
+    scanner = _Scanner()
+    scanner.scan(html)
+    line_starts = _line_starts(html)
+    edits: list[_Edit] = []
+    links: list[str] = []
+    if rewrite_url is not None:
+        for (line, column), tag_text in scanner.anchors:
+            offset = line_starts[line - 1] + column if line - 1 < len(line_starts) else -1
+            if offset < 0 or not html.startswith(tag_text, offset):
+                continue  # the tokenizer lost track of offsets here: leave this tag alone
+            for edit, link in _rewrite_anchor(tag_text, rewrite_url):
+                edits.append(_Edit(offset + edit.start, offset + edit.end, edit.text))
+                if link is not None:
+                    links.append(link)
+    if pixel_url is not None:
+        where = len(html)
+        for line, column in reversed(scanner.body_ends):
+            offset = line_starts[line - 1] + column if line - 1 < len(line_starts) else -1
+            if offset >= 0 and html.startswith("</", offset):
+                where = offset
+                break
+        edits.append(_Edit(where, where, pixel_tag(pixel_url)))
+    return HtmlRewrite(html=_splice(html, edits), links=tuple(links))
+
+
+def pixel_tag(pixel_url: str) -> str:
+    """The ``<img>`` of the open pixel, as :func:`rewrite_html` inserts it."""
+    src = _escape_attribute(pixel_url, '"')
+    return (
+        f'<img src="{src}" width="1" height="1" alt="" '
+        'style="display:block;width:1px;height:1px;border:0" />'
+    )
+
+
+class _Scanner(HTMLParser):
+    """Collects where ``<a>`` start tags (with their raw text) and ``</body>`` end tags are."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.anchors: list[tuple[tuple[int, int], str]] = []
+        self.body_ends: list[tuple[int, int]] = []
+
+    def scan(self, html: str) -> None:
+        try:
+            self.feed(html)
+            self.close()
+        except Exception:  # what was found before still has exact offsets
+            pass
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a":
+            text = self.get_starttag_text()
+            if text is not None:
+                self.anchors.append((self.getpos(), text))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "body":
+            self.body_ends.append(self.getpos())
+
+    def parse_html_declaration(self, i: int) -> int:
+        rawdata = self.rawdata
+        if rawdata.startswith("<![", i) and len(rawdata) > i + 3:
+            match = _MARKED_SECTION.match(rawdata, i)
+            if match is None or (
+                match.group(1).lower() not in _MARKED_SECTION_NAMES and match.end() < len(rawdata)
+            ):
+                return self.parse_bogus_comment(i)
+        return super().parse_html_declaration(i)
+
+
+def _line_starts(text: str) -> list[int]:
+    """Offsets where the lines HTMLParser counts (it only knows ``\\n``) begin."""
+    starts = [0]
+    position = text.find("\n")
+    while position >= 0:
+        starts.append(position + 1)
+        position = text.find("\n", position + 1)
+    return starts
+
+
+def _attributes(tag_text: str) -> list[_Attribute]:
+    match = _TAG_NAME.match(tag_text)
+    if match is None:
+        return []
+    found: list[_Attribute] = []
+    position = match.end()
+    while position < len(tag_text):
+        attribute = _ATTRIBUTE.match(tag_text, position)
+        if attribute is None or attribute.end() == position:
+            break
+        name_start, name_end = attribute.span("name")
+        if attribute.group("assign") is None:
+            found.append(
+                _Attribute(
+                    name=attribute.group("name").lower(),
+                    start=name_start,
+                    end=name_end,
+                    value_start=name_end,
+                    value_end=name_end,
+                    quote="",
+                    has_value=False,
+                )
+            )
+        else:
+            value_start, value_end = attribute.span("value")
+            raw = attribute.group("value")
+            quote = raw[:1] if raw[:1] in ("'", '"') else ""
+            found.append(
+                _Attribute(
+                    name=attribute.group("name").lower(),
+                    start=name_start,
+                    end=value_end,
+                    value_start=value_start + len(quote),
+                    value_end=value_end - len(quote),
+                    quote=quote,
+                    has_value=True,
+                )
+            )
+        position = attribute.end()
+    return found
+
+
+def _rewrite_anchor(
+    tag_text: str, rewrite_url: Callable[[str], str]
+) -> list[tuple[_Edit, str | None]]:
+    """Edits (offsets in ``tag_text``) for one ``<a>`` start tag, each with the link it tracks."""
+    attributes = _attributes(tag_text)
+    notrack = [a for a in attributes if a.name == NOTRACK_ATTRIBUTE]
+    if notrack:
+        return [(_remove_attribute(tag_text, a), None) for a in notrack]
+    href = next((a for a in attributes if a.name == "href"), None)
+    if href is None or not href.has_value:
+        return []
+    raw = tag_text[href.value_start : href.value_end]
+    url = unescape_attribute(raw).strip(_HTML_SPACE)
+    if not _trackable(raw, url):
+        return []
+    new_url = rewrite_url(url)
+    if new_url == url:
+        return []  # nothing to change: keep the source text exactly as written
+    new_value = _escape_attribute(new_url, href.quote)
+    if not href.quote and not new_value:
+        new_value = '""'
+    return [(_Edit(href.value_start, href.value_end, new_value), url)]
+
+
+def unescape_attribute(value: str) -> str:
+    """Decode the character references of an attribute value once, as a browser does.
+
+    Like :func:`html.unescape`, except for the standard's rule for attributes: a named
+    reference without its ``;`` followed by ``=`` or a letter or digit stays as written, so
+    ``?a=1&region=eu`` keeps ``&region`` (``html.unescape`` would make it ``®ion``).
+    """
+    if "&" not in value:
+        return value
+    return _CHARREF.sub(_attribute_charref, value)
+
+
+def _attribute_charref(match: re.Match[str]) -> str:
+    name = match.group(1)
+    if name[0] == "#" or name in html5:
+        return unescape(match.group(0))
+    for length in range(min(len(name) - 1, 32), 1, -1):
+        if name[:length] in html5:  # a legacy name, without its ";"
+            after = name[length]
+            if after == "=" or (after.isascii() and after.isalnum()):
+                return match.group(0)
+            return html5[name[:length]] + name[length:]
+    return match.group(0)
+
+
+def _trackable(raw: str, url: str) -> bool:
+    if not url.lower().startswith(_TRACKED_SCHEMES):
+        return False
+    return not any(mark in raw or mark in url for mark in _PLACEHOLDER_MARKS)
+
+
+def _remove_attribute(tag_text: str, attribute: _Attribute) -> _Edit:
+    """Drop the attribute (and its value) with one whitespace next to it, before if any."""
+    start, end = attribute.start, attribute.end
+    if start > 0 and tag_text[start - 1] in _HTML_SPACE:
+        start -= 1
+    elif end < len(tag_text) and tag_text[end] in _HTML_SPACE:
+        end += 1
+    return _Edit(start, end, "")
+
+
+def _escape_attribute(value: str, quote: str) -> str:
+    if quote == '"':
+        return value.replace("&", "&amp;").replace('"', "&quot;")
+    if quote == "'":
+        return value.replace("&", "&amp;").replace("'", "&#39;")
+    return _UNQUOTED_UNSAFE.sub(
+        lambda m: "&amp;" if m.group() == "&" else f"&#{ord(m.group())};", value
+    )
+
+
+def _splice(text: str, edits: list[_Edit]) -> str:
+    if not edits:
+        return text
+    pieces: list[str] = []
+    position = 0
+    for edit in sorted(edits, key=lambda e: (e.start, e.end)):
+        if edit.start < position:
+            continue  # overlapping edits cannot come from distinct tags; be safe anyway
+        pieces.append(text[position : edit.start])
+        pieces.append(edit.text)
+        position = edit.end
+    pieces.append(text[position:])
+    return "".join(pieces)

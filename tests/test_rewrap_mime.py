@@ -1,0 +1,577 @@
+"""Tracking applied to the HTML parts of real-world-shaped messages, byte-exact elsewhere.
+
+The messages are in ``tests/fixtures/mime/NAME.eml``; what tracking makes of them (links
+numbered ``https://t.test/c/0001`` ... in order, the pixel ``PIXEL``) is in
+``NAME.expected.eml``. Each case is also checked without the golden file: outside the bodies of
+the tracked HTML parts the output is the input, slice for slice, and undoing the href
+replacements and the pixel in the decoded HTML gives back the decoded input.
+``SMARTRELAY_REGENERATE_GOLDEN=1`` rewrites the expected files (review the diff).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email
+import email.policy
+import os
+import re
+from collections.abc import Callable, Iterator
+from email.message import EmailMessage, Message
+from pathlib import Path
+
+import pytest
+from attrs import frozen
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from smartrelay.rewrap.html import pixel_tag, rewrite_html
+from smartrelay.rewrap.mime import _encode_qp, transform_html_parts
+
+FIXTURES = Path(__file__).parent / "fixtures" / "mime"
+REGENERATE = os.environ.get("SMARTRELAY_REGENERATE_GOLDEN") == "1"
+PIXEL = "https://t.test/o/P.gif?m=1&r=2"
+PIXEL_TAG = pixel_tag(PIXEL)
+TOKEN = re.compile(r"https://t\.test/c/(\d{4})")
+
+
+class Tracker:
+    """``rewrite_url`` numbering the links of one message: ``https://t.test/c/0001`` ..."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def __call__(self, url: str) -> str:
+        self.seen.append(url)
+        return f"https://t.test/c/{len(self.seen):04d}"
+
+
+def track(raw: bytes) -> tuple[bytes, Tracker]:
+    tracker = Tracker()
+    return transform_html_parts(raw, lambda html: rewrite_html(html, tracker, PIXEL).html), tracker
+
+
+@frozen
+class Case:
+    name: str
+    # the raw href values (in the decoded HTML) that are rewritten, in order
+    hrefs: tuple[str, ...]
+    # what rewrite_url receives for them
+    links: tuple[str, ...]
+    # which "Content-Type: text/html" header blocks of the file are tracked parts (the others
+    # are attachments or inside attached messages and signed parts)
+    tracked: tuple[int, ...] = (0,)
+    # the 7bit part had to become quoted-printable
+    cte_switched: bool = False
+    # other edits in the HTML, as (output text, input text)
+    restore: tuple[tuple[str, str], ...] = ()
+
+
+CASES = [
+    Case(
+        "alternative",
+        hrefs=(
+            "https://shop.example/track?id=1&amp;lang=en",
+            "http://shop.example/orders/42#items",
+            "https://shop.example/help",
+        ),
+        links=(
+            "https://shop.example/track?id=1&lang=en",
+            "http://shop.example/orders/42#items",
+            "https://shop.example/help",
+        ),
+        restore=(('<a class="quiet" href=', '<a class="quiet" data-smartrelay-notrack href='),),
+    ),
+    Case(
+        "mixed_related_attachment",
+        hrefs=(
+            "https://shop.example/s?q=caf%C3%A9&amp;sort=price%2Basc",
+            "https://shop.example/kategorie/käse?größe=groß",
+            "https://shop.example/faq#versand-kosten",
+            "https://shop.example/r?next=%2Fa&amp;amp;b",
+        ),
+        links=(
+            "https://shop.example/s?q=caf%C3%A9&sort=price%2Basc",
+            "https://shop.example/kategorie/käse?größe=groß",
+            "https://shop.example/faq#versand-kosten",
+            "https://shop.example/r?next=%2Fa&amp;b",
+        ),
+        tracked=(0,),  # 1 is receipt.html, an attachment
+    ),
+    Case(
+        "quoted_printable",
+        hrefs=(
+            "https://news.example/articles/2025/03/a-very-long-article-slug"
+            "?utm_source=newsletter&amp;utm_medium=email&amp;utm_campaign=week-10",
+            "https://news.example/p?id=1&amp;x=2",
+            "https://news.example/unsubscribe?e=%7B%7Bemail%7D%7D",
+        ),
+        links=(
+            "https://news.example/articles/2025/03/a-very-long-article-slug"
+            "?utm_source=newsletter&utm_medium=email&utm_campaign=week-10",
+            "https://news.example/p?id=1&x=2",
+            "https://news.example/unsubscribe?e=%7B%7Bemail%7D%7D",
+        ),
+    ),
+    Case(
+        "base64_html",
+        hrefs=("https://app.example/confirm?token=abc123&amp;next=%2Fdashboard",),
+        links=("https://app.example/confirm?token=abc123&next=%2Fdashboard",),
+    ),
+    Case(
+        "latin1",
+        hrefs=(
+            "https://boutique.example/été/sélection?réduc=10%25",
+            "http://boutique.example/crème",
+        ),
+        links=(
+            "https://boutique.example/été/sélection?réduc=10%25",
+            "http://boutique.example/crème",
+        ),
+    ),
+    Case(
+        "shift_jis",
+        hrefs=(
+            "https://shop.example.jp/campaign?id=spring&amp;ref=mail",
+            "https://shop.example.jp/ソフト/表",
+        ),
+        links=(
+            "https://shop.example.jp/campaign?id=spring&ref=mail",
+            "https://shop.example.jp/ソフト/表",
+        ),
+    ),
+    Case(
+        "long_lines",
+        hrefs=("https://a.example/x", "https://a.example/second"),
+        links=("https://a.example/x", "https://a.example/second"),
+        cte_switched=True,
+    ),
+    Case(
+        "broken_html",
+        hrefs=(
+            "http://legacy.example/page?a=1&b=2",
+            "https://legacy.example/spaced",
+            "https://legacy.example/self-closing/",
+            "https://legacy.example/dup-first",
+            "  HTTPS://Legacy.Example/Upper  ",
+        ),
+        links=(
+            "http://legacy.example/page?a=1&b=2",
+            "https://legacy.example/spaced",
+            "https://legacy.example/self-closing/",
+            "https://legacy.example/dup-first",
+            "HTTPS://Legacy.Example/Upper",
+        ),
+    ),
+    Case(
+        "rfc822_attachment",
+        hrefs=("https://corp.example/ticket/77",),
+        links=("https://corp.example/ticket/77",),
+        tracked=(0,),  # 1 is inside the attached message
+    ),
+    Case(
+        "outlook",
+        hrefs=(
+            "https://intranet.example/q1?view=deck&amp;lang=en",
+            "https://intranet.example/rsvp",
+        ),
+        links=("https://intranet.example/q1?view=deck&lang=en", "https://intranet.example/rsvp"),
+    ),
+]
+UNCHANGED = ["no_html", "signed", "smime_encrypted"]
+ALL_FIXTURES = sorted(p.stem for p in FIXTURES.glob("*.eml") if not p.stem.endswith(".expected"))
+
+
+def fixture(name: str) -> bytes:
+    return (FIXTURES / f"{name}.eml").read_bytes()
+
+
+def test_fixture_list_is_complete_and_files_use_crlf() -> None:
+    assert sorted([c.name for c in CASES] + UNCHANGED) == ALL_FIXTURES
+    for name in ALL_FIXTURES:
+        raw = fixture(name)
+        assert raw.count(b"\n") == raw.count(b"\r\n"), f"{name}.eml lost its CRLF line ends"
+
+
+# --- golden files --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_golden(case: Case) -> None:
+    out, tracker = track(fixture(case.name))
+    expected_file = FIXTURES / f"{case.name}.expected.eml"
+    if REGENERATE:
+        expected_file.write_bytes(out)
+    assert out == expected_file.read_bytes()
+    assert tuple(tracker.seen) == case.links
+
+
+@pytest.mark.parametrize("name", UNCHANGED)
+def test_messages_without_trackable_html_come_back_byte_identical(name: str) -> None:
+    raw = fixture(name)
+    out, tracker = track(raw)
+    assert out == raw
+    assert tracker.seen == []
+
+
+@pytest.mark.parametrize("name", ALL_FIXTURES)
+def test_a_transformation_that_changes_nothing_leaves_every_byte(name: str) -> None:
+    seen: list[str] = []
+
+    def identity(html: str) -> str:
+        seen.append(html)
+        return html
+
+    raw = fixture(name)
+    assert transform_html_parts(raw, identity) == raw
+    if name not in UNCHANGED:
+        assert seen
+
+
+# --- only the tracked HTML bodies change ---------------------------------------------------------
+
+
+def html_bodies(raw: bytes) -> list[tuple[int, int]]:
+    """(body start, body end) of every ``Content-Type: text/html`` entity, found without
+    parsing MIME: the body ends at the next delimiter line of any boundary."""
+    boundaries = {m.group(1) for m in re.finditer(rb'(?i)boundary="?([^"\s;]+)', raw)}
+    found = []
+    for match in re.finditer(rb"(?im)^content-type:[ \t]*text/html", raw):
+        body_start = raw.index(b"\r\n\r\n", match.start()) + 4
+        ends = [raw.find(b"\r\n--" + b, body_start) for b in boundaries]
+        body_end = min([e for e in ends if e >= 0], default=len(raw))
+        found.append((body_start, body_end))
+    return found
+
+
+def split_at_bodies(raw: bytes, tracked: tuple[int, ...]) -> tuple[list[bytes], list[bytes]]:
+    """The message cut into what must stay (fixed) and the tracked HTML bodies."""
+    fixed, bodies = [], []
+    position = 0
+    spans = html_bodies(raw)
+    for index in tracked:
+        start, end = spans[index]
+        fixed.append(raw[position:start])
+        bodies.append(raw[start:end])
+        position = end
+    fixed.append(raw[position:])
+    return fixed, bodies
+
+
+def tracked_parts(message: Message) -> Iterator[EmailMessage]:
+    """The HTML parts tracking applies to, found with the stdlib's own MIME parser."""
+    if message.get_content_type() in ("multipart/signed", "multipart/encrypted"):
+        return
+    if message.is_multipart() and message.get_content_maintype() == "multipart":
+        for part in message.get_payload():
+            assert isinstance(part, Message)
+            yield from tracked_parts(part)
+    elif (
+        message.get_content_type() == "text/html"
+        and message.get_content_disposition() != "attachment"
+    ):
+        assert isinstance(message, EmailMessage)
+        yield message
+
+
+def undo(html: str, case: Case) -> str:
+    assert html.count(PIXEL_TAG) == 1
+    html = html.replace(PIXEL_TAG, "")
+    for new, old in case.restore:
+        assert new in html
+        html = html.replace(new, old)
+    return TOKEN.sub(lambda m: case.hrefs[int(m.group(1)) - 1], html)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_outside_the_html_bodies_every_byte_is_kept(case: Case) -> None:
+    raw = fixture(case.name)
+    out, _ = track(raw)
+    fixed_in, _ = split_at_bodies(raw, case.tracked)
+    fixed_out, _ = split_at_bodies(out, case.tracked)
+    if case.cte_switched:
+        # the one header value that may change
+        cte = b"Content-Transfer-Encoding: 7bit\r\n"
+        assert fixed_in[-2].count(cte) == 1
+        fixed_in[-2] = fixed_in[-2].replace(cte, b"Content-Transfer-Encoding: quoted-printable\r\n")
+    assert fixed_out == fixed_in
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_decoded_html_differs_only_in_hrefs_and_the_pixel(case: Case) -> None:
+    raw = fixture(case.name)
+    out, _ = track(raw)
+    parts_in = list(tracked_parts(email.message_from_bytes(raw, policy=email.policy.default)))
+    parts_out = list(tracked_parts(email.message_from_bytes(out, policy=email.policy.default)))
+    assert len(parts_in) == len(parts_out) == len(case.tracked)
+    for part_in, part_out in zip(parts_in, parts_out, strict=True):
+        assert part_out.get_content_charset() == part_in.get_content_charset()
+        html_in, html_out = part_in.get_content(), part_out.get_content()
+        assert html_out != html_in
+        assert undo(html_out, case) == html_in
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_bodies_are_encoded_as_before(case: Case) -> None:
+    raw = fixture(case.name)
+    out, _ = track(raw)
+    _, bodies_in = split_at_bodies(raw, case.tracked)
+    _, bodies_out = split_at_bodies(out, case.tracked)
+    parts_in = list(tracked_parts(email.message_from_bytes(raw, policy=email.policy.default)))
+    for part, body_in, body_out in zip(parts_in, bodies_in, bodies_out, strict=True):
+        encoding = part.get("content-transfer-encoding", "7bit").lower()
+        lines = body_out.split(b"\r\n")
+        assert b"\n" not in body_out.replace(b"\r\n", b"")
+        charset = part.get_content_charset() or "us-ascii"
+        if encoding == "quoted-printable" or case.cte_switched:
+            assert max(len(line) for line in lines) <= 76
+            assert not any(line.endswith((b" ", b"\t")) for line in lines)
+            decoded_in, decoded_out = binascii.a2b_qp(body_in), binascii.a2b_qp(body_out)
+            assert undo(decoded_out.decode(charset), case) == decoded_in.decode(charset)
+        elif encoding == "base64":
+            text = [line for line in lines if line]
+            assert all(len(line) == 76 for line in text[:-1]) and len(text[-1]) <= 76
+            decoded_in, decoded_out = base64.b64decode(body_in), base64.b64decode(body_out)
+            assert undo(decoded_out.decode(charset), case) == decoded_in.decode(charset)
+        else:
+            # 7bit / 8bit: the same bytes, lines as they were, but for the edits
+            undone = body_out.replace(PIXEL_TAG.encode(charset), b"")
+            for new, old in case.restore:
+                undone = undone.replace(new.encode(charset), old.encode(charset))
+            undone = TOKEN.sub(
+                lambda m: case.hrefs[int(m.group(1)) - 1],
+                undone.decode(charset, "surrogateescape"),
+            ).encode(charset, "surrogateescape")
+            assert undone == body_in
+
+
+# --- encodings, charsets and headers -------------------------------------------------------------
+
+HEAD = b"From: a@x.test\r\nTo: b@x.test\r\nSubject: s\r\nMIME-Version: 1.0\r\n"
+
+
+def add(text: str) -> Callable[[str], str]:
+    return lambda html: html.replace("</body>", text + "</body>")
+
+
+def test_7bit_part_that_gets_non_ascii_becomes_quoted_printable() -> None:
+    raw = (
+        HEAD + b"Content-Type: text/html; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding:  7bit\r\n\r\n<body>x</body>\r\n"
+    )
+    out = transform_html_parts(raw, add("é"))
+    assert out == (
+        HEAD + b"Content-Type: text/html; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding:  quoted-printable\r\n\r\n<body>x=C3=A9</body>\r\n"
+    )
+
+
+def test_missing_transfer_encoding_header_is_added_when_needed() -> None:
+    raw = HEAD + b"Content-Type: text/html; charset=utf-8\r\n\r\n<body>x</body>\r\n"
+    assert transform_html_parts(raw, add("!")) == raw.replace(b"x</body>", b"x!</body>")
+    assert transform_html_parts(raw, add("é")) == (
+        HEAD + b"Content-Type: text/html; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\n<body>x=C3=A9</body>\r\n"
+    )
+
+
+def test_folded_transfer_encoding_keeps_its_folding() -> None:
+    raw = (
+        HEAD + b"Content-Transfer-Encoding:\r\n 7bit\r\nContent-Type: text/html;\r\n"
+        b" charset=utf-8\r\n\r\n<body>x</body>"
+    )
+    assert transform_html_parts(raw, add("é")) == (
+        HEAD + b"Content-Transfer-Encoding:\r\n quoted-printable\r\nContent-Type: text/html;\r\n"
+        b" charset=utf-8\r\n\r\n<body>x=C3=A9</body>"
+    )
+
+
+def test_8bit_stays_8bit_and_the_charset_is_kept() -> None:
+    raw = (
+        HEAD + b"Content-Type: text/html; charset=iso-8859-1\r\n"
+        b"Content-Transfer-Encoding: 8bit\r\n\r\n<body>\xe9t\xe9</body>"
+    )
+    assert transform_html_parts(raw, add("ç")) == raw.replace(b"</body>", b"\xe7</body>")
+
+
+def test_characters_the_charset_lacks_become_numeric_references() -> None:
+    raw = (
+        HEAD + b"Content-Type: text/html; charset=iso-8859-1\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\n<body>caf=E9</body>"
+    )
+    out = transform_html_parts(raw, add("€ 日 é"))
+    assert out.endswith(b"\r\n\r\n<body>caf=E9&#8364; &#26085; =E9</body>")
+    raw = raw.replace(b"iso-8859-1", b"us-ascii").replace(b"caf=E9", b"cafe")
+    assert transform_html_parts(raw, add("é")).endswith(b"<body>cafe&#233;</body>")
+
+
+def test_bytes_the_charset_cannot_decode_pass_through_unchanged() -> None:
+    # labelled us-ascii, written in latin-1: the stray bytes survive, the part becomes qp
+    raw = HEAD + b"Content-Type: text/html\r\n\r\n<body>caf\xe9 na\xefve</body>"
+    out = transform_html_parts(raw, add("!"))
+    assert out == HEAD + (
+        b"Content-Type: text/html\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
+        b"<body>caf=E9 na=EFve!</body>"
+    )
+    # same in 8bit: stays 8bit
+    raw = raw.replace(b"text/html\r\n", b"text/html\r\nContent-Transfer-Encoding: 8bit\r\n")
+    assert transform_html_parts(raw, add("!")) == raw.replace(b"</body>", b"!</body>")
+
+
+def test_base64_keeps_76_character_lines_and_the_trailing_line_end() -> None:
+    html = "<body>" + "é" * 200 + "</body>"
+    encoded = base64.encodebytes(html.encode()).replace(b"\n", b"\r\n")
+    raw = (
+        HEAD
+        + b"Content-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        + encoded
+    )
+    out = transform_html_parts(raw, add("ü"))
+    body = out.split(b"\r\n\r\n", 1)[1]
+    assert body.endswith(b"\r\n") and not body.endswith(b"\r\n\r\n")
+    lines = body.split(b"\r\n")
+    assert len(lines) == 9 and lines[-1] == b""  # 415 bytes: 7 full lines and 24 characters
+    assert all(len(line) == 76 for line in lines[:-2]) and 0 < len(lines[-2]) <= 76
+    assert base64.b64decode(body).decode() == html.replace("</body>", "ü</body>")
+
+
+@pytest.mark.parametrize(
+    ("header", "body"),
+    [
+        (b"Content-Type: text/html; charset=x-unknown-charset\r\n", b"<body>x</body>"),
+        (b"Content-Type: text/html; charset=base64\r\n", b"<body>x</body>"),
+        (b"Content-Type: text/html; charset=rot13\r\n", b"<body>x</body>"),
+        (b'Content-Type: text/html; charset="utf-8\x00"\r\n', b"<body>x</body>"),
+        # cp932 has two codes for some characters: 0x8790 (≒) would come back as 0x81E0
+        (b"Content-Type: text/html; charset=cp932\r\n", b"<body>\x87\x90</body>"),
+        (b"Content-Type: text/html\r\nContent-Transfer-Encoding: x-uuencode\r\n", b"<body>"),
+        (b"Content-Type: text/html\r\nContent-Transfer-Encoding: base64\r\n", b"PGJvZHk+*"),
+        (b"Content-Type: text/html\r\nContent-Disposition: attachment\r\n", b"<body>x</body>"),
+        (b"Content-Type: text/plain\r\n", b"<body>x</body>"),
+        (b"Content-Type: application/xhtml+xml\r\n", b"<body>x</body>"),
+        (b"Content-Type: message/rfc822\r\n", b"Content-Type: text/html\r\n\r\n<body>x</body>"),
+        (b"Content-Type: multipart/mixed\r\n", b"--b\r\nContent-Type: text/html\r\n\r\n<body>\r\n"),
+        (b"Content-Type: multipart/mixed; boundary=b\r\n", b"no delimiters at all"),
+        (b"", b"<body>x</body>"),
+    ],
+)
+def test_parts_left_alone(header: bytes, body: bytes) -> None:
+    raw = HEAD + header + b"\r\n" + body
+    assert transform_html_parts(raw, add("!")) == raw
+
+
+def test_pkcs7_and_multipart_encrypted_are_left_alone() -> None:
+    raw = (
+        HEAD + b'Content-Type: multipart/mixed; boundary="m"\r\n\r\n'
+        b"--m\r\nContent-Type: text/html\r\n\r\n<body>1</body>\r\n"
+        b'--m\r\nContent-Type: multipart/encrypted; protocol="application/pgp-encrypted";'
+        b' boundary="e"\r\n\r\n'
+        b"--e\r\nContent-Type: application/pgp-encrypted\r\n\r\nVersion: 1\r\n"
+        b"--e\r\nContent-Type: text/html\r\n\r\n<body>2</body>\r\n--e--\r\n"
+        b"--m\r\nContent-Type: application/pkcs7-mime; smime-type=enveloped-data\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\nMIAGCSqGSIb3DQEHA6CAMIACAQA=\r\n"
+        b"--m--\r\n"
+    )
+    assert transform_html_parts(raw, add("!")) == raw.replace(b"1</body>", b"1!</body>", 1)
+
+
+# --- malformed structure -------------------------------------------------------------------------
+
+
+def test_missing_closing_delimiter_keeps_the_unterminated_part() -> None:
+    raw = (
+        HEAD + b'Content-Type: multipart/alternative; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/html\r\n\r\n<body>1</body>\r\n"
+        b"--b\r\nContent-Type: text/html\r\n\r\n<body>2</body>\r\n"
+    )
+    assert transform_html_parts(raw, add("!")) == raw.replace(b"1</body>", b"1!</body>")
+
+
+def test_nested_multipart_without_its_closing_delimiter() -> None:
+    raw = (
+        HEAD + b'Content-Type: multipart/mixed; boundary="outer"\r\n\r\n'
+        b'--outer\r\nContent-Type: multipart/alternative; boundary="inner"\r\n\r\n'
+        b"--inner\r\nContent-Type: text/html\r\n\r\n<body>1</body>\r\n"
+        b"--inner\r\nContent-Type: text/html\r\n\r\n<body>2</body>\r\n"
+        b"--outer\r\nContent-Type: text/html\r\n\r\n<body>3</body>\r\n"
+        b"--outer--\r\n"
+    )
+    out = transform_html_parts(raw, add("!"))
+    assert out == raw.replace(b"1</body>", b"1!</body>").replace(b"3</body>", b"3!</body>")
+
+
+def test_delimiter_lines_need_the_exact_boundary() -> None:
+    raw = (
+        HEAD + b'Content-Type: multipart/alternative; boundary="b"\r\n\r\n'
+        b"--b \t\r\nContent-Type: text/html\r\n\r\n<body>1</body>\r\n"
+        b"--bb\r\n--b-\r\n --b\r\n"
+        b"--b--  \r\nepilogue\r\n--b\r\nContent-Type: text/html\r\n\r\n<body>2</body>\r\n"
+    )
+    out = transform_html_parts(raw, add("!"))
+    assert out == raw.replace(b"1</body>", b"1!</body>")
+
+
+def test_part_headers_that_are_not_headers_leave_the_part_alone() -> None:
+    raw = (
+        HEAD + b'Content-Type: multipart/alternative; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/html\r\n<body>no empty line</body>\r\n\r\nmore\r\n"
+        b"--b--\r\n"
+    )
+    assert transform_html_parts(raw, add("!")) == raw
+
+
+def test_lf_only_messages_work_too() -> None:
+    raw = (
+        b"Subject: lf\nContent-Type: multipart/alternative; boundary=b\n\n"
+        b"--b\nContent-Type: text/html; charset=utf-8\nContent-Transfer-Encoding: 7bit\n\n"
+        b"<body>x</body>\n--b--\n"
+    )
+    assert transform_html_parts(raw, add("é")) == raw.replace(b"7bit", b"quoted-printable").replace(
+        b"x</body>", b"x=C3=A9</body>"
+    )
+
+
+def test_deep_nesting_does_not_raise() -> None:
+    depth = 2000
+    raw = HEAD + b"".join(
+        b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (i, i)
+        for i in range(depth)
+    )
+    raw += b"Content-Type: text/html\r\n\r\n<body>x</body>\r\n"
+    raw += b"".join(b"\r\n--b%d--" % i for i in reversed(range(depth)))
+    assert transform_html_parts(raw, add("!")) == raw
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(ALL_FIXTURES),
+    st.lists(st.tuples(st.floats(0, 1), st.binary(max_size=4)), max_size=4),
+    st.floats(0.05, 1),
+)
+def test_damaged_messages_never_raise(
+    name: str, damage: list[tuple[float, bytes]], cut: float
+) -> None:
+    data = bytearray(fixture(name))
+    for where, junk in damage:
+        position = int(where * len(data))
+        data[position : position + len(junk)] = junk
+    raw = bytes(data[: int(cut * len(data))])
+    assert transform_html_parts(raw, lambda html: html) == raw
+    track(raw)
+
+
+# --- the quoted-printable encoder ----------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from([b"a", b" ", b"\t", b"=", b"\r\n", b"\r", b"\n", b"\xe9", b"x" * 40]))
+)
+def test_quoted_printable_round_trips_with_short_lines(pieces: list[bytes]) -> None:
+    data = b"".join(pieces)
+    encoded = _encode_qp(data, b"\r\n")
+    assert binascii.a2b_qp(encoded) == data
+    for line in encoded.split(b"\r\n"):
+        assert len(line) <= 76
+        assert not line.endswith((b" ", b"\t"))
+        assert b"\r" not in line and b"\n" not in line
