@@ -30,6 +30,9 @@ from smartrelay.config import (
 from smartrelay.delivery.manager import DeliveryManager, node_id_for
 from smartrelay.delivery.mx import MxResolver, make_system_resolver
 from smartrelay.reactor import IRelayReactor, as_relay_reactor
+from smartrelay.rewrap.chain import RewrapChain, RewrapSettings
+from smartrelay.rewrap.dkim import DkimError, DkimSigner
+from smartrelay.rewrap.tokens import SecretFileError, TokenCodec, load_keyring
 from smartrelay.smtp.backends import InboundBackend, SubmissionBackend
 from smartrelay.smtp.listener import SmtpFactory, listener_service
 from smartrelay.smtp.session import ListenerSettings
@@ -66,6 +69,17 @@ class RelayService(MultiService):
         self.inbound: SmtpFactory | None = None
         if config.smtp.listen or config.inbound.listen:
             self._add_smtp_listeners()
+        self.codec = TokenCodec(load_keyring(config.rewrap.secret_file))
+        signer = DkimSigner(config.dkim_keys, now=reactor.seconds)
+        settings = RewrapSettings(
+            hostname=config.server.hostname,
+            base_url=config.web.base_url.rstrip("/"),
+            return_path_domain=config.inbound.return_path_domain,
+            track_opens=config.rewrap.track_opens,
+            track_clicks=config.rewrap.track_clicks,
+            list_unsubscribe=config.rewrap.list_unsubscribe,
+            unsubscribe_mailto=config.rewrap.unsubscribe_mailto,
+        )
         self.delivery = DeliveryManager(
             reactor,
             config.delivery,
@@ -73,6 +87,7 @@ class RelayService(MultiService):
             self.storage.when_ready,
             MxResolver(make_system_resolver(reactor), reactor),
             node_id=node_id_for(config.server.data_dir),
+            chain_factory=lambda store: RewrapChain(settings, self.codec, signer, store),
         )
         self.delivery.setServiceParent(self)  # type: ignore[no-untyped-call]
 
@@ -173,5 +188,5 @@ def makeService(options: Options) -> IService:
     try:
         config = load_config(path)
         return cast(IService, RelayService(config, as_relay_reactor(reactor)))
-    except (ConfigError, TlsError) as error:
+    except (ConfigError, TlsError, SecretFileError, DkimError) as error:
         raise SystemExit(f"smartrelay: {error}") from None

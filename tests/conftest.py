@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -72,3 +74,43 @@ def clock() -> Clock:
 @pytest.fixture
 def store(engine: IDatabaseEngine, clock: Clock) -> Store:
     return Store(engine, clock)
+
+
+DKIM_VERIFIER = Path(__file__).parent / "support" / "dkim_verify.pl"
+PerlVerify = Callable[[bytes, Mapping[str, str]], list[str]]
+
+
+@pytest.fixture(scope="module")
+def perl_verify_available() -> bool:
+    if shutil.which("perl") is None:
+        return False
+    probe = subprocess.run(
+        ["perl", "-MMail::DKIM::Verifier", "-MNet::DNS", "-e", "1"],
+        capture_output=True,
+        timeout=60,
+    )
+    return probe.returncode == 0
+
+
+@pytest.fixture
+def perl_verify(perl_verify_available: bool) -> PerlVerify:
+    """Runs tests/support/dkim_verify.pl: its output lines (first: the overall result)."""
+    if not perl_verify_available:
+        service_missing("libmail-dkim-perl not installed")
+
+    def run(message: bytes, records: Mapping[str, str]) -> list[str]:
+        keys = "".join(f"{name} {record}\n" for name, record in records.items())
+        done = subprocess.run(
+            ["perl", str(DKIM_VERIFIER)],
+            input=message,
+            capture_output=True,
+            timeout=60,
+            env={**os.environ, "DKIM_TEST_KEYS": keys},
+        )
+        assert done.returncode in (0, 1), done.stderr.decode(errors="replace")
+        lines = done.stdout.decode().splitlines()
+        assert lines, done.stderr.decode(errors="replace")
+        assert (done.returncode == 0) == (lines[0] == "pass")
+        return lines
+
+    return run

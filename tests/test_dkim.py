@@ -6,9 +6,7 @@ from __future__ import annotations
 import base64
 import os
 import re
-import shutil
 import stat
-import subprocess
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -32,9 +30,8 @@ from smartrelay.rewrap.dkim import (
     txt_record_name,
     zone_file_entry,
 )
-from tests.conftest import service_missing
+from tests.conftest import PerlVerify
 
-VERIFIER = Path(__file__).parent / "support" / "dkim_verify.pl"
 DOMAIN = "example.com"
 NOW = 1_700_000_000
 
@@ -195,45 +192,6 @@ def key_files(tmp_path_factory: pytest.TempPathFactory) -> KeyFiles:
             txt_record_name(DOMAIN, "ed1"): ed_record,
         },
     )
-
-
-PerlVerify = Callable[[bytes, Mapping[str, str]], list[str]]
-
-
-@pytest.fixture(scope="module")
-def perl_verify_available() -> bool:
-    if shutil.which("perl") is None:
-        return False
-    probe = subprocess.run(
-        ["perl", "-MMail::DKIM::Verifier", "-MNet::DNS", "-e", "1"],
-        capture_output=True,
-        timeout=60,
-    )
-    return probe.returncode == 0
-
-
-@pytest.fixture
-def perl_verify(perl_verify_available: bool) -> PerlVerify:
-    """Runs tests/support/dkim_verify.pl: its output lines (first: the overall result)."""
-    if not perl_verify_available:
-        service_missing("libmail-dkim-perl not installed")
-
-    def run(message: bytes, records: Mapping[str, str]) -> list[str]:
-        keys = "".join(f"{name} {record}\n" for name, record in records.items())
-        done = subprocess.run(
-            ["perl", str(VERIFIER)],
-            input=message,
-            capture_output=True,
-            timeout=60,
-            env={**os.environ, "DKIM_TEST_KEYS": keys},
-        )
-        assert done.returncode in (0, 1), done.stderr.decode(errors="replace")
-        lines = done.stdout.decode().splitlines()
-        assert lines, done.stderr.decode(errors="replace")
-        assert (done.returncode == 0) == (lines[0] == "pass")
-        return lines
-
-    return run
 
 
 def dnsfunc_for(records: Mapping[str, str]) -> Callable[..., bytes | None]:

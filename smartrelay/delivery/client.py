@@ -149,10 +149,11 @@ class SmtpConnection:
         self.tls = False
         self.messages_sent = 0
         self.greeting = ServerReply(0, "")
+        self._closed = False
 
     @property
     def usable(self) -> bool:
-        return not self._reader.lost
+        return not (self._closed or self._reader.lost)
 
     async def _command(self, line: str, limit: float = COMMAND_TIMEOUT) -> ServerReply:
         waiter = self._reader.expect()
@@ -289,12 +290,13 @@ class SmtpConnection:
                 self.close()
 
     async def quit(self) -> None:
-        if self.usable:
+        if self.usable and not self._reader.lost:
             with contextlib.suppress(Exception):
                 await self._command("QUIT", limit=10)
         self.close()
 
     def close(self) -> None:
+        self._closed = True
         if self._reader.transport is not None:
             self._reader.transport.loseConnection()
 

@@ -42,6 +42,7 @@ from smartrelay.delivery.routing import NextHop, ResolvedRoute, Router
 from smartrelay.delivery.throttle import Throttles
 from smartrelay.feedback.smtp_replies import classify_reply
 from smartrelay.reactor import IRelayReactor
+from smartrelay.rewrap.chain import RewrapChain
 from smartrelay.rewrap.headers import finalize_headers
 from smartrelay.storage.service import StorageStopped
 from smartrelay.storage.store import (
@@ -50,6 +51,7 @@ from smartrelay.storage.store import (
     RecipientOutcome,
     Store,
     StoredMessage,
+    Suppression,
 )
 from smartrelay.timefmt import rfc3339
 
@@ -97,12 +99,15 @@ class DeliveryManager(Service):
         mx_resolver: MxResolver,
         node_id: str | None = None,
         rng: random.Random | None = None,
+        chain_factory: Callable[[Store], RewrapChain] | None = None,
     ) -> None:
         self._reactor = reactor
         self._config = config
         self._hostname = hostname
         self._store_ready = store_ready
         self._store: Store | None = None
+        self._chain_factory = chain_factory
+        self._chain: RewrapChain | None = None
         self._mx = mx_resolver
         self.router = Router(config.routes)
         self.throttles = Throttles(reactor, config.throttles, config.max_connections)
@@ -140,6 +145,8 @@ class DeliveryManager(Service):
         if not self.running:
             return
         self._store = store
+        if self._chain_factory is not None:
+            self._chain = self._chain_factory(store)
         released = await self._store.release_claims(self.node_id)
         log.info(
             "delivery: node {node} started{released}",
@@ -304,20 +311,13 @@ class DeliveryManager(Service):
                         if failure.code == 421:
                             self.throttles.back_off(key, BACKOFF_ON_421)
                         break
-                try:
-                    raw = finalize_headers(job.message.raw, job.message.queue_id, self._hostname)
-                    results = await connection.send(
-                        job.message.sender, [r.address for r in job.recipients], raw
-                    )
-                except (SmtpClientError, DeferredTimeout, CancelledError) as error:
-                    results = [
-                        RecipientResult(r.address, _local_reply(str(error) or "timeout"))
-                        for r in job.recipients
-                    ]
+                results, suppressed = await self._deliver_job(destination, connection, job)
+                if not connection.usable:
                     self._connections.discard(connection)
                     connection.close()
+                await self._finish(job, results, connection, suppressed)
+                if not connection.usable:
                     connection = None
-                await self._finish(job, results, connection)
                 if any(r.reply.code == 421 for r in results):
                     self.throttles.back_off(key, BACKOFF_ON_421)
                     break
@@ -331,6 +331,41 @@ class DeliveryManager(Service):
                 self._start_workers(destination)
             elif destination.workers == 0:
                 self._destinations.pop(destination.key, None)
+
+    async def _deliver_job(
+        self, destination: Destination, connection: SmtpConnection, job: Job
+    ) -> tuple[list[RecipientResult], Sequence[tuple[ClaimedRecipient, Suppression]]]:
+        """Send a job's copies on ``connection``; a reply (or local failure) per recipient.
+
+        Through the re-wrap chain, every recipient gets a copy of their own (VERP, tokens),
+        in its own transaction on the same connection. A smarthost route (forwarder mode)
+        gets the message as accepted, all recipients in one transaction: the central relay
+        re-wraps it.
+        """
+        hop = destination.route.static_hop
+        if self._chain is None or (hop is not None and hop.kind == "smarthost"):
+            data = job.message.raw
+            if self._chain is None:
+                data = finalize_headers(data, job.message.queue_id, self._hostname)
+            sends = [(job.message.sender, [r.address for r in job.recipients], data)]
+            suppressed: Sequence[tuple[ClaimedRecipient, Suppression]] = ()
+        else:
+            wrapped = await self._chain.run(job.message, job.recipients)
+            sends = [(c.sender, [c.recipient.address], c.data) for c in wrapped.copies]
+            suppressed = wrapped.suppressed
+        results: list[RecipientResult] = []
+        for sender, addresses, data in sends:
+            if not connection.usable:
+                failure = _local_reply("connection lost")
+                results += [RecipientResult(a, failure) for a in addresses]
+                continue
+            try:
+                results += await connection.send(sender, addresses, data)
+            except (SmtpClientError, DeferredTimeout, CancelledError) as error:
+                failure = _local_reply(str(error) or "timeout")
+                results += [RecipientResult(a, failure) for a in addresses]
+                connection.close()
+        return results, suppressed
 
     async def _connect(
         self, destination: Destination, job: Job
@@ -370,17 +405,34 @@ class DeliveryManager(Service):
 
     # -- outcomes -----------------------------------------------------------------------------
     async def _finish(
-        self, job: Job, results: Sequence[RecipientResult], connection: SmtpConnection | None
+        self,
+        job: Job,
+        results: Sequence[RecipientResult],
+        connection: SmtpConnection | None,
+        suppressed: Sequence[tuple[ClaimedRecipient, Suppression]] = (),
     ) -> None:
         assert self._store is not None
         now = self._reactor.seconds()
         by_address = {r.address: r for r in results}
         mx = connection.hop.host if connection is not None else ""
         tls = connection.tls if connection is not None else False
-        outcomes = []
+        outcomes = [
+            RecipientOutcome(
+                recipient.id,
+                job.message.queue_id,
+                recipient.address,
+                "suppressed",
+                recipient.attempts,
+                None,
+                f"suppressed: {entry.reason}",
+                (("suppressed", {"reason": entry.reason}),),
+            )
+            for recipient, entry in suppressed
+        ]
         for recipient in job.recipients:
-            result = by_address[recipient.address]
-            outcomes.append(self._outcome(job, recipient, result.reply, mx, tls, now))
+            result = by_address.get(recipient.address)
+            if result is not None:
+                outcomes.append(self._outcome(job, recipient, result.reply, mx, tls, now))
         await self._store.record_outcomes(self.node_id, outcomes)
         self._in_memory -= len(job.recipients)
         for outcome in outcomes:

@@ -1,0 +1,224 @@
+"""The re-wrap chain: what turns an accepted message into the copy a recipient receives.
+
+Order (each step one object, one job, DKIM last):
+
+    suppression (per message: suppressed recipients drop out)
+    → VERP return path → X-SmartRelay-ID / Message-ID → List-Unsubscribe (+ one-click)
+    → open pixel and click links → removal of the control headers → DKIM signature
+
+VERP and the tracking tokens identify the recipient, so from the VERP step on there is one copy
+per recipient. Forwarder mode (a smarthost route) skips the chain: the central SmartRelay
+does it, and needs the control headers that are still in the message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from attrs import define, frozen
+from twisted.internet.defer import Deferred, succeed
+from zope.interface import Interface, implementer
+
+from smartrelay.rewrap.dkim import DkimSigner
+from smartrelay.rewrap.headers import CONTROL_PREFIX, field_name, split_header_block
+from smartrelay.rewrap.html import rewrite_html
+from smartrelay.rewrap.mime import transform_html_parts
+from smartrelay.rewrap.tokens import TokenCodec
+from smartrelay.storage.store import ClaimedRecipient, Store, StoredMessage, Suppression
+
+TRACE_FIELDS = (b"received", b"return-path")
+
+
+@frozen
+class RewrapSettings:
+    hostname: str
+    base_url: str  # no trailing slash
+    return_path_domain: str
+    track_opens: bool = True
+    track_clicks: bool = True
+    list_unsubscribe: bool = True
+    unsubscribe_mailto: bool = True
+
+
+@define
+class OutgoingCopy:
+    """One recipient's copy of a message, as the steps pass it along."""
+
+    message: StoredMessage
+    recipient: ClaimedRecipient
+    sender: str
+    data: bytes
+
+    def option(self, name: str, default: bool) -> bool:
+        """A per-message control header (SPEC section 3) wins over the config default."""
+        value = self.message.options.get(name)
+        return default if value is None else bool(value)
+
+
+class IRewrapStep(Interface):
+    """One concern of the chain, applied to one recipient's copy."""
+
+    def apply(copy: OutgoingCopy) -> Deferred[OutgoingCopy]:
+        """The copy with this step's change made."""
+
+
+def insert_fields(data: bytes, fields: Sequence[bytes]) -> bytes:
+    """Header fields added after the trace fields (which stay on top, RFC 5321 4.4)."""
+    existing, rest = split_header_block(data)
+    position = 0
+    while position < len(existing) and field_name(existing[position]) in TRACE_FIELDS:
+        position += 1
+    return b"".join([*existing[:position], *fields, *existing[position:]]) + rest
+
+
+@implementer(IRewrapStep)
+class VerpStep:
+    """``MAIL FROM:<b+TOKEN@return_path_domain>``: bounces come back to us, attributable."""
+
+    def __init__(self, codec: TokenCodec, return_path_domain: str) -> None:
+        self._codec = codec
+        self._domain = return_path_domain
+
+    def apply(self, copy: OutgoingCopy) -> Deferred[OutgoingCopy]:
+        copy.sender = f"b+{self._codec.verp_token(copy.recipient.id)}@{self._domain}"
+        return succeed(copy)
+
+
+@implementer(IRewrapStep)
+class IdentityStep:
+    """``X-SmartRelay-ID`` always; ``Message-ID`` when the application gave none."""
+
+    def __init__(self, hostname: str) -> None:
+        self._hostname = hostname
+
+    def apply(self, copy: OutgoingCopy) -> Deferred[OutgoingCopy]:
+        queue_id = copy.message.queue_id
+        fields = [f"X-SmartRelay-ID: {queue_id}\r\n".encode()]
+        existing, _ = split_header_block(copy.data)
+        if not any(field_name(f) == b"message-id" for f in existing):
+            fields.append(f"Message-ID: <{queue_id}@{self._hostname}>\r\n".encode())
+        copy.data = insert_fields(copy.data, fields)
+        return succeed(copy)
+
+
+@implementer(IRewrapStep)
+class ListUnsubscribeStep:
+    """``List-Unsubscribe`` (HTTPS and mailto) with ``List-Unsubscribe-Post`` (RFC 8058)."""
+
+    def __init__(self, codec: TokenCodec, settings: RewrapSettings) -> None:
+        self._codec = codec
+        self._settings = settings
+
+    def apply(self, copy: OutgoingCopy) -> Deferred[OutgoingCopy]:
+        if not copy.option("unsubscribe", self._settings.list_unsubscribe):
+            return succeed(copy)
+        existing, _ = split_header_block(copy.data)
+        if any(field_name(f) == b"list-unsubscribe" for f in existing):
+            return succeed(copy)  # the application manages its own
+        recipient_id = copy.recipient.id
+        targets = [f"<{self._settings.base_url}/u/{self._codec.unsubscribe_token(recipient_id)}>"]
+        if self._settings.unsubscribe_mailto:
+            token = self._codec.unsubscribe_mailto_token(recipient_id)
+            targets.append(f"<mailto:u+{token}@{self._settings.return_path_domain}>")
+        value = ",\r\n ".join(targets)  # folded: one target per line
+        copy.data = insert_fields(
+            copy.data,
+            [
+                f"List-Unsubscribe: {value}\r\n".encode(),
+                b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n",
+            ],
+        )
+        return succeed(copy)
+
+
+@implementer(IRewrapStep)
+class TrackingStep:
+    """Open pixel and click links in the HTML parts, per the message's options."""
+
+    def __init__(self, codec: TokenCodec, settings: RewrapSettings) -> None:
+        self._codec = codec
+        self._settings = settings
+
+    def apply(self, copy: OutgoingCopy) -> Deferred[OutgoingCopy]:
+        opens = copy.option("track_opens", self._settings.track_opens)
+        clicks = copy.option("track_clicks", self._settings.track_clicks)
+        if not (opens or clicks):
+            return succeed(copy)
+        recipient_id = copy.recipient.id
+        base = self._settings.base_url
+        pixel = f"{base}/o/{self._codec.open_token(recipient_id)}.gif" if opens else None
+
+        def click_url(url: str) -> str:
+            return f"{base}/c/{self._codec.click_token(recipient_id, url)}"
+
+        rewrite = click_url if clicks else None
+        copy.data = transform_html_parts(
+            copy.data, lambda html: rewrite_html(html, rewrite, pixel).html
+        )
+        return succeed(copy)
+
+
+@implementer(IRewrapStep)
+class ControlHeaderRemovalStep:
+    """Drop every ``X-SmartRelay-*`` header but ``X-SmartRelay-ID`` (SPEC section 3)."""
+
+    def apply(self, copy: OutgoingCopy) -> Deferred[OutgoingCopy]:
+        fields, rest = split_header_block(copy.data)
+        kept = [
+            f
+            for f in fields
+            if not field_name(f).startswith(CONTROL_PREFIX) or field_name(f) == b"x-smartrelay-id"
+        ]
+        copy.data = b"".join(kept) + rest
+        return succeed(copy)
+
+
+@implementer(IRewrapStep)
+class DkimStep:
+    """The signature, last: any later change would break it."""
+
+    def __init__(self, signer: DkimSigner) -> None:
+        self._signer = signer
+
+    def apply(self, copy: OutgoingCopy) -> Deferred[OutgoingCopy]:
+        copy.data = self._signer.sign(copy.data)
+        return succeed(copy)
+
+
+@frozen
+class RewrapResult:
+    copies: tuple[OutgoingCopy, ...]
+    suppressed: tuple[tuple[ClaimedRecipient, Suppression], ...]
+
+
+class RewrapChain:
+    def __init__(
+        self, settings: RewrapSettings, codec: TokenCodec, signer: DkimSigner, store: Store
+    ) -> None:
+        self.settings = settings
+        self._store = store
+        self.steps: tuple[IRewrapStep, ...] = (
+            VerpStep(codec, settings.return_path_domain),
+            IdentityStep(settings.hostname),
+            ListUnsubscribeStep(codec, settings),
+            TrackingStep(codec, settings),
+            ControlHeaderRemovalStep(),
+            DkimStep(signer),
+        )
+
+    async def run(
+        self, message: StoredMessage, recipients: Sequence[ClaimedRecipient]
+    ) -> RewrapResult:
+        active = await self._store.active_suppressions(r.address for r in recipients)
+        suppressed = tuple(
+            (r, active[r.address.lower()]) for r in recipients if r.address.lower() in active
+        )
+        copies = []
+        for recipient in recipients:
+            if recipient.address.lower() in active:
+                continue
+            copy = OutgoingCopy(message, recipient, message.sender, message.raw)
+            for step in self.steps:
+                copy = await step.apply(copy)
+            copies.append(copy)
+        return RewrapResult(tuple(copies), suppressed)

@@ -1,0 +1,136 @@
+"""The whole re-wrap chain on a stored message (both engines), verified independently."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from pathlib import Path
+
+import pytest_twisted
+from twisted.internet.task import Clock
+
+from smartrelay.config import DkimKey
+from smartrelay.rewrap.chain import RewrapChain, RewrapSettings
+from smartrelay.rewrap.dkim import DkimSigner, generate_key, txt_record_name
+from smartrelay.rewrap.tokens import TokenCodec, load_keyring
+from smartrelay.storage.store import NewMessage, Store
+from tests.conftest import PerlVerify
+
+HTML_MESSAGE = (
+    b"From: Shop <news@example.com>\r\n"
+    b"To: someone@example.net\r\n"
+    b"Subject: offers\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/alternative; boundary="b1"\r\n'
+    b"X-SmartRelay-Tag: promo\r\n"
+    b"X-SmartRelay-Meta-Campaign: c42\r\n"
+    b"\r\n"
+    b"--b1\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nSee https://shop.example.com/\r\n"
+    b"--b1\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+    b'<html><body><a href="https://shop.example.com/p?a=1&amp;b=2#x">buy</a>'
+    b'<a href="mailto:help@example.com">help</a></body></html>\r\n'
+    b"--b1--\r\n"
+)
+
+
+def chain_for(store: Store, tmp_path: Path) -> tuple[RewrapChain, TokenCodec, dict[str, str]]:
+    _, record = generate_key("example.com", "s1", "rsa", str(tmp_path / "dkim"))
+    key = DkimKey("example.com", "s1", str(tmp_path / "dkim" / "example.com.s1.pem"), "rsa-sha256")
+    codec = TokenCodec(load_keyring(str(tmp_path / "secret.key")))
+    settings = RewrapSettings(
+        hostname="relay.test",
+        base_url="https://t.example.com",
+        return_path_domain="bounces.example.com",
+    )
+    chain = RewrapChain(settings, codec, DkimSigner([key]), store)
+    return chain, codec, {txt_record_name("example.com", "s1"): record}
+
+
+@pytest_twisted.ensureDeferred
+async def test_chain_makes_a_signed_tracked_copy_per_recipient_and_skips_suppressed(
+    store: Store, clock: Clock, tmp_path: Path, perl_verify: PerlVerify
+) -> None:
+    chain, codec, records = chain_for(store, tmp_path)
+    await store.add_suppression("gone@example.org", "hard_bounce")
+    queued = await store.queue_message(
+        NewMessage(
+            "news@example.com",
+            ("someone@example.net", "Gone@Example.org", "other@example.net"),
+            HTML_MESSAGE,
+        )
+    )
+    claimed = await store.claim_due("node", limit=10, lease=60)
+    messages = await store.load_messages([queued.queue_id])
+    result = await chain.run(messages[queued.queue_id], claimed)
+
+    assert [(r.address, s.reason) for r, s in result.suppressed] == [
+        ("Gone@Example.org", "hard_bounce")
+    ]
+    assert [c.recipient.address for c in result.copies] == [
+        "someone@example.net",
+        "other@example.net",
+    ]
+    for copy in result.copies:
+        # VERP: the bounce address names this recipient row, and nobody can forge it.
+        local, _, domain = copy.sender.partition("@")
+        assert domain == "bounces.example.com" and local.startswith("b+")
+        assert codec.parse_verp(local[2:].upper()) == copy.recipient.id
+
+        parsed = email.message_from_bytes(copy.data, policy=email.policy.default)
+        assert parsed["X-SmartRelay-ID"] == queued.queue_id
+        assert parsed["Message-ID"] == f"<{queued.queue_id}@relay.test>"
+        assert [k for k in parsed if k.lower().startswith("x-smartrelay-")] == ["X-SmartRelay-ID"]
+        assert parsed["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        unsubscribe = str(parsed["List-Unsubscribe"])
+        web_token = unsubscribe.split("/u/")[1].split(">")[0]
+        assert codec.parse_unsubscribe(web_token) == copy.recipient.id
+        assert "<mailto:u+" in unsubscribe
+
+        html_part, text_part = None, None
+        for part in parsed.walk():
+            if part.get_content_type() == "text/html":
+                html_part = part.get_content()
+            elif part.get_content_type() == "text/plain":
+                text_part = part.get_content()
+        assert text_part == "See https://shop.example.com/"
+        text_bytes = (
+            b"Content-Type: text/plain; charset=utf-8\r\n\r\nSee https://shop.example.com/\r\n"
+        )
+        assert text_bytes in copy.data  # the text part is byte-identical
+        assert html_part is not None
+        click = html_part.split('href="https://t.example.com/c/')[1].split('"')[0]
+        assert codec.parse_click(click) == (
+            copy.recipient.id,
+            "https://shop.example.com/p?a=1&b=2#x",
+        )
+        assert 'href="mailto:help@example.com"' in html_part
+        pixel = html_part.split('src="https://t.example.com/o/')[1].split('.gif"')[0]
+        assert codec.parse_open(pixel) == copy.recipient.id
+
+        assert copy.data.startswith(b"DKIM-Signature:")
+        assert perl_verify(copy.data, records)[0] == "pass"
+
+
+@pytest_twisted.ensureDeferred
+async def test_per_message_control_headers_switch_steps_off(store: Store, tmp_path: Path) -> None:
+    chain, _, _ = chain_for(store, tmp_path)
+    raw = HTML_MESSAGE.replace(
+        b"X-SmartRelay-Tag: promo\r\n",
+        b"X-SmartRelay-Track-Opens: no\r\nX-SmartRelay-Track-Clicks: no\r\n"
+        b"X-SmartRelay-Unsubscribe: no\r\n",
+    )
+    queued = await store.queue_message(
+        NewMessage(
+            "news@example.com",
+            ("someone@example.net",),
+            raw,
+            options={"track_opens": False, "track_clicks": False, "unsubscribe": False},
+        )
+    )
+    claimed = await store.claim_due("node", limit=10, lease=60)
+    message = (await store.load_messages([queued.queue_id]))[queued.queue_id]
+    (copy,) = (await chain.run(message, claimed)).copies
+    assert b"List-Unsubscribe" not in copy.data
+    assert b"/o/" not in copy.data and b"/c/" not in copy.data
+    assert b'href="https://shop.example.com/p?a=1&amp;b=2#x"' in copy.data
+    assert b"X-SmartRelay-Track" not in copy.data
