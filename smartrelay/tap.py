@@ -38,6 +38,8 @@ from smartrelay.smtp.listener import SmtpFactory, listener_service
 from smartrelay.smtp.session import ListenerSettings
 from smartrelay.smtp.tls import TlsError, ensure_certificate, server_context_factory
 from smartrelay.storage.service import StorageService
+from smartrelay.web.service import web_service
+from smartrelay.web.tracking import Tracking
 
 log = Logger()
 
@@ -89,6 +91,9 @@ class RelayService(MultiService):
             node_id=node_id_for(config.server.data_dir),
             chain_factory=lambda store: RewrapChain(settings, self.codec, signer, store),
         )
+        tracking = Tracking(self.storage.when_ready, self.codec, reactor, config.suppression)
+        self.web = web_service(reactor, config.web.listen, tracking.app.resource(), self.fatal)
+        self.web.setServiceParent(self)  # type: ignore[no-untyped-call]
         self.delivery.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def _add_smtp_listeners(self) -> None:

@@ -176,9 +176,13 @@ def test_follows_the_schedule() -> None:
 
 def test_the_jitter_is_applied_by_default() -> None:
     at = schedule_retry(
-        now=T0, first_attempt_at=T0, attempt=1, schedule=SCHEDULE, max_age=MAX_AGE,
+        now=T0,
+        first_attempt_at=T0,
+        attempt=1,
+        schedule=SCHEDULE,
+        max_age=MAX_AGE,
         rng=random.Random(5),
-    )  # fmt: skip
+    )
     assert at is not None
     assert T0 + 54.0 <= at <= T0 + 66.0
     assert at != T0 + 60.0

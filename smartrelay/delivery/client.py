@@ -226,8 +226,12 @@ class SmtpConnection:
             if reply.code == 334:
                 reply = await self._command(base64.b64encode(password).decode())
         else:
-            return ServerReply(535, f"5.7.8 no common AUTH mechanism (server offers {mechanisms})")
-        return None if reply.code == 235 else reply
+            raise SmtpClientError(f"no common AUTH mechanism (the server offers {mechanisms})")
+        if reply.code != 235:
+            # Our credentials are the problem, not the recipients: defer (as Postfix's
+            # smtp_sasl_auth_soft_bounce), never bounce the whole spool.
+            raise SmtpClientError(f"the smarthost refused our credentials: {reply.line}")
+        return None
 
     async def send(
         self, sender: str, recipients: Sequence[str], message: bytes

@@ -141,13 +141,15 @@ class DeliveryManager(Service):
             store = await self._store_ready()
         except Exception as error:
             raise StorageFailed(str(error)) from error
+        # Take back our own claims first: nothing may be claimed (by us) before that, or the
+        # release would hand a recipient being delivered to the next claim as well.
+        released = await store.release_claims(self.node_id)
         await store.engine.listen(QUEUE_CHANNEL, self.wake)
         if not self.running:
             return
-        self._store = store
         if self._chain_factory is not None:
             self._chain = self._chain_factory(store)
-        released = await self._store.release_claims(self.node_id)
+        self._store = store
         log.info(
             "delivery: node {node} started{released}",
             node=self.node_id,
@@ -214,11 +216,18 @@ class DeliveryManager(Service):
             self._pumping = False
             self._schedule_poll()
 
-    def _schedule_poll(self) -> None:
+    def _wake_at(self, when: float) -> None:
+        """Look for due work at ``when`` (a deferred recipient's retry), if before the poll."""
+        delay = max(0.0, when - self._reactor.seconds()) + 0.01
         if self._poll_call is not None and self._poll_call.active():
+            if self._poll_call.getTime() <= self._reactor.seconds() + delay:
+                return
             self._poll_call.cancel()
         if self.running:
-            self._poll_call = self._reactor.callLater(POLL_INTERVAL, self.wake)
+            self._poll_call = self._reactor.callLater(delay, self.wake)
+
+    def _schedule_poll(self) -> None:
+        self._wake_at(self._reactor.seconds() + POLL_INTERVAL)
 
     async def _enqueue(self, claimed: Sequence[ClaimedRecipient]) -> None:
         assert self._store is not None
@@ -435,6 +444,9 @@ class DeliveryManager(Service):
                 outcomes.append(self._outcome(job, recipient, result.reply, mx, tls, now))
         await self._store.record_outcomes(self.node_id, outcomes)
         self._in_memory -= len(job.recipients)
+        retries = [o.next_attempt_at for o in outcomes if o.next_attempt_at is not None]
+        if retries:
+            self._wake_at(min(retries))
         for outcome in outcomes:
             log.info(
                 "{queue_id}: to=<{rcpt}> dest={dest} {state} reply={reply!r}",

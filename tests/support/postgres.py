@@ -61,17 +61,30 @@ class PostgresServer:
     def start(self) -> None:
         data = os.path.join(self.directory, "data")
         self._run(
-            os.path.join(self.bindir, "initdb"), "-D", data, "-A", "trust", "-U", "postgres",
+            os.path.join(self.bindir, "initdb"),
+            "-D",
+            data,
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
             "--no-sync",
-        )  # fmt: skip
+        )
         options = (
             f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1"
             " -c fsync=off -c max_connections=200"
         )
         self._run(
-            os.path.join(self.bindir, "pg_ctl"), "-D", data, "-o", options,
-            "-l", os.path.join(self.directory, "log"), "-w", "start",
-        )  # fmt: skip
+            os.path.join(self.bindir, "pg_ctl"),
+            "-D",
+            data,
+            "-o",
+            options,
+            "-l",
+            os.path.join(self.directory, "log"),
+            "-w",
+            "start",
+        )
 
     def stop(self) -> None:
         data = os.path.join(self.directory, "data")
