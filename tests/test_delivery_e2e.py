@@ -278,11 +278,6 @@ async def test_connections_are_reused_up_to_max_messages_per_connection(
     assert factory.total_connections >= count // per_connection
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gap: a worker closes its connection as soon as its destination queue is empty;"
-    " no idle connection is kept for the next message (Postfix's connection cache keeps it 2 s)",
-)
 @pytest_twisted.ensureDeferred
 async def test_trickled_messages_reuse_the_connection(
     relays: DeliveryRelays, sinks: Sinks, database_url: str

@@ -23,7 +23,7 @@ from attrs import frozen
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -63,6 +63,7 @@ LEASE = 15 * 60.0  # a claimed recipient not finished in this time is claimed ag
 POLL_INTERVAL = 5.0  # safety net beside NOTIFY, and how soon a deferred recipient is seen
 BACKOFF_ON_421 = 60.0
 STOP_GRACE = 10.0  # at shutdown, how long deliveries under way may take to finish
+IDLE_CONNECTION = 2.0  # how long an idle connection waits for the next message
 
 
 @frozen
@@ -85,6 +86,31 @@ class Destination:
         self.jobs: deque[Job] = deque()
         self.workers = 0
         self.wake_call: IDelayedCall | None = None
+        #: Workers with an open connection and nothing to do, waiting for a job (or not).
+        self.idle: list[Deferred[bool]] = []
+
+    def wait_for_job(self, clock: IReactorTime, seconds: float) -> Deferred[bool]:
+        """True when a job is queued within ``seconds``, else False."""
+        waiter: Deferred[bool] = Deferred()
+        self.idle.append(waiter)
+        timer = clock.callLater(seconds, self._idle_timeout, waiter)
+
+        def done(result: bool) -> bool:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return waiter.addCallback(done)
+
+    def _idle_timeout(self, waiter: Deferred[bool]) -> None:
+        if waiter in self.idle:
+            self.idle.remove(waiter)
+            waiter.callback(False)
+
+    def wake_idle(self, value: bool) -> None:
+        waiters, self.idle = self.idle, []
+        for waiter in waiters:
+            waiter.callback(value)
 
 
 class DeliveryManager(Service):
@@ -164,6 +190,7 @@ class DeliveryManager(Service):
         for destination in self._destinations.values():
             if destination.wake_call is not None and destination.wake_call.active():
                 destination.wake_call.cancel()
+            destination.wake_idle(False)
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
@@ -252,6 +279,7 @@ class DeliveryManager(Service):
             destination.jobs.append(job)
             touched.append(destination)
         for destination in touched:
+            destination.wake_idle(True)
             self._start_workers(destination)
 
     # -- workers ------------------------------------------------------------------------------
@@ -287,7 +315,15 @@ class DeliveryManager(Service):
         connection: SmtpConnection | None = None
         settings, key = destination.settings, destination.throttle_key
         try:
-            while destination.jobs and self.running:
+            while self.running:
+                if not destination.jobs:
+                    # Keep the connection a moment for mail that follows (Postfix's
+                    # connection cache does the same for 2 s).
+                    if connection is None or not connection.usable:
+                        break
+                    if not await destination.wait_for_job(self._reactor, IDLE_CONNECTION):
+                        break
+                    continue
                 job = destination.jobs[0]
                 wait = self.throttles.take_message(key, settings)
                 if wait > 0:
