@@ -17,6 +17,7 @@ from smartrelay.storage.engines import create_engine
 from smartrelay.storage.interfaces import IDatabaseEngine
 from smartrelay.storage.migrations import migrate
 from smartrelay.storage.store import Store
+from tests.support.delivery_relay import DeliveryRelays, Sinks
 from tests.support.postgres import PostgresServer, PostgresUnavailable, running_postgres
 
 REQUIRE_SERVICES = os.environ.get("SMARTRELAY_REQUIRE_SERVICES") == "1"
@@ -114,3 +115,23 @@ def perl_verify(perl_verify_available: bool) -> PerlVerify:
         return lines
 
     return run
+
+
+@pytest_twisted.async_yield_fixture
+async def sinks() -> AsyncIterator[Sinks]:
+    """In-process SMTP sinks (tests/support/sink.py), stopped after the test."""
+    running = Sinks(real_reactor())
+    try:
+        yield running
+    finally:
+        await running.stop_all()
+
+
+@pytest_twisted.async_yield_fixture
+async def relays(tmp_path: Path, sinks: Sinks) -> AsyncIterator[DeliveryRelays]:
+    """Relays of one test; stopped before the sinks (they depend on them) so they QUIT."""
+    runner = DeliveryRelays(real_reactor(), tmp_path)
+    try:
+        yield runner
+    finally:
+        await runner.stop_all()

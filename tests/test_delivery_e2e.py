@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -64,25 +64,6 @@ PASSWORD = "s3cret forwarder password"
 
 
 # -- fixtures --------------------------------------------------------------------------------------
-@pytest_twisted.async_yield_fixture
-async def sinks() -> AsyncIterator[Sinks]:
-    running = Sinks(real_reactor())
-    try:
-        yield running
-    finally:
-        await running.stop_all()
-
-
-@pytest_twisted.async_yield_fixture
-async def relays(tmp_path: Path, sinks: Sinks) -> AsyncIterator[DeliveryRelays]:
-    """Relays of one test; stopped before the sinks (they depend on them) so they QUIT."""
-    runner = DeliveryRelays(real_reactor(), tmp_path)
-    try:
-        yield runner
-    finally:
-        await runner.stop_all()
-
-
 @pytest.fixture
 def second_database_url(request: pytest.FixtureRequest, database_url: str, tmp_path: Path) -> str:
     """Another empty database on the same engine as ``database_url``, for a second relay."""

@@ -59,10 +59,12 @@ def delivery_relay_config(
     inbound_port: int,
     delivery: Mapping[str, Any],
     smtp: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> Config:
     """A whole relay on 127.0.0.1 whose ``[delivery]`` table is ``delivery``.
 
     A ``throttle`` list is taken as it is; without one, :data:`FAST_THROTTLE` applies.
+    ``extra`` adds or replaces top-level tables (``dkim``, ``web``, ``rewrap``...).
     """
     table = dict(delivery)
     table.setdefault("throttle", [FAST_THROTTLE])
@@ -78,6 +80,7 @@ def delivery_relay_config(
             "rewrap": {"secret_file": str(data_dir / "secret.key")},
             "web": {"listen": f"tcp:0:interface={HOST}"},
             "delivery": table,
+            **(extra or {}),
         },
         str(data_dir / "smartrelay.toml"),
     )
@@ -106,6 +109,7 @@ class DeliveryRelays:
         data_dir: str = "var",
         attempts: int = 3,
         wait_for_delivery: bool = True,
+        extra: Mapping[str, Any] | None = None,
     ) -> RunningRelay:
         """A running relay; with ``wait_for_delivery``, once its delivery manager has finished
         starting (see :func:`delivery_started`)."""
@@ -113,7 +117,13 @@ class DeliveryRelays:
         for _ in range(attempts):
             smtp_port, inbound_port = free_ports(2)
             config = delivery_relay_config(
-                self.directory / data_dir, database_url, smtp_port, inbound_port, delivery, smtp
+                self.directory / data_dir,
+                database_url,
+                smtp_port,
+                inbound_port,
+                delivery,
+                smtp,
+                extra,
             )
             service = InProcessRelay(config, self.reactor)
             service.startService()
