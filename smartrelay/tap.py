@@ -64,7 +64,11 @@ class RelayService(MultiService):
         self._reactor = reactor
         self.failed_reason: str | None = None
         self.storage = StorageService(
-            reactor, config.database.url, config.database.redacted_url, self.fatal
+            reactor,
+            config.database.url,
+            config.database.redacted_url,
+            self.fatal,
+            config.suppression,
         )
         self.storage.setServiceParent(self)  # type: ignore[no-untyped-call]
         self.submission: SmtpFactory | None = None

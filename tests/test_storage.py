@@ -8,9 +8,16 @@ import pytest
 import pytest_twisted
 from twisted.internet.task import Clock
 
+from smartrelay.config import SoftBouncePolicy, SuppressionConfig
 from smartrelay.storage.interfaces import ICursor, IDatabaseEngine
 from smartrelay.storage.migrations import current_version, latest_version, migrate
-from smartrelay.storage.store import DuplicateName, NewMessage, Store
+from smartrelay.storage.store import (
+    ClaimedRecipient,
+    DuplicateName,
+    NewMessage,
+    RecipientOutcome,
+    Store,
+)
 
 
 def message(*recipients: str, key: str | None = None) -> NewMessage:
@@ -303,3 +310,59 @@ async def test_a_restarted_node_takes_back_its_claims(store: Store) -> None:
     assert await store.release_claims("node-a") == 2
     again = await store.claim_due("node-a", limit=10, lease=900)
     assert sorted(c.address for c in again) == ["a@example.net", "b@example.net"]
+
+
+def bounce(recipient: ClaimedRecipient, hard: bool) -> RecipientOutcome:
+    data = {
+        "category": "invalid-recipient" if hard else "mailbox-full",
+        "hard": hard,
+        "status": "5.1.1" if hard else "5.2.2",
+        "reply": "550 no",
+        "source": "smtp",
+    }
+    return RecipientOutcome(
+        recipient.id,
+        recipient.queue_id,
+        recipient.address,
+        "bounced",
+        1,
+        None,
+        "550 no",
+        (("bounced", data),),
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_suppression_policy_from_delivery_outcomes(engine: IDatabaseEngine) -> None:
+    clock = Clock()
+    clock.advance(1_700_000_000)
+    policy = SuppressionConfig(
+        hard_bounce=None, soft_bounce=SoftBouncePolicy(count=2, within=3600, suppress_for=600)
+    )
+    store = Store(engine, clock, policy)
+    await store.queue_message(message("hard@example.net", "soft@example.net"))
+    hard, soft = sorted(await store.claim_due("n", limit=10, lease=60), key=lambda c: c.address)
+    await store.record_outcomes("n", [bounce(hard, hard=True), bounce(soft, hard=False)])
+    active = await store.active_suppressions(["hard@example.net", "soft@example.net"])
+    assert set(active) == {"hard@example.net"}
+    assert active["hard@example.net"].reason == "hard_bounce"
+    assert active["hard@example.net"].expires_at is None
+
+    # A second soft bounce within the hour suppresses for 10 minutes.
+    await store.queue_message(message("Soft@example.net"))
+    (again,) = await store.claim_due("n", limit=10, lease=60)
+    await store.record_outcomes("n", [bounce(again, hard=False)])
+    entry = (await store.active_suppressions(["soft@example.net"]))["soft@example.net"]
+    assert entry.reason == "soft_bounce" and entry.expires_at == clock.seconds() + 600
+
+    # A delivery clears a soft-bounce entry (not a hard one).
+    await store.queue_message(message("soft@example.net", "hard@example.net"))
+    delivered = [
+        RecipientOutcome(
+            c.id, c.queue_id, c.address, "delivered", 1, None, "250 ok", (("delivered", {}),)
+        )
+        for c in await store.claim_due("n", limit=10, lease=60)
+    ]
+    await store.record_outcomes("n", delivered)
+    remaining = await store.active_suppressions(["soft@example.net", "hard@example.net"])
+    assert set(remaining) == {"hard@example.net"}

@@ -9,6 +9,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from smartrelay.config import SuppressionConfig
 from smartrelay.reactor import IRelayReactor
 from smartrelay.storage.engines import create_engine
 from smartrelay.storage.interfaces import IDatabaseEngine
@@ -37,8 +38,10 @@ class StorageService(Service):
         url: str,
         redacted_url: str,
         on_fatal: Callable[[str], object],
+        suppression: SuppressionConfig | None = None,
     ) -> None:
         self._reactor = reactor
+        self._suppression = suppression
         self._url = url
         self._redacted_url = redacted_url
         self._on_fatal = on_fatal
@@ -66,7 +69,7 @@ class StorageService(Service):
             version=version,
             applied=f" (applied {', '.join(map(str, applied))})" if applied else "",
         )
-        self._store = Store(engine, self._reactor)
+        self._store = Store(engine, self._reactor, self._suppression)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(self._store)

@@ -13,6 +13,7 @@ from typing import Any
 from attrs import field, frozen
 from twisted.internet.interfaces import IReactorTime
 
+from smartrelay.config import SuppressionConfig
 from smartrelay.ids import new_queue_id
 from smartrelay.storage.batching import GroupCommitter
 from smartrelay.storage.interfaces import ICursor, IDatabaseEngine
@@ -158,9 +159,16 @@ class DuplicateName(Exception):
 
 
 class Store:
-    def __init__(self, engine: IDatabaseEngine, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        engine: IDatabaseEngine,
+        clock: IReactorTime,
+        suppression: SuppressionConfig | None = None,
+    ) -> None:
         self.engine = engine
         self.clock = clock
+        #: With a policy, delivery outcomes add and clear suppressions (docs/rewrap.md).
+        self.suppression = suppression
         self.smtp_credentials = LoginTable(self, "smtp_credentials")
         self.web_users = LoginTable(self, "web_users")
         # SQLite has one writer at a time anyway; PostgreSQL overlaps a few commits.
@@ -406,7 +414,39 @@ class Store:
                 await insert_events(
                     cursor, now_ms, event_type, outcome.queue_id, [outcome.address], data
                 )
+            if self.suppression is not None:
+                await self._apply_policy(cursor, now_ms, outcome, self.suppression)
         return mine
+
+    async def _apply_policy(
+        self, cursor: ICursor, now_ms: int, outcome: RecipientOutcome, policy: SuppressionConfig
+    ) -> None:
+        """Hard bounces suppress at once; ``count`` soft bounces (non-hard bounces, expiries)
+        within ``within`` suppress for ``suppress_for``; a delivery clears a soft-bounce entry."""
+        address = outcome.address
+        if outcome.state == "delivered":
+            await cursor.execute(
+                "DELETE FROM suppressions WHERE address = ? AND reason = 'soft_bounce'",
+                (address.lower(),),
+            )
+            return
+        bounces = [data for kind, data in outcome.events if kind == "bounced"]
+        if not bounces:
+            return
+        if any(data.get("hard") for data in bounces):
+            note = str(bounces[0].get("reply", ""))[:200]
+            await _suppress(cursor, address, "hard_bounce", now_ms, policy.hard_bounce, note)
+            return
+        soft = policy.soft_bounce
+        await cursor.execute(
+            "SELECT COUNT(*) FROM events"
+            " WHERE lower(recipient) = ? AND time >= ? AND type = 'bounced'",
+            (address.lower(), now_ms - to_ms(soft.within)),
+        )
+        row = cursor.fetchone()
+        if row is not None and int(row[0]) >= soft.count:
+            note = f"{int(row[0])} soft bounces"
+            await _suppress(cursor, address, "soft_bounce", now_ms, soft.suppress_for, note)
 
     async def pending_recipients(
         self, queue_id: str | None = None, limit: int = 1000
@@ -669,6 +709,25 @@ class LoginTable:
             return None if row is None else str(row[0])
 
         return await self._store.engine.run_interaction(f"hash_{self._table}", txn, readonly=True)
+
+
+async def _suppress(
+    cursor: ICursor,
+    address: str,
+    reason: str,
+    now_ms: int,
+    lasts: float | None,
+    note: str,
+) -> None:
+    """Add or replace a suppression entry inside the caller's transaction."""
+    await cursor.execute(
+        "INSERT INTO suppressions (address, reason, created_at, expires_at, note)"
+        " VALUES (?, ?, ?, ?, ?)"
+        " ON CONFLICT (address) DO UPDATE SET reason = excluded.reason,"
+        " created_at = excluded.created_at, expires_at = excluded.expires_at,"
+        " note = excluded.note",
+        (address.lower(), reason, now_ms, None if lasts is None else now_ms + to_ms(lasts), note),
+    )
 
 
 async def insert_events(
