@@ -187,7 +187,7 @@ class DeliveryManager(Service):
         super().stopService()  # type: ignore[no-untyped-call]
         if self._poll_call is not None and self._poll_call.active():
             self._poll_call.cancel()
-        for destination in self._destinations.values():
+        for destination in list(self._destinations.values()):
             if destination.wake_call is not None and destination.wake_call.active():
                 destination.wake_call.cancel()
             destination.wake_idle(False)
@@ -270,17 +270,31 @@ class DeliveryManager(Service):
             key = self.router.destination_key(route)
             destination = self._destinations.get(key)
             if destination is None:
+                mx_host = await self._first_mx(route, domain)
+                destination = self._destinations.get(key)  # another batch may have made it
+            if destination is None:
                 destination = self._destinations[key] = Destination(
                     key,
                     route,
-                    self.throttles.key_for(domain),
-                    self.throttles.settings_for(domain),
+                    self.throttles.key_for(domain, mx_host),
+                    self.throttles.settings_for(domain, mx_host),
                 )
             destination.jobs.append(job)
             touched.append(destination)
         for destination in touched:
             destination.wake_idle(True)
             self._start_workers(destination)
+
+    async def _first_mx(self, route: ResolvedRoute, domain: str) -> str | None:
+        """The preferred MX host of an ``mx`` route, so ``mx:`` throttles can match it (the
+        lookup is cached and is needed for the connection anyway)."""
+        if route.static_hop is not None:
+            return None
+        try:
+            hops = await self._mx.lookup(domain)
+        except (PermanentRoutingError, TemporaryRoutingError):
+            return None  # the connection attempt will record the failure
+        return hops[0].host if hops else None
 
     # -- workers ------------------------------------------------------------------------------
     def _start_workers(self, destination: Destination) -> None:
@@ -302,6 +316,15 @@ class DeliveryManager(Service):
             worker.addErrback(lambda f: log.failure("delivery worker failed", f))
             worker.addCallback(self._worker_done, worker)
 
+    def _others_wait(self, destination: Destination) -> bool:
+        """Another destination under the same throttle has jobs (and may need our slot)."""
+        return any(
+            other is not destination
+            and other.jobs
+            and other.throttle_key == destination.throttle_key
+            for other in self._destinations.values()
+        )
+
     def _worker_done(self, _: None, worker: Deferred[None]) -> None:
         self._workers.discard(worker)
 
@@ -319,7 +342,11 @@ class DeliveryManager(Service):
                 if not destination.jobs:
                     # Keep the connection a moment for mail that follows (Postfix's
                     # connection cache does the same for 2 s).
-                    if connection is None or not connection.usable:
+                    if (
+                        connection is None
+                        or not connection.usable
+                        or self._others_wait(destination)
+                    ):
                         break
                     if not await destination.wait_for_job(self._reactor, IDLE_CONNECTION):
                         break
@@ -376,6 +403,11 @@ class DeliveryManager(Service):
                 self._start_workers(destination)
             elif destination.workers == 0:
                 self._destinations.pop(destination.key, None)
+            # The slot freed may be what another destination under the same throttle (an
+            # mx: entry shared by several domains) was waiting for.
+            for other in list(self._destinations.values()):
+                if other is not destination and other.jobs and other.throttle_key == key:
+                    self._start_workers(other)
 
     async def _deliver_job(
         self, destination: Destination, connection: SmtpConnection, job: Job

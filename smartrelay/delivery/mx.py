@@ -110,6 +110,7 @@ class MxResolver:
         timeout: Sequence[int] = DEFAULT_DNS_TIMEOUT,
         rng: random.Random | None = None,
         max_cache_entries: int = 10_000,
+        port: int = SMTP_PORT,
     ) -> None:
         if cache_ttl_cap < 0 or negative_ttl < 0:
             raise ValueError("cache_ttl_cap and negative_ttl must not be negative")
@@ -117,6 +118,7 @@ class MxResolver:
             raise ValueError(f"max_cache_entries must be at least 1, got {max_cache_entries!r}")
         self._resolver = resolver
         self._clock = clock
+        self.port = port  # 25; another only for tests, where nothing may listen on 25
         self.cache_ttl_cap = cache_ttl_cap
         self.negative_ttl = negative_ttl
         self.timeout = tuple(timeout)
@@ -136,7 +138,7 @@ class MxResolver:
         """
         literal = _address_literal(domain)
         if literal is not None:
-            return succeed([NextHop(host=literal, port=SMTP_PORT, kind="mx")])
+            return succeed([NextHop(host=literal, port=self.port, kind="mx")])
         try:
             name = normalize_domain(domain)
         except ValueError as e:
@@ -177,7 +179,7 @@ class MxResolver:
             last = i + 1 == len(entry.exchanges)
             if last or entry.exchanges[i + 1][0] != preference:
                 self._rng.shuffle(group)
-                hops.extend(NextHop(host=h, port=SMTP_PORT, kind="mx") for h in group)
+                hops.extend(NextHop(host=h, port=self.port, kind="mx") for h in group)
                 group = []
         return hops
 
