@@ -34,10 +34,8 @@ from tests.support.relay import (
     HOST,
     HOSTNAME,
     RETURN_PATH_DOMAIN,
-    InProcessRelay,
-    RelayStartError,
     RunningRelay,
-    free_ports,
+    start_in_process,
 )
 from tests.support.sink import SinkBackend, SinkFactory, start_sink
 
@@ -113,10 +111,9 @@ class DeliveryRelays:
     ) -> RunningRelay:
         """A running relay; with ``wait_for_delivery``, once its delivery manager has finished
         starting (see :func:`delivery_started`)."""
-        reason = "not started"
-        for _ in range(attempts):
-            smtp_port, inbound_port = free_ports(2)
-            config = delivery_relay_config(
+
+        def make_config(smtp_port: int, inbound_port: int) -> Config:
+            return delivery_relay_config(
                 self.directory / data_dir,
                 database_url,
                 smtp_port,
@@ -125,25 +122,12 @@ class DeliveryRelays:
                 smtp,
                 extra,
             )
-            service = InProcessRelay(config, self.reactor)
-            service.startService()
-            if service.failed_reason is None:
-                try:
-                    store = await service.storage.when_ready()
-                except Exception:
-                    await service.stopService()
-                    raise
-                if service.failed_reason is None:
-                    relay = RunningRelay(service, store, smtp_port, inbound_port)
-                    self.started.append(relay)
-                    if wait_for_delivery:
-                        await delivery_started(self.reactor, relay)
-                    return relay
-            reason = service.failed_reason or "failed"
-            await service.stopService()
-            if "cannot listen" not in reason:
-                break
-        raise RelayStartError(reason)
+
+        relay = await start_in_process(self.reactor, make_config, attempts)
+        self.started.append(relay)
+        if wait_for_delivery:
+            await delivery_started(self.reactor, relay)
+        return relay
 
     async def stop_all(self) -> None:
         relays, self.started = self.started, []

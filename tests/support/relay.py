@@ -9,7 +9,7 @@ reactor; here it is recorded instead, and starting the relay raises.
 from __future__ import annotations
 
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,31 @@ class InProcessRelay(RelayService):
 
 class RelayStartError(Exception):
     pass
+
+
+async def start_in_process(
+    reactor: IRelayReactor, make_config: Callable[[int, int], Config], attempts: int = 3
+) -> RunningRelay:
+    """Start a relay whose config ``make_config(smtp_port, inbound_port)`` builds on free
+    ports, trying again (new ports) when a port was taken in the meantime."""
+    reason = "not started"
+    for _ in range(attempts):
+        smtp_port, inbound_port = free_ports(2)
+        service = InProcessRelay(make_config(smtp_port, inbound_port), reactor)
+        service.startService()
+        if service.failed_reason is None:
+            try:
+                store = await service.storage.when_ready()
+            except Exception:
+                await service.stopService()
+                raise
+            if service.failed_reason is None:
+                return RunningRelay(service, store, smtp_port, inbound_port)
+        reason = service.failed_reason or "failed"
+        await service.stopService()
+        if "cannot listen" not in reason:
+            break  # only a port taken in the meantime is worth another try
+    raise RelayStartError(reason)
 
 
 class RunningRelay:
@@ -108,10 +133,10 @@ class Relays:
         self, smtp: Mapping[str, Any] | None = None, data_dir: str = "var", attempts: int = 3
     ) -> RunningRelay:
         """A running relay on the test's database; ``smtp`` overrides ``[smtp]`` keys."""
-        reason = "not started"
-        for _ in range(attempts):
-            smtp_port, inbound_port, unused_port = free_ports(3)
-            config = relay_config(
+
+        def make_config(smtp_port: int, inbound_port: int) -> Config:
+            (unused_port,) = free_ports(1)
+            return relay_config(
                 self.directory / data_dir,
                 self.database_url,
                 smtp_port,
@@ -119,23 +144,10 @@ class Relays:
                 unused_port,
                 smtp,
             )
-            service = InProcessRelay(config, self.reactor)
-            service.startService()
-            if service.failed_reason is None:
-                try:
-                    store = await service.storage.when_ready()
-                except Exception:
-                    await service.stopService()
-                    raise
-                if service.failed_reason is None:
-                    relay = RunningRelay(service, store, smtp_port, inbound_port)
-                    self.started.append(relay)
-                    return relay
-            reason = service.failed_reason or "failed"
-            await service.stopService()
-            if "cannot listen" not in reason:
-                break  # only a port taken in the meantime is worth another try
-        raise RelayStartError(reason)
+
+        relay = await start_in_process(self.reactor, make_config, attempts)
+        self.started.append(relay)
+        return relay
 
     async def stop_all(self) -> None:
         """Stop every relay still running, even when stopping one of them fails."""
