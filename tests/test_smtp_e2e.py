@@ -400,6 +400,43 @@ async def test_require_tls(sqlite_relays: Relays) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_implicit_tls_listener(sqlite_relays: Relays, tmp_path: Path) -> None:
+    """An ``ssl:`` endpoint (port 465 style): TLS from the first byte, so AUTH is offered at
+    once, STARTTLS is not, and the Received header says ESMTPS."""
+    from smartrelay.smtp.tls import ensure_certificate
+    from tests.support.relay import free_ports
+
+    material = ensure_certificate("", "", str(tmp_path / "certs"), HOSTNAME)
+    (port,) = free_ports(1)
+    listen = (
+        f"ssl:{port}:interface={HOST}:privateKey={material.key_path}"
+        f":certKey={material.certificate_path}"
+    )
+    relay = await sqlite_relays.start({"listen": [listen]})
+
+    def session() -> tuple[str, str, str]:
+        with smtplib.SMTP_SSL(HOST, port, context=no_verify(), timeout=30) as client:
+            client.ehlo(CLIENT_NAME)
+            features = " ".join(sorted(client.esmtp_features))
+            client.sendmail(SENDER, ["tls@example.net"], b"Subject: x\r\n\r\nbody\r\n")
+            assert isinstance(client.sock, ssl.SSLSocket)
+            return features, str(client.sock.version()), text(client.noop())
+
+    features, version, noop = await in_thread(session)
+    assert "auth" in features and "starttls" not in features
+    assert version in ("TLSv1.2", "TLSv1.3") and noop == "250 2.0.0 Ok"
+
+    async def raw_message(cursor: ICursor) -> bytes:
+        await cursor.execute("SELECT raw FROM messages")
+        row = cursor.fetchone()
+        assert row is not None
+        return bytes(row[0])
+
+    raw = await relay.store.engine.run_interaction("raw", raw_message, readonly=True)
+    assert b"with ESMTPS id" in raw
+
+
+@pytest_twisted.ensureDeferred
 async def test_require_auth(sqlite_relays: Relays) -> None:
     # allowed_networks does not apply with require_auth (docs/smtp.md): 127.0.0.2 may connect.
     relay = await sqlite_relays.start({"require_auth": True, "allowed_networks": ["127.0.0.1/32"]})
