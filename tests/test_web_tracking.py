@@ -548,6 +548,36 @@ async def test_unsubscribe_replaces_other_reasons_without_shortening(
 
 
 @pytest_twisted.ensureDeferred
+async def test_complaint_suppresses_forever_once_and_outranks_an_unsubscribe(
+    store: Store, clock: Clock
+) -> None:
+    """SPEC [suppression] complaint (default forever): the feedback issue's ARF reader calls
+    this for the recipient a report names; a duplicate report records nothing more."""
+    ids = await queue(store, "a@example.net", "b@example.net")
+    ref_a = await queries.recipient_ref(store, ids["a@example.net"])
+    ref_b = await queries.recipient_ref(store, ids["b@example.net"])
+    assert ref_a is not None and ref_b is not None
+    await queries.unsubscribe(store, ref_b, "page", THIRTY_DAYS)
+
+    assert await queries.complain(store, ref_a, "abuse", "fbl.example.net", None) is True
+    assert await queries.complain(store, ref_a, "abuse", "fbl.example.net", None) is False
+    assert await queries.complain(store, ref_b, "abuse", "fbl.example.net", None) is True
+
+    entries = {e.address: e for e in await store.list_suppressions()}
+    assert {a: (e.reason, e.expires_at) for a, e in entries.items()} == {
+        "a@example.net": ("complaint", None),
+        "b@example.net": ("complaint", None),  # forever outlives the 30-day unsubscribe
+    }
+    complaints = await events(store, "complained")
+    assert [(e.recipient, e.data) for e in complaints] == [
+        ("a@example.net", {"feedback_type": "abuse", "source": "fbl.example.net"}),
+        ("b@example.net", {"feedback_type": "abuse", "source": "fbl.example.net"}),
+    ]
+    active = await store.active_suppressions(["A@example.net"])
+    assert active["a@example.net"].reason == "complaint"
+
+
+@pytest_twisted.ensureDeferred
 async def test_client_going_away_does_not_interrupt_the_unsubscribe(
     serve: Serve, store: Store, codec: TokenCodec
 ) -> None:

@@ -24,12 +24,13 @@ from zope.interface import Interface, implementer
 from smartrelay.rewrap.dkim import DkimSigner
 from smartrelay.rewrap.headers import CONTROL_PREFIX, field_name, split_header_block
 from smartrelay.rewrap.html import rewrite_html
-from smartrelay.rewrap.mime import transform_html_parts
+from smartrelay.rewrap.mime import MimePlan, plan_html_parts
 from smartrelay.rewrap.tokens import TokenCodec
 from smartrelay.storage.store import ClaimedRecipient, Store, StoredMessage, Suppression
 
 TRACE_FIELDS = (b"received", b"return-path")
 TEMPLATE_CACHE = 64  # HTML parts kept tokenized (a few messages' worth)
+PLAN_CACHE = 16  # messages kept cut into parts (the chain runs one message at a time)
 
 
 @frozen
@@ -45,12 +46,45 @@ class RewrapSettings:
 
 @define
 class OutgoingCopy:
-    """One recipient's copy of a message, as the steps pass it along."""
+    """One recipient's copy of a message, as the steps pass it along: the header fields (each
+    with its continuation lines and line end) and the rest (the empty line and the body), so
+    that no step parses the header section again."""
 
     message: StoredMessage
     recipient: ClaimedRecipient
     sender: str
-    data: bytes
+    fields: list[bytes]
+    body: bytes
+
+    @classmethod
+    def of(
+        cls, message: StoredMessage, recipient: ClaimedRecipient, sender: str, data: bytes
+    ) -> OutgoingCopy:
+        fields, body = split_header_block(data)
+        return cls(message, recipient, sender, fields, body)
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.fields) + self.body
+
+    def has_field(self, name: bytes) -> bool:
+        return any(field_name(f) == name for f in self.fields)
+
+    def set_field(self, name: bytes, value: bytes) -> None:
+        """Replace the value of the (first) field ``name``, or add the field at the end."""
+        wanted = name.lower()
+        for index, field in enumerate(self.fields):
+            if field_name(field) == wanted:
+                self.fields[index] = field.split(b":", 1)[0] + b": " + value + b"\r\n"
+                return
+        self.fields.append(name + b": " + value + b"\r\n")
+
+    def insert_fields(self, new: Sequence[bytes]) -> None:
+        """Header fields added after the trace fields (which stay on top, RFC 5321 4.4)."""
+        position = 0
+        while position < len(self.fields) and field_name(self.fields[position]) in TRACE_FIELDS:
+            position += 1
+        self.fields[position:position] = new
 
     def option(self, name: str, default: bool) -> bool:
         """A per-message control header (SPEC section 3) wins over the config default."""
@@ -63,15 +97,6 @@ class IRewrapStep(Interface):
 
     def apply(copy: OutgoingCopy) -> Deferred[OutgoingCopy]:
         """The copy with this step's change made."""
-
-
-def insert_fields(data: bytes, fields: Sequence[bytes]) -> bytes:
-    """Header fields added after the trace fields (which stay on top, RFC 5321 4.4)."""
-    existing, rest = split_header_block(data)
-    position = 0
-    while position < len(existing) and field_name(existing[position]) in TRACE_FIELDS:
-        position += 1
-    return b"".join([*existing[:position], *fields, *existing[position:]]) + rest
 
 
 @implementer(IRewrapStep)
@@ -97,10 +122,9 @@ class IdentityStep:
     def apply(self, copy: OutgoingCopy) -> Deferred[OutgoingCopy]:
         queue_id = copy.message.queue_id
         fields = [f"X-SmartRelay-ID: {queue_id}\r\n".encode()]
-        existing, _ = split_header_block(copy.data)
-        if not any(field_name(f) == b"message-id" for f in existing):
+        if not copy.has_field(b"message-id"):
             fields.append(f"Message-ID: <{queue_id}@{self._hostname}>\r\n".encode())
-        copy.data = insert_fields(copy.data, fields)
+        copy.insert_fields(fields)
         return succeed(copy)
 
 
@@ -115,8 +139,7 @@ class ListUnsubscribeStep:
     def apply(self, copy: OutgoingCopy) -> Deferred[OutgoingCopy]:
         if not copy.option("unsubscribe", self._settings.list_unsubscribe):
             return succeed(copy)
-        existing, _ = split_header_block(copy.data)
-        if any(field_name(f) == b"list-unsubscribe" for f in existing):
+        if copy.has_field(b"list-unsubscribe"):
             return succeed(copy)  # the application manages its own
         recipient_id = copy.recipient.id
         targets = [f"<{self._settings.base_url}/u/{self._codec.unsubscribe_token(recipient_id)}>"]
@@ -124,8 +147,7 @@ class ListUnsubscribeStep:
             token = self._codec.unsubscribe_mailto_token(recipient_id)
             targets.append(f"<mailto:u+{token}@{self._settings.return_path_domain}>")
         value = ",\r\n ".join(targets)  # folded: one target per line
-        copy.data = insert_fields(
-            copy.data,
+        copy.insert_fields(
             [
                 f"List-Unsubscribe: {value}\r\n".encode(),
                 b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n",
@@ -159,6 +181,7 @@ class TrackingStep:
         self._codec = codec
         self._settings = settings
         self._templates: OrderedDict[tuple[str, bool, bool], HtmlTemplate | None] = OrderedDict()
+        self._plans: OrderedDict[bytes, MimePlan] = OrderedDict()
         # Tracking URLs are written into attributes as they are: only plain ones may be.
         self._templating = not _UNSAFE_IN_ATTRIBUTE.search(settings.base_url)
 
@@ -186,6 +209,18 @@ class TrackingStep:
             self._templates.popitem(last=False)
         return template
 
+    def _plan(self, message: StoredMessage) -> MimePlan:
+        """The message's MIME cut into HTML parts and the bytes between, once per message."""
+        raw = message.raw  # the key: bytes keep their hash, and compare by identity first
+        plan = self._plans.get(raw)
+        if plan is None:
+            plan = self._plans[raw] = plan_html_parts(raw)
+            while len(self._plans) > PLAN_CACHE:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(raw)
+        return plan
+
     def apply(self, copy: OutgoingCopy) -> Deferred[OutgoingCopy]:
         opens = copy.option("track_opens", self._settings.track_opens)
         clicks = copy.option("track_clicks", self._settings.track_clicks)
@@ -210,7 +245,12 @@ class TrackingStep:
 
             return _SLOT.sub(value, template.html)
 
-        copy.data = transform_html_parts(copy.data, fill)
+        plan = self._plan(copy.message)
+        if not plan.html_parts:
+            return succeed(copy)
+        copy.body, top_to_qp = plan.render_body(fill)
+        if top_to_qp:
+            copy.set_field(b"Content-Transfer-Encoding", b"quoted-printable")
         return succeed(copy)
 
 
@@ -219,13 +259,11 @@ class ControlHeaderRemovalStep:
     """Drop every ``X-SmartRelay-*`` header but ``X-SmartRelay-ID`` (SPEC section 3)."""
 
     def apply(self, copy: OutgoingCopy) -> Deferred[OutgoingCopy]:
-        fields, rest = split_header_block(copy.data)
-        kept = [
+        copy.fields = [
             f
-            for f in fields
+            for f in copy.fields
             if not field_name(f).startswith(CONTROL_PREFIX) or field_name(f) == b"x-smartrelay-id"
         ]
-        copy.data = b"".join(kept) + rest
         return succeed(copy)
 
 
@@ -237,7 +275,8 @@ class DkimStep:
         self._signer = signer
 
     def apply(self, copy: OutgoingCopy) -> Deferred[OutgoingCopy]:
-        copy.data = self._signer.sign(copy.data)
+        signed = self._signer.sign(copy.data)
+        copy.fields, copy.body = split_header_block(signed)
         return succeed(copy)
 
 
@@ -270,10 +309,11 @@ class RewrapChain:
             (r, active[r.address.lower()]) for r in recipients if r.address.lower() in active
         )
         copies = []
+        fields, body = split_header_block(message.raw)  # once per message
         for recipient in recipients:
             if recipient.address.lower() in active:
                 continue
-            copy = OutgoingCopy(message, recipient, message.sender, message.raw)
+            copy = OutgoingCopy(message, recipient, message.sender, list(fields), body)
             for step in self.steps:
                 copy = await step.apply(copy)
             copies.append(copy)

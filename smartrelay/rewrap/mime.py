@@ -25,7 +25,9 @@ from email.message import Message
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
-__all__ = ["transform_html_parts"]
+from attrs import frozen
+
+__all__ = ["HtmlPart", "MimePlan", "plan_html_parts", "transform_html_parts"]
 
 # Deeper nesting than this is not mail anybody writes; past it everything is copied.
 MAX_DEPTH = 32
@@ -57,32 +59,130 @@ def _html_charset_errors(error: UnicodeError) -> tuple[str | bytes, int]:
 codecs.register_error(_ERRORS, _html_charset_errors)
 
 
+@frozen
+class HtmlPart:
+    """One ``text/html`` part that tracking may change: its decoded text and how to put a new
+    text back the way the part was encoded."""
+
+    head: bytes  # the part's header block
+    blank: bytes  # the empty line after it (its line end is the part's)
+    body: bytes  # as it was, encoded
+    text: str  # decoded
+    codec: str
+    encoding: str  # Content-Transfer-Encoding, lower case
+    top: bool  # the message itself (its header block is the message's header section)
+
+    def render(self, new_text: str) -> tuple[bytes, bytes]:
+        """(header block, body) carrying ``new_text``, encoded as the part was; the header
+        block changes only when a 7bit/8bit part has to become quoted-printable. A text that
+        cannot be encoded in the part's charset leaves the part as it was."""
+        if new_text == self.text:
+            return self.head, self.body
+        try:
+            new_data = new_text.encode(self.codec, _ERRORS)
+        except (LookupError, ValueError, UnicodeError):
+            return self.head, self.body
+        newline = self.blank
+        if self.encoding == "quoted-printable":
+            return self.head, _encode_qp(new_data, newline)
+        if self.encoding == "base64":
+            trailing = self.body[len(self.body.rstrip(b"\r\n\t ")) :]
+            return self.head, _encode_base64(new_data, newline) + (newline if trailing else b"")
+        if _needs_qp(self.encoding, self.body, new_data):
+            new_head = _set_transfer_encoding(self.head, b"quoted-printable", newline)
+            return new_head, _encode_qp(new_data, newline)
+        return self.head, new_data
+
+
+@frozen
+class MimePlan:
+    """A message cut, once, into what tracking may change (:class:`HtmlPart`) and the bytes
+    between (copied as they are): rendering a copy for each recipient walks no MIME."""
+
+    head: bytes  # the message's header block; ``segments`` are everything after it
+    segments: tuple[bytes | HtmlPart, ...]
+
+    @property
+    def html_parts(self) -> tuple[HtmlPart, ...]:
+        return tuple(s for s in self.segments if isinstance(s, HtmlPart))
+
+    def render_body(self, transform: Callable[[str], str]) -> tuple[bytes, bool]:
+        """Everything after the message's header block with ``transform`` applied to each HTML
+        part's text, and whether the message's own Content-Transfer-Encoding must become
+        quoted-printable (only ever for a top-level 7bit/8bit ``text/html`` message)."""
+        out: list[bytes] = []
+        top_to_qp = False
+        for segment in self.segments:
+            if isinstance(segment, bytes):
+                out.append(segment)
+                continue
+            head, body = segment.render(transform(segment.text))
+            if segment.top:
+                top_to_qp = head != segment.head
+                out.append(segment.blank + body)
+            else:
+                out.append(head + segment.blank + body)
+        return b"".join(out), top_to_qp
+
+    def render(self, transform: Callable[[str], str]) -> bytes:
+        body, top_to_qp = self.render_body(transform)
+        head = self.head
+        if top_to_qp:
+            newline = b"\r\n" if head.endswith(b"\r\n") else b"\n"
+            head = _set_transfer_encoding(head, b"quoted-printable", newline)
+        return head + body
+
+
 def transform_html_parts(raw: bytes, transform: Callable[[str], str]) -> bytes:
     """``raw`` with ``transform`` applied to the decoded text of every ``text/html`` part that is
     not an attachment, each part re-encoded as it was; everything else stays byte-identical."""
-    return _entity(raw, transform, 0)
+    return plan_html_parts(raw).render(transform)
 
 
-def _entity(entity: bytes, transform: Callable[[str], str], depth: int) -> bytes:
+def plan_html_parts(raw: bytes) -> MimePlan:
+    """The message's :class:`MimePlan` (no HTML part: one segment, the body as it is)."""
+    split = _split_entity(raw)
+    head = b"" if split is None else split[0]
+    segments: list[bytes | HtmlPart] = []
+    _entity(raw, segments, 0)
+    # The top-level entity's header block leads the first segment (or is the top HtmlPart's).
+    first = segments[0]
+    if isinstance(first, bytes):
+        segments[0] = first[len(head) :]
+    merged: list[bytes | HtmlPart] = []
+    for segment in segments:
+        if isinstance(segment, bytes) and merged and isinstance(merged[-1], bytes):
+            merged[-1] += segment
+        elif segment != b"":
+            merged.append(segment)
+    return MimePlan(head, tuple(merged))
+
+
+def _entity(entity: bytes, out: list[bytes | HtmlPart], depth: int) -> None:
     split = _split_entity(entity)
     if split is None or depth > MAX_DEPTH:
-        return entity
+        out.append(entity)
+        return
     head, blank, body = split
     headers = _parse_headers(head)
     if headers is None:
-        return entity
+        out.append(entity)
+        return
     content_type = headers.get_content_type()
     if content_type.startswith("multipart/"):
         boundary = _boundary(headers)
         if content_type in _UNTOUCHABLE_MULTIPARTS or boundary is None:
-            return entity
-        return head + blank + _multipart_body(body, boundary, transform, depth)
+            out.append(entity)
+            return
+        out.append(head + blank)
+        _multipart_body(body, boundary, out, depth)
+        return
     if content_type == "text/html" and headers.get_content_disposition() != "attachment":
-        changed = _html_part(head, headers, body, transform, blank)
-        if changed is not None:
-            new_head, new_body = changed
-            return new_head + blank + new_body
-    return entity
+        part = _html_part(head, headers, body, blank, depth == 0)
+        if part is not None:
+            out.append(part)
+            return
+    out.append(entity)
 
 
 def _split_entity(entity: bytes) -> tuple[bytes, bytes, bytes] | None:
@@ -128,12 +228,9 @@ def _boundary(headers: Message) -> bytes | None:
     return encoded if 0 < len(encoded) <= 200 else None
 
 
-def _multipart_body(
-    body: bytes, boundary: bytes, transform: Callable[[str], str], depth: int
-) -> bytes:
+def _multipart_body(body: bytes, boundary: bytes, out: list[bytes | HtmlPart], depth: int) -> None:
     """The body with each part that two delimiter lines enclose processed on its own."""
     delimiter = re.compile(rb"^--" + re.escape(boundary) + rb"(--)?[ \t]*\r?$", re.M)
-    out: list[bytes] = []
     copied = 0  # everything before this offset of ``body`` is in ``out``
     part_start: int | None = None  # where the current part's content begins
     for match in delimiter.finditer(body):
@@ -143,7 +240,7 @@ def _multipart_body(
             part_end -= 2 if body[part_end - 2 : part_end] == b"\r\n" else 1
             if part_end >= part_start:
                 out.append(body[copied:part_start])
-                out.append(_entity(body[part_start:part_end], transform, depth + 1))
+                _entity(body[part_start:part_end], out, depth + 1)
                 copied = part_end
         if match.group(1) is not None:
             break  # the close delimiter; the epilogue follows
@@ -152,18 +249,13 @@ def _multipart_body(
         if line_end is None:
             break  # a delimiter at the very end: no part follows
     out.append(body[copied:])
-    return b"".join(out)
 
 
 def _html_part(
-    head: bytes,
-    headers: Message,
-    body: bytes,
-    transform: Callable[[str], str],
-    newline: bytes,
-) -> tuple[bytes, bytes] | None:
-    """The part's new header block and body, or None to leave it as it is. ``newline`` is the
-    entity's line end (that of its empty line)."""
+    head: bytes, headers: Message, body: bytes, blank: bytes, top: bool
+) -> HtmlPart | None:
+    """The part decoded, or None to leave it as it is. ``blank`` is the entity's empty line
+    (its line end is the part's)."""
     encoding = str(headers.get("content-transfer-encoding", "7bit")).strip().lower()
     charset = headers.get_content_charset("us-ascii") or "us-ascii"
     try:
@@ -186,22 +278,7 @@ def _html_part(
             return None
     except (LookupError, ValueError, UnicodeError):  # LookupError: not a text codec
         return None
-    new_text = transform(text)
-    if new_text == text:
-        return None
-    try:
-        new_data = new_text.encode(codec, _ERRORS)
-    except (LookupError, ValueError, UnicodeError):
-        return None
-    if encoding == "quoted-printable":
-        return head, _encode_qp(new_data, newline)
-    if encoding == "base64":
-        trailing = body[len(body.rstrip(b"\r\n\t ")) :]
-        return head, _encode_base64(new_data, newline) + (newline if trailing else b"")
-    if _needs_qp(encoding, body, new_data):
-        new_head = _set_transfer_encoding(head, b"quoted-printable", newline)
-        return new_head, _encode_qp(new_data, newline)
-    return head, new_data
+    return HtmlPart(head, blank, body, text, codec, encoding, top)
 
 
 def _needs_qp(encoding: str, old: bytes, new: bytes) -> bool:
@@ -239,29 +316,34 @@ def _set_transfer_encoding(head: bytes, value: bytes, newline: bytes) -> bytes:
 
 
 # Quoted-printable (RFC 2045 6.7): every byte encoded as it must be, lines of at most 76.
-_QP_TOKENS = [
-    chr(byte) if (33 <= byte <= 126 and byte != 61) or byte in (9, 32) else f"={byte:02X}"
-    for byte in range(256)
-]
+_QP_UNSAFE = re.compile(rb"[^!-<>-~ \t]")  # all but printable ASCII other than "=", SP, TAB
+
+
+def _qp_escape(match: re.Match[bytes]) -> bytes:
+    return b"=%02X" % match[0][0]
 
 
 def _encode_qp(data: bytes, newline: bytes) -> bytes:
-    """Hard line breaks are ``newline`` in ``data``; any other CR or LF is encoded."""
-    lines: list[str] = []
+    """Hard line breaks are ``newline`` in ``data``; any other CR or LF is encoded. Soft line
+    breaks go as late as they can without splitting an ``=XX`` escape."""
+    width = QP_LINE - 1  # characters before a soft break's "="
+    out: list[bytes] = []
     for line in data.split(newline):
-        tokens = [_QP_TOKENS[byte] for byte in line]
-        if tokens and tokens[-1] in (" ", "\t"):
-            tokens[-1] = f"={ord(tokens[-1]):02X}"
-        current: list[str] = []
-        length = 0
-        for token in tokens:
-            if length + len(token) > QP_LINE - 1:
-                lines.append("".join(current) + "=")
-                current, length = [], 0
-            current.append(token)
-            length += len(token)
-        lines.append("".join(current))
-    return newline.join(line.encode("ascii") for line in lines)
+        quoted = _QP_UNSAFE.sub(_qp_escape, line)
+        if quoted[-1:] in (b" ", b"\t"):
+            quoted = quoted[:-1] + b"=%02X" % quoted[-1]
+        position = 0
+        while len(quoted) - position > width:
+            cut = position + width
+            # Never inside an escape: "=" one or two characters before the cut moves it back.
+            if quoted[cut - 1 : cut] == b"=":
+                cut -= 1
+            elif quoted[cut - 2 : cut - 1] == b"=":
+                cut -= 2
+            out.append(quoted[position:cut] + b"=")
+            position = cut
+        out.append(quoted[position:])
+    return newline.join(out)
 
 
 def _encode_base64(data: bytes, newline: bytes) -> bytes:

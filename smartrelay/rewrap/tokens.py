@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import hmac
 import os
@@ -331,18 +332,7 @@ class TokenCodec:
         """A token carrying ``url`` byte-exact (its UTF-8, at most :data:`MAX_URL_BYTES`)."""
         if not isinstance(url, str):
             raise TypeError(f"the URL must be a str, not {type(url).__name__}")
-        try:
-            data = url.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ValueError(f"the URL is not valid Unicode (position {e.start})") from None
-        if len(data) > MAX_URL_BYTES:
-            raise ValueError(f"the URL is longer than {MAX_URL_BYTES} bytes ({len(data)})")
-        compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
-        deflated = compressor.compress(data) + compressor.flush()
-        if len(deflated) < len(data):
-            payload = bytes([_FLAG_DEFLATE]) + deflated
-        else:
-            payload = bytes([_FLAG_PLAIN]) + data
+        payload = _url_payload(url)
         return _b64encode(self._seal(_CLICK, _varint(recipient_id) + payload, _URL_TAG))
 
     def parse_click(self, token: str) -> tuple[int, str]:
@@ -412,6 +402,23 @@ class TokenCodec:
         if not hmac.compare_digest(mac.digest()[:tag_length], tag):
             raise TokenError("bad token signature")
         return signed[1:]
+
+
+@functools.lru_cache(maxsize=4096)
+def _url_payload(url: str) -> bytes:
+    """A click token's URL part: a flag and the UTF-8, deflated when that is shorter. Cached:
+    every recipient of a message gets the same links."""
+    try:
+        data = url.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the URL is not valid Unicode (position {e.start})") from None
+    if len(data) > MAX_URL_BYTES:
+        raise ValueError(f"the URL is longer than {MAX_URL_BYTES} bytes ({len(data)})")
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    deflated = compressor.compress(data) + compressor.flush()
+    if len(deflated) < len(data):
+        return bytes([_FLAG_DEFLATE]) + deflated
+    return bytes([_FLAG_PLAIN]) + data
 
 
 def _varint(value: int) -> bytes:

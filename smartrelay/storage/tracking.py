@@ -1,4 +1,5 @@
-"""The queries behind the tracking and unsubscribe endpoints (SPEC sections 4 and 5).
+"""The queries behind the tracking and unsubscribe endpoints (SPEC sections 4 and 5), and
+the recipient's other opt-out, a feedback-loop complaint.
 
 Each function is one transaction. Events are written with :func:`insert_events`, at the
 store's clock, naming the recipient's message (``queue_id``) and address like every other
@@ -16,9 +17,11 @@ from smartrelay.storage.store import Store, from_ms, insert_events, to_ms
 
 __all__ = [
     "RecipientRef",
+    "complain",
     "delivered_at",
     "recipient_ref",
     "record_engagement",
+    "suppress_recipient",
     "unsubscribe",
 ]
 
@@ -89,18 +92,60 @@ async def unsubscribe(
     store: Store, ref: RecipientRef, method: str, suppress_for: float | None
 ) -> bool:
     """Suppress the recipient's address (reason ``unsubscribe``) and record an
-    ``unsubscribed`` event ``{"method": method}``, in one transaction.
+    ``unsubscribed`` event ``{"method": method}``, in one transaction; see
+    :func:`suppress_recipient`."""
+    return await suppress_recipient(
+        store,
+        ref,
+        "unsubscribe",
+        suppress_for,
+        "unsubscribed",
+        {"method": method},
+        f"{method} unsubscribe, message {ref.queue_id}",
+    )
+
+
+async def complain(
+    store: Store, ref: RecipientRef, feedback_type: str, source: str, suppress_for: float | None
+) -> bool:
+    """A feedback-loop complaint (ARF, RFC 5965) about the recipient's copy: suppress the
+    address (reason ``complaint``) and record a ``complained`` event ``{"feedback_type",
+    "source"}``, in one transaction; see :func:`suppress_recipient`. A report that arrives
+    twice records one event."""
+    return await suppress_recipient(
+        store,
+        ref,
+        "complaint",
+        suppress_for,
+        "complained",
+        {"feedback_type": feedback_type, "source": source},
+        f"{feedback_type} report from {source or 'unknown'}, message {ref.queue_id}",
+    )
+
+
+async def suppress_recipient(
+    store: Store,
+    ref: RecipientRef,
+    reason: str,
+    suppress_for: float | None,
+    event_type: str,
+    event_data: dict[str, Any],
+    note: str,
+) -> bool:
+    """Suppress the recipient's address for ``reason`` and record the recipient's
+    ``event_type`` event, in one transaction (the recipient's own opt-outs: unsubscribes,
+    complaints).
 
     ``suppress_for`` is the suppression's lifetime in seconds (None: forever). Idempotent: when
-    the address is already suppressed for ``unsubscribe`` (an entry in force now), nothing is
+    the address is already suppressed for ``reason`` (an entry in force now), nothing is
     written and False comes back; otherwise True.
 
     An entry in force for another reason (``hard_bounce``, ``manual``, ...) is replaced, like
-    :meth:`Store.add_suppressions` does, with the reason ``unsubscribe`` (the recipient's own
-    wish outlives, e.g., an operator removing a manual entry), but its lifetime is never
-    shortened: the entry expires at the later of the two expiries (None, forever, wins).
-    Concurrent calls for the same address are serialised (PostgreSQL: an advisory lock on the
-    address; SQLite serialises writers anyway), so two simultaneous POSTs record one event.
+    :meth:`Store.add_suppressions` does, with ``reason`` (the recipient's own wish outlives,
+    e.g., an operator removing a manual entry), but its lifetime is never shortened: the entry
+    expires at the later of the two expiries (None, forever, wins). Concurrent calls for the
+    same address are serialised (PostgreSQL: an advisory lock on the address; SQLite
+    serialises writers anyway), so two simultaneous POSTs record one event.
     """
     address = ref.address.lower()
     now_ms = to_ms(store.clock.seconds())
@@ -119,7 +164,7 @@ async def unsubscribe(
             old_reason = str(row[0])
             old_expiry = None if row[1] is None else int(row[1])
             in_force = old_expiry is None or old_expiry > now_ms
-            if in_force and old_reason == "unsubscribe":
+            if in_force and old_reason == reason:
                 return False
             if in_force:
                 expires_ms = (
@@ -129,15 +174,13 @@ async def unsubscribe(
                 )
         await cursor.execute(
             "INSERT INTO suppressions (address, reason, created_at, expires_at, note)"
-            " VALUES (?, 'unsubscribe', ?, ?, ?)"
+            " VALUES (?, ?, ?, ?, ?)"
             " ON CONFLICT (address) DO UPDATE SET reason = excluded.reason,"
             " created_at = excluded.created_at, expires_at = excluded.expires_at,"
             " note = excluded.note",
-            (address, now_ms, expires_ms, f"{method} unsubscribe, message {ref.queue_id}"),
+            (address, reason, now_ms, expires_ms, note),
         )
-        await insert_events(
-            cursor, now_ms, "unsubscribed", ref.queue_id, [ref.address], {"method": method}
-        )
+        await insert_events(cursor, now_ms, event_type, ref.queue_id, [ref.address], event_data)
         return True
 
-    return await store.engine.run_interaction("unsubscribe", txn)
+    return await store.engine.run_interaction(f"suppress_{reason}", txn)
