@@ -176,7 +176,7 @@ def test_tracking_cuts_each_message_once_whatever_its_recipient_count(
     from smartrelay.storage.store import ClaimedRecipient, StoredMessage
 
     cuts: list[bytes] = []
-    real_plan = chain_module.plan_html_parts
+    from smartrelay.rewrap.mime import plan_html_parts as real_plan
 
     def counting_plan(raw: bytes) -> MimePlan:
         cuts.append(raw)
