@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from collections.abc import Callable
 from typing import cast
 
 import twisted
 from attrs import evolve
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -93,12 +95,19 @@ class RelayService(MultiService):
             self.storage.when_ready,
             MxResolver(make_system_resolver(reactor), reactor),
             node_id=node_id_for(config.server.data_dir),
-            chain_factory=lambda store: RewrapChain(settings, self.codec, signer, store),
+            chain_factory=lambda store: RewrapChain(
+                settings, self.codec, signer, store, in_thread=self._in_thread
+            ),
         )
         tracking = Tracking(self.storage.when_ready, self.codec, reactor, config.suppression)
         self.web = web_service(reactor, config.web.listen, tracking.app.resource(), self.fatal)
         self.web.setServiceParent(self)  # type: ignore[no-untyped-call]
         self.delivery.setServiceParent(self)  # type: ignore[no-untyped-call]
+
+    def _in_thread(self, work: Callable[[], bytes]) -> Deferred[bytes]:
+        """DKIM's private-key operations, off the reactor thread (they release the GIL)."""
+        reactor = self._reactor
+        return deferToThreadPool(reactor, reactor.getThreadPool(), work)
 
     def _add_smtp_listeners(self) -> None:
         config, reactor = self.config, self._reactor

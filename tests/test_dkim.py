@@ -7,6 +7,7 @@ import base64
 import os
 import re
 import stat
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -15,8 +16,11 @@ from typing import Literal
 import attrs
 import dkim
 import pytest
+import pytest_twisted
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
 
 from smartrelay.config import DkimAlgorithm, DkimKey
 from smartrelay.rewrap.dkim import (
@@ -252,6 +256,31 @@ def test_ed25519_signature_verified_by_dkimpy(name: str, key_files: KeyFiles) ->
     other = ed25519.Ed25519PrivateKey.generate()
     wrong = {txt_record_name(DOMAIN, "ed1"): txt_record(other)}
     assert dkimpy_verify(signed, wrong) == [False]
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("name", MESSAGE_IDS)
+async def test_signing_in_a_thread_pool_gives_the_same_fields(
+    name: str, key_files: KeyFiles
+) -> None:
+    """The chain signs with the key operations in the reactor's thread pool (they release the
+    GIL): the fields are byte-identical to signing on the calling thread."""
+    message = MESSAGES[name]
+    signer = DkimSigner([key_files.rsa, key_files.ed25519], now=lambda: NOW)
+    threads: list[str] = []
+
+    def in_thread(work: Callable[[], bytes]) -> Deferred[bytes]:
+        def run() -> bytes:
+            threads.append(threading.current_thread().name)
+            return work()
+
+        return deferToThread(run)
+
+    fields = await signer.signature_fields_off_thread(message, in_thread)
+    assert fields + message == signer.sign(message)
+    assert len(threads) == 2 and threading.main_thread().name not in threads
+    unsigned = b"Subject: no From\r\n\r\nbody\r\n"
+    assert await signer.signature_fields_off_thread(unsigned, in_thread) == b""
 
 
 @pytest.mark.parametrize("name", MESSAGE_IDS)

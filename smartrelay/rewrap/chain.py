@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from attrs import define, frozen
 from twisted.internet.defer import Deferred, succeed
@@ -27,6 +27,9 @@ from smartrelay.rewrap.html import rewrite_html
 from smartrelay.rewrap.mime import MimePlan, plan_html_parts
 from smartrelay.rewrap.tokens import TokenCodec
 from smartrelay.storage.store import ClaimedRecipient, Store, StoredMessage, Suppression
+
+#: Runs a function in a thread pool (e.g. ``deferToThreadPool`` on the reactor's pool).
+InThread = Callable[[Callable[[], bytes]], Deferred[bytes]]
 
 TRACE_FIELDS = (b"received", b"return-path")
 TEMPLATE_CACHE = 64  # HTML parts kept tokenized (a few messages' worth)
@@ -269,15 +272,28 @@ class ControlHeaderRemovalStep:
 
 @implementer(IRewrapStep)
 class DkimStep:
-    """The signature, last: any later change would break it."""
+    """The signature, last: any later change would break it.
 
-    def __init__(self, signer: DkimSigner) -> None:
+    With ``in_thread`` (a way to run a function in a thread pool), the private-key operation
+    runs there, on another core: it is the most expensive part of re-wrapping a copy.
+    """
+
+    def __init__(self, signer: DkimSigner, in_thread: InThread | None = None) -> None:
         self._signer = signer
+        self._in_thread = in_thread
 
     def apply(self, copy: OutgoingCopy) -> Deferred[OutgoingCopy]:
-        signed = self._signer.sign(copy.data)
-        copy.fields, copy.body = split_header_block(signed)
-        return succeed(copy)
+        if self._in_thread is None:
+            return succeed(self._add(copy, self._signer.signature_fields(copy.data)))
+        signing = self._signer.signature_fields_off_thread(copy.data, self._in_thread)
+        return Deferred.fromCoroutine(signing).addCallback(lambda fields: self._add(copy, fields))
+
+    @staticmethod
+    def _add(copy: OutgoingCopy, signature_fields: bytes) -> OutgoingCopy:
+        if signature_fields:
+            fields, _ = split_header_block(signature_fields + b"\r\n")
+            copy.fields[0:0] = fields
+        return copy
 
 
 @frozen
@@ -288,7 +304,12 @@ class RewrapResult:
 
 class RewrapChain:
     def __init__(
-        self, settings: RewrapSettings, codec: TokenCodec, signer: DkimSigner, store: Store
+        self,
+        settings: RewrapSettings,
+        codec: TokenCodec,
+        signer: DkimSigner,
+        store: Store,
+        in_thread: InThread | None = None,
     ) -> None:
         self.settings = settings
         self._store = store
@@ -298,7 +319,7 @@ class RewrapChain:
             ListUnsubscribeStep(codec, settings),
             TrackingStep(codec, settings),
             ControlHeaderRemovalStep(),
-            DkimStep(signer),
+            DkimStep(signer, in_thread),
         )
 
     async def run(

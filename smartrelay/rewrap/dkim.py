@@ -25,6 +25,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from email.utils import getaddresses
+from functools import partial
 from typing import Literal
 
 import dkim
@@ -33,6 +34,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from twisted.internet.defer import Deferred
 
 from smartrelay.config import DkimKey
 
@@ -239,20 +241,53 @@ class DkimSigner:
         Unchanged when no key matches the From domain, or when the message has no single From
         field with an address, or a header section dkimpy cannot parse.
         """
+        return self.signature_fields(message) + message
+
+    def signature_fields(self, message: bytes) -> bytes:
+        """The DKIM-Signature field(s) :meth:`sign` would prepend (empty when none)."""
+        prepared = self._prepare(message)
+        if prepared is None:
+            return b""
+        pending, linesep = prepared
+        return _assemble(pending, [p.key.sign_digest(p.digest) for p in pending], linesep)
+
+    async def signature_fields_off_thread(
+        self, message: bytes, in_thread: Callable[[Callable[[], bytes]], Deferred[bytes]]
+    ) -> bytes:
+        """:meth:`signature_fields`, the private-key operations run by ``in_thread`` (e.g. in
+        the reactor's thread pool): the ``cryptography`` library releases the GIL for them,
+        so they use another core while the reactor goes on."""
+        prepared = self._prepare(message)
+        if prepared is None:
+            return b""
+        pending, linesep = prepared
+        signatures = [await in_thread(partial(p.key.sign_digest, p.digest)) for p in pending]
+        return _assemble(pending, signatures, linesep)
+
+    def _prepare(self, message: bytes) -> tuple[list[_PendingSignature], bytes] | None:
         if not self._by_domain:
-            return message
+            return None
         try:
             headers, body = dkim.rfc822_parse(message)
         except (dkim.DKIMException, IndexError):
-            return message
+            return None
         from_domain = author_domain(headers)
         if from_domain is None:
-            return message
+            return None
         keys = self.keys_for(from_domain)
         if not keys:
-            return message
+            return None
         linesep = b"\r\n" if b"\r\n" in message else b"\n"
-        return sign_parsed(headers, body, keys, int(self._now()), linesep) + message
+        return _prepare(headers, body, keys, int(self._now())), linesep
+
+
+@frozen
+class _PendingSignature:
+    """A signature whose header hash is computed; only the key operation is left."""
+
+    key: LoadedKey
+    tags: list[tuple[bytes, bytes]]
+    digest: bytes
 
 
 def sign_parsed(
@@ -268,11 +303,21 @@ def sign_parsed(
     ``include_headers=signed_header_names(headers)`` and default identity, but for the
     signing call itself, and with ``t=`` from ``timestamp``.
     """
+    pending = _prepare(headers, body, keys, timestamp)
+    return _assemble(pending, [p.key.sign_digest(p.digest) for p in pending], linesep)
+
+
+def _prepare(
+    headers: Sequence[Sequence[bytes]],
+    body: bytes,
+    keys: Sequence[LoadedKey],
+    timestamp: int,
+) -> list[_PendingSignature]:
     include = signed_header_names(headers)
     h_value = b" : ".join(include)
     canonical_headers = _POLICY.canonicalize_headers(headers)
     body_hash = base64.b64encode(hashlib.sha256(_POLICY.canonicalize_body(body)).digest())
-    fields_out: list[bytes] = []
+    pending: list[_PendingSignature] = []
     for key in keys:
         domain = key.domain.encode("ascii")
         tags: list[tuple[bytes, bytes]] = [
@@ -301,7 +346,16 @@ def sign_parsed(
             (_HEADER_NAME, b" " + unsigned),
             dict(tags),
         )
-        tags[-1] = (b"b", base64.b64encode(key.sign_digest(hasher.digest())))
+        pending.append(_PendingSignature(key, tags, hasher.digest()))
+    return pending
+
+
+def _assemble(
+    pending: Sequence[_PendingSignature], signatures: Sequence[bytes], linesep: bytes
+) -> bytes:
+    fields_out: list[bytes] = []
+    for item, signature in zip(pending, signatures, strict=True):
+        tags = [*item.tags[:-1], (b"b", base64.b64encode(signature))]
         value = b"; ".join(b"=".join(tag) for tag in tags) + linesep
         fields_out.append(
             _HEADER_NAME + b": " + dkim.fold(value, namelen=len(_HEADER_NAME), linesep=linesep)
