@@ -288,6 +288,9 @@ class DeliveryConfig:
     max_age: float = 5 * 86400.0
     connect_timeout: float = 30.0
     tls: DeliveryTls = "opportunistic"
+    #: Separate delivery processes (0: the main process delivers). Re-wrapping and delivery
+    #: then run on other cores than the listener; they share the database.
+    processes: int = 0
     #: In file order; always contains a ``*`` route (``mx`` unless configured).
     routes: tuple[Route, ...] = field(factory=_default_routes)
     #: In file order; always contains a ``*`` throttle (the defaults unless configured).
@@ -484,6 +487,7 @@ _DELIVERY_KEYS = (
     "max_age",
     "connect_timeout",
     "tls",
+    "processes",
     "routes",
     "throttle",
 )
@@ -610,9 +614,13 @@ def _parse_delivery(t: _Table) -> DeliveryConfig:
         max_age=t.duration("max_age", d.max_age),
         connect_timeout=t.duration("connect_timeout", d.connect_timeout),
         tls=tls,
+        processes=t.integer_in("processes", d.processes, 0, MAX_DELIVERY_PROCESSES),
         routes=_parse_routes(t),
         throttles=_parse_throttles(t),
     )
+
+
+MAX_DELIVERY_PROCESSES = 64
 
 
 def _parse_routes(delivery: _Table) -> tuple[Route, ...]:
@@ -924,6 +932,15 @@ class _Table:
             return default
         if value <= 0:
             raise self.error(name, f"expected a positive integer, got {value}")
+        return cast(int, value)
+
+    def integer_in(self, name: str, default: int, low: int, high: int) -> int:
+        """An integer from ``low`` to ``high``."""
+        value = self._typed(name, int, "an integer")
+        if value is _MISSING:
+            return default
+        if not low <= value <= high:
+            raise self.error(name, f"expected an integer from {low} to {high}, got {value}")
         return cast(int, value)
 
     def choice(self, name: str, options: tuple[str, ...], default: str) -> str:

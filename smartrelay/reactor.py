@@ -9,6 +9,7 @@ from twisted.internet.interfaces import (
     IReactorFDSet,
     IReactorFromThreads,
     IReactorPluggableNameResolver,
+    IReactorProcess,
     IReactorSSL,
     IReactorTCP,
     IReactorThreads,
@@ -25,6 +26,7 @@ class IRelayReactor(
     IReactorFromThreads,
     IReactorFDSet,
     IReactorPluggableNameResolver,
+    IReactorProcess,
 ):
     """The union of reactor interfaces SmartRelay relies on."""
 

@@ -10,7 +10,7 @@ import os
 import platform
 import sys
 from collections.abc import Callable
-from typing import cast
+from typing import Literal, cast
 
 import twisted
 from attrs import evolve
@@ -31,6 +31,7 @@ from smartrelay.config import (
 )
 from smartrelay.delivery.manager import DeliveryManager, node_id_for
 from smartrelay.delivery.mx import MxResolver, make_system_resolver
+from smartrelay.delivery.processes import DeliveryProcesses, worker_command
 from smartrelay.reactor import IRelayReactor, as_relay_reactor
 from smartrelay.rewrap.chain import RewrapChain, RewrapSettings
 from smartrelay.rewrap.dkim import DkimError, DkimSigner
@@ -60,9 +61,18 @@ class Options(usage.Options):
 class RelayService(MultiService):
     """The whole relay. Logs the start-up line; a fatal start-up error stops it with status 1."""
 
-    def __init__(self, config: Config, reactor: IRelayReactor) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: IRelayReactor,
+        role: Literal["all", "delivery"] = "all",
+        worker_index: int = 0,
+    ) -> None:
+        """``role="delivery"``: only the storage and a delivery manager, as the delivery
+        process ``worker_index`` of a relay with ``[delivery] processes`` set."""
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
+        self.role = role
         self._reactor = reactor
         self.failed_reason: str | None = None
         self.storage = StorageService(
@@ -75,7 +85,8 @@ class RelayService(MultiService):
         self.storage.setServiceParent(self)  # type: ignore[no-untyped-call]
         self.submission: SmtpFactory | None = None
         self.inbound: SmtpFactory | None = None
-        if config.smtp.listen or config.inbound.listen:
+        serving = role == "all"
+        if serving and (config.smtp.listen or config.inbound.listen):
             self._add_smtp_listeners()
         self.codec = TokenCodec(load_keyring(config.rewrap.secret_file))
         signer = DkimSigner(config.dkim_keys, now=reactor.seconds)
@@ -88,21 +99,34 @@ class RelayService(MultiService):
             list_unsubscribe=config.rewrap.list_unsubscribe,
             unsubscribe_mailto=config.rewrap.unsubscribe_mailto,
         )
-        self.delivery = DeliveryManager(
-            reactor,
-            config.delivery,
-            config.server.hostname,
-            self.storage.when_ready,
-            MxResolver(make_system_resolver(reactor), reactor),
-            node_id=node_id_for(config.server.data_dir),
-            chain_factory=lambda store: RewrapChain(
-                settings, self.codec, signer, store, in_thread=self._in_thread
-            ),
-        )
-        tracking = Tracking(self.storage.when_ready, self.codec, reactor, config.suppression)
-        self.web = web_service(reactor, config.web.listen, tracking.app.resource(), self.fatal)
-        self.web.setServiceParent(self)  # type: ignore[no-untyped-call]
-        self.delivery.setServiceParent(self)  # type: ignore[no-untyped-call]
+        node_id = node_id_for(config.server.data_dir)
+        self.delivery: DeliveryManager | None = None
+        delivery_service: IService
+        if role == "delivery" or config.delivery.processes == 0:
+            self.delivery = delivery_service = DeliveryManager(
+                reactor,
+                config.delivery,
+                config.server.hostname,
+                self.storage.when_ready,
+                MxResolver(make_system_resolver(reactor), reactor),
+                node_id=f"{node_id}-d{worker_index}" if role == "delivery" else node_id,
+                chain_factory=lambda store: RewrapChain(
+                    settings, self.codec, signer, store, in_thread=self._in_thread
+                ),
+            )
+        else:
+            config_path = os.path.abspath(config.path)
+            delivery_service = DeliveryProcesses(
+                reactor,
+                config.delivery.processes,
+                lambda index: worker_command(config_path, index),
+                self.storage.when_ready,
+            )
+        if serving:
+            tracking = Tracking(self.storage.when_ready, self.codec, reactor, config.suppression)
+            self.web = web_service(reactor, config.web.listen, tracking.app.resource(), self.fatal)
+            self.web.setServiceParent(self)  # type: ignore[no-untyped-call]
+        delivery_service.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def _in_thread(self, work: Callable[[], bytes]) -> Deferred[bytes]:
         """DKIM's private-key operations, off the reactor thread (they release the GIL)."""

@@ -105,6 +105,7 @@ def test_empty_file_gives_full_defaults(tmp_path: Path) -> None:
     assert delivery.max_age == 5 * 86400
     assert delivery.connect_timeout == 30
     assert delivery.tls == "opportunistic"
+    assert delivery.processes == 0
     assert delivery.routes == (Route("*", "mx"),)
     assert delivery.throttles == (Throttle("*", 20, 100, 1000 / 60),)
     assert config.dkim_keys == ()
@@ -170,6 +171,7 @@ retry_schedule = ["1m", "5m", "15m", "30m", "1h", "2h", "4h", "8h"]
 max_age = "5d"
 connect_timeout = "30s"
 tls = "required"
+processes = 2
 
 [delivery.routes]
 "*" = "mx"
@@ -255,6 +257,7 @@ def test_full_example(tmp_path: Path) -> None:
     assert delivery.max_connections == 100
     assert delivery.retry_schedule == (60, 300, 900, 1800, 3600, 7200, 14400, 28800)
     assert delivery.tls == "required"
+    assert delivery.processes == 2
     assert delivery.routes == (
         Route("*", "mx"),
         Route("example.test", "smtp://127.0.0.1:2600"),
@@ -432,6 +435,10 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
     ({"delivery": {"max_age": ["5d"]}}, "delivery.max_age", "expected a duration string"),
     ({"delivery": {"connect_timeout": "30"}}, "delivery.connect_timeout", "invalid duration"),
     ({"delivery": {"retry_schedule": []}}, "delivery.retry_schedule", "must not be empty"),
+    ({"delivery": {"processes": -1}}, "delivery.processes", "from 0 to 64, got -1"),
+    ({"delivery": {"processes": 65}}, "delivery.processes", "from 0 to 64, got 65"),
+    ({"delivery": {"processes": "2"}}, "delivery.processes", "expected an integer"),
+    ({"delivery": {"processes": True}}, "delivery.processes", "expected an integer"),
     ({"delivery": {"retry_schedule": "1m"}}, "delivery.retry_schedule", "array of strings"),
     (
         {"delivery": {"retry_schedule": ["1m", "5 m"]}},

@@ -16,13 +16,9 @@ from __future__ import annotations
 
 import re
 import signal
-import smtplib
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
@@ -30,15 +26,11 @@ from tests.conftest import service_missing
 from tests.support.postfix import PostfixSink, find_postfix_tool, running_postfix_sink
 from tests.support.relay import HOST, free_ports
 from tests.support.run import Twistd, query, write_relay_config
-
-T = TypeVar("T")
+from tests.support.traffic import complete_dumps, states, submit_all, wait_until
 
 MESSAGES = 200
 SESSIONS = 4
 CONNECTIONS = 40
-SENDER = "app@sender.test"
-QUEUED = re.compile(r"Ok: queued as (\S+)")
-TRAILER = re.compile(r"^END-OF-MESSAGE (\d+)$", re.MULTILINE)
 TAKING_BACK = re.compile(r"taking back (\d+) recipient")
 
 
@@ -51,64 +43,6 @@ def slow_sink() -> Iterator[PostfixSink]:
         raise AssertionError("unreachable")
     with running_postfix_sink(path, ["-W", ".:1"]) as sink:
         yield sink
-
-
-def message(n: int) -> bytes:
-    return (
-        f"From: <{SENDER}>\r\nTo: <r{n}@example.net>\r\nSubject: crash test {n}\r\n\r\n"
-        f"Message {n}.\r\nEND-OF-MESSAGE {n}\r\n"
-    ).encode()
-
-
-def submit_share(port: int, numbers: list[int]) -> dict[str, int]:
-    """Messages ``numbers`` in one SMTP session: {queue id: n} of those accepted."""
-    accepted = {}
-    with smtplib.SMTP(HOST, port, local_hostname="client.test", timeout=30) as client:
-        client.ehlo()
-        for n in numbers:
-            client.mail(SENDER)
-            code, text = client.rcpt(f"r{n}@example.net")
-            assert code == 250, f"RCPT: {code} {text!r}"
-            code, text = client.data(message(n))
-            match = QUEUED.search(text.decode())
-            if code == 250 and match is not None:
-                accepted[match[1]] = n
-    return accepted
-
-
-def submit_all(port: int) -> dict[str, int]:
-    shares = [list(range(i, MESSAGES, SESSIONS)) for i in range(SESSIONS)]
-    with ThreadPoolExecutor(SESSIONS) as pool:
-        results = list(pool.map(lambda share: submit_share(port, share), shares))
-    return {queue_id: n for result in results for queue_id, n in result.items()}
-
-
-def wait_until(condition: Callable[[], T | None], what: str, timeout: float) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result is not None:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
-def complete_dumps(sink: PostfixSink) -> Counter[str]:
-    """How many times each queue id reached the sink whole (its last line was written)."""
-    seen: Counter[str] = Counter()
-    for dumped in sink.messages():
-        queue_id = dumped.header("X-SmartRelay-ID")
-        if queue_id is not None and TRAILER.search(dumped.text):
-            seen[queue_id] += 1
-    return seen
-
-
-def states(url: str) -> Counter[str]:
-    return Counter({str(s): int(c) for s, c in query(url, _STATES_SQL)})
-
-
-_STATES_SQL = "SELECT state, COUNT(*) FROM recipients GROUP BY state"
 
 
 def test_kill_9_while_delivering_loses_nothing(
@@ -135,7 +69,7 @@ def test_kill_9_while_delivering_loses_nothing(
     try:
         first.wait_for("smtp: listening on")
         first.wait_for("delivery: node")
-        accepted = submit_all(smtp_port)
+        accepted = submit_all(smtp_port, MESSAGES, SESSIONS)
         assert len(accepted) == MESSAGES
         # Mid-delivery: some messages delivered (outcome committed), more on the wire, the
         # rest claimed and waiting for a connection.

@@ -219,6 +219,7 @@ async def test_mail_arriving_while_delivery_starts_is_delivered_once(
     await submit(relay.smtp_port, ["once@example.net"], message_bytes("start-up race"))
     await wait_for_events(reactor, relay.store, "delivered", 1)
     manager = relay.service.delivery
+    assert manager is not None
 
     async def idle() -> bool | None:
         return True if not manager._workers else None

@@ -149,6 +149,7 @@ async def delivery_started(reactor: IRelayReactor, relay: RunningRelay) -> None:
     the first claim round is the one at the end of start-up, which schedules the next poll.
     """
     manager = relay.service.delivery
+    assert manager is not None
 
     async def started() -> bool | None:
         return True if manager._poll_call is not None else None

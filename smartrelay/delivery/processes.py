@@ -1,0 +1,209 @@
+"""Delivery in separate processes (``[delivery] processes = N``), so that re-wrapping, DKIM
+and the SMTP client run on other cores than the listener.
+
+The main process keeps the listeners, the web endpoints and the storage; it starts N children
+(``python -m smartrelay.delivery.worker``), each a delivery manager with its own node id on the
+same database: they claim due recipients exactly as several relay hosts do (docs/storage.md),
+so nothing is delivered twice. Each child's standard input is a pipe from the main process:
+
+- a byte on it means "work was queued" (SQLite has no LISTEN/NOTIFY across processes; on
+  PostgreSQL the children also get the NOTIFY, and a second wake-up costs one empty claim);
+- its end (the main process is gone, even after ``kill -9``) makes the child stop.
+
+A child's log lines come back on its standard output and are logged here, prefixed with
+``delivery[N]``, so one log shows everything. A child that exits while the relay runs is
+started again (after 1 s, doubling to at most a minute while it keeps failing at once).
+On shutdown the children get SIGTERM and are waited for (SIGKILL after ``STOP_TIMEOUT``):
+they finish or cut off what is on the wire like the in-process delivery manager does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+
+from smartrelay.reactor import IRelayReactor
+from smartrelay.storage.store import QUEUE_CHANNEL, Store
+
+log = Logger()
+
+STOP_TIMEOUT = 60.0  # the in-process manager's grace (30 s) plus room to commit outcomes
+RESTART_DELAY = 1.0
+MAX_RESTART_DELAY = 60.0
+STABLE_AFTER = 30.0  # a child that ran this long resets the restart delay
+WAKE = b"w"
+_LEVELS = {level.name: level for level in LogLevel.iterconstants()}
+
+
+def worker_command(config_path: str, index: int) -> list[str]:
+    """The command line of delivery process ``index`` (this interpreter, this checkout)."""
+    return [
+        sys.executable,
+        "-m",
+        "smartrelay.delivery.worker",
+        "--config",
+        config_path,
+        "--index",
+        str(index),
+    ]
+
+
+class _Child(ProcessProtocol):
+    def __init__(self, owner: DeliveryProcesses, index: int) -> None:
+        self.owner = owner
+        self.index = index
+        self.started_at = owner.reactor.seconds()
+        self.ended: Deferred[None] = Deferred()
+        self._partial = {1: b"", 2: b""}
+
+    @property
+    def process(self) -> IProcessTransport | None:
+        transport = self.transport
+        return transport if IProcessTransport.providedBy(transport) else None
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        lines = (self._partial.get(childFD, b"") + data).split(b"\n")
+        self._partial[childFD] = lines.pop()
+        for line in lines:
+            self._log_line(line, childFD)
+
+    def _log_line(self, raw: bytes, fd: int) -> None:
+        text = raw.decode("utf-8", "replace").rstrip("\r")
+        if not text:
+            return
+        level_name, _, rest = text.partition(" ")
+        level = _LEVELS.get(level_name)
+        if level is None:  # not a log line (e.g. an interpreter message on stderr)
+            level, rest = (LogLevel.error if fd == 2 else LogLevel.info), text
+        log.emit(level, "delivery[{index}] {line}", index=self.index, line=rest)
+
+    def processEnded(self, reason: Failure) -> None:
+        for fd, rest in self._partial.items():
+            if rest:
+                self._log_line(rest, fd)
+        self.owner._ended(self, reason)
+        self.ended.callback(None)
+
+
+class DeliveryProcesses(Service):
+    name = "delivery"
+
+    def __init__(
+        self,
+        reactor: IRelayReactor,
+        count: int,
+        command: Callable[[int], list[str]],
+        store_ready: Callable[[], Deferred[Store]],
+    ) -> None:
+        self.reactor = reactor
+        self._count = count
+        self._command = command
+        self._store_ready = store_ready
+        self.children: dict[int, _Child] = {}
+        self._restarts: dict[int, IDelayedCall] = {}
+        self._delays: dict[int, float] = {}
+        self._starting: Deferred[None] | None = None
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._starting = Deferred.fromCoroutine(self._start())
+        self._starting.addErrback(self._start_failed)
+
+    def _start_failed(self, failure: Failure) -> None:
+        if self.running:  # a storage failure is reported (fatal) by the storage service
+            log.failure("delivery processes could not start", failure)
+
+    async def _start(self) -> None:
+        # Children start once the schema is migrated, so they never race the migration.
+        store = await self._store_ready()
+        if not self.running:
+            return
+        await store.engine.listen(QUEUE_CHANNEL, self.wake)
+        for index in range(self._count):
+            self._spawn(index)
+        log.info("delivery: {count} delivery process(es) started", count=self._count)
+
+    def _spawn(self, index: int) -> None:
+        self._restarts.pop(index, None)
+        if not self.running:
+            return
+        child = _Child(self, index)
+        command = self._command(index)
+        self.reactor.spawnProcess(
+            child,
+            command[0],
+            command,
+            env=dict(os.environ),
+            childFDs={0: "w", 1: "r", 2: "r"},
+        )
+        self.children[index] = child
+
+    def wake(self) -> None:
+        """Work was queued: tell every child (one byte each; pipes keep it if they are busy)."""
+        for child in self.children.values():
+            process = child.process
+            if process is not None:
+                process.write(WAKE)
+
+    def _ended(self, child: _Child, reason: Failure) -> None:
+        if self.children.get(child.index) is child:
+            del self.children[child.index]
+        if not self.running:
+            return
+        ran = self.reactor.seconds() - child.started_at
+        delay = RESTART_DELAY
+        if ran < STABLE_AFTER:
+            delay = min(self._delays.get(child.index, RESTART_DELAY / 2) * 2, MAX_RESTART_DELAY)
+        self._delays[child.index] = delay
+        how = "exited" if reason.check(ProcessDone) else reason.getErrorMessage()
+        log.error(
+            "delivery[{index}] {how}; starting it again in {delay:.0f} s",
+            index=child.index,
+            how=how,
+            delay=delay,
+        )
+        self._restarts[child.index] = self.reactor.callLater(delay, self._spawn, child.index)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self._starting is not None and not self._starting.called:
+            self._starting.cancel()
+        for call in self._restarts.values():
+            if call.active():
+                call.cancel()
+        self._restarts.clear()
+        children = list(self.children.values())
+        for child in children:
+            self._signal(child, "TERM")
+        kill = self.reactor.callLater(STOP_TIMEOUT, self._kill, children)
+        for child in children:
+            await child.ended
+        if kill.active():
+            kill.cancel()
+
+    def _kill(self, children: list[_Child]) -> None:
+        for child in children:
+            if not child.ended.called:
+                log.error("delivery[{index}] did not stop: killing it", index=child.index)
+                self._signal(child, "KILL")
+
+    @staticmethod
+    def _signal(child: _Child, name: str) -> None:
+        process = child.process
+        if process is None:
+            return
+        with contextlib.suppress(ProcessExitedAlready):
+            process.signalProcess(name)

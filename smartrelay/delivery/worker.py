@@ -1,0 +1,110 @@
+"""A delivery process: ``python -m smartrelay.delivery.worker --config PATH --index N``.
+
+Started by the main process when ``[delivery] processes`` is set (see
+:mod:`smartrelay.delivery.processes`), never by hand. It runs the storage and one delivery
+manager (node id: the main node id plus ``-dN``), logs one line per event on standard output
+(``LEVEL text``), wakes up when a byte arrives on standard input and stops, as on SIGTERM,
+when standard input is closed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from twisted.internet import error as net_error
+from twisted.internet.interfaces import IReadDescriptor
+from twisted.logger import FileLogObserver, LogEvent, eventAsText, globalLogBeginner
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from smartrelay.config import ConfigError, load_config
+from smartrelay.rewrap.dkim import DkimError
+from smartrelay.rewrap.tokens import SecretFileError
+from smartrelay.smtp.tls import TlsError
+
+
+@implementer(IReadDescriptor)
+class WakePipe:
+    """Standard input: each read means "work was queued"; its end means "stop"."""
+
+    def __init__(self, fd: int, on_wake: Callable[[], object], on_end: Callable[[], object]):
+        self._fd = fd
+        self._on_wake = on_wake
+        self._on_end = on_end
+        os.set_blocking(fd, False)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def doRead(self) -> Failure | None:
+        try:
+            data = os.read(self._fd, 4096)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return Failure(net_error.ConnectionLost())
+        if not data:
+            return Failure(net_error.ConnectionDone())
+        self._on_wake()
+        return None
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._on_end()
+
+    def logPrefix(self) -> str:
+        return "wake-pipe"
+
+
+def format_line(event: LogEvent) -> str | None:
+    """``LEVEL text``, every line of a multi-line text (a traceback) with its level."""
+    text = eventAsText(event, includeTimestamp=False, includeSystem=False)
+    if not text:
+        return None
+    level = event.get("log_level")
+    name = getattr(level, "name", "info")
+    return "".join(f"{name} {line}\n" for line in text.splitlines())
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="smartrelay delivery process")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--index", type=int, required=True)
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        raise SystemExit(f"critical smartrelay: {error}") from None
+
+    from twisted.internet import reactor  # the composition root takes the global reactor
+
+    from smartrelay.reactor import as_relay_reactor
+    from smartrelay.tap import RelayService
+
+    relay_reactor = as_relay_reactor(reactor)
+    globalLogBeginner.beginLoggingTo(
+        [FileLogObserver(sys.stdout, format_line)], redirectStandardIO=False
+    )
+    try:
+        relay = RelayService(config, relay_reactor, role="delivery", worker_index=args.index)
+    except (TlsError, SecretFileError, DkimError) as error:
+        raise SystemExit(f"critical smartrelay: {error}") from None
+
+    def wake() -> None:
+        if relay.delivery is not None:
+            relay.delivery.wake()
+
+    def parent_gone() -> None:
+        if relay_reactor.running:
+            relay_reactor.stop()
+
+    relay_reactor.addReader(WakePipe(0, wake, parent_gone))
+    relay_reactor.callWhenRunning(relay.startService)
+    relay_reactor.addSystemEventTrigger("before", "shutdown", relay.stopService)
+    relay_reactor.run()
+
+
+if __name__ == "__main__":
+    main()

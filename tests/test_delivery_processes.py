@@ -1,0 +1,164 @@
+"""``[delivery] processes = 2``: the listener in the main process, delivery in two children.
+
+The relay runs as users run it (``twistd -n smartrelay``), delivering to Postfix's
+``smtp-sink``. Every accepted message must reach the sink exactly once (the children claim
+from one database, never the same recipient), the children's log lines show up in the main
+log, a child that dies is started again, and the children go when the main process goes:
+on SIGTERM (waited for) and on SIGKILL (their wake-up pipe closes).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import service_missing
+from tests.support.postfix import PostfixSink, find_postfix_tool, running_postfix_sink
+from tests.support.relay import HOST, free_ports
+from tests.support.run import Twistd, query, write_relay_config
+from tests.support.traffic import complete_dumps, states, submit_all, wait_until
+
+MESSAGES = 120
+SESSIONS = 4
+STARTED = re.compile(r"delivery\[(\d)\] .*delivery: node (\S+) started")
+
+
+@pytest.fixture
+def sink() -> Iterator[PostfixSink]:
+    path = find_postfix_tool("smtp-sink")
+    if path is None:
+        service_missing("postfix smtp-sink not installed")
+        raise AssertionError("unreachable")
+    with running_postfix_sink(path) as running:
+        yield running
+
+
+def children_of(pid: int) -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def config_for(tmp_path: Path, database_url: str, sink: PostfixSink, port: int) -> Path:
+    return write_relay_config(
+        tmp_path,
+        database_url,
+        extra=(
+            "[delivery]\n"
+            "processes = 2\n"
+            'retry_schedule = ["1s"]\n'
+            "[delivery.routes]\n"
+            f'"*" = "smtp://{HOST}:{sink.port}"\n'
+        ),
+        smtp_listen=f"tcp:{port}:interface={HOST}",
+    )
+
+
+def test_two_delivery_processes_deliver_everything_once(
+    tmp_path: Path, database_url: str, sink: PostfixSink
+) -> None:
+    [smtp_port] = free_ports(1)
+    relay = Twistd(config_for(tmp_path, database_url, sink, smtp_port), tmp_path)
+    try:
+        relay.wait_for("smtp: listening on")
+        relay.wait_for("2 delivery process(es) started")
+        nodes = {}
+        for index in (0, 1):
+            line = relay.wait_for(f"delivery[{index}] delivery: node")
+            match = STARTED.search(line)
+            assert match is not None, line
+            nodes[int(match[1])] = match[2]
+        assert nodes[0].endswith("-d0") and nodes[1].endswith("-d1")
+        children = children_of(relay.process.pid)
+        assert len(children) == 2, children
+
+        accepted = submit_all(smtp_port, MESSAGES, SESSIONS)
+        assert len(accepted) == MESSAGES
+        wait_until(
+            lambda: True if states(database_url)["delivered"] == MESSAGES else None,
+            "every recipient delivered",
+            timeout=60,
+        )
+        # twistd re-raises the signal that stopped it after a clean shutdown.
+        assert relay.stop(signal.SIGTERM, timeout=30) in (0, -signal.SIGTERM)
+        assert "Server Shut Down." in relay.output
+        assert not any(alive(child) for child in children)
+    finally:
+        relay.kill()
+
+    seen = complete_dumps(sink)
+    assert set(seen) == set(accepted)
+    assert set(seen.values()) == {1}, "a message reached the sink twice"
+    rows = query(
+        database_url,
+        "SELECT queue_id, COUNT(*) FROM events WHERE type = 'delivered' GROUP BY queue_id",
+    )
+    assert sorted(str(q) for q, _ in rows) == sorted(accepted)
+    assert {int(c) for _, c in rows} == {1}
+    # The children did the delivering, and their lines are in the main log.
+    output = relay.output
+    delivered_lines = [line for line in output.splitlines() if "to=<r" in line]
+    assert len(delivered_lines) == MESSAGES
+    assert all(re.search(r"delivery\[[01]\] ", line) for line in delivered_lines)
+    assert "Traceback" not in output
+
+
+def test_a_dead_child_is_restarted_and_children_leave_with_the_main_process(
+    tmp_path: Path, database_url: str, sink: PostfixSink
+) -> None:
+    [smtp_port] = free_ports(1)
+    relay = Twistd(config_for(tmp_path, database_url, sink, smtp_port), tmp_path)
+    try:
+        relay.wait_for("2 delivery process(es) started")
+        relay.wait_for("delivery[1] delivery: node")
+        children = children_of(relay.process.pid)
+        assert len(children) == 2
+        victim = min(children)
+        os.kill(victim, signal.SIGKILL)
+        relay.wait_for("starting it again in 1 s")
+        wait_until(
+            lambda: True if len(children_of(relay.process.pid) - {victim}) == 2 else None,
+            "the child started again",
+            timeout=15,
+        )
+        # The restarted child works: mail still gets delivered.
+        accepted = submit_all(smtp_port, 10, 2)
+        wait_until(
+            lambda: True if states(database_url)["delivered"] == len(accepted) else None,
+            "delivery after the restart",
+            timeout=30,
+        )
+        children = children_of(relay.process.pid)
+        relay.process.send_signal(signal.SIGKILL)
+        assert relay.wait(10) == -signal.SIGKILL
+        # Orphaned, each child sees its wake-up pipe close and stops by itself.
+        wait_until(
+            lambda: True if not any(alive(child) for child in children) else None,
+            "the children to stop after the main process was killed",
+            timeout=30,
+        )
+    finally:
+        relay.kill()  # any child left then stops by itself: its wake-up pipe closes
+    assert set(complete_dumps(sink)) == set(accepted)
