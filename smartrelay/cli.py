@@ -24,6 +24,7 @@ from smartrelay.events import csv_row, csv_writer, write_jsonl
 from smartrelay.passwords import generate_password, hash_password
 from smartrelay.reactor import IRelayReactor, as_relay_reactor
 from smartrelay.rewrap.dkim import DkimError, generate_key, txt_record_name, zone_file_entry
+from smartrelay.rewrap.tokens import SecretFileError, add_key
 from smartrelay.storage.engines import create_engine
 from smartrelay.storage.migrations import SchemaError, current_version, migrate
 from smartrelay.storage.store import (
@@ -304,6 +305,21 @@ def cmd_dkim_keygen(args: argparse.Namespace, config: Config) -> None:
     print(f'algorithm = "{args.algorithm}-sha256"')
 
 
+def cmd_secret_rotate(args: argparse.Namespace, config: Config) -> None:
+    """``secret rotate``: a new current key in ``[rewrap] secret_file`` (no database)."""
+    path = config.rewrap.secret_file
+    try:
+        keyring = add_key(path)
+    except SecretFileError as error:
+        fail(str(error))
+    others = sorted(k for k in keyring.keys if k != keyring.current)
+    print(f"{path}: key {keyring.current} is now current.")
+    if others:
+        print(f"Tokens signed with key(s) {', '.join(map(str, others))} stay valid.")
+    print("Restart the relay to sign new tokens with it. To retire an old key later, delete its")
+    print("line from the file: links and bounce addresses signed with it then stop working.")
+
+
 def _toml_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -371,6 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa")
     p.add_argument("--directory", metavar="DIR", help="where to write it (default: DATA_DIR/dkim)")
     p.set_defaults(run_offline=cmd_dkim_keygen)
+
+    secret = commands.add_parser("secret", help="the key of VERP and tracking tokens")
+    secret_cmds = secret.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = secret_cmds.add_parser("rotate", help="add a new key and make it current")
+    p.set_defaults(run_offline=cmd_secret_rotate)
 
     queue = commands.add_parser("queue", help="the outbound queue")
     queue_cmds = queue.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -1,4 +1,5 @@
-"""`smartrelay-ctl dkim keygen` writes a key that signs and prints its DNS record."""
+"""`smartrelay-ctl dkim keygen` writes a key that signs and prints its DNS record;
+`smartrelay-ctl secret rotate` adds a token key without invalidating the old ones."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from smartrelay.config import DkimKey
 from smartrelay.rewrap.dkim import DkimSigner
+from smartrelay.rewrap.tokens import TokenCodec, load_keyring
 
 CTL = Path(sys.executable).parent / "smartrelay-ctl"
 
@@ -41,3 +43,29 @@ def test_keygen_writes_a_key_prints_the_record_and_refuses_to_overwrite(tmp_path
     )
     assert ed.returncode == 0, ed.stderr
     assert "k=ed25519" in ed.stdout
+
+
+def test_secret_rotate_adds_a_current_key_and_old_tokens_stay_valid(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.key"
+    config = tmp_path / "c.toml"
+    config.write_text(f'[server]\ndata_dir = "{tmp_path}"\n[rewrap]\nsecret_file = "{secret}"\n')
+    old = TokenCodec(load_keyring(str(secret)))
+    old_token = old.click_token(42, "https://example.com/a?b=1&c=2")
+    command = [str(CTL), "--config", str(config), "secret", "rotate"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    new = TokenCodec(load_keyring(str(secret)))
+    assert new.keyring.current != old.keyring.current
+    assert f"key {new.keyring.current} is now current" in done.stdout
+    assert f"key(s) {old.keyring.current} stay valid" in done.stdout
+    assert new.parse_click(old_token) == (42, "https://example.com/a?b=1&c=2")
+    assert new.click_token(42, "https://example.com/") != old.click_token(
+        42, "https://example.com/"
+    )
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+
+    secret.write_text("garbage\n")
+    broken = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert broken.returncode == 1
+    assert broken.stderr.startswith("smartrelay-ctl: error: ") and str(secret) in broken.stderr
+    assert len(broken.stderr.splitlines()) == 1
