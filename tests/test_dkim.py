@@ -28,12 +28,14 @@ from smartrelay.rewrap.dkim import (
     DkimError,
     DkimSigner,
     LoadedKey,
+    _parsed_from_fields,
     generate_key,
     signed_header_names,
     txt_record,
     txt_record_name,
     zone_file_entry,
 )
+from smartrelay.rewrap.headers import split_header_block
 from tests.conftest import PerlVerify
 
 DOMAIN = "example.com"
@@ -279,6 +281,17 @@ async def test_signing_in_a_thread_pool_gives_the_same_fields(
     fields = await signer.signature_fields_off_thread(message, in_thread)
     assert fields + message == signer.sign(message)
     assert len(threads) == 2 and threading.main_thread().name not in threads
+    # Given the message already split (as the chain has it), the result is the same.
+    split = split_header_block(message)
+    headers, body = dkim.rfc822_parse(message)
+    assert _parsed_from_fields(*split) == (headers, body)  # the fast path, the same parse
+    assert await signer.signature_fields_off_thread(message, in_thread, split) == fields
+    # Bare LF line ends: not a plain split, dkimpy's parse normalises them (same fields).
+    lf = message.replace(b"\r\n", b"\n")
+    assert _parsed_from_fields(*split_header_block(lf)) is None
+    assert await signer.signature_fields_off_thread(
+        lf, in_thread, split_header_block(lf)
+    ) == signer.signature_fields(lf)
     unsigned = b"Subject: no From\r\n\r\nbody\r\n"
     assert await signer.signature_fields_off_thread(unsigned, in_thread) == b""
 

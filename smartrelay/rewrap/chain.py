@@ -285,7 +285,9 @@ class DkimStep:
     def apply(self, copy: OutgoingCopy) -> Deferred[OutgoingCopy]:
         if self._in_thread is None:
             return succeed(self._add(copy, self._signer.signature_fields(copy.data)))
-        signing = self._signer.signature_fields_off_thread(copy.data, self._in_thread)
+        signing = self._signer.signature_fields_off_thread(
+            copy.data, self._in_thread, (copy.fields, copy.body)
+        )
         return Deferred.fromCoroutine(signing).addCallback(lambda fields: self._add(copy, fields))
 
     @staticmethod

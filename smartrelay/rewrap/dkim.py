@@ -252,25 +252,37 @@ class DkimSigner:
         return _assemble(pending, [p.key.sign_digest(p.digest) for p in pending], linesep)
 
     async def signature_fields_off_thread(
-        self, message: bytes, in_thread: Callable[[Callable[[], bytes]], Deferred[bytes]]
+        self,
+        message: bytes,
+        in_thread: Callable[[Callable[[], bytes]], Deferred[bytes]],
+        split: tuple[Sequence[bytes], bytes] | None = None,
     ) -> bytes:
         """:meth:`signature_fields`, the private-key operations run by ``in_thread`` (e.g. in
         the reactor's thread pool): the ``cryptography`` library releases the GIL for them,
-        so they use another core while the reactor goes on."""
-        prepared = self._prepare(message)
+        so they use another core while the reactor goes on. ``split``: ``message`` as
+        (header fields, the rest from the empty line on), if the caller has it."""
+        prepared = self._prepare(message, split)
         if prepared is None:
             return b""
         pending, linesep = prepared
         signatures = [await in_thread(partial(p.key.sign_digest, p.digest)) for p in pending]
         return _assemble(pending, signatures, linesep)
 
-    def _prepare(self, message: bytes) -> tuple[list[_PendingSignature], bytes] | None:
+    def _prepare(
+        self, message: bytes, split: tuple[Sequence[bytes], bytes] | None = None
+    ) -> tuple[list[_PendingSignature], bytes] | None:
+        """What to sign; ``split`` is the message as (header fields, the rest), when the
+        caller has it: then dkimpy's parse of the whole message is skipped if it would only
+        have split what is already split (CRLF line ends throughout)."""
         if not self._by_domain:
             return None
-        try:
-            headers, body = dkim.rfc822_parse(message)
-        except (dkim.DKIMException, IndexError):
-            return None
+        parsed = _parsed_from_fields(*split) if split is not None else None
+        if parsed is None:
+            try:
+                parsed = dkim.rfc822_parse(message)
+            except (dkim.DKIMException, IndexError):
+                return None
+        headers, body = parsed
         from_domain = author_domain(headers)
         if from_domain is None:
             return None
@@ -279,6 +291,30 @@ class DkimSigner:
             return None
         linesep = b"\r\n" if b"\r\n" in message else b"\n"
         return _prepare(headers, body, keys, int(self._now())), linesep
+
+
+_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
+
+
+def _parsed_from_fields(
+    fields: Sequence[bytes], rest: bytes
+) -> tuple[list[list[bytes]], bytes] | None:
+    """``dkim.rfc822_parse`` of ``b"".join(fields) + rest`` from its parts, or None when that
+    would not be a plain split (a line end other than CRLF, no empty line, a nameless line)."""
+    if not rest.startswith(b"\r\n"):
+        return None
+    body = rest[2:]
+    if body.count(b"\n") != body.count(b"\r\n"):
+        return None
+    headers: list[list[bytes]] = []
+    for line in fields:
+        name, colon, value = line.partition(b":")
+        if not colon or not _FIELD_NAME.fullmatch(name):
+            return None
+        if not value.endswith(b"\r\n") or value.count(b"\n") != value.count(b"\r\n"):
+            return None
+        headers.append([name, value])
+    return headers, body
 
 
 @frozen
