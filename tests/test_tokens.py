@@ -638,3 +638,18 @@ def test_arbitrary_bytes_never_parse(recipient_id: int, raw: bytes) -> None:
     for parse in all_parsers(property_codec):
         with pytest.raises(TokenError):
             parse(token)
+
+
+@settings(deadline=None)
+@given(recipient_ids, st.lists(st.text(max_size=100), max_size=20))
+def test_click_tokens_for_a_copy_are_the_single_tokens(recipient_id: int, urls: list[str]) -> None:
+    """The batch a re-wrapped copy uses gives exactly the tokens one call per URL gives."""
+    try:
+        single = [property_codec.click_token(recipient_id, url) for url in urls]
+    except ValueError:  # a lone surrogate: not encodable, and the batch says so too
+        with pytest.raises(ValueError):
+            property_codec.click_tokens(recipient_id, urls)
+        return
+    assert property_codec.click_tokens(recipient_id, urls) == single
+    with pytest.raises(TypeError):
+        property_codec.click_tokens(recipient_id, [b"https://example.com/"])  # type: ignore[list-item]
