@@ -34,6 +34,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from dkim.canonicalization import correct_empty_body, strip_trailing_lines
 from twisted.internet.defer import Deferred
 
 from smartrelay.config import DkimKey
@@ -293,6 +294,23 @@ class DkimSigner:
         return _prepare(headers, body, keys, int(self._now())), linesep
 
 
+_WSP_RUN = re.compile(rb"[\t ]+")
+
+
+def relaxed_body(body: bytes) -> bytes:
+    """The relaxed body canonicalisation (RFC 6376 3.4.4) of a CRLF body, as dkimpy's
+    ``Relaxed.canonicalize_body``, line by line: most lines need no regex at all."""
+    lines = body.split(b"\r\n")
+    last = len(lines) - 1
+    for index, line in enumerate(lines):
+        if b"\t" in line or b"  " in line:
+            line = _WSP_RUN.sub(b" ", line)
+        if index < last:  # trailing WSP goes only before a line end
+            line = line.rstrip(b" \t")
+        lines[index] = line
+    return correct_empty_body(strip_trailing_lines(b"\r\n".join(lines)))
+
+
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
 
 
@@ -352,7 +370,7 @@ def _prepare(
     include = signed_header_names(headers)
     h_value = b" : ".join(include)
     canonical_headers = _POLICY.canonicalize_headers(headers)
-    body_hash = base64.b64encode(hashlib.sha256(_POLICY.canonicalize_body(body)).digest())
+    body_hash = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest())
     pending: list[_PendingSignature] = []
     for key in keys:
         domain = key.domain.encode("ascii")
