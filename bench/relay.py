@@ -56,6 +56,7 @@ system; `--keep` keeps them (and everything else) in the temp dir. Ctrl-C stops 
 
 from __future__ import annotations
 
+import abc
 import argparse
 import asyncio
 import contextlib
@@ -628,21 +629,21 @@ class Settings:
     delivery_processes: int = 0
 
 
-class System:
+class System(abc.ABC):
     """A relay under test: started, listening on ``port``, relaying to the sink."""
 
     name = ""
     port = 0
 
-    def start(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def start(self) -> None: ...
 
-    def stop(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def stop(self) -> None: ...
 
+    @abc.abstractmethod
     def roots(self) -> list[int]:
         """Pids whose process trees are the system (for memory and CPU)."""
-        raise NotImplementedError
 
     def db_roots(self) -> list[int]:
         """The database server's pids, if it is a process of its own."""

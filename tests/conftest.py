@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from smartrelay.storage.interfaces import IDatabaseEngine
 from smartrelay.storage.migrations import migrate
 from smartrelay.storage.store import Store
 from tests.support.delivery_relay import DeliveryRelays, Sinks
+from tests.support.postfix import PostfixSink, find_postfix_tool, running_postfix_sink
 from tests.support.postgres import PostgresServer, PostgresUnavailable, running_postgres
 
 REQUIRE_SERVICES = os.environ.get("SMARTRELAY_REQUIRE_SERVICES") == "1"
@@ -35,6 +37,23 @@ def service_missing(reason: str) -> None:
     if REQUIRE_SERVICES:
         pytest.fail(f"{reason} (SMARTRELAY_REQUIRE_SERVICES=1)", pytrace=False)
     pytest.skip(reason)
+
+
+@contextmanager
+def started_postfix_sink(options: Sequence[str] = ()) -> Iterator[PostfixSink]:
+    """Postfix's ``smtp-sink`` (with ``options``) on a free port, dumping what it gets."""
+    path = find_postfix_tool("smtp-sink")
+    if path is None:
+        service_missing("postfix smtp-sink not installed")
+        raise AssertionError("unreachable")
+    with running_postfix_sink(path, options) as sink:
+        yield sink
+
+
+@pytest.fixture
+def postfix_sink() -> Iterator[PostfixSink]:
+    with started_postfix_sink() as sink:
+        yield sink
 
 
 @pytest.fixture(scope="session")

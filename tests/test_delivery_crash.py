@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import service_missing
-from tests.support.postfix import PostfixSink, find_postfix_tool, running_postfix_sink
+from tests.conftest import started_postfix_sink
+from tests.support.postfix import PostfixSink
 from tests.support.relay import HOST, free_ports
 from tests.support.run import Twistd, query, write_relay_config
 from tests.support.traffic import complete_dumps, states, submit_all, wait_until
@@ -37,11 +37,7 @@ TAKING_BACK = re.compile(r"taking back (\d+) recipient")
 @pytest.fixture
 def slow_sink() -> Iterator[PostfixSink]:
     """smtp-sink answering every final dot one second late."""
-    path = find_postfix_tool("smtp-sink")
-    if path is None:
-        service_missing("postfix smtp-sink not installed")
-        raise AssertionError("unreachable")
-    with running_postfix_sink(path, ["-W", ".:1"]) as sink:
+    with started_postfix_sink(["-W", ".:1"]) as sink:
         yield sink
 
 

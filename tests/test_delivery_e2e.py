@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -29,7 +28,7 @@ from smartrelay.smtp.replies import Reply
 from smartrelay.smtp.session import Session
 from smartrelay.storage.store import Store
 from smartrelay.timefmt import parse_rfc3339
-from tests.conftest import real_reactor, service_missing
+from tests.conftest import real_reactor
 from tests.support.delivery_relay import (
     FAST_THROTTLE,
     DeliveryRelays,
@@ -52,7 +51,6 @@ from tests.support.postfix import (
     PostfixSink,
     find_postfix_tool,
     run_smtp_source,
-    running_postfix_sink,
 )
 from tests.support.postgres import PostgresServer
 from tests.support.relay import HOSTNAME, RETURN_PATH_DOMAIN, free_ports
@@ -582,16 +580,6 @@ async def test_forwarder_with_a_wrong_password_defers(
 
 
 # -- 6. 1,000 messages through Postfix's smtp-source and smtp-sink ---------------------------------
-@pytest.fixture
-def postfix_sink() -> Iterator[PostfixSink]:
-    path = find_postfix_tool("smtp-sink")
-    if path is None:
-        service_missing("postfix smtp-sink not installed")
-        raise AssertionError("unreachable")
-    with running_postfix_sink(path) as sink:
-        yield sink
-
-
 @pytest_twisted.ensureDeferred
 async def test_1000_messages_reach_postfix_smtp_sink(
     relays: DeliveryRelays, postfix_sink: PostfixSink, database_url: str

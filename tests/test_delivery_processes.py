@@ -12,13 +12,9 @@ from __future__ import annotations
 import os
 import re
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import service_missing
-from tests.support.postfix import PostfixSink, find_postfix_tool, running_postfix_sink
+from tests.support.postfix import PostfixSink
 from tests.support.relay import HOST, free_ports
 from tests.support.run import Twistd, query, write_relay_config
 from tests.support.traffic import complete_dumps, states, submit_all, wait_until
@@ -26,16 +22,6 @@ from tests.support.traffic import complete_dumps, states, submit_all, wait_until
 MESSAGES = 120
 SESSIONS = 4
 STARTED = re.compile(r"delivery\[(\d)\] .*delivery: node (\S+) started")
-
-
-@pytest.fixture
-def sink() -> Iterator[PostfixSink]:
-    path = find_postfix_tool("smtp-sink")
-    if path is None:
-        service_missing("postfix smtp-sink not installed")
-        raise AssertionError("unreachable")
-    with running_postfix_sink(path) as running:
-        yield running
 
 
 def children_of(pid: int) -> set[int]:
@@ -77,10 +63,10 @@ def config_for(tmp_path: Path, database_url: str, sink: PostfixSink, port: int) 
 
 
 def test_two_delivery_processes_deliver_everything_once(
-    tmp_path: Path, database_url: str, sink: PostfixSink
+    tmp_path: Path, database_url: str, postfix_sink: PostfixSink
 ) -> None:
     [smtp_port] = free_ports(1)
-    relay = Twistd(config_for(tmp_path, database_url, sink, smtp_port), tmp_path)
+    relay = Twistd(config_for(tmp_path, database_url, postfix_sink, smtp_port), tmp_path)
     try:
         relay.wait_for("smtp: listening on")
         relay.wait_for("2 delivery process(es) started")
@@ -108,7 +94,7 @@ def test_two_delivery_processes_deliver_everything_once(
     finally:
         relay.kill()
 
-    seen = complete_dumps(sink)
+    seen = complete_dumps(postfix_sink)
     assert set(seen) == set(accepted)
     assert set(seen.values()) == {1}, "a message reached the sink twice"
     rows = query(
@@ -126,10 +112,10 @@ def test_two_delivery_processes_deliver_everything_once(
 
 
 def test_a_dead_child_is_restarted_and_children_leave_with_the_main_process(
-    tmp_path: Path, database_url: str, sink: PostfixSink
+    tmp_path: Path, database_url: str, postfix_sink: PostfixSink
 ) -> None:
     [smtp_port] = free_ports(1)
-    relay = Twistd(config_for(tmp_path, database_url, sink, smtp_port), tmp_path)
+    relay = Twistd(config_for(tmp_path, database_url, postfix_sink, smtp_port), tmp_path)
     try:
         relay.wait_for("2 delivery process(es) started")
         relay.wait_for("delivery[1] delivery: node")
@@ -161,4 +147,4 @@ def test_a_dead_child_is_restarted_and_children_leave_with_the_main_process(
         )
     finally:
         relay.kill()  # any child left then stops by itself: its wake-up pipe closes
-    assert set(complete_dumps(sink)) == set(accepted)
+    assert set(complete_dumps(postfix_sink)) == set(accepted)

@@ -36,6 +36,7 @@ from tests.support.relay import (
     RETURN_PATH_DOMAIN,
     RunningRelay,
     start_in_process,
+    stop_relays,
 )
 from tests.support.sink import SinkBackend, SinkFactory, start_sink
 
@@ -131,14 +132,7 @@ class DeliveryRelays:
 
     async def stop_all(self) -> None:
         relays, self.started = self.started, []
-        errors: list[Exception] = []
-        for relay in relays:
-            try:
-                await relay.stop()
-            except Exception as error:
-                errors.append(error)
-        if errors:
-            raise errors[0]
+        await stop_relays(relays)
 
 
 async def delivery_started(reactor: IRelayReactor, relay: RunningRelay) -> None:

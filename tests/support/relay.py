@@ -150,13 +150,17 @@ class Relays:
         return relay
 
     async def stop_all(self) -> None:
-        """Stop every relay still running, even when stopping one of them fails."""
         relays, self.started = self.started, []
-        errors: list[Exception] = []
-        for relay in relays:
-            try:
-                await relay.stop()
-            except Exception as error:
-                errors.append(error)
-        if errors:
-            raise errors[0]
+        await stop_relays(relays)
+
+
+async def stop_relays(relays: list[RunningRelay]) -> None:
+    """Stop every relay, even when stopping one of them fails (then raise the first error)."""
+    errors: list[Exception] = []
+    for relay in relays:
+        try:
+            await relay.stop()
+        except Exception as error:
+            errors.append(error)
+    if errors:
+        raise errors[0]
