@@ -48,7 +48,8 @@ sink answering 4xx to DATA, which costs a re-wrap per attempt and takes about tw
 everything stays queued and is retried on the default schedule (1m, 5m, ...). `smtp-source`
 injects --queue-messages in ten steps; after each, and every 10 s for --queue-settle seconds
 after the last, it prints the relay's VmRSS and VmHWM, the recipients queued and the deferrals
-so far (from the database). BENCH_PYSPY=PREFIX records SmartRelay with py-spy during phase (a).
+so far (from the database). BENCH_PYSPY=PREFIX records each SmartRelay process with py-spy
+during phase (a).
 
 The relay logs (twistd, Postfix's maillog, PostgreSQL's) are checked for errors after each
 system; `--keep` keeps them (and everything else) in the temp dir. Ctrl-C stops everything.
@@ -918,7 +919,7 @@ def measure(
     time.sleep(0.5)  # the relays' deliveries of the warm-up end; idle connections stay
 
     # (a) throughput
-    profiler = start_profiler(system)
+    profilers = start_profilers(system)
     try:
         base = sink.count
         cpu_before = sum(tree_cpu_seconds(pid) for pid in system.roots())
@@ -937,7 +938,7 @@ def measure(
             db_cpu = sum(tree_cpu_seconds(pid) for pid in system.db_roots())
             result.db_cpu_s = db_cpu - db_cpu_before
     finally:
-        if profiler is not None:
+        for profiler in profilers:
             stop_process(profiler, signal.SIGINT, 60)  # py-spy writes its file on SIGINT
     result.accepted = settings.messages / accepted
     result.e2e = settings.messages / (reached - started)
@@ -967,24 +968,42 @@ def measure(
     )
 
 
-def start_profiler(system: System) -> subprocess.Popen[bytes] | None:
-    """With BENCH_PYSPY=PREFIX, py-spy records SmartRelay during phase (a) into
-    PREFIX.sqlite / PREFIX.postgresql (raw format, for flamegraph.pl or speedscope)."""
+def start_profilers(system: System) -> list[subprocess.Popen[bytes]]:
+    """With BENCH_PYSPY=PREFIX, py-spy records each SmartRelay process during phase (a) into
+    PREFIX.<engine>.<pid> (raw format, for flamegraph.pl or speedscope)."""
     prefix = os.environ.get("BENCH_PYSPY")
     if not prefix or not isinstance(system, RelaySystem) or not system.roots():
-        return None
+        return []
     py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if py_spy is None:
         raise BenchError("BENCH_PYSPY is set but py-spy is not installed (pip install py-spy)")
-    output = f"{prefix}.{system.name.rsplit('/', 1)[-1].lower()}"
-    profiler = subprocess.Popen(
-        [py_spy, "record", "-p", str(system.roots()[0]), "-f", "raw", "-r", "200", "-o", output],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    engine = system.name.rsplit("/", 1)[-1].lower()
+    profilers = []
+    for pid in process_tree(system.roots()):
+        output = f"{prefix}.{engine}.{pid}"
+        profilers.append(
+            subprocess.Popen(
+                [
+                    py_spy,
+                    "record",
+                    "--nonblocking",
+                    "--gil",
+                    "-p",
+                    str(pid),
+                    "-f",
+                    "raw",
+                    "-r",
+                    "200",
+                    "-o",
+                    output,
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        print(f"  py-spy: recording process {pid} during the throughput phase into {output}")
     time.sleep(1)  # attached
-    print(f"  py-spy: recording the throughput phase into {output}")
-    return profiler
+    return profilers
 
 
 def run_system(
