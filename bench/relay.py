@@ -987,7 +987,6 @@ def start_profilers(system: System) -> list[subprocess.Popen[bytes]]:
                     py_spy,
                     "record",
                     "--nonblocking",
-                    "--gil",
                     "-p",
                     str(pid),
                     "-f",
