@@ -21,9 +21,9 @@ log = Logger()
 class PooledEngine(ABC, Generic[C]):
     """Runs transactions on a fixed pool of connections of type ``C``.
 
-    Subclasses say how to open a connection, how to make a cursor for it, and how to begin,
-    commit and roll back; everything else (checking connections out, commit-or-rollback,
-    notifications after commit, waiting for work under way at close) lives here once.
+    Subclasses say how to open and close a connection and how to run one transaction on it;
+    everything else (checking connections out, notifications after commit, waiting for work
+    under way at close) lives here once.
     """
 
     def __init__(self, pool_size: int) -> None:
@@ -41,13 +41,11 @@ class PooledEngine(ABC, Generic[C]):
     def _close_connection(self, connection: C) -> Deferred[None]: ...
 
     @abstractmethod
-    def _make_cursor(self, connection: C) -> NotifyingCursor: ...
-
-    @abstractmethod
-    async def _begin(self, connection: C, readonly: bool) -> None: ...
-
-    @abstractmethod
-    async def _end(self, connection: C, commit: bool) -> None: ...
+    async def _transact(
+        self, connection: C, name: str, txn: Transaction[T], readonly: bool
+    ) -> tuple[T, Sequence[str]]:
+        """Begin, ``txn``, commit (or roll back if anything raises) on ``connection``: the
+        result and the channels the transaction notified."""
 
     # -- shared machinery -------------------------------------------------------------------
     def start(self) -> Deferred[None]:
@@ -86,28 +84,11 @@ class PooledEngine(ABC, Generic[C]):
             raise RuntimeError(f"database closed; cannot run {name}")
         connection = await self._free.get()
         try:
-            cursor = self._make_cursor(connection)
-            await self._begin(connection, readonly)
-            try:
-                result = await txn(cursor)
-            except BaseException:
-                await self._end_quietly(connection, name)
-                raise
-            try:
-                await self._end(connection, commit=True)
-            except BaseException:
-                await self._end_quietly(connection, name)
-                raise
+            result, notifications = await self._transact(connection, name, txn, readonly)
         finally:
             self._free.put(connection)
-        self._fire_local(cursor.pending_notifications)
+        self._fire_local(notifications)
         return result
-
-    async def _end_quietly(self, connection: C, name: str) -> None:
-        try:
-            await self._end(connection, commit=False)
-        except Exception:
-            log.failure("rollback of {name} failed", name=name)
 
     def add_local_observer(self, channel: str, callback: Callable[[], object]) -> None:
         self._observers.setdefault(channel, []).append(callback)

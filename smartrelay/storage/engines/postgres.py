@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Cooperator
@@ -19,10 +19,11 @@ from txpostgres.txpostgres import Connection, Cursor
 from zope.interface import implementer
 
 from smartrelay.reactor import IRelayReactor
-from smartrelay.storage.interfaces import ICursor, IDatabaseEngine, Row
+from smartrelay.storage.interfaces import ICursor, IDatabaseEngine, Row, Transaction
 from smartrelay.storage.pool import NotifyingCursor, PooledEngine
 
 log = Logger()
+T = TypeVar("T")
 
 _CHANNEL = re.compile(r"^[a-z_][a-z0-9_]*$")
 # "INSERT INTO t (a, b) VALUES (?, 'x', ?)" with nothing after the values group.
@@ -131,14 +132,21 @@ class PostgresEngine(PooledEngine[Connection]):
         connection.close()
         return succeed(None)
 
-    def _make_cursor(self, connection: Connection) -> PostgresCursor:
-        return PostgresCursor(connection.cursor())
-
-    async def _begin(self, connection: Connection, readonly: bool) -> None:
+    async def _transact(
+        self, connection: Connection, name: str, txn: Transaction[T], readonly: bool
+    ) -> tuple[T, Sequence[str]]:
+        cursor = PostgresCursor(connection.cursor())
         await connection.cursor().execute("BEGIN READ ONLY" if readonly else "BEGIN")
-
-    async def _end(self, connection: Connection, commit: bool) -> None:
-        await connection.cursor().execute("COMMIT" if commit else "ROLLBACK")
+        try:
+            result = await txn(cursor)
+            await connection.cursor().execute("COMMIT")
+        except BaseException:
+            try:
+                await connection.cursor().execute("ROLLBACK")
+            except Exception:
+                log.failure("rollback of {name} failed", name=name)
+            raise
+        return result, cursor.pending_notifications
 
     async def _close(self) -> None:
         if self._listener is not None:

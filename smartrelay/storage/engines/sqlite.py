@@ -1,31 +1,47 @@
 """SQLite engine: the embedded default.
 
-sqlite3 is blocking, so each connection lives on its own dedicated thread and the cursor facade
-turns every statement into a Deferred; the transaction code above cannot tell the difference
-from txpostgres. WAL mode with ``synchronous=FULL``: a commit is on disk before it returns.
-Writers use ``BEGIN IMMEDIATE`` so two writers queue on the database lock (busy timeout)
-instead of failing on a read-to-write upgrade.
+sqlite3 is blocking, so each connection lives on its own dedicated thread, and a transaction
+runs there whole: BEGIN, the transaction's statements and COMMIT in one trip to the thread.
+The cursor it gets executes each statement at once and hands back a fired Deferred, so the
+transaction code cannot tell it from txpostgres, and the database lock is held only as long as
+SQLite works, never while the reactor is busy with something else. WAL mode with
+``synchronous=FULL``: a commit is on disk before it returns. Writers use ``BEGIN IMMEDIATE``,
+so two writers queue on the database lock instead of failing on a read-to-write upgrade.
+
+Waiting for the lock: SQLite's own busy handler sleeps 1, 2, 5, 10, 15, 20... ms between
+tries, far longer than another process (a delivery process of the same relay) holds the lock
+for one of its transactions (well under a millisecond plus an fsync), so a busy writer would
+mostly sleep. The connections have no busy handler; :func:`_retrying` tries again after
+0.1 ms, doubling to at most 2 ms, for up to BUSY_TIMEOUT_SECONDS.
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from smartrelay.reactor import IRelayReactor
-from smartrelay.storage.interfaces import ICursor, IDatabaseEngine, Row
+from smartrelay.storage.interfaces import ICursor, IDatabaseEngine, Row, Transaction
 from smartrelay.storage.pool import NotifyingCursor, PooledEngine
 
 T = TypeVar("T")
 
+log = Logger()
+
 BUSY_TIMEOUT_SECONDS = 30.0
+_FIRST_RETRY = 0.0001
+_LONGEST_RETRY = 0.002
+_SQLITE_BUSY = 5
+_SQLITE_LOCKED = 6
 
 
 class SqliteConnection:
@@ -51,10 +67,15 @@ class SqliteConnection:
         if directory:
             os.makedirs(directory, exist_ok=True)
         # isolation_level=None: no implicit transactions; the engine issues BEGIN/COMMIT.
-        db = sqlite3.connect(self._path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA foreign_keys=ON")
+        # timeout=0: no busy handler of SQLite's own (see the module docstring).
+        db = sqlite3.connect(self._path, timeout=0, isolation_level=None)
+        try:
+            _retrying(db.execute, "PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+        except BaseException:
+            db.close()
+            raise
         self._db = db
 
     @property
@@ -79,46 +100,80 @@ class SqliteConnection:
         return result
 
 
-def _execute(db: sqlite3.Connection, sql: str, args: Sequence[Any]) -> tuple[list[Row], int]:
-    cursor = db.execute(sql, args)
-    rows = cursor.fetchall()
-    return rows, cursor.rowcount
+def _retrying(function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)``, tried again while the database is locked by another connection."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
+    pause = _FIRST_RETRY
+    while True:
+        try:
+            return function(*args)
+        except sqlite3.OperationalError as error:
+            code = getattr(error, "sqlite_errorcode", None)
+            if code not in (_SQLITE_BUSY, _SQLITE_LOCKED) or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, _LONGEST_RETRY)
 
 
-def _executemany(
-    db: sqlite3.Connection, sql: str, rows: Sequence[Sequence[Any]]
-) -> tuple[list[Row], int]:
-    cursor = db.executemany(sql, rows)
-    return [], cursor.rowcount
+def _transaction_in_thread(
+    db: sqlite3.Connection, name: str, txn: Transaction[T], readonly: bool
+) -> tuple[T, list[str]]:
+    """A whole transaction on the connection's thread: BEGIN, ``txn``, COMMIT."""
+    _retrying(db.execute, "BEGIN" if readonly else "BEGIN IMMEDIATE")
+    cursor = SqliteCursor(db)
+    try:
+        result = _run_synchronously(name, txn(cursor))
+        _retrying(db.execute, "COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.failure("rollback of {name} failed", name=name)
+        raise
+    return result, cursor.pending_notifications
 
 
-def _finish(db: sqlite3.Connection, commit: bool) -> None:
-    if db.in_transaction:
-        db.execute("COMMIT" if commit else "ROLLBACK")
+def _run_synchronously(name: str, awaitable: Awaitable[T]) -> T:
+    """The result of a transaction coroutine whose every await is a cursor call (fired)."""
+    steps = awaitable.__await__()
+    try:
+        steps.send(None)
+    except StopIteration as done:
+        result: T = done.value
+        return result
+    steps.close()
+    raise RuntimeError(f"transaction {name} waited for something other than its SQLite cursor")
 
 
 @implementer(ICursor)
 class SqliteCursor(NotifyingCursor):
-    """Deferred-returning facade over a thread-confined sqlite3 connection."""
+    """Runs each statement at once, on the connection's thread (inside a transaction there)."""
 
-    def __init__(self, connection: SqliteConnection) -> None:
+    def __init__(self, db: sqlite3.Connection) -> None:
         super().__init__()
-        self._connection = connection
+        self._db = db
         self._rows: list[Row] = []
         self._position = 0
         self.rowcount = -1
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Deferred[None]:
-        d = self._connection.run(lambda: _execute(self._connection.db, sql, args))
-        return d.addCallback(self._store)
+        try:
+            cursor = _retrying(self._db.execute, sql, args)
+            self._rows = cursor.fetchall()
+        except Exception:
+            return fail()
+        self.rowcount = cursor.rowcount
+        self._position = 0
+        return succeed(None)
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Deferred[None]:
-        d = self._connection.run(lambda: _executemany(self._connection.db, sql, rows))
-        return d.addCallback(self._store)
-
-    def _store(self, result: tuple[list[Row], int]) -> None:
-        self._rows, self.rowcount = result
-        self._position = 0
+        try:
+            cursor = _retrying(self._db.executemany, sql, rows)
+        except Exception:
+            return fail()
+        self._rows, self.rowcount, self._position = [], cursor.rowcount, 0
+        return succeed(None)
 
     def fetchone(self) -> Row | None:
         if self._position >= len(self._rows):
@@ -158,15 +213,10 @@ class SqliteEngine(PooledEngine[SqliteConnection]):
     def _close_connection(self, connection: SqliteConnection) -> Deferred[None]:
         return connection.close()
 
-    def _make_cursor(self, connection: SqliteConnection) -> SqliteCursor:
-        return SqliteCursor(connection)
-
-    async def _begin(self, connection: SqliteConnection, readonly: bool) -> None:
-        statement = "BEGIN" if readonly else "BEGIN IMMEDIATE"
-        await connection.run(connection.db.execute, statement)
-
-    async def _end(self, connection: SqliteConnection, commit: bool) -> None:
-        await connection.run(_finish, connection.db, commit)
+    async def _transact(
+        self, connection: SqliteConnection, name: str, txn: Transaction[T], readonly: bool
+    ) -> tuple[T, Sequence[str]]:
+        return await connection.run(_transaction_in_thread, connection.db, name, txn, readonly)
 
     def listen(self, channel: str, callback: Callable[[], object]) -> Deferred[None]:
         # One process owns an SQLite file, so notifications never leave it.
