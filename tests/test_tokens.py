@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import errno
+import hashlib
+import hmac
 import os
 import random
 import re
@@ -17,11 +19,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smartrelay.rewrap.tokens import (
+    _DOMAIN,
+    KEY_BYTES,
     MAX_URL_BYTES,
     Keyring,
     SecretFileError,
     TokenCodec,
     TokenError,
+    _b64encode,
+    _Mac,
     add_key,
     load_keyring,
 )
@@ -175,6 +181,53 @@ def test_tokens_are_deterministic_and_distinct_per_kind(codec: TokenCodec) -> No
     made = [make(codec, kind, 42) for kind in URL_KINDS + ADDRESS_KINDS]
     assert made == [make(codec, kind, 42) for kind in URL_KINDS + ADDRESS_KINDS]
     assert len(set(made)) == len(made)
+
+
+#: Tokens made by earlier versions (with keys 1: KEY_1 and 200: KEY_2, current 200): mail
+#: already sent carries them, so they must keep parsing, and the same tokens must be made.
+KNOWN_URL = "https://example.com/track?" + "&".join(f"u{i}=v{i}" for i in range(20))
+KNOWN_TOKENS = {
+    0: {
+        "open": "yABeODiCKY14Al9w6CxwLtVv",
+        "unsubscribe": "yAAYnAnt5iABBXS6C7gcKF4a",
+        "verp": "zaapvk2xjcw6zaxbqk5a",
+        "mailto": "zaac2ujopz3khbqsf4gq",
+        "https://example.com/": "yAAAaHR0cHM6Ly9leGFtcGxlLmNvbS-VxxLEltJdXS_lT5phHdgg",
+        "": "yAAAzcUY9rGUx3wdd5AwLwBGYA",
+    },
+    123456: {
+        "open": "yMDEBwO-4io0U3teFlqDiPNlIH0",
+        "unsubscribe": "yMDEB2JBM41_c2-unIAT5ZQT6FQ",
+        "verp": "zdamiby7xystyxsjjce3zxq",
+        "mailto": "zdamibynluioe35njbdgtki",
+        "https://example.com/": "yMDEBwBodHRwczovL2V4YW1wbGUuY29tL_jg7MHcLMRMUG1SAqVkzSc",
+        KNOWN_URL: (
+            "yMDEBwEVzFsKg0AQBMDbzGfW9r1C41lEBCGRSLIzeHzbA1TtpZz_KaXtWo7zs73W75HKb1nfs1eMyhwMm"
+            "NeM2rxhNOYtozXvGJ15z-jNB8ZgPjJG88zIUsJ49MPloQAaoAI6oARaoAZ6oAiaoAq6oAzaoA75BuU-vdP"
+            "q5t1Q4moevgSQEQ4"
+        ),
+    },
+    2**64 - 1: {
+        "open": "yP___________wFf8NJGPGqvCHGPIMOfPfb0",
+        "verp": "zd77777777777777af53zaoi6fk2ltjoxi",
+        "": "yP___________wEA2qXqHLlXYMBz40nKq5PngA",
+    },
+}
+
+
+@pytest.mark.parametrize("recipient_id", [0, 123456, 2**64 - 1])
+def test_known_tokens(recipient_id: int) -> None:
+    codec = TokenCodec(Keyring(keys={1: KEY_1, 200: KEY_2}, current=200))
+    known = KNOWN_TOKENS[recipient_id]
+    urls = [kind for kind in known if kind not in URL_KINDS + ADDRESS_KINDS]
+    for kind in URL_KINDS + ADDRESS_KINDS:
+        if kind in known:
+            assert make(codec, kind, recipient_id) == known[kind]
+            assert parser(codec, kind)(known[kind]) == recipient_id
+    assert codec.click_tokens(recipient_id, urls) == [known[url] for url in urls]
+    for url in urls:
+        assert codec.click_token(recipient_id, url) == known[url]
+        assert codec.parse_click(known[url]) == (recipient_id, url)
 
 
 def test_typical_lengths(codec: TokenCodec) -> None:
@@ -653,3 +706,21 @@ def test_click_tokens_for_a_copy_are_the_single_tokens(recipient_id: int, urls: 
     assert property_codec.click_tokens(recipient_id, urls) == single
     with pytest.raises(TypeError):
         property_codec.click_tokens(recipient_id, [b"https://example.com/"])  # type: ignore[list-item]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(min_size=KEY_BYTES, max_size=KEY_BYTES), st.binary(max_size=200), st.binary())
+def test_mac_is_hmac_sha256(key: bytes, start: bytes, rest: bytes) -> None:
+    """The token MAC (kept as the padded-key SHA-256 states) is the HMAC-SHA256 of the domain
+    prefix and the message, as computed by ``hmac`` (which made the tokens already sent)."""
+    mac = _Mac.for_key(key)
+    expected = hmac.new(key, _DOMAIN, hashlib.sha256)
+    expected.update(start + rest)
+    assert mac.digest(start + rest) == expected.digest()
+    assert mac.extended(start).digest(rest) == expected.digest()
+    assert mac.digest(start + rest) == expected.digest()  # extending left it as it was
+
+
+@given(st.binary(max_size=100))
+def test_b64encode_is_unpadded_urlsafe_base64(raw: bytes) -> None:
+    assert _b64encode(raw) == base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")

@@ -1,5 +1,9 @@
 # Minimal stubs for dkimpy's canonicalization module: what SmartRelay uses.
+from collections.abc import Sequence
+
 class Relaxed:
+    @staticmethod
+    def canonicalize_headers(headers: Sequence[Sequence[bytes]]) -> list[tuple[bytes, bytes]]: ...
     @staticmethod
     def canonicalize_body(body: bytes) -> bytes: ...
 
