@@ -16,7 +16,6 @@ import twisted
 from attrs import evolve
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -41,10 +40,13 @@ from smartrelay.smtp.listener import SmtpFactory, listener_service
 from smartrelay.smtp.session import ListenerSettings
 from smartrelay.smtp.tls import TlsError, ensure_certificate, server_context_factory
 from smartrelay.storage.service import StorageService
+from smartrelay.threads import WorkerThreads
 from smartrelay.web.service import web_service
 from smartrelay.web.tracking import Tracking
 
 log = Logger()
+
+SIGNING_THREADS = 4  # at most; no more than the machine's cores
 
 
 class Options(usage.Options):
@@ -100,6 +102,9 @@ class RelayService(MultiService):
             unsubscribe_mailto=config.rewrap.unsubscribe_mailto,
         )
         node_id = node_id_for(config.server.data_dir)
+        self._signing_threads = WorkerThreads(
+            reactor, min(SIGNING_THREADS, os.cpu_count() or 1), name="dkim-sign"
+        )
         self.delivery: DeliveryManager | None = None
         delivery_service: IService
         if role == "delivery" or config.delivery.processes == 0:
@@ -130,8 +135,7 @@ class RelayService(MultiService):
 
     def _in_thread(self, work: Callable[[], bytes]) -> Deferred[bytes]:
         """DKIM's private-key operations, off the reactor thread (they release the GIL)."""
-        reactor = self._reactor
-        return deferToThreadPool(reactor, reactor.getThreadPool(), work)
+        return self._signing_threads.run(work)
 
     def _add_smtp_listeners(self) -> None:
         config, reactor = self.config, self._reactor
@@ -193,6 +197,7 @@ class RelayService(MultiService):
             twisted=twisted.__version__,
             python=platform.python_version(),
         )
+        self._signing_threads.start()
         super().startService()  # type: ignore[no-untyped-call]
 
     def stopService(self) -> Deferred[None]:
@@ -204,6 +209,7 @@ class RelayService(MultiService):
     async def _stop_in_order(self) -> None:
         for service in reversed(list(self)):
             await maybeDeferred(service.stopService)
+        self._signing_threads.stop()
 
     def fatal(self, reason: str) -> None:
         """Log ``reason`` as one line and stop the reactor; the process exits with status 1."""

@@ -24,14 +24,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from smartrelay.reactor import IRelayReactor
 from smartrelay.storage.interfaces import ICursor, IDatabaseEngine, Row, Transaction
 from smartrelay.storage.pool import NotifyingCursor, PooledEngine
+from smartrelay.threads import WorkerThreads
 
 T = TypeVar("T")
 
@@ -48,13 +47,12 @@ class SqliteConnection:
     """One sqlite3 connection, opened and used only on its own thread."""
 
     def __init__(self, reactor: IRelayReactor, path: str, index: int) -> None:
-        self._reactor = reactor
         self._path = path
-        self._thread = ThreadPool(minthreads=1, maxthreads=1, name=f"sqlite-{index}")
+        self._thread = WorkerThreads(reactor, 1, name=f"sqlite-{index}")
         self._db: sqlite3.Connection | None = None
 
     def run(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
-        return deferToThreadPool(self._reactor, self._thread, function, *args)
+        return self._thread.run(function, *args)
 
     def open(self) -> Deferred[None]:
         self._thread.start()
