@@ -22,11 +22,23 @@ from pathlib import Path
 
 import pytest
 from attrs import frozen
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from smartrelay.rewrap.html import pixel_tag, rewrite_html
-from smartrelay.rewrap.mime import _encode_qp, transform_html_parts
+from smartrelay.rewrap.mime import (
+    MimePlan,
+    _delimiter_lines,
+    _encode_qp,
+    _Fields,
+    _plan,
+    _read_fields,
+    _read_fields_by_email,
+    _read_plain_fields,
+    _split_entity,
+    plan_html_parts,
+    transform_html_parts,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mime"
 REGENERATE = os.environ.get("SMARTRELAY_REGENERATE_GOLDEN") == "1"
@@ -575,3 +587,413 @@ def test_quoted_printable_round_trips_with_short_lines(pieces: list[bytes]) -> N
         assert len(line) <= 76
         assert not line.endswith((b" ", b"\t"))
         assert b"\r" not in line and b"\n" not in line
+
+
+# --- the fast header reading agrees with the email package ---------------------------------------
+#
+# ``plan_html_parts`` reads header fields without ``email`` when a header block is plain and
+# falls back to ``email`` (compat32) otherwise. The reference plan is the same walk with every
+# block read by ``email``; whatever the input, both must give the same plan (or raise alike).
+
+
+def outcome(function: Callable[[bytes], object], data: bytes) -> object:
+    """What ``function`` returns for ``data``, or the type of what it raises."""
+    try:
+        return function(data)
+    except Exception as error:
+        return type(error)
+
+
+def reference_plan(raw: bytes) -> MimePlan:
+    return _plan(raw, _read_fields_by_email)
+
+
+def spellings(*words: bytes) -> st.SearchStrategy[bytes]:
+    return st.sampled_from([s for w in words for s in (w, w.lower(), w.upper(), w.swapcase())])
+
+
+def chosen(values: list[bytes], alphabet: str = "") -> st.SearchStrategy[bytes]:
+    """One of ``values``, or now and then a few random characters of ``alphabet``."""
+    if not alphabet:
+        return st.sampled_from(values)
+    return st.one_of(
+        st.sampled_from(values), st.text(alphabet, max_size=6).map(lambda s: s.encode())
+    )
+
+
+ANY_ASCII = "".join(map(chr, range(0x20, 0x7F))) + "\t\r\n\x0c"
+PARAMETER_CHARACTERS = "aZ09-=;:\"'\\()<>*/?@ \t"
+LINE_END = st.sampled_from([b"\r\n", b"\n"])
+# blanks, folded or not, where a field value may have them
+BLANKS = st.sampled_from([b"", b"", b" ", b"\t", b"  ", b"\r\n ", b"\n\t", b" \r\n\t"])
+CONTENT_TYPES = spellings(b"text/html", b"Multipart/Alternative", b"multipart/mixed") | chosen(
+    [
+        b"multipart/signed",
+        b"multipart/encrypted",
+        b"text/plain",
+        b"message/rfc822",
+        b"text/html/x",
+        b"text",
+        b"",
+        b"text /html",
+        b"text/html(c)",
+        b"multipart/mixed=x",
+        b"text/h\xc3\xa9ml",
+    ]
+)
+PARAMETER_NAMES = spellings(b"charset", b"boundary") | chosen(
+    [b"format", b"name", b"charset*", b"boundary*", b"charset*0", b"boundary*1", b"", b"a b"],
+    PARAMETER_CHARACTERS,
+)
+TOKEN_VALUES = [b"utf-8", b"ISO-8859-1", b"x-unknown", b"----=_Part_1.2", b"b", b"a'b", b"a/b"]
+QUOTED_VALUES = [
+    b'"utf-8"',
+    b'"simple boundary "',
+    b'"a;b"',
+    b'""',
+    b'"<b>"',
+    b'"a\\"b"',
+    b'"a\\\\b"',
+    b'"=?utf-8?q?x?="',
+    b'"(c)"',
+    b'"caf\xc3\xa9"',
+    b'"a\r\n b"',
+    b'"tab\there"',
+    b'"unterminated',
+]
+PARAMETER_VALUES = chosen(
+    TOKEN_VALUES + QUOTED_VALUES + [b"", b"<b>", b"a b"], PARAMETER_CHARACTERS
+)
+DISPOSITIONS = spellings(b"attachment", b"inline") | chosen(
+    [b"attachment; filename=a.html", b'attachment ; filename="x;y"', b"attachment (c)", b""],
+    "ahimnt;() =?\xe9",
+)
+TRANSFER_ENCODINGS = spellings(b"7bit", b"8bit", b"binary", b"quoted-printable", b"base64") | (
+    chosen([b"x-uuencode", b"", b"quoted-\r\n printable", b"base64 (c)", b"\xc3\xa9"])
+)
+OTHER_NAMES = st.sampled_from([b"Subject", b"X-Mailer", b"Content-ID", b"MIME-Version"])
+OTHER_VALUES = [b"hello", b"caf\xc3\xa9", b"x\r\n\tcontent-type: text/html", b"=?utf-8?q?x?="]
+BROKEN_LINES = st.sampled_from(
+    [b"junk", b" continued", b"Content-Type : text/plain", b"From x", b"X-A: a\rb", b"X-\xe9: 1"]
+)
+
+
+@st.composite
+def parameters(
+    draw: st.DrawFn, forced: tuple[bytes, bytes] | None = None, noisy: bool = True
+) -> bytes:
+    """A Content-Type parameter list: ``;``, blanks and ``forced`` as ``name=value``; with
+    ``noisy``, other pairs too, each now and then bare, empty or commented."""
+    pairs = (
+        draw(st.lists(st.tuples(PARAMETER_NAMES, PARAMETER_VALUES), max_size=3)) if noisy else []
+    )
+    if forced is not None:
+        pairs.insert(draw(st.integers(0, len(pairs))), forced)
+    out = b""
+    for name, value in pairs:
+        shape = draw(st.sampled_from(["pair"] * 6 + ["bare", "empty", "comment"])) if noisy else ""
+        out += draw(BLANKS) + b";" + draw(BLANKS)
+        if shape == "bare":
+            out += name
+        elif shape == "comment":
+            out += name + b"=" + value + b" (comment)"
+        elif shape != "empty":
+            out += name + draw(BLANKS) + b"=" + draw(BLANKS) + value + draw(BLANKS)
+    return out + draw(st.sampled_from([b"", b"", b";", b" ; "]))
+
+
+@st.composite
+def header_block(
+    draw: st.DrawFn,
+    content_type: bytes | None = None,
+    forced: tuple[bytes, bytes] | None = None,
+    noisy: bool = True,
+    transfer_encodings: st.SearchStrategy[bytes] = TRANSFER_ENCODINGS,
+) -> bytes:
+    """A header block: Content-Type (``content_type`` with ``forced`` among its parameters when
+    given), Content-Disposition, Content-Transfer-Encoding (one of ``transfer_encodings``) and
+    other fields in any order, names in any case, values folded or not; with ``noisy``, odd
+    values, any field missing or repeated and sometimes a line that is no field."""
+    if content_type is None:
+        content_type = draw(CONTENT_TYPES)
+    type_value = draw(BLANKS) + content_type + draw(parameters(forced, noisy))
+    fields = [(draw(spellings(b"Content-Type")), type_value)]
+    dispositions = DISPOSITIONS if noisy else st.sampled_from([b"inline", b"INLINE", b"attachment"])
+    fields += draw(st.lists(st.tuples(spellings(b"Content-Disposition"), dispositions), max_size=1))
+    fields += draw(
+        st.lists(st.tuples(spellings(b"Content-Transfer-Encoding"), transfer_encodings), max_size=1)
+    )
+    other_values = chosen(OTHER_VALUES, ANY_ASCII if noisy else "")
+    fields += draw(st.lists(st.tuples(OTHER_NAMES, other_values), max_size=3))
+    if noisy and draw(st.integers(0, 9)) == 0:  # a repeated field
+        fields.append(draw(st.sampled_from(fields)))
+    fields = draw(st.permutations(fields))
+    if noisy and draw(st.integers(0, 5)) == 0:
+        fields = fields[1:]  # no Content-Type
+    lines = [name + b":" + draw(BLANKS) + value for name, value in fields]
+    if noisy and draw(st.integers(0, 9)) == 0:
+        lines.insert(draw(st.integers(0, len(lines))), draw(BROKEN_LINES))
+    return b"".join(line + draw(LINE_END) for line in lines)
+
+
+HTML_BODIES = {
+    "7bit": b"<body><a href='https://x.test/1'>x</a></body>",
+    "8bit": b"<body>caf\xc3\xa9</body>",
+    "quoted-printable": b"<body>caf=C3=A9 =\r\n<a href=3D'https://x.test/2'>2</a></body>",
+    "base64": base64.b64encode(b"<body>caf\xc3\xa9</body>"),
+}
+CHARSETS = chosen([b"utf-8", b'"utf-8"', b"UTF-8", b"iso-8859-1", b'"us-ascii"'])
+
+
+@st.composite
+def mime_entity(draw: st.DrawFn, depth: int = 0) -> bytes:
+    """An entity: an HTML part, a multipart of entities (delimited by its boundary, another
+    one, or none; closed or not) or something else, headers as :func:`header_block` writes."""
+    kind = draw(
+        st.sampled_from(["html", "html", "other"] + (["multipart"] * 2 if depth < 3 else []))
+    )
+    newline = draw(LINE_END)
+    noisy = draw(st.integers(0, 2)) == 0
+    if kind == "html":
+        encoding = draw(st.sampled_from(sorted(HTML_BODIES)))
+        charset = (draw(spellings(b"charset")), draw(CHARSETS))
+        encodings = TRANSFER_ENCODINGS if noisy else spellings(encoding.encode())
+        head = draw(header_block(draw(spellings(b"text/html")), charset, noisy, encodings))
+        if b"transfer-encoding" not in head.lower():
+            head += b"Content-Transfer-Encoding: " + encoding.encode() + newline
+        return head + newline + HTML_BODIES[encoding] + draw(st.sampled_from([b"", newline]))
+    if kind == "other":
+        return draw(header_block(noisy=noisy)) + newline + b"plain text" + newline
+    boundary = draw(chosen([b"b", b"=_x 1", b"----=_Part.1", b"b-", b"a\\b"]))
+    if not noisy:
+        boundary += b"%d" % depth  # not the same as the enclosing multipart's
+    quoted = b'"' + boundary + b'"'
+    spelled = (
+        quoted
+        if b" " in boundary or b"\\" in boundary
+        else draw(st.sampled_from([boundary, quoted]))
+    )
+    name = draw(spellings(b"boundary"))
+    forced = draw(
+        st.sampled_from(
+            [(name, spelled)] * 4 + [(name + b"*0", spelled), (name, b'"other"'), (b"x", b"y")]
+        )
+    )
+    content_type = draw(spellings(b"multipart/mixed", b"multipart/alternative"))
+    head = draw(header_block(content_type, forced, noisy))
+    body = draw(st.sampled_from([b"", b"preamble" + newline]))
+    for part in draw(st.lists(mime_entity(depth + 1), max_size=3)):
+        body += b"--" + boundary + draw(st.sampled_from([b"", b" \t"])) + newline + part + newline
+    body += draw(
+        st.sampled_from(
+            [b"--" + boundary + b"--" + newline + b"epilogue", b"--" + boundary + b"--", b""]
+        )
+    )
+    return head + newline + body
+
+
+@settings(max_examples=500, deadline=None)
+@given(header_block())
+def test_fast_header_reading_agrees_with_email(head: bytes) -> None:
+    fields = _read_plain_fields(head)
+    event("read without email" if fields is not None else "read by email")
+    if fields is not None:
+        assert outcome(_read_fields_by_email, head) == fields
+    assert outcome(_read_fields, head) == outcome(_read_fields_by_email, head)
+
+
+@settings(max_examples=300, deadline=None)
+@given(mime_entity())
+def test_fast_plan_equals_the_plan_read_by_email(raw: bytes) -> None:
+    plan = outcome(plan_html_parts, raw)
+    assert plan == outcome(reference_plan, raw)
+    if isinstance(plan, MimePlan):
+        event(f"{len(plan.html_parts)} HTML parts")
+        assert plan.render(lambda html: html) == raw
+
+
+DAMAGE = st.sampled_from([b" ", b"\t", b";", b'"', b"\\", b"(", b"\r\n ", b"\n", b"*", b"\xe9"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(ALL_FIXTURES),
+    st.lists(st.tuples(st.integers(0, 20), st.integers(0, 80), DAMAGE), min_size=1, max_size=4),
+)
+def test_fast_plan_of_damaged_fixtures_equals_the_plan_read_by_email(
+    name: str, damage: list[tuple[int, int, bytes]]
+) -> None:
+    """Real-world header fields, each damage inserted in or near a Content-* field."""
+    raw = fixture(name)
+    for field, offset, junk in damage:
+        fields = [m.start() + 1 for m in re.finditer(rb"(?i)\ncontent-", raw)] or [0]
+        position = fields[field % len(fields)] + offset
+        raw = raw[:position] + junk + raw[position:]
+    assert outcome(plan_html_parts, raw) == outcome(reference_plan, raw)
+
+
+@pytest.mark.parametrize("name", ALL_FIXTURES)
+def test_fixtures_are_read_without_email_and_as_email_reads_them(name: str) -> None:
+    raw = fixture(name)
+    heads: list[bytes] = []
+
+    def record(head: bytes) -> _Fields | None:
+        heads.append(head)
+        return _read_fields(head)
+
+    assert _plan(raw, record) == plan_html_parts(raw) == reference_plan(raw)
+    for head in heads:
+        assert _read_plain_fields(head) == _read_fields_by_email(head)
+
+
+@pytest.mark.parametrize(
+    ("head", "fields"),
+    [
+        (b"", _Fields("text/plain")),
+        (
+            b"Received: from a\r\n\tby b; Mon, 23 Nov 2026\r\nSubject: caf\xc3\xa9\r\n"
+            b'Content-Type: multipart/alternative;\r\n\tboundary="----=_Part_0_1.2"\r\n',
+            _Fields("multipart/alternative", boundary=b"----=_Part_0_1.2"),
+        ),
+        (
+            b'content-type: TEXT/HTML; CHARSET="UTF-8"; format=flowed;\n'
+            b"content-transfer-encoding:\n  Quoted-Printable\n",
+            _Fields("text/html", encoding="quoted-printable", charset="utf-8"),
+        ),
+        (
+            b'Content-Disposition: inline; filename="a b.html"\r\n'
+            b"Content-Type: text/html ;\r\n charset = iso-8859-1 ;\r\n",
+            _Fields("text/html", charset="iso-8859-1"),
+        ),
+        (
+            b"Content-Type: text/html; charset=utf-8\r\nContent-Disposition: ATTACHMENT;"
+            b" filename=x.html\r\nContent-Transfer-Encoding: base64\r\n",
+            _Fields("text/html", attachment=True),
+        ),
+        (
+            b'Content-Type: multipart/mixed; boundary="simple boundary "\r\n',
+            _Fields("multipart/mixed", boundary=b"simple boundary"),
+        ),
+        (b'Content-Type: multipart/mixed; boundary=""\r\n', _Fields("multipart/mixed")),
+        (
+            b"Content-Type: multipart/mixed; Boundary=b; boundary=c\r\n",
+            _Fields("multipart/mixed", boundary=b"b"),
+        ),
+        (
+            b"Content-Type: multipart/mixed; boundary=----=_NextPart_000_0012\r\n",
+            _Fields("multipart/mixed", boundary=b"----=_NextPart_000_0012"),
+        ),
+        (b"Content-Type: text/plain; name*=utf-8''%C3%A9\r\n", _Fields("text/plain")),
+        (b"Content-Type: text\r\n", _Fields("text/plain")),
+    ],
+)
+def test_plain_header_blocks_are_read_without_email(head: bytes, fields: _Fields) -> None:
+    assert _read_plain_fields(head) == fields
+    assert _read_fields_by_email(head) == fields
+
+
+@pytest.mark.parametrize(
+    ("head", "fields"),
+    [
+        # RFC 2231 parameters
+        (
+            b"Content-Type: text/html; charset*=utf-8''utf-8\r\n",
+            _Fields("text/html", charset="utf-8"),
+        ),
+        (
+            b"Content-Type: multipart/mixed; boundary*0=a; boundary*1=b\r\n",
+            _Fields("multipart/mixed", boundary=b"ab"),
+        ),
+        # a comment, a backslash escape, an encoded word, angle brackets
+        (
+            b"Content-Type: text/html; charset=latin1 (Western)\r\n",
+            _Fields("text/html", charset="latin1 (western)"),
+        ),
+        (
+            b'Content-Type: multipart/mixed; boundary="a\\"b"\r\n',
+            _Fields("multipart/mixed", boundary=b'a"b'),
+        ),
+        (
+            b"Content-Type: text/html; charset==?utf-8?q?utf-8?=\r\n",
+            _Fields("text/html", charset="=?utf-8?q?utf-8?="),
+        ),
+        (
+            b'Content-Type: multipart/mixed; boundary="<b>"\r\n',
+            _Fields("multipart/mixed", boundary=b"b"),
+        ),
+        # a line break inside a quoted string, a blank inside a token, a bare attribute
+        (
+            b'Content-Type: multipart/mixed; boundary="a\r\n b"\r\n',
+            _Fields("multipart/mixed", boundary=b"a\r\n b"),
+        ),
+        (
+            b"Content-Type: multipart/mixed; boundary=a b\r\n",
+            _Fields("multipart/mixed", boundary=b"a b"),
+        ),
+        (b"Content-Type: text/html; charset\r\n", _Fields("text/html")),
+        # repeated fields: the first counts
+        (b"Content-Type: text/html\r\nContent-Type: text/plain\r\n", _Fields("text/html")),
+        (
+            b"Content-Type: text/html\r\nContent-Transfer-Encoding: base64\r\n"
+            b"Content-Transfer-Encoding: 7bit\r\n",
+            _Fields("text/html", encoding="base64"),
+        ),
+        # not ASCII
+        (b"Content-Type: text/html; charset=\xe9\r\n", _Fields("text/html")),
+        # a blank before the colon ends the header fields for email
+        (b"Content-Type : text/html\r\n", _Fields("text/plain")),
+        # control characters, a bare CR, lines that are no fields
+        (b"X-Note: a\x0cb\r\nContent-Type: text/html\r\n", _Fields("text/html")),
+        (b"X-Note: a\rb\r\nContent-Type: text/html\r\n", None),
+        (b" Content-Type: text/html\r\n", None),
+        (b"From x\r\nContent-Type: text/html\r\n", None),
+    ],
+)
+def test_unusual_header_blocks_are_read_by_email(head: bytes, fields: _Fields | None) -> None:
+    assert _read_plain_fields(head) is None
+    assert _read_fields(head) == _read_fields_by_email(head) == fields
+
+
+def test_a_multipart_with_an_rfc2231_boundary_is_walked() -> None:
+    raw = (
+        HEAD + b'Content-Type: multipart/alternative; boundary*0="a"; boundary*1="b"\r\n\r\n'
+        b"--ab\r\nContent-Type: text/html\r\n\r\n<body>1</body>\r\n--ab--\r\n"
+    )
+    assert transform_html_parts(raw, add("!")) == raw.replace(b"1</body>", b"1!</body>")
+
+
+# --- the empty line and the delimiter lines, found with bytes.find -------------------------------
+
+
+def split_entity_line_by_line(entity: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """What ``_split_entity`` must find: the first line that is only a line end."""
+    position = 0
+    while (end := entity.find(b"\n", position)) >= 0:
+        line = entity[position : end + 1]
+        if line in (b"\r\n", b"\n"):
+            return entity[:position], line, entity[end + 1 :]
+        position = end + 1
+    return None
+
+
+def delimiter_lines_by_regex(body: bytes, boundary: bytes) -> list[tuple[int, int, bool]]:
+    """What ``_delimiter_lines`` must find (RFC 2046 5.1.1, transport padding allowed)."""
+    pattern = re.compile(rb"^--" + re.escape(boundary) + rb"(--)?[ \t]*\r?$", re.M)
+    return [(m.start(), m.end(), m.group(1) is not None) for m in pattern.finditer(body)]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from([b"a", b":", b" ", b"\r", b"\n", b"\r\n", b"\n\n"])))
+def test_split_entity_finds_the_first_empty_line(pieces: list[bytes]) -> None:
+    entity = b"".join(pieces)
+    assert _split_entity(entity) == split_entity_line_by_line(entity)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.sampled_from([b"b", b"b-", b"-", b"b\n--b", b"b\r\n b", b"a.b"]),
+    st.lists(st.sampled_from([b"--", b"b", b"-", b" ", b"\t", b"\r", b"\n", b"x", b"a.b"])),
+)
+def test_delimiter_lines_are_those_of_rfc_2046(boundary: bytes, pieces: list[bytes]) -> None:
+    body = b"".join(pieces)
+    assert list(_delimiter_lines(body, boundary)) == delimiter_lines_by_regex(body, boundary)

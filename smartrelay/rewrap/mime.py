@@ -2,9 +2,11 @@
 
 The MIME structure is walked on the raw bytes (header blocks, ``boundary`` delimiter lines,
 nested multiparts), so what is not rewritten is copied from the input as it is: headers with
-their folding, preambles, epilogues, delimiter lines, other parts and attachments. The stdlib
-``email`` package only parses the header fields of each entity (Content-Type and its
-parameters, Content-Disposition, Content-Transfer-Encoding); it never writes anything.
+their folding, preambles, epilogues, delimiter lines, other parts and attachments. Of each
+entity's header fields only Content-Type (type, ``boundary``, ``charset``),
+Content-Disposition and Content-Transfer-Encoding are read: by a fast reader when the header
+block is plain (the usual case), otherwise by the stdlib ``email`` package (``compat32``),
+which is the reference the fast reader agrees with; nothing is ever written by ``email``.
 
 Left alone on purpose: attached messages (``message/*``), ``multipart/signed`` and
 ``multipart/encrypted`` (changing a byte would break the signature), HTML attachments, parts
@@ -20,10 +22,11 @@ import base64
 import binascii
 import codecs
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from email.message import Message
 from email.parser import BytesHeaderParser
 from email.policy import compat32
+from typing import NamedTuple
 
 from attrs import frozen
 
@@ -38,6 +41,39 @@ SMTP_LINE = 998  # octets, without the line end (RFC 5322 2.1.1)
 _UNTOUCHABLE_MULTIPARTS = frozenset({"multipart/signed", "multipart/encrypted"})
 _ERRORS = "smartrelay-html-charset"
 _HEADER_LINE = re.compile(rb"[!-9;-~]+[ \t]*:")
+# A header block the fast reader takes: every line a field ("name:", no space before the
+# colon) or a continuation, CRLF or LF line ends, no control characters, no bare CR.
+_PLAIN_HEAD = re.compile(rb"(?:[!-9;-~]+:[\t -~\x80-\xff]*\r?\n(?:[ \t][\t -~\x80-\xff]*\r?\n)*)*")
+# The fields read, at line starts (the block lower-cased, after an LF), value without its LF.
+_READ_FIELD = re.compile(
+    rb"\ncontent-(type|disposition|transfer-encoding):([^\n]*(?:\n[ \t][^\n]*)*)"
+)
+# Content-Type as the fast reader takes it: nothing compat32 could read another way (RFC 2231
+# names, escapes, comments, angle brackets), blanks folded or not.
+_PLAIN_TYPE = re.compile(
+    rb"""
+    [ \t\r\n]*
+    [!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+ / [!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+  # RFC 2045 tokens
+    [ \t\r\n]*
+    """,
+    re.X,
+)
+_PLAIN_PARAMETER = re.compile(
+    rb"""
+    ; [ \t\r\n]*
+    (?:  # or an empty parameter
+        ([!#$%&'+\-.0-9A-Z^_`a-z{|}~]+)  # the name: a token without "*" (RFC 2231)
+        [ \t\r\n]* = [ \t\r\n]*
+        (
+            [!#-'*-:=?-\[\]-~]+  # printable ASCII but for quotes, backslashes, ();<>
+        |
+            "[\t !#-'*-;=?-\[\]-~]*"  # quoted: no backslash, (), <> or line break
+        )
+        [ \t\r\n]*
+    )?
+    """,
+    re.X,
+)
 _CTE_FIELD = re.compile(rb"(?P<name>content-transfer-encoding[ \t]*:)(?P<value>.*)", re.I | re.S)
 
 
@@ -141,10 +177,29 @@ def transform_html_parts(raw: bytes, transform: Callable[[str], str]) -> bytes:
 
 def plan_html_parts(raw: bytes) -> MimePlan:
     """The message's :class:`MimePlan` (no HTML part: one segment, the body as it is)."""
+    return _plan(raw, _read_fields)
+
+
+class _Fields(NamedTuple):
+    """What the planner reads from an entity's header fields: ``boundary`` only for a
+    multipart, the rest only for ``text/html`` (for which ``encoding`` and ``charset`` only
+    when it is not an attachment); unread values keep their defaults."""
+
+    content_type: str
+    boundary: bytes | None = None
+    attachment: bool = False
+    encoding: str = "7bit"
+    charset: str = "us-ascii"
+
+
+_FieldReader = Callable[[bytes], _Fields | None]
+
+
+def _plan(raw: bytes, read_fields: _FieldReader) -> MimePlan:
     split = _split_entity(raw)
     head = b"" if split is None else split[0]
     segments: list[bytes | HtmlPart] = []
-    _entity(raw, segments, 0)
+    _entity(raw, split, segments, 0, read_fields)
     # The top-level entity's header block leads the first segment (or is the top HtmlPart's).
     first = segments[0]
     if isinstance(first, bytes):
@@ -158,27 +213,33 @@ def plan_html_parts(raw: bytes) -> MimePlan:
     return MimePlan(head, tuple(merged))
 
 
-def _entity(entity: bytes, out: list[bytes | HtmlPart], depth: int) -> None:
-    split = _split_entity(entity)
+def _entity(
+    entity: bytes,
+    split: tuple[bytes, bytes, bytes] | None,
+    out: list[bytes | HtmlPart],
+    depth: int,
+    read_fields: _FieldReader,
+) -> None:
+    """``entity`` (cut by :func:`_split_entity` as ``split``) appended to ``out``."""
     if split is None or depth > MAX_DEPTH:
         out.append(entity)
         return
     head, blank, body = split
-    headers = _parse_headers(head)
-    if headers is None:
+    fields = read_fields(head)
+    if fields is None:
         out.append(entity)
         return
-    content_type = headers.get_content_type()
+    content_type = fields.content_type
     if content_type.startswith("multipart/"):
-        boundary = _boundary(headers)
+        boundary = fields.boundary
         if content_type in _UNTOUCHABLE_MULTIPARTS or boundary is None:
             out.append(entity)
             return
         out.append(head + blank)
-        _multipart_body(body, boundary, out, depth)
+        _multipart_body(body, boundary, out, depth, read_fields)
         return
-    if content_type == "text/html" and headers.get_content_disposition() != "attachment":
-        part = _html_part(head, headers, body, blank, depth == 0)
+    if content_type == "text/html" and not fields.attachment:
+        part = _html_part(head, fields, body, blank, depth == 0)
         if part is not None:
             out.append(part)
             return
@@ -187,16 +248,110 @@ def _entity(entity: bytes, out: list[bytes | HtmlPart], depth: int) -> None:
 
 def _split_entity(entity: bytes) -> tuple[bytes, bytes, bytes] | None:
     """(header block with the last field's line end, the empty line, body); None without one."""
-    position = 0
-    while position < len(entity):
-        end = entity.find(b"\n", position)
-        if end < 0:
-            return None
-        line = entity[position : end + 1]
-        if line in (b"\r\n", b"\n"):
-            return entity[:position], line, entity[end + 1 :]
-        position = end + 1
+    if entity.startswith(b"\r\n"):
+        return b"", b"\r\n", entity[2:]
+    if entity.startswith(b"\n"):
+        return b"", b"\n", entity[1:]
+    crlf = entity.find(b"\n\r\n")
+    # An LF-only empty line counts only before the first CRLF one.
+    lf = entity.find(b"\n\n", 0, len(entity) if crlf < 0 else crlf + 1)
+    if lf >= 0:
+        return entity[: lf + 1], b"\n", entity[lf + 2 :]
+    if crlf >= 0:
+        return entity[: crlf + 1], b"\r\n", entity[crlf + 3 :]
     return None
+
+
+def _read_fields(head: bytes) -> _Fields | None:
+    """The fields of the header block ``head``, or None when it is not one."""
+    fields = _read_plain_fields(head)
+    return _read_fields_by_email(head) if fields is None else fields
+
+
+def _read_fields_by_email(head: bytes) -> _Fields | None:
+    """The reference reading, with ``email`` (``compat32``): reads what the planner needs and
+    no more, in the order it needs it (a malformed RFC 2231 ``charset`` raises TypeError)."""
+    headers = _parse_headers(head)
+    if headers is None:
+        return None
+    content_type = headers.get_content_type()
+    if content_type.startswith("multipart/"):
+        return _Fields(content_type, boundary=_boundary(headers))
+    if content_type != "text/html":
+        return _Fields(content_type)
+    if headers.get_content_disposition() == "attachment":
+        return _Fields(content_type, attachment=True)
+    encoding = str(headers.get("content-transfer-encoding", "7bit")).strip().lower()
+    charset = headers.get_content_charset("us-ascii") or "us-ascii"
+    return _Fields(content_type, encoding=encoding, charset=charset)
+
+
+def _read_plain_fields(head: bytes) -> _Fields | None:
+    """:func:`_read_fields_by_email`'s result for a plain header block without ``email``, or
+    None for anything else: a block ``_PLAIN_HEAD`` does not take, a field read here that is
+    repeated or not ASCII, and for multiparts and ``text/html`` a Content-Type that
+    ``_PLAIN_TYPE`` and ``_PLAIN_PARAMETER`` do not take or that holds ``=?``."""
+    if _PLAIN_HEAD.fullmatch(head) is None:
+        return None
+    values: dict[bytes, bytes] = {}
+    for field in _READ_FIELD.finditer(b"\n" + head.lower()):
+        name = field[1]
+        if name in values:
+            return None
+        # compat32's value: from after the colon through the continuation lines, without the
+        # first line's leading blanks and the last line end (offsets in ``head`` are one less).
+        value = head[field.start(2) - 1 : field.end(2) - 1].lstrip(b" \t").rstrip(b"\r\n")
+        if not value.isascii():
+            return None
+        values[name] = value
+    content_type_value = values.get(b"type")
+    if content_type_value is None:
+        return _Fields("text/plain")
+    # Message.get_content_type(), which reads no parameter.
+    content_type = content_type_value.partition(b";")[0].strip().lower().decode("ascii")
+    if content_type.count("/") != 1:
+        content_type = "text/plain"
+    multipart = content_type.startswith("multipart/")
+    if not multipart and content_type != "text/html":
+        return _Fields(content_type)
+    parameters = _plain_parameters(content_type_value)
+    if parameters is None:
+        return None
+    if multipart:
+        boundary = parameters.get(b"boundary", b"").rstrip()
+        return _Fields(content_type, boundary=boundary if 0 < len(boundary) <= 200 else None)
+    disposition = values.get(b"disposition", b"")
+    if disposition.partition(b";")[0].strip().lower() == b"attachment":
+        return _Fields(content_type, attachment=True)
+    return _Fields(
+        content_type,
+        encoding=values.get(b"transfer-encoding", b"7bit").strip().lower().decode("ascii"),
+        charset=parameters.get(b"charset", b"").lower().decode("ascii") or "us-ascii",
+    )
+
+
+def _plain_parameters(value: bytes) -> dict[bytes, bytes] | None:
+    """Content-Type's parameters by lower-case name (the first of a name wins, as in
+    ``Message.get_param``), unquoted; None unless the whole value is plain."""
+    if b"=?" in value:
+        return None
+    match = _PLAIN_TYPE.match(value)
+    if match is None:
+        return None
+    position = match.end()
+    parameters: dict[bytes, bytes] = {}
+    while position < len(value):
+        match = _PLAIN_PARAMETER.match(value, position)
+        if match is None:
+            return None
+        position = match.end()
+        name, parameter = match.groups()
+        if name is None:  # an empty parameter (";;" or a trailing ";")
+            continue
+        if parameter.startswith(b'"'):
+            parameter = parameter[1:-1]
+        parameters.setdefault(name.lower(), parameter)
+    return parameters
 
 
 def _parse_headers(head: bytes) -> Message | None:
@@ -228,38 +383,63 @@ def _boundary(headers: Message) -> bytes | None:
     return encoded if 0 < len(encoded) <= 200 else None
 
 
-def _multipart_body(body: bytes, boundary: bytes, out: list[bytes | HtmlPart], depth: int) -> None:
+def _delimiter_lines(body: bytes, boundary: bytes) -> Iterator[tuple[int, int, bool]]:
+    """(start, end, closing) of each delimiter line of ``boundary`` in ``body``: ``--boundary``
+    at a line start, ``--`` if it is the closing one, then only blanks and a CR; ``end`` is
+    the offset of its LF (or of the body's end). No regex: each message has its own boundary,
+    and compiling a pattern costs more than the whole walk."""
+    marker = b"--" + boundary
+    position = 0
+    while (start := body.find(marker, position)) >= 0:
+        end = body.find(b"\n", start + len(marker))
+        if end < 0:
+            end = len(body)
+        rest = body[start + len(marker) : end]
+        closing = rest.startswith(b"--")
+        if closing:
+            rest = rest[2:]
+        if (start > 0 and body[start - 1] != 0x0A) or rest.removesuffix(b"\r").lstrip(b" \t"):
+            position = start + 1
+            continue
+        yield start, end, closing
+        position = end
+
+
+def _multipart_body(
+    body: bytes,
+    boundary: bytes,
+    out: list[bytes | HtmlPart],
+    depth: int,
+    read_fields: _FieldReader,
+) -> None:
     """The body with each part that two delimiter lines enclose processed on its own."""
-    delimiter = re.compile(rb"^--" + re.escape(boundary) + rb"(--)?[ \t]*\r?$", re.M)
     copied = 0  # everything before this offset of ``body`` is in ``out``
     part_start: int | None = None  # where the current part's content begins
-    for match in delimiter.finditer(body):
+    for start, end, closing in _delimiter_lines(body, boundary):
         if part_start is not None:
             # The line end before the delimiter belongs to the delimiter (RFC 2046 5.1.1).
-            part_end = match.start()
-            part_end -= 2 if body[part_end - 2 : part_end] == b"\r\n" else 1
+            part_end = start - (2 if body[start - 2 : start] == b"\r\n" else 1)
             if part_end >= part_start:
                 out.append(body[copied:part_start])
-                _entity(body[part_start:part_end], out, depth + 1)
+                part = body[part_start:part_end]
+                _entity(part, _split_entity(part), out, depth + 1, read_fields)
                 copied = part_end
-        if match.group(1) is not None:
-            break  # the close delimiter; the epilogue follows
-        line_end = match.end() + 1 if body[match.end() : match.end() + 1] == b"\n" else None
-        part_start = line_end
-        if line_end is None:
+        if closing:
+            break  # the epilogue follows
+        if end == len(body):
             break  # a delimiter at the very end: no part follows
+        part_start = end + 1
     out.append(body[copied:])
 
 
 def _html_part(
-    head: bytes, headers: Message, body: bytes, blank: bytes, top: bool
+    head: bytes, fields: _Fields, body: bytes, blank: bytes, top: bool
 ) -> HtmlPart | None:
     """The part decoded, or None to leave it as it is. ``blank`` is the entity's empty line
     (its line end is the part's)."""
-    encoding = str(headers.get("content-transfer-encoding", "7bit")).strip().lower()
-    charset = headers.get_content_charset("us-ascii") or "us-ascii"
+    encoding = fields.encoding
     try:
-        codec = codecs.lookup(charset).name
+        codec = codecs.lookup(fields.charset).name
     except (LookupError, ValueError):
         return None
     try:
