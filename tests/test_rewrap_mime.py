@@ -997,3 +997,16 @@ def test_split_entity_finds_the_first_empty_line(pieces: list[bytes]) -> None:
 def test_delimiter_lines_are_those_of_rfc_2046(boundary: bytes, pieces: list[bytes]) -> None:
     body = b"".join(pieces)
     assert list(_delimiter_lines(body, boundary)) == delimiter_lines_by_regex(body, boundary)
+
+
+def test_an_unreadable_rfc2231_charset_leaves_the_part_as_it_is() -> None:
+    """compat32 raises TypeError on ``charset*`` next to ``charset*0``; the part is then not
+    rewritten (and the message not failed) instead."""
+    raw = (
+        b"Content-Type: multipart/alternative; boundary=b\r\n\r\n"
+        b"--b\r\nContent-Type: text/html; charset*=x; charset*0=y\r\n\r\n"
+        b'<a href="https://example.com/">x</a>\r\n--b--\r\n'
+    )
+    plan = plan_html_parts(raw)
+    assert plan.html_parts == ()
+    assert plan.render_body(lambda html: html.upper())[0] == raw[raw.index(b"\r\n\r\n") + 2 :]

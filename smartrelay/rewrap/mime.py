@@ -270,7 +270,8 @@ def _read_fields(head: bytes) -> _Fields | None:
 
 def _read_fields_by_email(head: bytes) -> _Fields | None:
     """The reference reading, with ``email`` (``compat32``): reads what the planner needs and
-    no more, in the order it needs it (a malformed RFC 2231 ``charset`` raises TypeError)."""
+    no more, in the order it needs it. None (leave the entity as it is) when a parameter
+    cannot be read: a malformed RFC 2231 ``charset`` makes compat32 raise TypeError."""
     headers = _parse_headers(head)
     if headers is None:
         return None
@@ -282,7 +283,10 @@ def _read_fields_by_email(head: bytes) -> _Fields | None:
     if headers.get_content_disposition() == "attachment":
         return _Fields(content_type, attachment=True)
     encoding = str(headers.get("content-transfer-encoding", "7bit")).strip().lower()
-    charset = headers.get_content_charset("us-ascii") or "us-ascii"
+    try:
+        charset = headers.get_content_charset("us-ascii") or "us-ascii"
+    except Exception:  # compat32 on odd RFC 2231 parameters
+        return None
     return _Fields(content_type, encoding=encoding, charset=charset)
 
 
