@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.task import Clock
 
 from smartrelay.config import SoftBouncePolicy, SuppressionConfig
@@ -366,3 +368,88 @@ async def test_suppression_policy_from_delivery_outcomes(engine: IDatabaseEngine
     await store.record_outcomes("n", delivered)
     remaining = await store.active_suppressions(["soft@example.net", "hard@example.net"])
     assert set(remaining) == {"hard@example.net"}
+
+
+def delivered(
+    recipient: ClaimedRecipient, next_attempt_at: float | None = None
+) -> RecipientOutcome:
+    state = "delivered" if next_attempt_at is None else "deferred"
+    return RecipientOutcome(
+        recipient.id,
+        recipient.queue_id,
+        recipient.address,
+        state,
+        1,
+        next_attempt_at,
+        "250 ok" if next_attempt_at is None else "451 later",
+        ((state, {"mx": "mx.example.net"}),),
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_outcomes_of_several_owners_share_one_transaction(
+    store: Store, engine: IDatabaseEngine, clock: Clock
+) -> None:
+    """Outcomes recorded at the same moment are written together; each owner hears how many
+    of its rows it still held, and a row whose lease went to another owner is left alone."""
+    await store.queue_message(message("c@example.net"))
+    (c,) = await store.claim_due("node-a", limit=10, lease=60)
+    await store.queue_message(message("a@example.net", "b@example.net"))
+    a, b = sorted(await store.claim_due("node-a", limit=10, lease=900), key=lambda r: r.address)
+    clock.advance(61)  # node-a's lease on c is over: c goes to node-b
+    (c_again,) = await store.claim_due("node-b", limit=10, lease=60)
+    assert c_again.id == c.id
+    results = await gatherResults(
+        [
+            ensureDeferred(store.record_outcomes("node-a", [delivered(a), delivered(c)])),
+            ensureDeferred(store.record_outcomes("node-a", [delivered(b, clock.seconds() + 300)])),
+            ensureDeferred(store.record_outcomes("node-b", [delivered(c_again)])),
+        ]
+    )
+    assert results == [1, 1, 1]
+
+    async def txn(cursor: ICursor) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+        await cursor.execute(
+            "SELECT address, state, next_attempt_at, lease_owner FROM recipients ORDER BY address"
+        )
+        recipients = cursor.fetchall()
+        await cursor.execute(
+            "SELECT recipient, type FROM events WHERE type <> 'received' ORDER BY recipient"
+        )
+        return recipients, cursor.fetchall()
+
+    recipients, events = await engine.run_interaction("check", txn, readonly=True)
+    due = int((clock.seconds() + 300) * 1000)
+    assert recipients == [
+        ("a@example.net", "delivered", None, None),
+        ("b@example.net", "deferred", due, None),
+        ("c@example.net", "delivered", None, None),
+    ]
+    assert events == [
+        ("a@example.net", "delivered"),
+        ("b@example.net", "deferred"),
+        ("c@example.net", "delivered"),  # once: node-b's, not node-a's stale one
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_suppression_lookups_at_the_same_moment_share_a_query(store: Store) -> None:
+    await store.add_suppression("x@example.net", "manual")
+    await store.add_suppression("y@example.net", "unsubscribe")
+    queries = 0
+    run_interaction = store.engine.run_interaction
+
+    def counting(name: str, *args: Any, **kwargs: Any) -> Any:
+        nonlocal queries
+        queries += name == "active_suppressions"
+        return run_interaction(name, *args, **kwargs)
+
+    store.engine.run_interaction = counting  # type: ignore[method-assign]
+    lookups = [
+        ensureDeferred(store.active_suppressions(addresses))
+        for addresses in (["X@example.net"], ["y@example.net", "z@example.net"], ["z@example.net"])
+    ]
+    found = await gatherResults(lookups)
+    assert [sorted(f) for f in found] == [["x@example.net"], ["y@example.net"], []]
+    assert found[1]["y@example.net"].reason == "unsubscribe"
+    assert queries == 2  # the first lookup alone, then the two that came while it ran

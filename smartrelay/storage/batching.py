@@ -1,7 +1,9 @@
 """Group commit: requests that arrive while a transaction is in flight share the next one.
 
 One fsync (SQLite) or one round of commit latency (PostgreSQL) then serves many SMTP sessions,
-and no caller hears back before the transaction holding its request has committed.
+and no caller hears back before the transaction holding its request has committed. Reads that
+many callers make at once (the suppression lookup before each delivery) are batched the same
+way: one query for all, started after each caller asked.
 """
 
 from __future__ import annotations

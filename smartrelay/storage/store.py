@@ -21,6 +21,7 @@ from smartrelay.storage.interfaces import ICursor, IDatabaseEngine
 QUEUE_CHANNEL = "smartrelay_queue"
 FEEDBACK_CHANNEL = "smartrelay_feedback"
 IDEMPOTENCY_WINDOW = 24 * 3600.0
+_ROWS_PER_STATEMENT = 500  # at most 3,001 parameters a statement, under SQLite's 32,766
 
 SUPPRESSION_REASONS = ("hard_bounce", "soft_bounce", "complaint", "unsubscribe", "manual")
 
@@ -178,6 +179,9 @@ class Store:
         )
         self._outcome_committer: GroupCommitter[tuple[str, tuple[RecipientOutcome, ...]], int] = (
             GroupCommitter(self._record_outcome_batch, max_batch=200, max_in_flight=in_flight)
+        )
+        self._suppression_reader: GroupCommitter[frozenset[str], dict[str, Suppression]] = (
+            GroupCommitter(self._active_suppressions_batch, max_batch=200)
         )
 
     def _now_ms(self) -> int:
@@ -384,39 +388,76 @@ class Store:
         now_ms = self._now_ms()
 
         async def txn(cursor: ICursor) -> list[int]:
-            return [await self._record_in_txn(cursor, now_ms, o, r) for o, r in batch]
+            ours = await self._record_in_txn(
+                cursor, now_ms, [(owner, o) for owner, outcomes in batch for o in outcomes]
+            )
+            return [sum(o.recipient_id in ours for o in outcomes) for _, outcomes in batch]
 
         return await self.engine.run_interaction("record_outcomes", txn)
 
     async def _record_in_txn(
-        self, cursor: ICursor, now_ms: int, owner: str, outcomes: Sequence[RecipientOutcome]
-    ) -> int:
-        mine = 0
-        for outcome in outcomes:
+        self,
+        cursor: ICursor,
+        now_ms: int,
+        outcomes: Sequence[tuple[str, RecipientOutcome]],
+    ) -> set[int]:
+        """Outcomes of (owner, outcome) in a few statements however many there are: one
+        UPDATE (of the rows each owner still holds) and one INSERT of events per chunk, one
+        DELETE of soft-bounce entries for the delivered. Returns the ids updated."""
+        ours: set[int] = set()
+        for start in range(0, len(outcomes), _ROWS_PER_STATEMENT):
+            chunk = outcomes[start : start + _ROWS_PER_STATEMENT]
             await cursor.execute(
-                "UPDATE recipients SET state = ?, attempts = ?, next_attempt_at = ?,"
-                " last_reply = ?, lease_owner = NULL, updated_at = ?"
-                " WHERE id = ? AND lease_owner = ?",
-                (
-                    outcome.state,
-                    outcome.attempts,
-                    None if outcome.next_attempt_at is None else to_ms(outcome.next_attempt_at),
-                    outcome.reply,
+                "UPDATE recipients SET state = v.column2, attempts = v.column3,"
+                " next_attempt_at = CAST(v.column4 AS BIGINT), last_reply = v.column5,"
+                " lease_owner = NULL, updated_at = ?"
+                f" FROM (VALUES {', '.join(['(?, ?, ?, ?, ?, ?)'] * len(chunk))}) AS v"
+                " WHERE recipients.id = v.column1 AND recipients.lease_owner = v.column6"
+                " RETURNING recipients.id",
+                [
                     now_ms,
-                    outcome.recipient_id,
-                    owner,
-                ),
+                    *(
+                        value
+                        for owner, o in chunk
+                        for value in (
+                            o.recipient_id,
+                            o.state,
+                            o.attempts,
+                            None if o.next_attempt_at is None else to_ms(o.next_attempt_at),
+                            o.reply,
+                            owner,
+                        )
+                    ),
+                ],
             )
-            if int(cursor.rowcount) == 0:
-                continue
-            mine += 1
-            for event_type, data in outcome.events:
-                await insert_events(
-                    cursor, now_ms, event_type, outcome.queue_id, [outcome.address], data
-                )
-            if self.suppression is not None:
+            ours.update(int(row[0]) for row in cursor.fetchall())
+        recorded = [o for _, o in outcomes if o.recipient_id in ours]
+        events = [
+            (event_type, now_ms, o.queue_id, o.address, json.dumps(data, sort_keys=True))
+            for o in recorded
+            for event_type, data in o.events
+        ]
+        if events:
+            await cursor.executemany(
+                "INSERT INTO events (type, time, queue_id, recipient, data) VALUES (?, ?, ?, ?, ?)",
+                events,
+            )
+        if self.suppression is None:
+            return ours
+        if any(kind == "bounced" for o in recorded for kind, _ in o.events):
+            # Rare: the suppression policy outcome by outcome, in order.
+            for outcome in recorded:
                 await self._apply_policy(cursor, now_ms, outcome, self.suppression)
-        return mine
+            return ours
+        delivered = sorted({o.address.lower() for o in recorded if o.state == "delivered"})
+        for start in range(0, len(delivered), _ROWS_PER_STATEMENT):
+            addresses = delivered[start : start + _ROWS_PER_STATEMENT]
+            await cursor.execute(
+                "DELETE FROM suppressions WHERE reason = 'soft_bounce'"
+                f" AND address IN ({', '.join('?' for _ in addresses)})",
+                addresses,
+            )
+        return ours
 
     async def _apply_policy(
         self, cursor: ICursor, now_ms: int, outcome: RecipientOutcome, policy: SuppressionConfig
@@ -639,22 +680,37 @@ class Store:
         return await self.engine.run_interaction("list_suppressions", txn, readonly=True)
 
     async def active_suppressions(self, addresses: Iterable[str]) -> dict[str, Suppression]:
-        """The entries in force now for any of ``addresses``, keyed by lower-cased address."""
-        wanted = sorted({a.lower() for a in addresses})
+        """The entries in force now for any of ``addresses``, keyed by lower-cased address.
+
+        Lookups made while another is under way share the next query (every delivery job
+        asks, just before it sends); each still sees every entry committed before it asked.
+        """
+        wanted = frozenset(a.lower() for a in addresses)
         if not wanted:
             return {}
+        return await self._suppression_reader.submit(wanted)
+
+    async def _active_suppressions_batch(
+        self, batch: Sequence[frozenset[str]]
+    ) -> list[dict[str, Suppression]]:
+        wanted = sorted(frozenset().union(*batch))
         now_ms = self._now_ms()
 
         async def txn(cursor: ICursor) -> dict[str, Suppression]:
-            marks = ", ".join("?" for _ in wanted)
-            await cursor.execute(
-                "SELECT address, reason, created_at, expires_at, note FROM suppressions"
-                f" WHERE address IN ({marks}) AND (expires_at IS NULL OR expires_at > ?)",
-                (*wanted, now_ms),
-            )
-            return {str(row[0]): _suppression(row) for row in cursor.fetchall()}
+            found: dict[str, Suppression] = {}
+            for start in range(0, len(wanted), _ROWS_PER_STATEMENT):
+                chunk = wanted[start : start + _ROWS_PER_STATEMENT]
+                await cursor.execute(
+                    "SELECT address, reason, created_at, expires_at, note FROM suppressions"
+                    f" WHERE address IN ({', '.join('?' for _ in chunk)})"
+                    " AND (expires_at IS NULL OR expires_at > ?)",
+                    (*chunk, now_ms),
+                )
+                found.update((str(row[0]), _suppression(row)) for row in cursor.fetchall())
+            return found
 
-        return await self.engine.run_interaction("active_suppressions", txn, readonly=True)
+        found = await self.engine.run_interaction("active_suppressions", txn, readonly=True)
+        return [{a: found[a] for a in addresses if a in found} for addresses in batch]
 
 
 class LoginTable:

@@ -47,14 +47,24 @@ def _plain_row(row: Row) -> Row:
 
 @implementer(ICursor)
 class PostgresCursor(NotifyingCursor):
-    def __init__(self, cursor: Cursor) -> None:
+    """``begin``: a statement (BEGIN) sent in front of the first statement, in the same round
+    trip; ``begun`` says whether it was sent."""
+
+    def __init__(self, cursor: Cursor, begin: str | None = None) -> None:
         super().__init__()
         self._cursor = cursor
         self._has_rows = False
+        self._begin = begin
+        self.begun = False
         self.rowcount = -1
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Deferred[None]:
-        d = self._cursor.execute(to_pyformat(sql), tuple(args))
+        query = to_pyformat(sql)
+        if self._begin is not None:
+            # psycopg2 sends one query string (parameters are bound on our side), and
+            # PostgreSQL runs its statements in order: BEGIN costs no round trip of its own.
+            query, self._begin, self.begun = f"{self._begin}; {query}", None, True
+        d = self._cursor.execute(query, tuple(args))
         return d.addCallback(self._executed)
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Deferred[None]:
@@ -135,16 +145,23 @@ class PostgresEngine(PooledEngine[Connection]):
     async def _transact(
         self, connection: Connection, name: str, txn: Transaction[T], readonly: bool
     ) -> tuple[T, Sequence[str]]:
-        cursor = PostgresCursor(connection.cursor())
-        await connection.cursor().execute("BEGIN READ ONLY" if readonly else "BEGIN")
+        if readonly:
+            # At READ COMMITTED (PostgreSQL's default level) each statement of a transaction
+            # sees what was committed when it started, so a read-only transaction is the same
+            # as its statements run on their own: no BEGIN and COMMIT round trips.
+            cursor = PostgresCursor(connection.cursor())
+            return await txn(cursor), cursor.pending_notifications
+        cursor = PostgresCursor(connection.cursor(), begin="BEGIN")
         try:
             result = await txn(cursor)
-            await connection.cursor().execute("COMMIT")
+            if cursor.begun:
+                await connection.cursor().execute("COMMIT")
         except BaseException:
-            try:
-                await connection.cursor().execute("ROLLBACK")
-            except Exception:
-                log.failure("rollback of {name} failed", name=name)
+            if cursor.begun:
+                try:
+                    await connection.cursor().execute("ROLLBACK")
+                except Exception:
+                    log.failure("rollback of {name} failed", name=name)
             raise
         return result, cursor.pending_notifications
 
