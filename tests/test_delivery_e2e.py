@@ -259,6 +259,28 @@ async def test_connections_are_reused_up_to_max_messages_per_connection(
 
 
 @pytest_twisted.ensureDeferred
+async def test_claiming_resumes_when_the_memory_window_has_room(
+    relays: DeliveryRelays, sinks: Sinks, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With more due work than MAX_IN_MEMORY, claiming stops and starts again as deliveries
+    finish (not only at the next poll, which this test pushes out of reach)."""
+    monkeypatch.setattr(manager_module, "MAX_IN_MEMORY", 4)
+    monkeypatch.setattr(manager_module, "POLL_INTERVAL", 600.0)
+    reactor = real_reactor()
+    backend = TrackingSinkBackend(delay=0.01, clock=reactor)
+    _, sink_port = await sinks.start(backend)
+    relay = await relays.start(
+        database_url,
+        {"routes": smtp_route(sink_port), "throttle": throttle(max_connections=1)},
+    )
+    count = 20
+    mails = [([f"r{i}@example.net"], message_bytes(f"window {i}")) for i in range(count)]
+    await submit_many(relay.smtp_port, mails)
+    await wait_for_events(reactor, relay.store, "delivered", count)
+    assert len(backend.messages) == count
+
+
+@pytest_twisted.ensureDeferred
 async def test_trickled_messages_reuse_the_connection(
     relays: DeliveryRelays, sinks: Sinks, database_url: str
 ) -> None:

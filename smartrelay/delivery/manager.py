@@ -142,6 +142,8 @@ class DeliveryManager(Service):
         self._rng = rng or random.Random()
         self._destinations: dict[str, Destination] = {}
         self._in_memory = 0
+        #: Claiming stopped with due work maybe left, because MAX_IN_MEMORY was reached.
+        self._held_back = False
         self._pumping = False
         self._pump_again = False
         self._poll_call: IDelayedCall | None = None
@@ -231,6 +233,7 @@ class DeliveryManager(Service):
                 self._pump_again = False
                 room = MAX_IN_MEMORY - self._in_memory
                 if room <= 0:
+                    self._held_back = True  # _finish wakes us when there is room again
                     break
                 claimed = await self._store.claim_due(
                     self.node_id, limit=min(CLAIM_BATCH, room), lease=LEASE
@@ -524,7 +527,8 @@ class DeliveryManager(Service):
                 state=outcome.state,
                 reply=outcome.reply,
             )
-        if self._in_memory < MAX_IN_MEMORY // 2:
+        if self._held_back and self._in_memory < MAX_IN_MEMORY // 2:
+            self._held_back = False
             self.wake()
 
     def _outcome(
