@@ -64,6 +64,7 @@ POLL_INTERVAL = 5.0  # safety net beside NOTIFY, and how soon a deferred recipie
 BACKOFF_ON_421 = 60.0
 STOP_GRACE = 10.0  # at shutdown, how long deliveries under way may take to finish
 IDLE_CONNECTION = 2.0  # how long an idle connection waits for the next message
+CLAIM_SPACING = 0.1  # seconds between claims that find less than a full batch
 
 
 @frozen
@@ -146,6 +147,8 @@ class DeliveryManager(Service):
         self._held_back = False
         self._pumping = False
         self._pump_again = False
+        self._last_claim = float("-inf")
+        self._spaced_wake: IDelayedCall | None = None
         self._poll_call: IDelayedCall | None = None
         self._starting: Deferred[None] | None = None
         self._workers: set[Deferred[None]] = set()
@@ -187,8 +190,9 @@ class DeliveryManager(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]
-        if self._poll_call is not None and self._poll_call.active():
-            self._poll_call.cancel()
+        for call in (self._poll_call, self._spaced_wake):
+            if call is not None and call.active():
+                call.cancel()
         for destination in list(self._destinations.values()):
             if destination.wake_call is not None and destination.wake_call.active():
                 destination.wake_call.cancel()
@@ -215,11 +219,19 @@ class DeliveryManager(Service):
 
     # -- claiming -----------------------------------------------------------------------------
     def wake(self) -> None:
-        """New or due work may be waiting."""
+        """New or due work may be waiting. Claims are CLAIM_SPACING apart at least (unless
+        the last one came back full): every commit of accepted mail wakes every delivery
+        process, and a claim is a write transaction."""
         if not self.running or self._store is None:
             return
         if self._pumping:
             self._pump_again = True
+            return
+        if self._spaced_wake is not None and self._spaced_wake.active():
+            return
+        wait = self._last_claim + CLAIM_SPACING - self._reactor.seconds()
+        if wait > 0:
+            self._spaced_wake = self._reactor.callLater(wait, self.wake)
             return
         Deferred.fromCoroutine(self._pump()).addErrback(
             lambda f: log.failure("claiming due work failed", f)
@@ -235,16 +247,20 @@ class DeliveryManager(Service):
                 if room <= 0:
                     self._held_back = True  # _finish wakes us when there is room again
                     break
+                self._last_claim = self._reactor.seconds()
                 claimed = await self._store.claim_due(
                     self.node_id, limit=min(CLAIM_BATCH, room), lease=LEASE
                 )
                 if claimed:
                     await self._enqueue(claimed)
-                if len(claimed) < min(CLAIM_BATCH, room) and not self._pump_again:
+                if len(claimed) < min(CLAIM_BATCH, room):
                     break
         finally:
             self._pumping = False
             self._schedule_poll()
+        if self._pump_again:
+            self._pump_again = False
+            self.wake()
 
     def _wake_at(self, when: float) -> None:
         """Look for due work at ``when`` (a deferred recipient's retry), if before the poll."""

@@ -177,8 +177,10 @@ class Store:
         self._queue_committer: GroupCommitter[NewMessage, QueuedMessage] = GroupCommitter(
             self._queue_batch, max_batch=200, max_in_flight=in_flight
         )
+        # Outcomes: one commit at a time on both engines, so that outcomes wait in bigger
+        # groups (a delivery process has a few dozen connections finishing at once).
         self._outcome_committer: GroupCommitter[tuple[str, tuple[RecipientOutcome, ...]], int] = (
-            GroupCommitter(self._record_outcome_batch, max_batch=200, max_in_flight=in_flight)
+            GroupCommitter(self._record_outcome_batch, max_batch=200)
         )
         self._suppression_reader: GroupCommitter[frozenset[str], dict[str, Suppression]] = (
             GroupCommitter(self._active_suppressions_batch, max_batch=200)
