@@ -778,13 +778,21 @@ async def _suppress(
     note: str,
 ) -> None:
     """Add or replace a suppression entry inside the caller's transaction."""
+    expires_ms = None if lasts is None else now_ms + to_ms(lasts)
+    await upsert_suppression(cursor, address.lower(), reason, now_ms, expires_ms, note)
+
+
+async def upsert_suppression(
+    cursor: ICursor, address: str, reason: str, now_ms: int, expires_ms: int | None, note: str
+) -> None:
+    """The suppression entry of ``address`` (lower-cased already), added or replaced."""
     await cursor.execute(
         "INSERT INTO suppressions (address, reason, created_at, expires_at, note)"
         " VALUES (?, ?, ?, ?, ?)"
         " ON CONFLICT (address) DO UPDATE SET reason = excluded.reason,"
         " created_at = excluded.created_at, expires_at = excluded.expires_at,"
         " note = excluded.note",
-        (address.lower(), reason, now_ms, None if lasts is None else now_ms + to_ms(lasts), note),
+        (address, reason, now_ms, expires_ms, note),
     )
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from attrs import frozen
 
 from smartrelay.storage.interfaces import ICursor
-from smartrelay.storage.store import Store, from_ms, insert_events, to_ms
+from smartrelay.storage.store import Store, from_ms, insert_events, to_ms, upsert_suppression
 
 __all__ = [
     "RecipientRef",
@@ -172,14 +172,7 @@ async def suppress_recipient(
                     if old_expiry is None or new_expiry is None
                     else max(old_expiry, new_expiry)
                 )
-        await cursor.execute(
-            "INSERT INTO suppressions (address, reason, created_at, expires_at, note)"
-            " VALUES (?, ?, ?, ?, ?)"
-            " ON CONFLICT (address) DO UPDATE SET reason = excluded.reason,"
-            " created_at = excluded.created_at, expires_at = excluded.expires_at,"
-            " note = excluded.note",
-            (address, reason, now_ms, expires_ms, note),
-        )
+        await upsert_suppression(cursor, address, reason, now_ms, expires_ms, note)
         await insert_events(cursor, now_ms, event_type, ref.queue_id, [ref.address], event_data)
         return True
 
