@@ -78,7 +78,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -1052,43 +1052,6 @@ def run_system(
 # -- PostgreSQL --------------------------------------------------------------------------------
 
 
-class DurablePostgres(PostgresServer):
-    """tests/support/postgres.py's throwaway server, but with PostgreSQL's default durability
-    (fsync on; the tests turn it off)."""
-
-    def start(self) -> None:
-        data = os.path.join(self.directory, "data")
-        self._run(os.path.join(self.bindir, "initdb"), "-D", data, "-A", "trust", "-U", "postgres")
-        options = (
-            f"-p {self.port} -k {self.directory} -c listen_addresses={HOST} -c max_connections=200"
-        )
-        log = os.path.join(self.directory, "log")
-        pg_ctl = os.path.join(self.bindir, "pg_ctl")
-        self._run(pg_ctl, "-D", data, "-o", options, "-l", log, "-w", "start")
-
-
-@contextlib.contextmanager
-def bench_postgres(fsync: bool) -> Iterator[PostgresServer]:
-    if not fsync:
-        with running_postgres() as server:
-            yield server
-        return
-    as_postgres = os.geteuid() == 0
-    directory = tempfile.mkdtemp(prefix="smartrelay-bench-pg-")
-    try:
-        if as_postgres:
-            user = pwd.getpwnam("postgres")
-            os.chown(directory, user.pw_uid, user.pw_gid)
-        server = DurablePostgres(find_bindir(), directory, free_port(), as_postgres)
-        server.start()
-        try:
-            yield server
-        finally:
-            server.stop()
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
 def postgres_settings(server: PostgresServer) -> str:
     names = ["fsync", "synchronous_commit", "wal_level", "shared_buffers", "max_connections"]
     with contextlib.closing(psycopg2.connect(server.dsn())) as db, db.cursor() as cursor:
@@ -1172,7 +1135,7 @@ def run_relay(
 def run_postgresql(tools: Tools, settings: Settings, fsync: bool) -> tuple[Result, Result, str]:
     """SmartRelay on a throwaway PostgreSQL; also the server's own row and its settings."""
     server_row = Result("  + PostgreSQL server")
-    with bench_postgres(fsync) as server:
+    with running_postgres(durable=fsync) as server:
         pg_settings = postgres_settings(server)
         print(f"PostgreSQL: {pg_settings}")
         sampler = MemorySampler()

@@ -43,11 +43,17 @@ def free_port() -> int:
 
 
 class PostgresServer:
-    def __init__(self, bindir: str, directory: str, port: int, as_postgres: bool) -> None:
+    """A throwaway server. ``durable``: PostgreSQL's default durability (fsync on, for the
+    benchmark); the tests turn fsync off."""
+
+    def __init__(
+        self, bindir: str, directory: str, port: int, as_postgres: bool, durable: bool = False
+    ) -> None:
         self.bindir = bindir
         self.directory = directory
         self.port = port
         self._as_postgres = as_postgres
+        self._durable = durable
         self._counter = 0
 
     def _run(self, *args: str) -> None:
@@ -68,11 +74,11 @@ class PostgresServer:
             "trust",
             "-U",
             "postgres",
-            "--no-sync",
+            *(() if self._durable else ("--no-sync",)),
         )
         options = (
             f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1"
-            " -c fsync=off -c max_connections=200"
+            f"{'' if self._durable else ' -c fsync=off'} -c max_connections=200"
         )
         self._run(
             os.path.join(self.bindir, "pg_ctl"),
@@ -106,7 +112,7 @@ class PostgresServer:
 
 
 @contextmanager
-def running_postgres() -> Iterator[PostgresServer]:
+def running_postgres(durable: bool = False) -> Iterator[PostgresServer]:
     bindir = find_bindir()
     as_postgres = os.geteuid() == 0
     directory = tempfile.mkdtemp(prefix="smartrelay-pg-")
@@ -114,7 +120,7 @@ def running_postgres() -> Iterator[PostgresServer]:
         if as_postgres:
             pw = pwd.getpwnam("postgres")
             os.chown(directory, pw.pw_uid, pw.pw_gid)
-        server = PostgresServer(bindir, directory, free_port(), as_postgres)
+        server = PostgresServer(bindir, directory, free_port(), as_postgres, durable)
         server.start()
         try:
             yield server
