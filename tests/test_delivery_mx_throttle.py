@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import pytest_twisted
 from twisted.internet.defer import succeed
+from twisted.internet.task import deferLater
 
 from smartrelay.config import parse_config
+from smartrelay.delivery import manager as manager_module
 from smartrelay.delivery.manager import DeliveryManager
 from smartrelay.delivery.mx import MxResolver
-from smartrelay.storage.store import NewMessage, Store
+from smartrelay.storage.store import ClaimedRecipient, NewMessage, Store
 from tests.conftest import real_reactor
 from tests.support.delivery_relay import Sinks, TrackingSinkBackend, count_events, eventually
 from tests.test_mx import MX, FixtureResolver
@@ -57,3 +61,54 @@ async def test_domains_on_one_mx_share_its_throttle(
         await manager.stopService()
     # One connection at a time to the shared MX with an mx: throttle; one per domain without.
     assert factory.max_seen == most_at_once
+
+
+@pytest_twisted.ensureDeferred
+async def test_claims_are_spaced_when_wake_ups_come_fast(
+    store: Store, sinks: Sinks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every commit of accepted mail wakes the manager; claims that find little are at least
+    CLAIM_SPACING apart, and a wake-up inside that window is not lost but comes later."""
+    monkeypatch.setattr(manager_module, "CLAIM_SPACING", 0.5)
+    reactor = real_reactor()
+    _, sink_port = await sinks.start(TrackingSinkBackend(clock=reactor))
+    delivery = parse_config(
+        {"delivery": {"routes": {"*": f"smtp://127.0.0.1:{sink_port}"}}}
+    ).delivery
+    manager = DeliveryManager(
+        reactor,
+        delivery,
+        "relay.test",
+        lambda: succeed(store),
+        MxResolver(FixtureResolver({}), reactor),
+    )
+    claims: list[float] = []
+    claim_due = store.claim_due
+
+    async def counting_claim_due(owner: str, limit: int, lease: float) -> list[ClaimedRecipient]:
+        claims.append(reactor.seconds())
+        return await claim_due(owner, limit, lease)
+
+    monkeypatch.setattr(store, "claim_due", counting_claim_due)
+    manager.startService()
+    try:
+
+        async def started() -> bool | None:
+            return True if claims else None
+
+        await eventually(reactor, started, "the first claim")
+        for _ in range(40):  # 40 wake-ups within 0.2 s
+            manager.wake()
+            await deferLater(reactor, 0.005, lambda: None)
+        await store.queue_message(NewMessage("app@example.com", ("late@example.net",), b"x\r\n"))
+        manager.wake()
+
+        async def delivered() -> bool | None:
+            return True if await count_events(store, "delivered") == 1 else None
+
+        await eventually(reactor, delivered, "the late message", within=10)
+    finally:
+        await manager.stopService()
+    gaps = [later - earlier for earlier, later in itertools.pairwise(claims)]
+    assert len(claims) <= 4, claims
+    assert all(gap >= 0.45 for gap in gaps), gaps
