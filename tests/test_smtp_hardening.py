@@ -270,3 +270,46 @@ def test_timeout_keys_are_parsed_and_validated() -> None:
             parse_config({"smtp": {key: 30}})
         with pytest.raises(ConfigError, match=f"smtp.{key}"):
             parse_config({"smtp": {key: "0s"}})
+
+
+def test_limiter_counts_checks_under_way() -> None:
+    clock = Clock()
+    limiter = AuthFailureLimiter(clock, max_failures=3)
+    ip = "192.0.2.7"
+    results: list[bool] = []
+    for _ in range(5):
+        limiter.begin_attempt(ip).addCallback(results.append)
+    assert results == [True, True, True] and limiter.in_flight(ip) == 3
+    limiter.record_success(ip)
+    limiter.end_attempt(ip)  # a success makes room for one waiting attempt
+    assert results == [True, True, True, True]
+    limiter.record_failure(ip)
+    limiter.end_attempt(ip)  # 1 failure + 2 under way: no room
+    assert results == [True] * 4
+    limiter.record_failure(ip)
+    limiter.end_attempt(ip)  # 2 failures + 1 under way: still none
+    assert results == [True] * 4
+    limiter.record_failure(ip)
+    limiter.end_attempt(ip)  # 3 failures: blocked, the waiting attempt is refused
+    assert results == [True] * 4 + [False]
+    assert limiter.blocked(ip) and limiter.in_flight(ip) == 0
+    refused: list[bool] = []
+    limiter.begin_attempt(ip).addCallback(refused.append)
+    assert refused == [False]
+    # Other clients are not affected.
+    limiter.begin_attempt("192.0.2.8").addCallback(refused.append)
+    assert refused == [False, True]
+
+
+def test_limiter_refuses_waiting_attempts_once_blocked() -> None:
+    limiter = AuthFailureLimiter(Clock(), max_failures=2)
+    ip = "192.0.2.9"
+    results: list[bool] = []
+    for _ in range(4):
+        limiter.begin_attempt(ip).addCallback(results.append)
+    assert results == [True, True]
+    for _ in range(2):
+        limiter.record_failure(ip)
+        limiter.end_attempt(ip)
+    assert results == [True, True, False, False]
+    assert limiter.in_flight(ip) == 0
