@@ -167,6 +167,12 @@ class SmtpConfig:
     #: Bytes.
     max_message_size: int = 25 * 1024 * 1024
     max_recipients: int = 100
+    #: Seconds without a command before 421 and close, in any state (TLS included).
+    idle_timeout: float = 300.0
+    #: Seconds for a STARTTLS or implicit-TLS handshake to complete; then the connection is cut.
+    tls_handshake_timeout: float = 30.0
+    #: Seconds for the whole DATA phase of one message.
+    data_timeout: float = 600.0
 
 
 @frozen
@@ -473,6 +479,9 @@ _SMTP_KEYS = (
     "max_connections_per_client",
     "max_message_size",
     "max_recipients",
+    "idle_timeout",
+    "tls_handshake_timeout",
+    "data_timeout",
 )
 _REWRAP_KEYS = (
     "secret_file",
@@ -545,6 +554,9 @@ def _parse_smtp(t: _Table) -> SmtpConfig:
         ),
         max_message_size=t.size("max_message_size", d.max_message_size),
         max_recipients=t.count("max_recipients", d.max_recipients),
+        idle_timeout=t.duration("idle_timeout", d.idle_timeout),
+        tls_handshake_timeout=t.duration("tls_handshake_timeout", d.tls_handshake_timeout),
+        data_timeout=t.duration("data_timeout", d.data_timeout),
     )
 
 

@@ -161,6 +161,12 @@ class RelayService(MultiService):
             allowed_networks=smtp.allowed_networks,
             max_connections=smtp.max_connections,
             max_connections_per_client=smtp.max_connections_per_client,
+            idle_timeout=smtp.idle_timeout,
+            tls_handshake_timeout=smtp.tls_handshake_timeout,
+            data_timeout=smtp.data_timeout,
+            # A client may pause between reads of DATA for at most 3 minutes (RFC 5321
+            # 4.5.3.2.6), and never past the deadline of the whole DATA phase.
+            data_read_timeout=min(180.0, smtp.data_timeout),
         )
         self.submission = SmtpFactory(
             submission,

@@ -16,7 +16,14 @@ from smartrelay.passwords import hash_password, verify_password
 from smartrelay.reactor import IRelayReactor
 from smartrelay.smtp.control import ControlHeaderError, header_block, parse_control_headers
 from smartrelay.smtp.replies import Reply
-from smartrelay.smtp.session import Envelope, ISmtpBackend, Session, address_domain, received_header
+from smartrelay.smtp.session import (
+    Envelope,
+    ISmtpBackend,
+    Session,
+    address_domain,
+    printable,
+    received_header,
+)
 from smartrelay.storage.store import NewFeedback, NewMessage, Store
 
 log = Logger()
@@ -69,8 +76,10 @@ class SubmissionBackend:
         try:
             control = parse_control_headers(header_block(message))
         except ControlHeaderError as error:
-            log.info("{ip}: message refused: {error}", ip=session.client_ip, error=error)
-            return Reply(550, "5.6.0", f"Bad control header: {error}")
+            # The error may quote what the client sent: escaped for the log and the reply.
+            shown = printable(str(error))
+            log.info("{ip}: message refused: {error}", ip=session.client_ip, error=shown)
+            return Reply(550, "5.6.0", f"Bad control header: {shown}")
         store = await self._store_ready()
         now = self._reactor.seconds()
         queue_id = new_queue_id(now)

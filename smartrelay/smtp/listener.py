@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
@@ -14,10 +15,13 @@ from twisted.internet.interfaces import (
     IListeningPort,
     IOpenSSLServerConnectionCreator,
     IReactorTime,
+    ISSLTransport,
 )
-from twisted.internet.protocol import ServerFactory
+from twisted.internet.protocol import Factory, ServerFactory
 from twisted.logger import Logger
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from smartrelay.reactor import IRelayReactor
 from smartrelay.smtp import replies as R
@@ -25,6 +29,7 @@ from smartrelay.smtp.protocol import SmtpServerProtocol
 from smartrelay.smtp.ratelimit import AuthFailureLimiter
 from smartrelay.smtp.replies import Reply
 from smartrelay.smtp.session import ISmtpBackend, ListenerSettings
+from smartrelay.smtp.tls import TlsError, TlsMaterial, server_context_factory
 
 log = Logger()
 
@@ -98,6 +103,81 @@ class SmtpFactory(ServerFactory):
                 del self.per_client[host]
 
 
+@implementer(ISSLTransport)
+class _ImplicitTlsTransport(BufferingTLSTransport):
+    """The TLS layer of an implicit-TLS connection (tells the protocol it is TLS)."""
+
+
+class _ImplicitTlsFactory(TLSMemoryBIOFactory):
+    protocol = _ImplicitTlsTransport
+
+
+#: ``ssl:`` endpoint options about TLS: we build the TLS layer ourselves from these.
+_TLS_OPTIONS = ("privatekey", "certkey", "extracertchain", "sslmethod", "dhparameters")
+
+
+def _split_fields(description: str) -> list[str]:
+    """Fields of an endpoint string, split at unescaped ``:``, escapes kept."""
+    fields, current, escaped = [], [], False
+    for c in description:
+        if escaped:
+            current.append(c)
+            escaped = False
+        elif c == "\\":
+            current.append(c)
+            escaped = True
+        elif c == ":":
+            fields.append("".join(current))
+            current = []
+        else:
+            current.append(c)
+    fields.append("".join(current))
+    return fields
+
+
+def _unescape(text: str) -> str:
+    out, escaped = [], False
+    for c in text:
+        if c == "\\" and not escaped:
+            escaped = True
+            continue
+        out.append(c)
+        escaped = False
+    return "".join(out)
+
+
+def implicit_tls(description: str) -> tuple[str, IOpenSSLServerConnectionCreator] | None:
+    """For an ``ssl:`` endpoint: the ``tcp:`` endpoint under it and the TLS options to wrap
+    it in; None for any other endpoint.
+
+    Twisted's ``ssl:`` endpoint would apply Twisted's default cipher list (which keeps suites
+    without forward secrecy); here its ``privateKey`` / ``certKey`` files (defaults as in
+    Twisted: ``server.pem``, and ``certKey`` = ``privateKey``) get the listeners' policy of
+    :func:`smartrelay.smtp.tls.server_context_factory`. Raises :class:`TlsError` (one line)
+    for what cannot be used.
+    """
+    fields = _split_fields(description)
+    if fields[0].lower() != "ssl":
+        return None
+    kept = ["tcp"]
+    options: dict[str, str] = {}
+    for field in fields[1:]:
+        name, equals, value = field.partition("=")
+        if equals and name.lower() in _TLS_OPTIONS:
+            options[name.lower()] = _unescape(value)
+        else:
+            kept.append(field)
+    unsupported = sorted(set(options) - {"privatekey", "certkey"})
+    if unsupported:
+        raise TlsError(
+            f"{', '.join(unsupported)} not supported (put the chain after the certificate in"
+            " the certKey file; the TLS policy is fixed, see docs/smtp.md)"
+        )
+    key = options.get("privatekey", "server.pem")
+    material = TlsMaterial(options.get("certkey", key), key, generated=False)
+    return ":".join(kept), server_context_factory(material)
+
+
 class ListeningService(Service):
     """Listens on one endpoint string; failing to listen is fatal (one line, exit 1)."""
 
@@ -116,8 +196,18 @@ class ListeningService(Service):
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
-        endpoint = serverFromString(self._reactor, self.description)
-        d = endpoint.listen(self._factory)
+        factory: Factory[Any] = self._factory
+        description = self.description
+        try:
+            wrapped = implicit_tls(description)
+        except TlsError as e:
+            self._on_fatal(f"{self._factory.name}: cannot listen on {description}: {e}")
+            return
+        if wrapped is not None:
+            description, creator = wrapped
+            factory = _ImplicitTlsFactory(creator, False, self._factory)
+        endpoint = serverFromString(self._reactor, description)
+        d = endpoint.listen(factory)
         d.addCallbacks(self._listening, self._failed)
 
     def _listening(self, port: IListeningPort) -> None:

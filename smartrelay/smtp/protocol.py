@@ -20,6 +20,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
+    IHandshakeListener,
     IOpenSSLServerConnectionCreator,
     IReactorTime,
     ISSLTransport,
@@ -27,11 +28,19 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from smartrelay.smtp import replies as R
 from smartrelay.smtp.ratelimit import AuthFailureLimiter
 from smartrelay.smtp.replies import Reply
-from smartrelay.smtp.session import Envelope, ISmtpBackend, ListenerSettings, Session
+from smartrelay.smtp.session import (
+    Envelope,
+    ISmtpBackend,
+    ListenerSettings,
+    Session,
+    has_control,
+    printable,
+)
 
 log = Logger()
 
@@ -85,8 +94,15 @@ def parse_parameters(raw: bytes) -> dict[str, str] | None:
     return out
 
 
+@implementer(IHandshakeListener)
 class SmtpServerProtocol(Protocol):
-    """One SMTP connection. ``factory`` is a :class:`smartrelay.smtp.listener.SmtpFactory`."""
+    """One SMTP connection. ``factory`` is a :class:`smartrelay.smtp.listener.SmtpFactory`.
+
+    Every state has a deadline: the TLS handshake (``tls_handshake_timeout``, then abort),
+    commands (``idle_timeout``), DATA (``data_read_timeout`` per read and ``data_timeout``
+    for the whole message), and closing itself (``close_grace``, then abort): a peer that
+    neither reads nor answers TLS close_notify cannot keep its connection slot.
+    """
 
     def __init__(
         self,
@@ -113,6 +129,11 @@ class SmtpServerProtocol(Protocol):
         self._transport_paused = False
         self._shutdown_pending = False
         self._timer: IDelayedCall | None = None
+        self._data_deadline: IDelayedCall | None = None
+        self._abort_timer: IDelayedCall | None = None
+        self._handshaking = False
+        self._lost = False
+        self._discarding_line = False  # inside a command line that was too long
         self._bad_commands = 0
         # DATA state
         self._chunks: list[bytes] = []
@@ -135,15 +156,34 @@ class SmtpServerProtocol(Protocol):
         if self.refusal is not None:
             self.send_and_close(self.refusal)
             return
+        # Implicit TLS (an ssl: endpoint): the greeting waits in the TLS layer for the handshake.
         self.send(Reply(220, "", f"{self.settings.hostname} ESMTP SmartRelay"))
-        self._restart_timer(self.settings.idle_timeout)
+        if self.session.tls:
+            self._start_handshake_timer()
+        else:
+            self._restart_timer(self.settings.idle_timeout)
+
+    def _start_handshake_timer(self) -> None:
+        self._handshaking = True
+        self._restart_timer(self.settings.tls_handshake_timeout, self._handshake_timed_out)
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: the TLS handshake (implicit or after STARTTLS) is done."""
+        if self._handshaking:
+            self._handshaking = False
+            self._restart_timer(self.settings.idle_timeout)
 
     def _transport_is_tls(self) -> bool:
         return ISSLTransport.providedBy(self.transport)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closing = True
+        self._lost = True
         self._cancel_timer()
+        self._cancel_data_deadline()
+        if self._abort_timer is not None and self._abort_timer.active():
+            self._abort_timer.cancel()
+        self._abort_timer = None
         self._buffer.clear()
         self._chunks = []
         self._on_close(self)
@@ -153,10 +193,25 @@ class SmtpServerProtocol(Protocol):
             self.transport.write(reply.lines())
 
     def close(self) -> None:
+        """Close after what was written; abort if that has not happened within close_grace."""
         self._closing = True
         self._cancel_timer()
-        if self.transport is not None:
+        self._cancel_data_deadline()
+        if self.transport is not None and not self._lost:
             self.transport.loseConnection()
+            if self._abort_timer is None and not self._lost:
+                self._abort_timer = self.clock.callLater(
+                    self.settings.close_grace, self._abort, "close did not complete"
+                )
+
+    def _abort(self, why: str) -> None:
+        self._abort_timer = None
+        self._closing = True
+        self._cancel_timer()
+        self._cancel_data_deadline()
+        if self.transport is not None and not self._lost:
+            log.info("{ip}: {why}: aborting the connection", ip=self.session.client_ip, why=why)
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def shutdown(self) -> None:
         """The relay is stopping: say so now, or right after the reply under way."""
@@ -170,10 +225,10 @@ class SmtpServerProtocol(Protocol):
         self.close()
 
     # -- timers -------------------------------------------------------------------------------
-    def _restart_timer(self, seconds: float) -> None:
+    def _restart_timer(self, seconds: float, expired: Callable[[], None] | None = None) -> None:
         self._cancel_timer()
         if not self._closing:
-            self._timer = self.clock.callLater(seconds, self._timed_out)
+            self._timer = self.clock.callLater(seconds, expired or self._timed_out)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -185,13 +240,39 @@ class SmtpServerProtocol(Protocol):
         log.info("{ip}: idle timeout", ip=self.session.client_ip)
         self.send_and_close(R.IDLE_TIMEOUT)
 
+    def _handshake_timed_out(self) -> None:
+        # Nothing can be said inside an unfinished handshake, and a graceful TLS close would
+        # wait for it: abort.
+        self._timer = None
+        self._abort("TLS handshake timeout")
+
+    def _cancel_data_deadline(self) -> None:
+        if self._data_deadline is not None and self._data_deadline.active():
+            self._data_deadline.cancel()
+        self._data_deadline = None
+
+    def _data_timed_out(self) -> None:
+        """The DATA phase took longer than data_timeout: drop what came, 421, close."""
+        self._data_deadline = None
+        log.info(
+            "{ip}: DATA not finished within {seconds}s ({size} bytes received): closing",
+            ip=self.session.client_ip,
+            seconds=self.settings.data_timeout,
+            size=self._size,
+        )
+        self._chunks = []
+        self.session.reset_transaction()
+        self.send_and_close(R.DATA_TIMEOUT)
+
     # -- input --------------------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
         self._buffer += data
+        if self._handshaking:  # TLS hands over application data only after the handshake
+            self.handshakeCompleted()
         if self._mode == DATA:
-            self._restart_timer(self.settings.data_timeout)
+            self._restart_timer(self.settings.data_read_timeout)
         self._process()
         if (
             self._busy
@@ -210,14 +291,18 @@ class SmtpServerProtocol(Protocol):
                 continue
             newline = self._buffer.find(b"\n")
             if newline < 0:
-                if len(self._buffer) > self.settings.max_command_line:
-                    # Keep nothing of an endless line; answer once when it ends.
+                if self._discarding_line or len(self._buffer) > self.settings.max_command_line:
+                    # Keep nothing of an overlong line, however many reads it spans; answer
+                    # once, when it ends.
                     self._buffer.clear()
-                    self._bad_command(R.LINE_TOO_LONG)
+                    self._discarding_line = True
                 return
             line = bytes(self._buffer[: newline + 1])
             del self._buffer[: newline + 1]
-            if len(line) > self.settings.max_command_line:
+            if self._discarding_line or len(line) > self.settings.max_command_line:
+                self._discarding_line = False
+                self._restart_timer(self.settings.idle_timeout)
+                self._mode = COMMAND  # an overlong AUTH response ends the exchange
                 self._bad_command(R.LINE_TOO_LONG)
                 continue
             self._restart_timer(self.settings.idle_timeout)
@@ -270,6 +355,10 @@ class SmtpServerProtocol(Protocol):
         self._hello(rest, esmtp=True)
 
     def _hello(self, rest: bytes, esmtp: bool) -> None:
+        if has_control(rest):
+            # The name goes into Received: a CR or LF there would forge header lines.
+            self._bad_command(R.CONTROL_CHARACTERS)
+            return
         if not rest or b" " in rest:
             self._bad_command(Reply(501, "5.5.4", "Syntax: EHLO hostname"))
             return
@@ -335,6 +424,7 @@ class SmtpServerProtocol(Protocol):
         self.transport.startTLS(self.tls)  # type: ignore[union-attr]
         self.session.tls = True
         self.session.reset_after_tls()
+        self._start_handshake_timer()
 
     def smtp_AUTH(self, rest: bytes) -> None:
         if not self.backend.offers_auth:
@@ -402,27 +492,53 @@ class SmtpServerProtocol(Protocol):
                     self._wait(slowed)
                 return
             name, password = authcid, secret
+        # The limiter counts this check as under way until it is decided, so parallel
+        # sessions cannot run more checks than the lockout allows (they wait, or get 421).
+        admitted = self.auth_limiter.begin_attempt(self.session.client_ip)
+        admitted.addCallback(self._auth_admitted, name, password)
+        self._wait(admitted)
+
+    def _auth_admitted(self, admitted: bool, name: str, password: str) -> Deferred[Any] | None:
+        ip = self.session.client_ip
+        if not admitted:
+            if not self._closing:
+                self.send_and_close(R.TOO_MANY_AUTH_FAILURES)
+            return None
+        if self._closing:
+            self.auth_limiter.end_attempt(ip)
+            return None
         d = self.backend.check_credentials(name, password)
-        d.addCallback(self._auth_checked, name)
-        d.addErrback(self._auth_error)
-        self._wait(d)
+        d.addCallbacks(self._auth_checked, self._auth_error, callbackArgs=(name,))
+        return d
 
     def _auth_checked(self, valid: bool, name: str) -> Deferred[None] | None:
+        ip = self.session.client_ip
+        # Counted even when the client has gone meanwhile: hanging up is no free guess.
+        if valid:
+            self.auth_limiter.record_success(ip)
+        else:
+            self.auth_limiter.record_failure(ip)
+        self.auth_limiter.end_attempt(ip)
         if self._closing:
             return None
         if valid:
-            self.auth_limiter.record_success(self.session.client_ip)
             self.session.credential = name
-            log.info("{ip}: authenticated as {name}", ip=self.session.client_ip, name=name)
+            log.info(
+                "{ip}: authenticated as {name}", ip=self.session.client_ip, name=printable(name)
+            )
             self.send(R.AUTH_OK)
             return None
         # Returning the delay's Deferred keeps the command (and the input) waiting on it.
-        return self._auth_failed()
+        return self._answer_auth_failure()
 
     def _auth_failed(self) -> Deferred[None] | None:
-        """Count a failure and answer it, after a delay when the limiter asks for one."""
+        """Count a failure and answer it."""
+        self.auth_limiter.record_failure(self.session.client_ip)
+        return self._answer_auth_failure()
+
+    def _answer_auth_failure(self) -> Deferred[None] | None:
+        """Answer a counted failure, after a delay when the limiter asks for one."""
         ip = self.session.client_ip
-        self.auth_limiter.record_failure(ip)
         log.info("{ip}: authentication failed", ip=ip)
         if self.auth_limiter.blocked(ip):
             self.send_and_close(R.TOO_MANY_AUTH_FAILURES)
@@ -438,6 +554,7 @@ class SmtpServerProtocol(Protocol):
         return d
 
     def _auth_error(self, failure: Failure) -> None:
+        self.auth_limiter.end_attempt(self.session.client_ip)
         log.failure("credential check failed", failure)
         if not self._closing:
             self.send(Reply(454, "4.7.0", "Temporary authentication failure"))
@@ -454,6 +571,9 @@ class SmtpServerProtocol(Protocol):
             return
         if self.session.envelope is not None:
             self._bad_command(R.BAD_SEQUENCE_NESTED_MAIL)
+            return
+        if has_control(rest):
+            self._bad_command(R.CONTROL_CHARACTERS)
             return
         match = _ADDRESS.match(rest)
         if match is None or match[1].upper() != b"FROM":
@@ -497,6 +617,9 @@ class SmtpServerProtocol(Protocol):
         if envelope is None:
             self._bad_command(R.BAD_SEQUENCE_MAIL)
             return
+        if has_control(rest):
+            self._bad_command(R.CONTROL_CHARACTERS)
+            return
         match = _ADDRESS.match(rest)
         if match is None or match[1].upper() != b"TO":
             self._bad_command(Reply(501, "5.5.4", "Syntax: RCPT TO:<address>"))
@@ -535,7 +658,9 @@ class SmtpServerProtocol(Protocol):
         self._oversize = self._has_nul = self._has_bare_cr = False
         self._line_start = self._after_crlf = True
         self.send(R.START_DATA)
-        self._restart_timer(self.settings.data_timeout)
+        self._restart_timer(self.settings.data_read_timeout)
+        self._cancel_data_deadline()
+        self._data_deadline = self.clock.callLater(self.settings.data_timeout, self._data_timed_out)
 
     # -- DATA ---------------------------------------------------------------------------------
     def _consume_data(self) -> bool:
@@ -597,6 +722,7 @@ class SmtpServerProtocol(Protocol):
 
     def _end_of_data(self) -> None:
         self._mode = COMMAND
+        self._cancel_data_deadline()
         self._restart_timer(self.settings.idle_timeout)
         envelope = self.session.envelope
         chunks, self._chunks = self._chunks, []

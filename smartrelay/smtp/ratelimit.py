@@ -1,16 +1,22 @@
 """Slowing down SMTP AUTH brute force, per client address.
 
 The SMTP listener asks :meth:`AuthFailureLimiter.blocked` before it answers AUTH (``421 4.7.0``
-and disconnect when True), calls :meth:`~AuthFailureLimiter.record_failure` on a failed
-attempt and waits :meth:`~AuthFailureLimiter.delay` seconds before it sends the ``535`` reply,
-and calls :meth:`~AuthFailureLimiter.record_success` on success.
+and disconnect when True). Before each password check it waits for
+:meth:`~AuthFailureLimiter.begin_attempt`, which counts the check as under way: failures
+plus checks under way never exceed ``max_failures``, so parallel sessions from one client
+cannot run more checks than a single session could (extra attempts wait for a check to be
+decided, and are refused once the client is blocked). It then calls
+:meth:`~AuthFailureLimiter.record_failure` or :meth:`~AuthFailureLimiter.record_success`,
+and :meth:`~AuthFailureLimiter.end_attempt`; after a failure it waits
+:meth:`~AuthFailureLimiter.delay` seconds before it sends the ``535`` reply.
 
 Clients are keyed by address; IPv6 addresses are grouped by their /64 network by default
 (``ipv6_prefix``), since one IPv6 host usually has a whole /64 to pick addresses from, and an
 IPv4-mapped IPv6 address (``::ffff:192.0.2.1``) counts as its IPv4 address. A string that is
 not an IP address is used as it is.
 
-Memory stays bounded: each client keeps at most ``max_failures`` timestamps, clients whose
+Memory stays bounded: checks under way and waiting attempts are bounded by the open
+connections; each client keeps at most ``max_failures`` timestamps, clients whose
 last failure is older than the window are dropped as new failures come in, and past
 ``max_entries`` clients the one whose last failure is the oldest is forgotten.
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 import ipaddress
 from collections import OrderedDict, deque
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 __all__ = ["AuthFailureLimiter"]
@@ -59,6 +66,9 @@ class AuthFailureLimiter:
         # client key -> times of its most recent failures (oldest first). Ordered by the time
         # of the last failure, oldest client first (an entry moves to the end on each failure).
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        #: client key -> password checks under way, and attempts waiting for one to end.
+        self._in_flight: dict[str, int] = {}
+        self._waiting: dict[str, deque[Deferred[bool]]] = {}
 
     def __len__(self) -> int:
         """How many clients are tracked (including some whose failures have expired)."""
@@ -77,6 +87,54 @@ class AuthFailureLimiter:
         else:
             self._failures.move_to_end(key)
         times.append(now)
+
+    def begin_attempt(self, ip: str) -> Deferred[bool]:
+        """Fires True when a password check of ``ip`` may start (call :meth:`end_attempt`
+        once it is decided), False when ``ip`` is blocked."""
+        if self.blocked(ip):
+            return succeed(False)
+        key = self.key(ip)
+        if self._room(ip, key):
+            self._in_flight[key] = self._in_flight.get(key, 0) + 1
+            return succeed(True)
+        waiter: Deferred[bool] = Deferred()
+        self._waiting.setdefault(key, deque()).append(waiter)
+        return waiter
+
+    def end_attempt(self, ip: str) -> None:
+        """A check admitted by :meth:`begin_attempt` is decided (and recorded)."""
+        key = self.key(ip)
+        left = self._in_flight.get(key, 0) - 1
+        if left > 0:
+            self._in_flight[key] = left
+        else:
+            self._in_flight.pop(key, None)
+        self._admit(ip, key)
+
+    def in_flight(self, ip: str) -> int:
+        """Password checks of ``ip`` under way."""
+        return self._in_flight.get(self.key(ip), 0)
+
+    def _room(self, ip: str, key: str) -> bool:
+        return self.failures(ip) + self._in_flight.get(key, 0) < self.max_failures
+
+    def _admit(self, ip: str, key: str) -> None:
+        """Let waiting attempts of ``key`` go on (True) while there is room, or refuse them
+        all (False) once the client is blocked."""
+        waiting = self._waiting.get(key)
+        while waiting:
+            if self.blocked(ip):
+                refused = list(waiting)
+                waiting.clear()
+                for waiter in refused:
+                    waiter.callback(False)
+                break
+            if not self._room(ip, key):
+                break
+            self._in_flight[key] = self._in_flight.get(key, 0) + 1
+            waiting.popleft().callback(True)  # may re-enter end_attempt (a synchronous check)
+        if waiting is not None and not waiting and self._waiting.get(key) is waiting:
+            del self._waiting[key]
 
     def record_success(self, ip: str) -> None:
         """Forget the failures of ``ip`` (a successful AUTH)."""

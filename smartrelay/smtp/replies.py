@@ -43,9 +43,11 @@ TOO_MANY_FROM_CLIENT = Reply(421, "4.7.0", "Too many connections from your addre
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
 TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many failed authentication attempts")
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
+DATA_TIMEOUT = Reply(421, "4.4.2", "DATA took too long, closing connection; message not accepted")
 SHUTTING_DOWN = Reply(421, "4.3.0", "Service shutting down, try again later")
 
 LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
+CONTROL_CHARACTERS = Reply(501, "5.5.2", "Control characters are not allowed in arguments")
 UNKNOWN_COMMAND = Reply(502, "5.5.1", "Command not recognised")
 NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
 BAD_SEQUENCE_HELO = Reply(503, "5.5.1", "Send EHLO or HELO first")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import re
+import unicodedata
 from collections.abc import Sequence
 
 from attrs import define, field, frozen
@@ -28,9 +30,46 @@ class ListenerSettings:
     max_connections: int = 200
     max_connections_per_client: int = 50
     idle_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: server timeout of 5 minutes
-    data_timeout: float = 180.0  # between two chunks of DATA
+    #: STARTTLS or implicit TLS: the handshake must be done within this, else the connection
+    #: is aborted (nothing can be said to a client stuck in the handshake).
+    tls_handshake_timeout: float = 30.0
+    #: The whole DATA phase of one message, however slowly it trickles.
+    data_timeout: float = 600.0
+    #: DATA: the longest wait for the next read (RFC 5321 4.5.3.2.6: 3 minutes).
+    data_read_timeout: float = 180.0
+    #: After a close was asked for (421, QUIT...), how long the peer may take to let it finish
+    #: (flushing, TLS close_notify) before the connection is aborted.
+    close_grace: float = 10.0
     max_command_line: int = 2048  # RFC 5321 says 512; extensions and long addresses need more
     max_bad_commands: int = 10
+
+
+#: C0 controls and DEL: refused in commands' arguments, whatever the encoding.
+_ASCII_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+#: Unicode categories a terminal or a header parser may act on: controls (C0, DEL, C1),
+#: format characters (bidi overrides, zero-width), line and paragraph separators, surrogates.
+_UNSAFE_CATEGORIES = frozenset(("Cc", "Cf", "Zl", "Zp", "Cs"))
+
+
+def has_control(raw: bytes) -> bool:
+    """Whether ``raw`` (a command argument) holds a control or format character.
+
+    Bytes that are not UTF-8 are judged by the ASCII rule only (they are refused elsewhere
+    where it matters).
+    """
+    if _ASCII_CONTROL.search(raw):
+        return True
+    if raw.isascii():
+        return False
+    text = raw.decode("utf-8", "replace")
+    return any(unicodedata.category(c) in _UNSAFE_CATEGORIES for c in text)
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a log line: what is not printable escaped (``\\x1b``, ``\\u202e``)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 @define

@@ -26,13 +26,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
-from twisted.internet.ssl import CertificateOptions, TLSVersion
+from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
 from twisted.logger import Logger
 
 __all__ = [
     "SELF_SIGNED_CERTIFICATE",
     "SELF_SIGNED_KEY",
     "SELF_SIGNED_VALIDITY",
+    "TLS12_CIPHERS",
     "TlsError",
     "TlsMaterial",
     "ensure_certificate",
@@ -55,6 +56,21 @@ ServerKey = (
     | ed25519.Ed25519PrivateKey
     | ed448.Ed448PrivateKey
 )
+
+
+#: The TLS 1.2 cipher suites the listeners accept, in the server's order of preference:
+#: ECDHE key exchange (forward secrecy) with an AEAD cipher only, for ECDSA and RSA
+#: certificates alike. No plain-RSA key exchange, no DHE, no CBC, no SHA-1. TLS 1.3 suites
+#: (all ECDHE/AEAD) are OpenSSL's defaults. Printed in docs/smtp.md.
+TLS12_CIPHERS = (
+    "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "ECDHE-RSA-CHACHA20-POLY1305",
+    "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "ECDHE-RSA-AES128-GCM-SHA256",
+)
+_TLS13_CIPHERS = "TLS13-AES-256-GCM-SHA384:TLS13-CHACHA20-POLY1305-SHA256:TLS13-AES-128-GCM-SHA256"
 
 
 class TlsError(Exception):
@@ -108,7 +124,8 @@ def ensure_certificate(
 
 
 def server_context_factory(material: TlsMaterial) -> CertificateOptions:
-    """The TLS server options of a listener: TLS 1.2 or later, Twisted's default ciphers.
+    """The TLS server options of a listener: TLS 1.2 or later, ECDHE with AEAD ciphers only
+    (:data:`TLS12_CIPHERS`, or TLS 1.3), in the server's order of preference.
 
     The files are read and the OpenSSL context is built here, once: a problem raises
     :class:`TlsError` at start-up rather than at the first handshake. Certificates after the
@@ -124,6 +141,12 @@ def server_context_factory(material: TlsMaterial) -> CertificateOptions:
             certificate=cast(crypto.X509, chain[0]),
             extraCertChain=cast(list[crypto.X509], chain[1:]),
             raiseMinimumTo=TLSVersion.TLSv1_2,
+            # Twisted's default list ends in plain-RSA suites (no forward secrecy), which an
+            # RSA certificate would let a client pick. CertificateOptions always sets
+            # OP_CIPHER_SERVER_PREFERENCE.
+            acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(  # type: ignore[no-untyped-call]
+                ":".join((_TLS13_CIPHERS, *TLS12_CIPHERS))
+            ),
         )
         options.getContext()  # build (and cache) the context now
     except (SSL.Error, crypto.Error, TypeError, ValueError) as e:
