@@ -192,6 +192,10 @@ class WebConfig:
     listen: str = "tcp:8080:interface=127.0.0.1"
     #: http(s) URL without a trailing slash, query or fragment.
     base_url: str = "http://127.0.0.1:8080"
+    #: Open HTTP connections at most; past it new ones are closed at once (addition to SPEC).
+    max_connections: int = 500
+    #: Seconds without a byte from the client before its connection is closed (addition).
+    idle_timeout: float = 60.0
 
 
 @frozen
@@ -440,7 +444,7 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
         smtp=_parse_smtp(root.table("smtp", _SMTP_KEYS)),
         inbound=_parse_inbound(root.table("inbound", ("listen", "return_path_domain"))),
         rewrap=_parse_rewrap(root.table("rewrap", _REWRAP_KEYS)),
-        web=_parse_web(root.table("web", ("listen", "base_url"))),
+        web=_parse_web(root.table("web", _WEB_KEYS)),
         delivery=_parse_delivery(root.table("delivery", _DELIVERY_KEYS)),
         dkim_keys=_parse_dkim(root.table("dkim", ("keys",))),
         feedback_mailboxes=_parse_feedback(root.table("feedback", ("mailboxes",))),
@@ -474,6 +478,7 @@ _SMTP_KEYS = (
     "max_message_size",
     "max_recipients",
 )
+_WEB_KEYS = ("listen", "base_url", "max_connections", "idle_timeout")
 _REWRAP_KEYS = (
     "secret_file",
     "track_opens",
@@ -595,7 +600,12 @@ def _parse_web(t: _Table) -> WebConfig:
         problem = f"invalid URL {base_url!r}: must not have a fragment"
     if problem is not None:
         raise t.error("base_url", problem)
-    return WebConfig(listen=listen, base_url=base_url.rstrip("/"))
+    return WebConfig(
+        listen=listen,
+        base_url=base_url.rstrip("/"),
+        max_connections=t.count("max_connections", d.max_connections),
+        idle_timeout=t.duration("idle_timeout", d.idle_timeout),
+    )
 
 
 def _parse_delivery(t: _Table) -> DeliveryConfig:

@@ -19,6 +19,7 @@ from smartrelay.config import (
     Route,
     SoftBouncePolicy,
     Throttle,
+    WebConfig,
     Webhook,
     load_config,
     parse_config,
@@ -1018,3 +1019,12 @@ def test_config_is_frozen() -> None:
     name = "server"
     with pytest.raises(AttributeError):
         setattr(config, name, config.server)
+
+
+def test_web_connection_limits() -> None:
+    assert (WebConfig().max_connections, WebConfig().idle_timeout) == (500, 60.0)
+    web = parse_config({"web": {"max_connections": 20, "idle_timeout": "2m"}}).web
+    assert (web.max_connections, web.idle_timeout) == (20, 120.0)
+    assert error_of({"web": {"max_connections": 0}}).key == "web.max_connections"
+    bad = error_of({"web": {"idle_timeout": 30}})
+    assert bad.key == "web.idle_timeout" and "add a unit" in bad.problem

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from collections import Counter
 from collections.abc import Callable
+from typing import cast
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
@@ -98,6 +99,10 @@ class SmtpFactory(ServerFactory):
                 del self.per_client[host]
 
 
+class ListenError(Exception):
+    """A listener cannot listen; ``str()`` is the one-line reason."""
+
+
 class ListeningService(Service):
     """Listens on one endpoint string; failing to listen is fatal (one line, exit 1)."""
 
@@ -113,19 +118,42 @@ class ListeningService(Service):
         self._factory = factory
         self._on_fatal = on_fatal
         self._port: IListeningPort | None = None
+        self._bound = False
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
-        endpoint = serverFromString(self._reactor, self.description)
-        d = endpoint.listen(self._factory)
-        d.addCallbacks(self._listening, self._failed)
+        if not self._bound:
+            self._bound = True
+            endpoint = serverFromString(self._reactor, self.description)
+            d = endpoint.listen(self._factory)
+            d.addCallbacks(self._listening, self._failed)
+
+    def bind(self) -> None:
+        """Listen now, before the service starts: twistd's ``makeService`` binds every
+        listener before it daemonises, so a port in use is a one-line error and exit 1 there.
+        Raises :class:`ListenError`; an endpoint that listens asynchronously is left to run."""
+        if self._bound:
+            return
+        self._bound = True
+        outcome: list[object] = []
+        d = serverFromString(self._reactor, self.description).listen(self._factory)
+        d.addBoth(outcome.append)
+        if not outcome:
+            d.addCallbacks(self._listening, self._failed)
+        elif isinstance(outcome[0], Failure):
+            raise ListenError(self._reason(outcome[0]))
+        else:
+            self._listening(cast(IListeningPort, outcome[0]))
 
     def _listening(self, port: IListeningPort) -> None:
         self._port = port
         log.info("{name}: listening on {where}", name=self._factory.name, where=self.description)
 
     def _failed(self, failure: Failure) -> None:
-        self._on_fatal(
+        self._on_fatal(self._reason(failure))
+
+    def _reason(self, failure: Failure) -> str:
+        return (
             f"{self._factory.name}: cannot listen on {self.description}:"
             f" {' '.join(failure.getErrorMessage().split())}"
         )
