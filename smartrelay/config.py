@@ -50,6 +50,7 @@ __all__ = [
     "Webhook",
     "load_config",
     "parse_config",
+    "refuse_unimplemented",
 ]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -414,7 +415,8 @@ def default_config_path() -> str:
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate the config file at ``path``. Raises :class:`ConfigError`."""
+    """Read and validate the config file at ``path``; refuse what is not implemented yet
+    (:func:`refuse_unimplemented`). Raises :class:`ConfigError`."""
     name = os.fspath(path)
     try:
         with open(name, "rb") as f:
@@ -429,7 +431,26 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(name, "", f"invalid TOML: {e}") from e
-    return parse_config(data, name)
+    config = parse_config(data, name)
+    refuse_unimplemented(config)
+    return config
+
+
+def refuse_unimplemented(config: Config) -> None:
+    """Raise :class:`ConfigError` for a section that parses but whose feature is not built
+    yet (``[[webhooks]]``, ``[[feedback.mailboxes]]``): accepting it would promise events
+    and bounces that never come. :func:`parse_config` still validates them for later."""
+    unimplemented = (
+        ("feedback.mailboxes", config.feedback_mailboxes),
+        ("webhooks", config.webhooks),
+    )
+    for key, entries in unimplemented:
+        if entries:
+            raise ConfigError(
+                config.path,
+                key,
+                f"not implemented yet in this version (remove the [[{key}]] tables)",
+            )
 
 
 def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
