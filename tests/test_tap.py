@@ -20,6 +20,7 @@ from twisted.application.service import IService, IServiceCollection
 from smartrelay.config import load_config
 from smartrelay.storage.migrations import latest_version
 from smartrelay.tap import Options, RelayService, makeService
+from tests.support.relay import free_ports
 from tests.support.run import (
     TWISTD,
     assert_cli_error,
@@ -267,6 +268,30 @@ def test_daemon_with_the_smtp_port_taken_exits_1_and_leaves_no_pidfile(tmp_path:
     assert len(output) == 1, result
     assert output[0].startswith(f"smartrelay: smtp: cannot listen on {endpoint}: "), result
     assert not (tmp_path / "twistd.pid").exists()
+
+
+def test_daemon_serves_on_listeners_bound_before_it_forked(tmp_path: Path) -> None:
+    """The listeners are bound in makeService, before twistd forks: the daemon serves them,
+    and stops on SIGTERM with its pid file removed."""
+    (smtp_port,) = free_ports(1)
+    endpoint = f"tcp:{smtp_port}:interface=127.0.0.1"
+    config = write_relay_config(tmp_path, f"sqlite:{tmp_path / 'relay.db'}", smtp_listen=endpoint)
+    result = twistd_daemon(config, tmp_path)
+    assert result.returncode == 0 and result.stdout == result.stderr == "", result
+    pidfile = tmp_path / "twistd.pid"
+    pid = int(pidfile.read_text())
+    try:
+        with socket.create_connection(("127.0.0.1", smtp_port), timeout=15) as client:
+            client.settimeout(15)
+            assert client.recv(1024).startswith(b"220 relay.test ESMTP")
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not pidfile.exists()
+    log = (tmp_path / "twistd.log").read_text()
+    assert "Received SIGTERM, shutting down." in log and "Traceback" not in log
 
 
 def test_daemon_that_fails_after_starting_removes_its_pidfile(tmp_path: Path) -> None:
