@@ -223,9 +223,9 @@ def test_ctrl_c_with_delivery_processes_exits_0_without_a_traceback(tmp_path: Pa
         tmp_path, f"sqlite:{tmp_path / 'relay.db'}", "[delivery]\nprocesses = 1\n"
     )
     with running_twistd(config, tmp_path, new_session=True) as server:
-        server.wait_for("delivery[0] delivery: node")
+        server.wait_for("delivery[0] delivery: node", timeout=60)
         os.killpg(server.process.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
-        returncode = server.wait(timeout=30)
+        returncode = server.wait(timeout=60)
         output = server.output
     assert returncode == 0, output
     assert "delivery[0] Received SIGINT" in output
@@ -343,7 +343,7 @@ def test_sqlite_file_in_the_data_dir_creates_it(tmp_path: Path) -> None:
     (data_dir / "relay.db").unlink()
     data_dir.rmdir()
     with running_twistd(config, tmp_path) as server:
-        server.wait_for("database ready")
+        server.wait_for("database ready", timeout=60)
         assert (data_dir / "relay.db").is_file()
         assert server.stop(signal.SIGTERM) == 0, server.output
 

@@ -225,7 +225,7 @@ def test_idle_http_connections_past_the_fd_limit_do_not_stop_smtp(tmp_path: Path
         '[delivery.routes]\n"*" = "smtp://127.0.0.1:9"\n',  # nothing is delivered here
     )
     with running_twistd(config, tmp_path, preexec=low_files_limit) as server:
-        server.wait_for("database ready")
+        server.wait_for("database ready", timeout=60)
         assert f"open files limit: {FILES}" in server.output
         idle = open_many(web_port, IDLE_CLIENTS)
         try:
@@ -265,7 +265,7 @@ def test_open_files_soft_limit_is_raised_to_the_hard_limit(tmp_path: Path) -> No
         f"[rewrap]\nsecret_file = {json.dumps(str(var / 'secret.key'))}\n",
     )
     with running_twistd(config, tmp_path, preexec=soft_below_hard) as server:
-        line = server.wait_for("open files limit")
+        line = server.wait_for("open files limit", timeout=60)
         assert line.endswith(f"open files limit raised from {limit // 2} to {limit}"), line
         with open(f"/proc/{server.process.pid}/limits") as limits:
             row = next(r for r in limits if r.startswith("Max open files"))
