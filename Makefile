@@ -8,7 +8,21 @@ CONFIG ?= etc/smartrelay.toml
 # `twistd smartrelay` runs this checkout's code from any working directory.
 PIP_INSTALL := $(BIN)/pip install --quiet --disable-pip-version-check
 
-.PHONY: run check lint typecheck test venv clean bench bench-queue
+# Ports for `make run`, without editing the config: `make run SMTP_PORT=3525 WEB_PORT=8081`.
+# When one differs from the shipped config's, `make run` runs a copy of $(CONFIG) with those
+# ports put in, $(RUN_CONFIG) (`make run-config` writes it alone).
+SMTP_PORT ?= 2525
+INBOUND_PORT ?= 2526
+WEB_PORT ?= 8080
+SINK_PORT ?= 2600
+RUN_CONFIG ?= var/run.toml
+ifeq ($(SMTP_PORT):$(INBOUND_PORT):$(WEB_PORT):$(SINK_PORT),2525:2526:8080:2600)
+RUN_WITH := $(CONFIG)
+else
+RUN_WITH := $(RUN_CONFIG)
+endif
+
+.PHONY: run run-config check lint typecheck test venv clean bench bench-queue
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -31,7 +45,20 @@ venv: $(VENV)/.run-installed
 
 run: $(VENV)/.run-installed
 	@mkdir -p var
-	$(BIN)/twistd --nodaemon --pidfile= smartrelay --config $(CONFIG)
+	@if [ "$(RUN_WITH)" != "$(CONFIG)" ]; then $(MAKE) --no-print-directory run-config; fi
+	$(BIN)/twistd --nodaemon --pidfile= smartrelay --config $(RUN_WITH)
+
+# Each port of the shipped config (tcp:2525:, tcp:2526:, tcp:8080: and base_url's
+# 127.0.0.1:8080, the sink smtp://127.0.0.1:2600) must be found, or nothing is written.
+run-config:
+	@mkdir -p $(dir $(RUN_CONFIG))
+	@for pattern in 'tcp:2525:' 'tcp:2526:' 'tcp:8080:' '127.0.0.1:8080"' 'smtp://127.0.0.1:2600'; do \
+	  grep -qF "$$pattern" $(CONFIG) || \
+	  { echo "error: $(CONFIG) has no $$pattern to replace; edit a copy and use CONFIG=" >&2; exit 1; }; \
+	done
+	sed -e 's/tcp:2525:/tcp:$(SMTP_PORT):/' -e 's/tcp:2526:/tcp:$(INBOUND_PORT):/' \
+	  -e 's/tcp:8080:/tcp:$(WEB_PORT):/' -e 's/127\.0\.0\.1:8080"/127.0.0.1:$(WEB_PORT)"/' \
+	  -e 's|smtp://127\.0\.0\.1:2600|smtp://127.0.0.1:$(SINK_PORT)|' $(CONFIG) > $(RUN_CONFIG)
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check

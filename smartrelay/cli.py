@@ -2,6 +2,9 @@
 
 Every command loads the config, opens the database (bringing its schema up to date, as the
 server does at start), does one job and exits. Problems are one line on stderr and exit 1.
+Standard output closed early (``smartrelay-ctl events export | head -1``) is not a problem:
+the command stops quietly with exit status 141 (128 + SIGPIPE), as ``cat`` or ``grep`` would
+in a shell.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from smartrelay.reactor import IRelayReactor, as_relay_reactor
 from smartrelay.rewrap.dkim import DkimError, generate_key, txt_record_name, zone_file_entry
 from smartrelay.rewrap.tokens import SecretFileError, add_key
 from smartrelay.storage.engines import create_engine
+from smartrelay.storage.engines.sqlite import create_data_dir_for
 from smartrelay.storage.migrations import SchemaError, current_version, migrate
 from smartrelay.storage.store import (
     SUPPRESSION_REASONS,
@@ -39,6 +43,9 @@ from smartrelay.timefmt import parse_rfc3339, rfc3339
 from smartrelay.units import parse_duration
 
 PROG = "smartrelay-ctl"
+#: The exit status when standard output was closed by its reader: 128 + SIGPIPE, what a shell
+#: reports for a command killed by SIGPIPE.
+STDOUT_CLOSED = 141
 EXPORT_TYPES = (*EVENT_TYPES, "dropped")
 SUPPRESSION_COLUMNS = ("address", "reason", "created_at", "expires_at", "note")
 
@@ -439,10 +446,13 @@ async def run_command(reactor: IRelayReactor, args: argparse.Namespace, config: 
         await migrate(engine, to_ms(reactor.seconds()))
         command: Command = args.run
         await command(args, store)
+        sys.stdout.flush()
     except (CliError, SchemaError, ValueError) as error:
         fail(str(error))
     except (psycopg2.Error, sqlite3.Error) as error:
         fail(f"database error: {_one_line(error)}")
+    except BrokenPipeError:
+        stdout_closed()
     finally:
         await engine.close()
 
@@ -451,7 +461,26 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def stdout_closed() -> NoReturn:
+    """Standard output's reader has gone: stop quietly with :data:`STDOUT_CLOSED`."""
+    # Python flushes stdout again as it exits; point it at /dev/null so that cannot fail too.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    raise SystemExit(STDOUT_CLOSED)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        try:
+            _main(argv)  # exits through SystemExit after a database command (react)
+        finally:
+            sys.stdout.flush()  # here, not at exit, where a closed pipe is a traceback
+    except BrokenPipeError:
+        stdout_closed()
+
+
+def _main(argv: Sequence[str] | None) -> None:
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config or default_config_path())
@@ -461,4 +490,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if offline is not None:  # commands that need no database
         offline(args, config)
         return
+    try:
+        create_data_dir_for(config.database.url, config.server.data_dir)
+    except OSError as error:
+        fail(f"cannot create {config.server.data_dir}: {error.strerror or error}")
     react(lambda reactor: run_command(as_relay_reactor(reactor), args, config))

@@ -50,6 +50,7 @@ __all__ = [
     "Webhook",
     "load_config",
     "parse_config",
+    "refuse_unimplemented",
 ]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -198,6 +199,10 @@ class WebConfig:
     listen: str = "tcp:8080:interface=127.0.0.1"
     #: http(s) URL without a trailing slash, query or fragment.
     base_url: str = "http://127.0.0.1:8080"
+    #: Open HTTP connections at most; past it new ones are closed at once (addition to SPEC).
+    max_connections: int = 500
+    #: Seconds without a byte from the client before its connection is closed (addition).
+    idle_timeout: float = 60.0
 
 
 @frozen
@@ -416,7 +421,8 @@ def default_config_path() -> str:
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate the config file at ``path``. Raises :class:`ConfigError`."""
+    """Read and validate the config file at ``path``; refuse what is not implemented yet
+    (:func:`refuse_unimplemented`). Raises :class:`ConfigError`."""
     name = os.fspath(path)
     try:
         with open(name, "rb") as f:
@@ -431,7 +437,26 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(name, "", f"invalid TOML: {e}") from e
-    return parse_config(data, name)
+    config = parse_config(data, name)
+    refuse_unimplemented(config)
+    return config
+
+
+def refuse_unimplemented(config: Config) -> None:
+    """Raise :class:`ConfigError` for a section that parses but whose feature is not built
+    yet (``[[webhooks]]``, ``[[feedback.mailboxes]]``): accepting it would promise events
+    and bounces that never come. :func:`parse_config` still validates them for later."""
+    unimplemented = (
+        ("feedback.mailboxes", config.feedback_mailboxes),
+        ("webhooks", config.webhooks),
+    )
+    for key, entries in unimplemented:
+        if entries:
+            raise ConfigError(
+                config.path,
+                key,
+                f"not implemented yet in this version (remove the [[{key}]] tables)",
+            )
 
 
 def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
@@ -446,7 +471,7 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
         smtp=_parse_smtp(root.table("smtp", _SMTP_KEYS)),
         inbound=_parse_inbound(root.table("inbound", ("listen", "return_path_domain"))),
         rewrap=_parse_rewrap(root.table("rewrap", _REWRAP_KEYS)),
-        web=_parse_web(root.table("web", ("listen", "base_url"))),
+        web=_parse_web(root.table("web", _WEB_KEYS)),
         delivery=_parse_delivery(root.table("delivery", _DELIVERY_KEYS)),
         dkim_keys=_parse_dkim(root.table("dkim", ("keys",))),
         feedback_mailboxes=_parse_feedback(root.table("feedback", ("mailboxes",))),
@@ -483,6 +508,7 @@ _SMTP_KEYS = (
     "tls_handshake_timeout",
     "data_timeout",
 )
+_WEB_KEYS = ("listen", "base_url", "max_connections", "idle_timeout")
 _REWRAP_KEYS = (
     "secret_file",
     "track_opens",
@@ -607,7 +633,12 @@ def _parse_web(t: _Table) -> WebConfig:
         problem = f"invalid URL {base_url!r}: must not have a fragment"
     if problem is not None:
         raise t.error("base_url", problem)
-    return WebConfig(listen=listen, base_url=base_url.rstrip("/"))
+    return WebConfig(
+        listen=listen,
+        base_url=base_url.rstrip("/"),
+        max_connections=t.count("max_connections", d.max_connections),
+        idle_timeout=t.duration("idle_timeout", d.idle_timeout),
+    )
 
 
 def _parse_delivery(t: _Table) -> DeliveryConfig:

@@ -6,16 +6,22 @@ reactor, and it passes it (typed as IRelayReactor) to everything it builds.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import platform
+import resource
+import signal
 import sys
 from collections.abc import Callable
+from types import FrameType
 from typing import Literal, cast
 
 import twisted
 from attrs import evolve
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -36,12 +42,13 @@ from smartrelay.rewrap.chain import RewrapChain, RewrapSettings
 from smartrelay.rewrap.dkim import DkimError, DkimSigner
 from smartrelay.rewrap.tokens import SecretFileError, TokenCodec, load_keyring
 from smartrelay.smtp.backends import InboundBackend, SubmissionBackend
-from smartrelay.smtp.listener import SmtpFactory, listener_service
+from smartrelay.smtp.listener import ListenError, ListeningService, SmtpFactory, listener_service
 from smartrelay.smtp.session import ListenerSettings
 from smartrelay.smtp.tls import TlsError, ensure_certificate, server_context_factory
+from smartrelay.storage.engines.sqlite import create_data_dir_for
 from smartrelay.storage.service import StorageService
 from smartrelay.threads import WorkerThreads
-from smartrelay.web.service import web_service
+from smartrelay.web.service import WebListeningService, web_service
 from smartrelay.web.tracking import Tracking
 
 log = Logger()
@@ -87,6 +94,8 @@ class RelayService(MultiService):
         self.storage.setServiceParent(self)  # type: ignore[no-untyped-call]
         self.submission: SmtpFactory | None = None
         self.inbound: SmtpFactory | None = None
+        #: Every listening service (SMTP, inbound, web), for :meth:`bind_listeners`.
+        self.listeners: list[ListeningService | WebListeningService] = []
         serving = role == "all"
         if serving and (config.smtp.listen or config.inbound.listen):
             self._add_smtp_listeners()
@@ -129,8 +138,16 @@ class RelayService(MultiService):
             )
         if serving:
             tracking = Tracking(self.storage.when_ready, self.codec, reactor, config.suppression)
-            self.web = web_service(reactor, config.web.listen, tracking.app.resource(), self.fatal)
+            self.web = web_service(
+                reactor,
+                config.web.listen,
+                tracking.app.resource(),
+                self.fatal,
+                max_connections=config.web.max_connections,
+                idle_timeout=config.web.idle_timeout,
+            )
             self.web.setServiceParent(self)  # type: ignore[no-untyped-call]
+            self.listeners.append(self.web)
         delivery_service.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def _in_thread(self, work: Callable[[], bytes]) -> Deferred[bytes]:
@@ -175,7 +192,9 @@ class RelayService(MultiService):
             tls,
             name="smtp",
         )
-        listener_service(reactor, smtp.listen, self.submission, self.fatal).setServiceParent(self)
+        submission_service = listener_service(reactor, smtp.listen, self.submission, self.fatal)
+        submission_service.setServiceParent(self)
+        self.listeners.extend(cast(list[ListeningService], list(submission_service)))
         inbound = evolve(
             submission,
             require_tls=False,
@@ -192,6 +211,19 @@ class RelayService(MultiService):
         )
         inbound_service = listener_service(reactor, config.inbound.listen, self.inbound, self.fatal)
         inbound_service.setServiceParent(self)
+        self.listeners.extend(cast(list[ListeningService], list(inbound_service)))
+
+    def bind_listeners(self) -> None:
+        """Listen on every endpoint now, before the services start. twistd's ``makeService``
+        calls this, before twistd daemonises and writes its pid file, so a port in use is
+        one line and exit status 1 in daemon mode too. Raises :class:`ListenError`."""
+        for listener in self.listeners:
+            listener.bind()
+
+    def privilegedStartService(self) -> None:
+        """twistd calls this (an in-process relay in tests does not): the process's signals."""
+        handle_stop_signals(self._reactor)
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
 
     def startService(self) -> None:
         log.info(
@@ -223,24 +255,100 @@ class RelayService(MultiService):
         if self.failed_reason is None:
             self.failed_reason = reason
             self._reactor.addSystemEventTrigger("after", "shutdown", _exit_failed)
-            # Listening fails inside startService, before the reactor runs: stop it then.
-            self._reactor.callWhenRunning(self._reactor.stop)
+            # A failure inside startService comes before the reactor runs: stop it then.
+            self._reactor.callWhenRunning(stop_reactor, self._reactor)
+
+
+def stop_reactor(reactor: IRelayReactor) -> None:
+    """``reactor.stop()``, unless it is stopping already (which would raise)."""
+    with contextlib.suppress(ReactorNotRunning):
+        reactor.stop()
 
 
 def _exit_failed() -> None:
-    # twistd has no way to set its exit status, and leaving now skips nothing that matters:
-    # the services are stopped and the pid file is gone only after this, which is harmless.
+    # twistd has no way to set its exit status. Exit 1 at the very end, after twistd has
+    # removed its pid file, logged its last line and returned.
+    atexit.register(_exit_status_1)
+
+
+def _exit_status_1() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(1)
 
 
+def handle_stop_signals(reactor: IRelayReactor) -> None:
+    """SIGINT and SIGTERM stop the relay once, and a clean stop exits with status 0.
+
+    Twisted's own handlers call ``reactor.stop()`` for every signal and make twistd kill
+    itself with the signal at the end. A second signal while stopping then logs a critical
+    ``ReactorNotRunning`` traceback: Ctrl-C on ``make run`` reaches the delivery processes
+    from the terminal, and their parent sends them SIGTERM as it stops. These handlers
+    replace Twisted's once the reactor runs (it installs its own as it starts).
+    """
+    stopping: list[str] = []
+
+    def received(signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if stopping:
+            log.info("Received {signal} while shutting down.", signal=name)
+            return
+        stopping.append(name)
+        log.info("Received {signal}, shutting down.", signal=name)
+        reactor.callFromThread(stop_reactor, reactor)
+
+    def install() -> None:
+        signal.signal(signal.SIGINT, received)
+        signal.signal(signal.SIGTERM, received)
+
+    reactor.callWhenRunning(install)
+
+
+def raise_open_files_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (systemd's default soft limit is 1,024;
+    SMTP, web and the database share it), and log it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        target = _nr_open()
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as error:
+            log.warn(
+                "open files limit stays at {soft}: cannot raise it to {target}: {error}",
+                soft=soft,
+                target=target,
+                error=error,
+            )
+            return
+        log.info("open files limit raised from {soft} to {target}", soft=soft, target=target)
+    else:
+        log.info("open files limit: {soft}", soft=soft)
+
+
+def _nr_open() -> int:
+    """Linux's ceiling for RLIMIT_NOFILE when the hard limit is unlimited."""
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1024 * 1024
+
+
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor  # the composition root takes the global reactor
 
+    relay_reactor = as_relay_reactor(reactor)
     path = options["config"] or default_config_path()
     try:
         config = load_config(path)
-        return cast(IService, RelayService(config, as_relay_reactor(reactor)))
-    except (ConfigError, TlsError, SecretFileError, DkimError) as error:
+        create_data_dir_for(config.database.url, config.server.data_dir)
+        raise_open_files_limit()
+        relay = RelayService(config, relay_reactor)
+        relay.bind_listeners()
+    except (ConfigError, TlsError, SecretFileError, DkimError, ListenError) as error:
         raise SystemExit(f"smartrelay: {error}") from None
+    except OSError as error:
+        raise SystemExit(f"smartrelay: {error.strerror or error}: {error.filename}") from None
+    return cast(IService, relay)

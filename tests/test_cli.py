@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import csv
 import io
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
+import pytest_twisted
+from twisted.internet.threads import deferToThread
 
+from smartrelay.cli import STDOUT_CLOSED
 from smartrelay.passwords import verify_password
 from smartrelay.storage.interfaces import IDatabaseEngine
 from smartrelay.storage.migrations import latest_version
+from smartrelay.storage.store import NewMessage, NewSuppression, Store
 from smartrelay.timefmt import parse_rfc3339, rfc3339
 from tests.support.run import (
+    CTL,
     assert_cli_error,
     assert_ok,
     call,
@@ -323,3 +330,44 @@ def test_unopenable_sqlite_database(tmp_path: Path) -> None:
     config = write_config(tmp_path, f"sqlite:{not_a_database}")
     result = ctl(config, "suppression", "list", timeout=10)
     assert_cli_error(result, "cannot open database", str(not_a_database))
+
+
+# -- standard output closed by its reader (issue 11, item 15) ---------------------------------
+def shell_pipeline(config: Path, args: str, reader: str) -> tuple[str, str, int]:
+    """``smartrelay-ctl ARGS | READER`` in bash: (reader's output, stderr, ctl's status)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        status = Path(scratch) / "status"
+        script = (
+            f'"{CTL}" --config "{config}" {args} | {reader}; echo "${{PIPESTATUS[0]}}" >"{status}"'
+        )
+        done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+        return done.stdout, done.stderr, int(status.read_text())
+
+
+@pytest_twisted.ensureDeferred
+async def test_closed_stdout_is_quiet_exit_141(
+    store: Store, database_url: str, tmp_path: Path
+) -> None:
+    """``events export | head -1`` printed a BrokenPipeError traceback and exited 1."""
+    config = write_config(tmp_path, database_url)
+    recipients = tuple(f"user{i}@example.net" for i in range(100))
+    for _ in range(30):  # 3,000 events (about 1 MB of JSON lines): more than a pipe holds
+        await store.queue_message(NewMessage("app@example.com", recipients, b"x"))
+    await store.add_suppressions(
+        [NewSuppression(f"s{i}@example.org", "manual", None, "") for i in range(3000)]
+    )
+    for args, reader in [
+        ("events export", "head -1"),
+        ("events export --format csv", "head -1"),
+        ("suppression list", "head -1"),
+        ("suppression export", "head -1"),
+        ("suppression list", "true"),  # closed before anything was written: at exit
+        ("smtp-credential list", "true"),  # nothing to write: a plain exit 0
+    ]:
+        out, err, status = await deferToThread(shell_pipeline, config, args, reader)
+        assert err == "", (args, reader, err)
+        if args == "smtp-credential list":
+            assert status == 0
+            continue
+        assert status == STDOUT_CLOSED, (args, reader, status)
+        assert out.count("\n") == (1 if reader == "head -1" else 0), (args, out)

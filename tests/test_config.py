@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from smartrelay.config import (
     Route,
     SoftBouncePolicy,
     Throttle,
+    WebConfig,
     Webhook,
     load_config,
     parse_config,
@@ -234,7 +236,8 @@ def test_full_example(tmp_path: Path) -> None:
     key = pem(tmp_path, "key.pem")
     dkim = pem(tmp_path, "dkim.pem")
     path = write(tmp_path, FULL_EXAMPLE.format(cert=cert, key=key, dkim=dkim))
-    config = load_config(path)
+    # parse_config: load_config refuses [[feedback.mailboxes]] and [[webhooks]] for now.
+    config = parse_config(tomllib.loads(path.read_text(encoding="utf-8")), str(path))
 
     assert config.path == str(path)
     assert config.database.engine == "postgresql"
@@ -287,6 +290,47 @@ def test_full_example(tmp_path: Path) -> None:
         ),
         Webhook("http://127.0.0.1:9000/all", EVENT_TYPES, "other"),
     )
+
+
+UNIMPLEMENTED = [
+    pytest.param(
+        '[[feedback.mailboxes]]\nurl = "imaps://u:p@imap.example.com/INBOX"\n',
+        "feedback.mailboxes",
+        id="mailboxes",
+    ),
+    pytest.param(
+        '[[webhooks]]\nurl = "https://crm.example.com/h"\nsecret = "s"\n', "webhooks", id="webhooks"
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "key"), UNIMPLEMENTED)
+def test_unimplemented_sections_are_refused_with_one_line(
+    tmp_path: Path, text: str, key: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"{path}: {key}: not implemented yet in this version (remove the [[{key}]] tables)"
+    )
+    parse_config(tomllib.loads(text), str(path))  # still parsed and validated, for later
+
+
+def test_unimplemented_sections_are_still_validated(tmp_path: Path) -> None:
+    path = write(tmp_path, '[[webhooks]]\nurl = "https://crm.example.com/h"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == "webhooks[0].secret"  # a bad entry is reported as such first
+
+
+def test_full_example_is_refused_until_mailboxes_and_webhooks_exist(tmp_path: Path) -> None:
+    cert, key, dkim = pem(tmp_path, "c.pem"), pem(tmp_path, "k.pem"), pem(tmp_path, "d.pem")
+    path = write(tmp_path, FULL_EXAMPLE.format(cert=cert, key=key, dkim=dkim))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == "feedback.mailboxes"
+    assert "not implemented yet in this version" in info.value.problem
 
 
 def test_repo_dev_config_loads() -> None:
@@ -1018,3 +1062,12 @@ def test_config_is_frozen() -> None:
     name = "server"
     with pytest.raises(AttributeError):
         setattr(config, name, config.server)
+
+
+def test_web_connection_limits() -> None:
+    assert (WebConfig().max_connections, WebConfig().idle_timeout) == (500, 60.0)
+    web = parse_config({"web": {"max_connections": 20, "idle_timeout": "2m"}}).web
+    assert (web.max_connections, web.idle_timeout) == (20, 120.0)
+    assert error_of({"web": {"max_connections": 0}}).key == "web.max_connections"
+    bad = error_of({"web": {"idle_timeout": 30}})
+    assert bad.key == "web.idle_timeout" and "add a unit" in bad.problem

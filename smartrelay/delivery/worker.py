@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from twisted.internet import reactor  # the composition root takes the global reactor
 
     from smartrelay.reactor import as_relay_reactor
-    from smartrelay.tap import RelayService
+    from smartrelay.tap import RelayService, handle_stop_signals, stop_reactor
 
     relay_reactor = as_relay_reactor(reactor)
     globalLogBeginner.beginLoggingTo(
@@ -97,9 +97,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             relay.delivery.wake()
 
     def parent_gone() -> None:
-        if relay_reactor.running:
-            relay_reactor.stop()
+        stop_reactor(relay_reactor)
 
+    # Ctrl-C in a terminal reaches this process as well as its parent, which then sends
+    # SIGTERM: a second signal must not try to stop the reactor again.
+    handle_stop_signals(relay_reactor)
     relay_reactor.addReader(WakePipe(0, wake, parent_gone))
     relay_reactor.callWhenRunning(relay.startService)
     relay_reactor.addSystemEventTrigger("before", "shutdown", relay.stopService)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
@@ -103,6 +103,10 @@ class SmtpFactory(ServerFactory):
                 del self.per_client[host]
 
 
+class ListenError(Exception):
+    """A listener cannot listen; ``str()`` is the one-line reason."""
+
+
 @implementer(ISSLTransport)
 class _ImplicitTlsTransport(BufferingTLSTransport):
     """The TLS layer of an implicit-TLS connection (tells the protocol it is TLS)."""
@@ -193,29 +197,61 @@ class ListeningService(Service):
         self._factory = factory
         self._on_fatal = on_fatal
         self._port: IListeningPort | None = None
+        self._bound = False
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
+        if not self._bound:
+            self._bound = True
+            try:
+                d = self._listen()
+            except ListenError as e:
+                self._on_fatal(str(e))
+                return
+            d.addCallbacks(self._listening, self._failed)
+
+    def _listen(self) -> Deferred[IListeningPort]:
+        """Start listening; an ``ssl:`` endpoint as ``tcp:`` wrapped in our TLS layer.
+        Raises :class:`ListenError` for TLS options that cannot be used."""
         factory: Factory[Any] = self._factory
         description = self.description
         try:
             wrapped = implicit_tls(description)
         except TlsError as e:
-            self._on_fatal(f"{self._factory.name}: cannot listen on {description}: {e}")
-            return
+            raise ListenError(f"{self._factory.name}: cannot listen on {description}: {e}") from e
         if wrapped is not None:
             description, creator = wrapped
             factory = _ImplicitTlsFactory(creator, False, self._factory)
         endpoint = serverFromString(self._reactor, description)
-        d = endpoint.listen(factory)
-        d.addCallbacks(self._listening, self._failed)
+        listening: Deferred[IListeningPort] = endpoint.listen(factory)
+        return listening
+
+    def bind(self) -> None:
+        """Listen now, before the service starts: twistd's ``makeService`` binds every
+        listener before it daemonises, so a port in use is a one-line error and exit 1 there.
+        Raises :class:`ListenError`; an endpoint that listens asynchronously is left to run."""
+        if self._bound:
+            return
+        self._bound = True
+        outcome: list[object] = []
+        d = self._listen()
+        d.addBoth(outcome.append)
+        if not outcome:
+            d.addCallbacks(self._listening, self._failed)
+        elif isinstance(outcome[0], Failure):
+            raise ListenError(self._reason(outcome[0]))
+        else:
+            self._listening(cast(IListeningPort, outcome[0]))
 
     def _listening(self, port: IListeningPort) -> None:
         self._port = port
         log.info("{name}: listening on {where}", name=self._factory.name, where=self.description)
 
     def _failed(self, failure: Failure) -> None:
-        self._on_fatal(
+        self._on_fatal(self._reason(failure))
+
+    def _reason(self, failure: Failure) -> str:
+        return (
             f"{self._factory.name}: cannot listen on {self.description}:"
             f" {' '.join(failure.getErrorMessage().split())}"
         )

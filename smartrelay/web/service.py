@@ -8,31 +8,42 @@ request through :mod:`twisted.logger` instead of the combined access log::
 with the token part of ``/o/``, ``/c/``, ``/u/`` paths cut to its first 8 characters (a token
 is a capability: an unsubscribe token in a log would let its reader unsubscribe someone) and
 the query string dropped. Factory start/stop messages are off (``noisy = False``).
+
+The listener shares the process's file descriptors with SMTP, so it is bounded: at most
+``[web] max_connections`` connections are open at once (past it a new connection is closed as
+soon as it is accepted), and a connection that sends nothing for ``[web] idle_timeout`` is
+closed. No ``Server`` header is sent: the version of Twisted helps only an attacker.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import cast
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IAddress, IListeningPort
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.http import Request
 from twisted.web.resource import IResource
+from twisted.web.server import Request as ServerRequest
 from twisted.web.server import Site
 
 from smartrelay.reactor import IRelayReactor
+from smartrelay.smtp.listener import ListenError
 
-__all__ = ["WebListeningService", "WebSite", "web_service"]
+__all__ = ["ConnectionCap", "WebListeningService", "WebRequest", "WebSite", "web_service"]
 
 log = Logger()
 
-#: Idle HTTP connections are closed after this many seconds.
-IDLE_TIMEOUT = 60
+#: Default of ``[web] idle_timeout``: idle HTTP connections are closed after this many seconds.
+IDLE_TIMEOUT = 60.0
+#: Default of ``[web] max_connections``.
+MAX_CONNECTIONS = 500
 
 _TOKEN_PATH = re.compile(rb"\A(/[ocu]/[A-Za-z0-9_-]{1,8})[A-Za-z0-9_-]*(?:\.gif)?\Z")
 _MAX_LOGGED_PATH = 200
@@ -48,11 +59,22 @@ def loggable_path(path: bytes) -> str:
     return text if len(text) <= _MAX_LOGGED_PATH else text[:_MAX_LOGGED_PATH] + "…"
 
 
+class WebRequest(ServerRequest):
+    """A request whose responses carry no ``Server`` header (Twisted sets one with its version
+    in ``process()``, before any resource runs)."""
+
+    def setHeader(self, name: bytes | str, value: bytes | str) -> None:
+        if (name.encode("latin-1") if isinstance(name, str) else name).lower() == b"server":
+            return
+        super().setHeader(name, value)  # type: ignore[no-untyped-call]
+
+
 class WebSite(Site):
     """A :class:`Site` that never shows tracebacks and logs one short line per request."""
 
     displayTracebacks = False
     noisy = False
+    requestFactory = WebRequest
 
     def log(self, request: Request) -> None:
         address = request.getClientAddress()  # type: ignore[no-untyped-call]
@@ -68,6 +90,41 @@ class WebSite(Site):
         )
 
 
+class ConnectionCap(WrappingFactory):
+    """Wraps the site: at most ``limit`` connections open at once; past it a connection is
+    closed as soon as it is accepted (``buildProtocol`` returns None), so idle clients hold
+    at most ``limit`` file descriptors."""
+
+    noisy = False
+
+    def __init__(self, site: Site, limit: int) -> None:
+        super().__init__(site)  # type: ignore[no-untyped-call]
+        self.limit = limit
+        self.refused = 0
+        self._refusing = False
+
+    @property
+    def open_connections(self) -> int:
+        return len(self.protocols)
+
+    def buildProtocol(self, addr: IAddress | None) -> ProtocolWrapper | None:  # type: ignore[override]
+        if len(self.protocols) >= self.limit:
+            self.refused += 1
+            if not self._refusing:
+                self._refusing = True
+                log.warn(
+                    "web: {limit} connections open ([web] max_connections): closing new ones",
+                    limit=self.limit,
+                )
+            return None
+        if self._refusing:
+            self._refusing = False
+            log.info(
+                "web: accepting again ({refused} connections closed so far)", refused=self.refused
+            )
+        return super().buildProtocol(addr)
+
+
 class WebListeningService(Service):
     """Listens on one endpoint string; failing to listen is fatal (one line via ``on_fatal``)."""
 
@@ -77,12 +134,16 @@ class WebListeningService(Service):
         description: str,
         site: Site,
         on_fatal: Callable[[str], object],
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self._reactor = reactor
         self.description = description
         self.site = site
+        self.factory = ConnectionCap(site, max_connections)
         self._on_fatal = on_fatal
         self._port: IListeningPort | None = None
+        self._bound = False
+        self._stopped = False
 
     @property
     def port(self) -> IListeningPort | None:
@@ -91,28 +152,53 @@ class WebListeningService(Service):
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
+        if self._bound:
+            return
+        self._bound = True
         try:
             endpoint = serverFromString(self._reactor, self.description)
         except Exception as e:
-            self._on_fatal(f"web: cannot listen on {self.description}: {_one_line(str(e))}")
+            self._on_fatal(self._reason(str(e)))
             return
-        d = endpoint.listen(self.site)
+        d = endpoint.listen(self.factory)
         d.addCallbacks(self._listening, self._failed)
 
+    def bind(self) -> None:
+        """Listen now, before the service starts (twistd's ``makeService``, before it
+        daemonises). Raises :class:`ListenError`; an asynchronous endpoint is left to run."""
+        if self._bound:
+            return
+        self._bound = True
+        try:
+            endpoint = serverFromString(self._reactor, self.description)
+        except Exception as e:
+            raise ListenError(self._reason(str(e))) from None
+        outcome: list[object] = []
+        d = endpoint.listen(self.factory)
+        d.addBoth(outcome.append)
+        if not outcome:
+            d.addCallbacks(self._listening, self._failed)
+        elif isinstance(outcome[0], Failure):
+            raise ListenError(self._reason(outcome[0].getErrorMessage()))
+        else:
+            self._listening(cast(IListeningPort, outcome[0]))
+
     def _listening(self, port: IListeningPort) -> None:
-        if not self.running:  # stopped while the endpoint was still starting
+        if self._stopped:  # stopped while the endpoint was still starting
             port.stopListening()
             return
         self._port = port
         log.info("web: listening on {where}", where=self.description)
 
     def _failed(self, failure: Failure) -> None:
-        self._on_fatal(
-            f"web: cannot listen on {self.description}: {_one_line(failure.getErrorMessage())}"
-        )
+        self._on_fatal(self._reason(failure.getErrorMessage()))
+
+    def _reason(self, error: str) -> str:
+        return f"web: cannot listen on {self.description}: {_one_line(error)}"
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()  # type: ignore[no-untyped-call]
+        self._stopped = True
         if self._port is None:
             return None
         port, self._port = self._port, None
@@ -129,8 +215,11 @@ def web_service(
     listen: str,
     resource: IResource,
     on_fatal: Callable[[str], object],
+    *,
+    max_connections: int = MAX_CONNECTIONS,
+    idle_timeout: float = IDLE_TIMEOUT,
 ) -> WebListeningService:
     """A service serving ``resource`` (e.g. ``Tracking(...).app.resource()``) on the endpoint
     string ``listen``; ``on_fatal`` gets one line if it cannot listen."""
-    site = WebSite(resource, reactor=reactor, timeout=IDLE_TIMEOUT)  # type: ignore[no-untyped-call]
-    return WebListeningService(reactor, listen, site, on_fatal)
+    site = WebSite(resource, reactor=reactor, timeout=idle_timeout)  # type: ignore[no-untyped-call]
+    return WebListeningService(reactor, listen, site, on_fatal, max_connections)

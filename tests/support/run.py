@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -159,7 +159,15 @@ def twistd_command(config: Path) -> list[str]:
 class Twistd:
     """``twistd -n smartrelay`` in the background; its output (stdout+stderr) read by a thread."""
 
-    def __init__(self, config: Path, cwd: Path) -> None:
+    def __init__(
+        self,
+        config: Path,
+        cwd: Path,
+        preexec: Callable[[], None] | None = None,
+        new_session: bool = False,
+    ) -> None:
+        """``preexec``: run in the child before twistd (e.g. to set resource limits);
+        ``new_session``: its own process group, to signal it and its children together."""
         self.process = subprocess.Popen(
             twistd_command(config),
             cwd=cwd,
@@ -167,6 +175,8 @@ class Twistd:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            preexec_fn=preexec,
+            start_new_session=new_session,
         )
         self._lines: list[str] = []
         self._ended = False
@@ -223,9 +233,14 @@ class Twistd:
 
 
 @contextmanager
-def running_twistd(config: Path, cwd: Path) -> Iterator[Twistd]:
+def running_twistd(
+    config: Path,
+    cwd: Path,
+    preexec: Callable[[], None] | None = None,
+    new_session: bool = False,
+) -> Iterator[Twistd]:
     """A started twistd that is killed on the way out, whatever the test did."""
-    server = Twistd(config, cwd)
+    server = Twistd(config, cwd, preexec, new_session)
     try:
         yield server
     finally:

@@ -62,8 +62,10 @@ class SqliteConnection:
 
     def _open_in_thread(self) -> None:
         directory = os.path.dirname(self._path)
-        if directory:
-            os.makedirs(directory, exist_ok=True)
+        if directory and not os.path.isdir(directory):
+            # Never created here: a typo'd path would start the relay on an empty queue.
+            what = "is not a directory" if os.path.exists(directory) else "does not exist"
+            raise sqlite3.OperationalError(f"directory {directory} {what}")
         # isolation_level=None: no implicit transactions; the engine issues BEGIN/COMMIT.
         # timeout=0: no busy handler of SQLite's own (see the module docstring).
         db = sqlite3.connect(self._path, timeout=0, isolation_level=None)
@@ -96,6 +98,23 @@ class SqliteConnection:
         if self._thread.started:
             self._thread.stop()
         return result
+
+
+def create_data_dir_for(database_url: str, data_dir: str) -> None:
+    """Create ``[server] data_dir`` if the SQLite file of ``database_url`` is directly in it.
+
+    The engine creates no directory (a missing one is an error when it opens the file); the
+    configured data directory is the one a first start may create. Raises OSError.
+    """
+    if not database_url.startswith("sqlite:"):
+        return
+    path = database_url.removeprefix("sqlite:")
+    if path.startswith("//"):
+        path = path[2:]
+    if path == ":memory:" or not os.path.dirname(path):
+        return
+    if os.path.abspath(os.path.dirname(path)) == os.path.abspath(data_dir):
+        os.makedirs(data_dir, exist_ok=True)
 
 
 def _retrying(function: Callable[..., T], *args: Any) -> T:
