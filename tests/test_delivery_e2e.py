@@ -446,6 +446,32 @@ async def test_dead_port_defers_then_expires(
     assert await recipient_states(relay.store, queue_id) == {"nobody@example.net": "expired"}
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_last_attempt_is_made_at_max_age(
+    relays: DeliveryRelays, database_url: str, fast_poll: None
+) -> None:
+    """Issue 11 item 13: the relay gave up when the next retry would land past the deadline
+    (attempts at 0 and 2 s, expired at 2 s with max_age = 3 s); the last attempt is at 3 s."""
+    reactor = real_reactor()
+    [dead_port] = free_ports(1)  # nothing listens there
+    relay = await relays.start(
+        database_url,
+        {"routes": smtp_route(dead_port), "retry_schedule": ["2s"], "max_age": "3s"},
+    )
+    queue_id = await submit(relay.smtp_port, ["late@example.net"], message_bytes("late"))
+    await wait_for_events(reactor, relay.store, "expired", 1, within=30)
+    rows = await select(
+        relay.store,
+        "SELECT e.type, e.time - m.received_at FROM events e"
+        " JOIN messages m ON m.queue_id = e.queue_id WHERE e.queue_id = ? ORDER BY e.id",
+        queue_id,
+    )
+    types = [str(t) for t, _ in rows]
+    assert types == ["received", "deferred", "deferred", "expired", "bounced"], types
+    expired_after_ms = int(rows[3][1])
+    assert expired_after_ms >= 3000, expired_after_ms  # not before max_age
+
+
 # -- 4. TLS to the next hop ------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("sink_has_tls", "policy"),
