@@ -43,7 +43,7 @@ from smartrelay.delivery.throttle import Throttles
 from smartrelay.feedback.smtp_replies import classify_reply
 from smartrelay.reactor import IRelayReactor
 from smartrelay.rewrap.chain import RewrapChain
-from smartrelay.rewrap.headers import finalize_headers
+from smartrelay.rewrap.headers import finalize_headers, split_header_block
 from smartrelay.storage.service import StorageStopped
 from smartrelay.storage.store import (
     QUEUE_CHANNEL,
@@ -458,6 +458,9 @@ class DeliveryManager(Service):
                 data = job.message.raw
                 if self._chain is None:
                     data = finalize_headers(data, job.message.queue_id, self._hostname)
+                else:  # forwarder mode: as accepted, but a lone CR/LF never splits a header
+                    fields, rest = split_header_block(data)
+                    data = b"".join(fields) + rest
                 sends = [(job.message.sender, [r.address for r in job.recipients], data)]
             else:
                 wrapped = await self._chain.run(job.message, job.recipients)
