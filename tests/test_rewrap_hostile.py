@@ -24,6 +24,7 @@ from smartrelay.config import DkimKey
 from smartrelay.rewrap import chain as chain_module
 from smartrelay.rewrap.chain import RewrapChain, RewrapResult, RewrapSettings
 from smartrelay.rewrap.dkim import DkimSigner, generate_key
+from smartrelay.rewrap.headers import split_header_block
 from smartrelay.rewrap.tokens import MAX_URL_BYTES, TokenCodec, load_keyring
 from smartrelay.storage.store import ClaimedRecipient, Store, StoredMessage, Suppression
 
@@ -297,3 +298,18 @@ async def test_fuzz_corpus_from_the_mime_fixtures(chain: RewrapChain) -> None:
                 mutated = raw[:position] + byte + raw[position + 1 :]
                 result = run(chain, mutated)
                 assert len(result.copies) + len(result.failed) == 2, path.name
+
+
+@given(
+    lines=st.lists(st.binary(max_size=30).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))),
+    rest=st.binary(max_size=30),
+    blank=st.booleans(),
+)
+def test_splitting_a_well_formed_header_section_changes_no_byte(
+    lines: list[bytes], rest: bytes, blank: bool
+) -> None:
+    """Lines that end in CRLF and hold no lone CR or LF come back byte for byte (forwarder
+    mode joins the split back and sends that)."""
+    raw = b"".join(line + b"\r\n" for line in lines) + (b"\r\n" + rest if blank else b"")
+    fields, after = split_header_block(raw)
+    assert b"".join(fields) + after == raw
