@@ -150,3 +150,42 @@ async def test_a_job_whose_worker_raises_gets_an_outcome_and_frees_its_slot(
     assert [e.type for e in history[-2:]] == ["expired", "bounced"]
     assert [e.queue_id for e in await events(relay.store, "delivered")] == [fine]
     assert [m.recipients for m in backend.messages] == [["fine@example.net"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_chain_that_fails_for_the_whole_message_defers_it(
+    relays: DeliveryRelays,
+    sinks: Sinks,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    fast_poll: None,
+) -> None:
+    """When the chain fails for a whole message (not one copy: its suppression look-up, say),
+    the job is deferred (451 4.3.0) and retried, never left claimed; other mail flows."""
+    reactor = real_reactor()
+    backend = TrackingSinkBackend()
+    _, sink_port = await sinks.start(backend)
+    relay = await relays.start(
+        database_url,
+        {"routes": smtp_route(sink_port), "retry_schedule": ["1s"], "max_age": "2s"},
+    )
+    real_run = chain_module.RewrapChain.run
+
+    async def run_with_a_bug(self: Any, message: Any, recipients: Any) -> Any:
+        if b"Subject: explodes" in message.raw:
+            raise ConnectionError("the suppression look-up failed")
+        return await real_run(self, message, recipients)
+
+    monkeypatch.setattr(chain_module.RewrapChain, "run", run_with_a_bug)
+
+    broken = await submit(relay.smtp_port, ["victim@example.net"], message_bytes("explodes"))
+    fine = await submit(relay.smtp_port, ["fine@example.net"], message_bytes("fine"))
+    await wait_for_events(reactor, relay.store, "expired", 1, within=30)
+    await wait_for_events(reactor, relay.store, "delivered", 1, within=20)
+    await nothing_left_in_flight(relay)
+
+    history = [e for e in await events(relay.store, queue_id=broken) if e.type != "received"]
+    assert history[0].type == "deferred"
+    assert history[0].data["reply"] == "451 4.3.0 re-wrapping the message failed"
+    assert [e.type for e in history[-2:]] == ["expired", "bounced"]
+    assert [e.queue_id for e in await events(relay.store, "delivered")] == [fine]
