@@ -236,6 +236,13 @@ async def cmd_queue_list(args: argparse.Namespace, store: Store) -> None:
 async def cmd_queue_retry(args: argparse.Namespace, store: Store) -> None:
     count = await store.retry_now(args.queue_id)
     if args.queue_id is not None and count == 0:
+        held = [r for r in await store.pending_recipients(args.queue_id) if r.state == "delivering"]
+        if held:
+            until = rfc3339(max(r.next_attempt_at for r in held))
+            raise CliError(
+                f"{len(held)} recipient(s) of {args.queue_id} are being delivered right now"
+                f" (lease until {until}); retry after that, or drop the message"
+            )
         raise CliError(f"no waiting recipient for queue id {args.queue_id}")
     print(f"{count} recipient(s) due now")
 

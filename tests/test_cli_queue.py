@@ -121,6 +121,9 @@ async def test_claimed_rows_are_listed_retried_and_dropped(
     assert retried.stdout.strip() == "1 recipient(s) due now"
     not_held = await run(config, "queue", "retry", held.queue_id)  # a live worker has it
     assert not_held.returncode == 1
+    assert not_held.stderr.startswith(
+        f"smartrelay-ctl: error: 1 recipient(s) of {held.queue_id} are being delivered right now"
+    )
     assert await _states(store) == {"stuck@example.net": "queued", "held@example.net": "delivering"}
     # The dead node's late outcome no longer counts: the row was released.
     assert await store.record_outcomes("dead-node", [_delivered(stuck_row)]) == 0
