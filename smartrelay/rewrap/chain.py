@@ -368,6 +368,7 @@ class RewrapChain:
         )
         copies = []
         failed: list[tuple[ClaimedRecipient, str]] = []
+        tracebacks_logged = False
         fields, body = split_header_block(message.raw)  # once per message
         for recipient in recipients:
             if recipient.address.lower() in active:
@@ -378,19 +379,22 @@ class RewrapChain:
             try:
                 copy = await self._wrap(self.steps, message, recipient, fields, body)
             except Exception as error:
-                reason = _reason(error)
-                log.failure(
+                # One traceback per message (the first copy's): the others fail alike.
+                report = log.warn if tracebacks_logged else log.failure
+                tracebacks_logged = True
+                report(
                     "{queue_id}: re-wrapping the copy for <{rcpt}> failed ({reason}); "
                     "sending it untracked",
                     queue_id=message.queue_id,
                     rcpt=recipient.address,
-                    reason=reason,
+                    reason=_reason(error),
                 )
                 try:
                     copy = await self._wrap(self.safe_steps, message, recipient, fields, body)
                 except Exception as second:
                     reason = _reason(second)
-                    log.failure(
+                    report = log.error if failed else log.failure
+                    report(
                         "{queue_id}: no copy for <{rcpt}> could be made ({reason}): bouncing",
                         queue_id=message.queue_id,
                         rcpt=recipient.address,
