@@ -15,6 +15,7 @@ import getpass
 import os
 import sqlite3
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import NoReturn, TextIO
 
@@ -225,12 +226,14 @@ def _suppression_row(fields: dict[str, str]) -> NewSuppression:
 
 async def cmd_queue_list(args: argparse.Namespace, store: Store) -> None:
     rows = await store.pending_recipients(args.queue_id, limit=args.limit)
+    now = time.time()
     for r in rows:
         reply = f"\t{r.last_reply}" if r.last_reply else ""
-        print(
-            f"{r.queue_id}\t{r.address}\t{r.state}\tattempts={r.attempts}"
-            f"\tnext={rfc3339(r.next_attempt_at)}{reply}"
-        )
+        when = f"next={rfc3339(r.next_attempt_at)}"
+        if r.state == "delivering":  # claimed: next_attempt_at is when the lease runs out
+            expired = r.next_attempt_at <= now
+            when = f"lease={'expired' if expired else 'until'}:{rfc3339(r.next_attempt_at)}"
+        print(f"{r.queue_id}\t{r.address}\t{r.state}\tattempts={r.attempts}\t{when}{reply}")
     if not rows:
         print(
             "the queue is empty" if args.queue_id is None else f"nothing queued for {args.queue_id}"
@@ -240,6 +243,13 @@ async def cmd_queue_list(args: argparse.Namespace, store: Store) -> None:
 async def cmd_queue_retry(args: argparse.Namespace, store: Store) -> None:
     count = await store.retry_now(args.queue_id)
     if args.queue_id is not None and count == 0:
+        held = [r for r in await store.pending_recipients(args.queue_id) if r.state == "delivering"]
+        if held:
+            until = rfc3339(max(r.next_attempt_at for r in held))
+            raise CliError(
+                f"{len(held)} recipient(s) of {args.queue_id} are being delivered right now"
+                f" (lease until {until}); retry after that, or drop the message"
+            )
         raise CliError(f"no waiting recipient for queue id {args.queue_id}")
     print(f"{count} recipient(s) due now")
 

@@ -26,11 +26,12 @@ from smartrelay.delivery import manager as manager_module
 from smartrelay.passwords import hash_password
 from smartrelay.smtp.replies import Reply
 from smartrelay.smtp.session import Session
-from smartrelay.storage.store import Store
+from smartrelay.storage.store import NewMessage, Store
 from smartrelay.timefmt import parse_rfc3339
 from tests.conftest import real_reactor
 from tests.support.delivery_relay import (
     FAST_THROTTLE,
+    SENDER,
     DeliveryRelays,
     Event,
     Sinks,
@@ -446,6 +447,32 @@ async def test_dead_port_defers_then_expires(
     assert await recipient_states(relay.store, queue_id) == {"nobody@example.net": "expired"}
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_last_attempt_is_made_at_max_age(
+    relays: DeliveryRelays, database_url: str, fast_poll: None
+) -> None:
+    """Issue 11 item 13: the relay gave up when the next retry would land past the deadline
+    (attempts at 0 and 2 s, expired at 2 s with max_age = 3 s); the last attempt is at 3 s."""
+    reactor = real_reactor()
+    [dead_port] = free_ports(1)  # nothing listens there
+    relay = await relays.start(
+        database_url,
+        {"routes": smtp_route(dead_port), "retry_schedule": ["2s"], "max_age": "3s"},
+    )
+    queue_id = await submit(relay.smtp_port, ["late@example.net"], message_bytes("late"))
+    await wait_for_events(reactor, relay.store, "expired", 1, within=30)
+    rows = await select(
+        relay.store,
+        "SELECT e.type, e.time - m.received_at FROM events e"
+        " JOIN messages m ON m.queue_id = e.queue_id WHERE e.queue_id = ? ORDER BY e.id",
+        queue_id,
+    )
+    types = [str(t) for t, _ in rows]
+    assert types == ["received", "deferred", "deferred", "expired", "bounced"], types
+    expired_after_ms = int(rows[3][1])
+    assert expired_after_ms >= 3000, expired_after_ms  # not before max_age
+
+
 # -- 4. TLS to the next hop ------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("sink_has_tls", "policy"),
@@ -561,6 +588,47 @@ async def test_forwarder_mode_through_a_second_relay(
         assert len([h for h in headers if h.lower().startswith(b"message-id:")]) == 1
         assert not [h for h in headers if h.lower().startswith(b"list-unsubscribe")]
         assert sunk.data.partition(b"\r\n\r\n")[2] == body.encode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_forwarder_mode_never_splits_a_header_at_a_lone_cr(
+    relays: DeliveryRelays, sinks: Sinks, database_url: str, second_database_url: str
+) -> None:
+    """Issue 11 item 5: a bare CR inside a header (the client's EHLO text in ``Received:``)
+    went to the smarthost as it was (which refused it: 550 5.6.0 bare CR). It becomes a space,
+    so no header line starts there, and the message is delivered."""
+    reactor = real_reactor()
+    backend = TrackingSinkBackend()
+    _, sink_port = await sinks.start(backend)
+    central = await relays.start(
+        second_database_url,
+        {"routes": smtp_route(sink_port)},
+        smtp={"require_auth": True},
+        data_dir="central",
+    )
+    await central.store.smtp_credentials.add(CREDENTIAL, hash_password(PASSWORD))
+    edge = await relays.start(
+        database_url,
+        {
+            "routes": smtp_route(
+                central.smtp_port, "smtp+starttls", f"{CREDENTIAL}:{quote(PASSWORD)}"
+            )
+        },
+        data_dir="edge",
+    )
+    raw = (
+        b"Received: from evil\rAuthentication-Results: edge; dkim=pass ([127.0.0.1])\r\n"
+        b"\tby edge.test (SmartRelay) with ESMTP; Sat, 5 Dec 2026 12:00:00 +0000\r\n"
+        + message_bytes("lone cr")
+    )
+    # As the listener stores it (its EHLO check is another matter): straight into the queue.
+    await edge.store.queue_message(NewMessage(SENDER, ("far@example.net",), raw))
+    await wait_for_events(reactor, edge.store, "delivered", 1)
+    await wait_for_events(reactor, central.store, "delivered", 1)
+    (sunk,) = backend.messages
+    lines = re.split(rb"\r\n|\r|\n", sunk.data.partition(b"\r\n\r\n")[0])
+    assert not [line for line in lines if line.lower().startswith(b"authentication-results")]
+    assert b"from evil Authentication-Results: edge; dkim=pass" in sunk.data
 
 
 @pytest_twisted.ensureDeferred

@@ -874,6 +874,11 @@ def test_signer_is_dkimpys(message: bytes, line_end: bytes, key_files: KeyFiles)
     """DkimSigner: the same fields whether given the message split into fields (when that
     split is dkimpy's) or not, and the same as dkimpy's."""
     message = message.replace(b"\r\n", line_end)
+    if line_end == b"\r\n":
+        # The chain signs its own split joined back, in which a lone CR or LF in a header
+        # field has become a space (it never starts a line): sign that, as the chain does.
+        header_fields, rest = split_header_block(message)
+        message = b"".join(header_fields) + rest
     signer = DkimSigner([key_files.rsa, key_files.ed25519], now=lambda: NOW + 0.75)
     fields = signer.signature_fields(message)
     if author_domain(dkim.rfc822_parse(message)[0]) is None:  # another From field drawn

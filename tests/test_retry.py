@@ -203,27 +203,53 @@ def test_a_reply_without_a_hint_follows_the_schedule() -> None:
     assert retry(3, now=T0, reply_text=text) == T0 + 900.0
 
 
-def test_none_once_past_max_age() -> None:
+def test_the_last_attempt_is_at_max_age_and_a_failure_there_expires() -> None:
     deadline = T0 + MAX_AGE
-    assert retry(20, now=deadline - 28800.0) == deadline  # exactly at the deadline: allowed
-    assert retry(20, now=deadline - 28799.0) is None
+    assert retry(20, now=deadline - 28800.0) == deadline  # exactly at the deadline
+    # A step that would land past the deadline lands on it: the message is not given up early.
+    assert retry(20, now=deadline - 28799.0) == deadline
+    assert retry(20, now=deadline - 1.0) == deadline
+    # An attempt made at (or after) the deadline that fails is the last one.
+    assert retry(20, now=deadline) is None
     assert retry(20, now=deadline + 1.0) is None
     # A hint does not extend the life of a message either.
-    assert retry(3, now=deadline - 60.0, reply_text="try again in 2 hours") is None
+    assert retry(3, now=deadline - 60.0, reply_text="try again in 2 hours") == deadline
     assert retry(3, now=deadline - 60.0, reply_text="try again in 30 seconds") == deadline - 30
 
 
+def test_max_age_of_three_minutes_is_tried_at_three_minutes() -> None:
+    """Issue 11 item 13: with max_age = "3m" the relay gave up after 80 s (1m, then 5m would
+    pass the deadline); the attempts are now at 0, 1m and 3m, and only then it expires."""
+    now, attempt, times = T0, 1, [T0]
+    while (
+        at := schedule_retry(
+            now=now,
+            first_attempt_at=T0,
+            attempt=attempt,
+            schedule=SCHEDULE,
+            max_age=180.0,
+            rng=random.Random(3),
+        )
+    ) is not None:
+        times.append(at)
+        now, attempt = at, attempt + 1
+    assert times[0] == T0 and T0 + 54.0 <= times[1] <= T0 + 66.0
+    assert times[2:] == [T0 + 180.0]
+
+
 def test_a_whole_life_on_the_default_schedule() -> None:
-    """A recipient that is always deferred gets 8 + N attempts, then expires after 5 days."""
+    """A recipient that is always deferred gets 8 + N attempts, the last at 5 days, then
+    expires."""
     now, attempt, times = T0, 1, []
     while (at := retry(attempt, now=now)) is not None:
         times.append(at)
         now, attempt = at, attempt + 1
     steps = [b - a for a, b in zip([T0, *times], times, strict=False)]
     assert steps[:8] == list(SCHEDULE)
-    assert set(steps[8:]) == {28800.0}
-    assert times[-1] <= T0 + MAX_AGE < times[-1] + 28800.0
-    assert len(times) == 8 + int((MAX_AGE - sum(SCHEDULE)) // 28800.0)
+    assert set(steps[8:-1]) == {28800.0}
+    assert 0 < steps[-1] <= 28800.0
+    assert times[-1] == T0 + MAX_AGE
+    assert len(times) == 8 + int((MAX_AGE - sum(SCHEDULE)) // 28800.0) + 1
 
 
 def test_zero_max_age_expires_at_once() -> None:

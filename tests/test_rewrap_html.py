@@ -283,8 +283,17 @@ def test_everything_else_is_byte_identical() -> None:
 
 
 def test_none_means_no_tracking_at_all() -> None:
-    html = '<a href="https://x.test/" data-smartrelay-notrack></a><body></body>'
+    html = '<a href="https://x.test/"></a><body></body>'
     assert rewrite_html(html, None, None) == HtmlRewrite(html=html, links=())
+
+
+def test_the_notrack_attribute_goes_even_with_no_tracking() -> None:
+    """SPEC section 3: the opt-out attribute is removed in every case (issue 11 item 14)."""
+    html = '<a href="https://x.test/" data-smartrelay-notrack></a><body></body>'
+    expected = '<a href="https://x.test/"></a><body></body>'
+    assert rewrite_html(html, None, None) == HtmlRewrite(html=expected, links=())
+    with_pixel = rewrite_html(html, None, "https://t.test/o/P.gif")
+    assert with_pixel.html.startswith('<a href="https://x.test/"></a><body><img src=')
 
 
 # --- the open pixel -----------------------------------------------------------------------------

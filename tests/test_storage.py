@@ -274,14 +274,27 @@ async def test_pending_retry_and_drop(store: Store, clock: Clock) -> None:
         (second.queue_id, "c@example.org", "queued"),
     ]
     assert [p.address for p in await store.pending_recipients(second.queue_id)] == ["c@example.org"]
-    # A claimed (being delivered) recipient is left alone by retry and drop.
+    # A claimed recipient whose lease runs is left alone by retry; once the lease has run
+    # out (its node died or got stuck), retry releases it.
     claimed = await store.claim_due("node", limit=1, lease=600)
     assert [c.address for c in claimed] == ["a@example.net"]
     clock.advance(10)
     assert await store.retry_now() == 2
-    assert await store.drop_message(first.queue_id) == ["b@example.net"]
     states = {p.address: p.state for p in await store.pending_recipients()}
-    assert states == {"a@example.net": "delivering", "c@example.org": "queued"}
+    assert states["a@example.net"] == "delivering"
+    clock.advance(600)
+    assert await store.retry_now(first.queue_id) == 2
+    states = {p.address: p.state for p in await store.pending_recipients()}
+    assert states == {
+        "a@example.net": "queued",
+        "b@example.net": "queued",
+        "c@example.org": "queued",
+    }
+    # Drop takes claimed recipients too (the owner's later outcome is then ignored).
+    assert len(await store.claim_due("node", limit=10, lease=600)) == 3
+    assert sorted(await store.drop_message(first.queue_id)) == ["a@example.net", "b@example.net"]
+    states = {p.address: p.state for p in await store.pending_recipients()}
+    assert states == {"c@example.org": "delivering"}
     assert await store.drop_message(first.queue_id) == []
 
 

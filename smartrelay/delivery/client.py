@@ -52,6 +52,12 @@ class ServerReply:
         return f"{self.code} {' '.join(self.text.split())}"
 
 
+#: The reply recorded for a non-ASCII address when the next hop does not offer SMTPUTF8
+#: (RFC 6531 3.2): a permanent failure, category ``technical`` (the address may be valid;
+#: the hop cannot take it), so the address is not suppressed as a hard bounce would be.
+NO_SMTPUTF8 = ServerReply(553, "5.6.7 non-ASCII address and the next hop does not offer SMTPUTF8")
+
+
 @frozen
 class RecipientResult:
     address: str
@@ -236,15 +242,27 @@ class SmtpConnection:
     async def send(
         self, sender: str, recipients: Sequence[str], message: bytes
     ) -> list[RecipientResult]:
-        """One transaction; a reply per recipient (the final one for those accepted)."""
+        """One transaction; a reply per recipient (the final one for those accepted).
+
+        A non-ASCII address needs SMTPUTF8 (RFC 6531): MAIL FROM carries the parameter when
+        the server offers it; when it does not, such a recipient (every recipient, when it is
+        the sender) gets :data:`NO_SMTPUTF8` without being sent, the others go on."""
+        needs_utf8 = not (sender.isascii() and all(r.isascii() for r in recipients))
+        if needs_utf8 and "SMTPUTF8" not in self.extensions:
+            if not sender.isascii():
+                return [RecipientResult(r, NO_SMTPUTF8) for r in recipients]
+            plain = [r for r in recipients if r.isascii()]
+            results = {r: RecipientResult(r, NO_SMTPUTF8) for r in recipients if not r.isascii()}
+            if plain:
+                results.update((x.address, x) for x in await self.send(sender, plain, message))
+            return [results[r] for r in recipients]
         params = ""
         size = self.extensions.get("SIZE")
         if size is not None:
             params += f" SIZE={len(message)}"
         if "8BITMIME" in self.extensions:
             params += " BODY=8BITMIME"
-        needs_utf8 = not (sender.isascii() and all(r.isascii() for r in recipients))
-        if needs_utf8 and "SMTPUTF8" in self.extensions:
+        if needs_utf8:
             params += " SMTPUTF8"
         commands = [f"MAIL FROM:<{sender}>{params}"] + [f"RCPT TO:<{r}>" for r in recipients]
         if "PIPELINING" in self.extensions:
@@ -366,6 +384,7 @@ async def open_session(
 
 
 __all__ = [
+    "NO_SMTPUTF8",
     "RecipientResult",
     "ServerReply",
     "SmtpClientError",

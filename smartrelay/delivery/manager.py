@@ -43,7 +43,7 @@ from smartrelay.delivery.throttle import Throttles
 from smartrelay.feedback.smtp_replies import classify_reply
 from smartrelay.reactor import IRelayReactor
 from smartrelay.rewrap.chain import RewrapChain
-from smartrelay.rewrap.headers import finalize_headers
+from smartrelay.rewrap.headers import finalize_headers, split_header_block
 from smartrelay.storage.service import StorageStopped
 from smartrelay.storage.store import (
     QUEUE_CHANNEL,
@@ -356,6 +356,7 @@ class DeliveryManager(Service):
     async def _work(self, destination: Destination) -> None:
         connection: SmtpConnection | None = None
         settings, key = destination.settings, destination.throttle_key
+        current: Job | None = None  # taken from the queue, its outcome not yet recorded
         try:
             while self.running:
                 if not destination.jobs:
@@ -375,7 +376,7 @@ class DeliveryManager(Service):
                 if wait > 0:
                     await deferLater(self._reactor, wait, lambda: None)
                     continue
-                destination.jobs.popleft()
+                current = destination.jobs.popleft()
                 if connection is not None and (
                     not connection.usable
                     or connection.messages_sent >= settings.max_messages_per_connection
@@ -393,6 +394,7 @@ class DeliveryManager(Service):
                         # for it now shares this answer instead of each trying again.
                         jobs = [job, *destination.jobs]
                         destination.jobs.clear()
+                        current = None
                         for failed in jobs:
                             await self._finish(
                                 failed,
@@ -406,12 +408,22 @@ class DeliveryManager(Service):
                 if not connection.usable:
                     self._connections.discard(connection)
                     connection.close()
+                current = None
                 await self._finish(job, results, connection, suppressed)
                 if not connection.usable:
                     connection = None
                 if any(r.reply.code == 421 for r in results):
                     self.throttles.back_off(key, BACKOFF_ON_421)
                     break
+        except Exception:
+            # A bug anywhere above: the job in hand still gets an outcome (a deferral) and
+            # gives its place in memory back; the destination's other jobs go on below.
+            log.failure("{key}: delivery worker failed", key=destination.key)
+            if current is not None:
+                failure = _local_reply("internal error in delivery", "4.3.0")
+                await self._finish(
+                    current, [RecipientResult(r.address, failure) for r in current.recipients], None
+                )
         finally:
             if connection is not None:
                 self._connections.discard(connection)
@@ -439,17 +451,30 @@ class DeliveryManager(Service):
         re-wraps it.
         """
         hop = destination.route.static_hop
-        if self._chain is None or (hop is not None and hop.kind == "smarthost"):
-            data = job.message.raw
-            if self._chain is None:
-                data = finalize_headers(data, job.message.queue_id, self._hostname)
-            sends = [(job.message.sender, [r.address for r in job.recipients], data)]
-            suppressed: Sequence[tuple[ClaimedRecipient, Suppression]] = ()
-        else:
-            wrapped = await self._chain.run(job.message, job.recipients)
-            sends = [(c.sender, [c.recipient.address], c.data) for c in wrapped.copies]
-            suppressed = wrapped.suppressed
         results: list[RecipientResult] = []
+        suppressed: Sequence[tuple[ClaimedRecipient, Suppression]] = ()
+        try:
+            if self._chain is None or (hop is not None and hop.kind == "smarthost"):
+                data = job.message.raw
+                if self._chain is None:
+                    data = finalize_headers(data, job.message.queue_id, self._hostname)
+                else:  # forwarder mode: as accepted, but a lone CR/LF never splits a header
+                    fields, rest = split_header_block(data)
+                    data = b"".join(fields) + rest
+                sends = [(job.message.sender, [r.address for r in job.recipients], data)]
+            else:
+                wrapped = await self._chain.run(job.message, job.recipients)
+                sends = [(c.sender, [c.recipient.address], c.data) for c in wrapped.copies]
+                suppressed = wrapped.suppressed
+                results += [
+                    RecipientResult(r.address, ServerReply(554, f"5.3.0 re-wrap failed: {why}"))
+                    for r, why in wrapped.failed
+                ]
+        except Exception:
+            # Not one copy's problem (the chain reads the suppression list, say): try again.
+            log.failure("{queue_id}: re-wrapping failed", queue_id=job.message.queue_id)
+            failure = _local_reply("re-wrapping the message failed", "4.3.0")
+            return [RecipientResult(r.address, failure) for r in job.recipients], ()
         for sender, addresses, data in sends:
             if not connection.usable:
                 failure = _local_reply("connection lost")
@@ -459,6 +484,11 @@ class DeliveryManager(Service):
                 results += await connection.send(sender, addresses, data)
             except (SmtpClientError, DeferredTimeout, CancelledError) as error:
                 failure = _local_reply(str(error) or "timeout")
+                results += [RecipientResult(a, failure) for a in addresses]
+                connection.close()
+            except Exception:  # a bug, not the network: this copy defers, the others go on
+                log.failure("{queue_id}: sending failed", queue_id=job.message.queue_id)
+                failure = _local_reply("internal error while sending", "4.3.0")
                 results += [RecipientResult(a, failure) for a in addresses]
                 connection.close()
         return results, suppressed
@@ -477,6 +507,9 @@ class DeliveryManager(Service):
                 return None, ServerReply(550, f"5.1.2 {error}")
             except TemporaryRoutingError as error:
                 return None, _local_reply(f"DNS: {error}")
+            except Exception:
+                log.failure("{key}: looking up the next hops failed", key=destination.key)
+                return None, _local_reply("internal error looking up the next hops", "4.3.0")
         last: ServerReply = _local_reply("no next hop")
         for hop in hops:
             try:
@@ -490,6 +523,10 @@ class DeliveryManager(Service):
             except (SmtpClientError, DeferredTimeout) as error:
                 last = _local_reply(str(error) or "timeout")
                 log.info("{key}: {host}: {error}", key=destination.key, host=hop.host, error=error)
+                continue
+            except Exception:
+                log.failure("{key}: {host}: connecting failed", key=destination.key, host=hop.host)
+                last = _local_reply("internal error while connecting", "4.3.0")
                 continue
             if connection is not None:
                 return connection, None
@@ -507,6 +544,26 @@ class DeliveryManager(Service):
         connection: SmtpConnection | None,
         suppressed: Sequence[tuple[ClaimedRecipient, Suppression]] = (),
     ) -> None:
+        try:
+            await self._record(job, results, connection, suppressed)
+        except Exception:
+            # Storage trouble, or a bug: the rows stay claimed and come back when the lease
+            # runs out; the job's place in memory is given back all the same.
+            log.failure("{queue_id}: recording outcomes failed", queue_id=job.message.queue_id)
+        finally:
+            self._in_memory -= len(job.recipients)
+        if self._held_back and self._in_memory < MAX_IN_MEMORY // 2:
+            self._held_back = False
+            self.wake()
+
+    async def _record(
+        self,
+        job: Job,
+        results: Sequence[RecipientResult],
+        connection: SmtpConnection | None,
+        suppressed: Sequence[tuple[ClaimedRecipient, Suppression]],
+    ) -> None:
+        """Commit the outcomes of ``job`` (recipient states and events), and log them."""
         assert self._store is not None
         now = self._reactor.seconds()
         by_address = {r.address: r for r in results}
@@ -525,12 +582,15 @@ class DeliveryManager(Service):
             )
             for recipient, entry in suppressed
         ]
+        suppressed_ids = {recipient.id for recipient, _ in suppressed}
         for recipient in job.recipients:
+            if recipient.id in suppressed_ids:
+                continue
             result = by_address.get(recipient.address)
-            if result is not None:
-                outcomes.append(self._outcome(job, recipient, result.reply, mx, tls, now))
+            # Every recipient of the job gets an outcome: none left claimed with no reply.
+            reply = result.reply if result is not None else _local_reply("no reply", "4.3.0")
+            outcomes.append(self._outcome(job, recipient, reply, mx, tls, now))
         await self._store.record_outcomes(self.node_id, outcomes)
-        self._in_memory -= len(job.recipients)
         retries = [o.next_attempt_at for o in outcomes if o.next_attempt_at is not None]
         if retries:
             self._wake_at(min(retries))
@@ -543,9 +603,6 @@ class DeliveryManager(Service):
                 state=outcome.state,
                 reply=outcome.reply,
             )
-        if self._held_back and self._in_memory < MAX_IN_MEMORY // 2:
-            self._held_back = False
-            self.wake()
 
     def _outcome(
         self,
@@ -640,9 +697,9 @@ def node_id_for(data_dir: str) -> str:
     return f"{socket.gethostname()}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
 
 
-def _local_reply(text: str) -> ServerReply:
+def _local_reply(text: str, status: str = "4.4.1") -> ServerReply:
     """A temporary failure found on our side (connection, TLS, DNS), worded as a reply."""
-    return ServerReply(451, f"4.4.1 {' '.join(text.split())}")
+    return ServerReply(451, f"{status} {' '.join(text.split())}")
 
 
 __all__ = ["DeliveryManager", "Job", "NextHop"]

@@ -1,10 +1,10 @@
 """When to try a deferred recipient again.
 
 The ``[delivery]`` config gives a ``retry_schedule`` (seconds between attempts; past its end the
-last step repeats) and a ``max_age`` (past it the recipient expires and bounces with category
-``expired``). A remote reply may name its own delay ("try again in 15 minutes"), which then wins
-over the schedule. Pure functions: the caller passes the clock's time and its random generator,
-so tests are deterministic.
+last step repeats) and a ``max_age``: the last attempt is made at that age, and if it fails
+too the recipient expires and bounces with category ``expired``. A remote reply may name its
+own delay ("try again in 15 minutes"), which then wins over the schedule. Pure functions: the
+caller passes the clock's time and its random generator, so tests are deterministic.
 """
 
 from __future__ import annotations
@@ -93,22 +93,24 @@ def schedule_retry(
     jitter: float = 0.1,
     rng: random.Random,
 ) -> float | None:
-    """The time of the next attempt, or ``None`` when it would fall past
-    ``first_attempt_at + max_age`` (the caller then expires the recipient).
+    """The time of the next attempt, or ``None`` when the attempt that just failed was made
+    at or after the deadline ``first_attempt_at + max_age`` (the caller then expires the
+    recipient).
 
     ``attempt`` counts the failed attempts so far (1 after the first). A delay hinted in
     ``reply_text`` (:func:`retry_hint`) replaces the schedule's step, as it is (no jitter) but
-    at least :data:`MIN_HINT_DELAY`; otherwise :func:`next_attempt_delay` decides. A time exactly
-    at the deadline is still allowed.
+    at least :data:`MIN_HINT_DELAY`; otherwise :func:`next_attempt_delay` decides. A next
+    attempt that would fall past the deadline is moved to the deadline: the last attempt is
+    made at ``max_age``, never given up before it.
     """
     if attempt < 1:
         raise ValueError(f"attempt must be at least 1, not {attempt}")
+    deadline = first_attempt_at + max_age
+    if now >= deadline:
+        return None
     hint = retry_hint(reply_text) if reply_text else None
     if hint is not None:
         delay = max(hint, MIN_HINT_DELAY)
     else:
         delay = next_attempt_delay(schedule, attempt, jitter, rng)
-    next_at = now + delay
-    if next_at > first_attempt_at + max_age:
-        return None
-    return next_at
+    return min(now + delay, deadline)

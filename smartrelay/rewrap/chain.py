@@ -19,14 +19,22 @@ from collections.abc import Callable, Sequence
 
 from attrs import define, frozen
 from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from smartrelay.rewrap.dkim import DkimSigner
-from smartrelay.rewrap.headers import CONTROL_PREFIX, field_name, split_header_block
-from smartrelay.rewrap.html import rewrite_html
+from smartrelay.rewrap.headers import (
+    CONTROL_PREFIX,
+    field_name,
+    header_block_end,
+    split_header_block,
+)
+from smartrelay.rewrap.html import NOTRACK_ATTRIBUTE, rewrite_html
 from smartrelay.rewrap.mime import MimePlan, plan_html_parts
-from smartrelay.rewrap.tokens import TokenCodec
+from smartrelay.rewrap.tokens import TokenCodec, click_url_fits
 from smartrelay.storage.store import ClaimedRecipient, Store, StoredMessage, Suppression
+
+log = Logger()
 
 #: Runs a function in a thread pool (e.g. ``deferToThreadPool`` on the reactor's pool).
 InThread = Callable[[Callable[[], bytes]], Deferred[bytes]]
@@ -117,13 +125,15 @@ class VerpStep:
 
 @implementer(IRewrapStep)
 class IdentityStep:
-    """``X-SmartRelay-ID`` always; ``Message-ID`` when the application gave none."""
+    """``X-SmartRelay-ID`` always (ours only: one the application wrote goes, SPEC section
+    3); ``Message-ID`` when the application gave none."""
 
     def __init__(self, hostname: str) -> None:
         self._hostname = hostname
 
     def apply(self, copy: OutgoingCopy) -> Deferred[OutgoingCopy]:
         queue_id = copy.message.queue_id
+        copy.fields = [f for f in copy.fields if field_name(f) != b"x-smartrelay-id"]
         fields = [f"X-SmartRelay-ID: {queue_id}\r\n".encode()]
         if not copy.has_field(b"message-id"):
             fields.append(f"Message-ID: <{queue_id}@{self._hostname}>\r\n".encode())
@@ -200,7 +210,7 @@ class TrackingStep:
         self._codec = codec
         self._settings = settings
         self._templates: OrderedDict[tuple[str, bool, bool], HtmlTemplate | None] = OrderedDict()
-        self._plans: OrderedDict[bytes, MimePlan] = OrderedDict()
+        self._plans: OrderedDict[bytes, MimePlan | None] = OrderedDict()
         # Tracking URLs are written into attributes as they are: only plain ones may be.
         self._templating = not _UNSAFE_IN_ATTRIBUTE.search(settings.base_url)
 
@@ -214,6 +224,8 @@ class TrackingStep:
             links: list[str] = []
 
             def slot(url: str) -> str:
+                if not click_url_fits(url):
+                    return url  # left as it is, untracked
                 links.append(url)
                 return f"\ue000{len(links) - 1}\ue001"
 
@@ -228,31 +240,39 @@ class TrackingStep:
             self._templates.popitem(last=False)
         return template
 
-    def _plan(self, message: StoredMessage) -> MimePlan:
-        """The message's MIME cut into HTML parts and the bytes between, once per message."""
+    def _plan(self, message: StoredMessage) -> MimePlan | None:
+        """The message's MIME cut into HTML parts and the bytes between, once per message;
+        None when the MIME reader cuts the header section elsewhere than the chain does (a
+        lone LF before the empty line): its body would not fit the copy's header fields."""
         raw = message.raw  # the key: bytes keep their hash, and compare by identity first
-        plan = self._plans.get(raw)
-        if plan is None:
-            plan = self._plans[raw] = plan_html_parts(raw)
-            while len(self._plans) > PLAN_CACHE:
-                self._plans.popitem(last=False)
-        else:
+        if raw in self._plans:
             self._plans.move_to_end(raw)
+            return self._plans[raw]
+        plan: MimePlan | None = plan_html_parts(raw)
+        if plan is not None and plan.head != raw[: header_block_end(raw)]:
+            plan = None
+        self._plans[raw] = plan
+        while len(self._plans) > PLAN_CACHE:
+            self._plans.popitem(last=False)
         return plan
 
     def apply(self, copy: OutgoingCopy) -> Deferred[OutgoingCopy]:
         opens = copy.option("track_opens", self._settings.track_opens)
         clicks = copy.option("track_clicks", self._settings.track_clicks)
-        if not (opens or clicks):
-            return succeed(copy)
         recipient_id = copy.recipient.id
         base = self._settings.base_url
         pixel = f"{base}/o/{self._codec.open_token(recipient_id)}.gif" if opens else None
 
         def click_url(url: str) -> str:
+            if not click_url_fits(url):
+                return url  # left as it is, untracked
             return f"{base}/c/{self._codec.click_token(recipient_id, url)}"
 
         def fill(html: str) -> str:
+            if not (opens or clicks):  # only the opt-out attribute to remove
+                if NOTRACK_ATTRIBUTE not in html.lower():
+                    return html
+                return rewrite_html(html, None, None).html
             template = self._template(html, opens, clicks)
             if template is None:  # unusual HTML or base_url: the direct way
                 return rewrite_html(html, click_url if clicks else None, pixel).html
@@ -260,7 +280,7 @@ class TrackingStep:
             return template.fill(pixel or "", [f"{base}/c/{token}" for token in tokens])
 
         plan = self._plan(copy.message)
-        if not plan.html_parts:
+        if plan is None or not plan.html_parts:
             return succeed(copy)
         copy.body, top_to_qp = plan.render_body(fill)
         if top_to_qp:
@@ -313,6 +333,8 @@ class DkimStep:
 class RewrapResult:
     copies: tuple[OutgoingCopy, ...]
     suppressed: tuple[tuple[ClaimedRecipient, Suppression], ...]
+    #: Recipients for whom no copy could be made, with the reason (they bounce, ``technical``).
+    failed: tuple[tuple[ClaimedRecipient, str], ...] = ()
 
 
 class RewrapChain:
@@ -334,6 +356,8 @@ class RewrapChain:
             ControlHeaderRemovalStep(),
             DkimStep(signer, in_thread),
         )
+        #: When a step fails on a copy: the same copy without touching the body (no tracking).
+        self.safe_steps = tuple(s for s in self.steps if not isinstance(s, TrackingStep))
 
     async def run(
         self, message: StoredMessage, recipients: Sequence[ClaimedRecipient]
@@ -343,12 +367,60 @@ class RewrapChain:
             (r, active[r.address.lower()]) for r in recipients if r.address.lower() in active
         )
         copies = []
+        failed: list[tuple[ClaimedRecipient, str]] = []
+        tracebacks_logged = False
         fields, body = split_header_block(message.raw)  # once per message
         for recipient in recipients:
             if recipient.address.lower() in active:
                 continue
-            copy = OutgoingCopy(message, recipient, message.sender, list(fields), body)
-            for step in self.steps:
-                copy = await step.apply(copy)
+            # A step that raises on one copy (a bug, hostile input nobody foresaw) must not
+            # leave the recipient without an outcome: the copy goes without the body's
+            # tracking, or, if even that fails, the recipient bounces with the reason.
+            try:
+                copy = await self._wrap(self.steps, message, recipient, fields, body)
+            except Exception as error:
+                # One traceback per message (the first copy's): the others fail alike.
+                report = log.warn if tracebacks_logged else log.failure
+                tracebacks_logged = True
+                report(
+                    "{queue_id}: re-wrapping the copy for <{rcpt}> failed ({reason}); "
+                    "sending it untracked",
+                    queue_id=message.queue_id,
+                    rcpt=recipient.address,
+                    reason=_reason(error),
+                )
+                try:
+                    copy = await self._wrap(self.safe_steps, message, recipient, fields, body)
+                except Exception as second:
+                    reason = _reason(second)
+                    report = log.error if failed else log.failure
+                    report(
+                        "{queue_id}: no copy for <{rcpt}> could be made ({reason}): bouncing",
+                        queue_id=message.queue_id,
+                        rcpt=recipient.address,
+                        reason=reason,
+                    )
+                    failed.append((recipient, reason))
+                    continue
             copies.append(copy)
-        return RewrapResult(tuple(copies), suppressed)
+        return RewrapResult(tuple(copies), suppressed, tuple(failed))
+
+    @staticmethod
+    async def _wrap(
+        steps: Sequence[IRewrapStep],
+        message: StoredMessage,
+        recipient: ClaimedRecipient,
+        fields: Sequence[bytes],
+        body: bytes,
+    ) -> OutgoingCopy:
+        copy = OutgoingCopy(message, recipient, message.sender, list(fields), body)
+        for step in steps:
+            copy = await step.apply(copy)
+        return copy
+
+
+def _reason(error: BaseException) -> str:
+    """One line for an event: the exception's type and message, bounded."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= 200 else text[:197] + "..."

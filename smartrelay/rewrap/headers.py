@@ -6,21 +6,40 @@ with its own issue; these steps are what SPEC section 3 requires of every delive
 
 from __future__ import annotations
 
+import re
+
 CONTROL_PREFIX = b"x-smartrelay-"
 
 
-def split_header_block(raw: bytes) -> tuple[list[bytes], bytes]:
-    """The header fields (each with its continuation lines and line end) and the rest."""
+def header_block_end(raw: bytes) -> int:
+    """Where the header section of ``raw`` ends: after the CRLF of its last field (the empty
+    line and the body follow), or ``len(raw)`` when there is no empty line."""
     end = raw.find(b"\r\n\r\n")
-    if end < 0:
-        head, rest = raw, b""
-    else:
-        head, rest = raw[: end + 2], raw[end + 2 :]
+    return len(raw) if end < 0 else end + 2
+
+
+_LONE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+
+def split_header_block(raw: bytes) -> tuple[list[bytes], bytes]:
+    """The header fields (each with its continuation lines and line end) and the rest.
+
+    Lines end at CRLF only. A lone CR or LF inside a line (a bare CR from an EHLO argument
+    written into ``Received:``, say) becomes a space: downstream software may take it for a
+    line end, and it must never start a header line of its own in a delivered copy.
+    """
+    end = header_block_end(raw)
+    head, rest = raw[:end], raw[end:]
+    without_crlf = head.replace(b"\r\n", b"")
+    if b"\r" in without_crlf or b"\n" in without_crlf:
+        head = _LONE_CR_OR_LF.sub(b" ", head)
+    lines = [line + b"\r\n" for line in head.split(b"\r\n")]
+    lines[-1] = lines[-1][:-2]  # what follows the last CRLF: nothing, or a line without one
     fields: list[bytes] = []
-    for line in head.splitlines(keepends=True):
+    for line in lines:
         if line[:1] in (b" ", b"\t") and fields:
             fields[-1] += line
-        else:
+        elif line:
             fields.append(line)
     return fields, rest
 

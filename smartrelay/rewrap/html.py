@@ -86,7 +86,8 @@ def rewrite_html(
     html: str, rewrite_url: Callable[[str], str] | None, pixel_url: str | None
 ) -> HtmlRewrite:
     """Rewrite the http(s) links of ``<a href>`` with ``rewrite_url`` and add the open pixel
-    ``pixel_url`` before the last ``</body>``; ``None`` turns either off.
+    ``pixel_url`` before the last ``</body>``; ``None`` turns either off. The
+    ``data-smartrelay-notrack`` attribute is removed in every case (SPEC section 3).
 
     ``rewrite_url`` receives each URL as a mail client would open it (entities decoded once,
     surrounding whitespace dropped); what it returns is written back escaped for the attribute.
@@ -96,15 +97,14 @@ def rewrite_html(
     line_starts = _line_starts(html)
     edits: list[_Edit] = []
     links: list[str] = []
-    if rewrite_url is not None:
-        for (line, column), tag_text in scanner.anchors:
-            offset = line_starts[line - 1] + column if line - 1 < len(line_starts) else -1
-            if offset < 0 or not html.startswith(tag_text, offset):
-                continue  # the tokenizer lost track of offsets here: leave this tag alone
-            for edit, link in _rewrite_anchor(tag_text, rewrite_url):
-                edits.append(_Edit(offset + edit.start, offset + edit.end, edit.text))
-                if link is not None:
-                    links.append(link)
+    for (line, column), tag_text in scanner.anchors:
+        offset = line_starts[line - 1] + column if line - 1 < len(line_starts) else -1
+        if offset < 0 or not html.startswith(tag_text, offset):
+            continue  # the tokenizer lost track of offsets here: leave this tag alone
+        for edit, link in _rewrite_anchor(tag_text, rewrite_url):
+            edits.append(_Edit(offset + edit.start, offset + edit.end, edit.text))
+            if link is not None:
+                links.append(link)
     if pixel_url is not None:
         where = len(html)
         for line, column in reversed(scanner.body_ends):
@@ -214,13 +214,17 @@ def _attributes(tag_text: str) -> list[_Attribute]:
 
 
 def _rewrite_anchor(
-    tag_text: str, rewrite_url: Callable[[str], str]
+    tag_text: str, rewrite_url: Callable[[str], str] | None
 ) -> list[tuple[_Edit, str | None]]:
     """Edits (offsets in ``tag_text``) for one ``<a>`` start tag, each with the link it tracks."""
+    if rewrite_url is None and NOTRACK_ATTRIBUTE not in tag_text.lower():
+        return []
     attributes = _attributes(tag_text)
     notrack = [a for a in attributes if a.name == NOTRACK_ATTRIBUTE]
     if notrack:
         return [(_remove_attribute(tag_text, a), None) for a in notrack]
+    if rewrite_url is None:
+        return []
     href = next((a for a in attributes if a.name == "href"), None)
     if href is None or not href.has_value:
         return []

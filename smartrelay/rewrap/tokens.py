@@ -79,6 +79,7 @@ __all__ = [
     "TokenCodec",
     "TokenError",
     "add_key",
+    "click_url_fits",
     "load_keyring",
 ]
 
@@ -451,6 +452,17 @@ class _Mac:
         outer = self._outer.copy()
         outer.update(inner.digest())
         return outer.digest()
+
+
+def click_url_fits(url: str) -> bool:
+    """Whether a click token can carry ``url``: valid Unicode (a link written in bytes its
+    part's charset does not have comes here with surrogates) of at most :data:`MAX_URL_BYTES`
+    in UTF-8. Such a link is left untracked, never an error for the whole copy."""
+    try:
+        _url_payload(url)
+    except ValueError:
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=4096)

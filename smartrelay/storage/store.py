@@ -525,15 +525,22 @@ class Store:
         return await self.engine.run_interaction("pending_recipients", txn, readonly=True)
 
     async def retry_now(self, queue_id: str | None = None) -> int:
-        """Make waiting recipients (of one message, or all) due now; returns how many."""
+        """Make waiting recipients (of one message, or all) due now; returns how many.
+
+        Waiting: ``queued``, ``deferred``, and ``delivering`` whose lease has run out (its
+        node died or got stuck); those are released as a restarted node releases its own, so
+        an outcome their old owner may still record is ignored (``record_outcomes``)."""
         now_ms = self._now_ms()
 
         async def txn(cursor: ICursor) -> int:
             sql = (
-                "UPDATE recipients SET next_attempt_at = ?, updated_at = ?"
-                " WHERE next_attempt_at IS NOT NULL AND state IN ('queued', 'deferred')"
+                "UPDATE recipients SET next_attempt_at = ?, updated_at = ?, lease_owner = NULL,"
+                " state = CASE WHEN state <> 'delivering' THEN state"
+                "  WHEN attempts > 0 THEN 'deferred' ELSE 'queued' END"
+                " WHERE next_attempt_at IS NOT NULL AND (state IN ('queued', 'deferred')"
+                "  OR (state = 'delivering' AND next_attempt_at <= ?))"
             )
-            args: list[Any] = [now_ms, now_ms]
+            args: list[Any] = [now_ms, now_ms, now_ms]
             if queue_id is not None:
                 sql += " AND queue_id = ?"
                 args.append(queue_id)
@@ -546,16 +553,20 @@ class Store:
         return await self.engine.run_interaction("retry_now", txn)
 
     async def drop_message(self, queue_id: str) -> list[str]:
-        """Stop delivering a message: its waiting recipients become ``dropped`` (one
-        ``dropped`` event each). Recipients being delivered right now are not touched."""
+        """Stop delivering a message: its recipients not yet in a final state (``queued``,
+        ``deferred``, ``delivering``) become ``dropped`` (one ``dropped`` event each).
+
+        A ``delivering`` row loses its lease owner, so whatever outcome a node working on it
+        records later is ignored and the row stays ``dropped`` (a copy already on the wire
+        may still arrive)."""
         now_ms = self._now_ms()
 
         async def txn(cursor: ICursor) -> list[str]:
             await cursor.execute(
                 "UPDATE recipients SET state = 'dropped', next_attempt_at = NULL,"
-                " last_reply = 'dropped by the operator', updated_at = ?"
+                " lease_owner = NULL, last_reply = 'dropped by the operator', updated_at = ?"
                 " WHERE queue_id = ? AND next_attempt_at IS NOT NULL"
-                " AND state IN ('queued', 'deferred') RETURNING address",
+                " AND state IN ('queued', 'deferred', 'delivering') RETURNING address",
                 (now_ms, queue_id),
             )
             dropped = [str(r[0]) for r in cursor.fetchall()]
