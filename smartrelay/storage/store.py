@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from smartrelay.config import SuppressionConfig
 from smartrelay.ids import new_queue_id
+from smartrelay.spool import SpooledBody
 from smartrelay.storage.batching import GroupCommitter
 from smartrelay.storage.interfaces import ICursor, IDatabaseEngine
 
@@ -53,6 +54,12 @@ class NewMessage:
     idempotency_key: str | None = None
     #: Chosen by the caller when the id must appear in the message (its Received header).
     queue_id: str | None = None
+    #: The rest of the message, after ``raw``, when it was too big to keep in memory.
+    spooled: SpooledBody | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.raw) + (0 if self.spooled is None else self.spooled.size)
 
 
 @frozen
@@ -65,6 +72,8 @@ class NewFeedback:
     raw: bytes
     client_ip: str | None = None
     report_id: str | None = None
+    #: The message, when it was too big to keep in memory (``raw`` is then empty).
+    spooled: SpooledBody | None = None
 
 
 @frozen
@@ -229,18 +238,23 @@ class Store:
                         queue_id,
                         now_ms,
                         m.sender,
-                        len(m.raw),
+                        m.size,
                         m.client_ip,
                         m.credential,
                         json.dumps(list(m.tags)),
                         json.dumps(m.metadata, sort_keys=True),
                         json.dumps(m.options, sort_keys=True),
                         m.idempotency_key,
-                        m.raw,
+                        m.raw if m.spooled is None else b"",
                     )
                     for m, queue_id in new
                 ],
             )
+            for m, queue_id in new:
+                if m.spooled is not None:
+                    await cursor.write_blob(
+                        "messages", "raw", "queue_id", queue_id, m.raw, m.spooled
+                    )
             await cursor.executemany(
                 "INSERT INTO recipients (queue_id, address, domain, state, attempts,"
                 " next_attempt_at, updated_at) VALUES (?, ?, ?, 'queued', 0, ?, ?)",
@@ -294,9 +308,13 @@ class Store:
                     report.sender,
                     json.dumps(list(report.recipients)),
                     report.client_ip,
-                    report.raw,
+                    report.raw if report.spooled is None else b"",
                 ),
             )
+            if report.spooled is not None:
+                await cursor.write_blob(
+                    "feedback_reports", "raw", "report_id", report_id, report.raw, report.spooled
+                )
             await cursor.notify(FEEDBACK_CHANNEL)
             return report_id
 
@@ -817,7 +835,7 @@ def _received_data(message: NewMessage) -> str:
         {
             "client_ip": message.client_ip,
             "credential": message.credential,
-            "size": len(message.raw),
+            "size": message.size,
         },
         sort_keys=True,
     )

@@ -19,7 +19,14 @@ from txpostgres.txpostgres import Connection, Cursor
 from zope.interface import implementer
 
 from smartrelay.reactor import IRelayReactor
-from smartrelay.storage.interfaces import ICursor, IDatabaseEngine, Row, Transaction
+from smartrelay.spool import SpooledBody
+from smartrelay.storage.interfaces import (
+    ICursor,
+    IDatabaseEngine,
+    Row,
+    Transaction,
+    check_identifiers,
+)
 from smartrelay.storage.pool import NotifyingCursor, PooledEngine
 
 log = Logger()
@@ -108,6 +115,16 @@ class PostgresCursor(NotifyingCursor):
         if not _CHANNEL.match(channel):
             raise ValueError(f"bad notification channel {channel!r}")
         return self.execute(f"NOTIFY {channel}")
+
+    def write_blob(
+        self, table: str, column: str, key_column: str, key: str, head: bytes, body: SpooledBody
+    ) -> Deferred[None]:
+        # psycopg2 sends a parameter inside the query text: the body has to be in memory
+        # once here (the listener's byte budget bounds how many are at a time).
+        table, column, key_column = check_identifiers(table, column, key_column)
+        return self.execute(
+            f"UPDATE {table} SET {column} = ? WHERE {key_column} = ?", (head + body.read(), key)
+        )
 
 
 @implementer(IDatabaseEngine)

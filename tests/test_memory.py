@@ -1,0 +1,374 @@
+"""Memory bounded by bytes (issue 11, item 7): big bodies spooled to disk while received,
+a byte budget for handing them to storage, a byte window in delivery, DATA streamed out.
+
+No test here measures memory (bench/memory.py does, and docs/performance.md has the
+figures); they prove the mechanisms: where a big body is while it is received, that its file
+is gone in every outcome, what the byte window admits, and that what arrives is byte-identical.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from zope.interface import implementer
+
+from smartrelay.smtp.protocol import SmtpServerProtocol
+from smartrelay.smtp.ratelimit import AuthFailureLimiter
+from smartrelay.smtp.replies import Reply
+from smartrelay.smtp.session import Envelope, ISmtpBackend, ListenerSettings, Session
+from smartrelay.spool import SPOOL_THRESHOLD, ByteBudget, Spool, SpooledBody
+from tests.conftest import real_reactor
+from tests.support.delivery_relay import eventually
+from tests.support.relay import HOSTNAME, Relays, RunningRelay
+
+# A body comfortably past the spool threshold, with dot-leading lines to check transparency.
+LINE = b"." + b"y" * 76 + b"\r\n"
+BIG = 3 * SPOOL_THRESHOLD
+
+
+def big_body(size: int = BIG, tag: bytes = b"") -> bytes:
+    header = b"From: <app@sender.test>\r\nTo: <a@example.net>\r\nSubject: big " + tag + b"\r\n\r\n"
+    lines = (size - len(header)) // len(LINE) + 1
+    return header + LINE * lines
+
+
+def stuffed(body: bytes) -> bytes:
+    """``body`` as DATA content (RFC 5321 4.5.2), the final dot included."""
+    return (b"." + body if body.startswith(b".") else body).replace(b"\r\n.", b"\r\n..") + b".\r\n"
+
+
+def spool_files(directory: str | Path) -> list[str]:
+    return sorted(name for name in os.listdir(directory) if name.startswith("body-"))
+
+
+# -- the protocol over StringTransport, with a real spool directory ------------------------------
+SETTINGS = ListenerSettings(
+    hostname="relay.test", max_message_size=8 * SPOOL_THRESHOLD, max_recipients=3
+)
+
+
+@implementer(ISmtpBackend)
+class SpoolingBackend:
+    """Records what the listener hands over; answers from a script (or holds the answer)."""
+
+    offers_auth = False
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self.received: list[bytes | SpooledBody] = []
+        self.contents: list[bytes] = []
+        self.files_seen: list[bool] = []
+        self.pending: Deferred[Reply] | None = None
+        self.fail = False
+
+    def check_recipient(self, session: Session, address: str) -> Reply | None:
+        return None
+
+    def check_credentials(self, name: str, password: str) -> Deferred[bool]:
+        return succeed(False)
+
+    def deliver(
+        self, session: Session, envelope: Envelope, message: bytes | SpooledBody
+    ) -> Deferred[Reply]:
+        self.received.append(message)
+        if isinstance(message, SpooledBody):
+            self.files_seen.append(os.path.exists(message.path))
+            self.contents.append(message.read())
+        else:
+            self.contents.append(message)
+        if self.fail:
+            return fail(OSError("disk full"))
+        if self.pending is not None:
+            return self.pending
+        return succeed(Reply(250, "2.0.0", "Ok: queued as Q1"))
+
+
+class Client:
+    def __init__(self, tmp_path: Path, settings: ListenerSettings = SETTINGS) -> None:
+        self.directory = tmp_path / "spool"
+        self.spool = Spool(str(self.directory))
+        self.spool.prepare()
+        self.backend = SpoolingBackend(self.spool)
+        self.clock = Clock()
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 4321))
+        self.protocol = SmtpServerProtocol(
+            settings, self.backend, self.clock, None, AuthFailureLimiter(self.clock)
+        )
+        self.protocol.makeConnection(self.transport)  # type: ignore[no-untyped-call]
+        self.transport.clear()
+
+    def send(self, data: bytes) -> list[str]:
+        self.transport.clear()
+        self.protocol.dataReceived(data)
+        written: bytes = self.transport.value()
+        return written.decode().splitlines()
+
+    def start_data(self) -> None:
+        assert self.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<r@example.net>\r\n")
+        assert self.send(b"DATA\r\n") == ["354 End data with <CR><LF>.<CR><LF>"]
+
+    def send_in_pieces(self, data: bytes, piece: int = 65536) -> list[str]:
+        replies: list[str] = []
+        for start in range(0, len(data), piece):
+            replies += self.send(data[start : start + piece])
+        return replies
+
+    def files(self) -> list[str]:
+        return spool_files(self.directory)
+
+
+def test_small_body_stays_in_memory(tmp_path: Path) -> None:
+    client = Client(tmp_path)
+    client.start_data()
+    body = big_body(SPOOL_THRESHOLD // 2)
+    assert client.send_in_pieces(stuffed(body)) == ["250 2.0.0 Ok: queued as Q1"]
+    assert client.backend.received == [body]  # bytes: the fast path
+    assert client.files() == []
+
+
+def test_big_body_is_spooled_while_received_and_removed_after_the_reply(tmp_path: Path) -> None:
+    client = Client(tmp_path)
+    client.start_data()
+    body = big_body()
+    data = stuffed(body)
+    assert client.send_in_pieces(data[: len(data) // 2]) == []
+    # Past the threshold: the body is in one file, and memory holds no more than a piece.
+    [name] = client.files()
+    assert client.protocol._body is not None and client.protocol._body.buffered == 0
+    assert os.path.getsize(client.directory / name) > SPOOL_THRESHOLD
+    client.backend.pending = Deferred()
+    assert client.send_in_pieces(data[len(data) // 2 :]) == []
+    [handed] = client.backend.received
+    assert isinstance(handed, SpooledBody) and handed.size == len(body)
+    assert client.backend.contents == [body]  # de-dot-stuffed, byte for byte
+    assert client.files() == [name]  # the file stays while storage has it...
+    client.backend.pending.callback(Reply(250, "2.0.0", "Ok: queued as Q1"))
+    assert client.transport.value() == b"250 2.0.0 Ok: queued as Q1\r\n"
+    assert client.files() == []  # ...and is gone once storage has answered
+
+
+def test_spool_file_removed_when_storage_fails(tmp_path: Path) -> None:
+    client = Client(tmp_path)
+    client.backend.fail = True
+    client.start_data()
+    replies = client.send_in_pieces(stuffed(big_body()))
+    assert replies == ["451 4.3.0 Temporary storage failure, try again later"]
+    assert client.backend.files_seen == [True]
+    assert client.files() == []
+
+
+def test_spool_file_removed_when_the_message_gets_too_big(tmp_path: Path) -> None:
+    client = Client(tmp_path)
+    client.start_data()
+    data = stuffed(big_body(10 * SPOOL_THRESHOLD))
+    cut = 5 * SPOOL_THRESHOLD
+    assert client.send_in_pieces(data[:cut]) == []
+    assert len(client.files()) == 1
+    assert client.send_in_pieces(data[cut : 9 * SPOOL_THRESHOLD]) == []
+    assert client.files() == []  # past max_message_size: dropped at once, not at the dot
+    replies = client.send_in_pieces(data[9 * SPOOL_THRESHOLD :])
+    assert replies == ["552 5.3.4 Message size exceeds the fixed maximum message size"]
+    assert client.backend.received == []
+
+
+def test_spool_file_removed_when_the_body_is_refused(tmp_path: Path) -> None:
+    client = Client(tmp_path)
+    client.start_data()
+    body = big_body()
+    assert client.send_in_pieces(stuffed(body)[:-3]) == []
+    assert len(client.files()) == 1
+    assert client.send(b"bad\0line\r\n.\r\n") == ["550 5.6.0 Message contains NUL bytes"]
+    assert client.files() == []
+
+
+def test_spool_file_removed_on_disconnect_during_data(tmp_path: Path) -> None:
+    client = Client(tmp_path)
+    client.start_data()
+    client.send_in_pieces(stuffed(big_body())[: 2 * SPOOL_THRESHOLD])
+    assert len(client.files()) == 1
+    client.protocol.connectionLost()
+    assert client.files() == []
+
+
+def test_spool_file_removed_on_data_timeout(tmp_path: Path) -> None:
+    client = Client(tmp_path)
+    client.start_data()
+    client.send_in_pieces(stuffed(big_body())[: 2 * SPOOL_THRESHOLD])
+    assert len(client.files()) == 1
+    client.transport.clear()
+    client.clock.advance(SETTINGS.data_timeout + 1)
+    assert client.transport.value().startswith(b"421 4.4.2")
+    assert client.files() == []
+
+
+def test_spool_left_by_a_dead_process_is_removed_at_start(tmp_path: Path) -> None:
+    directory = tmp_path / "spool"
+    directory.mkdir()
+    (directory / "body-abc123").write_bytes(b"x" * 10)
+    (directory / "keep.txt").write_bytes(b"not ours")
+    assert Spool(str(directory)).prepare() == 1
+    assert sorted(os.listdir(directory)) == ["keep.txt"]
+
+
+def test_spool_write_failure_answers_a_temporary_error(tmp_path: Path) -> None:
+    client = Client(tmp_path)
+    client.start_data()
+    data = stuffed(big_body())
+    client.send_in_pieces(data[: 2 * SPOOL_THRESHOLD])
+    body = client.protocol._body
+    assert body is not None and body._fd is not None
+    os.close(body._fd)  # the next write fails, as on a full disk
+    body._fd = os.open(os.devnull, os.O_RDONLY)
+    replies = client.send_in_pieces(data[2 * SPOOL_THRESHOLD :])
+    assert replies == ["451 4.3.0 Temporary storage failure, try again later"]
+    assert client.files() == [] and client.backend.received == []
+
+
+# -- the byte budget ---------------------------------------------------------------------------
+def test_byte_budget_admits_within_the_limit_and_one_always() -> None:
+    budget = ByteBudget(10)
+    first, second = budget.acquire(6), budget.acquire(4)
+    assert first.called and second.called and budget.in_use == 10
+    third = budget.acquire(1)
+    assert not third.called  # over the limit: waits
+    huge = budget.acquire(100)
+    small = budget.acquire(1)
+    budget.release(6)
+    assert third.called and not huge.called  # first come, first served
+    assert not small.called  # behind the big one, not past it
+    budget.release(4)
+    budget.release(1)
+    assert huge.called and budget.in_use == 100  # alone, bigger than the limit
+    assert not small.called
+    budget.release(100)
+    assert small.called and budget.in_use == 1
+
+
+# -- end to end: a real relay, real sockets, both engines ----------------------------------------
+@pytest_twisted.async_yield_fixture
+async def relays(tmp_path: Path, database_url: str) -> AsyncIterator[Relays]:
+    runner = Relays(real_reactor(), tmp_path, database_url)
+    try:
+        yield runner
+    finally:
+        await runner.stop_all()
+
+
+def spool_dir(relay: RunningRelay) -> Path:
+    return Path(relay.config.server.data_dir) / "spool"
+
+
+@pytest_twisted.ensureDeferred
+async def test_big_message_spooled_then_stored_byte_identical(relays: Relays) -> None:
+    from tests.test_smtp_e2e import QUEUED, RawClient, in_thread, raw_of
+
+    relay = await relays.start()
+    reactor = real_reactor()
+    directory = spool_dir(relay)
+    body = big_body(4 * SPOOL_THRESHOLD, b"e2e")
+    data = stuffed(body)
+    client = await in_thread(lambda: RawClient(relay.smtp_port))
+    try:
+
+        def begin() -> None:
+            assert client.read().code == 220
+            assert client.command("EHLO client.test").code == 250
+            assert client.command("MAIL FROM:<app@sender.test>").code == 250
+            assert client.command("RCPT TO:<a@example.net>").code == 250
+            assert client.command("DATA").code == 354
+            client.send(data[: 2 * SPOOL_THRESHOLD])
+
+        await in_thread(begin)
+
+        async def file_there() -> bool | None:
+            return True if spool_files(directory) else None
+
+        await eventually(reactor, file_there, "a spool file while DATA is under way")
+
+        def finish() -> str:
+            client.send(data[2 * SPOOL_THRESHOLD :])
+            return client.read().text
+
+        reply = await in_thread(finish)
+    finally:
+        client.close()
+    match = QUEUED.fullmatch(reply)
+    assert match is not None, reply
+    assert spool_files(directory) == []
+    raw = await raw_of(relay.store, match[1])
+    assert raw.startswith(b"Received: from client.test ([127.0.0.1])\r\n")
+    assert f"by {HOSTNAME} (SmartRelay)".encode() in raw
+    assert raw.endswith(b"\r\n" + body)  # the trace header, then the body byte for byte
+    from tests.test_smtp_e2e import select
+
+    [(size,)] = await select(relay.store, "SELECT size FROM messages")
+    assert int(size) == len(raw)
+
+
+@pytest_twisted.ensureDeferred
+async def test_spool_file_gone_after_a_client_disconnects_mid_data(relays: Relays) -> None:
+    from tests.test_smtp_e2e import RawClient, count, in_thread
+
+    relay = await relays.start()
+    reactor = real_reactor()
+    directory = spool_dir(relay)
+    client = await in_thread(lambda: RawClient(relay.smtp_port))
+
+    def begin() -> None:
+        assert client.read().code == 220
+        assert client.command("EHLO client.test").code == 250
+        assert client.command("MAIL FROM:<app@sender.test>").code == 250
+        assert client.command("RCPT TO:<a@example.net>").code == 250
+        assert client.command("DATA").code == 354
+        client.send(stuffed(big_body())[: 2 * SPOOL_THRESHOLD])
+
+    await in_thread(begin)
+
+    async def file_there() -> bool | None:
+        return True if spool_files(directory) else None
+
+    await eventually(reactor, file_there, "a spool file while DATA is under way")
+    client.close()
+
+    async def gone() -> bool | None:
+        return True if not spool_files(directory) else None
+
+    await eventually(reactor, gone, "the spool file to be removed after the disconnect")
+    assert await count(relay.store, "messages") == 0
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest_twisted.ensureDeferred
+async def test_big_feedback_report_spooled_and_stored(relays: Relays) -> None:
+    from tests.support.relay import RETURN_PATH_DOMAIN
+    from tests.test_smtp_e2e import RawClient, in_thread, select
+
+    relay = await relays.start()
+    body = big_body(2 * SPOOL_THRESHOLD, b"bounce")
+    client = await in_thread(lambda: RawClient(relay.inbound_port))
+    try:
+
+        def talk() -> str:
+            assert client.read().code == 220
+            assert client.command("EHLO mx.example.net").code == 250
+            assert client.command("MAIL FROM:<>").code == 250
+            assert client.command(f"RCPT TO:<b+x@{RETURN_PATH_DOMAIN}>").code == 250
+            assert client.command("DATA").code == 354
+            client.send(stuffed(body))
+            return client.read().text
+
+        reply = await in_thread(talk)
+    finally:
+        client.close()
+    assert reply.startswith("250 2.0.0 Ok: queued as R"), reply
+    [(raw,)] = await select(relay.store, "SELECT raw FROM feedback_reports")
+    assert bytes(raw) == body
+    assert spool_files(spool_dir(relay)) == []
