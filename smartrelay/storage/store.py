@@ -366,6 +366,26 @@ class Store:
 
         return await self.engine.run_interaction("release_claims", txn)
 
+    async def message_sizes(self, queue_ids: Iterable[str]) -> dict[str, int]:
+        """The size in bytes of each message (what loading it will take), without loading it."""
+        wanted = sorted(set(queue_ids))
+        if not wanted:
+            return {}
+
+        async def txn(cursor: ICursor) -> dict[str, int]:
+            sizes: dict[str, int] = {}
+            for start in range(0, len(wanted), _ROWS_PER_STATEMENT):
+                chunk = wanted[start : start + _ROWS_PER_STATEMENT]
+                await cursor.execute(
+                    "SELECT queue_id, size FROM messages"
+                    f" WHERE queue_id IN ({', '.join('?' for _ in chunk)})",
+                    chunk,
+                )
+                sizes.update((str(r[0]), int(r[1])) for r in cursor.fetchall())
+            return sizes
+
+        return await self.engine.run_interaction("message_sizes", txn, readonly=True)
+
     async def load_messages(self, queue_ids: Iterable[str]) -> dict[str, StoredMessage]:
         wanted = sorted(set(queue_ids))
         if not wanted:
