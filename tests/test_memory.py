@@ -14,10 +14,13 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from attrs import define
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smartrelay.smtp.protocol import SmtpServerProtocol
@@ -26,7 +29,17 @@ from smartrelay.smtp.replies import Reply
 from smartrelay.smtp.session import Envelope, ISmtpBackend, ListenerSettings, Session
 from smartrelay.spool import SPOOL_THRESHOLD, ByteBudget, Spool, SpooledBody
 from tests.conftest import real_reactor
-from tests.support.delivery_relay import eventually
+from tests.support.delivery_relay import (
+    DeliveryRelays,
+    Sinks,
+    TrackingSinkBackend,
+    eventually,
+    smtp_route,
+    submit,
+    submit_many,
+    wait_for_events,
+)
+from tests.support.postfix import PostfixSink
 from tests.support.relay import HOSTNAME, Relays, RunningRelay
 
 # A body comfortably past the spool threshold, with dot-leading lines to check transparency.
@@ -372,3 +385,199 @@ async def test_big_feedback_report_spooled_and_stored(relays: Relays) -> None:
     [(raw,)] = await select(relay.store, "SELECT raw FROM feedback_reports")
     assert bytes(raw) == body
     assert spool_files(spool_dir(relay)) == []
+
+
+# -- delivery: DATA streamed with backpressure ---------------------------------------------------
+class PausingTransport(StringTransport):
+    """A transport whose buffer holds ``limit`` bytes: past that it pauses its producer, as a
+    real socket's does when the peer reads slowly."""
+
+    def __init__(self, limit: int) -> None:
+        StringTransport.__init__(self)
+        self.limit = limit
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        StringTransport.write(self, data)
+        if len(self.written()) > self.limit and self.producer is not None:
+            self.producer.pauseProducing()
+
+    def written(self) -> bytes:
+        value: bytes = self.value()  # type: ignore[no-untyped-call]
+        return value
+
+    def take(self) -> bytes:
+        """What was written so far, emptying the buffer (the peer read it)."""
+        value = self.written()
+        self.clear()  # type: ignore[no-untyped-call]
+        return value
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+
+
+def test_data_is_written_as_the_connection_takes_it() -> None:
+    from smartrelay.delivery.client import DATA_PIECE, _DataWriter, dot_stuff, dot_stuffed_pieces
+
+    message = big_body(4 * SPOOL_THRESHOLD)
+    transport = PausingTransport(limit=256 * 1024)
+    writer = _DataWriter(transport, dot_stuffed_pieces(message), Clock(), 180.0)
+    done = writer.start()
+    sent = b""
+    rounds = 0
+    while not done.called:
+        # Never more than the buffer's limit and one piece waiting in memory.
+        assert len(transport.written()) <= transport.limit + 2 * DATA_PIECE
+        sent += transport.take()
+        writer.resumeProducing()
+        rounds += 1
+    sent += transport.take()
+    assert rounds >= 10
+    assert sent == dot_stuff(message)
+    assert transport.producer is None  # unregistered once done
+
+
+def test_data_writer_gives_up_when_the_server_takes_nothing() -> None:
+    from smartrelay.delivery.client import SmtpClientError, _DataWriter, dot_stuffed_pieces
+
+    clock = Clock()
+    transport = PausingTransport(limit=128 * 1024)
+    writer = _DataWriter(transport, dot_stuffed_pieces(big_body()), clock, 180.0)
+    done = writer.start()
+    errors: list[BaseException] = []
+
+    def failed(failure: Failure) -> None:
+        assert failure.value is not None
+        errors.append(failure.value)
+
+    done.addErrback(failed)
+    clock.advance(179)
+    assert not done.called and not transport.aborted
+    clock.advance(2)
+    assert transport.aborted
+    assert len(errors) == 1 and isinstance(errors[0], SmtpClientError)
+
+
+def test_dot_stuffing_in_pieces_is_the_same_as_whole() -> None:
+    from smartrelay.delivery.client import dot_stuffed_pieces
+
+    def whole(message: bytes) -> bytes:
+        if message.startswith(b"."):
+            message = b"." + message
+        message = message.replace(b"\r\n.", b"\r\n..")
+        if not message.endswith(b"\r\n"):
+            message += b"\r\n"
+        return message + b".\r\n"
+
+    import random
+
+    rng = random.Random(7)
+    for _ in range(3000):
+        message = bytes(rng.choice(b".\r\nab") for _ in range(rng.randint(0, 40)))
+        for piece in (1, 2, 3, 5, 8, 1000):
+            assert b"".join(dot_stuffed_pieces(message, piece)) == whole(message), (message, piece)
+
+
+# -- delivery: the byte window ----------------------------------------------------------------
+@pytest_twisted.async_yield_fixture
+async def delivery_relays(tmp_path: Path) -> AsyncIterator[DeliveryRelays]:
+    runner = DeliveryRelays(real_reactor(), tmp_path)
+    try:
+        yield runner
+    finally:
+        await runner.stop_all()
+
+
+@pytest_twisted.async_yield_fixture
+async def sinks() -> AsyncIterator[Sinks]:
+    runner = Sinks(real_reactor())
+    try:
+        yield runner
+    finally:
+        await runner.stop_all()
+
+
+@implementer(ISmtpBackend)
+@define
+class CountingSink(TrackingSinkBackend):
+    """Answers each final dot ``delay`` seconds late and counts the messages under way."""
+
+    under_way: int = 0
+    most_under_way: int = 0
+
+    def deliver(
+        self, session: Session, envelope: Envelope, message: bytes | SpooledBody
+    ) -> Deferred[Reply]:
+        self.under_way += 1
+        self.most_under_way = max(self.most_under_way, self.under_way)
+
+        def done(reply: Reply) -> Reply:
+            self.under_way -= 1
+            return reply
+
+        return super().deliver(session, envelope, message).addCallback(done)
+
+
+@pytest.mark.parametrize(("window", "at_once"), [(7 / 3, 2), (1 / 2, 1)])
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest_twisted.ensureDeferred
+async def test_byte_window_admits_a_bounded_number_of_big_jobs(
+    delivery_relays: DeliveryRelays,
+    sinks: Sinks,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    window: float,
+    at_once: int,
+) -> None:
+    """Six 1.5 MB messages; a window of 3.5 MB has at most two of them in memory (so on the
+    wire) at once, although the throttle allows 20 connections; a window smaller than one
+    message still lets them go, one at a time. All six arrive byte-identical."""
+    import smartrelay.delivery.manager as manager_module
+
+    size = SPOOL_THRESHOLD * 3 // 2
+    monkeypatch.setattr(manager_module, "MAX_IN_MEMORY_BYTES", int(size * window))
+    reactor = real_reactor()
+    backend = CountingSink(delay=1.5, clock=reactor)
+    _, sink_port = await sinks.start(backend)
+    relay = await delivery_relays.start(database_url, {"routes": smtp_route(sink_port)})
+    manager = relay.service.delivery
+    assert manager is not None
+    bodies = [big_body(size, str(i).encode()) for i in range(6)]
+    mails = [(["rcpt@example.net"], body) for body in bodies]
+    await submit_many(relay.smtp_port, mails, sessions=3)
+    most_bytes = 0
+
+    async def all_delivered() -> bool | None:
+        nonlocal most_bytes
+        most_bytes = max(most_bytes, manager._in_memory_bytes)
+        return True if len(backend.messages) == 6 else None
+
+    await eventually(reactor, all_delivered, "six messages at the sink", within=60)
+    assert backend.most_under_way == at_once, backend.most_under_way
+    assert most_bytes <= max(manager_module.MAX_IN_MEMORY_BYTES, size + 4096)
+    for body in bodies:
+        [arrived] = [m.data for m in backend.messages if body.split(b"\r\n")[2] in m.data]
+        assert arrived.endswith(b"\r\n\r\n" + body.partition(b"\r\n\r\n")[2])
+    await wait_for_events(reactor, relay.store, "delivered", 6)
+    assert manager._in_memory_bytes == 0 and manager._in_memory == 0
+
+
+# -- delivery: a big message through Postfix's smtp-sink -------------------------------------------
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest_twisted.ensureDeferred
+async def test_big_message_arrives_byte_identical_at_smtp_sink(
+    delivery_relays: DeliveryRelays, database_url: str, postfix_sink: PostfixSink
+) -> None:
+    reactor = real_reactor()
+    relay = await delivery_relays.start(database_url, {"routes": smtp_route(postfix_sink.port)})
+    body = big_body(12 * SPOOL_THRESHOLD, b"through smtp-sink")
+    queue_id = await submit(relay.smtp_port, ["rcpt@example.net"], body)
+    await wait_for_events(reactor, relay.store, "delivered", 1, within=60)
+    [dump] = await deferToThread(postfix_sink.wait_for_messages, 1, 60.0)
+    assert dump == queue_id
+    [name] = os.listdir(postfix_sink.directory)
+    dumped = (postfix_sink.directory / name).read_bytes()
+    # smtp-sink writes lines with LF, and one empty line after the message.
+    content = body.partition(b"\r\n\r\n")[2].replace(b"\r\n", b"\n")
+    assert dumped.endswith(b"\n\n" + content + b"\n")
+    assert dumped.count(b"\n..y") == 0 and dumped.count(b"\n.y") == content.count(b"\n.y") + 1
