@@ -581,3 +581,66 @@ async def test_big_message_arrives_byte_identical_at_smtp_sink(
     content = body.partition(b"\r\n\r\n")[2].replace(b"\r\n", b"\n")
     assert dumped.endswith(b"\n\n" + content + b"\n")
     assert dumped.count(b"\n..y") == 0 and dumped.count(b"\n.y") == content.count(b"\n.y") + 1
+
+
+# -- delivery: what the re-wrap chain keeps between messages -------------------------------------
+def big_html_message(number: int) -> bytes:
+    html = b'<html><body><a href="https://example.com/r">open</a></body></html>\r\n'
+    return (
+        b"From: <app@example.com>\r\nTo: <r@example.net>\r\nSubject: big "
+        + str(number).encode()
+        + b'\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b1"\r\n\r\n'
+        b"--b1\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+        + html
+        + b"--b1\r\nContent-Type: application/octet-stream\r\n\r\n"
+        + LINE * (2 * SPOOL_THRESHOLD // len(LINE))
+        + b"--b1--\r\n"
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_chain_keeps_no_big_message_after_its_copies_are_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tracking step caches MIME plans by message (16 of them): of big messages it keeps
+    none once their copies are made, so memory holds what the byte window admitted only;
+    small ones are still cached, and a big message's recipients still share one plan."""
+    from typing import cast
+
+    import smartrelay.rewrap.chain as chain_module
+    from smartrelay.rewrap.chain import RewrapChain, RewrapSettings, TrackingStep
+    from smartrelay.rewrap.dkim import DkimSigner
+    from smartrelay.rewrap.mime import MimePlan, plan_html_parts
+    from smartrelay.rewrap.tokens import TokenCodec, load_keyring
+    from smartrelay.storage.store import ClaimedRecipient, Store, StoredMessage, Suppression
+
+    class NoSuppressions:
+        async def active_suppressions(self, addresses: object) -> dict[str, Suppression]:
+            return {}
+
+    codec = TokenCodec(load_keyring(str(tmp_path / "secret.key")))
+    settings = RewrapSettings("relay.test", "https://t.example.com", "bounces.example.com")
+    chain = RewrapChain(settings, codec, DkimSigner([]), cast(Store, NoSuppressions()))
+    [tracking] = [step for step in chain.steps if isinstance(step, TrackingStep)]
+    plans: list[bytes] = []
+
+    def counting_plan(raw: bytes) -> MimePlan:
+        plans.append(raw)
+        return plan_html_parts(raw)
+
+    monkeypatch.setattr(chain_module, "plan_html_parts", counting_plan)
+    for number in range(3):
+        raw = big_html_message(number)
+        message = StoredMessage(f"Q{number}", 0.0, "app@example.com", (), {}, {}, raw)
+        recipients = [
+            ClaimedRecipient(10 * number + i, message.queue_id, f"r{i}@example.net", "", 0)
+            for i in range(3)
+        ]
+        result = await chain.run(message, recipients)
+        assert len(result.copies) == 3
+        assert all(b"https://t.example.com/c/" in c.body for c in result.copies)
+    small = StoredMessage("S", 0.0, "app@example.com", (), {}, {}, big_html_message(9)[:400])
+    await chain.run(small, [ClaimedRecipient(99, "S", "r@example.net", "", 0)])
+    assert len(plans) == 4  # each message cut once, for all its recipients
+    assert list(tracking._plans) == [small.raw]  # the small one is cached...
+    assert tracking._big_plan is None  # ...no big one is kept
