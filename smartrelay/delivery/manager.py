@@ -61,7 +61,7 @@ CLAIM_BATCH = 500
 MAX_IN_MEMORY = 5000  # recipients held in destination queues at most
 #: Bytes of messages held in destination queues and being delivered, at most (one job is
 #: always admitted, so a message bigger than this still goes, alone).
-MAX_IN_MEMORY_BYTES = 64 * 1024 * 1024
+MAX_IN_MEMORY_BYTES = 32 * 1024 * 1024
 LEASE = 15 * 60.0  # a claimed recipient not finished in this time is claimed again elsewhere
 POLL_INTERVAL = 5.0  # safety net beside NOTIFY, and how soon a deferred recipient is seen
 BACKOFF_ON_421 = 60.0
