@@ -42,6 +42,10 @@ class ICursor(Interface):
     def notify(channel: str) -> Deferred[None]:
         """Wake the listeners of ``channel`` once (and only if) this transaction commits."""
 
+    def read_blob(table: str, column: str, key_column: str, key: str) -> Deferred[bytes]:
+        """``column`` of the row whose ``key_column`` is ``key``, read in pieces where the
+        engine allows (a big value is then in memory once, not several times over)."""
+
     def write_blob(
         table: str, column: str, key_column: str, key: str, head: bytes, body: SpooledBody
     ) -> Deferred[None]:

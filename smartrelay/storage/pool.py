@@ -128,6 +128,9 @@ class NotifyingCursor(ABC):
     def notify(self, channel: str) -> Deferred[None]: ...
 
     @abstractmethod
+    def read_blob(self, table: str, column: str, key_column: str, key: str) -> Deferred[bytes]: ...
+
+    @abstractmethod
     def write_blob(
         self, table: str, column: str, key_column: str, key: str, head: bytes, body: SpooledBody
     ) -> Deferred[None]: ...

@@ -23,6 +23,8 @@ QUEUE_CHANNEL = "smartrelay_queue"
 FEEDBACK_CHANNEL = "smartrelay_feedback"
 IDEMPOTENCY_WINDOW = 24 * 3600.0
 _ROWS_PER_STATEMENT = 500  # at most 3,001 parameters a statement, under SQLite's 32,766
+#: A message bigger than this is loaded with ICursor.read_blob rather than in the SELECT.
+BIG_MESSAGE = 1 << 20
 
 SUPPRESSION_REASONS = ("hard_bounce", "soft_bounce", "complaint", "unsubscribe", "manual")
 
@@ -393,23 +395,29 @@ class Store:
 
         async def txn(cursor: ICursor) -> dict[str, StoredMessage]:
             marks = ", ".join("?" for _ in wanted)
+            # Big messages are read on their own, piece by piece (ICursor.read_blob).
             await cursor.execute(
-                "SELECT queue_id, received_at, sender, tags, metadata, options, raw"
-                f" FROM messages WHERE queue_id IN ({marks})",
-                wanted,
+                "SELECT queue_id, received_at, sender, tags, metadata, options,"
+                f" CASE WHEN size <= ? THEN raw END FROM messages WHERE queue_id IN ({marks})",
+                [BIG_MESSAGE, *wanted],
             )
-            return {
-                str(r[0]): StoredMessage(
-                    queue_id=str(r[0]),
+            rows = cursor.fetchall()
+            loaded = {}
+            for r in rows:
+                queue_id = str(r[0])
+                raw = r[6]
+                if raw is None:
+                    raw = await cursor.read_blob("messages", "raw", "queue_id", queue_id)
+                loaded[queue_id] = StoredMessage(
+                    queue_id=queue_id,
                     received_at=int(r[1]) / 1000,
                     sender=str(r[2]),
                     tags=tuple(json.loads(r[3])),
                     metadata=json.loads(r[4]),
                     options=json.loads(r[5]),
-                    raw=bytes(r[6]),
+                    raw=bytes(raw),
                 )
-                for r in cursor.fetchall()
-            }
+            return loaded
 
         return await self.engine.run_interaction("load_messages", txn, readonly=True)
 

@@ -197,6 +197,22 @@ class SqliteCursor(NotifyingCursor):
             self.pending_notifications.append(channel)
         return succeed(None)
 
+    def read_blob(self, table: str, column: str, key_column: str, key: str) -> Deferred[bytes]:
+        try:
+            table, column, key_column = check_identifiers(table, column, key_column)
+            rows = _retrying(
+                self._db.execute, f"SELECT rowid FROM {table} WHERE {key_column} = ?", (key,)
+            ).fetchall()
+            if len(rows) != 1:
+                raise RuntimeError(f"read_blob: no single {table} row for {key!r}")
+            # Incremental blob I/O: read straight into the bytes returned (SELECT would
+            # assemble the value in SQLite's memory first, then copy it).
+            with self._db.blobopen(table, column, int(rows[0][0]), readonly=True) as blob:
+                data = blob.read()
+        except Exception:
+            return fail()
+        return succeed(data)
+
     def write_blob(
         self, table: str, column: str, key_column: str, key: str, head: bytes, body: SpooledBody
     ) -> Deferred[None]:
