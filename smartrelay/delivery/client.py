@@ -394,6 +394,9 @@ class SmtpConnection:
         transport = self._reader.transport
         if transport is None or self._reader.lost:
             raise SmtpClientError("connection lost before the message")
+        if len(message) <= DATA_PIECE:
+            transport.write(dot_stuff(message))  # one piece: no producer needed
+            return
         pieces = dot_stuffed_pieces(message)
         writer = _DataWriter(transport, pieces, self._clock, DATA_BLOCK_TIMEOUT)
         await writer.start()
