@@ -109,8 +109,10 @@ class SubmissionBackend:
             queue_id=queue_id,
             spooled=spooled,
         )
-        size = new.size if spooled is not None else 0
-        queued = await _handed_over(self.spool, size, store.queue_message(new))
+        if spooled is None:
+            queued = await store.queue_message(new)  # the fast path: no budget to take
+        else:
+            queued = await _handed_over(self.spool, new.size, store.queue_message(new))
         log.info(
             "{queue_id}: accepted from={sender} rcpts={count} size={size} ip={ip}{dup}",
             queue_id=queued.queue_id,
