@@ -45,6 +45,7 @@ from smartrelay.smtp.backends import InboundBackend, SubmissionBackend
 from smartrelay.smtp.listener import ListenError, ListeningService, SmtpFactory, listener_service
 from smartrelay.smtp.session import ListenerSettings
 from smartrelay.smtp.tls import TlsError, ensure_certificate, server_context_factory
+from smartrelay.spool import Spool
 from smartrelay.storage.engines.sqlite import create_data_dir_for
 from smartrelay.storage.service import StorageService
 from smartrelay.threads import WorkerThreads
@@ -169,6 +170,11 @@ class RelayService(MultiService):
             )
         tls = server_context_factory(material)
         smtp = config.smtp
+        # Bodies past SPOOL_THRESHOLD are received into files (docs/smtp.md).
+        spool = Spool(os.path.join(config.server.data_dir, "spool"))
+        removed = spool.prepare()
+        if removed:
+            log.info("removed {n} spool file(s) left by an earlier run", n=removed)
         submission = ListenerSettings(
             hostname=config.server.hostname,
             max_message_size=smtp.max_message_size,
@@ -187,7 +193,7 @@ class RelayService(MultiService):
         )
         self.submission = SmtpFactory(
             submission,
-            SubmissionBackend(reactor, config.server.hostname, self.storage.when_ready),
+            SubmissionBackend(reactor, config.server.hostname, self.storage.when_ready, spool),
             reactor,
             tls,
             name="smtp",
@@ -204,7 +210,9 @@ class RelayService(MultiService):
         )
         self.inbound = SmtpFactory(
             inbound,
-            InboundBackend(reactor, config.inbound.return_path_domain, self.storage.when_ready),
+            InboundBackend(
+                reactor, config.inbound.return_path_domain, self.storage.when_ready, spool
+            ),
             reactor,
             tls,
             name="inbound",

@@ -10,23 +10,27 @@ from __future__ import annotations
 import base64
 import contextlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from attrs import frozen
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITransport
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from smartrelay.delivery.routing import NextHop
 from smartrelay.reactor import IRelayReactor
 
 COMMAND_TIMEOUT = 300.0  # RFC 5321 4.5.3.2: 5 minutes for MAIL, RCPT; we use it for all
 DATA_END_TIMEOUT = 600.0  # 10 minutes for the reply to the final dot
+DATA_BLOCK_TIMEOUT = 180.0  # RFC 5321 4.5.3.2.5: 3 minutes for the server to take more data
+#: DATA goes out in pieces of about this size, each as the connection takes it.
+DATA_PIECE = 64 * 1024
 
 
 class SmtpClientError(Exception):
@@ -133,12 +137,108 @@ class _ReplyReader(LineOnlyReceiver):
 
 def dot_stuff(message: bytes) -> bytes:
     """The message as DATA content: dots doubled at line starts, ending in CRLF, then the dot."""
-    if message.startswith(b"."):
-        message = b"." + message
-    message = message.replace(b"\r\n.", b"\r\n..")
-    if not message.endswith(b"\r\n"):
-        message += b"\r\n"
-    return message + b".\r\n"
+    return b"".join(dot_stuffed_pieces(message))
+
+
+def dot_stuffed_pieces(message: bytes, piece: int = DATA_PIECE) -> Iterator[bytes]:
+    """:func:`dot_stuff` of ``message`` in pieces of about ``piece`` bytes, so that a big
+    message is never copied whole. A piece ends after a CRLF when there is one in reach, and
+    never between a CR and its LF, so each piece is stuffed on its own."""
+    view = memoryview(message)
+    start, end_all = 0, len(message)
+    line_start = True  # the next piece begins a line
+    while start < end_all:
+        end = min(start + piece, end_all)
+        if end < end_all:
+            cut = message.rfind(b"\r\n", start, end)
+            if cut >= 0:
+                end = cut + 2
+            while end < end_all and message[end - 1] == 0x0D:
+                end += 1  # keep a CR with what follows it
+        chunk = bytes(view[start:end])
+        if line_start and chunk.startswith(b"."):
+            chunk = b"." + chunk
+        yield chunk.replace(b"\r\n.", b"\r\n..")
+        line_start = chunk.endswith(b"\r\n")
+        start = end
+    yield b".\r\n" if message.endswith(b"\r\n") else b"\r\n.\r\n"
+
+
+@implementer(IPushProducer)
+class _DataWriter:
+    """Writes DATA content to a transport piece by piece, pausing while the transport's
+    buffer is full (backpressure), so a big message never sits in memory twice.
+
+    ``done`` fires when everything was handed to the transport; it fails if the connection
+    goes away first, or if the server takes nothing for ``block_timeout`` seconds (then the
+    connection is aborted).
+    """
+
+    def __init__(
+        self,
+        transport: ITransport,
+        pieces: Iterator[bytes],
+        clock: IReactorTime,
+        block_timeout: float,
+    ) -> None:
+        self._transport = transport
+        self._pieces = pieces
+        self._clock = clock
+        self._block_timeout = block_timeout
+        self._paused = False
+        self._stopped = False
+        self._timer: IDelayedCall | None = None
+        self.done: Deferred[None] = Deferred()
+
+    def start(self) -> Deferred[None]:
+        self._transport.registerProducer(self, True)  # type: ignore[attr-defined]
+        self._write_more()
+        return self.done
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self._arm_timer()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._write_more()
+
+    def stopProducing(self) -> None:
+        self._finish(SmtpClientError("connection lost while sending the message"))
+
+    def _write_more(self) -> None:
+        while not self._paused and not self._stopped:
+            piece = next(self._pieces, None)
+            if piece is None:
+                self._finish(None)
+                return
+            self._transport.write(piece)
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if not self._stopped:
+            self._timer = self._clock.callLater(self._block_timeout, self._stalled)
+
+    def _stalled(self) -> None:
+        self._timer = None
+        if self._paused and not self._stopped:
+            self._finish(SmtpClientError("the server took no data for too long"))
+            self._transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _finish(self, error: Exception | None) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        with contextlib.suppress(Exception):
+            self._transport.unregisterProducer()  # type: ignore[attr-defined]
+        if error is None:
+            self.done.callback(None)
+        else:
+            self.done.errback(error)
 
 
 class SmtpConnection:
@@ -298,12 +398,26 @@ class SmtpConnection:
                     results[r] = RecipientResult(r, data_reply)
             await self._reset()
             return [results[r] for r in recipients]
-        self._reader.send(dot_stuff(message))
-        final = await self._reply(DATA_END_TIMEOUT)
+        final_reply = self._reader.expect()  # waiting before we write: it may come early
+        with contextlib.suppress(SmtpClientError):
+            # If the connection goes, the final reply's waiter fails and says so.
+            await self._send_data(message)
+        final = await final_reply.addTimeout(DATA_END_TIMEOUT, self._clock)
         self.messages_sent += 1
         for r in accepted:
             results[r] = RecipientResult(r, final)
         return [results[r] for r in recipients]
+
+    async def _send_data(self, message: bytes) -> None:
+        transport = self._reader.transport
+        if transport is None or self._reader.lost:
+            raise SmtpClientError("connection lost before the message")
+        if len(message) <= DATA_PIECE:
+            transport.write(dot_stuff(message))  # one piece: no producer needed
+            return
+        pieces = dot_stuffed_pieces(message)
+        writer = _DataWriter(transport, pieces, self._clock, DATA_BLOCK_TIMEOUT)
+        await writer.start()
 
     async def _reset(self) -> None:
         if self.usable:

@@ -59,6 +59,9 @@ log = Logger()
 
 CLAIM_BATCH = 500
 MAX_IN_MEMORY = 5000  # recipients held in destination queues at most
+#: Bytes of messages held in destination queues and being delivered, at most (one job is
+#: always admitted, so a message bigger than this still goes, alone).
+MAX_IN_MEMORY_BYTES = 32 * 1024 * 1024
 LEASE = 15 * 60.0  # a claimed recipient not finished in this time is claimed again elsewhere
 POLL_INTERVAL = 5.0  # safety net beside NOTIFY, and how soon a deferred recipient is seen
 BACKOFF_ON_421 = 60.0
@@ -74,6 +77,16 @@ class Job:
     message: StoredMessage
     domain: str
     recipients: tuple[ClaimedRecipient, ...]
+
+
+@frozen
+class ClaimedJob:
+    """A job whose message is not loaded yet: it waits for room in the byte window."""
+
+    queue_id: str
+    domain: str
+    recipients: tuple[ClaimedRecipient, ...]
+    size: int
 
 
 class Destination:
@@ -143,7 +156,13 @@ class DeliveryManager(Service):
         self._rng = rng or random.Random()
         self._destinations: dict[str, Destination] = {}
         self._in_memory = 0
-        #: Claiming stopped with due work maybe left, because MAX_IN_MEMORY was reached.
+        #: Bytes of the messages of the jobs admitted (queued or being delivered).
+        self._in_memory_bytes = 0
+        #: Claimed jobs waiting for room in the byte window, in claim order.
+        self._claimed_jobs: deque[ClaimedJob] = deque()
+        self._admitting = False
+        self._admit_again = False
+        #: Claiming stopped with due work maybe left, because a window was full.
         self._held_back = False
         self._pumping = False
         self._pump_again = False
@@ -244,7 +263,7 @@ class DeliveryManager(Service):
             while self.running:
                 self._pump_again = False
                 room = MAX_IN_MEMORY - self._in_memory
-                if room <= 0:
+                if room <= 0 or self._bytes_full():
                     self._held_back = True  # _finish wakes us when there is room again
                     break
                 self._last_claim = self._reactor.seconds()
@@ -275,16 +294,67 @@ class DeliveryManager(Service):
     def _schedule_poll(self) -> None:
         self._wake_at(self._reactor.seconds() + POLL_INTERVAL)
 
+    def _bytes_full(self) -> bool:
+        """No room for more messages: claim nothing until some are delivered."""
+        return bool(self._claimed_jobs) or self._in_memory_bytes >= MAX_IN_MEMORY_BYTES
+
     async def _enqueue(self, claimed: Sequence[ClaimedRecipient]) -> None:
+        """Group claimed recipients into jobs; load and queue those the byte window admits
+        (the others wait, claimed, for :meth:`_release` to make room)."""
         assert self._store is not None
-        messages = await self._store.load_messages(c.queue_id for c in claimed)
+        sizes = await self._store.message_sizes(c.queue_id for c in claimed)
         groups: dict[tuple[str, str], list[ClaimedRecipient]] = {}
         for recipient in claimed:
             groups.setdefault((recipient.queue_id, recipient.domain), []).append(recipient)
         self._in_memory += len(claimed)
-        touched: list[Destination] = []
         for (queue_id, domain), recipients in groups.items():
-            job = Job(messages[queue_id], domain, tuple(recipients))
+            size = sizes.get(queue_id, 0)
+            self._claimed_jobs.append(ClaimedJob(queue_id, domain, tuple(recipients), size))
+        await self._admit()
+
+    def _release(self, job: Job) -> None:
+        """``job`` is finished: its recipients and bytes leave the windows."""
+        self._in_memory -= len(job.recipients)
+        self._in_memory_bytes -= len(job.message.raw)
+        if self._claimed_jobs:
+            Deferred.fromCoroutine(self._admit()).addErrback(
+                lambda f: log.failure("loading claimed messages failed", f)
+            )
+
+    async def _admit(self) -> None:
+        """Load and queue the claimed jobs that fit in the byte window, in order; the first
+        always fits when nothing else is in memory."""
+        if self._admitting:
+            self._admit_again = True
+            return
+        self._admitting = True
+        try:
+            while True:
+                self._admit_again = False
+                batch: list[ClaimedJob] = []
+                while self._claimed_jobs and (
+                    self._in_memory_bytes == 0
+                    or self._in_memory_bytes + self._claimed_jobs[0].size <= MAX_IN_MEMORY_BYTES
+                ):
+                    job = self._claimed_jobs.popleft()
+                    self._in_memory_bytes += job.size
+                    batch.append(job)
+                if batch:
+                    await self._load_and_queue(batch)
+                if not self._admit_again:
+                    break
+        finally:
+            self._admitting = False
+
+    async def _load_and_queue(self, claimed: Sequence[ClaimedJob]) -> None:
+        assert self._store is not None
+        messages = await self._store.load_messages(c.queue_id for c in claimed)
+        touched: list[Destination] = []
+        for claimed_job in claimed:
+            queue_id, domain = claimed_job.queue_id, claimed_job.domain
+            job = Job(messages[queue_id], domain, claimed_job.recipients)
+            # The window counts what was loaded (the size column is the same, normally).
+            self._in_memory_bytes += len(job.message.raw) - claimed_job.size
             route = self.router.route_for(domain)
             key = self.router.destination_key(route)
             destination = self._destinations.get(key)
@@ -551,8 +621,8 @@ class DeliveryManager(Service):
             # runs out; the job's place in memory is given back all the same.
             log.failure("{queue_id}: recording outcomes failed", queue_id=job.message.queue_id)
         finally:
-            self._in_memory -= len(job.recipients)
-        if self._held_back and self._in_memory < MAX_IN_MEMORY // 2:
+            self._release(job)
+        if self._held_back and self._in_memory < MAX_IN_MEMORY // 2 and not self._bytes_full():
             self._held_back = False
             self.wake()
 

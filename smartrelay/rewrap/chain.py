@@ -42,6 +42,10 @@ InThread = Callable[[Callable[[], bytes]], Deferred[bytes]]
 TRACE_FIELDS = (b"received", b"return-path")
 TEMPLATE_CACHE = 64  # HTML parts kept tokenized (a few messages' worth)
 PLAN_CACHE = 16  # messages kept cut into parts (the chain runs one message at a time)
+#: A message (or HTML part) bigger than this is not kept in those caches, which count
+#: entries, not bytes: only the latest big one is, in a slot of its own, so its recipients
+#: share its plan while memory holds one big message's worth at most.
+CACHE_ENTRY_LIMIT = 1 << 20
 
 
 @frozen
@@ -211,11 +215,16 @@ class TrackingStep:
         self._settings = settings
         self._templates: OrderedDict[tuple[str, bool, bool], HtmlTemplate | None] = OrderedDict()
         self._plans: OrderedDict[bytes, MimePlan | None] = OrderedDict()
+        self._big_template: tuple[tuple[str, bool, bool], HtmlTemplate | None] | None = None
+        self._big_plan: tuple[bytes, MimePlan | None] | None = None
         # Tracking URLs are written into attributes as they are: only plain ones may be.
         self._templating = not _UNSAFE_IN_ATTRIBUTE.search(settings.base_url)
 
     def _template(self, html: str, opens: bool, clicks: bool) -> HtmlTemplate | None:
         key = (html, opens, clicks)
+        big = len(html) > CACHE_ENTRY_LIMIT
+        if big and self._big_template is not None and self._big_template[0] == key:
+            return self._big_template[1]
         if key in self._templates:
             self._templates.move_to_end(key)
             return self._templates[key]
@@ -235,23 +244,35 @@ class TrackingStep:
             slots = len(_SLOT.findall(result.html))
             if slots == len(links) + (1 if opens else 0):  # every slot came out intact
                 template = HtmlTemplate.from_marked(result.html, tuple(links))
+        if big:
+            self._big_template = (key, template)
+            return template
         self._templates[key] = template
         while len(self._templates) > TEMPLATE_CACHE:
             self._templates.popitem(last=False)
         return template
 
+    def forget_big(self, message: StoredMessage) -> None:
+        """``message``'s copies are made: let go of its plan if it is the big one kept."""
+        if self._big_plan is not None and self._big_plan[0] is message.raw:
+            self._big_plan = None
+            self._big_template = None
+
     def _plan(self, message: StoredMessage) -> MimePlan | None:
         """The message's MIME cut into HTML parts and the bytes between, once per message;
         None when the MIME reader cuts the header section elsewhere than the chain does (a
-        lone LF before the empty line): its body would not fit the copy's header fields."""
+        lone LF before the empty line): its body would not fit the copy's header fields.
+        A big message's plan is kept alone, until its copies are made (forget_big)."""
         raw = message.raw  # the key: bytes keep their hash, and compare by identity first
+        if len(raw) > CACHE_ENTRY_LIMIT:
+            if self._big_plan is None or self._big_plan[0] is not raw:
+                self._big_plan = None  # the old one goes before the new one is made
+                self._big_plan = (raw, _checked_plan(raw))
+            return self._big_plan[1]
         if raw in self._plans:
             self._plans.move_to_end(raw)
             return self._plans[raw]
-        plan: MimePlan | None = plan_html_parts(raw)
-        if plan is not None and plan.head != raw[: header_block_end(raw)]:
-            plan = None
-        self._plans[raw] = plan
+        plan = self._plans[raw] = _checked_plan(raw)
         while len(self._plans) > PLAN_CACHE:
             self._plans.popitem(last=False)
         return plan
@@ -314,6 +335,8 @@ class DkimStep:
         self._in_thread = in_thread
 
     def apply(self, copy: OutgoingCopy) -> Deferred[OutgoingCopy]:
+        if not self._signer.keys:
+            return succeed(copy)  # nothing to sign with: no copy of the whole message
         if self._in_thread is None:
             return succeed(self._add(copy, self._signer.signature_fields(copy.data)))
         signing = self._signer.signature_fields_off_thread(
@@ -348,11 +371,12 @@ class RewrapChain:
     ) -> None:
         self.settings = settings
         self._store = store
+        self._tracking = TrackingStep(codec, settings)
         self.steps: tuple[IRewrapStep, ...] = (
             VerpStep(codec, settings.return_path_domain),
             IdentityStep(settings.hostname),
             ListUnsubscribeStep(codec, settings),
-            TrackingStep(codec, settings),
+            self._tracking,
             ControlHeaderRemovalStep(),
             DkimStep(signer, in_thread),
         )
@@ -403,6 +427,7 @@ class RewrapChain:
                     failed.append((recipient, reason))
                     continue
             copies.append(copy)
+        self._tracking.forget_big(message)
         return RewrapResult(tuple(copies), suppressed, tuple(failed))
 
     @staticmethod
@@ -417,6 +442,15 @@ class RewrapChain:
         for step in steps:
             copy = await step.apply(copy)
         return copy
+
+
+def _checked_plan(raw: bytes) -> MimePlan | None:
+    """:func:`plan_html_parts`, or None when it cuts the header section elsewhere than the
+    chain does."""
+    plan: MimePlan | None = plan_html_parts(raw)
+    if plan is not None and plan.head != raw[: header_block_end(raw)]:
+        return None
+    return plan
 
 
 def _reason(error: BaseException) -> str:

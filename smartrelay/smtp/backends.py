@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import datetime
 import email.utils
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -24,9 +25,11 @@ from smartrelay.smtp.session import (
     printable,
     received_header,
 )
+from smartrelay.spool import Spool, SpooledBody
 from smartrelay.storage.store import NewFeedback, NewMessage, Store
 
 log = Logger()
+T = TypeVar("T")
 
 StoreReady = Callable[[], Deferred[Store]]
 
@@ -45,10 +48,18 @@ class SubmissionBackend:
 
     offers_auth = True
 
-    def __init__(self, reactor: IRelayReactor, hostname: str, store_ready: StoreReady) -> None:
+    def __init__(
+        self,
+        reactor: IRelayReactor,
+        hostname: str,
+        store_ready: StoreReady,
+        spool: Spool | None = None,
+    ) -> None:
         self._reactor = reactor
         self._hostname = hostname
         self._store_ready = store_ready
+        #: Big bodies arrive in files here (None: every body in memory).
+        self.spool = spool
 
     def check_recipient(self, session: Session, address: str) -> Reply | None:
         return None
@@ -69,12 +80,20 @@ class SubmissionBackend:
         )
         return valid and stored is not None
 
-    def deliver(self, session: Session, envelope: Envelope, message: bytes) -> Deferred[Reply]:
+    def deliver(
+        self, session: Session, envelope: Envelope, message: bytes | SpooledBody
+    ) -> Deferred[Reply]:
         return Deferred.fromCoroutine(self._deliver(session, envelope, message))
 
-    async def _deliver(self, session: Session, envelope: Envelope, message: bytes) -> Reply:
+    async def _deliver(
+        self, session: Session, envelope: Envelope, message: bytes | SpooledBody
+    ) -> Reply:
+        spooled = message if isinstance(message, SpooledBody) else None
         try:
-            control = parse_control_headers(header_block(message))
+            if isinstance(message, SpooledBody):
+                control = parse_control_headers(message.header_block())
+            else:
+                control = parse_control_headers(header_block(message))
         except ControlHeaderError as error:
             # The error may quote what the client sent: escaped for the log and the reply.
             shown = printable(str(error))
@@ -86,26 +105,29 @@ class SubmissionBackend:
         trace = received_header(
             session, self._hostname, queue_id, envelope.recipients, rfc5322_date(now)
         )
-        queued = await store.queue_message(
-            NewMessage(
-                sender=envelope.sender,
-                recipients=tuple(envelope.recipients),
-                raw=trace + message,
-                client_ip=session.client_ip,
-                credential=session.credential,
-                tags=control.tags,
-                metadata=dict(control.metadata),
-                options=control.options(),
-                idempotency_key=control.idempotency_key,
-                queue_id=queue_id,
-            )
+        new = NewMessage(
+            sender=envelope.sender,
+            recipients=tuple(envelope.recipients),
+            raw=trace if isinstance(message, SpooledBody) else trace + message,
+            client_ip=session.client_ip,
+            credential=session.credential,
+            tags=control.tags,
+            metadata=dict(control.metadata),
+            options=control.options(),
+            idempotency_key=control.idempotency_key,
+            queue_id=queue_id,
+            spooled=spooled,
         )
+        if spooled is None:
+            queued = await store.queue_message(new)  # the fast path: no budget to take
+        else:
+            queued = await _handed_over(self.spool, new.size, store.queue_message(new))
         log.info(
             "{queue_id}: accepted from={sender} rcpts={count} size={size} ip={ip}{dup}",
             queue_id=queued.queue_id,
             sender=envelope.sender,
             count=len(envelope.recipients),
-            size=len(message),
+            size=new.size - len(trace),
             ip=session.client_ip,
             dup=" (duplicate idempotency key: dropped)" if queued.duplicate else "",
         )
@@ -119,11 +141,16 @@ class InboundBackend:
     offers_auth = False
 
     def __init__(
-        self, reactor: IRelayReactor, return_path_domain: str, store_ready: StoreReady
+        self,
+        reactor: IRelayReactor,
+        return_path_domain: str,
+        store_ready: StoreReady,
+        spool: Spool | None = None,
     ) -> None:
         self._reactor = reactor
         self._domain = return_path_domain.lower()
         self._store_ready = store_ready
+        self.spool = spool
 
     def check_recipient(self, session: Session, address: str) -> Reply | None:
         if address_domain(address) != self._domain:
@@ -134,19 +161,25 @@ class InboundBackend:
     def check_credentials(self, name: str, password: str) -> Deferred[bool]:
         return succeed(False)
 
-    def deliver(self, session: Session, envelope: Envelope, message: bytes) -> Deferred[Reply]:
+    def deliver(
+        self, session: Session, envelope: Envelope, message: bytes | SpooledBody
+    ) -> Deferred[Reply]:
         return Deferred.fromCoroutine(self._deliver(session, envelope, message))
 
-    async def _deliver(self, session: Session, envelope: Envelope, message: bytes) -> Reply:
+    async def _deliver(
+        self, session: Session, envelope: Envelope, message: bytes | SpooledBody
+    ) -> Reply:
         store = await self._store_ready()
-        report_id = await store.store_feedback(
-            NewFeedback(
-                sender=envelope.sender,
-                recipients=tuple(envelope.recipients),
-                raw=message,
-                client_ip=session.client_ip,
-            )
+        spooled = message if isinstance(message, SpooledBody) else None
+        report = NewFeedback(
+            sender=envelope.sender,
+            recipients=tuple(envelope.recipients),
+            raw=b"" if isinstance(message, SpooledBody) else message,
+            client_ip=session.client_ip,
+            spooled=spooled,
         )
+        size = spooled.size if spooled is not None else 0
+        report_id = await _handed_over(self.spool, size, store.store_feedback(report))
         log.info(
             "{report_id}: feedback received from={sender} rcpts={rcpts} ip={ip}",
             report_id=report_id,
@@ -155,3 +188,15 @@ class InboundBackend:
             ip=session.client_ip,
         )
         return Reply(250, "2.0.0", f"Ok: queued as {report_id}")
+
+
+async def _handed_over(spool: Spool | None, size: int, storing: Awaitable[T]) -> T:
+    """``storing`` (of a body of ``size`` bytes in a spool file, 0 for one in memory) run
+    within the spool's byte budget: big bodies are handed to storage a few at a time."""
+    if spool is None or size == 0:
+        return await storing
+    await spool.budget.acquire(size)
+    try:
+        return await storing
+    finally:
+        spool.budget.release(size)

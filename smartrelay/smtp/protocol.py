@@ -41,6 +41,7 @@ from smartrelay.smtp.session import (
     has_control,
     printable,
 )
+from smartrelay.spool import BodyWriter, Spool, SpooledBody
 
 log = Logger()
 
@@ -136,7 +137,9 @@ class SmtpServerProtocol(Protocol):
         self._discarding_line = False  # inside a command line that was too long
         self._bad_commands = 0
         # DATA state
-        self._chunks: list[bytes] = []
+        #: Where big bodies go (a backend without a spool gets every body as bytes).
+        self._spool: Spool | None = getattr(backend, "spool", None)
+        self._body: BodyWriter | None = None
         self._size = 0
         self._oversize = False
         self._has_nul = False
@@ -185,7 +188,7 @@ class SmtpServerProtocol(Protocol):
             self._abort_timer.cancel()
         self._abort_timer = None
         self._buffer.clear()
-        self._chunks = []
+        self._drop_body()
         self._on_close(self)
 
     def send(self, reply: Reply) -> None:
@@ -197,6 +200,7 @@ class SmtpServerProtocol(Protocol):
         self._closing = True
         self._cancel_timer()
         self._cancel_data_deadline()
+        self._drop_body()
         if self.transport is not None and not self._lost:
             self.transport.loseConnection()
             if self._abort_timer is None and not self._lost:
@@ -260,7 +264,7 @@ class SmtpServerProtocol(Protocol):
             seconds=self.settings.data_timeout,
             size=self._size,
         )
-        self._chunks = []
+        self._drop_body()
         self.session.reset_transaction()
         self.send_and_close(R.DATA_TIMEOUT)
 
@@ -653,7 +657,7 @@ class SmtpServerProtocol(Protocol):
             self.send(R.NO_VALID_RECIPIENTS)
             return
         self._mode = DATA
-        self._chunks = []
+        self._body = self._new_body()
         self._size = 0
         self._oversize = self._has_nul = self._has_bare_cr = False
         self._line_start = self._after_crlf = True
@@ -712,23 +716,35 @@ class SmtpServerProtocol(Protocol):
             return
         if self._size > self.settings.max_message_size:
             self._oversize = True
-            self._chunks = []
+            self._drop_body()
             return
         if b"\0" in data:
             self._has_nul = True
         if data.count(b"\r") != data.count(b"\r\n"):
             self._has_bare_cr = True
-        self._chunks.append(data)
+        if self._body is not None:
+            self._body.write(data)
+
+    def _new_body(self) -> BodyWriter:
+        if self._spool is None:
+            return BodyWriter(None)
+        return self._spool.writer()
+
+    def _drop_body(self) -> None:
+        """Forget the body being received (and remove its spool file, if any)."""
+        body, self._body = self._body, None
+        if body is not None:
+            body.discard()
 
     def _end_of_data(self) -> None:
         self._mode = COMMAND
         self._cancel_data_deadline()
         self._restart_timer(self.settings.idle_timeout)
         envelope = self.session.envelope
-        chunks, self._chunks = self._chunks, []
+        writer, self._body = self._body, None
         self.session.reset_transaction()
         assert envelope is not None
-        if self._oversize:
+        if self._oversize or writer is None:
             log.info(
                 "{ip}: message of {size} bytes refused: too big",
                 ip=self.session.client_ip,
@@ -736,13 +752,18 @@ class SmtpServerProtocol(Protocol):
             )
             self.send(R.MESSAGE_TOO_BIG)
             return
-        if self._has_nul:
-            self.send(R.NUL_IN_MESSAGE)
+        if self._has_nul or self._has_bare_cr or writer.error is not None:
+            writer.discard()
+            if writer.error is not None:
+                self.send(R.STORAGE_FAILED)
+            else:
+                self.send(R.NUL_IN_MESSAGE if self._has_nul else R.BARE_CR_IN_MESSAGE)
             return
-        if self._has_bare_cr:
-            self.send(R.BARE_CR_IN_MESSAGE)
-            return
-        d = self.backend.deliver(self.session, envelope, b"".join(chunks))
+        body = writer.finish()
+        d = self.backend.deliver(self.session, envelope, body)
+        if isinstance(body, SpooledBody):
+            # The backend is done with the file once its Deferred fires, whatever the outcome.
+            d.addBoth(_discarding, body)
         d.addErrback(self._deliver_failed)
         d.addCallback(self._delivered)
         self._wait(d)
@@ -754,3 +775,8 @@ class SmtpServerProtocol(Protocol):
     def _delivered(self, reply: Reply) -> None:
         if not self._closing:
             self.send(reply)
+
+
+def _discarding(result: Any, body: SpooledBody) -> Any:
+    body.discard()
+    return result

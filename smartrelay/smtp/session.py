@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
 from smartrelay.smtp.replies import Reply
+from smartrelay.spool import SpooledBody
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -115,8 +116,15 @@ class ISmtpBackend(Interface):
     def check_credentials(name: str, password: str) -> Deferred[bool]:
         """Whether the SMTP AUTH name and password are valid."""
 
-    def deliver(session: Session, envelope: Envelope, message: bytes) -> Deferred[Reply]:
-        """Store the message durably, then give the reply to the final dot (250 or an error)."""
+    def deliver(
+        session: Session, envelope: Envelope, message: bytes | SpooledBody
+    ) -> Deferred[Reply]:
+        """Store the message durably, then give the reply to the final dot (250 or an error).
+
+        A big message comes as a :class:`SpooledBody` (only to a backend with a ``spool``
+        attribute, a :class:`smartrelay.spool.Spool`): its file is there until the returned
+        Deferred fires, then the listener removes it.
+        """
 
 
 def address_domain(address: str) -> str:

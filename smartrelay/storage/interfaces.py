@@ -7,13 +7,17 @@ Deferred (txpostgres natively; SQLite through a dedicated thread per connection)
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
+from smartrelay.spool import SpooledBody
+
 T = TypeVar("T")
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
 Row = tuple[Any, ...]
 Transaction = Callable[["ICursor"], Awaitable[T]]
 
@@ -37,6 +41,16 @@ class ICursor(Interface):
 
     def notify(channel: str) -> Deferred[None]:
         """Wake the listeners of ``channel`` once (and only if) this transaction commits."""
+
+    def read_blob(table: str, column: str, key_column: str, key: str) -> Deferred[bytes]:
+        """``column`` of the row whose ``key_column`` is ``key``, read in pieces where the
+        engine allows (a big value is then in memory once, not several times over)."""
+
+    def write_blob(
+        table: str, column: str, key_column: str, key: str, head: bytes, body: SpooledBody
+    ) -> Deferred[None]:
+        """Set ``column`` of the row whose ``key_column`` is ``key`` to ``head`` followed by
+        the file's content, without a whole copy in memory where the engine allows."""
 
 
 class IDatabaseEngine(Interface):
@@ -66,3 +80,12 @@ class IDatabaseEngine(Interface):
 
     def version() -> str:
         """The database server or library version, for the start-up line."""
+
+
+def check_identifiers(*names: str) -> tuple[str, ...]:
+    """``names`` unchanged if each is a plain lower-case SQL identifier (they are put in SQL
+    text), else ValueError."""
+    for name in names:
+        if not _IDENTIFIER.match(name):
+            raise ValueError(f"bad SQL identifier {name!r}")
+    return names

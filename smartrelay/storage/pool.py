@@ -10,6 +10,7 @@ from twisted.internet.defer import Deferred, DeferredQueue, gatherResults
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from smartrelay.spool import SpooledBody
 from smartrelay.storage.interfaces import ICursor, Row, Transaction
 
 T = TypeVar("T")
@@ -125,6 +126,14 @@ class NotifyingCursor(ABC):
 
     @abstractmethod
     def notify(self, channel: str) -> Deferred[None]: ...
+
+    @abstractmethod
+    def read_blob(self, table: str, column: str, key_column: str, key: str) -> Deferred[bytes]: ...
+
+    @abstractmethod
+    def write_blob(
+        self, table: str, column: str, key_column: str, key: str, head: bytes, body: SpooledBody
+    ) -> Deferred[None]: ...
 
 
 __all__ = ["ICursor", "NotifyingCursor", "PooledEngine"]

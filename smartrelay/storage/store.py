@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from smartrelay.config import SuppressionConfig
 from smartrelay.ids import new_queue_id
+from smartrelay.spool import SpooledBody
 from smartrelay.storage.batching import GroupCommitter
 from smartrelay.storage.interfaces import ICursor, IDatabaseEngine
 
@@ -22,6 +23,8 @@ QUEUE_CHANNEL = "smartrelay_queue"
 FEEDBACK_CHANNEL = "smartrelay_feedback"
 IDEMPOTENCY_WINDOW = 24 * 3600.0
 _ROWS_PER_STATEMENT = 500  # at most 3,001 parameters a statement, under SQLite's 32,766
+#: A message bigger than this is loaded with ICursor.read_blob rather than in the SELECT.
+BIG_MESSAGE = 1 << 20
 
 SUPPRESSION_REASONS = ("hard_bounce", "soft_bounce", "complaint", "unsubscribe", "manual")
 
@@ -53,6 +56,12 @@ class NewMessage:
     idempotency_key: str | None = None
     #: Chosen by the caller when the id must appear in the message (its Received header).
     queue_id: str | None = None
+    #: The rest of the message, after ``raw``, when it was too big to keep in memory.
+    spooled: SpooledBody | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.raw) + (0 if self.spooled is None else self.spooled.size)
 
 
 @frozen
@@ -65,6 +74,8 @@ class NewFeedback:
     raw: bytes
     client_ip: str | None = None
     report_id: str | None = None
+    #: The message, when it was too big to keep in memory (``raw`` is then empty).
+    spooled: SpooledBody | None = None
 
 
 @frozen
@@ -229,18 +240,23 @@ class Store:
                         queue_id,
                         now_ms,
                         m.sender,
-                        len(m.raw),
+                        m.size,
                         m.client_ip,
                         m.credential,
                         json.dumps(list(m.tags)),
                         json.dumps(m.metadata, sort_keys=True),
                         json.dumps(m.options, sort_keys=True),
                         m.idempotency_key,
-                        m.raw,
+                        m.raw if m.spooled is None else b"",
                     )
                     for m, queue_id in new
                 ],
             )
+            for m, queue_id in new:
+                if m.spooled is not None:
+                    await cursor.write_blob(
+                        "messages", "raw", "queue_id", queue_id, m.raw, m.spooled
+                    )
             await cursor.executemany(
                 "INSERT INTO recipients (queue_id, address, domain, state, attempts,"
                 " next_attempt_at, updated_at) VALUES (?, ?, ?, 'queued', 0, ?, ?)",
@@ -294,9 +310,13 @@ class Store:
                     report.sender,
                     json.dumps(list(report.recipients)),
                     report.client_ip,
-                    report.raw,
+                    report.raw if report.spooled is None else b"",
                 ),
             )
+            if report.spooled is not None:
+                await cursor.write_blob(
+                    "feedback_reports", "raw", "report_id", report_id, report.raw, report.spooled
+                )
             await cursor.notify(FEEDBACK_CHANNEL)
             return report_id
 
@@ -348,6 +368,26 @@ class Store:
 
         return await self.engine.run_interaction("release_claims", txn)
 
+    async def message_sizes(self, queue_ids: Iterable[str]) -> dict[str, int]:
+        """The size in bytes of each message (what loading it will take), without loading it."""
+        wanted = sorted(set(queue_ids))
+        if not wanted:
+            return {}
+
+        async def txn(cursor: ICursor) -> dict[str, int]:
+            sizes: dict[str, int] = {}
+            for start in range(0, len(wanted), _ROWS_PER_STATEMENT):
+                chunk = wanted[start : start + _ROWS_PER_STATEMENT]
+                await cursor.execute(
+                    "SELECT queue_id, size FROM messages"
+                    f" WHERE queue_id IN ({', '.join('?' for _ in chunk)})",
+                    chunk,
+                )
+                sizes.update((str(r[0]), int(r[1])) for r in cursor.fetchall())
+            return sizes
+
+        return await self.engine.run_interaction("message_sizes", txn, readonly=True)
+
     async def load_messages(self, queue_ids: Iterable[str]) -> dict[str, StoredMessage]:
         wanted = sorted(set(queue_ids))
         if not wanted:
@@ -355,23 +395,29 @@ class Store:
 
         async def txn(cursor: ICursor) -> dict[str, StoredMessage]:
             marks = ", ".join("?" for _ in wanted)
+            # Big messages are read on their own, piece by piece (ICursor.read_blob).
             await cursor.execute(
-                "SELECT queue_id, received_at, sender, tags, metadata, options, raw"
-                f" FROM messages WHERE queue_id IN ({marks})",
-                wanted,
+                "SELECT queue_id, received_at, sender, tags, metadata, options,"
+                f" CASE WHEN size <= ? THEN raw END FROM messages WHERE queue_id IN ({marks})",
+                [BIG_MESSAGE, *wanted],
             )
-            return {
-                str(r[0]): StoredMessage(
-                    queue_id=str(r[0]),
+            rows = cursor.fetchall()
+            loaded = {}
+            for r in rows:
+                queue_id = str(r[0])
+                raw = r[6]
+                if raw is None:
+                    raw = await cursor.read_blob("messages", "raw", "queue_id", queue_id)
+                loaded[queue_id] = StoredMessage(
+                    queue_id=queue_id,
                     received_at=int(r[1]) / 1000,
                     sender=str(r[2]),
                     tags=tuple(json.loads(r[3])),
                     metadata=json.loads(r[4]),
                     options=json.loads(r[5]),
-                    raw=bytes(r[6]),
+                    raw=bytes(raw),
                 )
-                for r in cursor.fetchall()
-            }
+            return loaded
 
         return await self.engine.run_interaction("load_messages", txn, readonly=True)
 
@@ -828,7 +874,7 @@ def _received_data(message: NewMessage) -> str:
         {
             "client_ip": message.client_ip,
             "credential": message.credential,
-            "size": len(message.raw),
+            "size": message.size,
         },
         sort_keys=True,
     )

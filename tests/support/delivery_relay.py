@@ -28,6 +28,7 @@ from smartrelay.reactor import IRelayReactor
 from smartrelay.smtp.replies import Reply
 from smartrelay.smtp.session import Envelope, ISmtpBackend, Session
 from smartrelay.smtp.tls import ensure_certificate, server_context_factory
+from smartrelay.spool import SpooledBody
 from smartrelay.storage.interfaces import ICursor
 from smartrelay.storage.store import Store
 from tests.support.relay import (
@@ -163,7 +164,9 @@ class TrackingSinkBackend(SinkBackend):
     clock: IRelayReactor | None = None
     sessions: list[Session] = field(factory=list)
 
-    def deliver(self, session: Session, envelope: Envelope, message: bytes) -> Deferred[Reply]:
+    def deliver(
+        self, session: Session, envelope: Envelope, message: bytes | SpooledBody
+    ) -> Deferred[Reply]:
         if all(s is not session for s in self.sessions):
             self.sessions.append(session)
         answer = super().deliver(session, envelope, message)

@@ -19,6 +19,7 @@ from smartrelay.smtp.listener import SmtpFactory
 from smartrelay.smtp.protocol import SmtpServerProtocol
 from smartrelay.smtp.replies import Reply
 from smartrelay.smtp.session import Envelope, ISmtpBackend, ListenerSettings, Session
+from smartrelay.spool import SpooledBody
 
 
 @define
@@ -48,14 +49,16 @@ class SinkBackend:
     def check_credentials(self, name: str, password: str) -> Deferred[bool]:
         return succeed(self.credentials.get(name) == password)
 
-    def deliver(self, session: Session, envelope: Envelope, message: bytes) -> Deferred[Reply]:
+    def deliver(
+        self, session: Session, envelope: Envelope, message: bytes | SpooledBody
+    ) -> Deferred[Reply]:
         reply = self.data_script(len(self.messages))
         if reply.positive:
             self.messages.append(
                 ReceivedMessage(
                     envelope.sender,
                     list(envelope.recipients),
-                    message,
+                    message if isinstance(message, bytes) else message.read(),
                     session.tls,
                     self.connection_ids.setdefault(id(session), len(self.connection_ids)),
                 )

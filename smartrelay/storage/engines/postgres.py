@@ -7,6 +7,7 @@ listener when (and only if) it commits.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable, Sequence
 from functools import lru_cache
@@ -19,7 +20,14 @@ from txpostgres.txpostgres import Connection, Cursor
 from zope.interface import implementer
 
 from smartrelay.reactor import IRelayReactor
-from smartrelay.storage.interfaces import ICursor, IDatabaseEngine, Row, Transaction
+from smartrelay.spool import SpooledBody
+from smartrelay.storage.interfaces import (
+    ICursor,
+    IDatabaseEngine,
+    Row,
+    Transaction,
+    check_identifiers,
+)
 from smartrelay.storage.pool import NotifyingCursor, PooledEngine
 
 log = Logger()
@@ -29,6 +37,7 @@ _CHANNEL = re.compile(r"^[a-z_][a-z0-9_]*$")
 # "INSERT INTO t (a, b) VALUES (?, 'x', ?)" with nothing after the values group.
 _INSERT_VALUES = re.compile(r"^(\s*INSERT\s+INTO\s.*?\sVALUES\s*)(\([^()]*\))\s*$", re.I | re.S)
 _ROWS_PER_INSERT = 500
+BLOB_PIECE = 1 << 20  # bytes of a big value read or written per statement
 
 
 @lru_cache(maxsize=1024)
@@ -108,6 +117,62 @@ class PostgresCursor(NotifyingCursor):
         if not _CHANNEL.match(channel):
             raise ValueError(f"bad notification channel {channel!r}")
         return self.execute(f"NOTIFY {channel}")
+
+    def read_blob(self, table: str, column: str, key_column: str, key: str) -> Deferred[bytes]:
+        return Deferred.fromCoroutine(
+            self._read_blob(check_identifiers(table, column, key_column), key)
+        )
+
+    async def _read_blob(self, names: tuple[str, ...], key: str) -> bytes:
+        """In pieces of BLOB_PIECE bytes: a bytea comes back hex-encoded, so a whole big
+        value would be in memory as text, then as a buffer, then as bytes."""
+        table, column, key_column = names
+        await self.execute(f"SELECT length({column}) FROM {table} WHERE {key_column} = ?", (key,))
+        row = self.fetchone()
+        if row is None:
+            raise RuntimeError(f"read_blob: no {table} row for {key!r}")
+        data = bytearray(int(row[0]))
+        for start in range(0, len(data), BLOB_PIECE):
+            await self.execute(
+                f"SELECT substring({column} FROM ? FOR ?) FROM {table} WHERE {key_column} = ?",
+                (start + 1, BLOB_PIECE, key),
+            )
+            piece = self.fetchone()
+            assert piece is not None
+            data[start : start + BLOB_PIECE] = piece[0]
+        return bytes(data)
+
+    def write_blob(
+        self, table: str, column: str, key_column: str, key: str, head: bytes, body: SpooledBody
+    ) -> Deferred[None]:
+        return Deferred.fromCoroutine(
+            self._write_blob(check_identifiers(table, column, key_column), key, head, body)
+        )
+
+    async def _write_blob(
+        self, names: tuple[str, ...], key: str, head: bytes, body: SpooledBody
+    ) -> None:
+        """psycopg2 puts a parameter into the query text, hex-escaped: a 25 MB body would be
+        in memory four times or more. Instead the file goes, in pieces, into a temporary large
+        object (``lo_put`` appends without rewriting), which the server then copies into the
+        row (``lo_get``) and drops, all inside the transaction."""
+        table, column, key_column = names
+        await self.execute("SELECT lo_create(0)")
+        row = self.fetchone()
+        assert row is not None
+        oid = int(row[0])
+        offset = 0
+        for piece in itertools.chain((head,), body.chunks()):
+            if piece:
+                await self.execute("SELECT lo_put(CAST(? AS oid), ?, ?)", (oid, offset, piece))
+                offset += len(piece)
+        if offset != len(head) + body.size:
+            raise RuntimeError(f"write_blob: {body.path} changed while being stored")
+        await self.execute(
+            f"UPDATE {table} SET {column} = lo_get(CAST(? AS oid)) WHERE {key_column} = ?",
+            (oid, key),
+        )
+        await self.execute("SELECT lo_unlink(CAST(? AS oid))", (oid,))
 
 
 @implementer(IDatabaseEngine)

@@ -28,7 +28,14 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from smartrelay.reactor import IRelayReactor
-from smartrelay.storage.interfaces import ICursor, IDatabaseEngine, Row, Transaction
+from smartrelay.spool import SpooledBody
+from smartrelay.storage.interfaces import (
+    ICursor,
+    IDatabaseEngine,
+    Row,
+    Transaction,
+    check_identifiers,
+)
 from smartrelay.storage.pool import NotifyingCursor, PooledEngine
 from smartrelay.threads import WorkerThreads
 
@@ -208,6 +215,62 @@ class SqliteCursor(NotifyingCursor):
         if channel not in self.pending_notifications:
             self.pending_notifications.append(channel)
         return succeed(None)
+
+    def read_blob(self, table: str, column: str, key_column: str, key: str) -> Deferred[bytes]:
+        try:
+            table, column, key_column = check_identifiers(table, column, key_column)
+            rows = _retrying(
+                self._db.execute, f"SELECT rowid FROM {table} WHERE {key_column} = ?", (key,)
+            ).fetchall()
+            if len(rows) != 1:
+                raise RuntimeError(f"read_blob: no single {table} row for {key!r}")
+            # Incremental blob I/O: read straight into the bytes returned (SELECT would
+            # assemble the value in SQLite's memory first, then copy it).
+            with self._db.blobopen(table, column, int(rows[0][0]), readonly=True) as blob:
+                data = blob.read()
+        except Exception:
+            return fail()
+        return succeed(data)
+
+    def write_blob(
+        self, table: str, column: str, key_column: str, key: str, head: bytes, body: SpooledBody
+    ) -> Deferred[None]:
+        try:
+            _write_blob(self._db, (table, column, key_column), key, head, body)
+        except Exception:
+            return fail()
+        self._rows, self._position = [], 0
+        return succeed(None)
+
+
+def _write_blob(
+    db: sqlite3.Connection,
+    names: tuple[str, str, str],
+    key: str,
+    head: bytes,
+    body: SpooledBody,
+) -> None:
+    """SQLite's incremental blob I/O: the row gets a zero-filled blob of the final size, then
+    the file is copied into it piece by piece (memory: one piece, not the message)."""
+    table, column, key_column = check_identifiers(*names)
+    size = len(head) + body.size
+    cursor = _retrying(
+        db.execute,
+        f"UPDATE {table} SET {column} = zeroblob(?) WHERE {key_column} = ? RETURNING rowid",
+        (size, key),
+    )
+    rows = cursor.fetchall()
+    if len(rows) != 1:
+        raise RuntimeError(f"write_blob: no single {table} row for {key!r}")
+    written = 0
+    with db.blobopen(table, column, int(rows[0][0])) as blob:
+        for piece in (head, *body.chunks()):
+            if written + len(piece) > size:
+                raise RuntimeError(f"write_blob: {body.path} grew while being stored")
+            blob.write(piece)
+            written += len(piece)
+    if written != size:
+        raise RuntimeError(f"write_blob: {body.path} shrank while being stored")
 
 
 @implementer(IDatabaseEngine)
