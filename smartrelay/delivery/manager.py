@@ -44,6 +44,7 @@ from smartrelay.feedback.smtp_replies import classify_reply
 from smartrelay.reactor import IRelayReactor
 from smartrelay.rewrap.chain import RewrapChain
 from smartrelay.rewrap.headers import finalize_headers
+from smartrelay.storage.pool import DatabaseUnavailable
 from smartrelay.storage.service import StorageStopped
 from smartrelay.storage.store import (
     QUEUE_CHANNEL,
@@ -65,6 +66,10 @@ BACKOFF_ON_421 = 60.0
 STOP_GRACE = 10.0  # at shutdown, how long deliveries under way may take to finish
 IDLE_CONNECTION = 2.0  # how long an idle connection waits for the next message
 CLAIM_SPACING = 0.1  # seconds between claims that find less than a full batch
+#: While the database is unavailable (a restart): first pause before trying again, and the
+#: most it grows to (doubling). Claims, and outcomes already known, are tried again so.
+DATABASE_RETRY_MIN = 0.25
+DATABASE_RETRY_MAX = 2.0
 
 
 @frozen
@@ -149,6 +154,10 @@ class DeliveryManager(Service):
         self._pump_again = False
         self._last_claim = float("-inf")
         self._spaced_wake: IDelayedCall | None = None
+        #: Claimed, but their messages could not be loaded (database unavailable): queued
+        #: by the next claim round instead of waiting for their lease to run out.
+        self._unqueued: list[ClaimedRecipient] = []
+        self._claim_failures = 0
         self._poll_call: IDelayedCall | None = None
         self._starting: Deferred[None] | None = None
         self._workers: set[Deferred[None]] = set()
@@ -174,8 +183,19 @@ class DeliveryManager(Service):
             raise StorageFailed(str(error)) from error
         # Take back our own claims first: nothing may be claimed (by us) before that, or the
         # release would hand a recipient being delivered to the next claim as well.
-        released = await store.release_claims(self.node_id)
-        await store.engine.listen(QUEUE_CHANNEL, self.wake)
+        failures = 0
+        while True:
+            try:
+                released = await store.release_claims(self.node_id)
+                await store.engine.listen(QUEUE_CHANNEL, self.wake)
+                break
+            except DatabaseUnavailable as error:
+                if not self.running:
+                    return
+                if failures == 0:
+                    log.warn("delivery: cannot start yet ({error}); trying again", error=error)
+                await self._database_pause(failures)
+                failures += 1
         if not self.running:
             return
         if self._chain_factory is not None:
@@ -247,17 +267,35 @@ class DeliveryManager(Service):
                 if room <= 0:
                     self._held_back = True  # _finish wakes us when there is room again
                     break
-                self._last_claim = self._reactor.seconds()
-                claimed = await self._store.claim_due(
-                    self.node_id, limit=min(CLAIM_BATCH, room), lease=LEASE
-                )
+                if self._unqueued:
+                    claimed, self._unqueued = self._unqueued, []
+                else:
+                    self._last_claim = self._reactor.seconds()
+                    claimed = await self._store.claim_due(
+                        self.node_id, limit=min(CLAIM_BATCH, room), lease=LEASE
+                    )
                 if claimed:
-                    await self._enqueue(claimed)
+                    try:
+                        await self._enqueue(claimed)
+                    except DatabaseUnavailable:
+                        self._unqueued = list(claimed)
+                        raise
+                if self._claim_failures:
+                    log.info("delivery: claiming works again")
+                    self._claim_failures = 0
                 if len(claimed) < min(CLAIM_BATCH, room):
                     break
+        except DatabaseUnavailable as error:
+            # A claim that failed before its COMMIT was sent claimed nothing; one whose COMMIT
+            # outcome is unknown may have: those rows come back when their lease runs out.
+            if self._claim_failures == 0:
+                log.warn("delivery: cannot claim due work ({error}); trying again", error=error)
+            self._claim_failures += 1
         finally:
             self._pumping = False
             self._schedule_poll()
+            if self._claim_failures:
+                self._wake_at(self._reactor.seconds() + self._database_delay(self._claim_failures))
         if self._pump_again:
             self._pump_again = False
             self.wake()
@@ -394,7 +432,7 @@ class DeliveryManager(Service):
                         jobs = [job, *destination.jobs]
                         destination.jobs.clear()
                         for failed in jobs:
-                            await self._finish(
+                            await self._finish_durably(
                                 failed,
                                 [RecipientResult(r.address, failure) for r in failed.recipients],
                                 None,
@@ -402,11 +440,22 @@ class DeliveryManager(Service):
                         if failure.code == 421:
                             self.throttles.back_off(key, BACKOFF_ON_421)
                         break
-                results, suppressed = await self._deliver_job(destination, connection, job)
+                try:
+                    results, suppressed = await self._deliver_job(destination, connection, job)
+                except DatabaseUnavailable as error:
+                    # The chain's suppression lookup, before anything was sent: keep the job.
+                    destination.jobs.appendleft(job)
+                    log.warn(
+                        "{queue_id}: cannot prepare the copies ({error}); trying again",
+                        queue_id=job.message.queue_id,
+                        error=error,
+                    )
+                    await self._database_pause(0)
+                    continue
                 if not connection.usable:
                     self._connections.discard(connection)
                     connection.close()
-                await self._finish(job, results, connection, suppressed)
+                await self._finish_durably(job, results, connection, suppressed)
                 if not connection.usable:
                     connection = None
                 if any(r.reply.code == 421 for r in results):
@@ -498,6 +547,58 @@ class DeliveryManager(Service):
             if refusal.code >= 500:
                 break  # RFC 5321 5.1: a permanent refusal is final; a 4xx tries the next MX
         return None, last
+
+    # -- the database unavailable (a restart) -------------------------------------------------
+    @staticmethod
+    def _database_delay(failures: int) -> float:
+        return min(DATABASE_RETRY_MIN * 2.0 ** max(failures - 1, 0), DATABASE_RETRY_MAX)
+
+    async def _database_pause(self, failures: int) -> None:
+        await deferLater(self._reactor, self._database_delay(failures), lambda: None)
+
+    async def _finish_durably(
+        self,
+        job: Job,
+        results: Sequence[RecipientResult],
+        connection: SmtpConnection | None,
+        suppressed: Sequence[tuple[ClaimedRecipient, Suppression]] = (),
+    ) -> None:
+        """``_finish``, tried again while the database is unavailable.
+
+        The outcome is known (the copy may well have been delivered), so the recipients must
+        not wait for their lease to run out and then be sent again. Trying again is harmless
+        even after a COMMIT whose outcome was unknown: only rows still leased to this node are
+        updated, and the update ends the lease. At shutdown they are left to their lease.
+        """
+        failures = 0
+        while True:
+            try:
+                await self._finish(job, results, connection, suppressed)
+            except DatabaseUnavailable as error:
+                if not self.running:
+                    log.warn(
+                        "{queue_id}: outcome not recorded ({error}); the recipients are"
+                        " delivered again when their lease runs out",
+                        queue_id=job.message.queue_id,
+                        error=error,
+                    )
+                    return
+                if failures == 0:
+                    log.warn(
+                        "{queue_id}: cannot record the outcome yet ({error}); trying again",
+                        queue_id=job.message.queue_id,
+                        error=error,
+                    )
+                failures += 1
+                await self._database_pause(failures)
+                continue
+            if failures:
+                log.info(
+                    "{queue_id}: outcome recorded after {failures} retries",
+                    queue_id=job.message.queue_id,
+                    failures=failures,
+                )
+            return
 
     # -- outcomes -----------------------------------------------------------------------------
     async def _finish(
