@@ -366,10 +366,9 @@ def test_a_restart_under_load_loses_nothing_and_recovers_by_itself(
         assert not load.errors, load.errors
         # Recovery by itself: accepted again within seconds of the server's return, and the
         # last 4 s of the run all accepted.
-        recovered = min(
-            answered for _, code, _, _, answered in replies if answered > up and code == 250
-        )
-        assert recovered - up < 5.0, f"first 250 {recovered - up:.1f} s after the restart"
+        after = [answered for _, code, _, _, answered in replies if answered > up and code == 250]
+        recovered = min(after, default=float("inf"))
+        assert recovered - up < 5.0, f"no 250 within 5 s of the restart ({len(refused)} 4xx)"
         late = [r for r in replies if r[4] > up + 4.0]
         assert late and all(code == 250 for _, code, _, _, _ in late)
 
