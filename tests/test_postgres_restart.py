@@ -394,7 +394,8 @@ def test_a_restart_under_load_loses_nothing_and_recovers_by_itself(
         rows = query(url, "SELECT COUNT(*) FROM recipients WHERE state <> 'delivered'")
         print(
             f"\nprocesses={processes}: {len(accepted)} accepted, {len(refused)} refused (4xx),"
-            f" down {up - down:.1f} s, first 250 {recovered - up:.2f} s after the restart,"
+            f" down {up - down:.1f} s, slowest reply {slowest:.2f} s,"
+            f" first 250 {recovered - up:.2f} s after the restart,"
             f" all delivered {delivered_at - ended:.1f} s after the load ended;"
             f" not delivered: {rows[0][0]}"
         )

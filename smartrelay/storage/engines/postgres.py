@@ -282,11 +282,14 @@ class PostgresEngine(PooledEngine[Connection]):
 
     async def _open_listener(self, channels: Sequence[str]) -> _Connection:
         listener = await self._connect()
-        if self._closed:  # closed while we were connecting
+        try:
+            if self._closed:  # closed while we were connecting
+                raise RuntimeError("database closed")
+            for channel in channels:
+                await listener.runOperation(f"LISTEN {channel}")
+        except BaseException:
             listener.close()
-            raise RuntimeError("database closed")
-        for channel in channels:
-            await listener.runOperation(f"LISTEN {channel}")
+            raise
         listener.addNotifyObserver(self._on_notify)
         listener.on_lost = self._listener_lost
         return listener
@@ -305,9 +308,17 @@ class PostgresEngine(PooledEngine[Connection]):
         Deferred.fromCoroutine(self._try_relisten())
 
     async def _try_relisten(self) -> None:
+        channels = list(self._channels)
+        listener: _Connection | None = None
         try:
-            listener = await self._open_listener(list(self._channels))
+            listener = await self._open_listener(channels)
+            for channel in list(self._channels):  # listened to while we were connecting
+                if channel not in channels:
+                    await listener.runOperation(f"LISTEN {channel}")
         except Exception as error:
+            if listener is not None:
+                listener.on_lost = None
+                listener.close()
             if self._closed:
                 return
             self._relisten_delay = min(self._relisten_delay * 2, RECONNECT_MAX)
