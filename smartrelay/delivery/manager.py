@@ -394,6 +394,7 @@ class DeliveryManager(Service):
     async def _work(self, destination: Destination) -> None:
         connection: SmtpConnection | None = None
         settings, key = destination.settings, destination.throttle_key
+        unavailable = 0  # the database, in a row (see below)
         try:
             while self.running:
                 if not destination.jobs:
@@ -445,13 +446,16 @@ class DeliveryManager(Service):
                 except DatabaseUnavailable as error:
                     # The chain's suppression lookup, before anything was sent: keep the job.
                     destination.jobs.appendleft(job)
-                    log.warn(
-                        "{queue_id}: cannot prepare the copies ({error}); trying again",
-                        queue_id=job.message.queue_id,
-                        error=error,
-                    )
-                    await self._database_pause(0)
+                    unavailable += 1
+                    if unavailable == 1:
+                        log.warn(
+                            "{queue_id}: cannot prepare the copies ({error}); trying again",
+                            queue_id=job.message.queue_id,
+                            error=error,
+                        )
+                    await self._database_pause(unavailable)
                     continue
+                unavailable = 0
                 if not connection.usable:
                     self._connections.discard(connection)
                     connection.close()

@@ -22,8 +22,9 @@ log = Logger()
 class DatabaseUnavailable(Exception):
     """The database cannot be reached now (a restart, a network cut): try again later.
 
-    Raised once the pool has replaced the broken connection and, when that was safe, tried the
-    transaction again; nothing of the failed transaction was committed."""
+    Raised once the pool has dropped the broken connection and, when that was safe, tried the
+    transaction again. Nothing of the transaction was committed, unless the error is a
+    :class:`CommitOutcomeUnknown`."""
 
 
 class CommitOutcomeUnknown(DatabaseUnavailable):
