@@ -235,14 +235,14 @@ async def test_an_outcome_that_could_not_be_recorded_is_recorded_when_the_server
     as soon as it is back (not 15 minutes later when the lease runs out), and the message is
     not sent a second time."""
     reactor = real_reactor()
-    backend = TrackingSinkBackend(delay=3.0, clock=reactor)  # answers the dot 3 s late
+    backend = TrackingSinkBackend(delay=4.0, clock=reactor)  # answers the dot 4 s late
     _, port = await sinks.start(backend)
     relay = await own_relays.start(own_postgres.create_database(), {"routes": smtp_route(port)})
     queue_id = await submit(relay.smtp_port, ["rcpt@example.net"], message_bytes("restart"))
     await eventually(reactor, lambda: _value(True if backend.messages else None), "the dot")
     await in_thread(own_postgres.stop, "fast")
     try:
-        await deferLater(reactor, 4.0, lambda: None)  # the 250 came; recording it failed
+        await deferLater(reactor, 5.0, lambda: None)  # the 250 came; recording it failed
     finally:
         await in_thread(own_postgres.start_again)
     restarted = time.monotonic()
