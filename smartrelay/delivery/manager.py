@@ -44,6 +44,7 @@ from smartrelay.feedback.smtp_replies import classify_reply
 from smartrelay.reactor import IRelayReactor
 from smartrelay.rewrap.chain import RewrapChain
 from smartrelay.rewrap.headers import finalize_headers, split_header_block
+from smartrelay.storage.pool import DatabaseUnavailable
 from smartrelay.storage.service import StorageStopped
 from smartrelay.storage.store import (
     QUEUE_CHANNEL,
@@ -68,6 +69,10 @@ BACKOFF_ON_421 = 60.0
 STOP_GRACE = 10.0  # at shutdown, how long deliveries under way may take to finish
 IDLE_CONNECTION = 2.0  # how long an idle connection waits for the next message
 CLAIM_SPACING = 0.1  # seconds between claims that find less than a full batch
+#: While the database is unavailable (a restart): first pause before trying again, and the
+#: most it grows to (doubling). Claims, and outcomes already known, are tried again so.
+DATABASE_RETRY_MIN = 0.25
+DATABASE_RETRY_MAX = 2.0
 
 
 @frozen
@@ -168,6 +173,10 @@ class DeliveryManager(Service):
         self._pump_again = False
         self._last_claim = float("-inf")
         self._spaced_wake: IDelayedCall | None = None
+        #: Claimed, but their messages could not be loaded (database unavailable): queued
+        #: by the next claim round instead of waiting for their lease to run out.
+        self._unqueued: list[ClaimedRecipient] = []
+        self._claim_failures = 0
         self._poll_call: IDelayedCall | None = None
         self._starting: Deferred[None] | None = None
         self._workers: set[Deferred[None]] = set()
@@ -193,8 +202,19 @@ class DeliveryManager(Service):
             raise StorageFailed(str(error)) from error
         # Take back our own claims first: nothing may be claimed (by us) before that, or the
         # release would hand a recipient being delivered to the next claim as well.
-        released = await store.release_claims(self.node_id)
-        await store.engine.listen(QUEUE_CHANNEL, self.wake)
+        failures = 0
+        while True:
+            try:
+                released = await store.release_claims(self.node_id)
+                await store.engine.listen(QUEUE_CHANNEL, self.wake)
+                break
+            except DatabaseUnavailable as error:
+                if not self.running:
+                    return
+                if failures == 0:
+                    log.warn("delivery: cannot start yet ({error}); trying again", error=error)
+                await self._database_pause(failures)
+                failures += 1
         if not self.running:
             return
         if self._chain_factory is not None:
@@ -266,17 +286,35 @@ class DeliveryManager(Service):
                 if room <= 0 or self._bytes_full():
                     self._held_back = True  # _finish wakes us when there is room again
                     break
-                self._last_claim = self._reactor.seconds()
-                claimed = await self._store.claim_due(
-                    self.node_id, limit=min(CLAIM_BATCH, room), lease=LEASE
-                )
+                if self._unqueued:
+                    claimed, self._unqueued = self._unqueued, []
+                else:
+                    self._last_claim = self._reactor.seconds()
+                    claimed = await self._store.claim_due(
+                        self.node_id, limit=min(CLAIM_BATCH, room), lease=LEASE
+                    )
                 if claimed:
-                    await self._enqueue(claimed)
+                    try:
+                        await self._enqueue(claimed)
+                    except DatabaseUnavailable:
+                        self._unqueued = list(claimed)
+                        raise
+                if self._claim_failures:
+                    log.info("delivery: claiming works again")
+                    self._claim_failures = 0
                 if len(claimed) < min(CLAIM_BATCH, room):
                     break
+        except DatabaseUnavailable as error:
+            # A claim that failed before its COMMIT was sent claimed nothing; one whose COMMIT
+            # outcome is unknown may have: those rows come back when their lease runs out.
+            if self._claim_failures == 0:
+                log.warn("delivery: cannot claim due work ({error}); trying again", error=error)
+            self._claim_failures += 1
         finally:
             self._pumping = False
             self._schedule_poll()
+            if self._claim_failures:
+                self._wake_at(self._reactor.seconds() + self._database_delay(self._claim_failures))
         if self._pump_again:
             self._pump_again = False
             self.wake()
@@ -427,6 +465,7 @@ class DeliveryManager(Service):
         connection: SmtpConnection | None = None
         settings, key = destination.settings, destination.throttle_key
         current: Job | None = None  # taken from the queue, its outcome not yet recorded
+        unavailable = 0  # the database, in a row (see below)
         try:
             while self.running:
                 if not destination.jobs:
@@ -474,7 +513,22 @@ class DeliveryManager(Service):
                         if failure.code == 421:
                             self.throttles.back_off(key, BACKOFF_ON_421)
                         break
-                results, suppressed = await self._deliver_job(destination, connection, job)
+                try:
+                    results, suppressed = await self._deliver_job(destination, connection, job)
+                except DatabaseUnavailable as error:
+                    # The chain's suppression lookup, before anything was sent: keep the job.
+                    destination.jobs.appendleft(job)
+                    current = None
+                    unavailable += 1
+                    if unavailable == 1:
+                        log.warn(
+                            "{queue_id}: cannot prepare the copies ({error}); trying again",
+                            queue_id=job.message.queue_id,
+                            error=error,
+                        )
+                    await self._database_pause(unavailable)
+                    continue
+                unavailable = 0
                 if not connection.usable:
                     self._connections.discard(connection)
                     connection.close()
@@ -540,6 +594,8 @@ class DeliveryManager(Service):
                     RecipientResult(r.address, ServerReply(554, f"5.3.0 re-wrap failed: {why}"))
                     for r, why in wrapped.failed
                 ]
+        except DatabaseUnavailable:
+            raise  # the suppression lookup: _work keeps the job until the database is back
         except Exception:
             # Not one copy's problem (the chain reads the suppression list, say): try again.
             log.failure("{queue_id}: re-wrapping failed", queue_id=job.message.queue_id)
@@ -606,6 +662,14 @@ class DeliveryManager(Service):
                 break  # RFC 5321 5.1: a permanent refusal is final; a 4xx tries the next MX
         return None, last
 
+    # -- the database unavailable (a restart) -------------------------------------------------
+    @staticmethod
+    def _database_delay(failures: int) -> float:
+        return min(DATABASE_RETRY_MIN * 2.0 ** max(failures - 1, 0), DATABASE_RETRY_MAX)
+
+    async def _database_pause(self, failures: int) -> None:
+        await deferLater(self._reactor, self._database_delay(failures), lambda: None)
+
     # -- outcomes -----------------------------------------------------------------------------
     async def _finish(
         self,
@@ -614,17 +678,63 @@ class DeliveryManager(Service):
         connection: SmtpConnection | None,
         suppressed: Sequence[tuple[ClaimedRecipient, Suppression]] = (),
     ) -> None:
+        """Record ``job``'s outcomes (trying again while the database is unavailable) and
+        give its place in memory back, whatever happens."""
         try:
-            await self._record(job, results, connection, suppressed)
+            await self._record_durably(job, results, connection, suppressed)
         except Exception:
-            # Storage trouble, or a bug: the rows stay claimed and come back when the lease
-            # runs out; the job's place in memory is given back all the same.
+            # A bug, or the relay stopping: the rows stay claimed and come back when the
+            # lease runs out; the job's place in memory is given back all the same.
             log.failure("{queue_id}: recording outcomes failed", queue_id=job.message.queue_id)
         finally:
             self._release(job)
         if self._held_back and self._in_memory < MAX_IN_MEMORY // 2 and not self._bytes_full():
             self._held_back = False
             self.wake()
+
+    async def _record_durably(
+        self,
+        job: Job,
+        results: Sequence[RecipientResult],
+        connection: SmtpConnection | None,
+        suppressed: Sequence[tuple[ClaimedRecipient, Suppression]],
+    ) -> None:
+        """:meth:`_record`, tried again while the database is unavailable.
+
+        The outcome is known (the copy may well have been delivered), so the recipients must
+        not wait for their lease to run out and then be sent again. Trying again is harmless
+        even after a COMMIT whose outcome was unknown: only rows still leased to this node are
+        updated, and the update ends the lease. At shutdown they are left to their lease.
+        """
+        failures = 0
+        while True:
+            try:
+                await self._record(job, results, connection, suppressed)
+            except DatabaseUnavailable as error:
+                if not self.running:
+                    log.warn(
+                        "{queue_id}: outcome not recorded ({error}); the recipients are"
+                        " delivered again when their lease runs out",
+                        queue_id=job.message.queue_id,
+                        error=error,
+                    )
+                    return
+                if failures == 0:
+                    log.warn(
+                        "{queue_id}: cannot record the outcome yet ({error}); trying again",
+                        queue_id=job.message.queue_id,
+                        error=error,
+                    )
+                failures += 1
+                await self._database_pause(failures)
+                continue
+            if failures:
+                log.info(
+                    "{queue_id}: outcome recorded after {failures} retries",
+                    queue_id=job.message.queue_id,
+                    failures=failures,
+                )
+            return
 
     async def _record(
         self,

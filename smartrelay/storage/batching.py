@@ -15,6 +15,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from smartrelay.storage.pool import DatabaseUnavailable
+
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
@@ -25,7 +27,9 @@ class GroupCommitter(Generic[Item, Result]):
     """Runs ``run_batch`` over queued items, at most ``max_in_flight`` batches at a time.
 
     If a batch of several items fails, each item is retried alone, so one bad item fails only
-    its own caller.
+    its own caller; but not when the database was unavailable: every caller gets that error
+    (a commit whose outcome is unknown may have stored the whole batch, and storing each item
+    again would store it twice).
     """
 
     def __init__(
@@ -66,8 +70,9 @@ class GroupCommitter(Generic[Item, Result]):
             results = await self._run_batch([item for item, _ in batch])
         except Exception:
             failure = Failure()
-            if len(batch) == 1:
-                batch[0][1].errback(failure)
+            if len(batch) == 1 or failure.check(DatabaseUnavailable):
+                for _, waiter in batch:
+                    waiter.errback(failure)
                 return
             log.info(
                 "group commit of {n} failed ({error}); retrying one by one",

@@ -4,6 +4,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFDSet, IReactorTime
+from twisted.python.failure import Failure
 
 class Cursor:
     def execute(self, query: str, params: Sequence[Any] | None = ...) -> Deferred[Cursor]: ...
@@ -16,6 +17,11 @@ class Cursor:
     def close(self) -> None: ...
 
 class Connection:
+    reactor: Any
+    @property
+    def closed(self) -> int: ...
+    def doRead(self) -> None: ...
+    def connectionLost(self, reason: Failure) -> None: ...
     def __init__(
         self,
         reactor: IReactorFDSet | IReactorTime | Any = ...,

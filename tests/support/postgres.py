@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -76,14 +77,19 @@ class PostgresServer:
             "postgres",
             *(() if self._durable else ("--no-sync",)),
         )
+        self.start_again()
+
+    def start_again(self) -> None:
+        """``pg_ctl start`` on the data directory made by :meth:`start` (after a stop)."""
         options = (
             f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1"
             f"{'' if self._durable else ' -c fsync=off'} -c max_connections=200"
         )
+        # -l: the server must not inherit our pipes (subprocess.run would wait for it).
         self._run(
             os.path.join(self.bindir, "pg_ctl"),
             "-D",
-            data,
+            os.path.join(self.directory, "data"),
             "-o",
             options,
             "-l",
@@ -92,9 +98,17 @@ class PostgresServer:
             "start",
         )
 
-    def stop(self) -> None:
+    def stop(self, mode: str = "immediate") -> None:
+        """``pg_ctl stop -m MODE`` (``fast`` is what ``pg_ctl restart`` does first)."""
         data = os.path.join(self.directory, "data")
-        self._run(os.path.join(self.bindir, "pg_ctl"), "-D", data, "-m", "immediate", "stop")
+        self._run(os.path.join(self.bindir, "pg_ctl"), "-D", data, "-m", mode, "-w", "stop")
+
+    def restart(self, down_for: float = 0.0) -> None:
+        """What ``pg_ctl restart`` does (a fast shutdown: sessions are terminated, then a
+        start), with the server kept down ``down_for`` seconds in between."""
+        self.stop("fast")
+        time.sleep(down_for)
+        self.start_again()
 
     def dsn(self, dbname: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"

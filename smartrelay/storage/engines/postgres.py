@@ -13,9 +13,12 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any, TypeVar
 
+import psycopg2
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from txpostgres.txpostgres import Connection, Cursor
 from zope.interface import implementer
 
@@ -28,7 +31,15 @@ from smartrelay.storage.interfaces import (
     Transaction,
     check_identifiers,
 )
-from smartrelay.storage.pool import NotifyingCursor, PooledEngine
+from smartrelay.storage.pool import (
+    CONNECT_TIMEOUT,
+    RECONNECT_MAX,
+    RECONNECT_MIN,
+    CommitOutcomeUnknown,
+    DatabaseUnavailable,
+    NotifyingCursor,
+    PooledEngine,
+)
 
 log = Logger()
 T = TypeVar("T")
@@ -38,6 +49,47 @@ _CHANNEL = re.compile(r"^[a-z_][a-z0-9_]*$")
 _INSERT_VALUES = re.compile(r"^(\s*INSERT\s+INTO\s.*?\sVALUES\s*)(\([^()]*\))\s*$", re.I | re.S)
 _ROWS_PER_INSERT = 500
 BLOB_PIECE = 1 << 20  # bytes of a big value read or written per statement
+#: SQLSTATE classes and codes after which the server has ended the session: 08 (connection
+#: exception), 57P01 admin_shutdown (pg_ctl stop/restart -m fast), 57P02 crash_shutdown,
+#: 57P03 cannot_connect_now (starting up or shutting down).
+_DISCONNECT_CODES = ("57P01", "57P02", "57P03")
+
+
+def is_disconnect(connection: Connection, error: BaseException) -> bool:
+    """The error means ``connection`` is gone (and anything uncommitted on it rolled back)."""
+    if connection.closed:  # psycopg2 marks a connection it saw break (2) or we closed (1)
+        return True
+    if isinstance(error, psycopg2.InterfaceError):
+        return True
+    if isinstance(error, psycopg2.OperationalError):
+        code = error.pgcode
+        # No SQLSTATE: the failure was on our side of the socket (libpq), not a statement's.
+        return code is None or code.startswith("08") or code in _DISCONNECT_CODES
+    return False
+
+
+class _Connection(Connection):
+    """txpostgres' connection, telling us when the server goes away while it is idle.
+
+    An idle connection stays a reader (for NOTIFY). When the server closes it, txpostgres
+    lets psycopg2's error escape ``doRead`` (an "Unhandled Error" traceback in the log);
+    here the connection closes quietly and ``on_lost`` is called (the LISTEN connection
+    reconnects from it; a pooled one is replaced when it is next checked out).
+    """
+
+    on_lost: Callable[[], object] | None = None
+
+    def doRead(self) -> None:
+        try:
+            super().doRead()
+        except psycopg2.Error:
+            self.close()
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        callback, self.on_lost = self.on_lost, None
+        if callback is not None:
+            self.reactor.callLater(0, callback)
 
 
 @lru_cache(maxsize=1024)
@@ -181,27 +233,47 @@ class PostgresEngine(PooledEngine[Connection]):
     supports_skip_locked = True
 
     def __init__(self, reactor: IRelayReactor, dsn: str, pool_size: int = 4) -> None:
-        super().__init__(pool_size)
+        super().__init__(pool_size, reactor)
         self._reactor = reactor
         self._dsn = dsn
         # txpostgres hands NOTIFY observers to a Cooperator; give it one on our reactor.
         self._cooperator = Cooperator(scheduler=lambda f: reactor.callLater(0, f))
-        self._listener: Connection | None = None
+        self._listener: _Connection | None = None
         self._channels: dict[str, list[Callable[[], object]]] = {}
+        self._relisten_call: IDelayedCall | None = None
+        self._relisten_delay = 0.0
         self._server_version = "?"
 
-    def _new_connection(self) -> Connection:
-        return Connection(reactor=self._reactor, cooperator=self._cooperator)
+    def _new_connection(self) -> _Connection:
+        return _Connection(reactor=self._reactor, cooperator=self._cooperator)
+
+    async def _connect(self) -> _Connection:
+        """A new connection, given up on (closed) after CONNECT_TIMEOUT: psycopg2's
+        asynchronous connect has no timeout of its own."""
+        connection = self._new_connection()
+        timer = self._reactor.callLater(CONNECT_TIMEOUT, connection.close)
+        try:
+            await connection.connect(self._dsn)
+        except Exception:
+            if not timer.active():
+                raise DatabaseUnavailable(f"no connection within {CONNECT_TIMEOUT:.0f} s") from None
+            raise
+        finally:
+            if timer.active():
+                timer.cancel()
+        return connection
 
     async def _open_connection(self) -> Connection:
-        connection = self._new_connection()
-        await connection.connect(self._dsn)
+        connection = await self._connect()
         if self._server_version == "?":
             cursor = connection.cursor()
             await cursor.execute("SHOW server_version")
             row = cursor.fetchone()
             self._server_version = str(row[0]) if row else "?"
         return connection
+
+    def _is_broken(self, connection: Connection) -> bool:
+        return bool(connection.closed)
 
     def _close_connection(self, connection: Connection) -> Deferred[None]:
         connection.close()
@@ -215,13 +287,33 @@ class PostgresEngine(PooledEngine[Connection]):
             # sees what was committed when it started, so a read-only transaction is the same
             # as its statements run on their own: no BEGIN and COMMIT round trips.
             cursor = PostgresCursor(connection.cursor())
-            return await txn(cursor), cursor.pending_notifications
+            try:
+                return await txn(cursor), cursor.pending_notifications
+            except Exception as error:
+                if is_disconnect(connection, error):
+                    raise DatabaseUnavailable(f"{name}: {_text(error)}") from error
+                raise
         cursor = PostgresCursor(connection.cursor(), begin="BEGIN")
+        committing = False
         try:
             result = await txn(cursor)
             if cursor.begun:
+                if connection.closed:
+                    raise DatabaseUnavailable(f"{name}: connection closed before COMMIT")
+                committing = True
                 await connection.cursor().execute("COMMIT")
-        except BaseException:
+        except BaseException as error:
+            if isinstance(error, DatabaseUnavailable):
+                raise
+            if isinstance(error, Exception) and is_disconnect(connection, error):
+                # Before COMMIT was sent, the server rolls back what a lost session began;
+                # once it was sent, it may have committed: only the caller can tell whether
+                # running the transaction again is harmless.
+                if committing:
+                    raise CommitOutcomeUnknown(
+                        f"{name}: connection lost during COMMIT: {_text(error)}"
+                    ) from error
+                raise DatabaseUnavailable(f"{name}: {_text(error)}") from error
             if cursor.begun:
                 try:
                     await connection.cursor().execute("ROLLBACK")
@@ -231,9 +323,12 @@ class PostgresEngine(PooledEngine[Connection]):
         return result, cursor.pending_notifications
 
     async def _close(self) -> None:
+        if self._relisten_call is not None and self._relisten_call.active():
+            self._relisten_call.cancel()
         if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+            listener, self._listener = self._listener, None
+            listener.on_lost = None
+            listener.close()
         await super()._close()
 
     def listen(self, channel: str, callback: Callable[[], object]) -> Deferred[None]:
@@ -242,24 +337,78 @@ class PostgresEngine(PooledEngine[Connection]):
     async def _listen(self, channel: str, callback: Callable[[], object]) -> None:
         if not _CHANNEL.match(channel):
             raise ValueError(f"bad notification channel {channel!r}")
-        if self._listener is None:
-            listener = self._new_connection()
-            await listener.connect(self._dsn)
-            if self._closed:  # closed while we were connecting
-                listener.close()
-                raise RuntimeError("database closed")
-            self._listener = listener
-            listener.addNotifyObserver(self._on_notify)
-        if channel not in self._channels:
+        if self._listener is None and self._relisten_call is None:
+            self._listener = await self._open_listener(())
+        if self._listener is not None and channel not in self._channels:
             await self._listener.runOperation(f"LISTEN {channel}")
+        # (While the LISTEN connection is being re-established, the channel is listened to
+        # when it is.)
         self._channels.setdefault(channel, []).append(callback)
 
+    async def _open_listener(self, channels: Sequence[str]) -> _Connection:
+        listener = await self._connect()
+        try:
+            if self._closed:  # closed while we were connecting
+                raise RuntimeError("database closed")
+            for channel in channels:
+                await listener.runOperation(f"LISTEN {channel}")
+        except BaseException:
+            listener.close()
+            raise
+        listener.addNotifyObserver(self._on_notify)
+        listener.on_lost = self._listener_lost
+        return listener
+
+    def _listener_lost(self) -> None:
+        """The LISTEN connection broke (a server restart): reconnect with backoff. NOTIFYs
+        sent meanwhile are lost, so every observer is called once it is back."""
+        if self._closed:
+            return
+        self._listener = None
+        log.warn("database: LISTEN connection lost; reconnecting")
+        self._relisten_delay = RECONNECT_MIN
+        self._relisten_call = self._reactor.callLater(self._relisten_delay, self._relisten)
+
+    def _relisten(self) -> None:
+        Deferred.fromCoroutine(self._try_relisten())
+
+    async def _try_relisten(self) -> None:
+        channels = list(self._channels)
+        listener: _Connection | None = None
+        try:
+            listener = await self._open_listener(channels)
+            for channel in list(self._channels):  # listened to while we were connecting
+                if channel not in channels:
+                    await listener.runOperation(f"LISTEN {channel}")
+        except Exception as error:
+            if listener is not None:
+                listener.on_lost = None
+                listener.close()
+            if self._closed:
+                return
+            self._relisten_delay = min(self._relisten_delay * 2, RECONNECT_MAX)
+            log.debug(
+                "database: LISTEN reconnect failed ({error}); again in {delay} s",
+                error=_text(error),
+                delay=self._relisten_delay,
+            )
+            self._relisten_call = self._reactor.callLater(self._relisten_delay, self._relisten)
+            return
+        self._relisten_call = None
+        self._listener = listener
+        log.info("database: LISTEN connection re-established")
+        for channel in list(self._channels):
+            self._fire(channel)
+
     def _on_notify(self, notify: Any) -> None:
-        for callback in self._channels.get(notify.channel, ()):
+        self._fire(notify.channel)
+
+    def _fire(self, channel: str) -> None:
+        for callback in self._channels.get(channel, ()):
             try:
                 callback()
             except Exception:
-                log.failure("notification observer for {channel} failed", channel=notify.channel)
+                log.failure("notification observer for {channel} failed", channel=channel)
 
     def schema_sql(self, text: str) -> str:
         return text.replace(
@@ -271,3 +420,7 @@ class PostgresEngine(PooledEngine[Connection]):
 
     def version(self) -> str:
         return f"PostgreSQL {self._server_version}"
+
+
+def _text(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
