@@ -468,8 +468,11 @@ async def test_the_last_attempt_is_made_at_max_age(
         queue_id,
     )
     types = [str(t) for t, _ in rows]
-    assert types == ["received", "deferred", "deferred", "expired", "bounced"], types
-    expired_after_ms = int(rows[3][1])
+    # Attempts at about 0 and 2 s, the last at 3 s; on a loaded machine the first may come
+    # late enough that the 2 s retry is already at the deadline (one deferral fewer).
+    assert types[0] == "received" and types[-2:] == ["expired", "bounced"], types
+    assert set(types[1:-2]) == {"deferred"}, types
+    expired_after_ms = int(rows[-2][1])
     assert expired_after_ms >= 3000, expired_after_ms  # not before max_age
 
 
