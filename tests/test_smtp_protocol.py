@@ -398,6 +398,26 @@ def test_long_command_lines_and_bad_command_limit() -> None:
     assert client.transport.disconnecting
 
 
+def test_no_idle_timeout_while_the_client_waits_for_the_commit() -> None:
+    """A commit slower than idle_timeout: the 250 still comes (a 421 after storing the
+    message would make the client send it again), then the idle timer runs again."""
+    backend = RecordingBackend()
+    backend.pending = Deferred()
+    client = Client(backend=backend)
+    client.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n")
+    client.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+    client.transport.reset()
+    client.clock.advance(SETTINGS.idle_timeout * 3)
+    assert client.lines() == []
+    assert not client.transport.disconnecting
+    backend.pending.callback(Reply(250, "2.0.0", "Ok: queued as Q1"))
+    assert client.lines() == ["250 2.0.0 Ok: queued as Q1"]
+    client.transport.reset()
+    client.clock.advance(SETTINGS.idle_timeout + 1)
+    assert client.lines() == ["421 4.4.2 Idle timeout, closing connection"]
+    assert client.transport.disconnecting
+
+
 def test_idle_and_data_timeouts() -> None:
     client = Client()
     client.send(b"EHLO c\r\n")

@@ -320,14 +320,21 @@ class SmtpServerProtocol(Protocol):
             self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     def _wait(self, d: Deferred[Any]) -> None:
-        """Hold further input until ``d`` has fired and its reply was sent."""
+        """Hold further input until ``d`` has fired and its reply was sent.
+
+        The client is not idle while it waits for us (a commit, a password check): the idle
+        timer stops meanwhile. Otherwise a slow commit would end in 421 after the message
+        was stored, and the client would send it again.
+        """
         self._busy = True
+        self._cancel_timer()
 
         def done(_: object) -> None:
             self._busy = False
             if self._shutdown_pending and not self._closing:
                 self.send_and_close(R.SHUTTING_DOWN)
             if not self._closing:
+                self._restart_timer(self.settings.idle_timeout)
                 self._process()
                 if not self._busy and self._transport_paused and self.transport is not None:
                     self._transport_paused = False
