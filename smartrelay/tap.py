@@ -34,7 +34,13 @@ from smartrelay.config import (
     default_config_path,
     load_config,
 )
-from smartrelay.delivery.manager import DeliveryManager, node_id_for
+from smartrelay.delivery.client import SmtpConnector
+from smartrelay.delivery.manager import (
+    DEFAULT_TUNABLES,
+    DeliveryManager,
+    DeliveryTunables,
+    node_id_for,
+)
 from smartrelay.delivery.mx import MxResolver, make_system_resolver
 from smartrelay.delivery.processes import DeliveryProcesses, worker_command
 from smartrelay.reactor import IRelayReactor, as_relay_reactor
@@ -77,9 +83,11 @@ class RelayService(MultiService):
         reactor: IRelayReactor,
         role: Literal["all", "delivery"] = "all",
         worker_index: int = 0,
+        delivery_tunables: DeliveryTunables = DEFAULT_TUNABLES,
     ) -> None:
         """``role="delivery"``: only the storage and a delivery manager, as the delivery
-        process ``worker_index`` of a relay with ``[delivery] processes`` set."""
+        process ``worker_index`` of a relay with ``[delivery] processes`` set.
+        ``delivery_tunables``: for an in-process delivery manager (tests shorten its poll)."""
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
         self.role = role
@@ -121,13 +129,19 @@ class RelayService(MultiService):
             self.delivery = delivery_service = DeliveryManager(
                 reactor,
                 config.delivery,
-                config.server.hostname,
                 self.storage.when_ready,
                 MxResolver(make_system_resolver(reactor), reactor),
-                node_id=f"{node_id}-d{worker_index}" if role == "delivery" else node_id,
-                chain_factory=lambda store: RewrapChain(
+                SmtpConnector(
+                    reactor,
+                    config.server.hostname,
+                    config.delivery.connect_timeout,
+                    config.delivery.tls,
+                ),
+                lambda store: RewrapChain(
                     settings, self.codec, signer, store, in_thread=self._in_thread
                 ),
+                tunables=delivery_tunables,
+                node_id=f"{node_id}-d{worker_index}" if role == "delivery" else node_id,
             )
         else:
             config_path = os.path.abspath(config.path)

@@ -19,10 +19,10 @@ from urllib.parse import quote
 
 import pytest
 import pytest_twisted
+from attrs import evolve
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
-from smartrelay.delivery import manager as manager_module
 from smartrelay.passwords import hash_password
 from smartrelay.smtp.replies import Reply
 from smartrelay.smtp.session import Session
@@ -73,14 +73,14 @@ def second_database_url(request: pytest.FixtureRequest, database_url: str, tmp_p
 
 
 @pytest.fixture
-def fast_poll(monkeypatch: pytest.MonkeyPatch) -> None:
+def fast_poll(relays: DeliveryRelays) -> None:
     """The delivery manager looks for due recipients every 0.5 s instead of every 5 s.
 
     A deferred recipient is retried only when the manager next looks (docs/delivery.md: the
     5-second timer picks up deferred recipients as they come due), so with a 1-second retry
     schedule a test would spend most of its time waiting for that timer.
     """
-    monkeypatch.setattr(manager_module, "POLL_INTERVAL", 0.5)
+    relays.tunables = evolve(relays.tunables, poll_interval=0.5)
 
 
 def throttle(**settings: object) -> list[dict[str, object]]:
@@ -261,12 +261,11 @@ async def test_connections_are_reused_up_to_max_messages_per_connection(
 
 @pytest_twisted.ensureDeferred
 async def test_claiming_resumes_when_the_memory_window_has_room(
-    relays: DeliveryRelays, sinks: Sinks, database_url: str, monkeypatch: pytest.MonkeyPatch
+    relays: DeliveryRelays, sinks: Sinks, database_url: str
 ) -> None:
-    """With more due work than MAX_IN_MEMORY, claiming stops and starts again as deliveries
-    finish (not only at the next poll, which this test pushes out of reach)."""
-    monkeypatch.setattr(manager_module, "MAX_IN_MEMORY", 4)
-    monkeypatch.setattr(manager_module, "POLL_INTERVAL", 600.0)
+    """With more due work than ``max_in_memory``, claiming stops and starts again as
+    deliveries finish (not only at the next poll, which this test pushes out of reach)."""
+    relays.tunables = evolve(relays.tunables, max_in_memory=4, poll_interval=600.0)
     reactor = real_reactor()
     backend = TrackingSinkBackend(delay=0.01, clock=reactor)
     _, sink_port = await sinks.start(backend)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import pytest_twisted
@@ -10,12 +11,13 @@ from twisted.internet.defer import succeed
 from twisted.internet.task import deferLater
 
 from smartrelay.config import parse_config
-from smartrelay.delivery import manager as manager_module
-from smartrelay.delivery.manager import DeliveryManager
+from smartrelay.delivery.client import SmtpConnector
+from smartrelay.delivery.manager import DeliveryManager, DeliveryTunables
 from smartrelay.delivery.mx import MxResolver
 from smartrelay.storage.store import ClaimedRecipient, NewMessage, Store
 from tests.conftest import real_reactor
 from tests.support.delivery_relay import Sinks, TrackingSinkBackend, count_events, eventually
+from tests.support.manager import chain_factory
 from tests.test_mx import MX, FixtureResolver
 
 ZONE = {"a.test": [MX(10, "localhost")], "b.test": [MX(10, "localhost")]}
@@ -24,7 +26,7 @@ ZONE = {"a.test": [MX(10, "localhost")], "b.test": [MX(10, "localhost")]}
 @pytest.mark.parametrize(("match", "most_at_once"), [("mx:localhost", 1), ("*", 2)])
 @pytest_twisted.ensureDeferred
 async def test_domains_on_one_mx_share_its_throttle(
-    store: Store, sinks: Sinks, match: str, most_at_once: int
+    store: Store, sinks: Sinks, tmp_path: Path, match: str, most_at_once: int
 ) -> None:
     reactor = real_reactor()
     backend = TrackingSinkBackend(delay=0.05, clock=reactor)
@@ -43,9 +45,10 @@ async def test_domains_on_one_mx_share_its_throttle(
     manager = DeliveryManager(
         reactor,
         delivery,
-        "relay.test",
         lambda: succeed(store),
         MxResolver(FixtureResolver(dict(ZONE)), reactor, port=sink_port),
+        SmtpConnector(reactor, "relay.test", delivery.connect_timeout, delivery.tls),
+        chain_factory(tmp_path),
     )
     for i in range(6):
         domain = "a.test" if i % 2 else "b.test"
@@ -65,11 +68,10 @@ async def test_domains_on_one_mx_share_its_throttle(
 
 @pytest_twisted.ensureDeferred
 async def test_claims_are_spaced_when_wake_ups_come_fast(
-    store: Store, sinks: Sinks, monkeypatch: pytest.MonkeyPatch
+    store: Store, sinks: Sinks, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every commit of accepted mail wakes the manager; claims that find little are at least
-    CLAIM_SPACING apart, and a wake-up inside that window is not lost but comes later."""
-    monkeypatch.setattr(manager_module, "CLAIM_SPACING", 0.5)
+    ``claim_spacing`` apart, and a wake-up inside that window is not lost but comes later."""
     reactor = real_reactor()
     _, sink_port = await sinks.start(TrackingSinkBackend(clock=reactor))
     delivery = parse_config(
@@ -78,9 +80,11 @@ async def test_claims_are_spaced_when_wake_ups_come_fast(
     manager = DeliveryManager(
         reactor,
         delivery,
-        "relay.test",
         lambda: succeed(store),
         MxResolver(FixtureResolver({}), reactor),
+        SmtpConnector(reactor, "relay.test", delivery.connect_timeout, delivery.tls),
+        chain_factory(tmp_path),
+        tunables=DeliveryTunables(claim_spacing=0.5),
     )
     claims: list[float] = []
     claim_due = store.claim_due

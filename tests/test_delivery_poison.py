@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from attrs import evolve
 
-from smartrelay.delivery import manager as manager_module
 from smartrelay.delivery.client import SmtpConnection
 from smartrelay.rewrap import chain as chain_module
 from smartrelay.rewrap.chain import OutgoingCopy
@@ -41,8 +41,8 @@ POISONED = (
 
 
 @pytest.fixture
-def fast_poll(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(manager_module, "POLL_INTERVAL", 0.5)
+def fast_poll(relays: DeliveryRelays) -> None:
+    relays.tunables = evolve(relays.tunables, poll_interval=0.5)
 
 
 async def nothing_left_in_flight(relay: RunningRelay) -> None:

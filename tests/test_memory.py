@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from attrs import define
+from attrs import define, evolve
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
@@ -527,17 +527,15 @@ async def test_byte_window_admits_a_bounded_number_of_big_jobs(
     delivery_relays: DeliveryRelays,
     sinks: Sinks,
     database_url: str,
-    monkeypatch: pytest.MonkeyPatch,
     window: float,
     at_once: int,
 ) -> None:
     """Six 1.5 MB messages; a window of 3.5 MB has at most two of them in memory (so on the
     wire) at once, although the throttle allows 20 connections; a window smaller than one
     message still lets them go, one at a time. All six arrive byte-identical."""
-    import smartrelay.delivery.manager as manager_module
-
     size = SPOOL_THRESHOLD * 3 // 2
-    monkeypatch.setattr(manager_module, "MAX_IN_MEMORY_BYTES", int(size * window))
+    window_bytes = int(size * window)
+    delivery_relays.tunables = evolve(delivery_relays.tunables, max_in_memory_bytes=window_bytes)
     reactor = real_reactor()
     backend = CountingSink(delay=1.5, clock=reactor)
     _, sink_port = await sinks.start(backend)
@@ -556,7 +554,8 @@ async def test_byte_window_admits_a_bounded_number_of_big_jobs(
 
     await eventually(reactor, all_delivered, "six messages at the sink", within=60)
     assert backend.most_under_way == at_once, backend.most_under_way
-    assert most_bytes <= max(manager_module.MAX_IN_MEMORY_BYTES, size + 4096)
+    assert manager.tunables.max_in_memory_bytes == window_bytes
+    assert most_bytes <= max(window_bytes, size + 4096)
     for body in bodies:
         [arrived] = [m.data for m in backend.messages if body.split(b"\r\n")[2] in m.data]
         assert arrived.endswith(b"\r\n\r\n" + body.partition(b"\r\n\r\n")[2])

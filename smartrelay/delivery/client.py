@@ -10,7 +10,8 @@ from __future__ import annotations
 import base64
 import contextlib
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Protocol
 
 from attrs import frozen
 from twisted.internet import ssl
@@ -465,6 +466,46 @@ async def connect(
     return connection, reader
 
 
+class OutboundSession(Protocol):
+    """What the delivery manager needs of a session with a next hop (:class:`SmtpConnection`
+    is the one; tests give it fakes)."""
+
+    hop: NextHop
+    tls: bool
+    messages_sent: int
+
+    @property
+    def usable(self) -> bool: ...
+
+    async def send(
+        self, sender: str, recipients: Sequence[str], message: bytes
+    ) -> list[RecipientResult]: ...
+
+    async def quit(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+#: Opens a session with a next hop: a ready session, or the refusal that applies to every
+#: recipient; raises :class:`SmtpClientError` (or a timeout) when none could be had.
+Connector = Callable[[NextHop], Awaitable[tuple[OutboundSession | None, ServerReply | None]]]
+
+
+@frozen
+class SmtpConnector:
+    """The :data:`Connector` that dials next hops over TCP with :func:`open_session`."""
+
+    reactor: IRelayReactor
+    helo_name: str
+    connect_timeout: float
+    tls_policy: str
+
+    async def __call__(self, hop: NextHop) -> tuple[OutboundSession | None, ServerReply | None]:
+        return await open_session(
+            self.reactor, hop, self.helo_name, self.connect_timeout, self.tls_policy
+        )
+
+
 async def open_session(
     reactor: IRelayReactor,
     hop: NextHop,
@@ -499,10 +540,13 @@ async def open_session(
 
 __all__ = [
     "NO_SMTPUTF8",
+    "Connector",
+    "OutboundSession",
     "RecipientResult",
     "ServerReply",
     "SmtpClientError",
     "SmtpConnection",
+    "SmtpConnector",
     "TlsFailed",
     "TlsUnavailable",
     "dot_stuff",

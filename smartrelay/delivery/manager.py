@@ -6,6 +6,10 @@ and put on a per-destination queue in memory. Each destination has up to its thr
 ``max_connections`` workers; a worker keeps its connection for up to
 ``max_messages_per_connection`` messages and sends at the throttle's rate. Every outcome is
 committed (recipient state + event) before the worker moves on.
+
+Everything that drives it comes in: the clock (every timer and "now"), the connector (how a
+session with a next hop is opened), the re-wrap chain, and its tunables. Tests run it on a
+``task.Clock`` with a fake connector.
 """
 
 from __future__ import annotations
@@ -30,20 +34,19 @@ from twisted.python.failure import Failure
 
 from smartrelay.config import DeliveryConfig, Throttle
 from smartrelay.delivery.client import (
+    Connector,
+    OutboundSession,
     RecipientResult,
     ServerReply,
     SmtpClientError,
-    SmtpConnection,
-    open_session,
 )
 from smartrelay.delivery.mx import MxResolver, PermanentRoutingError, TemporaryRoutingError
 from smartrelay.delivery.retry import schedule_retry
 from smartrelay.delivery.routing import NextHop, ResolvedRoute, Router
 from smartrelay.delivery.throttle import Throttles
 from smartrelay.feedback.smtp_replies import classify_reply
-from smartrelay.reactor import IRelayReactor
 from smartrelay.rewrap.chain import RewrapChain
-from smartrelay.rewrap.headers import finalize_headers, split_header_block
+from smartrelay.rewrap.headers import split_header_block
 from smartrelay.storage.pool import DatabaseUnavailable
 from smartrelay.storage.service import StorageStopped
 from smartrelay.storage.store import (
@@ -58,21 +61,51 @@ from smartrelay.timefmt import rfc3339
 
 log = Logger()
 
-CLAIM_BATCH = 500
-MAX_IN_MEMORY = 5000  # recipients held in destination queues at most
-#: Bytes of messages held in destination queues and being delivered, at most (one job is
-#: always admitted, so a message bigger than this still goes, alone).
-MAX_IN_MEMORY_BYTES = 32 * 1024 * 1024
-LEASE = 15 * 60.0  # a claimed recipient not finished in this time is claimed again elsewhere
-POLL_INTERVAL = 5.0  # safety net beside NOTIFY, and how soon a deferred recipient is seen
-BACKOFF_ON_421 = 60.0
-STOP_GRACE = 10.0  # at shutdown, how long deliveries under way may take to finish
-IDLE_CONNECTION = 2.0  # how long an idle connection waits for the next message
-CLAIM_SPACING = 0.1  # seconds between claims that find less than a full batch
-#: While the database is unavailable (a restart): first pause before trying again, and the
-#: most it grows to (doubling). Claims, and outcomes already known, are tried again so.
-DATABASE_RETRY_MIN = 0.25
-DATABASE_RETRY_MAX = 2.0
+
+@frozen
+class DeliveryTunables:
+    """The delivery manager's fixed numbers (not configuration keys); times in seconds."""
+
+    #: Recipients claimed in one transaction, at most.
+    claim_batch: int = 500
+    #: Recipients held in destination queues (claimed, not yet recorded), at most.
+    max_in_memory: int = 5000
+    #: Bytes of messages held in destination queues and being delivered, at most (one job is
+    #: always admitted, so a message bigger than this still goes, alone).
+    max_in_memory_bytes: int = 32 * 1024 * 1024
+    #: A claimed recipient not finished in this time is claimed again elsewhere.
+    lease: float = 15 * 60.0
+    #: Safety net beside NOTIFY, and how soon a deferred recipient is seen at the latest.
+    poll_interval: float = 5.0
+    #: A 421 reply backs the destination's throttle off for this long.
+    backoff_on_421: float = 60.0
+    #: At shutdown, how long deliveries under way may take to finish.
+    stop_grace: float = 10.0
+    #: How long an idle connection waits for the next message.
+    idle_connection: float = 2.0
+    #: Between claims that find less than a full batch, at least.
+    claim_spacing: float = 0.1
+    #: While the database is unavailable (a restart): first pause before trying again, and
+    #: the most it grows to (doubling). Claims, and outcomes already known, are tried again so.
+    database_retry_min: float = 0.25
+    database_retry_max: float = 2.0
+
+    def __attrs_post_init__(self) -> None:
+        for name in ("claim_batch", "max_in_memory", "max_in_memory_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
+        for name in ("lease", "poll_interval", "database_retry_min"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, not {getattr(self, name)!r}")
+        for name in ("backoff_on_421", "stop_grace", "idle_connection", "claim_spacing"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must not be negative, not {getattr(self, name)!r}")
+        if not self.database_retry_max >= self.database_retry_min:
+            raise ValueError("database_retry_max must not be less than database_retry_min")
+
+
+#: Today's numbers, as the relay runs with them.
+DEFAULT_TUNABLES = DeliveryTunables()
 
 
 @frozen
@@ -137,25 +170,30 @@ class DeliveryManager(Service):
 
     def __init__(
         self,
-        reactor: IRelayReactor,
+        clock: IReactorTime,
         config: DeliveryConfig,
-        hostname: str,
         store_ready: Callable[[], Deferred[Store]],
         mx_resolver: MxResolver,
+        connector: Connector,
+        chain_factory: Callable[[Store], RewrapChain],
+        *,
+        tunables: DeliveryTunables = DEFAULT_TUNABLES,
         node_id: str | None = None,
         rng: random.Random | None = None,
-        chain_factory: Callable[[Store], RewrapChain] | None = None,
     ) -> None:
-        self._reactor = reactor
+        """``connector`` opens a session with a next hop (:class:`SmtpConnector` in
+        production); ``chain_factory`` builds the re-wrap chain once the store is ready."""
+        self._clock = clock
         self._config = config
-        self._hostname = hostname
+        self.tunables = tunables
         self._store_ready = store_ready
         self._store: Store | None = None
+        self._connector = connector
         self._chain_factory = chain_factory
         self._chain: RewrapChain | None = None
         self._mx = mx_resolver
         self.router = Router(config.routes)
-        self.throttles = Throttles(reactor, config.throttles, config.max_connections)
+        self.throttles = Throttles(clock, config.throttles, config.max_connections)
         self.node_id = node_id or f"{socket.gethostname()}-{secrets.token_hex(4)}"
         # A stable id (see node_id_for) lets a restarted node take back its own claims.
         self._rng = rng or random.Random()
@@ -180,7 +218,7 @@ class DeliveryManager(Service):
         self._poll_call: IDelayedCall | None = None
         self._starting: Deferred[None] | None = None
         self._workers: set[Deferred[None]] = set()
-        self._connections: set[SmtpConnection] = set()
+        self._connections: set[OutboundSession] = set()
 
     # -- service ------------------------------------------------------------------------------
     def startService(self) -> None:
@@ -217,8 +255,7 @@ class DeliveryManager(Service):
                 failures += 1
         if not self.running:
             return
-        if self._chain_factory is not None:
-            self._chain = self._chain_factory(store)
+        self._chain = self._chain_factory(store)
         self._store = store
         log.info(
             "delivery: node {node} started{released}",
@@ -242,11 +279,11 @@ class DeliveryManager(Service):
         if self._starting is not None and not self._starting.called:
             self._starting.cancel()
         # Work under way may finish its current message and commit its outcome; what is still
-        # on the wire after STOP_GRACE is cut off and recorded as deferred (it may then be
+        # on the wire after the stop grace is cut off and recorded as deferred (it may then be
         # delivered twice: at least once, never zero times). Queued jobs stay claimed and come
         # back when their lease runs out.
         if self._workers:
-            grace = self._reactor.callLater(STOP_GRACE, self._cut_connections)
+            grace = self._clock.callLater(self.tunables.stop_grace, self._cut_connections)
             for worker in list(self._workers):
                 await worker
             if grace.active():
@@ -258,7 +295,7 @@ class DeliveryManager(Service):
 
     # -- claiming -----------------------------------------------------------------------------
     def wake(self) -> None:
-        """New or due work may be waiting. Claims are CLAIM_SPACING apart at least (unless
+        """New or due work may be waiting. Claims are ``claim_spacing`` apart at least (unless
         the last one came back full): every commit of accepted mail wakes every delivery
         process, and a claim is a write transaction."""
         if not self.running or self._store is None:
@@ -268,9 +305,9 @@ class DeliveryManager(Service):
             return
         if self._spaced_wake is not None and self._spaced_wake.active():
             return
-        wait = self._last_claim + CLAIM_SPACING - self._reactor.seconds()
+        wait = self._last_claim + self.tunables.claim_spacing - self._clock.seconds()
         if wait > 0:
-            self._spaced_wake = self._reactor.callLater(wait, self.wake)
+            self._spaced_wake = self._clock.callLater(wait, self.wake)
             return
         Deferred.fromCoroutine(self._pump()).addErrback(
             lambda f: log.failure("claiming due work failed", f)
@@ -282,16 +319,18 @@ class DeliveryManager(Service):
         try:
             while self.running:
                 self._pump_again = False
-                room = MAX_IN_MEMORY - self._in_memory
+                room = self.tunables.max_in_memory - self._in_memory
                 if room <= 0 or self._bytes_full():
                     self._held_back = True  # _finish wakes us when there is room again
                     break
                 if self._unqueued:
                     claimed, self._unqueued = self._unqueued, []
                 else:
-                    self._last_claim = self._reactor.seconds()
+                    self._last_claim = self._clock.seconds()
                     claimed = await self._store.claim_due(
-                        self.node_id, limit=min(CLAIM_BATCH, room), lease=LEASE
+                        self.node_id,
+                        limit=min(self.tunables.claim_batch, room),
+                        lease=self.tunables.lease,
                     )
                 if claimed:
                     try:
@@ -302,7 +341,7 @@ class DeliveryManager(Service):
                 if self._claim_failures:
                     log.info("delivery: claiming works again")
                     self._claim_failures = 0
-                if len(claimed) < min(CLAIM_BATCH, room):
+                if len(claimed) < min(self.tunables.claim_batch, room):
                     break
         except DatabaseUnavailable as error:
             # A claim that failed before its COMMIT was sent claimed nothing; one whose COMMIT
@@ -314,27 +353,29 @@ class DeliveryManager(Service):
             self._pumping = False
             self._schedule_poll()
             if self._claim_failures:
-                self._wake_at(self._reactor.seconds() + self._database_delay(self._claim_failures))
+                self._wake_at(self._clock.seconds() + self._database_delay(self._claim_failures))
         if self._pump_again:
             self._pump_again = False
             self.wake()
 
     def _wake_at(self, when: float) -> None:
         """Look for due work at ``when`` (a deferred recipient's retry), if before the poll."""
-        delay = max(0.0, when - self._reactor.seconds()) + 0.01
+        delay = max(0.0, when - self._clock.seconds()) + 0.01
         if self._poll_call is not None and self._poll_call.active():
-            if self._poll_call.getTime() <= self._reactor.seconds() + delay:
+            if self._poll_call.getTime() <= self._clock.seconds() + delay:
                 return
             self._poll_call.cancel()
         if self.running:
-            self._poll_call = self._reactor.callLater(delay, self.wake)
+            self._poll_call = self._clock.callLater(delay, self.wake)
 
     def _schedule_poll(self) -> None:
-        self._wake_at(self._reactor.seconds() + POLL_INTERVAL)
+        self._wake_at(self._clock.seconds() + self.tunables.poll_interval)
 
     def _bytes_full(self) -> bool:
         """No room for more messages: claim nothing until some are delivered."""
-        return bool(self._claimed_jobs) or self._in_memory_bytes >= MAX_IN_MEMORY_BYTES
+        return (
+            bool(self._claimed_jobs) or self._in_memory_bytes >= self.tunables.max_in_memory_bytes
+        )
 
     async def _enqueue(self, claimed: Sequence[ClaimedRecipient]) -> None:
         """Group claimed recipients into jobs; load and queue those the byte window admits
@@ -372,7 +413,8 @@ class DeliveryManager(Service):
                 batch: list[ClaimedJob] = []
                 while self._claimed_jobs and (
                     self._in_memory_bytes == 0
-                    or self._in_memory_bytes + self._claimed_jobs[0].size <= MAX_IN_MEMORY_BYTES
+                    or self._in_memory_bytes + self._claimed_jobs[0].size
+                    <= self.tunables.max_in_memory_bytes
                 ):
                     job = self._claimed_jobs.popleft()
                     self._in_memory_bytes += job.size
@@ -429,7 +471,7 @@ class DeliveryManager(Service):
             return
         settings, key = destination.settings, destination.throttle_key
         until = self.throttles.backed_off_until(key)
-        if until is not None and until > self._reactor.seconds():
+        if until is not None and until > self._clock.seconds():
             self._wake_destination_at(destination, until)
             return
         while (
@@ -458,11 +500,11 @@ class DeliveryManager(Service):
     def _wake_destination_at(self, destination: Destination, when: float) -> None:
         if destination.wake_call is not None and destination.wake_call.active():
             return
-        delay = max(0.0, when - self._reactor.seconds())
-        destination.wake_call = self._reactor.callLater(delay, self._start_workers, destination)
+        delay = max(0.0, when - self._clock.seconds())
+        destination.wake_call = self._clock.callLater(delay, self._start_workers, destination)
 
     async def _work(self, destination: Destination) -> None:
-        connection: SmtpConnection | None = None
+        connection: OutboundSession | None = None
         settings, key = destination.settings, destination.throttle_key
         current: Job | None = None  # taken from the queue, its outcome not yet recorded
         unavailable = 0  # the database, in a row (see below)
@@ -477,13 +519,14 @@ class DeliveryManager(Service):
                         or self._others_wait(destination)
                     ):
                         break
-                    if not await destination.wait_for_job(self._reactor, IDLE_CONNECTION):
+                    idle = self.tunables.idle_connection
+                    if not await destination.wait_for_job(self._clock, idle):
                         break
                     continue
                 job = destination.jobs[0]
                 wait = self.throttles.take_message(key, settings)
                 if wait > 0:
-                    await deferLater(self._reactor, wait, lambda: None)
+                    await deferLater(self._clock, wait, lambda: None)
                     continue
                 current = destination.jobs.popleft()
                 if connection is not None and (
@@ -511,7 +554,7 @@ class DeliveryManager(Service):
                                 None,
                             )
                         if failure.code == 421:
-                            self.throttles.back_off(key, BACKOFF_ON_421)
+                            self.throttles.back_off(key, self.tunables.backoff_on_421)
                         break
                 try:
                     results, suppressed = await self._deliver_job(destination, connection, job)
@@ -537,7 +580,7 @@ class DeliveryManager(Service):
                 if not connection.usable:
                     connection = None
                 if any(r.reply.code == 421 for r in results):
-                    self.throttles.back_off(key, BACKOFF_ON_421)
+                    self.throttles.back_off(key, self.tunables.backoff_on_421)
                     break
         except Exception:
             # A bug anywhere above: the job in hand still gets an outcome (a deferral) and
@@ -565,7 +608,7 @@ class DeliveryManager(Service):
                     self._start_workers(other)
 
     async def _deliver_job(
-        self, destination: Destination, connection: SmtpConnection, job: Job
+        self, destination: Destination, connection: OutboundSession, job: Job
     ) -> tuple[list[RecipientResult], Sequence[tuple[ClaimedRecipient, Suppression]]]:
         """Send a job's copies on ``connection``; a reply (or local failure) per recipient.
 
@@ -578,13 +621,11 @@ class DeliveryManager(Service):
         results: list[RecipientResult] = []
         suppressed: Sequence[tuple[ClaimedRecipient, Suppression]] = ()
         try:
-            if self._chain is None or (hop is not None and hop.kind == "smarthost"):
-                data = job.message.raw
-                if self._chain is None:
-                    data = finalize_headers(data, job.message.queue_id, self._hostname)
-                else:  # forwarder mode: as accepted, but a lone CR/LF never splits a header
-                    fields, rest = split_header_block(data)
-                    data = b"".join(fields) + rest
+            assert self._chain is not None  # made at start-up, before any claim
+            if hop is not None and hop.kind == "smarthost":
+                # Forwarder mode: as accepted, but a lone CR/LF never splits a header.
+                fields, rest = split_header_block(job.message.raw)
+                data = b"".join(fields) + rest
                 sends = [(job.message.sender, [r.address for r in job.recipients], data)]
             else:
                 wrapped = await self._chain.run(job.message, job.recipients)
@@ -621,7 +662,7 @@ class DeliveryManager(Service):
 
     async def _connect(
         self, destination: Destination, job: Job
-    ) -> tuple[SmtpConnection | None, ServerReply | None]:
+    ) -> tuple[OutboundSession | None, ServerReply | None]:
         """A session with the first next hop that takes one, or the reply to record."""
         route = destination.route
         if route.static_hop is not None:
@@ -639,13 +680,7 @@ class DeliveryManager(Service):
         last: ServerReply = _local_reply("no next hop")
         for hop in hops:
             try:
-                connection, refusal = await open_session(
-                    self._reactor,
-                    hop,
-                    self._hostname,
-                    self._config.connect_timeout,
-                    self._config.tls,
-                )
+                connection, refusal = await self._connector(hop)
             except (SmtpClientError, DeferredTimeout) as error:
                 last = _local_reply(str(error) or "timeout")
                 log.info("{key}: {host}: {error}", key=destination.key, host=hop.host, error=error)
@@ -663,19 +698,19 @@ class DeliveryManager(Service):
         return None, last
 
     # -- the database unavailable (a restart) -------------------------------------------------
-    @staticmethod
-    def _database_delay(failures: int) -> float:
-        return min(DATABASE_RETRY_MIN * 2.0 ** max(failures - 1, 0), DATABASE_RETRY_MAX)
+    def _database_delay(self, failures: int) -> float:
+        first, most = self.tunables.database_retry_min, self.tunables.database_retry_max
+        return min(first * 2.0 ** max(failures - 1, 0), most)
 
     async def _database_pause(self, failures: int) -> None:
-        await deferLater(self._reactor, self._database_delay(failures), lambda: None)
+        await deferLater(self._clock, self._database_delay(failures), lambda: None)
 
     # -- outcomes -----------------------------------------------------------------------------
     async def _finish(
         self,
         job: Job,
         results: Sequence[RecipientResult],
-        connection: SmtpConnection | None,
+        connection: OutboundSession | None,
         suppressed: Sequence[tuple[ClaimedRecipient, Suppression]] = (),
     ) -> None:
         """Record ``job``'s outcomes (trying again while the database is unavailable) and
@@ -688,7 +723,8 @@ class DeliveryManager(Service):
             log.failure("{queue_id}: recording outcomes failed", queue_id=job.message.queue_id)
         finally:
             self._release(job)
-        if self._held_back and self._in_memory < MAX_IN_MEMORY // 2 and not self._bytes_full():
+        half = self.tunables.max_in_memory // 2
+        if self._held_back and self._in_memory < half and not self._bytes_full():
             self._held_back = False
             self.wake()
 
@@ -696,7 +732,7 @@ class DeliveryManager(Service):
         self,
         job: Job,
         results: Sequence[RecipientResult],
-        connection: SmtpConnection | None,
+        connection: OutboundSession | None,
         suppressed: Sequence[tuple[ClaimedRecipient, Suppression]],
     ) -> None:
         """:meth:`_record`, tried again while the database is unavailable.
@@ -740,12 +776,12 @@ class DeliveryManager(Service):
         self,
         job: Job,
         results: Sequence[RecipientResult],
-        connection: SmtpConnection | None,
+        connection: OutboundSession | None,
         suppressed: Sequence[tuple[ClaimedRecipient, Suppression]],
     ) -> None:
         """Commit the outcomes of ``job`` (recipient states and events), and log them."""
         assert self._store is not None
-        now = self._reactor.seconds()
+        now = self._clock.seconds()
         by_address = {r.address: r for r in results}
         mx = connection.hop.host if connection is not None else ""
         tls = connection.tls if connection is not None else False
@@ -882,4 +918,4 @@ def _local_reply(text: str, status: str = "4.4.1") -> ServerReply:
     return ServerReply(451, f"{status} {' '.join(text.split())}")
 
 
-__all__ = ["DeliveryManager", "Job", "NextHop"]
+__all__ = ["DEFAULT_TUNABLES", "DeliveryManager", "DeliveryTunables", "Job", "NextHop"]

@@ -24,6 +24,7 @@ from twisted.internet.threads import deferToThread
 from zope.interface import implementer
 
 from smartrelay.config import Config, parse_config
+from smartrelay.delivery.manager import DeliveryTunables
 from smartrelay.reactor import IRelayReactor
 from smartrelay.smtp.replies import Reply
 from smartrelay.smtp.session import Envelope, ISmtpBackend, Session
@@ -100,6 +101,8 @@ class DeliveryRelays:
         self.reactor = reactor
         self.directory = directory
         self.started: list[RunningRelay] = []
+        #: The in-process delivery managers' tunables (a test may shorten the poll, say).
+        self.tunables = DeliveryTunables()
 
     async def start(
         self,
@@ -125,7 +128,7 @@ class DeliveryRelays:
                 extra,
             )
 
-        relay = await start_in_process(self.reactor, make_config, attempts)
+        relay = await start_in_process(self.reactor, make_config, attempts, self.tunables)
         self.started.append(relay)
         if wait_for_delivery:
             await delivery_started(self.reactor, relay)

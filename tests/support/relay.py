@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from smartrelay.config import Config, parse_config
+from smartrelay.delivery.manager import DEFAULT_TUNABLES, DeliveryTunables
 from smartrelay.reactor import IRelayReactor
 from smartrelay.storage.store import Store
 from smartrelay.tap import RelayService
@@ -46,14 +47,19 @@ class RelayStartError(Exception):
 
 
 async def start_in_process(
-    reactor: IRelayReactor, make_config: Callable[[int, int], Config], attempts: int = 3
+    reactor: IRelayReactor,
+    make_config: Callable[[int, int], Config],
+    attempts: int = 3,
+    delivery_tunables: DeliveryTunables = DEFAULT_TUNABLES,
 ) -> RunningRelay:
     """Start a relay whose config ``make_config(smtp_port, inbound_port)`` builds on free
     ports, trying again (new ports) when a port was taken in the meantime."""
     reason = "not started"
     for _ in range(attempts):
         smtp_port, inbound_port = free_ports(2)
-        service = InProcessRelay(make_config(smtp_port, inbound_port), reactor)
+        service = InProcessRelay(
+            make_config(smtp_port, inbound_port), reactor, delivery_tunables=delivery_tunables
+        )
         service.startService()
         if service.failed_reason is None:
             try:
