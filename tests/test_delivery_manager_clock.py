@@ -1,0 +1,442 @@
+"""The delivery manager on a ``task.Clock``: a fake connector, a real store (SQLite), no real
+time. Every timer the manager sets (retries, expiry, the 421 back-off, claim spacing, the poll)
+runs on the test's clock, which the test moves from one timer to the next; the database's
+answers come from the real reactor, and the test waits for them (see :class:`Simulation`)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from attrs import evolve
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock, deferLater
+
+from smartrelay.config import parse_config
+from smartrelay.delivery.client import ServerReply
+from smartrelay.delivery.manager import DeliveryManager, DeliveryTunables
+from smartrelay.delivery.mx import MxResolver
+from smartrelay.storage.store import NewMessage, Store
+from smartrelay.timefmt import rfc3339
+from tests.conftest import real_reactor
+from tests.support.delivery_relay import FAST_THROTTLE, events, recipient_states
+from tests.support.manager import RETURN_PATH, FakeConnector, chain_factory
+from tests.test_mx import FixtureResolver
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """SQLite only: what is tested here is the manager's timing, not the engine."""
+    return f"sqlite:{tmp_path / 'smartrelay.db'}"
+
+
+#: No timer but the ones a test is about: the safety-net poll is an hour away.
+QUIET = DeliveryTunables(poll_interval=3600.0)
+TRY_LATER = ServerReply(451, "4.3.0 try later")
+OK = ServerReply(250, "2.0.0 Ok")
+
+
+class NoJitter(random.Random):
+    """Retries exactly at the schedule's steps."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return 0.0
+
+
+def message(subject: str = "hello", size: int = 0) -> bytes:
+    body = b"Hello.\r\n" + b"x" * max(0, size - 80) + b"\r\n"
+    head = f"From: <app@example.com>\r\nTo: <r@example.net>\r\nSubject: {subject}\r\n\r\n"
+    return head.encode() + body
+
+
+class Simulation:
+    """A manager on ``clock`` over ``store``, and the means to run it from timer to timer.
+
+    The store's calls are counted while they run: the manager is *settled* when none is
+    under way for a few turns of the real reactor; what happens next is then up to the clock.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        tmp_path: Path,
+        connector: FakeConnector,
+        tunables: DeliveryTunables = QUIET,
+        **delivery: Any,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.connector = connector
+        self.in_flight = 0
+        self.claims: list[float] = []
+        config = parse_config(
+            {
+                "delivery": {
+                    "routes": {"*": "smtp://127.0.0.1:2525"},
+                    "throttle": [FAST_THROTTLE],
+                    **delivery,
+                }
+            }
+        ).delivery
+        for name in ("claim_due", "message_sizes", "load_messages", "record_outcomes"):
+            setattr(store, name, self._counted(name, getattr(store, name)))
+        self.manager = DeliveryManager(
+            clock,
+            config,
+            lambda: succeed(store),
+            MxResolver(FixtureResolver({}), real_reactor()),
+            connector,
+            chain_factory(tmp_path),
+            tunables=tunables,
+            rng=NoJitter(),
+        )
+
+    def _counted(self, name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            if name == "claim_due":
+                self.claims.append(self.clock.seconds())
+            self.in_flight += 1
+            try:
+                return await method(*args, **kwargs)
+            finally:
+                self.in_flight -= 1
+
+        return counted
+
+    async def settle(self) -> None:
+        """Wait (in real time) until no store call has been under way for a while."""
+        reactor = real_reactor()
+        deadline = time.monotonic() + 20
+        calm = 0
+        while calm < 3:
+            assert time.monotonic() < deadline, "the manager never settled"
+            await deferLater(reactor, 0.005, lambda: None)
+            calm = calm + 1 if self.in_flight == 0 else 0
+
+    async def start(self) -> None:
+        self.manager.startService()
+        while not self.claims:
+            await self.settle()
+        await self.settle()
+
+    def next_timer(self) -> float | None:
+        times = [call.getTime() for call in self.clock.getDelayedCalls() if call.active()]
+        return min(times) if times else None
+
+    async def step(self) -> float:
+        """Move the clock to the next timer and let what it starts settle; the new time."""
+        when = self.next_timer()
+        assert when is not None, "no timer left"
+        self.clock.advance(max(0.0, when - self.clock.seconds()))
+        await self.settle()
+        return self.clock.seconds()
+
+    async def run_until(self, done: Callable[[], bool], before: float) -> None:
+        """Step from timer to timer until ``done()``; fail if the clock would pass ``before``."""
+        while not done():
+            when = self.next_timer()
+            assert when is not None and when < before, (
+                f"not done at {self.clock.seconds()}; next timer {when}, limit {before}"
+            )
+            await self.step()
+
+    async def advance(self, seconds: float) -> None:
+        """Move the clock ``seconds`` on, timer by timer."""
+        end = self.clock.seconds() + seconds
+        while (when := self.next_timer()) is not None and when <= end:
+            await self.step()
+        self.clock.advance(end - self.clock.seconds())
+        await self.settle()
+
+    async def stop(self) -> None:
+        stopping: Deferred[None] = self.manager.stopService()
+        while not stopping.called:
+            if self.next_timer() is None:
+                await self.settle()
+            else:
+                await self.step()
+
+
+async def queue(store: Store, *recipients: str, data: bytes | None = None) -> str:
+    queued = await store.queue_message(
+        NewMessage("app@example.com", recipients or ("r@example.net",), data or message())
+    )
+    return queued.queue_id
+
+
+# -- deferral and retry at the scheduled times ----------------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_a_deferred_recipient_is_retried_at_each_step_of_the_schedule(
+    store: Store, clock: Clock, tmp_path: Path
+) -> None:
+    connector = FakeConnector(clock, answers=[TRY_LATER, TRY_LATER, TRY_LATER])
+    sim = Simulation(store, clock, tmp_path, connector, retry_schedule=["1m", "5m", "15m"])
+    t0 = clock.seconds()
+    queue_id = await queue(store)
+    await sim.start()
+    try:
+        assert [s.at for s in connector.sent] == [t0]
+        # Nothing happens before the first step is over...
+        await sim.advance(59.9)
+        assert len(connector.sent) == 1
+        assert await recipient_states(store) == {"r@example.net": "deferred"}
+        # ...and each retry comes at its step (the timer rounds up by 10 ms at most).
+        await sim.run_until(lambda: len(connector.sent) == 4, before=t0 + 3600)
+    finally:
+        await sim.stop()
+    times = [s.at - t0 for s in connector.sent]
+    expected = [0.0, 60.0, 360.0, 1260.0]
+    assert all(e <= t <= e + 0.05 for t, e in zip(times, expected, strict=True)), times
+    deferred = await events(store, "deferred", queue_id)
+    assert [e.data["attempt"] for e in deferred] == [1, 2, 3]
+    nexts = [e.data["next_attempt"] for e in deferred]
+    assert nexts == [
+        rfc3339(sent.at + step)
+        for sent, step in zip(connector.sent[:3], (60, 300, 900), strict=True)
+    ]
+    [delivered] = await events(store, "delivered", queue_id)
+    assert delivered.data["attempt"] == 4
+    assert await recipient_states(store) == {"r@example.net": "delivered"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_retry_hint_in_the_reply_sets_the_next_attempt(
+    store: Store, clock: Clock, tmp_path: Path
+) -> None:
+    hinted = ServerReply(450, "4.2.0 greylisted, try again in 7 minutes")
+    connector = FakeConnector(clock, answers=[hinted])
+    sim = Simulation(store, clock, tmp_path, connector, retry_schedule=["1m"])
+    t0 = clock.seconds()
+    await queue(store)
+    await sim.start()
+    try:
+        await sim.advance(7 * 60 - 1)
+        assert len(connector.sent) == 1  # not at the schedule's 1 minute
+        await sim.run_until(lambda: len(connector.sent) == 2, before=t0 + 7 * 60 + 1)
+    finally:
+        await sim.stop()
+    assert await recipient_states(store) == {"r@example.net": "delivered"}
+
+
+# -- expiry at max_age ----------------------------------------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_the_last_attempt_is_made_at_max_age_then_the_recipient_expires(
+    store: Store, clock: Clock, tmp_path: Path
+) -> None:
+    connector = FakeConnector(clock, default=TRY_LATER)
+    sim = Simulation(store, clock, tmp_path, connector, retry_schedule=["1m"], max_age="210s")
+    t0 = clock.seconds()
+    queue_id = await queue(store)
+    await sim.start()
+    try:
+        await sim.run_until(
+            lambda: sim.manager._in_memory == 0 and len(connector.sent) == 5, before=t0 + 3600
+        )
+        await sim.advance(3600)  # and nothing after it
+    finally:
+        await sim.stop()
+    times = [s.at - t0 for s in connector.sent]
+    # Every minute, then once more at the deadline (not given up before it), then never.
+    expected = [0.0, 60.0, 120.0, 180.0, 210.0]
+    assert all(e <= t <= e + 0.05 for t, e in zip(times, expected, strict=True)), times
+    assert await recipient_states(store) == {"r@example.net": "expired"}
+    [expired] = await events(store, "expired", queue_id)
+    assert expired.data == {"attempts": 5}
+    [bounced] = await events(store, "bounced", queue_id)
+    assert bounced.data["category"] == "expired" and bounced.data["status"] == "4.4.7"
+    assert len(await events(store, "deferred", queue_id)) == 4
+
+
+# -- the 421 back-off -----------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["greeting", "transaction"])
+@pytest_twisted.ensureDeferred
+async def test_a_421_backs_the_destination_off(
+    store: Store, clock: Clock, tmp_path: Path, where: str
+) -> None:
+    """A 421 (refusing the session, or in a transaction) keeps the destination's workers away
+    for ``backoff_on_421``, although its recipients come due again after 10 seconds."""
+    busy = ServerReply(421, "4.3.2 too busy")
+    connector = FakeConnector(clock)
+    if where == "greeting":
+        connector.refusals.append(busy)
+    else:
+        connector.answers.append(busy)
+    tunables = evolve(QUIET, backoff_on_421=100.0)
+    sim = Simulation(store, clock, tmp_path, connector, tunables, retry_schedule=["10s"])
+    t0 = clock.seconds()
+    await queue(store)
+    await sim.start()
+    try:
+        await sim.advance(99)
+        # Claimed again when due (at 10 s), but not sent before the back-off is over.
+        assert len(sim.claims) >= 2 and sim.claims[1] - t0 <= 10.1
+        assert len(connector.dials) == 1
+        await sim.run_until(lambda: len(connector.dials) == 2, before=t0 + 101)
+        await sim.run_until(lambda: sim.manager._in_memory == 0, before=t0 + 101)
+    finally:
+        await sim.stop()
+    assert [round(t - t0) for t in connector.dials] == [0, 100]
+    assert await recipient_states(store) == {"r@example.net": "delivered"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_session_is_the_answer_for_every_job_queued_for_it(
+    store: Store, clock: Clock, tmp_path: Path
+) -> None:
+    connector = FakeConnector(clock, refusals=[ServerReply(554, "5.7.1 go away")])
+    sim = Simulation(
+        store, clock, tmp_path, connector, throttle=[{**FAST_THROTTLE, "max_connections": 1}]
+    )
+    for i in range(3):
+        await queue(store, f"r{i}@example.net")
+    await sim.start()
+    try:
+        await sim.run_until(lambda: sim.manager._in_memory == 0, before=clock.seconds() + 10)
+    finally:
+        await sim.stop()
+    assert len(connector.dials) == 1 and connector.sent == []
+    assert set((await recipient_states(store)).values()) == {"bounced"}
+
+
+# -- claim spacing --------------------------------------------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_claims_are_spaced_and_a_wake_up_inside_the_spacing_is_not_lost(
+    store: Store, clock: Clock, tmp_path: Path
+) -> None:
+    connector = FakeConnector(clock)
+    tunables = evolve(QUIET, claim_spacing=0.5)
+    sim = Simulation(store, clock, tmp_path, connector, tunables)
+    await sim.start()
+    t0 = clock.seconds()
+    try:
+        assert len(sim.claims) == 1
+        for _ in range(40):  # 40 wake-ups within 0.2 s
+            sim.manager.wake()
+            await sim.advance(0.005)
+        await queue(store, "late@example.net")  # its commit wakes the manager too
+        sim.manager.wake()
+        assert connector.sent == []
+        await sim.run_until(lambda: len(connector.sent) == 1, before=t0 + 1.1)
+    finally:
+        await sim.stop()
+    gaps = [later - earlier for earlier, later in itertools.pairwise(sim.claims)]
+    assert all(gap >= 0.5 for gap in gaps), gaps
+    assert len(sim.claims) <= 3, sim.claims
+    assert connector.sent[0].at - t0 <= 0.51
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_batch_is_followed_by_the_next_claim_at_once(
+    store: Store, clock: Clock, tmp_path: Path
+) -> None:
+    """Spacing applies to claims that found little: a full batch means more is waiting."""
+    connector = FakeConnector(clock)
+    tunables = evolve(QUIET, claim_spacing=5.0, claim_batch=2)
+    sim = Simulation(store, clock, tmp_path, connector, tunables)
+    for i in range(5):
+        await queue(store, f"r{i}@example.net")
+    await sim.start()
+    try:
+        assert sim.claims == [clock.seconds()] * 3  # 2 + 2 + 1, no clock time between them
+        await sim.run_until(lambda: len(connector.sent) == 5, before=clock.seconds() + 1)
+    finally:
+        await sim.stop()
+
+
+# -- the byte window ------------------------------------------------------------------------------
+@pytest.mark.parametrize(("window", "at_once"), [(2.5, 2), (0.5, 1)])
+@pytest_twisted.ensureDeferred
+async def test_the_byte_window_bounds_the_messages_under_way(
+    store: Store, clock: Clock, tmp_path: Path, window: float, at_once: int
+) -> None:
+    """Six 100 KB messages, each taking 10 s to send; the throttle allows 20 connections.
+    A window of 2.5 messages has two under way at once; one smaller than a message still
+    lets them go, one at a time."""
+    size = 100_000
+    connector = FakeConnector(clock, delay=10.0)
+    tunables = evolve(QUIET, max_in_memory_bytes=int(size * window))
+    sim = Simulation(store, clock, tmp_path, connector, tunables)
+    for i in range(6):
+        await queue(store, f"r{i}@example.net", data=message(f"big {i}", size))
+    most_bytes = 0
+    under_way: list[int] = []
+
+    def watch() -> bool:
+        nonlocal most_bytes
+        most_bytes = max(most_bytes, sim.manager._in_memory_bytes)
+        under_way.append(sum(1 for s in connector.sent if s.at > clock.seconds() - 10))
+        return sim.manager._in_memory == 0 and len(connector.sent) == 6
+
+    await sim.start()
+    try:
+        await sim.run_until(watch, before=clock.seconds() + 100)
+    finally:
+        await sim.stop()
+    assert max(under_way) == at_once, under_way
+    starts = sorted({round(s.at - connector.sent[0].at) for s in connector.sent})
+    assert starts == [10 * i for i in range(6 // at_once)], starts
+    assert most_bytes <= max(int(size * window), size + 4096)
+    assert sim.manager._in_memory_bytes == 0
+    assert set((await recipient_states(store)).values()) == {"delivered"}
+
+
+# -- the fake connector is the manager's only way out ---------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_every_recipient_gets_its_own_copy_through_the_chain(
+    store: Store, clock: Clock, tmp_path: Path
+) -> None:
+    connector = FakeConnector(clock)
+    sim = Simulation(store, clock, tmp_path, connector)
+    await queue(store, "a@example.net", "b@example.net")
+    await sim.start()
+    try:
+        await sim.run_until(lambda: len(connector.sent) == 2, before=clock.seconds() + 5)
+    finally:
+        await sim.stop()
+    assert sorted(r for s in connector.sent for r in s.recipients) == [
+        "a@example.net",
+        "b@example.net",
+    ]
+    assert all(s.sender.endswith(f"@{RETURN_PATH}") for s in connector.sent)  # VERP
+    assert len(connector.sessions) == 1  # one connection for both copies
+    assert all(s.closed for s in connector.sessions)
+
+
+# -- the tunables ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"claim_batch": 0},
+        {"max_in_memory_bytes": -1},
+        {"poll_interval": 0.0},
+        {"lease": float("nan")},
+        {"claim_spacing": -0.1},
+        {"database_retry_min": 3.0},  # above the default maximum
+    ],
+)
+def test_tunables_out_of_range_are_refused(change: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=next(iter(change)).rsplit("_", 1)[0]):
+        DeliveryTunables(**change)
+
+
+def test_the_default_tunables_are_todays_numbers() -> None:
+    assert DeliveryTunables() == DeliveryTunables(
+        claim_batch=500,
+        max_in_memory=5000,
+        max_in_memory_bytes=32 * 1024 * 1024,
+        lease=900.0,
+        poll_interval=5.0,
+        backoff_on_421=60.0,
+        stop_grace=10.0,
+        idle_connection=2.0,
+        claim_spacing=0.1,
+        database_retry_min=0.25,
+        database_retry_max=2.0,
+    )
