@@ -3,6 +3,7 @@ how it reads the replies, and its timeouts."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -12,7 +13,9 @@ from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from smartrelay.delivery.client import (
     COMMAND_TIMEOUT,
@@ -213,6 +216,64 @@ def test_a_connection_lost_in_the_tls_handshake_is_a_tls_failure() -> None:
     assert isinstance(failure_of(started), TlsFailed)
 
 
+# -- AUTH to a smarthost --------------------------------------------------------------------------
+SMARTHOST = NextHop(
+    "smarthost.example.net", 587, "smarthost", require_tls=True, username="u", password="p w"
+)
+
+
+def smarthost_after_tls(session: Session, auth: str) -> Deferred[ServerReply | None]:
+    started = run(session.connection.start(starttls=True, require_tls=True))
+    session.server("220 smarthost.example.net ESMTP")
+    session.lines()
+    session.server("250-smarthost.example.net", "250 STARTTLS")
+    session.lines()
+    session.server("220 go ahead")
+    assert session.lines() == ["EHLO relay.test"]
+    session.server("250-smarthost.example.net", f"250 AUTH {auth}")
+    return started
+
+
+def test_auth_plain_after_starttls() -> None:
+    session = Session(SMARTHOST)
+    started = smarthost_after_tls(session, "LOGIN PLAIN")
+    assert session.lines() == ["AUTH PLAIN AHUAcCB3"]  # base64 of "\0u\0p w"
+    session.server("235 2.7.0 Authentication successful")
+    assert result_of(started) is None and session.connection.tls
+
+
+def test_auth_login_when_plain_is_not_offered() -> None:
+    session = Session(SMARTHOST)
+    started = smarthost_after_tls(session, "LOGIN")
+    assert session.lines() == ["AUTH LOGIN"]
+    session.server("334 VXNlcm5hbWU6")
+    assert session.lines() == ["dQ=="]
+    session.server("334 UGFzc3dvcmQ6")
+    assert session.lines() == ["cCB3"]
+    session.server("235 2.7.0 ok")
+    assert result_of(started) is None
+
+
+def test_refused_credentials_are_a_temporary_error() -> None:
+    session = Session(SMARTHOST)
+    started = smarthost_after_tls(session, "PLAIN")
+    session.lines()
+    session.server("535 5.7.8 bad credentials")
+    error = failure_of(started)
+    assert isinstance(error, SmtpClientError) and "refused our credentials" in str(error)
+
+
+def test_no_password_in_the_clear() -> None:
+    hop = NextHop("smarthost.example.net", 25, "smarthost", username="u", password="p")
+    session = Session(hop)
+    started = run(session.connection.start(starttls=True, require_tls=False))
+    session.server("220 smarthost.example.net ESMTP")
+    session.lines()
+    session.server("250-smarthost.example.net", "250 AUTH PLAIN")  # and no STARTTLS
+    assert isinstance(failure_of(started), TlsUnavailable)
+    assert session.lines() == []  # no AUTH written
+
+
 # -- one transaction ------------------------------------------------------------------------------
 def test_pipelining_sends_mail_rcpt_and_data_in_one_write() -> None:
     session = Session()
@@ -408,6 +469,35 @@ def test_a_connection_lost_mid_transaction_fails_it() -> None:
     assert isinstance(error, SmtpClientError)
     assert str(error) == "connection lost: closed by the server"
     assert not session.connection.usable
+
+
+@implementer(ILogObserver)
+class Recorder:
+    def __init__(self, events: list[dict[str, Any]]) -> None:
+        self.events = events
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+
+def test_a_connection_lost_mid_pipeline_leaves_no_unhandled_error() -> None:
+    """The replies still awaited when the first pipelined one fails are failed too: none may
+    be left as an "Unhandled error in Deferred" (logged as critical) when garbage collected."""
+    logged: list[dict[str, Any]] = []
+    observer = Recorder(logged)
+    globalLogPublisher.addObserver(observer)
+    try:
+        session = Session()
+        ready(session)
+        sent = run(session.connection.send("app@example.com", ["a@example.net"], b"x"))
+        session.lose()
+        assert isinstance(failure_of(sent), SmtpClientError)
+        del sent, session
+        gc.collect()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    unhandled = [e for e in logged if "Unhandled error" in (formatEvent(e) or "")]
+    assert unhandled == []
 
 
 # -- timeouts on the clock ------------------------------------------------------------------------

@@ -369,7 +369,16 @@ class SmtpConnection:
         if "PIPELINING" in self.extensions:
             waiters = [self._reader.expect() for _ in range(len(commands) + 1)]
             self._reader.send("".join(c + "\r\n" for c in [*commands, "DATA"]).encode())
-            replies = [await w.addTimeout(COMMAND_TIMEOUT, self._clock) for w in waiters]
+            replies: list[ServerReply] = []
+            try:
+                for waiter in waiters:  # each reply within COMMAND_TIMEOUT of the previous one
+                    replies.append(await waiter.addTimeout(COMMAND_TIMEOUT, self._clock))
+            except BaseException:
+                # The replies not awaited fail too, now or when the connection goes (the
+                # caller closes it): not an "Unhandled error in Deferred" each.
+                for waiter in waiters:
+                    waiter.addErrback(lambda _: None)
+                raise
             mail_reply, rcpt_replies, data_reply = replies[0], replies[1:-1], replies[-1]
         else:
             mail_reply = await self._command(commands[0])
