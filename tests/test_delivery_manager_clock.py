@@ -132,6 +132,7 @@ class Simulation:
 
     async def step(self) -> float:
         """Move the clock to the next timer and let what it starts settle; the new time."""
+        await self.settle()
         when = self.next_timer()
         assert when is not None, "no timer left"
         self.clock.advance(max(0.0, when - self.clock.seconds()))
@@ -140,6 +141,7 @@ class Simulation:
 
     async def run_until(self, done: Callable[[], bool], before: float) -> None:
         """Step from timer to timer until ``done()``; fail if the clock would pass ``before``."""
+        await self.settle()  # what the test started runs before any timer
         while not done():
             when = self.next_timer()
             assert when is not None and when < before, (
@@ -150,6 +152,7 @@ class Simulation:
     async def advance(self, seconds: float) -> None:
         """Move the clock ``seconds`` on, timer by timer."""
         end = self.clock.seconds() + seconds
+        await self.settle()
         while (when := self.next_timer()) is not None and when <= end:
             await self.step()
         self.clock.advance(end - self.clock.seconds())
@@ -320,8 +323,7 @@ async def test_claims_are_spaced_and_a_wake_up_inside_the_spacing_is_not_lost(
         for _ in range(40):  # 40 wake-ups within 0.2 s
             sim.manager.wake()
             await sim.advance(0.005)
-        await queue(store, "late@example.net")  # its commit wakes the manager too
-        sim.manager.wake()
+        await queue(store, "late@example.net")  # its commit wakes the manager (SQLite: locally)
         assert connector.sent == []
         await sim.run_until(lambda: len(connector.sent) == 1, before=t0 + 1.1)
     finally:
@@ -407,6 +409,44 @@ async def test_every_recipient_gets_its_own_copy_through_the_chain(
     assert all(s.sender.endswith(f"@{RETURN_PATH}") for s in connector.sent)  # VERP
     assert len(connector.sessions) == 1  # one connection for both copies
     assert all(s.closed for s in connector.sessions)
+
+
+# -- idle connections and the stop grace ----------------------------------------------------------
+@pytest.mark.parametrize(("later", "sessions"), [(1.5, 1), (2.5, 2)])
+@pytest_twisted.ensureDeferred
+async def test_an_idle_connection_waits_idle_connection_seconds_for_more(
+    store: Store, clock: Clock, tmp_path: Path, later: float, sessions: int
+) -> None:
+    connector = FakeConnector(clock)
+    sim = Simulation(store, clock, tmp_path, connector)  # idle_connection = 2 s
+    await queue(store, "first@example.net")
+    await sim.start()
+    try:
+        await sim.advance(later)
+        await queue(store, "second@example.net")  # its commit wakes the manager
+        await sim.run_until(lambda: len(connector.sent) == 2, before=clock.seconds() + 1)
+    finally:
+        await sim.stop()
+    assert len(connector.sessions) == sessions
+    assert all(s.closed for s in connector.sessions)
+
+
+@pytest_twisted.ensureDeferred
+async def test_at_stop_a_send_past_the_grace_is_cut_and_deferred(
+    store: Store, clock: Clock, tmp_path: Path
+) -> None:
+    connector = FakeConnector(clock, delay=100.0)  # the next hop takes 100 s for the dot
+    sim = Simulation(store, clock, tmp_path, connector, evolve(QUIET, stop_grace=7.0))
+    await queue(store)
+    await sim.start()
+    assert len(connector.sent) == 1
+    stopping_at = clock.seconds() + 1
+    await sim.advance(1)
+    await sim.stop()
+    assert clock.seconds() == stopping_at + 7.0
+    assert await recipient_states(store) == {"r@example.net": "deferred"}
+    [deferred] = await events(store, "deferred")
+    assert deferred.data["reply"] == "451 4.4.1 connection lost: closed by us"
 
 
 # -- the tunables ---------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from attrs import define, field
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 
@@ -14,6 +15,7 @@ from smartrelay.delivery.client import (
     OutboundSession,
     RecipientResult,
     ServerReply,
+    SmtpClientError,
 )
 from smartrelay.delivery.routing import NextHop
 from smartrelay.rewrap.chain import RewrapChain, RewrapSettings
@@ -60,6 +62,7 @@ class FakeSession:
     tls: bool = False
     messages_sent: int = 0
     closed: bool = False
+    pending: Deferred[None] | None = None
 
     @property
     def usable(self) -> bool:
@@ -73,7 +76,13 @@ class FakeSession:
             Sent(connector.clock.seconds(), self.hop.host, sender, tuple(recipients), message)
         )
         if connector.delay > 0:
-            await deferLater(connector.clock, connector.delay, lambda: None)
+            self.pending = deferLater(connector.clock, connector.delay, lambda: None)
+            try:
+                await self.pending
+            except CancelledError:
+                raise SmtpClientError("connection lost: closed by us") from None
+            finally:
+                self.pending = None
         answer = connector.next_answer()
         if isinstance(answer, Exception):
             self.closed = True
@@ -85,7 +94,10 @@ class FakeSession:
         self.closed = True
 
     def close(self) -> None:
+        """Closed under a send: that send fails, as a real connection's would."""
         self.closed = True
+        if self.pending is not None:
+            self.pending.cancel()
 
 
 @define(eq=False)
