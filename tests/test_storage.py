@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -381,6 +382,38 @@ async def test_suppression_policy_from_delivery_outcomes(engine: IDatabaseEngine
     await store.record_outcomes("n", delivered)
     remaining = await store.active_suppressions(["soft@example.net", "hard@example.net"])
     assert set(remaining) == {"hard@example.net"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_delivery_resets_the_soft_bounce_count(engine: IDatabaseEngine) -> None:
+    """Issue 12: with the default policy (3 soft bounces within 7 days), two 552s, a delivery
+    and one more 552 must not suppress the address: the delivery starts the count again."""
+    clock = Clock()
+    clock.advance(1_700_000_000)
+    store = Store(engine, clock, SuppressionConfig())
+    address = "full@example.net"
+
+    async def attempt(outcome: Callable[[ClaimedRecipient], RecipientOutcome]) -> None:
+        clock.advance(3600)
+        await store.queue_message(message(address))
+        (claimed,) = await store.claim_due("n", limit=10, lease=60)
+        assert await store.record_outcomes("n", [outcome(claimed)]) == 1
+
+    def full(recipient: ClaimedRecipient) -> RecipientOutcome:
+        return bounce(recipient, hard=False)
+
+    await attempt(full)
+    await attempt(full)
+    await attempt(delivered)
+    await attempt(full)
+    assert await store.active_suppressions([address]) == {}
+    await attempt(full)
+    assert await store.active_suppressions([address]) == {}
+    # The third soft bounce since the delivery suppresses, for the policy's 30 days.
+    await attempt(full)
+    entry = (await store.active_suppressions([address]))[address]
+    assert entry.reason == "soft_bounce" and entry.note == "3 soft bounces"
+    assert entry.expires_at == clock.seconds() + 30 * 86400
 
 
 def delivered(

@@ -1,0 +1,89 @@
+"""The ``events`` table: the one helper that inserts event rows, and the export query."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from attrs import frozen
+
+from smartrelay.storage.base import StoreBase, marks, to_ms
+from smartrelay.storage.interfaces import ICursor
+
+#: One event to insert: (type, queue_id, recipient, data).
+EventRow = tuple[str, str | None, str | None, Mapping[str, Any]]
+
+
+@frozen
+class ExportedEvent:
+    id: int
+    type: str
+    time: float
+    queue_id: str | None
+    recipient: str | None
+    data: dict[str, Any]
+    sender: str | None
+    tags: tuple[str, ...]
+    metadata: dict[str, str]
+
+
+async def insert_events(cursor: ICursor, time_ms: int, rows: Iterable[EventRow]) -> None:
+    """Insert event rows at ``time_ms`` inside the caller's transaction (every event row is
+    written here; ``data`` as JSON with sorted keys)."""
+    values = [
+        (event_type, time_ms, queue_id, recipient, json.dumps(data, sort_keys=True))
+        for event_type, queue_id, recipient, data in rows
+    ]
+    if values:
+        await cursor.executemany(
+            "INSERT INTO events (type, time, queue_id, recipient, data) VALUES (?, ?, ?, ?, ?)",
+            values,
+        )
+
+
+class EventStore(StoreBase):
+    async def export_events(
+        self,
+        after_id: int,
+        limit: int,
+        since: float | None = None,
+        until: float | None = None,
+        types: Sequence[str] = (),
+    ) -> list[ExportedEvent]:
+        """One page of events with ``id > after_id`` in id order (keyset paging, so an export
+        of any size runs in constant memory), with the message's sender, tags, metadata."""
+
+        async def txn(cursor: ICursor) -> list[ExportedEvent]:
+            sql = (
+                "SELECT e.id, e.type, e.time, e.queue_id, e.recipient, e.data,"
+                " m.sender, m.tags, m.metadata FROM events e"
+                " LEFT JOIN messages m ON m.queue_id = e.queue_id WHERE e.id > ?"
+            )
+            args: list[Any] = [after_id]
+            if since is not None:
+                sql += " AND e.time >= ?"
+                args.append(to_ms(since))
+            if until is not None:
+                sql += " AND e.time < ?"
+                args.append(to_ms(until))
+            if types:
+                sql += f" AND e.type IN ({marks(len(types))})"
+                args.extend(types)
+            await cursor.execute(sql + " ORDER BY e.id LIMIT ?", (*args, limit))
+            return [
+                ExportedEvent(
+                    id=int(r[0]),
+                    type=str(r[1]),
+                    time=int(r[2]) / 1000,
+                    queue_id=None if r[3] is None else str(r[3]),
+                    recipient=None if r[4] is None else str(r[4]),
+                    data=json.loads(r[5]),
+                    sender=None if r[6] is None else str(r[6]),
+                    tags=tuple(json.loads(r[7])) if r[7] is not None else (),
+                    metadata=json.loads(r[8]) if r[8] is not None else {},
+                )
+                for r in cursor.fetchall()
+            ]
+
+        return await self.run("export_events", txn, readonly=True)
