@@ -12,6 +12,7 @@ from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.task import Clock
 
 from smartrelay.config import SoftBouncePolicy, SuppressionConfig
+from smartrelay.events import BouncedEvent, DeferredEvent, DeliveredEvent
 from smartrelay.storage.interfaces import ICursor, IDatabaseEngine
 from smartrelay.storage.migrations import current_version, latest_version, migrate
 from smartrelay.storage.store import (
@@ -21,6 +22,7 @@ from smartrelay.storage.store import (
     RecipientOutcome,
     Store,
 )
+from smartrelay.timefmt import rfc3339
 
 
 def message(*recipients: str, key: str | None = None) -> NewMessage:
@@ -329,13 +331,13 @@ async def test_a_restarted_node_takes_back_its_claims(store: Store) -> None:
 
 
 def bounce(recipient: ClaimedRecipient, hard: bool) -> RecipientOutcome:
-    data = {
-        "category": "invalid-recipient" if hard else "mailbox-full",
-        "hard": hard,
-        "status": "5.1.1" if hard else "5.2.2",
-        "reply": "550 no",
-        "source": "smtp",
-    }
+    event = BouncedEvent(
+        category="invalid-recipient" if hard else "mailbox-full",
+        hard=hard,
+        status="5.1.1" if hard else "5.2.2",
+        reply="550 no",
+        source="smtp",
+    )
     return RecipientOutcome(
         recipient.id,
         recipient.queue_id,
@@ -344,7 +346,7 @@ def bounce(recipient: ClaimedRecipient, hard: bool) -> RecipientOutcome:
         1,
         None,
         "550 no",
-        (("bounced", data),),
+        (event,),
     )
 
 
@@ -375,7 +377,7 @@ async def test_suppression_policy_from_delivery_outcomes(engine: IDatabaseEngine
     await store.queue_message(message("soft@example.net", "hard@example.net"))
     delivered = [
         RecipientOutcome(
-            c.id, c.queue_id, c.address, "delivered", 1, None, "250 ok", (("delivered", {}),)
+            c.id, c.queue_id, c.address, "delivered", 1, None, "250 ok", (_delivered_event(),)
         )
         for c in await store.claim_due("n", limit=10, lease=60)
     ]
@@ -419,17 +421,25 @@ async def test_a_delivery_resets_the_soft_bounce_count(engine: IDatabaseEngine) 
 def delivered(
     recipient: ClaimedRecipient, next_attempt_at: float | None = None
 ) -> RecipientOutcome:
-    state = "delivered" if next_attempt_at is None else "deferred"
+    event: DeliveredEvent | DeferredEvent = (
+        _delivered_event()
+        if next_attempt_at is None
+        else DeferredEvent("mx.example.net", "451 later", 1, rfc3339(next_attempt_at))
+    )
     return RecipientOutcome(
         recipient.id,
         recipient.queue_id,
         recipient.address,
-        state,
+        event.type,
         1,
         next_attempt_at,
-        "250 ok" if next_attempt_at is None else "451 later",
-        ((state, {"mx": "mx.example.net"}),),
+        event.reply,
+        (event,),
     )
+
+
+def _delivered_event() -> DeliveredEvent:
+    return DeliveredEvent(mx="mx.example.net", reply="250 ok", tls=False, attempt=1)
 
 
 @pytest_twisted.ensureDeferred

@@ -19,6 +19,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from smartrelay.config import SuppressionConfig
+from smartrelay.events import DeliveredEvent
 from smartrelay.rewrap.tokens import TokenCodec, load_keyring
 from smartrelay.storage.interfaces import ICursor
 from smartrelay.storage.store import NewMessage, Store, insert_events, to_ms
@@ -162,7 +163,9 @@ async def delivered(store: Store, address: str, at: float) -> None:
         row = cursor.fetchone()
         assert row is not None
         await insert_events(
-            cursor, to_ms(at), [("delivered", str(row[0]), address, {"mx": "mx.example.net"})]
+            cursor,
+            to_ms(at),
+            [(str(row[0]), address, DeliveredEvent("mx.example.net", "250 ok", True, 1))],
         )
 
     await store.engine.run_interaction("delivered", txn)

@@ -3,37 +3,23 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from attrs import frozen
-
+from smartrelay.events import EventData, ExportedEvent, event_data
 from smartrelay.storage.base import StoreBase, marks, to_ms
 from smartrelay.storage.interfaces import ICursor
 
-#: One event to insert: (type, queue_id, recipient, data).
-EventRow = tuple[str, str | None, str | None, Mapping[str, Any]]
-
-
-@frozen
-class ExportedEvent:
-    id: int
-    type: str
-    time: float
-    queue_id: str | None
-    recipient: str | None
-    data: dict[str, Any]
-    sender: str | None
-    tags: tuple[str, ...]
-    metadata: dict[str, str]
+#: One event to insert: (queue_id, recipient, event).
+EventRow = tuple[str | None, str | None, EventData]
 
 
 async def insert_events(cursor: ICursor, time_ms: int, rows: Iterable[EventRow]) -> None:
     """Insert event rows at ``time_ms`` inside the caller's transaction (every event row is
-    written here; ``data`` as JSON with sorted keys)."""
+    written here; ``data`` is :func:`smartrelay.events.event_data` as JSON, sorted keys)."""
     values = [
-        (event_type, time_ms, queue_id, recipient, json.dumps(data, sort_keys=True))
-        for event_type, queue_id, recipient, data in rows
+        (event.type, time_ms, queue_id, recipient, json.dumps(event_data(event), sort_keys=True))
+        for queue_id, recipient, event in rows
     ]
     if values:
         await cursor.executemany(

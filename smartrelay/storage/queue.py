@@ -11,6 +11,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from smartrelay import suppression as policy
 from smartrelay.config import SuppressionConfig
+from smartrelay.events import BouncedEvent, DroppedEvent, EventData, ReceivedEvent
 from smartrelay.ids import new_queue_id
 from smartrelay.spool import SpooledBody
 from smartrelay.storage.base import StoreBase, chunks, domain_of, marks, to_ms
@@ -89,7 +90,7 @@ class RecipientOutcome:
     attempts: int
     next_attempt_at: float | None
     reply: str
-    events: tuple[tuple[str, dict[str, Any]], ...]
+    events: tuple[EventData, ...]
 
 
 @frozen
@@ -192,7 +193,7 @@ class QueueStore(StoreBase):
                 cursor,
                 now_ms,
                 (
-                    ("received", queue_id, r, _received_data(m))
+                    (queue_id, r, ReceivedEvent(m.size, m.client_ip, m.credential))
                     for m, queue_id in new
                     for r in m.recipients
                 ),
@@ -374,11 +375,7 @@ class QueueStore(StoreBase):
         await insert_events(
             cursor,
             now_ms,
-            (
-                (event_type, o.queue_id, o.address, data)
-                for o in recorded
-                for event_type, data in o.events
-            ),
+            ((o.queue_id, o.address, event) for o in recorded for event in o.events),
         )
         if self.suppression is not None:
             await self._apply_suppression_policy(cursor, now_ms, recorded, self.suppression)
@@ -392,7 +389,7 @@ class QueueStore(StoreBase):
         config: SuppressionConfig,
     ) -> None:
         """Write what :mod:`smartrelay.suppression` decides for each outcome, in order."""
-        if not any(kind == "bounced" for o in recorded for kind, _ in o.events):
+        if not any(isinstance(e, BouncedEvent) for o in recorded for e in o.events):
             # The common case: only deliveries clear entries, in one statement per chunk.
             await clear_soft_bounces(
                 cursor, (o.address.lower() for o in recorded if o.state == "delivered")
@@ -400,11 +397,7 @@ class QueueStore(StoreBase):
             return
         now = now_ms / 1000
         for o in recorded:
-            bounces = [
-                (bool(data.get("hard")), str(data.get("reply", "")))
-                for kind, data in o.events
-                if kind == "bounced"
-            ]
+            bounces = [(e.hard, e.reply) for e in o.events if isinstance(e, BouncedEvent)]
             decision = policy.after_outcome(config, o.address, now, o.state == "delivered", bounces)
             if isinstance(decision, policy.CountSoftBounces):
                 count = await count_soft_bounces(cursor, decision.address, to_ms(decision.since))
@@ -493,7 +486,7 @@ class QueueStore(StoreBase):
                 (now_ms, queue_id),
             )
             dropped = [str(r[0]) for r in cursor.fetchall()]
-            await insert_events(cursor, now_ms, (("dropped", queue_id, r, {}) for r in dropped))
+            await insert_events(cursor, now_ms, ((queue_id, r, DroppedEvent()) for r in dropped))
             return dropped
 
         return await self.run("drop_message", txn)
@@ -508,7 +501,3 @@ class QueueStore(StoreBase):
             return int(row[0]) if row else 0
 
         return await self.run("count_recipients", txn, readonly=True)
-
-
-def _received_data(message: NewMessage) -> dict[str, Any]:
-    return {"client_ip": message.client_ip, "credential": message.credential, "size": message.size}

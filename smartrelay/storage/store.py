@@ -11,8 +11,9 @@ the names below are re-exported so that they can import the values from here.
 
 from __future__ import annotations
 
+from smartrelay.events import ExportedEvent
 from smartrelay.storage.base import domain_of, from_ms, to_ms
-from smartrelay.storage.events import EventStore, ExportedEvent, insert_events
+from smartrelay.storage.events import EventStore, insert_events
 from smartrelay.storage.feedback import FEEDBACK_CHANNEL, FeedbackStore, NewFeedback
 from smartrelay.storage.logins import DuplicateName, Login, LoginStore, LoginTable
 from smartrelay.storage.queue import (

@@ -9,12 +9,11 @@ opt-out suppresses, and for how long, is the policy's (:mod:`smartrelay.suppress
 
 from __future__ import annotations
 
-from typing import Any
-
 from attrs import frozen
 
 from smartrelay import suppression as policy
 from smartrelay.config import SuppressionConfig
+from smartrelay.events import ClickedEvent, ComplainedEvent, OpenedEvent, UnsubscribedEvent
 from smartrelay.storage.base import StoreBase, from_ms
 from smartrelay.storage.events import insert_events
 from smartrelay.storage.interfaces import ICursor
@@ -70,15 +69,13 @@ class TrackingStore(StoreBase):
 
         return await self.run("delivered_at", txn, readonly=True)
 
-    async def record_engagement(
-        self, ref: RecipientRef, event_type: str, data: dict[str, Any]
-    ) -> None:
+    async def record_engagement(self, ref: RecipientRef, event: OpenedEvent | ClickedEvent) -> None:
         """One ``opened``/``clicked`` (or other) event row for the recipient, at the store's
         clock."""
         now_ms = self.now_ms()
 
         async def txn(cursor: ICursor) -> None:
-            await insert_events(cursor, now_ms, [(event_type, ref.queue_id, ref.address, data)])
+            await insert_events(cursor, now_ms, [(ref.queue_id, ref.address, event)])
 
         await self.run("record_engagement", txn)
 
@@ -87,7 +84,7 @@ class TrackingStore(StoreBase):
         says) and record an ``unsubscribed`` event ``{"method": method}``, in one transaction;
         see :meth:`suppress_recipient`."""
         entry = policy.unsubscribe(config, ref.address, self.clock.seconds(), method, ref.queue_id)
-        return await self.suppress_recipient(ref, entry, "unsubscribed", {"method": method})
+        return await self.suppress_recipient(ref, entry, UnsubscribedEvent(method))
 
     async def complain(
         self, ref: RecipientRef, feedback_type: str, source: str, config: SuppressionConfig
@@ -99,18 +96,17 @@ class TrackingStore(StoreBase):
         entry = policy.complaint(
             config, ref.address, self.clock.seconds(), feedback_type, source, ref.queue_id
         )
-        data = {"feedback_type": feedback_type, "source": source}
-        return await self.suppress_recipient(ref, entry, "complained", data)
+        event = ComplainedEvent(feedback_type, source)
+        return await self.suppress_recipient(ref, entry, event)
 
     async def suppress_recipient(
         self,
         ref: RecipientRef,
         entry: policy.Suppress,
-        event_type: str,
-        event_data: dict[str, Any],
+        event: UnsubscribedEvent | ComplainedEvent,
     ) -> bool:
         """Write the recipient's own opt-out ``entry`` (unsubscribe, complaint) and record the
-        recipient's ``event_type`` event, in one transaction.
+        recipient's ``event``, in one transaction.
 
         Idempotent: when the address is already suppressed for the entry's reason (an entry in
         force now), nothing is written and False comes back; otherwise True. An entry in force
@@ -135,9 +131,7 @@ class TrackingStore(StoreBase):
             if merged is None:
                 return False
             await write_suppressions(cursor, now_ms, [merged])
-            await insert_events(
-                cursor, now_ms, [(event_type, ref.queue_id, ref.address, event_data)]
-            )
+            await insert_events(cursor, now_ms, [(ref.queue_id, ref.address, event)])
             return True
 
         return await self.run(f"suppress_{entry.reason}", txn)

@@ -44,7 +44,6 @@ from __future__ import annotations
 import html
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from attrs import frozen
 from klein import Klein
@@ -56,6 +55,7 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from smartrelay.config import SuppressionConfig
+from smartrelay.events import ClickedEvent, OpenedEvent
 from smartrelay.rewrap.tokens import TokenCodec, TokenError
 from smartrelay.storage.store import RecipientRef, Store
 
@@ -406,7 +406,7 @@ class Tracking:
             recipient_id = None
         if recipient_id is not None and request.method != b"HEAD":
             try:
-                await self._record(request, "opened", recipient_id)
+                await self._record(request, recipient_id)
             except Exception:
                 log.failure("web: recording an open failed")
         return _respond(
@@ -428,7 +428,7 @@ class Tracking:
         location = location_header(url)
         if request.method != b"HEAD":
             try:
-                await self._record(request, "clicked", recipient_id, url)
+                await self._record(request, recipient_id, url)
             except Exception:
                 log.failure("web: recording a click failed")
         return _respond(request, 302, None, b"", ((b"Location", location),))
@@ -469,9 +469,8 @@ class Tracking:
         store = await self._store_ready()
         return await store.recipient_ref(recipient_id)
 
-    async def _record(
-        self, request: IRequest, event_type: str, recipient_id: int, url: str | None = None
-    ) -> None:
+    async def _record(self, request: IRequest, recipient_id: int, url: str | None = None) -> None:
+        """An ``opened`` event, or a ``clicked`` one when ``url`` is given."""
         store = await self._store_ready()
         ref = await store.recipient_ref(recipient_id)
         if ref is None:
@@ -482,14 +481,13 @@ class Tracking:
             delivered = await store.delivered_at(recipient_id)
             if is_machine_click(self._clock.seconds(), delivered, self._click_delay):
                 reason = "click-soon-after-delivery"
-        data: dict[str, Any] = {
-            "user_agent": user_agent,
-            "ip": _client_ip(request),
-            "machine": reason is not None,
-        }
-        if url is not None:
-            data["url"] = url
-        await store.record_engagement(ref, event_type, data)
+        ip, machine = _client_ip(request), reason is not None
+        event: OpenedEvent | ClickedEvent = (
+            OpenedEvent(user_agent, ip, machine)
+            if url is None
+            else ClickedEvent(user_agent, ip, machine, url)
+        )
+        await store.record_engagement(ref, event)
 
     def _serve(
         self, request: IRequest, what: str, handler: Callable[[], Awaitable[bytes]]
