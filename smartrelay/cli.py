@@ -23,8 +23,8 @@ import psycopg2
 from twisted.internet.task import react
 
 from smartrelay import __version__
-from smartrelay.config import EVENT_TYPES, Config, ConfigError, default_config_path, load_config
-from smartrelay.events import csv_row, csv_writer, write_jsonl
+from smartrelay.config import Config, ConfigError, default_config_path, load_config
+from smartrelay.events import ALL_TYPES, csv_row, csv_writer, write_jsonl
 from smartrelay.passwords import generate_password, hash_password
 from smartrelay.reactor import IRelayReactor, as_relay_reactor
 from smartrelay.rewrap.dkim import DkimError, generate_key, txt_record_name, zone_file_entry
@@ -47,7 +47,6 @@ PROG = "smartrelay-ctl"
 #: The exit status when standard output was closed by its reader: 128 + SIGPIPE, what a shell
 #: reports for a command killed by SIGPIPE.
 STDOUT_CLOSED = 141
-EXPORT_TYPES = (*EVENT_TYPES, "dropped")
 SUPPRESSION_COLUMNS = ("address", "reason", "created_at", "expires_at", "note")
 
 
@@ -432,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--type",
         action="append",
         default=[],
-        choices=EXPORT_TYPES,
+        choices=ALL_TYPES,
         help="only this type (repeatable)",
     )
     p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")

@@ -29,6 +29,7 @@ from twisted.internet import endpoints
 from twisted.internet.testing import MemoryReactor
 
 from smartrelay import units
+from smartrelay.events import EVENT_TYPES  # webhooks' [webhook] events
 
 __all__ = [
     "EVENT_TYPES",
@@ -58,19 +59,6 @@ DatabaseEngine = Literal["sqlite", "postgresql"]
 DeliveryTls = Literal["opportunistic", "required"]
 DkimAlgorithm = Literal["rsa-sha256", "ed25519-sha256"]
 
-#: Event types of SPEC section 5, in lifecycle order.
-EVENT_TYPES: tuple[str, ...] = (
-    "received",
-    "suppressed",
-    "delivered",
-    "deferred",
-    "bounced",
-    "expired",
-    "complained",
-    "opened",
-    "clicked",
-    "unsubscribed",
-)
 
 _ROUTE_DEFAULT_PORTS: dict[str, int] = {"smtp": 25, "smtp+starttls": 587, "smtps": 465}
 _MAILBOX_DEFAULT_PORTS: dict[str, int] = {"imap": 143, "imaps": 993, "pop3": 110, "pop3s": 995}

@@ -1,49 +1,185 @@
-"""Events as users see them (SPEC section 5): one JSON object, or one CSV row, per event."""
+"""The event vocabulary (SPEC section 5): every event type, its fields, and the two forms users
+see, one JSON object or one CSV row per event.
+
+Each type is a frozen class holding the type's own fields. What storage writes in the
+``events.data`` column is :func:`event_data` of it (JSON, sorted keys); an exported event is
+the common fields (id, type, time, queue id, sender, recipient, tags, metadata) followed by
+the type's fields (:func:`event_object`, :func:`csv_row`). The CLI's ``events export`` and the
+coming webhooks and API use these forms; nothing else spells an event type or its fields.
+
+Not produced yet, so not here: ``delivered.sandbox`` and ``dropped.by`` (SPEC lists them; the
+stored rows have never held them) and the ``alert`` type.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
 from collections.abc import Iterable
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
-from smartrelay.storage.store import ExportedEvent
+from attrs import fields, frozen
+
 from smartrelay.timefmt import rfc3339
 
-#: The common fields, then every type's extra fields (SPEC section 5), as CSV columns.
-CSV_COLUMNS = (
-    "id",
-    "type",
-    "time",
-    "queue_id",
-    "sender",
-    "recipient",
-    "tags",
-    "metadata",
-    "size",
-    "client_ip",
-    "credential",
-    "reason",
-    "mx",
-    "reply",
-    "tls",
-    "attempt",
-    "next_attempt",
-    "category",
-    "hard",
-    "status",
-    "source",
-    "attempts",
-    "feedback_type",
-    "user_agent",
-    "ip",
-    "machine",
-    "url",
-    "method",
+
+@frozen
+class ReceivedEvent:
+    """The message was accepted (one per recipient)."""
+
+    type: ClassVar[str] = "received"
+    size: int
+    client_ip: str | None
+    credential: str | None
+
+
+@frozen
+class SuppressedEvent:
+    """Not sent: the address is on the suppression list."""
+
+    type: ClassVar[str] = "suppressed"
+    reason: str  # hard_bounce, soft_bounce, complaint, unsubscribe, manual
+
+
+@frozen
+class DeliveredEvent:
+    type: ClassVar[str] = "delivered"
+    mx: str
+    reply: str  # the remote server's reply line
+    tls: bool
+    attempt: int
+
+
+@frozen
+class DeferredEvent:
+    type: ClassVar[str] = "deferred"
+    mx: str
+    reply: str
+    attempt: int
+    next_attempt: str  # RFC 3339 UTC
+
+
+@frozen
+class BouncedEvent:
+    type: ClassVar[str] = "bounced"
+    category: str  # SPEC section 5's bounce categories
+    hard: bool
+    status: str  # enhanced status code, e.g. 5.1.1
+    reply: str
+    source: str  # smtp or dsn
+
+
+@frozen
+class ExpiredEvent:
+    type: ClassVar[str] = "expired"
+    attempts: int
+
+
+@frozen
+class ComplainedEvent:
+    type: ClassVar[str] = "complained"
+    feedback_type: str
+    source: str  # the ARF reporter
+
+
+@frozen
+class OpenedEvent:
+    type: ClassVar[str] = "opened"
+    user_agent: str | None
+    ip: str | None
+    machine: bool  # a proxy, prefetcher or scanner
+
+
+@frozen
+class ClickedEvent:
+    type: ClassVar[str] = "clicked"
+    user_agent: str | None
+    ip: str | None
+    machine: bool
+    url: str
+
+
+@frozen
+class UnsubscribedEvent:
+    type: ClassVar[str] = "unsubscribed"
+    method: str  # one-click, page, mailto
+
+
+@frozen
+class DroppedEvent:
+    """The operator dropped the message (``queue drop``) before it was delivered."""
+
+    type: ClassVar[str] = "dropped"
+
+
+EventData = (
+    ReceivedEvent
+    | SuppressedEvent
+    | DeliveredEvent
+    | DeferredEvent
+    | BouncedEvent
+    | ExpiredEvent
+    | ComplainedEvent
+    | OpenedEvent
+    | ClickedEvent
+    | UnsubscribedEvent
+    | DroppedEvent
+)
+
+#: Every event class, in lifecycle order.
+EVENT_CLASSES: tuple[type[EventData], ...] = (
+    ReceivedEvent,
+    SuppressedEvent,
+    DeliveredEvent,
+    DeferredEvent,
+    BouncedEvent,
+    ExpiredEvent,
+    ComplainedEvent,
+    OpenedEvent,
+    ClickedEvent,
+    UnsubscribedEvent,
+    DroppedEvent,
+)
+#: The type's own fields, by type name.
+FIELDS: dict[str, tuple[str, ...]] = {
+    cls.type: tuple(f.name for f in fields(cls)) for cls in EVENT_CLASSES
+}
+#: Every type, in lifecycle order (``events export --type``).
+ALL_TYPES: tuple[str, ...] = tuple(FIELDS)
+#: The types of a message's and a recipient's lifecycle, which webhooks subscribe to (all but
+#: the operator's ``dropped``).
+EVENT_TYPES: tuple[str, ...] = tuple(t for t in ALL_TYPES if t != DroppedEvent.type)
+#: The fields every exported event has, before its type's own.
+COMMON_FIELDS = ("id", "type", "time", "queue_id", "sender", "recipient", "tags", "metadata")
+#: The CSV header: the common fields, then every type's fields (each once, in type order).
+CSV_COLUMNS: tuple[str, ...] = tuple(
+    dict.fromkeys((*COMMON_FIELDS, *(name for names in FIELDS.values() for name in names)))
 )
 
 
+def event_data(event: EventData) -> dict[str, Any]:
+    """The type's fields as the ``data`` JSON object stored with the event row."""
+    return {name: getattr(event, name) for name in FIELDS[event.type]}
+
+
+@frozen
+class ExportedEvent:
+    """An event row as read back, with its message's sender, tags and metadata."""
+
+    id: int
+    type: str
+    time: float
+    queue_id: str | None
+    recipient: str | None
+    data: dict[str, Any]
+    sender: str | None
+    tags: tuple[str, ...]
+    metadata: dict[str, str]
+
+
 def event_object(event: ExportedEvent) -> dict[str, Any]:
+    """The JSON form: the common fields, then the type's in :data:`FIELDS` order (then any
+    other key the row holds)."""
     out: dict[str, Any] = {
         "id": event.id,
         "type": event.type,
@@ -54,32 +190,43 @@ def event_object(event: ExportedEvent) -> dict[str, Any]:
         "tags": list(event.tags),
         "metadata": event.metadata,
     }
-    for key, value in event.data.items():
+    data = event.data
+    for key in FIELDS.get(event.type, ()):
+        if key in data:
+            out[key] = data[key]
+    for key, value in data.items():  # a key this version does not know: kept, after
         out.setdefault(key, value)
     return out
 
 
+def event_json(event: ExportedEvent) -> str:
+    """:func:`event_object` as compact JSON text (UTF-8 kept as is)."""
+    return json.dumps(event_object(event), ensure_ascii=False, separators=(",", ":"))
+
+
 def write_jsonl(events: Iterable[ExportedEvent], out: IO[str]) -> None:
     for event in events:
-        out.write(json.dumps(event_object(event), ensure_ascii=False, separators=(",", ":")))
+        out.write(event_json(event))
         out.write("\n")
 
 
 def csv_writer(out: IO[str]) -> Any:
+    """A writer of :func:`csv_row` rows under the :data:`CSV_COLUMNS` header (written now)."""
     writer = csv.DictWriter(out, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     return writer
 
 
 def csv_row(event: ExportedEvent) -> dict[str, str]:
-    row = {}
-    for key, value in event_object(event).items():
-        if value is None:
-            row[key] = ""
-        elif isinstance(value, bool):
-            row[key] = "true" if value else "false"
-        elif isinstance(value, list | dict):
-            row[key] = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-        else:
-            row[key] = str(value)
-    return row
+    """The CSV form: empty for null, ``true``/``false``, lists and objects as JSON."""
+    return {key: _csv_value(value) for key, value in event_object(event).items()}
+
+
+def _csv_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | dict):
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return str(value)

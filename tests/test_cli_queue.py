@@ -14,6 +14,7 @@ import pytest_twisted
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 
+from smartrelay.events import DeliveredEvent
 from smartrelay.storage.interfaces import ICursor
 from smartrelay.storage.store import ClaimedRecipient, NewMessage, RecipientOutcome, Store
 
@@ -145,7 +146,14 @@ async def test_claimed_rows_are_listed_retried_and_dropped(
 
 def _delivered(row: ClaimedRecipient) -> RecipientOutcome:
     return RecipientOutcome(
-        row.id, row.queue_id, row.address, "delivered", 1, None, "250 ok", (("delivered", {}),)
+        row.id,
+        row.queue_id,
+        row.address,
+        "delivered",
+        1,
+        None,
+        "250 ok",
+        (DeliveredEvent(mx="mx.example.net", reply="250 ok", tls=False, attempt=1),),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.task import Clock
 
 from smartrelay.config import SoftBouncePolicy, SuppressionConfig
+from smartrelay.events import BouncedEvent, DeferredEvent, DeliveredEvent
 from smartrelay.storage.interfaces import ICursor, IDatabaseEngine
 from smartrelay.storage.migrations import current_version, latest_version, migrate
 from smartrelay.storage.store import (
@@ -20,6 +22,7 @@ from smartrelay.storage.store import (
     RecipientOutcome,
     Store,
 )
+from smartrelay.timefmt import rfc3339
 
 
 def message(*recipients: str, key: str | None = None) -> NewMessage:
@@ -328,13 +331,13 @@ async def test_a_restarted_node_takes_back_its_claims(store: Store) -> None:
 
 
 def bounce(recipient: ClaimedRecipient, hard: bool) -> RecipientOutcome:
-    data = {
-        "category": "invalid-recipient" if hard else "mailbox-full",
-        "hard": hard,
-        "status": "5.1.1" if hard else "5.2.2",
-        "reply": "550 no",
-        "source": "smtp",
-    }
+    event = BouncedEvent(
+        category="invalid-recipient" if hard else "mailbox-full",
+        hard=hard,
+        status="5.1.1" if hard else "5.2.2",
+        reply="550 no",
+        source="smtp",
+    )
     return RecipientOutcome(
         recipient.id,
         recipient.queue_id,
@@ -343,7 +346,7 @@ def bounce(recipient: ClaimedRecipient, hard: bool) -> RecipientOutcome:
         1,
         None,
         "550 no",
-        (("bounced", data),),
+        (event,),
     )
 
 
@@ -374,7 +377,7 @@ async def test_suppression_policy_from_delivery_outcomes(engine: IDatabaseEngine
     await store.queue_message(message("soft@example.net", "hard@example.net"))
     delivered = [
         RecipientOutcome(
-            c.id, c.queue_id, c.address, "delivered", 1, None, "250 ok", (("delivered", {}),)
+            c.id, c.queue_id, c.address, "delivered", 1, None, "250 ok", (_delivered_event(),)
         )
         for c in await store.claim_due("n", limit=10, lease=60)
     ]
@@ -383,20 +386,60 @@ async def test_suppression_policy_from_delivery_outcomes(engine: IDatabaseEngine
     assert set(remaining) == {"hard@example.net"}
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_delivery_resets_the_soft_bounce_count(engine: IDatabaseEngine) -> None:
+    """Issue 12: with the default policy (3 soft bounces within 7 days), two 552s, a delivery
+    and one more 552 must not suppress the address: the delivery starts the count again."""
+    clock = Clock()
+    clock.advance(1_700_000_000)
+    store = Store(engine, clock, SuppressionConfig())
+    address = "full@example.net"
+
+    async def attempt(outcome: Callable[[ClaimedRecipient], RecipientOutcome]) -> None:
+        clock.advance(3600)
+        await store.queue_message(message(address))
+        (claimed,) = await store.claim_due("n", limit=10, lease=60)
+        assert await store.record_outcomes("n", [outcome(claimed)]) == 1
+
+    def full(recipient: ClaimedRecipient) -> RecipientOutcome:
+        return bounce(recipient, hard=False)
+
+    await attempt(full)
+    await attempt(full)
+    await attempt(delivered)
+    await attempt(full)
+    assert await store.active_suppressions([address]) == {}
+    await attempt(full)
+    assert await store.active_suppressions([address]) == {}
+    # The third soft bounce since the delivery suppresses, for the policy's 30 days.
+    await attempt(full)
+    entry = (await store.active_suppressions([address]))[address]
+    assert entry.reason == "soft_bounce" and entry.note == "3 soft bounces"
+    assert entry.expires_at == clock.seconds() + 30 * 86400
+
+
 def delivered(
     recipient: ClaimedRecipient, next_attempt_at: float | None = None
 ) -> RecipientOutcome:
-    state = "delivered" if next_attempt_at is None else "deferred"
+    event: DeliveredEvent | DeferredEvent = (
+        _delivered_event()
+        if next_attempt_at is None
+        else DeferredEvent("mx.example.net", "451 later", 1, rfc3339(next_attempt_at))
+    )
     return RecipientOutcome(
         recipient.id,
         recipient.queue_id,
         recipient.address,
-        state,
+        event.type,
         1,
         next_attempt_at,
-        "250 ok" if next_attempt_at is None else "451 later",
-        ((state, {"mx": "mx.example.net"}),),
+        event.reply,
+        (event,),
     )
+
+
+def _delivered_event() -> DeliveredEvent:
+    return DeliveredEvent(mx="mx.example.net", reply="250 ok", tls=False, attempt=1)
 
 
 @pytest_twisted.ensureDeferred

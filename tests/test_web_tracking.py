@@ -19,8 +19,8 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from smartrelay.config import SuppressionConfig
+from smartrelay.events import DeliveredEvent
 from smartrelay.rewrap.tokens import TokenCodec, load_keyring
-from smartrelay.storage import tracking as queries
 from smartrelay.storage.interfaces import ICursor
 from smartrelay.storage.store import NewMessage, Store, insert_events, to_ms
 from smartrelay.web.service import WebListeningService, loggable_path, web_service
@@ -163,7 +163,9 @@ async def delivered(store: Store, address: str, at: float) -> None:
         row = cursor.fetchone()
         assert row is not None
         await insert_events(
-            cursor, to_ms(at), "delivered", str(row[0]), [address], {"mx": "mx.example.net"}
+            cursor,
+            to_ms(at),
+            [(str(row[0]), address, DeliveredEvent("mx.example.net", "250 ok", True, 1))],
         )
 
     await store.engine.run_interaction("delivered", txn)
@@ -523,7 +525,7 @@ async def test_unsubscribe_replaces_other_reasons_without_shortening(
     store: Store, clock: Clock
 ) -> None:
     ids = await queue(store, "a@example.net", "b@example.net", "c@example.net")
-    refs = {a: await queries.recipient_ref(store, rid) for a, rid in ids.items()}
+    refs = {a: await store.recipient_ref(rid) for a, rid in ids.items()}
     assert refs["a@example.net"] is not None
     assert refs["a@example.net"].sender == "app@example.com"
     now = clock.seconds()
@@ -532,7 +534,7 @@ async def test_unsubscribe_replaces_other_reasons_without_shortening(
     await store.add_suppression("c@example.net", "unsubscribe", expires_at=now + 10)
     clock.advance(20)  # c's unsubscribe has expired: a new one counts again
     results = [
-        await queries.unsubscribe(store, ref, "page", THIRTY_DAYS)
+        await store.unsubscribe(ref, "page", SuppressionConfig(unsubscribe=THIRTY_DAYS))
         for ref in refs.values()
         if ref is not None
     ]
@@ -543,8 +545,8 @@ async def test_unsubscribe_replaces_other_reasons_without_shortening(
     assert entries["b@example.net"].expires_at == clock.seconds() + THIRTY_DAYS
     assert entries["c@example.net"].expires_at == clock.seconds() + THIRTY_DAYS
     assert len(await events(store, "unsubscribed")) == 3
-    assert await queries.recipient_ref(store, 2**64 - 1) is None
-    assert await queries.delivered_at(store, ids["a@example.net"]) is None
+    assert await store.recipient_ref(2**64 - 1) is None
+    assert await store.delivered_at(ids["a@example.net"]) is None
 
 
 @pytest_twisted.ensureDeferred
@@ -554,14 +556,14 @@ async def test_complaint_suppresses_forever_once_and_outranks_an_unsubscribe(
     """SPEC [suppression] complaint (default forever): the feedback issue's ARF reader calls
     this for the recipient a report names; a duplicate report records nothing more."""
     ids = await queue(store, "a@example.net", "b@example.net")
-    ref_a = await queries.recipient_ref(store, ids["a@example.net"])
-    ref_b = await queries.recipient_ref(store, ids["b@example.net"])
+    ref_a = await store.recipient_ref(ids["a@example.net"])
+    ref_b = await store.recipient_ref(ids["b@example.net"])
     assert ref_a is not None and ref_b is not None
-    await queries.unsubscribe(store, ref_b, "page", THIRTY_DAYS)
+    await store.unsubscribe(ref_b, "page", SuppressionConfig(unsubscribe=THIRTY_DAYS))
 
-    assert await queries.complain(store, ref_a, "abuse", "fbl.example.net", None) is True
-    assert await queries.complain(store, ref_a, "abuse", "fbl.example.net", None) is False
-    assert await queries.complain(store, ref_b, "abuse", "fbl.example.net", None) is True
+    assert await store.complain(ref_a, "abuse", "fbl.example.net", SuppressionConfig()) is True
+    assert await store.complain(ref_a, "abuse", "fbl.example.net", SuppressionConfig()) is False
+    assert await store.complain(ref_b, "abuse", "fbl.example.net", SuppressionConfig()) is True
 
     entries = {e.address: e for e in await store.list_suppressions()}
     assert {a: (e.reason, e.expires_at) for a, e in entries.items()} == {

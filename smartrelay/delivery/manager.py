@@ -21,7 +21,6 @@ import secrets
 import socket
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from attrs import frozen
 from twisted.application.service import Service
@@ -44,6 +43,14 @@ from smartrelay.delivery.mx import MxResolver, PermanentRoutingError, TemporaryR
 from smartrelay.delivery.retry import schedule_retry
 from smartrelay.delivery.routing import NextHop, ResolvedRoute, Router
 from smartrelay.delivery.throttle import Throttles
+from smartrelay.events import (
+    BouncedEvent,
+    DeferredEvent,
+    DeliveredEvent,
+    EventData,
+    ExpiredEvent,
+    SuppressedEvent,
+)
 from smartrelay.feedback.smtp_replies import classify_reply
 from smartrelay.rewrap.chain import RewrapChain
 from smartrelay.rewrap.headers import split_header_block
@@ -794,7 +801,7 @@ class DeliveryManager(Service):
                 recipient.attempts,
                 None,
                 f"suppressed: {entry.reason}",
-                (("suppressed", {"reason": entry.reason}),),
+                (SuppressedEvent(entry.reason),),
             )
             for recipient, entry in suppressed
         ]
@@ -832,9 +839,7 @@ class DeliveryManager(Service):
         attempt = recipient.attempts + 1
         line = reply.line
 
-        def outcome(
-            state: str, next_at: float | None, *events: tuple[str, dict[str, Any]]
-        ) -> RecipientOutcome:
+        def outcome(state: str, next_at: float | None, *events: EventData) -> RecipientOutcome:
             return RecipientOutcome(
                 recipient.id,
                 job.message.queue_id,
@@ -850,22 +855,19 @@ class DeliveryManager(Service):
             return outcome(
                 "delivered",
                 None,
-                ("delivered", {"mx": mx, "reply": line, "tls": tls, "attempt": attempt}),
+                DeliveredEvent(mx=mx, reply=line, tls=tls, attempt=attempt),
             )
         if reply.code >= 500:
             verdict = classify_reply(reply.code, reply.text)
             return outcome(
                 "bounced",
                 None,
-                (
-                    "bounced",
-                    {
-                        "category": verdict.category,
-                        "hard": verdict.hard,
-                        "status": verdict.status,
-                        "reply": line,
-                        "source": "smtp",
-                    },
+                BouncedEvent(
+                    category=verdict.category,
+                    hard=verdict.hard,
+                    status=verdict.status,
+                    reply=line,
+                    source="smtp",
                 ),
             )
         next_at = schedule_retry(
@@ -881,25 +883,15 @@ class DeliveryManager(Service):
             return outcome(
                 "expired",
                 None,
-                ("expired", {"attempts": attempt}),
-                (
-                    "bounced",
-                    {
-                        "category": "expired",
-                        "hard": False,
-                        "status": "4.4.7",
-                        "reply": line,
-                        "source": "smtp",
-                    },
+                ExpiredEvent(attempts=attempt),
+                BouncedEvent(
+                    category="expired", hard=False, status="4.4.7", reply=line, source="smtp"
                 ),
             )
         return outcome(
             "deferred",
             next_at,
-            (
-                "deferred",
-                {"mx": mx, "reply": line, "attempt": attempt, "next_attempt": rfc3339(next_at)},
-            ),
+            DeferredEvent(mx=mx, reply=line, attempt=attempt, next_attempt=rfc3339(next_at)),
         )
 
 

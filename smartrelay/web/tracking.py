@@ -44,7 +44,6 @@ from __future__ import annotations
 import html
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from attrs import frozen
 from klein import Klein
@@ -56,9 +55,9 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from smartrelay.config import SuppressionConfig
+from smartrelay.events import ClickedEvent, OpenedEvent
 from smartrelay.rewrap.tokens import TokenCodec, TokenError
-from smartrelay.storage import tracking as queries
-from smartrelay.storage.store import Store
+from smartrelay.storage.store import RecipientRef, Store
 
 __all__ = [
     "CLICK_DELAY",
@@ -407,7 +406,7 @@ class Tracking:
             recipient_id = None
         if recipient_id is not None and request.method != b"HEAD":
             try:
-                await self._record(request, "opened", recipient_id)
+                await self._record(request, recipient_id)
             except Exception:
                 log.failure("web: recording an open failed")
         return _respond(
@@ -429,7 +428,7 @@ class Tracking:
         location = location_header(url)
         if request.method != b"HEAD":
             try:
-                await self._record(request, "clicked", recipient_id, url)
+                await self._record(request, recipient_id, url)
             except Exception:
                 log.failure("web: recording a click failed")
         return _respond(request, 302, None, b"", ((b"Location", location),))
@@ -451,7 +450,7 @@ class Tracking:
         else:  # neither RFC 8058 nor our form: ask again
             return _html(request, 400, "Unsubscribe", _confirm_content(ref.address))
         store = await self._store_ready()
-        if await queries.unsubscribe(store, ref, method, self._suppression.unsubscribe):
+        if await store.unsubscribe(ref, method, self._suppression):
             log.info(
                 "web: a recipient of {queue_id} unsubscribed ({method})",
                 queue_id=ref.queue_id,
@@ -462,35 +461,33 @@ class Tracking:
         return _html(request, 200, "Unsubscribed", _done_content(ref.address))
 
     # -- helpers ------------------------------------------------------------------------
-    async def _unsubscribe_ref(self, token: str) -> queries.RecipientRef | None:
+    async def _unsubscribe_ref(self, token: str) -> RecipientRef | None:
         try:
             recipient_id = self._codec.parse_unsubscribe(token)
         except TokenError:
             return None
         store = await self._store_ready()
-        return await queries.recipient_ref(store, recipient_id)
+        return await store.recipient_ref(recipient_id)
 
-    async def _record(
-        self, request: IRequest, event_type: str, recipient_id: int, url: str | None = None
-    ) -> None:
+    async def _record(self, request: IRequest, recipient_id: int, url: str | None = None) -> None:
+        """An ``opened`` event, or a ``clicked`` one when ``url`` is given."""
         store = await self._store_ready()
-        ref = await queries.recipient_ref(store, recipient_id)
+        ref = await store.recipient_ref(recipient_id)
         if ref is None:
             return
         user_agent = _user_agent(request)
         reason = machine_reason(user_agent)
         if reason is None and url is not None:
-            delivered = await queries.delivered_at(store, recipient_id)
+            delivered = await store.delivered_at(recipient_id)
             if is_machine_click(self._clock.seconds(), delivered, self._click_delay):
                 reason = "click-soon-after-delivery"
-        data: dict[str, Any] = {
-            "user_agent": user_agent,
-            "ip": _client_ip(request),
-            "machine": reason is not None,
-        }
-        if url is not None:
-            data["url"] = url
-        await queries.record_engagement(store, ref, event_type, data)
+        ip, machine = _client_ip(request), reason is not None
+        event: OpenedEvent | ClickedEvent = (
+            OpenedEvent(user_agent, ip, machine)
+            if url is None
+            else ClickedEvent(user_agent, ip, machine, url)
+        )
+        await store.record_engagement(ref, event)
 
     def _serve(
         self, request: IRequest, what: str, handler: Callable[[], Awaitable[bytes]]
