@@ -491,3 +491,28 @@ def test_unimplemented_sections_stop_twistd_and_the_cli_with_one_line(
     assert result.lines == [f"smartrelay: {expected}"], result.describe()
     assert_cli_error(ctl(config, "migrate"), expected)
     assert not (tmp_path / "relay.db").exists()
+
+
+def test_a_secret_file_that_cannot_be_created_at_start_is_one_fatal_line(tmp_path: Path) -> None:
+    """The secret key file is created when the relay starts (as the user it runs as), no
+    longer while twistd builds the service tree: a problem with it is one fatal log line and
+    exit status 1, as a database that cannot be opened is."""
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the secret's folder should be\n")
+    config = write_relay_config(
+        tmp_path,
+        f"sqlite:{tmp_path / 'relay.db'}",
+        f"[rewrap]\nsecret_file = {json.dumps(str(blocked / 'secret.key'))}\n",
+    )
+    # write_relay_config has its own [rewrap]: the extra table replaces it.
+    text = config.read_text().replace(
+        f"[rewrap]\nsecret_file = {json.dumps(str(tmp_path / 'var' / 'secret.key'))}\n", "", 1
+    )
+    config.write_text(text)
+    result = run_twistd(config, tmp_path)
+    assert result.returncode == 1, result.describe()
+    fatal = [line for line in result.lines if "fatal:" in line]
+    assert len(fatal) == 1, result.describe()
+    assert str(blocked) in fatal[0], result.describe()
+    assert "Traceback" not in result.stdout, result.describe()
+    assert not (tmp_path / "relay.db").exists()  # nothing started
