@@ -137,9 +137,9 @@ class ListeningService(Service):
 
 
 def check_can_listen(description: str) -> None:
-    """Raise OSError (``str()`` as Twisted's own error would read) if the ``tcp:`` or ``tcp6:``
-    endpoint ``description`` cannot be listened on now: the port is taken, or is below 1024
-    and this user may not bind it. Other endpoints, and port 0, pass unchecked.
+    """Raise OSError (``str()`` as Twisted's own error would read) if the ``tcp:``, ``tcp6:``
+    or ``ssl:`` endpoint ``description`` cannot be listened on now: the port is taken, or is
+    below 1024 and this user may not bind it. Other endpoints, and port 0, pass unchecked.
 
     It binds a socket with ``SO_REUSEADDR`` (as Twisted does) and closes it without listening.
     It runs in twistd's ``makeService``, before twistd daemonises, so that a port in use is one
@@ -149,7 +149,7 @@ def check_can_listen(description: str) -> None:
     """
     fields = split_fields(description)
     kind = fields[0].lower()
-    if kind not in ("tcp", "tcp6"):
+    if kind not in ("tcp", "tcp6", "ssl"):
         return
     args = [unescape(field) for field in fields[1:] if "=" not in field]
     kwargs = dict(unescape(field).partition("=")[::2] for field in fields[1:] if "=" in field)

@@ -122,6 +122,7 @@ def test_check_finds_a_port_in_use_without_listening(taken: int) -> None:
         "tcp:port={port}:interface=127.0.0.1",
         "tcp:interface=127.0.0.1:port={port}",
         "tcp:{port}",  # all interfaces: 127.0.0.1 is among them
+        "ssl:{port}:privateKey=/nonexistent.pem:interface=127.0.0.1",  # e.g. [web] listen
     ],
 )
 def test_check_reads_the_port_and_interface_of_tcp_endpoints(taken: int, template: str) -> None:
