@@ -6,7 +6,7 @@ manager (node id: the main node id plus ``-dN``), logs one line per event on sta
 (``LEVEL text``), wakes up when a byte arrives on standard input and stops, as on SIGTERM,
 when standard input is closed.
 
-Like :mod:`smartrelay.tap`, an entry point (a composition root): it sits at the top of the
+Like the twistd plugin (``tap.py``), an entry point (a composition root): it sits at the top of the
 package, so that no module under it imports upwards.
 """
 
