@@ -89,7 +89,7 @@ def children(pid: int) -> list[int]:
 def delivery_child(pid: int) -> int | None:
     for child in children(pid):
         with contextlib.suppress(OSError), open(f"/proc/{child}/cmdline", "rb") as cmdline:
-            if b"smartrelay.delivery.worker" in cmdline.read():
+            if b"smartrelay.delivery_process" in cmdline.read():
                 return child
     return None
 

@@ -6,20 +6,26 @@ read its log as it comes (no fixed sleeps) and stop it with a signal.
 
 from __future__ import annotations
 
+import grp
 import json
 import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from twisted.application.service import IService, IServiceCollection
+from twisted.application.service import IService, IServiceCollection, MultiService
 
 from smartrelay.config import load_config
+from smartrelay.relay import RelayService
 from smartrelay.storage.migrations import latest_version
-from smartrelay.tap import Options, RelayService, makeService
+from smartrelay.tap import Options, makeService
 from tests.support.relay import free_ports
 from tests.support.run import (
     TWISTD,
@@ -75,18 +81,131 @@ def test_options_parse_config() -> None:
 
 
 def test_make_service_builds_the_relay_without_starting_it(tmp_path: Path) -> None:
-    config = write_relay_config(tmp_path, f"sqlite:{tmp_path / 'relay.db'}")
+    config = write_relay_config(tmp_path, f"sqlite:{tmp_path / 'var' / 'relay.db'}")
     service = makeService(options("--config", str(config)))
     assert IService.providedBy(service) and isinstance(service, RelayService)
     assert service.config.path == str(config)
-    assert service.config.database.url == f"sqlite:{tmp_path / 'relay.db'}"
+    assert service.config.database.url == f"sqlite:{tmp_path / 'var' / 'relay.db'}"
     assert not service.running
     assert IServiceCollection(service).getServiceNamed("storage") is service.storage
-    assert not (tmp_path / "relay.db").exists()  # nothing is opened before startService
-    # ... but every listener is bound, before twistd daemonises (a port in use is one line).
-    assert service.web.port is not None and len(service.listeners) == 3
-    for listener in service.listeners:
-        listener.stopService()
+    # Building the tree writes no file: no data dir (database, spool, self-signed
+    # certificate), no secret key; and binds nothing (privilegedStartService does).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smartrelay.toml"]
+    assert len(service.listeners) == 3
+    assert all(listener.port is None for listener in service.listeners)
+
+
+def test_listeners_bind_in_privileged_start_and_files_are_written_in_start(
+    tmp_path: Path,
+) -> None:
+    """twistd calls privilegedStartService as root, drops to --uid/--gid, then calls
+    startService: the ports are bound in the first, the relay's files written in the second."""
+    config = write_relay_config(tmp_path, f"sqlite:{tmp_path / 'var' / 'relay.db'}")
+    service = makeService(options("--config", str(config)))
+    assert isinstance(service, RelayService)
+    try:
+        # RelayService.privilegedStartService also installs the process's signal handlers;
+        # the MultiService part is what binds.
+        MultiService.privilegedStartService(service)
+        assert all(listener.port is not None for listener in service.listeners)
+        assert not service.running and not (tmp_path / "var").exists()
+        ports = [listener.port for listener in service.listeners]
+        for listener in service.listeners:
+            listener.startService()  # what startService does next: listen no second time
+        assert [listener.port for listener in service.listeners] == ports
+    finally:
+        for listener in service.listeners:
+            listener.stopService()
+
+
+def free_privileged_port() -> int:
+    """A port below 1024 free on 127.0.0.1 (binding it needs root)."""
+    for port in range(1023, 900, -1):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port below 1024")
+
+
+def connect_when_listening(
+    port: int, process: subprocess.Popen[str], timeout: float
+) -> socket.socket:
+    """A connection to 127.0.0.1:``port`` once ``process`` listens on it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        except ConnectionRefusedError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+            continue
+        client.settimeout(timeout)
+        return client
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="binding a port below 1024 needs root")
+def test_twistd_as_root_binds_a_low_port_and_runs_as_another_user(tmp_path: Path) -> None:
+    """``twistd --uid nobody --gid nogroup`` started as root (as the Debian package does):
+    the SMTP port below 1024 is bound before twistd drops privileges, and every file the
+    relay writes (database, secret key, self-signed certificate) belongs to that user."""
+    nobody, nogroup = pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid
+    home = Path(tempfile.mkdtemp(prefix="smartrelay-uid-"))  # tmp_path is root's, mode 0700
+    try:
+        os.chown(home, nobody, nogroup)
+        home.chmod(0o755)
+        port = free_privileged_port()
+        endpoint = f"tcp:{port}:interface=127.0.0.1"
+        config = write_relay_config(home, f"sqlite:{home / 'var' / 'relay.db'}", "", endpoint)
+        # This machine's Python lives in root's home (mode 0700): what the relay imports
+        # lazily after dropping privileges is imported before (a packaged Python in /usr
+        # needs none of this).
+        preload = "import importlib.readers, sys; from twisted.scripts.twistd import run; run()"
+        command = [
+            sys.executable,
+            "-c",
+            preload,
+            "-n",
+            "--pidfile=",
+            "--uid=nobody",
+            "--gid=nogroup",
+            "smartrelay",
+            "--config",
+            str(config),
+        ]
+        with subprocess.Popen(
+            command,
+            cwd=home,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        ) as process:
+            try:
+                with connect_when_listening(port, process, timeout=60) as client:
+                    assert client.recv(1024).startswith(b"220 relay.test ESMTP")
+                with open(f"/proc/{process.pid}/status") as status:
+                    uids = next(line for line in status if line.startswith("Uid:"))
+                assert uids.split()[1:] == [str(nobody)] * 4, uids
+                deadline = time.monotonic() + 60
+                while not (home / "var" / "relay.db").exists() and time.monotonic() < deadline:
+                    time.sleep(0.1)
+            finally:
+                process.send_signal(signal.SIGTERM)
+                output, _ = process.communicate(timeout=60)
+        assert process.returncode == 0, output
+        assert f"smtp: listening on {endpoint}" in output, output
+        assert "Traceback" not in output and "fatal" not in output, output
+        var = home / "var"
+        written = [var, var / "relay.db", var / "secret.key", var / "tls", var / "spool"]
+        assert {path.name: path.stat().st_uid for path in written} == {
+            path.name: nobody for path in written
+        }
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.mark.parametrize(("extra", "key", "problem"), BAD_CONFIGS)
@@ -372,3 +491,28 @@ def test_unimplemented_sections_stop_twistd_and_the_cli_with_one_line(
     assert result.lines == [f"smartrelay: {expected}"], result.describe()
     assert_cli_error(ctl(config, "migrate"), expected)
     assert not (tmp_path / "relay.db").exists()
+
+
+def test_a_secret_file_that_cannot_be_created_at_start_is_one_fatal_line(tmp_path: Path) -> None:
+    """The secret key file is created when the relay starts (as the user it runs as), no
+    longer while twistd builds the service tree: a problem with it is one fatal log line and
+    exit status 1, as a database that cannot be opened is."""
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the secret's folder should be\n")
+    config = write_relay_config(
+        tmp_path,
+        f"sqlite:{tmp_path / 'relay.db'}",
+        f"[rewrap]\nsecret_file = {json.dumps(str(blocked / 'secret.key'))}\n",
+    )
+    # write_relay_config has its own [rewrap]: the extra table replaces it.
+    text = config.read_text().replace(
+        f"[rewrap]\nsecret_file = {json.dumps(str(tmp_path / 'var' / 'secret.key'))}\n", "", 1
+    )
+    config.write_text(text)
+    result = run_twistd(config, tmp_path)
+    assert result.returncode == 1, result.describe()
+    fatal = [line for line in result.lines if "fatal:" in line]
+    assert len(fatal) == 1, result.describe()
+    assert str(blocked) in fatal[0], result.describe()
+    assert "Traceback" not in result.stdout, result.describe()
+    assert not (tmp_path / "relay.db").exists()  # nothing started

@@ -22,7 +22,8 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 from twisted.web.static import Data
 
-from smartrelay.web.service import WebListeningService, web_service
+from smartrelay.listening import ListeningService
+from smartrelay.web.service import ConnectionCap, web_service
 from tests.conftest import real_reactor
 from tests.support.relay import free_ports
 from tests.support.run import running_twistd, write_config
@@ -44,14 +45,14 @@ def resources() -> IResource:
     return root
 
 
-Start = Callable[..., Awaitable[WebListeningService]]
+Start = Callable[..., Awaitable[ListeningService]]
 
 
 @pytest_twisted.async_yield_fixture
 async def start() -> AsyncIterator[Start]:
-    started: list[WebListeningService] = []
+    started: list[ListeningService] = []
 
-    async def start(**limits: float) -> WebListeningService:
+    async def start(**limits: float) -> ListeningService:
         fatal: list[str] = []
         service = web_service(
             real_reactor(),
@@ -72,7 +73,7 @@ async def start() -> AsyncIterator[Start]:
             await stopped
 
 
-def port_of(service: WebListeningService) -> int:
+def port_of(service: ListeningService) -> int:
     assert service.port is not None
     return int(service.port.getHost().port)  # type: ignore[attr-defined]
 
@@ -148,26 +149,28 @@ def idle_connections(port: int, count: int) -> Iterator[list[socket.socket]]:
 async def test_connections_past_the_cap_are_closed_at_once(start: Start) -> None:
     service = await start(max_connections=5, idle_timeout=60.0)
     port = port_of(service)
+    cap = service.factory
+    assert isinstance(cap, ConnectionCap)
 
     def scenario() -> None:
         with idle_connections(port, 5) as held:
             deadline = time.monotonic() + 10
-            while service.factory.open_connections < 5 and time.monotonic() < deadline:
+            while cap.open_connections < 5 and time.monotonic() < deadline:
                 time.sleep(0.01)
-            assert service.factory.open_connections == 5
+            assert cap.open_connections == 5
             with socket.create_connection((HOST, port), timeout=10) as extra:
                 waited = closed_by_server(extra, within=10)
             assert waited is not None and waited < 5, waited
             assert all(closed_by_server(s, within=0.2) is None for s in held)  # still open
             held.pop().close()
             deadline = time.monotonic() + 10
-            while service.factory.open_connections > 4 and time.monotonic() < deadline:
+            while cap.open_connections > 4 and time.monotonic() < deadline:
                 time.sleep(0.01)
             status, _ = head_of(exchange(port, get("/ok")))  # room again
             assert status == 200
 
     await deferToThread(scenario)
-    assert service.factory.refused == 1
+    assert cap.refused == 1
 
 
 @pytest_twisted.ensureDeferred

@@ -17,13 +17,15 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
+from twisted.web.resource import IResource
 
 from smartrelay.config import SuppressionConfig
 from smartrelay.events import DeliveredEvent
+from smartrelay.listening import ListeningService
 from smartrelay.rewrap.tokens import TokenCodec, load_keyring
 from smartrelay.storage.interfaces import ICursor
 from smartrelay.storage.store import NewMessage, Store, insert_events, to_ms
-from smartrelay.web.service import WebListeningService, loggable_path, web_service
+from smartrelay.web.service import loggable_path, web_service
 from smartrelay.web.tracking import (
     PIXEL_GIF,
     Tracking,
@@ -67,8 +69,9 @@ def http() -> HTTPClient:
 @frozen
 class Server:
     base: str
-    service: WebListeningService
+    service: ListeningService
     fatal: list[str]
+    resource: IResource
 
     def url(self, path: str) -> str:
         return self.base + path
@@ -80,23 +83,22 @@ Serve = Callable[..., Awaitable[Server]]
 @pytest_twisted.async_yield_fixture
 async def serve(codec: TokenCodec, clock: Clock) -> AsyncIterator[Serve]:
     """Start a web service on 127.0.0.1, port 0, serving a Tracking app; stopped after the test."""
-    started: list[WebListeningService] = []
+    started: list[ListeningService] = []
 
     async def start(
         store_ready: Callable[[], Deferred[Store]],
         suppression: SuppressionConfig | None = None,
     ) -> Server:
         tracking = Tracking(store_ready, codec, clock, suppression or SuppressionConfig())
+        resource = tracking.app.resource()
         fatal: list[str] = []
-        service = web_service(
-            real_reactor(), "tcp:0:interface=127.0.0.1", tracking.app.resource(), fatal.append
-        )
+        service = web_service(real_reactor(), "tcp:0:interface=127.0.0.1", resource, fatal.append)
         service.startService()
         started.append(service)
         assert fatal == []
         assert service.port is not None
         port = service.port.getHost().port  # type: ignore[attr-defined]
-        return Server(f"http://127.0.0.1:{port}", service, fatal)
+        return Server(f"http://127.0.0.1:{port}", service, fatal, resource)
 
     yield start
     for service in started:
@@ -675,11 +677,11 @@ async def test_web_service_cannot_listen_is_fatal(serve: Serve) -> None:
     busy = web_service(
         real_reactor(),
         f"tcp:{port}:interface=127.0.0.1",
-        server.service.site.resource,
+        server.resource,
         fatal.append,
     )
     busy.startService()
-    bad = web_service(real_reactor(), "nonsense:1", server.service.site.resource, fatal.append)
+    bad = web_service(real_reactor(), "nonsense:1", server.resource, fatal.append)
     bad.startService()
     assert len(fatal) == 2
     assert fatal[0].startswith(f"web: cannot listen on tcp:{port}:interface=127.0.0.1: ")

@@ -2,7 +2,7 @@
 and the SMTP client run on other cores than the listener.
 
 The main process keeps the listeners, the web endpoints and the storage; it starts N children
-(``python -m smartrelay.delivery.worker``), each a delivery manager with its own node id on the
+(``python -m smartrelay.delivery_process``), each a delivery manager with its own node id on the
 same database: they claim due recipients exactly as several relay hosts do (docs/storage.md),
 so nothing is delivered twice. Each child's standard input is a pipe from the main process:
 
@@ -50,7 +50,7 @@ def worker_command(config_path: str, index: int) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "smartrelay.delivery.worker",
+        "smartrelay.delivery_process",
         "--config",
         config_path,
         "--index",

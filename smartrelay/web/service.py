@@ -19,24 +19,26 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import cast
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IAddress, IListeningPort
+from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-from twisted.python.failure import Failure
 from twisted.web.http import Request
 from twisted.web.resource import IResource
 from twisted.web.server import Request as ServerRequest
 from twisted.web.server import Site
 
+from smartrelay.listening import ListeningService
 from smartrelay.reactor import IRelayReactor
-from smartrelay.smtp.listener import ListenError
 
-__all__ = ["ConnectionCap", "WebListeningService", "WebRequest", "WebSite", "web_service"]
+__all__ = [
+    "ConnectionCap",
+    "WebRequest",
+    "WebSite",
+    "web_listener",
+    "web_service",
+    "web_site",
+]
 
 log = Logger()
 
@@ -125,89 +127,27 @@ class ConnectionCap(WrappingFactory):
         return super().buildProtocol(addr)
 
 
-class WebListeningService(Service):
-    """Listens on one endpoint string; failing to listen is fatal (one line via ``on_fatal``)."""
-
-    def __init__(
-        self,
-        reactor: IRelayReactor,
-        description: str,
-        site: Site,
-        on_fatal: Callable[[str], object],
-        max_connections: int = MAX_CONNECTIONS,
-    ) -> None:
-        self._reactor = reactor
-        self.description = description
-        self.site = site
-        self.factory = ConnectionCap(site, max_connections)
-        self._on_fatal = on_fatal
-        self._port: IListeningPort | None = None
-        self._bound = False
-        self._stopped = False
-
-    @property
-    def port(self) -> IListeningPort | None:
-        """The listening port once listening (tests read the port number from it)."""
-        return self._port
-
-    def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
-        if self._bound:
-            return
-        self._bound = True
-        try:
-            endpoint = serverFromString(self._reactor, self.description)
-        except Exception as e:
-            self._on_fatal(self._reason(str(e)))
-            return
-        d = endpoint.listen(self.factory)
-        d.addCallbacks(self._listening, self._failed)
-
-    def bind(self) -> None:
-        """Listen now, before the service starts (twistd's ``makeService``, before it
-        daemonises). Raises :class:`ListenError`; an asynchronous endpoint is left to run."""
-        if self._bound:
-            return
-        self._bound = True
-        try:
-            endpoint = serverFromString(self._reactor, self.description)
-        except Exception as e:
-            raise ListenError(self._reason(str(e))) from None
-        outcome: list[object] = []
-        d = endpoint.listen(self.factory)
-        d.addBoth(outcome.append)
-        if not outcome:
-            d.addCallbacks(self._listening, self._failed)
-        elif isinstance(outcome[0], Failure):
-            raise ListenError(self._reason(outcome[0].getErrorMessage()))
-        else:
-            self._listening(cast(IListeningPort, outcome[0]))
-
-    def _listening(self, port: IListeningPort) -> None:
-        if self._stopped:  # stopped while the endpoint was still starting
-            port.stopListening()
-            return
-        self._port = port
-        log.info("web: listening on {where}", where=self.description)
-
-    def _failed(self, failure: Failure) -> None:
-        self._on_fatal(self._reason(failure.getErrorMessage()))
-
-    def _reason(self, error: str) -> str:
-        return f"web: cannot listen on {self.description}: {_one_line(error)}"
-
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()  # type: ignore[no-untyped-call]
-        self._stopped = True
-        if self._port is None:
-            return None
-        port, self._port = self._port, None
-        stopped: Deferred[None] | None = port.stopListening()
-        return stopped
+def web_listener(
+    reactor: IRelayReactor,
+    listen: str,
+    site: Site,
+    on_fatal: Callable[[str], object],
+    *,
+    max_connections: int = MAX_CONNECTIONS,
+) -> ListeningService:
+    """A service serving ``site`` on the endpoint string ``listen``, at most
+    ``max_connections`` connections at once (its ``factory`` is the :class:`ConnectionCap`);
+    ``on_fatal`` gets one line if it cannot listen."""
+    return ListeningService(
+        reactor, listen, ConnectionCap(site, max_connections), on_fatal, name="web"
+    )
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
+def web_site(
+    resource: IResource, reactor: IRelayReactor, idle_timeout: float = IDLE_TIMEOUT
+) -> WebSite:
+    """The site serving ``resource``; a connection idle for ``idle_timeout`` is closed."""
+    return WebSite(resource, reactor=reactor, timeout=idle_timeout)  # type: ignore[no-untyped-call]
 
 
 def web_service(
@@ -218,8 +158,8 @@ def web_service(
     *,
     max_connections: int = MAX_CONNECTIONS,
     idle_timeout: float = IDLE_TIMEOUT,
-) -> WebListeningService:
+) -> ListeningService:
     """A service serving ``resource`` (e.g. ``Tracking(...).app.resource()``) on the endpoint
     string ``listen``; ``on_fatal`` gets one line if it cannot listen."""
-    site = WebSite(resource, reactor=reactor, timeout=idle_timeout)  # type: ignore[no-untyped-call]
-    return WebListeningService(reactor, listen, site, on_fatal, max_connections)
+    site = web_site(resource, reactor, idle_timeout)
+    return web_listener(reactor, listen, site, on_fatal, max_connections=max_connections)

@@ -17,8 +17,8 @@ from typing import Any
 from smartrelay.config import Config, parse_config
 from smartrelay.delivery.manager import DEFAULT_TUNABLES, DeliveryTunables
 from smartrelay.reactor import IRelayReactor
+from smartrelay.relay import RelayService
 from smartrelay.storage.store import Store
-from smartrelay.tap import RelayService
 
 HOST = "127.0.0.1"
 HOSTNAME = "relay.test"

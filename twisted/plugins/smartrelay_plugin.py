@@ -1,4 +1,4 @@
-"""twistd plugin: ``twistd -n smartrelay --config PATH``. The logic lives in smartrelay.tap."""
+"""twistd plugin: ``twistd -n smartrelay --config PATH`` (smartrelay.tap, smartrelay.relay)."""
 
 from twisted.application.service import ServiceMaker
 

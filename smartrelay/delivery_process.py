@@ -1,10 +1,13 @@
-"""A delivery process: ``python -m smartrelay.delivery.worker --config PATH --index N``.
+"""A delivery process: ``python -m smartrelay.delivery_process --config PATH --index N``.
 
 Started by the main process when ``[delivery] processes`` is set (see
 :mod:`smartrelay.delivery.processes`), never by hand. It runs the storage and one delivery
 manager (node id: the main node id plus ``-dN``), logs one line per event on standard output
 (``LEVEL text``), wakes up when a byte arrives on standard input and stops, as on SIGTERM,
 when standard input is closed.
+
+Like the twistd plugin (``tap.py``), an entry point (a composition root): it sits at the top of the
+package, so that no module under it imports upwards.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from zope.interface import implementer
 
 from smartrelay.config import ConfigError, load_config
 from smartrelay.rewrap.dkim import DkimError
-from smartrelay.rewrap.tokens import SecretFileError
 from smartrelay.smtp.tls import TlsError
 
 
@@ -81,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from twisted.internet import reactor  # the composition root takes the global reactor
 
     from smartrelay.reactor import as_relay_reactor
-    from smartrelay.tap import RelayService, handle_stop_signals, stop_reactor
+    from smartrelay.relay import RelayService, handle_stop_signals, stop_reactor
 
     relay_reactor = as_relay_reactor(reactor)
     globalLogBeginner.beginLoggingTo(
@@ -89,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     try:
         relay = RelayService(config, relay_reactor, role="delivery", worker_index=args.index)
-    except (TlsError, SecretFileError, DkimError) as error:
+    except (TlsError, DkimError) as error:
         raise SystemExit(f"critical smartrelay: {error}") from None
 
     def wake() -> None:

@@ -1,0 +1,408 @@
+"""The relay's service tree: :class:`RelayService`, one ``MultiService`` built from a
+:class:`~smartrelay.config.Config`, and the process helpers around it (signals, exit status,
+the open files limit).
+
+Building the tree reads files (the config's certificates and DKIM keys) but writes none: the
+data directory, the spool, the secret key file and the self-signed certificate are created
+in ``startService``, by the user the relay runs as (twistd drops ``--uid``/``--gid`` after
+``privilegedStartService``, where the listeners bind).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import platform
+import resource
+import signal
+import sys
+from collections.abc import Callable
+from types import FrameType
+from typing import Literal
+
+import twisted
+from attrs import evolve
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.error import ReactorNotRunning
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+
+from smartrelay import __version__
+from smartrelay.config import Config
+from smartrelay.delivery.client import SmtpConnector
+from smartrelay.delivery.manager import (
+    DEFAULT_TUNABLES,
+    DeliveryManager,
+    DeliveryTunables,
+    node_id_for,
+)
+from smartrelay.delivery.mx import MxResolver, make_system_resolver
+from smartrelay.delivery.processes import DeliveryProcesses, worker_command
+from smartrelay.listening import ListeningService
+from smartrelay.reactor import IRelayReactor
+from smartrelay.rewrap.chain import RewrapChain, RewrapSettings
+from smartrelay.rewrap.dkim import DkimSigner
+from smartrelay.rewrap.tokens import SecretFileError, TokenCodec, load_keyring
+from smartrelay.smtp.backends import InboundBackend, SubmissionBackend
+from smartrelay.smtp.listener import SmtpFactory, listener_services
+from smartrelay.smtp.session import ListenerSettings
+from smartrelay.smtp.tls import TlsError, ensure_certificate, server_context_factory
+from smartrelay.spool import Spool
+from smartrelay.storage.engines.sqlite import create_data_dir_for
+from smartrelay.storage.service import StorageService
+from smartrelay.threads import WorkerThreads
+from smartrelay.web.service import web_listener, web_site
+from smartrelay.web.tracking import Tracking
+
+__all__ = [
+    "RelayService",
+    "handle_stop_signals",
+    "raise_open_files_limit",
+    "stop_reactor",
+]
+
+log = Logger()
+
+SIGNING_THREADS = 4  # at most; no more than the machine's cores
+
+
+class RelayService(MultiService):
+    """The whole relay. Logs the start-up line; a fatal start-up error stops it with status 1.
+
+    The listeners bind in ``privilegedStartService`` (twistd, as root) or else in
+    ``startService``; the files the relay owns are created in ``startService``.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: IRelayReactor,
+        role: Literal["all", "delivery"] = "all",
+        worker_index: int = 0,
+        delivery_tunables: DeliveryTunables = DEFAULT_TUNABLES,
+    ) -> None:
+        """``role="delivery"``: only the storage and a delivery manager, as the delivery
+        process ``worker_index`` of a relay with ``[delivery] processes`` set.
+        ``delivery_tunables``: for an in-process delivery manager (tests shorten its poll)."""
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.config = config
+        self.role = role
+        self._reactor = reactor
+        self.failed_reason: str | None = None
+        self.storage = StorageService(
+            reactor,
+            config.database.url,
+            config.database.redacted_url,
+            self.fatal,
+            config.suppression,
+        )
+        self.storage.setServiceParent(self)  # type: ignore[no-untyped-call]
+        self.submission: SmtpFactory | None = None
+        self.inbound: SmtpFactory | None = None
+        #: Every listening service (SMTP, inbound, web), for :meth:`check_listeners`.
+        self.listeners: list[ListeningService] = []
+        #: The token codec, once :meth:`startService` has read (or created) the secret file.
+        self.codec: TokenCodec | None = None
+        self._spool: Spool | None = None
+        self._site = web_site(Resource(), reactor, config.web.idle_timeout)  # type: ignore[no-untyped-call]
+        serving = role == "all"
+        if serving and (config.smtp.listen or config.inbound.listen):
+            self._add_smtp_listeners()
+        signer = DkimSigner(config.dkim_keys, now=reactor.seconds)
+        settings = RewrapSettings(
+            hostname=config.server.hostname,
+            base_url=config.web.base_url.rstrip("/"),
+            return_path_domain=config.inbound.return_path_domain,
+            track_opens=config.rewrap.track_opens,
+            track_clicks=config.rewrap.track_clicks,
+            list_unsubscribe=config.rewrap.list_unsubscribe,
+            unsubscribe_mailto=config.rewrap.unsubscribe_mailto,
+        )
+        node_id = node_id_for(config.server.data_dir)
+        self._signing_threads = WorkerThreads(
+            reactor, min(SIGNING_THREADS, os.cpu_count() or 1), name="dkim-sign"
+        )
+        self.delivery: DeliveryManager | None = None
+        delivery_service: IService
+        if role == "delivery" or config.delivery.processes == 0:
+            self.delivery = delivery_service = DeliveryManager(
+                reactor,
+                config.delivery,
+                self.storage.when_ready,
+                MxResolver(make_system_resolver(reactor), reactor),
+                SmtpConnector(
+                    reactor,
+                    config.server.hostname,
+                    config.delivery.connect_timeout,
+                    config.delivery.tls,
+                ),
+                lambda store: RewrapChain(
+                    settings, self._started_codec(), signer, store, in_thread=self._in_thread
+                ),
+                tunables=delivery_tunables,
+                node_id=f"{node_id}-d{worker_index}" if role == "delivery" else node_id,
+            )
+        else:
+            config_path = os.path.abspath(config.path)
+            delivery_service = DeliveryProcesses(
+                reactor,
+                config.delivery.processes,
+                lambda index: worker_command(config_path, index),
+                self.storage.when_ready,
+            )
+        self.web: ListeningService | None = None
+        if serving:
+            # The site serves the tracking app from startService on (it needs the codec).
+            self.web = web_listener(
+                reactor,
+                config.web.listen,
+                self._site,
+                self.fatal,
+                max_connections=config.web.max_connections,
+            )
+            self.web.setServiceParent(self)  # type: ignore[no-untyped-call]
+            self.listeners.append(self.web)
+        delivery_service.setServiceParent(self)  # type: ignore[no-untyped-call]
+
+    def _started_codec(self) -> TokenCodec:
+        if self.codec is None:
+            raise RuntimeError("the token codec is read when the relay starts")
+        return self.codec
+
+    def _in_thread(self, work: Callable[[], bytes]) -> Deferred[bytes]:
+        """DKIM's private-key operations, off the reactor thread (they release the GIL)."""
+        return self._signing_threads.run(work)
+
+    def _add_smtp_listeners(self) -> None:
+        config, reactor = self.config, self._reactor
+        smtp = config.smtp
+        tls = None
+        if smtp.tls_certificate or smtp.tls_key:
+            # The operator's files are read now (as root under twistd); a self-signed pair
+            # is made (written) in startService instead.
+            tls = server_context_factory(
+                ensure_certificate(
+                    smtp.tls_certificate,
+                    smtp.tls_key,
+                    config.server.data_dir,
+                    config.server.hostname,
+                )
+            )
+        # Bodies past SPOOL_THRESHOLD are received into files (docs/smtp.md).
+        self._spool = spool = Spool(os.path.join(config.server.data_dir, "spool"))
+        submission = ListenerSettings(
+            hostname=config.server.hostname,
+            max_message_size=smtp.max_message_size,
+            max_recipients=smtp.max_recipients,
+            require_tls=smtp.require_tls,
+            require_auth=smtp.require_auth,
+            allowed_networks=smtp.allowed_networks,
+            max_connections=smtp.max_connections,
+            max_connections_per_client=smtp.max_connections_per_client,
+            idle_timeout=smtp.idle_timeout,
+            tls_handshake_timeout=smtp.tls_handshake_timeout,
+            data_timeout=smtp.data_timeout,
+            # A client may pause between reads of DATA for at most 3 minutes (RFC 5321
+            # 4.5.3.2.6), and never past the deadline of the whole DATA phase.
+            data_read_timeout=min(180.0, smtp.data_timeout),
+        )
+        self.submission = SmtpFactory(
+            submission,
+            SubmissionBackend(reactor, config.server.hostname, self.storage.when_ready, spool),
+            reactor,
+            tls,
+            name="smtp",
+        )
+        self._add_listeners(listener_services(reactor, smtp.listen, self.submission, self.fatal))
+        inbound = evolve(
+            submission,
+            require_tls=False,
+            require_auth=False,
+            allowed_networks=None,
+            max_recipients=max(smtp.max_recipients, 100),
+        )
+        self.inbound = SmtpFactory(
+            inbound,
+            InboundBackend(
+                reactor, config.inbound.return_path_domain, self.storage.when_ready, spool
+            ),
+            reactor,
+            tls,
+            name="inbound",
+        )
+        self._add_listeners(
+            listener_services(reactor, config.inbound.listen, self.inbound, self.fatal)
+        )
+
+    def _add_listeners(self, services: list[ListeningService]) -> None:
+        for service in services:
+            service.setServiceParent(self)  # type: ignore[no-untyped-call]
+            self.listeners.append(service)
+
+    def check_listeners(self) -> None:
+        """Raise :class:`ListenError` (one line) if a listener's port is taken, without
+        listening. twistd's ``makeService`` calls this, before twistd daemonises and writes
+        its pid file, so that a port in use is one line and exit status 1 in daemon mode too
+        (the listeners bind later, in ``privilegedStartService``)."""
+        for listener in self.listeners:
+            listener.check()
+
+    def _create_files(self) -> None:
+        """What the relay writes before it serves: the data directory (for an SQLite file in
+        it), the spool, the secret key file, the self-signed certificate (when none is
+        configured). Raises OSError, SecretFileError, TlsError."""
+        config = self.config
+        create_data_dir_for(config.database.url, config.server.data_dir)
+        if self._spool is not None:
+            removed = self._spool.prepare()
+            if removed:
+                log.info("removed {n} spool file(s) left by an earlier run", n=removed)
+        self.codec = TokenCodec(load_keyring(config.rewrap.secret_file))
+        factories = [f for f in (self.submission, self.inbound) if f is not None]
+        if factories and factories[0].tls is None:
+            material = ensure_certificate("", "", config.server.data_dir, config.server.hostname)
+            log.warn(
+                "no TLS certificate configured: using a self-signed one, {path}",
+                path=material.certificate_path,
+            )
+            tls = server_context_factory(material)
+            for factory in factories:
+                factory.tls = tls
+        if self.web is not None:
+            tracking = Tracking(
+                self.storage.when_ready, self.codec, self._reactor, config.suppression
+            )
+            self._site.resource = tracking.app.resource()
+
+    def privilegedStartService(self) -> None:
+        """twistd calls this, as root when started as root, before ``startService`` (an
+        in-process relay in tests does not): the process's signals, and the listeners bind."""
+        handle_stop_signals(self._reactor)
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
+
+    def startService(self) -> None:
+        log.info(
+            "SmartRelay {version} starting: config={config} database={database}"
+            " (Twisted {twisted}, Python {python})",
+            version=__version__,
+            config=self.config.path,
+            database=self.config.database.redacted_url,
+            twisted=twisted.__version__,
+            python=platform.python_version(),
+        )
+        try:
+            self._create_files()
+        except (SecretFileError, TlsError) as error:
+            self._cannot_start(str(error))
+            return
+        except OSError as error:
+            self._cannot_start(f"{error.strerror or error}: {error.filename}")
+            return
+        self._signing_threads.start()
+        super().startService()  # type: ignore[no-untyped-call]
+
+    def _cannot_start(self, reason: str) -> None:
+        """Started, but none of the services: the relay stops (exit status 1)."""
+        Service.startService(self)
+        self.fatal(reason)
+
+    def stopService(self) -> Deferred[None]:
+        """Stop the services one after another, last started first: listeners and delivery
+        finish their commits before the database closes."""
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop_in_order())
+
+    async def _stop_in_order(self) -> None:
+        for service in reversed(list(self)):
+            # A listener may be bound (privilegedStartService) without running.
+            if service.running or isinstance(service, ListeningService):
+                await maybeDeferred(service.stopService)
+        self._signing_threads.stop()
+
+    def fatal(self, reason: str) -> None:
+        """Log ``reason`` as one line and stop the reactor; the process exits with status 1."""
+        log.critical("fatal: {reason}", reason=reason)
+        if self.failed_reason is None:
+            self.failed_reason = reason
+            self._reactor.addSystemEventTrigger("after", "shutdown", _exit_failed)
+            # A failure inside startService comes before the reactor runs: stop it then.
+            self._reactor.callWhenRunning(stop_reactor, self._reactor)
+
+
+def stop_reactor(reactor: IRelayReactor) -> None:
+    """``reactor.stop()``, unless it is stopping already (which would raise)."""
+    with contextlib.suppress(ReactorNotRunning):
+        reactor.stop()
+
+
+def _exit_failed() -> None:
+    # twistd has no way to set its exit status. Exit 1 at the very end, after twistd has
+    # removed its pid file, logged its last line and returned.
+    atexit.register(_exit_status_1)
+
+
+def _exit_status_1() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def handle_stop_signals(reactor: IRelayReactor) -> None:
+    """SIGINT and SIGTERM stop the relay once, and a clean stop exits with status 0.
+
+    Twisted's own handlers call ``reactor.stop()`` for every signal and make twistd kill
+    itself with the signal at the end. A second signal while stopping then logs a critical
+    ``ReactorNotRunning`` traceback: Ctrl-C on ``make run`` reaches the delivery processes
+    from the terminal, and their parent sends them SIGTERM as it stops. These handlers
+    replace Twisted's once the reactor runs (it installs its own as it starts).
+    """
+    stopping: list[str] = []
+
+    def received(signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if stopping:
+            log.info("Received {signal} while shutting down.", signal=name)
+            return
+        stopping.append(name)
+        log.info("Received {signal}, shutting down.", signal=name)
+        reactor.callFromThread(stop_reactor, reactor)
+
+    def install() -> None:
+        signal.signal(signal.SIGINT, received)
+        signal.signal(signal.SIGTERM, received)
+
+    reactor.callWhenRunning(install)
+
+
+def raise_open_files_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (systemd's default soft limit is 1,024;
+    SMTP, web and the database share it), and log it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        target = _nr_open()
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as error:
+            log.warn(
+                "open files limit stays at {soft}: cannot raise it to {target}: {error}",
+                soft=soft,
+                target=target,
+                error=error,
+            )
+            return
+        log.info("open files limit raised from {soft} to {target}", soft=soft, target=target)
+    else:
+        log.info("open files limit: {soft}", soft=soft)
+
+
+def _nr_open() -> int:
+    """Linux's ceiling for RLIMIT_NOFILE when the hard limit is unlimited."""
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1024 * 1024
