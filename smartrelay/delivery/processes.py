@@ -37,7 +37,9 @@ from smartrelay.storage.store import QUEUE_CHANNEL, Store
 
 log = Logger()
 
-STOP_TIMEOUT = 60.0  # the in-process manager's grace (30 s) plus room to commit outcomes
+#: How long a delivery process may take to stop after SIGTERM before it is killed: its
+#: manager's stop_grace (10 s, DeliveryTunables) plus ample room to commit outcomes.
+STOP_TIMEOUT = 60.0
 RESTART_DELAY = 1.0
 MAX_RESTART_DELAY = 60.0
 STABLE_AFTER = 30.0  # a child that ran this long resets the restart delay
