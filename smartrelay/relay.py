@@ -44,7 +44,6 @@ from smartrelay.listening import ListeningService
 from smartrelay.reactor import IRelayReactor
 from smartrelay.rewrap.chain import RewrapChain, RewrapSettings
 from smartrelay.rewrap.dkim import DkimSigner
-from smartrelay.rewrap.tokens import SecretFileError, TokenCodec, load_keyring
 from smartrelay.smtp.backends import InboundBackend, SubmissionBackend
 from smartrelay.smtp.listener import SmtpFactory, listener_services
 from smartrelay.smtp.session import ListenerSettings
@@ -53,6 +52,7 @@ from smartrelay.spool import Spool
 from smartrelay.storage.engines.sqlite import create_data_dir_for
 from smartrelay.storage.service import StorageService
 from smartrelay.threads import WorkerThreads
+from smartrelay.tokens import SecretFileError, TokenCodec, load_keyring
 from smartrelay.web.service import web_listener, web_site
 from smartrelay.web.tracking import Tracking
 

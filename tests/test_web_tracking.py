@@ -22,9 +22,9 @@ from twisted.web.resource import IResource
 from smartrelay.config import SuppressionConfig
 from smartrelay.events import DeliveredEvent
 from smartrelay.listening import ListeningService
-from smartrelay.rewrap.tokens import TokenCodec, load_keyring
 from smartrelay.storage.interfaces import ICursor
 from smartrelay.storage.store import NewMessage, Store, insert_events, to_ms
+from smartrelay.tokens import TokenCodec, load_keyring
 from smartrelay.web.service import loggable_path, web_service
 from smartrelay.web.tracking import (
     PIXEL_GIF,

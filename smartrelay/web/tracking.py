@@ -56,8 +56,8 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from smartrelay.config import SuppressionConfig
 from smartrelay.events import ClickedEvent, OpenedEvent
-from smartrelay.rewrap.tokens import TokenCodec, TokenError
 from smartrelay.storage.store import RecipientRef, Store
+from smartrelay.tokens import TokenCodec, TokenError
 
 __all__ = [
     "CLICK_DELAY",
