@@ -28,8 +28,8 @@ from relay import build_message
 from smartrelay.config import DkimKey
 from smartrelay.rewrap.chain import RewrapChain, RewrapResult, RewrapSettings
 from smartrelay.rewrap.dkim import DkimSigner, generate_key
-from smartrelay.rewrap.tokens import TokenCodec, load_keyring
 from smartrelay.storage.store import ClaimedRecipient, StoredMessage, Suppression
+from smartrelay.tokens import TokenCodec, load_keyring
 
 
 class NoSuppressions:

@@ -28,7 +28,6 @@ from smartrelay.events import ALL_TYPES, csv_row, csv_writer, write_jsonl
 from smartrelay.passwords import generate_password, hash_password
 from smartrelay.reactor import IRelayReactor, as_relay_reactor
 from smartrelay.rewrap.dkim import DkimError, generate_key, txt_record_name, zone_file_entry
-from smartrelay.rewrap.tokens import SecretFileError, add_key
 from smartrelay.storage.engines import create_engine
 from smartrelay.storage.engines.sqlite import create_data_dir_for
 from smartrelay.storage.migrations import SchemaError, current_version, migrate
@@ -41,6 +40,7 @@ from smartrelay.storage.store import (
     to_ms,
 )
 from smartrelay.timefmt import parse_rfc3339, rfc3339
+from smartrelay.tokens import SecretFileError, add_key
 from smartrelay.units import parse_duration
 
 PROG = "smartrelay-ctl"

@@ -44,7 +44,6 @@ from smartrelay.listening import ListeningService
 from smartrelay.reactor import IRelayReactor
 from smartrelay.rewrap.chain import RewrapChain, RewrapSettings
 from smartrelay.rewrap.dkim import DkimSigner
-from smartrelay.rewrap.tokens import SecretFileError, TokenCodec, load_keyring
 from smartrelay.smtp.backends import InboundBackend, SubmissionBackend
 from smartrelay.smtp.listener import SmtpFactory, listener_services
 from smartrelay.smtp.session import ListenerSettings
@@ -53,7 +52,10 @@ from smartrelay.spool import Spool
 from smartrelay.storage.engines.sqlite import create_data_dir_for
 from smartrelay.storage.service import StorageService
 from smartrelay.threads import WorkerThreads
+from smartrelay.tokens import SecretFileError, TokenCodec, load_keyring
+from smartrelay.web.pages import TemplateError
 from smartrelay.web.service import web_listener, web_site
+from smartrelay.web.site import WebRoot
 from smartrelay.web.tracking import Tracking
 
 __all__ = [
@@ -252,7 +254,8 @@ class RelayService(MultiService):
     def _create_files(self) -> None:
         """What the relay writes before it serves: the data directory (for an SQLite file in
         it), the spool, the secret key file, the self-signed certificate (when none is
-        configured). Raises OSError, SecretFileError, TlsError."""
+        configured); then the web app, whose templates it reads. Raises OSError,
+        SecretFileError, TlsError, TemplateError."""
         config = self.config
         create_data_dir_for(config.database.url, config.server.data_dir)
         if self._spool is not None:
@@ -274,7 +277,7 @@ class RelayService(MultiService):
             tracking = Tracking(
                 self.storage.when_ready, self.codec, self._reactor, config.suppression
             )
-            self._site.resource = tracking.app.resource()
+            self._site.resource = WebRoot(tracking).resource()
 
     def privilegedStartService(self) -> None:
         """twistd calls this, as root when started as root, before ``startService`` (an
@@ -294,7 +297,7 @@ class RelayService(MultiService):
         )
         try:
             self._create_files()
-        except (SecretFileError, TlsError) as error:
+        except (SecretFileError, TlsError, TemplateError) as error:
             self._cannot_start(str(error))
             return
         except OSError as error:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from smartrelay.config import DkimKey
 from smartrelay.rewrap.dkim import DkimSigner
-from smartrelay.rewrap.tokens import TokenCodec, load_keyring
+from smartrelay.tokens import TokenCodec, load_keyring
 
 CTL = Path(sys.executable).parent / "smartrelay-ctl"
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from smartrelay.config import (
     load_config,
     parse_config,
 )
+from smartrelay.smtp.tls import ensure_certificate
 
 REPO = Path(__file__).parent.parent
 
@@ -1071,3 +1075,60 @@ def test_web_connection_limits() -> None:
     assert error_of({"web": {"max_connections": 0}}).key == "web.max_connections"
     bad = error_of({"web": {"idle_timeout": 30}})
     assert bad.key == "web.idle_timeout" and "add a unit" in bad.problem
+
+
+# --------------------------------------------------------------------------------------
+# The package: its names, its imports, endpoint checks that bind nothing
+
+
+def test_every_name_imported_from_smartrelay_config_is_still_there() -> None:
+    import smartrelay.config
+
+    names = {
+        "CHECKOUT_CONFIG", "INSTALLED_CONFIG", "MAX_DELIVERY_PROCESSES", "EVENT_TYPES",
+        "Config", "ConfigError", "DatabaseConfig", "DeliveryConfig", "DkimAlgorithm", "DkimKey",
+        "FeedbackMailbox", "InboundConfig", "RewrapConfig", "Route", "ServerConfig",
+        "SmtpConfig", "SoftBouncePolicy", "SuppressionConfig", "Throttle", "WebConfig",
+        "Webhook", "default_config_path", "load_config", "parse_config", "refuse_unimplemented",
+    }  # fmt: skip
+    assert names <= set(smartrelay.config.__all__)
+    for name in names:
+        assert getattr(smartrelay.config, name) is not None
+
+
+def test_the_config_package_imports_no_test_helpers() -> None:
+    """Production code must not load twisted.internet.testing (it once did, to check
+    endpoint strings against a MemoryReactor)."""
+    code = (
+        "import sys, smartrelay.config\n"
+        "smartrelay.config.parse_config({'smtp': {'listen': ['tcp:2525', 'unix:/x/s.sock']}})\n"
+        "print(sorted(m for m in sys.modules if m.startswith('twisted.internet.testing')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "[]"
+
+
+def test_checking_endpoints_binds_and_creates_nothing(tmp_path: Path) -> None:
+    sock = tmp_path / "relay.sock"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    listen = [f"tcp:{port}:interface=127.0.0.1", f"unix:{sock}:lockfile=1"]
+    assert parse_config({"smtp": {"listen": listen}}).smtp.listen == tuple(listen)
+    assert list(tmp_path.iterdir()) == []
+    with socket.socket() as again:  # the port was not kept by the check
+        again.bind(("127.0.0.1", port))
+
+
+def test_ssl_endpoints_have_their_port_and_interface_checked(tmp_path: Path) -> None:
+    tls = ensure_certificate("", "", str(tmp_path / "data"), "relay.example.com")
+    files = f"privateKey={tls.key_path}:certKey={tls.certificate_path}"
+    good = f"ssl:4465:{files}:interface=127.0.0.1"
+    assert parse_config({"smtp": {"listen": [good]}}).smtp.listen == (good,)
+    assert (
+        "port 99999 out of range" in error_of({"smtp": {"listen": [f"ssl:99999:{files}"]}}).problem
+    )
+    bad_interface = error_of({"smtp": {"listen": [f"ssl:4465:{files}:interface=localhost"]}})
+    assert bad_interface.problem.endswith("interface 'localhost' is not an IP address")

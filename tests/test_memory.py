@@ -612,8 +612,8 @@ async def test_chain_keeps_no_big_message_after_its_copies_are_made(
     from smartrelay.rewrap.chain import RewrapChain, RewrapSettings, TrackingStep
     from smartrelay.rewrap.dkim import DkimSigner
     from smartrelay.rewrap.mime import MimePlan, plan_html_parts
-    from smartrelay.rewrap.tokens import TokenCodec, load_keyring
     from smartrelay.storage.store import ClaimedRecipient, Store, StoredMessage, Suppression
+    from smartrelay.tokens import TokenCodec, load_keyring
 
     class NoSuppressions:
         async def active_suppressions(self, addresses: object) -> dict[str, Suppression]:

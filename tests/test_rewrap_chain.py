@@ -14,8 +14,8 @@ from smartrelay.config import DkimKey
 from smartrelay.rewrap.chain import RewrapChain, RewrapSettings
 from smartrelay.rewrap.dkim import DkimSigner, generate_key, txt_record_name
 from smartrelay.rewrap.mime import MimePlan
-from smartrelay.rewrap.tokens import TokenCodec, load_keyring
 from smartrelay.storage.store import NewMessage, Store
+from smartrelay.tokens import TokenCodec, load_keyring
 from tests.conftest import PerlVerify
 
 HTML_MESSAGE = (

@@ -25,8 +25,8 @@ from smartrelay.rewrap import chain as chain_module
 from smartrelay.rewrap.chain import RewrapChain, RewrapResult, RewrapSettings
 from smartrelay.rewrap.dkim import DkimSigner, generate_key
 from smartrelay.rewrap.headers import split_header_block
-from smartrelay.rewrap.tokens import MAX_URL_BYTES, TokenCodec, load_keyring
 from smartrelay.storage.store import ClaimedRecipient, Store, StoredMessage, Suppression
+from smartrelay.tokens import MAX_URL_BYTES, TokenCodec, load_keyring
 
 BASE_URL = "https://t.example.com"
 

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smartrelay.rewrap.tokens import (
+from smartrelay.tokens import (
     _DOMAIN,
     KEY_BYTES,
     MAX_URL_BYTES,

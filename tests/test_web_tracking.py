@@ -22,10 +22,11 @@ from twisted.web.resource import IResource
 from smartrelay.config import SuppressionConfig
 from smartrelay.events import DeliveredEvent
 from smartrelay.listening import ListeningService
-from smartrelay.rewrap.tokens import TokenCodec, load_keyring
 from smartrelay.storage.interfaces import ICursor
 from smartrelay.storage.store import NewMessage, Store, insert_events, to_ms
+from smartrelay.tokens import TokenCodec, load_keyring
 from smartrelay.web.service import loggable_path, web_service
+from smartrelay.web.site import WebRoot
 from smartrelay.web.tracking import (
     PIXEL_GIF,
     Tracking,
@@ -82,7 +83,8 @@ Serve = Callable[..., Awaitable[Server]]
 
 @pytest_twisted.async_yield_fixture
 async def serve(codec: TokenCodec, clock: Clock) -> AsyncIterator[Serve]:
-    """Start a web service on 127.0.0.1, port 0, serving a Tracking app; stopped after the test."""
+    """Start a web service on 127.0.0.1, port 0, serving a Tracking app through the site's root
+    (as the relay does); stopped after the test."""
     started: list[ListeningService] = []
 
     async def start(
@@ -90,7 +92,7 @@ async def serve(codec: TokenCodec, clock: Clock) -> AsyncIterator[Serve]:
         suppression: SuppressionConfig | None = None,
     ) -> Server:
         tracking = Tracking(store_ready, codec, clock, suppression or SuppressionConfig())
-        resource = tracking.app.resource()
+        resource = WebRoot(tracking).resource()
         fatal: list[str] = []
         service = web_service(real_reactor(), "tcp:0:interface=127.0.0.1", resource, fatal.append)
         service.startService()

@@ -31,8 +31,8 @@ from smartrelay.rewrap.headers import (
 )
 from smartrelay.rewrap.html import NOTRACK_ATTRIBUTE, rewrite_html
 from smartrelay.rewrap.mime import MimePlan, plan_html_parts
-from smartrelay.rewrap.tokens import TokenCodec, click_url_fits
 from smartrelay.storage.store import ClaimedRecipient, Store, StoredMessage, Suppression
+from smartrelay.tokens import TokenCodec, click_url_fits
 
 log = Logger()
 

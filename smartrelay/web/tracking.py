@@ -41,7 +41,6 @@ Behaviour worth knowing:
 
 from __future__ import annotations
 
-import html
 import re
 from collections.abc import Awaitable, Callable
 
@@ -56,8 +55,9 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from smartrelay.config import SuppressionConfig
 from smartrelay.events import ClickedEvent, OpenedEvent
-from smartrelay.rewrap.tokens import TokenCodec, TokenError
 from smartrelay.storage.store import RecipientRef, Store
+from smartrelay.tokens import TokenCodec, TokenError
+from smartrelay.web.pages import Pages
 
 __all__ = [
     "CLICK_DELAY",
@@ -258,76 +258,6 @@ def _respond(
     return body
 
 
-_PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="robots" content="noindex, nofollow">
-<title>{title}</title>
-<style>
-body{{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;
-background:#f4f4f5;color:#1f2933;margin:0;padding:2rem 1rem}}
-main{{max-width:30rem;margin:0 auto;background:#fff;border-radius:8px;padding:1.5rem 2rem;
-box-shadow:0 1px 3px rgba(0,0,0,.15)}}
-h1{{font-size:1.3rem;margin-top:0}}
-button{{font:inherit;padding:.5rem 1.25rem;border:0;border-radius:4px;background:#b91c1c;
-color:#fff;cursor:pointer}}
-</style>
-</head>
-<body>
-<main>
-{content}
-</main>
-</body>
-</html>
-"""
-
-
-def _html(request: IRequest, code: int, title: str, content: str) -> bytes:
-    body = _PAGE.format(title=html.escape(title), content=content).encode("utf-8")
-    return _respond(request, code, b"text/html; charset=utf-8", body, _HTML_HEADERS)
-
-
-def _confirm_content(address: str) -> str:
-    return (
-        "<h1>Unsubscribe</h1>\n"
-        f"<p>Stop sending email to <strong>{html.escape(mask_address(address))}</strong>?</p>\n"
-        '<form method="post">\n'
-        '<input type="hidden" name="confirm" value="yes">\n'
-        '<button type="submit">Unsubscribe</button>\n'
-        "</form>"
-    )
-
-
-def _done_content(address: str) -> str:
-    return (
-        "<h1>You are unsubscribed</h1>\n"
-        f"<p><strong>{html.escape(mask_address(address))}</strong>"
-        " will not receive these emails any more.</p>"
-    )
-
-
-def _error_page(request: IRequest, code: int) -> bytes:
-    if code == 404:
-        return _html(
-            request, 404, "Not found", "<h1>Not found</h1>\n<p>This link is not valid.</p>"
-        )
-    if code == 405:
-        return _html(
-            request,
-            405,
-            "Method not allowed",
-            "<h1>Method not allowed</h1>\n<p>This link does not accept that request.</p>",
-        )
-    return _html(
-        request,
-        500,
-        "Something went wrong",
-        "<h1>Something went wrong</h1>\n<p>Please try again later.</p>",
-    )
-
-
 def _is_one_click(request: IRequest) -> bool:
     args: dict[bytes, list[bytes]] = request.args or {}
     return any(v.strip().lower() == b"one-click" for v in args.get(b"List-Unsubscribe", []))
@@ -348,7 +278,8 @@ class Tracking:
     ``store_ready`` gives the store once the database is up (called on every request that needs
     it). ``clock`` times clicks against deliveries; ``suppression.unsubscribe`` is how long an
     unsubscribe suppresses the address (None: forever). A click less than ``click_delay``
-    seconds after delivery is ``machine: true``.
+    seconds after delivery is ``machine: true``. ``pages`` renders the HTML pages (read from
+    the template files here unless given).
     """
 
     app = Klein()
@@ -361,7 +292,9 @@ class Tracking:
         suppression: SuppressionConfig,
         *,
         click_delay: float = CLICK_DELAY,
+        pages: Pages | None = None,
     ) -> None:
+        self._pages = Pages.load() if pages is None else pages
         self._store_ready = store_ready
         self._codec = codec
         self._clock = clock
@@ -389,14 +322,14 @@ class Tracking:
     def errors(self, request: IRequest, failure: Failure) -> bytes:
         """Routing errors (no such path, wrong method) and anything else that escaped."""
         if isinstance(failure.value, MethodNotAllowed):
-            body = _error_page(request, 405)
+            body = self._error_page(request, 405)
             allowed = failure.value.valid_methods or ()
             _set_header(request, b"Allow", ", ".join(allowed).encode("ascii", "replace"))
             return body
         if isinstance(failure.value, HTTPException):
-            return _error_page(request, 404)
+            return self._error_page(request, 404)
         log.failure("web: unexpected error", failure)
-        return _error_page(request, 500)
+        return self._error_page(request, 500)
 
     # -- handlers -----------------------------------------------------------------------
     async def _pixel(self, request: IRequest, token: str) -> bytes:
@@ -421,10 +354,10 @@ class Tracking:
         try:
             recipient_id, url = self._codec.parse_click(token)
         except TokenError:
-            return _error_page(request, 404)
+            return self._error_page(request, 404)
         if not _is_http_url(url):
             log.warn("web: refused a click token whose target is not http(s)")
-            return _error_page(request, 404)
+            return self._error_page(request, 404)
         location = location_header(url)
         if request.method != b"HEAD":
             try:
@@ -436,19 +369,21 @@ class Tracking:
     async def _page(self, request: IRequest, token: str) -> bytes:
         ref = await self._unsubscribe_ref(token)
         if ref is None:
-            return _error_page(request, 404)
-        return _html(request, 200, "Unsubscribe", _confirm_content(ref.address))
+            return self._error_page(request, 404)
+        return self._html(request, 200, self._pages.unsubscribe_confirm(mask_address(ref.address)))
 
     async def _unsubscribe(self, request: IRequest, token: str) -> bytes:
         ref = await self._unsubscribe_ref(token)
         if ref is None:
-            return _error_page(request, 404)
+            return self._error_page(request, 404)
         if _is_one_click(request):
             method = "one-click"
         elif _is_page_confirm(request):
             method = "page"
         else:  # neither RFC 8058 nor our form: ask again
-            return _html(request, 400, "Unsubscribe", _confirm_content(ref.address))
+            return self._html(
+                request, 400, self._pages.unsubscribe_confirm(mask_address(ref.address))
+            )
         store = await self._store_ready()
         if await store.unsubscribe(ref, method, self._suppression):
             log.info(
@@ -458,9 +393,15 @@ class Tracking:
             )
         if method == "one-click":
             return _respond(request, 200, b"text/plain; charset=utf-8", b"Unsubscribed\n")
-        return _html(request, 200, "Unsubscribed", _done_content(ref.address))
+        return self._html(request, 200, self._pages.unsubscribe_done(mask_address(ref.address)))
 
     # -- helpers ------------------------------------------------------------------------
+    def _html(self, request: IRequest, code: int, page: bytes) -> bytes:
+        return _respond(request, code, b"text/html; charset=utf-8", page, _HTML_HEADERS)
+
+    def _error_page(self, request: IRequest, code: int) -> bytes:
+        return self._html(request, code if code in (404, 405) else 500, self._pages.error(code))
+
     async def _unsubscribe_ref(self, token: str) -> RecipientRef | None:
         try:
             recipient_id = self._codec.parse_unsubscribe(token)
@@ -503,7 +444,7 @@ class Tracking:
                 return await handler()
             except Exception:
                 log.failure("web: {what} failed", what=what)
-                return _error_page(request, 500)
+                return self._error_page(request, 500)
 
         outer: Deferred[bytes] = Deferred(lambda d: None)
 

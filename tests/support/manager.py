@@ -20,8 +20,8 @@ from smartrelay.delivery.client import (
 from smartrelay.delivery.routing import NextHop
 from smartrelay.rewrap.chain import RewrapChain, RewrapSettings
 from smartrelay.rewrap.dkim import DkimSigner
-from smartrelay.rewrap.tokens import TokenCodec, load_keyring
 from smartrelay.storage.store import Store
+from smartrelay.tokens import TokenCodec, load_keyring
 
 RELAY_HOSTNAME = "relay.test"
 RETURN_PATH = "bounces.example.com"

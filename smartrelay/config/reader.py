@@ -1,8 +1,8 @@
-"""The SmartRelay config file: TOML, parsed once at start-up into frozen attrs classes.
+"""The config reader: the TOML file to the typed objects of :mod:`smartrelay.config.model`.
 
 The file format is the contract of SPEC section 2 and is documented for users in
 docs/configuration.md. Every section and key is optional; the defaults are the class
-defaults below. Anything wrong raises :class:`ConfigError`, whose ``str()`` is a single
+defaults of the model. Anything wrong raises :class:`ConfigError`, whose ``str()`` is a single
 line naming the file, the dotted key path and the problem, e.g.::
 
     etc/x.toml: smtp.allowed_networks[0]: invalid network '10.0.0.300/8'
@@ -20,48 +20,52 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Callable, Collection, Mapping
-from typing import Any, Literal, cast
-from urllib.parse import SplitResult, unquote, urlsplit
-
-from attrs import field, frozen
-from twisted.internet import endpoints
-from twisted.internet.testing import MemoryReactor
+from collections.abc import Collection, Mapping
+from typing import Any, cast
 
 from smartrelay import units
-from smartrelay.events import EVENT_TYPES  # webhooks' [webhook] events
+from smartrelay.config.checks import (
+    MAILBOX_DEFAULT_PORTS,
+    database_url_problem,
+    endpoint_problem,
+    is_domain,
+    route_target_problem,
+    split_url,
+)
+from smartrelay.config.model import (
+    Config,
+    DatabaseConfig,
+    DeliveryConfig,
+    DeliveryTls,
+    DkimAlgorithm,
+    DkimKey,
+    FeedbackMailbox,
+    InboundConfig,
+    IPNetwork,
+    RewrapConfig,
+    Route,
+    ServerConfig,
+    SmtpConfig,
+    SoftBouncePolicy,
+    SuppressionConfig,
+    Throttle,
+    WebConfig,
+    Webhook,
+    default_routes,
+    default_throttles,
+)
+from smartrelay.events import EVENT_TYPES  # what [[webhooks]] events accepts
 
 __all__ = [
-    "EVENT_TYPES",
-    "Config",
+    "CHECKOUT_CONFIG",
+    "INSTALLED_CONFIG",
+    "MAX_DELIVERY_PROCESSES",
     "ConfigError",
-    "DatabaseConfig",
-    "DeliveryConfig",
-    "DkimKey",
-    "FeedbackMailbox",
-    "InboundConfig",
-    "RewrapConfig",
-    "Route",
-    "ServerConfig",
-    "SmtpConfig",
-    "SoftBouncePolicy",
-    "SuppressionConfig",
-    "Throttle",
-    "WebConfig",
-    "Webhook",
+    "default_config_path",
     "load_config",
     "parse_config",
     "refuse_unimplemented",
 ]
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-DatabaseEngine = Literal["sqlite", "postgresql"]
-DeliveryTls = Literal["opportunistic", "required"]
-DkimAlgorithm = Literal["rsa-sha256", "ed25519-sha256"]
-
-
-_ROUTE_DEFAULT_PORTS: dict[str, int] = {"smtp": 25, "smtp+starttls": 587, "smtps": 465}
-_MAILBOX_DEFAULT_PORTS: dict[str, int] = {"imap": 143, "imaps": 993, "pop3": 110, "pop3s": 995}
 
 
 # --------------------------------------------------------------------------------------
@@ -93,310 +97,6 @@ class ConfigError(Exception):
 
 def _one_line(text: str) -> str:
     return " ".join(text.split()) if ("\n" in text or "\r" in text) else text
-
-
-# --------------------------------------------------------------------------------------
-# The config classes. Defaults are those of SPEC section 2.
-
-
-@frozen
-class ServerConfig:
-    #: Banner, HELO/EHLO name, Message-ID domain.
-    hostname: str = "relay.example.com"
-    #: Keys, generated dev certificate, SQLite file (relative to the working directory).
-    data_dir: str = "var"
-
-
-@frozen
-class DatabaseConfig:
-    #: ``sqlite:PATH``, ``sqlite:///ABSOLUTE/PATH``, ``sqlite::memory:`` or
-    #: ``postgresql://user:pass@host:port/dbname`` (also ``postgres://``).
-    url: str = "sqlite:var/smartrelay.db"
-
-    @property
-    def engine(self) -> DatabaseEngine:
-        return "sqlite" if self.url.startswith("sqlite:") else "postgresql"
-
-    @property
-    def sqlite_path(self) -> str:
-        """The SQLite file as written (relative to the working directory) or ``:memory:``.
-
-        Raises ValueError for a PostgreSQL URL.
-        """
-        if self.engine != "sqlite":
-            raise ValueError(f"not a SQLite database URL: {self.redacted_url}")
-        rest = self.url[len("sqlite:") :]
-        if rest.startswith("//"):
-            # URL form: sqlite:///abs/path (empty authority).
-            rest = rest[2:]
-        return rest
-
-    @property
-    def redacted_url(self) -> str:
-        """The URL with any password replaced by ``***``, for logs."""
-        return _redact_url(self.url)
-
-
-@frozen
-class SmtpConfig:
-    """The submission listener: applications send here."""
-
-    listen: tuple[str, ...] = ("tcp:2525:interface=127.0.0.1",)
-    #: PEM files; both empty means a self-signed certificate generated in data_dir.
-    tls_certificate: str = ""
-    tls_key: str = ""
-    require_tls: bool = False
-    require_auth: bool = False
-    allowed_networks: tuple[IPNetwork, ...] = (
-        ipaddress.IPv4Network("127.0.0.0/8"),
-        ipaddress.IPv6Network("::1/128"),
-    )
-    max_connections: int = 200
-    max_connections_per_client: int = 50
-    #: Bytes.
-    max_message_size: int = 25 * 1024 * 1024
-    max_recipients: int = 100
-    #: Seconds without a command before 421 and close, in any state (TLS included).
-    idle_timeout: float = 300.0
-    #: Seconds for a STARTTLS or implicit-TLS handshake to complete; then the connection is cut.
-    tls_handshake_timeout: float = 30.0
-    #: Seconds for the whole DATA phase of one message.
-    data_timeout: float = 600.0
-
-
-@frozen
-class InboundConfig:
-    """The MX for the return-path domain: bounces and FBL reports arrive here."""
-
-    listen: tuple[str, ...] = ("tcp:2526:interface=127.0.0.1",)
-    #: Lower-cased.
-    return_path_domain: str = "bounces.example.com"
-
-
-@frozen
-class RewrapConfig:
-    secret_file: str = "var/secret.key"
-    track_opens: bool = True
-    track_clicks: bool = True
-    list_unsubscribe: bool = True
-    unsubscribe_mailto: bool = True
-
-
-@frozen
-class WebConfig:
-    listen: str = "tcp:8080:interface=127.0.0.1"
-    #: http(s) URL without a trailing slash, query or fragment.
-    base_url: str = "http://127.0.0.1:8080"
-    #: Open HTTP connections at most; past it new ones are closed at once (addition to SPEC).
-    max_connections: int = 500
-    #: Seconds without a byte from the client before its connection is closed (addition).
-    idle_timeout: float = 60.0
-
-
-@frozen
-class Route:
-    """One ``[delivery.routes]`` entry: ``domain`` (``*`` or a lower-cased domain) to a target.
-
-    ``target`` is ``mx`` or ``smtp://``, ``smtp+starttls://``, ``smtps://`` with optional
-    ``user:pass@`` and ``:port`` (default ports 25, 587, 465).
-    """
-
-    domain: str
-    target: str
-
-    @property
-    def is_mx(self) -> bool:
-        return self.target == "mx"
-
-    @property
-    def scheme(self) -> str:
-        """``mx``, ``smtp``, ``smtp+starttls`` or ``smtps``."""
-        return "mx" if self.is_mx else urlsplit(self.target).scheme.lower()
-
-    @property
-    def host(self) -> str:
-        """The smarthost (empty for ``mx``)."""
-        return "" if self.is_mx else urlsplit(self.target).hostname or ""
-
-    @property
-    def port(self) -> int:
-        """The smarthost port, defaulted per scheme (0 for ``mx``)."""
-        if self.is_mx:
-            return 0
-        parts = urlsplit(self.target)
-        return parts.port or _ROUTE_DEFAULT_PORTS[parts.scheme.lower()]
-
-    @property
-    def username(self) -> str | None:
-        """Percent-decoded AUTH user name, or None."""
-        user = None if self.is_mx else urlsplit(self.target).username
-        return None if user is None else unquote(user)
-
-    @property
-    def password(self) -> str | None:
-        """Percent-decoded AUTH password, or None."""
-        password = None if self.is_mx else urlsplit(self.target).password
-        return None if password is None else unquote(password)
-
-    @property
-    def redacted_target(self) -> str:
-        return _redact_url(self.target)
-
-    def __repr__(self) -> str:  # never show a smarthost password in logs or tracebacks
-        return f"Route(domain={self.domain!r}, target={self.redacted_target!r})"
-
-
-@frozen
-class Throttle:
-    """One ``[[delivery.throttle]]`` entry.
-
-    ``match`` is ``*``, a recipient domain, or ``mx:`` followed by an MX host suffix
-    (``mx:.google.com``); lower-cased.
-    """
-
-    match: str = "*"
-    max_connections: int = 20
-    max_messages_per_connection: int = 100
-    #: Messages per second (``"1000/min"`` is 16.67).
-    max_rate_per_second: float = 1000 / 60
-
-
-def _default_routes() -> tuple[Route, ...]:
-    return (Route("*", "mx"),)
-
-
-def _default_throttles() -> tuple[Throttle, ...]:
-    return (Throttle(),)
-
-
-@frozen
-class DeliveryConfig:
-    max_connections: int = 200
-    #: Seconds between attempts; after the last step, retry every last step.
-    retry_schedule: tuple[float, ...] = (
-        60.0,
-        300.0,
-        900.0,
-        1800.0,
-        3600.0,
-        7200.0,
-        14400.0,
-        28800.0,
-    )
-    #: Seconds; then bounce with category "expired".
-    max_age: float = 5 * 86400.0
-    connect_timeout: float = 30.0
-    tls: DeliveryTls = "opportunistic"
-    #: Separate delivery processes (0: the main process delivers). Re-wrapping and delivery
-    #: then run on other cores than the listener; they share the database.
-    processes: int = 0
-    #: In file order; always contains a ``*`` route (``mx`` unless configured).
-    routes: tuple[Route, ...] = field(factory=_default_routes)
-    #: In file order; always contains a ``*`` throttle (the defaults unless configured).
-    throttles: tuple[Throttle, ...] = field(factory=_default_throttles)
-
-
-@frozen
-class DkimKey:
-    #: Signs mail whose From domain is this domain or a subdomain; lower-cased.
-    domain: str
-    selector: str
-    #: PEM file path as written.
-    private_key: str
-    algorithm: DkimAlgorithm = "rsa-sha256"
-
-
-@frozen
-class FeedbackMailbox:
-    """A POP3/IMAP mailbox holding bounces, FBL reports, replies."""
-
-    #: ``imap``, ``imaps``, ``pop3`` or ``pop3s`` URL with a host.
-    url: str
-    #: Seconds between polls.
-    interval: float = 60.0
-    delete_after_processing: bool = True
-
-    @property
-    def scheme(self) -> str:
-        return urlsplit(self.url).scheme.lower()
-
-    @property
-    def host(self) -> str:
-        return urlsplit(self.url).hostname or ""
-
-    @property
-    def port(self) -> int:
-        """The port, defaulted per scheme (143, 993, 110, 995)."""
-        parts = urlsplit(self.url)
-        return parts.port or _MAILBOX_DEFAULT_PORTS[parts.scheme.lower()]
-
-    @property
-    def username(self) -> str | None:
-        user = urlsplit(self.url).username
-        return None if user is None else unquote(user)
-
-    @property
-    def password(self) -> str | None:
-        password = urlsplit(self.url).password
-        return None if password is None else unquote(password)
-
-    @property
-    def mailbox(self) -> str:
-        """The IMAP folder from the URL path (``INBOX`` if none); meaningless for POP3."""
-        return unquote(urlsplit(self.url).path.strip("/")) or "INBOX"
-
-    @property
-    def redacted_url(self) -> str:
-        return _redact_url(self.url)
-
-
-@frozen
-class SoftBouncePolicy:
-    """Suppress after ``count`` soft bounces within ``within`` seconds, for ``suppress_for``."""
-
-    count: int = 3
-    within: float = 7 * 86400.0
-    #: Seconds, or None for forever.
-    suppress_for: float | None = 30 * 86400.0
-
-
-@frozen
-class SuppressionConfig:
-    """How long each kind of suppression lasts: seconds, or None for ``"forever"``."""
-
-    hard_bounce: float | None = None
-    soft_bounce: SoftBouncePolicy = field(factory=SoftBouncePolicy)
-    complaint: float | None = None
-    unsubscribe: float | None = None
-
-
-@frozen
-class Webhook:
-    url: str
-    #: Event types of SPEC section 5 (all of them if not configured).
-    events: tuple[str, ...] = EVENT_TYPES
-    secret: str = ""
-
-
-@frozen
-class Config:
-    #: The config file path as given (``<config>`` for :func:`parse_config` without a path).
-    path: str = "<config>"
-    server: ServerConfig = field(factory=ServerConfig)
-    database: DatabaseConfig = field(factory=DatabaseConfig)
-    smtp: SmtpConfig = field(factory=SmtpConfig)
-    inbound: InboundConfig = field(factory=InboundConfig)
-    rewrap: RewrapConfig = field(factory=RewrapConfig)
-    web: WebConfig = field(factory=WebConfig)
-    delivery: DeliveryConfig = field(factory=DeliveryConfig)
-    dkim_keys: tuple[DkimKey, ...] = ()
-    feedback_mailboxes: tuple[FeedbackMailbox, ...] = ()
-    suppression: SuppressionConfig = field(factory=SuppressionConfig)
-    webhooks: tuple[Webhook, ...] = ()
-
-
-# --------------------------------------------------------------------------------------
-# Entry points
 
 
 CHECKOUT_CONFIG = "etc/smartrelay.toml"
@@ -525,14 +225,14 @@ _SUPPRESSION_KEYS = ("hard_bounce", "soft_bounce", "complaint", "unsubscribe")
 def _parse_server(t: _Table) -> ServerConfig:
     d = ServerConfig()
     hostname = t.string("hostname", d.hostname)
-    if not _is_domain(hostname):
+    if not is_domain(hostname):
         raise t.error("hostname", f"invalid hostname {hostname!r} (letters, digits, '-' and '.')")
     return ServerConfig(hostname=hostname, data_dir=t.string("data_dir", d.data_dir, empty=False))
 
 
 def _parse_database(t: _Table) -> DatabaseConfig:
     url = t.string("url", DatabaseConfig().url)
-    problem = _database_url_problem(url)
+    problem = database_url_problem(url)
     if problem is not None:
         raise t.error("url", problem)
     return DatabaseConfig(url=url)
@@ -591,7 +291,7 @@ def _parse_inbound(t: _Table) -> InboundConfig:
     d = InboundConfig()
     listen = _parse_listen_array(t, "listen", d.listen)
     domain = t.string("return_path_domain", d.return_path_domain)
-    if not _is_domain(domain):
+    if not is_domain(domain):
         raise t.error("return_path_domain", f"invalid domain {domain!r}")
     return InboundConfig(listen=listen, return_path_domain=domain.lower())
 
@@ -610,11 +310,11 @@ def _parse_rewrap(t: _Table) -> RewrapConfig:
 def _parse_web(t: _Table) -> WebConfig:
     d = WebConfig()
     listen = t.string("listen", d.listen)
-    problem = _endpoint_problem(listen)
+    problem = endpoint_problem(listen)
     if problem is not None:
         raise t.error("listen", problem)
     base_url = t.string("base_url", d.base_url)
-    parts, problem = _split_url(base_url, ("http", "https"))
+    parts, problem = split_url(base_url, ("http", "https"))
     if problem is None and (parts.query or base_url.endswith("?")):
         problem = f"invalid URL {base_url!r}: must not have a query"
     if problem is None and (parts.fragment or base_url.endswith("#")):
@@ -656,7 +356,7 @@ MAX_DELIVERY_PROCESSES = 64
 
 def _parse_routes(delivery: _Table) -> tuple[Route, ...]:
     if delivery.get("routes") is _MISSING:
-        return _default_routes()
+        return default_routes()
     t = delivery.table("routes", None)
     routes: list[Route] = []
     seen: dict[str, str] = {}
@@ -670,7 +370,7 @@ def _parse_routes(delivery: _Table) -> tuple[Route, ...]:
         target = t.string(name, "")
         if name == "*":
             domain = "*"
-        elif _is_domain(name):
+        elif is_domain(name):
             domain = name.lower()
         else:
             raise t.error(name, f"invalid route domain {name!r} (use '*' or a domain)")
@@ -680,40 +380,26 @@ def _parse_routes(delivery: _Table) -> tuple[Route, ...]:
         if target.lower() == "mx":
             target = "mx"
         else:
-            problem = _route_target_problem(target)
+            problem = route_target_problem(target)
             if problem is not None:
                 raise t.error(name, problem)
         routes.append(Route(domain=domain, target=target))
     if "*" not in seen:
-        routes.extend(_default_routes())
+        routes.extend(default_routes())
     return tuple(routes)
-
-
-def _route_target_problem(target: str) -> str | None:
-    parts, problem = _split_url(target, tuple(_ROUTE_DEFAULT_PORTS), "route target")
-    if problem is not None:
-        return (
-            f"{problem} (use 'mx' or e.g. 'smtp://host:25', 'smtp+starttls://user:pass@host:587')"
-        )
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        return f"invalid route target {_redact_url(target)!r}: must not have a path or query"
-    if parts.password is not None and not parts.username:
-        return f"invalid route target {_redact_url(target)!r}: password without a user name"
-    return None
 
 
 def _parse_throttles(delivery: _Table) -> tuple[Throttle, ...]:
     entries = delivery.table_array("throttle", _THROTTLE_KEYS)
     if entries is None:
-        return _default_throttles()
+        return default_throttles()
     d = Throttle()
     throttles: list[Throttle] = []
     seen: dict[str, str] = {}
     for t in entries:
         match = t.string("match", d.match).lower()
         if match != "*" and not (
-            _is_domain(match)
-            or (match.startswith("mx:") and _is_domain(match[3:].removeprefix(".")))
+            is_domain(match) or (match.startswith("mx:") and is_domain(match[3:].removeprefix(".")))
         ):
             raise t.error(
                 "match",
@@ -735,7 +421,7 @@ def _parse_throttles(delivery: _Table) -> tuple[Throttle, ...]:
             )
         )
     if "*" not in seen:
-        throttles.extend(_default_throttles())
+        throttles.extend(default_throttles())
     return tuple(throttles)
 
 
@@ -745,10 +431,10 @@ def _parse_dkim(dkim: _Table) -> tuple[DkimKey, ...]:
     seen: dict[tuple[str, str], str] = {}
     for t in entries or ():
         domain = t.required_string("domain")
-        if not _is_domain(domain):
+        if not is_domain(domain):
             raise t.error("domain", f"invalid domain {domain!r}")
         selector = t.required_string("selector")
-        if not _is_domain(selector):
+        if not is_domain(selector):
             raise t.error("selector", f"invalid selector {selector!r} (letters, digits, '-', '.')")
         ident = (domain.lower(), selector.lower())
         if ident in seen:
@@ -777,7 +463,7 @@ def _parse_feedback(feedback: _Table) -> tuple[FeedbackMailbox, ...]:
     mailboxes: list[FeedbackMailbox] = []
     for t in entries or ():
         url = t.required_string("url")
-        _parts, problem = _split_url(url, tuple(_MAILBOX_DEFAULT_PORTS))
+        _parts, problem = split_url(url, tuple(MAILBOX_DEFAULT_PORTS))
         if problem is not None:
             raise t.error("url", problem)
         mailboxes.append(
@@ -813,7 +499,7 @@ def _parse_webhooks(root: _Table) -> tuple[Webhook, ...]:
     webhooks: list[Webhook] = []
     for t in entries or ():
         url = t.required_string("url")
-        _parts, problem = _split_url(url, ("http", "https"))
+        _parts, problem = split_url(url, ("http", "https"))
         if problem is not None:
             raise t.error("url", problem)
         events_raw = t.array("events", str)
@@ -841,7 +527,7 @@ def _parse_listen_array(t: _Table, name: str, default: tuple[str, ...]) -> tuple
     if items is None:
         return default
     for key, description in items:
-        problem = _endpoint_problem(description)
+        problem = endpoint_problem(description)
         if problem is not None:
             raise t.error_at(key, problem)
     return tuple(description for _key, description in items)
@@ -1106,144 +792,3 @@ def _is_kind(value: object, kind: type[Any]) -> bool:
 
 # --------------------------------------------------------------------------------------
 # Value checks
-
-
-_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
-_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
-
-
-def _is_domain(text: str) -> bool:
-    """Letters, digits and hyphens in dot-separated labels (no leading/trailing dot)."""
-    return len(text) <= 253 and _DOMAIN.fullmatch(text) is not None
-
-
-def _split_url(
-    url: str, schemes: tuple[str, ...], what: str = "URL"
-) -> tuple[SplitResult, str | None]:
-    """Split ``url`` and check scheme, host and port. Returns (parts, problem or None)."""
-    shown = _redact_url(url)
-    wanted = ", ".join(f"{s}://" for s in schemes)
-    try:
-        parts = urlsplit(url)
-    except ValueError as e:
-        return urlsplit(""), f"invalid {what} {shown!r}: {e}"
-    if any(c.isspace() for c in url):
-        return parts, f"invalid {what} {shown!r}: contains white space"
-    if parts.scheme.lower() not in schemes:
-        return parts, f"invalid {what} {shown!r}: scheme must be {wanted}"
-    if not parts.hostname:
-        return parts, f"invalid {what} {shown!r}: no host"
-    try:
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError:
-        return parts, f"invalid {what} {shown!r}: invalid port"
-    if parts.netloc.endswith(":"):
-        return parts, f"invalid {what} {shown!r}: empty port"
-    return parts, None
-
-
-def _redact_url(url: str) -> str:
-    """Replace the password of a URL's user info with ``***``."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    netloc_end = len(rest)
-    for c in "/?#":
-        i = rest.find(c)
-        if i != -1:
-            netloc_end = min(netloc_end, i)
-    netloc, tail = rest[:netloc_end], rest[netloc_end:]
-    userinfo, at, hostport = netloc.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    user = userinfo.partition(":")[0]
-    return f"{scheme}://{user}:***@{hostport}{tail}"
-
-
-def _database_url_problem(url: str) -> str | None:
-    hint = "use 'sqlite:PATH' or 'postgresql://user:pass@host:5432/dbname'"
-    if url.startswith("sqlite:"):
-        rest = url[len("sqlite:") :]
-        if rest.startswith("//"):
-            if not rest.startswith("///"):
-                return (
-                    f"invalid SQLite URL {url!r}: a host is not allowed"
-                    " (use 'sqlite:relative/path' or 'sqlite:///absolute/path')"
-                )
-            rest = rest[2:]
-        if not rest:
-            return f"invalid SQLite URL {url!r}: no file path ({hint})"
-        return None
-    shown = _redact_url(url)
-    scheme = url.partition(":")[0].lower()
-    if scheme not in ("postgresql", "postgres") or not url[len(scheme) :].startswith("://"):
-        return f"invalid database URL {shown!r} ({hint})"
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError:
-        return f"invalid database URL {shown!r}: invalid port"
-    if not parts.hostname:
-        return f"invalid database URL {shown!r}: no host ({hint})"
-    if not parts.path.strip("/"):
-        return f"invalid database URL {shown!r}: no database name ({hint})"
-    return None
-
-
-def _endpoint_problem(description: str) -> str | None:
-    """Check a Twisted server endpoint string by constructing (not listening on) it."""
-    if not description.strip():
-        return "invalid endpoint '': must not be empty (e.g. 'tcp:2525:interface=127.0.0.1')"
-    # serverFromString and MemoryReactor are untyped in Twisted; give them types here.
-    parse: Callable[[object, str], object] = endpoints.serverFromString
-    dummy_reactor: Callable[[], object] = MemoryReactor
-    try:
-        endpoint = parse(dummy_reactor(), description)
-    except OSError as e:
-        # ssl: endpoints read their certificate and key files while parsing.
-        reason = f"{e.strerror or e}: {e.filename!r}" if e.filename else str(e)
-        return f"invalid endpoint {description!r}: {reason}"
-    except Exception as e:
-        return f"invalid endpoint {description!r}: {_endpoint_reason(description, e)}"
-    problem = _endpoint_address_problem(endpoint)
-    if problem is not None:
-        return f"invalid endpoint {description!r}: {problem}"
-    return None
-
-
-def _endpoint_reason(description: str, error: Exception) -> str:
-    text = str(error)
-    match = re.search(r"unexpected keyword argument '(\w+)'", text)
-    if match:
-        return f"unknown option {match.group(1)!r}"
-    match = re.search(r"invalid literal for int\(\) with base 10: ('.*')", text)
-    if match:
-        return f"not a number: {match.group(1)}"
-    if "got multiple values for argument" in text:
-        return "too many ':'-separated fields (write a ':' inside a value as '\\:')"
-    if isinstance(error, IndexError) and description.startswith("systemd:"):
-        return "no such inherited socket (not started by systemd socket activation?)"
-    if type(error).__module__.startswith("OpenSSL"):
-        return f"cannot load TLS certificate or key: {text}"
-    return text or type(error).__name__
-
-
-def _endpoint_address_problem(endpoint: object) -> str | None:
-    """Checks Twisted leaves to listen time: port range, interface address, socket path."""
-    port = getattr(endpoint, "_port", None)
-    if isinstance(port, int) and not 0 <= port <= 65535:
-        return f"port {port} out of range"
-    interface = getattr(endpoint, "_interface", None)
-    if isinstance(interface, str) and interface:
-        ipv6 = isinstance(endpoint, endpoints.TCP6ServerEndpoint)
-        try:
-            version = ipaddress.ip_address(interface).version
-        except ValueError:
-            return f"interface {interface!r} is not an IP address"
-        if ipv6 and version != 6:
-            return f"interface {interface!r} is not an IPv6 address"
-        if not ipv6 and version != 4:
-            return f"interface {interface!r} is not an IPv4 address (use tcp6: for IPv6)"
-    if isinstance(endpoint, endpoints.UNIXServerEndpoint) and not getattr(endpoint, "_address", ""):
-        return "no socket path"
-    return None

@@ -1,0 +1,52 @@
+"""The root resource of the ``[web] listen`` site: one Klein app that mounts the web apps.
+
+=====================  ==========================================================
+path                   app
+=====================  ==========================================================
+``/o/``, ``/c/``,      :class:`~smartrelay.web.tracking.Tracking` (SPEC section 4), also
+``/u/``, anything      the answer to every path no other app claims: its own 404 page,
+else                   never a traceback
+``/ui/``               (later) the reports app
+``/api/``,             (later) the HTTP API and the Prometheus metrics
+``/metrics``
+=====================  ==========================================================
+
+Tracking's routes carry their whole paths (``/o/<token>.gif``), so it is mounted on the
+branch ``/`` (Klein passes the path on untouched). An app mounted later gets a branch route of
+its own, more specific than ``/`` so it wins, and sees the path below its mount point (Klein
+moves the mount's segments to ``request.prepath``)::
+
+    @app.route("/ui/", branch=True)
+    def reports(self, request: IRequest) -> IResource:
+        return self._reports.app.resource()   # its routes are "/", "/messages", ...
+
+The site itself (no ``Server`` header, no tracebacks, the access log, connection limits) is
+:mod:`smartrelay.web.service`.
+"""
+
+from __future__ import annotations
+
+from klein import Klein
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+
+from smartrelay.web.tracking import Tracking
+
+__all__ = ["WebRoot"]
+
+
+class WebRoot:
+    """The apps served on ``[web] listen``; :meth:`resource` is the site's root resource."""
+
+    app = Klein()
+
+    def __init__(self, tracking: Tracking) -> None:
+        self._tracking = tracking.app.resource()
+
+    def resource(self) -> IResource:
+        return self.app.resource()
+
+    @app.route("/", branch=True)
+    def tracking(self, request: IRequest) -> IResource:
+        """``/o/``, ``/c/``, ``/u/`` and every path no other app claims."""
+        return self._tracking
