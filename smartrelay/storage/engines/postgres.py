@@ -82,7 +82,9 @@ class _Connection(Connection):
     def doRead(self) -> None:
         try:
             super().doRead()
-        except psycopg2.Error:
+        except (psycopg2.Error, ValueError):
+            # ValueError: libpq dropped the socket (fileno() -1) before psycopg2 marked the
+            # connection closed, and txpostgres tried to watch it again.
             self.close()
 
     def connectionLost(self, reason: Failure) -> None:
