@@ -4,8 +4,8 @@
     make bench-queue                      # the queue run alone (about 6 minutes)
     .venv/bin/python bench/relay.py [--systems postfix,sqlite,postgresql|none] [--messages 5000]
         [--sessions 20] [--latency-messages 2000] [--latency-sessions 50] [--pg-fsync on|off]
-        [--seed 1] [--queue-run] [--queue-messages 100000] [--queue-next-hop refuse|defer] [--quick]
-        [--keep]
+        [--seed 1] [--identical] [--queue-run] [--queue-messages 100000]
+        [--queue-next-hop refuse|defer] [--quick] [--keep]
 
 Everything runs on loopback, one system at a time, each relaying to its own Postfix
 `smtp-sink -c` (whose running counter this script reads from a pipe: the same count for every
@@ -84,7 +84,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,7 +92,15 @@ sys.path.insert(0, str(ROOT))
 
 import psycopg2  # noqa: E402
 import twisted  # noqa: E402
-from load import DEFAULT_SEED, SENDER, LoadMessage, describe, load, smtp_data  # noqa: E402
+from load import (  # noqa: E402
+    DEFAULT_SEED,
+    SENDER,
+    LoadMessage,
+    describe,
+    load,
+    personalized,
+    smtp_data,
+)
 
 from smartrelay import __version__ as smartrelay_version  # noqa: E402
 from smartrelay.rewrap.dkim import generate_key  # noqa: E402
@@ -463,9 +471,17 @@ def outgoing(message: LoadMessage) -> Outgoing:
     return Outgoing(commands.encode(), smtp_data(message))
 
 
-def make_load(start: int, count: int, seed: int) -> list[Outgoing]:
-    """Messages ``start`` to ``start + count - 1`` of the load: made before they are timed."""
-    return [outgoing(message) for message in load(start, count, seed)]
+def make_load(start: int, count: int, seed: int, identical: bool = False) -> list[Outgoing]:
+    """Messages ``start`` to ``start + count - 1`` of the load: made before they are timed.
+    ``identical``: the old benchmark's way, for comparison only: the load's message 0 every
+    time (only the envelope recipient numbered), which flatters any cache keyed by content."""
+    if not identical:
+        return [outgoing(message) for message in load(start, count, seed)]
+    first = personalized(0, seed)
+    return [
+        outgoing(replace(first, recipient=f"user{start + number}@{first.recipient.split('@')[1]}"))
+        for number in range(count)
+    ]
 
 
 async def _expect(reader: asyncio.StreamReader, code: bytes) -> list[bytes]:
@@ -557,6 +573,7 @@ class Settings:
     timeout: float
     seed: int
     keep: bool
+    identical: bool
     delivery_processes: int = 0
     # The load's messages by phase (made once: every system gets the same ones).
     warmup_load: list[Outgoing] = field(default_factory=list)
@@ -1178,7 +1195,9 @@ def queue_run(
         accepted = 0
         while accepted < total:
             count = min(step, total - accepted)
-            step_load = make_load(QUEUE_RUN_START + accepted, count, settings.seed)
+            step_load = make_load(
+                QUEUE_RUN_START + accepted, count, settings.seed, settings.identical
+            )
             seconds = send_load(relay.port, step_load, settings.sessions)
             accepted += count
             lines.append(row(accepted, f"injected ({count / seconds:,.0f} msg/s)", started))
@@ -1267,6 +1286,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--pg-fsync", choices=("on", "off"), default="on")
     parser.add_argument(
+        "--identical",
+        action="store_true",
+        help="the old load, for comparison only: one message sent over and over",
+    )
+    parser.add_argument(
         "--seed",
         type=int,
         default=DEFAULT_SEED,
@@ -1317,14 +1341,22 @@ def main() -> int:
         print(
             f"load: N={args.messages} messages over S={args.sessions} client sessions"
             f" (after {args.warmup} warm-up); latency M={args.latency_messages} messages over"
-            f" {args.latency_sessions} sessions; every message different (bench/load.py,"
-            f" seed {args.seed}), the same ones for every system"
+            f" {args.latency_sessions} sessions; "
+            + ("IDENTICAL messages" if args.identical else "every message different")
+            + f" (bench/load.py, seed {args.seed}), the same ones for every system"
         )
-    warmup_load = make_load(0, args.warmup, args.seed)
-    throughput_load = make_load(args.warmup, args.messages, args.seed)
-    latency_load = make_load(args.warmup + args.messages, args.latency_messages, args.seed)
+    warmup_load = make_load(0, args.warmup, args.seed, args.identical)
+    throughput_load = make_load(args.warmup, args.messages, args.seed, args.identical)
+    latency_load = make_load(
+        args.warmup + args.messages, args.latency_messages, args.seed, args.identical
+    )
     sample = list(load(args.warmup, min(args.messages, 1000) or 1, args.seed))
     description = describe(sample)
+    if args.identical:
+        description = (
+            f"IDENTICAL: message 0 of the load ({len(personalized(0, args.seed).data):,} bytes)"
+            " sent every time, numbered recipients (for comparison only)"
+        )
     print(f"messages: {description}; From {SENDER}; sink: smtp-sink -c")
     print(
         "SmartRelay: SQLite WAL synchronous=FULL; full re-wrap chain incl. DKIM RSA-2048;"
@@ -1344,6 +1376,7 @@ def main() -> int:
         timeout=120 + args.messages / 50,
         seed=args.seed,
         keep=args.keep,
+        identical=args.identical,
         delivery_processes=args.delivery_processes,
         warmup_load=warmup_load,
         throughput_load=throughput_load,

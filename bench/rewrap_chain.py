@@ -9,15 +9,17 @@ three runs over the same stored message. The default, one recipient, is transact
 load's first message every time (what the old benchmark did), to show what the caches gain
 from identical messages alone.
 
-The chain keeps three things across runs (see smartrelay/rewrap/chain.py and tokens.py):
-the MIME plan of a message, the tokenized template of its HTML, and each URL's click-token
-payload. The script counts each one's hits and measures the CPU per copy with it and with it
-turned off (``--off plans,templates,urls``; off means not reused at all, not even by the
-copies of one message). The RSA signature runs inline and is timed on its own, so the chain's
+The chain keeps three things (see smartrelay/rewrap/chain.py and tokens.py): the MIME plan
+of a message and the tokenized templates of its HTML (for the message's next copies and
+jobs), and each URL's click-token payload (across messages: a link every message has, a
+footer's, is reused). The script counts each one's hits and measures the CPU per copy with
+it and with it turned off (``--off plans,templates,urls``; off means not reused at all, not
+even by the copies of one message; ``urls-across``: URL payloads reused within a message
+only). The RSA signature runs inline and is timed on its own, so the chain's
 Python cost is the difference.
 
     .venv/bin/python bench/rewrap_chain.py [--messages 2000] [--recipients 1] [--domains 1]
-        [--identical] [--off plans,templates,urls] [--seed 1] [--profile]
+        [--identical] [--off plans,templates,urls,urls-across] [--seed 1] [--profile]
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from smartrelay.rewrap.dkim import DkimSigner, generate_key
 from smartrelay.rewrap.tokens import TokenCodec, load_keyring
 from smartrelay.storage.store import ClaimedRecipient, StoredMessage, Suppression
 
-CACHES = ("plans", "templates", "urls")
+CACHES = ("plans", "templates", "urls", "urls-across")
 Job = tuple[StoredMessage, tuple[ClaimedRecipient, ...]]
 
 
@@ -126,15 +128,22 @@ class Counters:
         self.__init__()  # type: ignore[misc]
 
 
+class _Forgetful(dict[Any, Any]):
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+
 def turn_off(names: Iterable[str]) -> None:
     """Caches not reused at all: kept for zero entries (plans, templates), or not kept."""
     for name in names:
         if name == "plans":
             chain_module.PLAN_CACHE = 0
-        elif name == "templates":
-            chain_module.TEMPLATE_CACHE = 0
+        elif name == "templates":  # a message's templates dict that keeps nothing
+            planned = functools.partial(chain_module._Planned, templates=_Forgetful())
+            setattr(chain_module, "_Planned", planned)  # noqa: B010
         elif name == "urls":
             tokens_module._url_payload = tokens_module._url_payload.__wrapped__  # type: ignore[assignment]
+        # "urls-across": cleared whenever the next job is another message's (one_pass)
 
 
 def rate(hits: int, lookups: int) -> str:
@@ -179,14 +188,27 @@ def main() -> None:
     warm = jobs(args.messages, args.recipients, args.domains, args.identical, args.seed + 1000)
     measured = jobs(args.messages, args.recipients, args.domains, args.identical, args.seed)
 
+    across = "urls-across" not in off
+    cleared = [0, 0]  # URL payload cache hits and misses counted before each clear
+
     def one_pass(work: list[Job]) -> list[RewrapResult]:
         results: list[RewrapResult] = []
+        previous: StoredMessage | None = None
         for message, recipients in work:
+            if not across and message is not previous:
+                info = tokens_module._url_payload.cache_info()
+                cleared[0] += info.hits
+                cleared[1] += info.misses
+                tokens_module._url_payload.cache_clear()
+            previous = message
             Deferred.fromCoroutine(chain.run(message, recipients)).addCallback(results.append)
         return results
 
     one_pass(warm)
     counters.reset()
+    cleared[:] = [0, 0]
+    if not across:
+        tokens_module._url_payload.cache_clear()
     url_info = getattr(tokens_module._url_payload, "cache_info", None)
     urls_before = url_info() if url_info else None
     started = time.process_time()
@@ -220,7 +242,10 @@ def main() -> None:
     )
     if urls_before is not None and url_info is not None:
         now = url_info()
-        hits, misses = now.hits - urls_before.hits, now.misses - urls_before.misses
+        hits = now.hits - urls_before.hits + cleared[0]
+        misses = now.misses - urls_before.misses + cleared[1]
+        if not across:  # the statistics were cleared with the cache: counted from zero
+            hits, misses = now.hits + cleared[0], now.misses + cleared[1]
         print(f"URL payload cache hits: {rate(hits, hits + misses)}")
     if args.profile:
         profile = cProfile.Profile()
