@@ -14,7 +14,7 @@ from smartrelay.config import DkimKey
 from smartrelay.rewrap.chain import RewrapChain, RewrapSettings
 from smartrelay.rewrap.dkim import DkimSigner, generate_key, txt_record_name
 from smartrelay.rewrap.mime import MimePlan
-from smartrelay.rewrap.tokens import TokenCodec, load_keyring
+from smartrelay.rewrap.tokens import TokenCodec, click_payload, load_keyring
 from smartrelay.storage.store import NewMessage, Store
 from tests.conftest import PerlVerify
 
@@ -200,10 +200,11 @@ def test_tracking_cuts_each_message_once_whatever_its_recipient_count(
 def test_tracking_templates_are_kept_per_message_never_shared_between_messages(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A message's HTML is tokenized once for all its copies, in every job (one per domain);
-    another message is tokenized anew even when its HTML is the same (a cache keyed by the
-    HTML text only ever helped identical messages, which personalized mail never sends), and
-    the step keeps templates only with the PLAN_CACHE messages whose plans it keeps."""
+    """A message's HTML is tokenized once for all its copies, in every job (one per domain),
+    and so are its links' click-token payloads; another message is tokenized anew even when
+    its HTML is the same (caches keyed by the HTML text or the URL only ever helped identical
+    messages, which personalized mail never sends), and the step keeps templates only with
+    the PLAN_CACHE messages whose plans it keeps."""
     import smartrelay.rewrap.chain as chain_module
     from smartrelay.rewrap.chain import OutgoingCopy, TrackingStep
     from smartrelay.rewrap.html import rewrite_html as real_rewrite
@@ -216,6 +217,13 @@ def test_tracking_templates_are_kept_per_message_never_shared_between_messages(
         return real_rewrite(html, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(chain_module, "rewrite_html", counting_rewrite)
+    payloads: list[str] = []
+
+    def counting_payload(url: str) -> bytes:
+        payloads.append(url)
+        return click_payload(url)
+
+    monkeypatch.setattr(chain_module, "click_payload", counting_payload)
     codec = TokenCodec(load_keyring(str(tmp_path / "secret.key")))
     settings = RewrapSettings("relay.test", "https://t.example.com", "bounces.example.com")
     step = TrackingStep(codec, settings)
@@ -237,6 +245,8 @@ def test_tracking_templates_are_kept_per_message_never_shared_between_messages(
                 assert b"https://t.example.com/c/" in copy.body
                 bodies.add(copy.body)
     assert len(tokenized) == 2  # once per message, whatever its copies and jobs
+    link = "https://shop.example.com/p?a=1&b=2#x"
+    assert payloads == [link, link]  # its links' token payloads too, kept in the template
     assert len(bodies) == 3  # the same recipient ids get the same tokens in both messages
     for number in range(3, 3 + chain_module.PLAN_CACHE):
         message = stored(number)

@@ -31,7 +31,7 @@ from smartrelay.rewrap.headers import (
 )
 from smartrelay.rewrap.html import NOTRACK_ATTRIBUTE, rewrite_html
 from smartrelay.rewrap.mime import MimePlan, plan_html_parts
-from smartrelay.rewrap.tokens import TokenCodec, click_url_fits
+from smartrelay.rewrap.tokens import TokenCodec, click_payload, click_url_fits
 from smartrelay.storage.store import ClaimedRecipient, Store, StoredMessage, Suppression
 
 log = Logger()
@@ -184,18 +184,22 @@ _UNSAFE_IN_ATTRIBUTE = re.compile(r"[&\"'<>\s]")
 class HtmlTemplate:
     """An HTML part already rewritten, cut at each tracking URL: filling it for a recipient
     is one join instead of another HTML parse. ``literals`` has one more item than
-    ``slots``; a slot is an index into ``links``, or -1 for the pixel."""
+    ``slots``; a slot is an index into ``links``, or -1 for the pixel. ``payloads`` are the
+    links' click-token payloads (:func:`click_payload`), made once for all recipients."""
 
     literals: tuple[str, ...]
     slots: tuple[int, ...]
     links: tuple[str, ...]
+    payloads: tuple[bytes, ...]
 
     @classmethod
-    def from_marked(cls, html: str, links: tuple[str, ...]) -> HtmlTemplate:
+    def from_marked(
+        cls, html: str, links: tuple[str, ...], payloads: tuple[bytes, ...]
+    ) -> HtmlTemplate:
         """From HTML with ``\ue000N\ue001`` (link N) and ``\ue000P\ue001`` (pixel) marks."""
         pieces = _SLOT.split(html)
         slots = tuple(-1 if name == "P" else int(name) for name in pieces[1::2])
-        return cls(tuple(pieces[0::2]), slots, links)
+        return cls(tuple(pieces[0::2]), slots, links, payloads)
 
     def fill(self, pixel: str, click_urls: Sequence[str]) -> str:
         """The HTML with ``click_urls[i]`` for link i and ``pixel`` for the pixel."""
@@ -240,11 +244,15 @@ class TrackingStep:
         template = None
         if self._templating and "\ue000" not in html and "\ue001" not in html:
             links: list[str] = []
+            payloads: list[bytes] = []
 
             def slot(url: str) -> str:
-                if not click_url_fits(url):
+                try:
+                    payload = click_payload(url)
+                except ValueError:
                     return url  # left as it is, untracked
                 links.append(url)
+                payloads.append(payload)
                 return f"\ue000{len(links) - 1}\ue001"
 
             result = rewrite_html(
@@ -252,7 +260,7 @@ class TrackingStep:
             )
             slots = len(_SLOT.findall(result.html))
             if slots == len(links) + (1 if opens else 0):  # every slot came out intact
-                template = HtmlTemplate.from_marked(result.html, tuple(links))
+                template = HtmlTemplate.from_marked(result.html, tuple(links), tuple(payloads))
         planned.templates[key] = template
         return template
 
@@ -300,7 +308,7 @@ class TrackingStep:
             template = self._template(planned, html, opens, clicks)
             if template is None:  # unusual HTML or base_url: the direct way
                 return rewrite_html(html, click_url if clicks else None, pixel).html
-            tokens = self._codec.click_tokens(recipient_id, template.links)
+            tokens = self._codec.click_tokens_for_payloads(recipient_id, template.payloads)
             return template.fill(pixel or "", [f"{base}/c/{token}" for token in tokens])
 
         planned = self._plan(copy.message)
