@@ -534,9 +534,18 @@ def send_load(
     port: int, messages: Sequence[Outgoing], sessions: int, latencies: list[float] | None = None
 ) -> float:
     """Sends ``messages`` over ``sessions`` connections at once; returns the wall time in
-    seconds (the first connection to the last 221)."""
+    seconds (the first connection to the last 221). A relay that stalls fails the run after
+    two minutes plus 20 ms a message (BenchError), instead of hanging it."""
+    limit = 120 + len(messages) / 50
+
+    async def bounded() -> None:
+        try:
+            await asyncio.wait_for(_send(port, messages, sessions, latencies), limit)
+        except TimeoutError:
+            raise BenchError(f"sending {len(messages)} messages took over {limit:.0f} s") from None
+
     started = time.perf_counter()
-    asyncio.run(_send(port, messages, sessions, latencies))
+    asyncio.run(bounded())
     return time.perf_counter() - started
 
 
