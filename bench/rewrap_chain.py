@@ -166,7 +166,16 @@ def main() -> None:
         url_cache = functools.lru_cache(maxsize=4096)(click_payload)
         setattr(chain_module, "click_payload", url_cache)  # noqa: B010
 
-    directory = tempfile.mkdtemp(prefix="smartrelay-bench-chain-")
+    with tempfile.TemporaryDirectory(prefix="smartrelay-bench-chain-") as directory:
+        measure(args, off, url_cache, directory)
+
+
+def measure(
+    args: argparse.Namespace,
+    off: list[str],
+    url_cache: functools._lru_cache_wrapper[bytes] | None,
+    directory: str,
+) -> None:
     key_path, _ = generate_key("example.com", "bench", "rsa", directory)
     signer = DkimSigner([DkimKey("example.com", "bench", key_path)])
     codec = TokenCodec(load_keyring(os.path.join(directory, "secret.key")))
