@@ -31,7 +31,7 @@ from smartrelay.rewrap.headers import (
 )
 from smartrelay.rewrap.html import NOTRACK_ATTRIBUTE, rewrite_html
 from smartrelay.rewrap.mime import MimePlan, plan_html_parts
-from smartrelay.rewrap.tokens import TokenCodec, click_payload, click_url_fits
+from smartrelay.rewrap.tokens import TokenCodec, click_payload
 from smartrelay.storage.store import ClaimedRecipient, Store, StoredMessage, Suppression
 
 log = Logger()
@@ -296,9 +296,12 @@ class TrackingStep:
         pixel = f"{base}/o/{self._codec.open_token(recipient_id)}.gif" if opens else None
 
         def click_url(url: str) -> str:
-            if not click_url_fits(url):
+            try:
+                payload = click_payload(url)  # once: nothing keeps it across copies here
+            except ValueError:
                 return url  # left as it is, untracked
-            return f"{base}/c/{self._codec.click_token(recipient_id, url)}"
+            [token] = self._codec.click_tokens_for_payloads(recipient_id, [payload])
+            return f"{base}/c/{token}"
 
         def fill(html: str) -> str:
             if not (opens or clicks):  # only the opt-out attribute to remove
