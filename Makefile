@@ -72,7 +72,8 @@ test: $(VENV)/.test-installed
 
 check: lint typecheck test
 
-# Postfix vs SmartRelay (SQLite, PostgreSQL) on loopback, as root (a private Postfix instance);
+# Postfix vs SmartRelay (SQLite, PostgreSQL) on loopback, as root (a private Postfix instance),
+# with a personalized load (bench/load.py: every message different, the same for every system);
 # BENCH_ARGS=--quick for a smoke run. bench-queue: SmartRelay's memory with 100,000 queued
 # messages (about 6 minutes).
 bench: $(VENV)/.run-installed

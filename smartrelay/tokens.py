@@ -58,7 +58,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import functools
 import hashlib
 import hmac
 import os
@@ -79,6 +78,7 @@ __all__ = [
     "TokenCodec",
     "TokenError",
     "add_key",
+    "click_payload",
     "click_url_fits",
     "load_keyring",
 ]
@@ -331,22 +331,27 @@ class TokenCodec:
         """A token carrying ``url`` byte-exact (its UTF-8, at most :data:`MAX_URL_BYTES`)."""
         if not isinstance(url, str):
             raise TypeError(f"the URL must be a str, not {type(url).__name__}")
-        payload = _url_payload(url)
+        payload = click_payload(url)
         return _b64encode(self._seal(_CLICK, _varint(recipient_id) + payload, _URL_TAG))
 
     def click_tokens(self, recipient_id: int, urls: Sequence[str]) -> list[str]:
         """``[click_token(recipient_id, url) for url in urls]``, the common part done once
         (a copy of a message gets one token per link)."""
-        current = self.keyring.current
-        signed_prefix = bytes([current]) + _varint(recipient_id)
-        mac = self._macs[current].extended(_CLICK + signed_prefix)
-        tokens = []
         for url in urls:
             if not isinstance(url, str):
                 raise TypeError(f"the URL must be a str, not {type(url).__name__}")
-            payload = _url_payload(url)
-            tokens.append(_b64encode(signed_prefix + payload + mac.digest(payload)[:_URL_TAG]))
-        return tokens
+        return self.click_tokens_for_payloads(recipient_id, [click_payload(url) for url in urls])
+
+    def click_tokens_for_payloads(self, recipient_id: int, payloads: Sequence[bytes]) -> list[str]:
+        """:meth:`click_tokens` of the URLs whose :func:`click_payload` are ``payloads``: a
+        message's recipients share its links' payloads, made once."""
+        current = self.keyring.current
+        signed_prefix = bytes([current]) + _varint(recipient_id)
+        mac = self._macs[current].extended(_CLICK + signed_prefix)
+        return [
+            _b64encode(signed_prefix + payload + mac.digest(payload)[:_URL_TAG])
+            for payload in payloads
+        ]
 
     def parse_click(self, token: str) -> tuple[int, str]:
         """The recipient id and the URL exactly as given to :meth:`click_token`."""
@@ -459,16 +464,18 @@ def click_url_fits(url: str) -> bool:
     part's charset does not have comes here with surrogates) of at most :data:`MAX_URL_BYTES`
     in UTF-8. Such a link is left untracked, never an error for the whole copy."""
     try:
-        _url_payload(url)
+        click_payload(url)
     except ValueError:
         return False
     return True
 
 
-@functools.lru_cache(maxsize=4096)
-def _url_payload(url: str) -> bytes:
-    """A click token's URL part: a flag and the UTF-8, deflated when that is shorter. Cached:
-    every recipient of a message gets the same links."""
+def click_payload(url: str) -> bytes:
+    """A click token's URL part: a flag and the UTF-8, deflated when that is shorter;
+    ValueError when a token cannot carry ``url`` (see :func:`click_url_fits`). Not cached
+    here: the re-wrap chain keeps a message's payloads for its recipients, and personalized
+    mail has few links in common between messages (a cache across messages measured no
+    gain on such a load, docs/performance.md)."""
     try:
         data = url.encode("utf-8")
     except UnicodeEncodeError as e:

@@ -15,7 +15,7 @@ from smartrelay.rewrap.chain import RewrapChain, RewrapSettings
 from smartrelay.rewrap.dkim import DkimSigner, generate_key, txt_record_name
 from smartrelay.rewrap.mime import MimePlan
 from smartrelay.storage.store import NewMessage, Store
-from smartrelay.tokens import TokenCodec, load_keyring
+from smartrelay.tokens import TokenCodec, click_payload, load_keyring
 from tests.conftest import PerlVerify
 
 HTML_MESSAGE = (
@@ -195,6 +195,71 @@ def test_tracking_cuts_each_message_once_whatever_its_recipient_count(
         bodies.add(copy.body)
     assert cuts == [HTML_MESSAGE]
     assert len(bodies) == 50  # and yet every copy has its own tokens
+
+
+def test_tracking_templates_are_kept_per_message_never_shared_between_messages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message's HTML is tokenized once for all its copies, in every job (one per domain),
+    and so are its links' click-token payloads; another message is tokenized anew even when
+    its HTML is the same (caches keyed by the HTML text or the URL only ever helped identical
+    messages, which personalized mail never sends), and the step keeps templates only with
+    the PLAN_CACHE messages whose plans it keeps."""
+    import smartrelay.rewrap.chain as chain_module
+    from smartrelay.rewrap.chain import OutgoingCopy, TrackingStep
+    from smartrelay.rewrap.html import rewrite_html as real_rewrite
+    from smartrelay.storage.store import ClaimedRecipient, StoredMessage
+
+    tokenized: list[str] = []
+
+    def counting_rewrite(html: str, *args: object, **kwargs: object) -> object:
+        tokenized.append(html)
+        return real_rewrite(html, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(chain_module, "rewrite_html", counting_rewrite)
+    payloads: list[str] = []
+
+    def counting_payload(url: str) -> bytes:
+        payloads.append(url)
+        return click_payload(url)
+
+    monkeypatch.setattr(chain_module, "click_payload", counting_payload)
+    codec = TokenCodec(load_keyring(str(tmp_path / "secret.key")))
+    settings = RewrapSettings("relay.test", "https://t.example.com", "bounces.example.com")
+    step = TrackingStep(codec, settings)
+
+    def stored(number: int) -> StoredMessage:
+        received = f"Received: by relay.test with ESMTP id Q{number}\r\n".encode()
+        return StoredMessage(
+            f"Q{number}", 0.0, "news@example.com", (), {}, {}, received + HTML_MESSAGE
+        )
+
+    first, second = stored(1), stored(2)
+    bodies = set()
+    for message in (first, second):
+        for job in ("example.net", "example.org"):  # two jobs of the same message
+            for recipient_id in range(3):
+                recipient = ClaimedRecipient(recipient_id, message.queue_id, f"r@{job}", job, 0)
+                copy = OutgoingCopy.of(message, recipient, "news@example.com", message.raw)
+                step.apply(copy)
+                assert b"https://t.example.com/c/" in copy.body
+                bodies.add(copy.body)
+    assert len(tokenized) == 2  # once per message, whatever its copies and jobs
+    link = "https://shop.example.com/p?a=1&b=2#x"
+    assert payloads == [link, link]  # its links' token payloads too, kept in the template
+    assert len(bodies) == 3  # the same recipient ids get the same tokens in both messages
+    for number in range(3, 3 + chain_module.PLAN_CACHE):
+        message = stored(number)
+        copy = OutgoingCopy.of(
+            message,
+            ClaimedRecipient(number, message.queue_id, "r@x.test", "x.test", 0),
+            "news@example.com",
+            message.raw,
+        )
+        step.apply(copy)
+    assert len(step._plans) == chain_module.PLAN_CACHE
+    assert first.raw not in step._plans and second.raw not in step._plans
+    assert not [name for name in vars(step) if "template" in name]  # kept nowhere else
 
 
 def test_top_level_7bit_html_whose_line_outgrows_smtp_becomes_quoted_printable(

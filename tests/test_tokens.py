@@ -29,6 +29,7 @@ from smartrelay.tokens import (
     _b64encode,
     _Mac,
     add_key,
+    click_payload,
     load_keyring,
 )
 
@@ -696,7 +697,8 @@ def test_arbitrary_bytes_never_parse(recipient_id: int, raw: bytes) -> None:
 @settings(deadline=None)
 @given(recipient_ids, st.lists(st.text(max_size=100), max_size=20))
 def test_click_tokens_for_a_copy_are_the_single_tokens(recipient_id: int, urls: list[str]) -> None:
-    """The batch a re-wrapped copy uses gives exactly the tokens one call per URL gives."""
+    """The batch a re-wrapped copy uses (from the URLs, or from their payloads made once per
+    message) gives exactly the tokens one call per URL gives."""
     try:
         single = [property_codec.click_token(recipient_id, url) for url in urls]
     except ValueError:  # a lone surrogate: not encodable, and the batch says so too
@@ -704,6 +706,8 @@ def test_click_tokens_for_a_copy_are_the_single_tokens(recipient_id: int, urls: 
             property_codec.click_tokens(recipient_id, urls)
         return
     assert property_codec.click_tokens(recipient_id, urls) == single
+    payloads = [click_payload(url) for url in urls]  # what a message's template keeps
+    assert property_codec.click_tokens_for_payloads(recipient_id, payloads) == single
     with pytest.raises(TypeError):
         property_codec.click_tokens(recipient_id, [b"https://example.com/"])  # type: ignore[list-item]
 

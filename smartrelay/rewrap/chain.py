@@ -17,7 +17,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
-from attrs import define, frozen
+from attrs import Factory, define, frozen
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
@@ -32,7 +32,7 @@ from smartrelay.rewrap.headers import (
 from smartrelay.rewrap.html import NOTRACK_ATTRIBUTE, rewrite_html
 from smartrelay.rewrap.mime import MimePlan, plan_html_parts
 from smartrelay.storage.store import ClaimedRecipient, Store, StoredMessage, Suppression
-from smartrelay.tokens import TokenCodec, click_url_fits
+from smartrelay.tokens import TokenCodec, click_payload
 
 log = Logger()
 
@@ -40,11 +40,14 @@ log = Logger()
 InThread = Callable[[Callable[[], bytes]], Deferred[bytes]]
 
 TRACE_FIELDS = (b"received", b"return-path")
-TEMPLATE_CACHE = 64  # HTML parts kept tokenized (a few messages' worth)
-PLAN_CACHE = 16  # messages kept cut into parts (the chain runs one message at a time)
-#: A message (or HTML part) bigger than this is not kept in those caches, which count
-#: entries, not bytes: only the latest big one is, in a slot of its own, so its recipients
-#: share its plan while memory holds one big message's worth at most.
+#: Messages kept cut into parts, with their HTML tokenized, for their next job (a message to
+#: several domains is one job per domain). Nothing is shared between messages: each stored
+#: message has bytes of its own (its Received field), and personalized mail has HTML of its
+#: own too, so a cache keyed by content would only ever hit for identical messages.
+PLAN_CACHE = 16
+#: A message bigger than this is not kept in that cache, which counts entries, not bytes:
+#: only the latest big one is, in a slot of its own, so its recipients share its plan while
+#: memory holds one big message's worth at most.
 CACHE_ENTRY_LIMIT = 1 << 20
 
 
@@ -181,18 +184,22 @@ _UNSAFE_IN_ATTRIBUTE = re.compile(r"[&\"'<>\s]")
 class HtmlTemplate:
     """An HTML part already rewritten, cut at each tracking URL: filling it for a recipient
     is one join instead of another HTML parse. ``literals`` has one more item than
-    ``slots``; a slot is an index into ``links``, or -1 for the pixel."""
+    ``slots``; a slot is an index into ``links``, or -1 for the pixel. ``payloads`` are the
+    links' click-token payloads (:func:`click_payload`), made once for all recipients."""
 
     literals: tuple[str, ...]
     slots: tuple[int, ...]
     links: tuple[str, ...]
+    payloads: tuple[bytes, ...]
 
     @classmethod
-    def from_marked(cls, html: str, links: tuple[str, ...]) -> HtmlTemplate:
+    def from_marked(
+        cls, html: str, links: tuple[str, ...], payloads: tuple[bytes, ...]
+    ) -> HtmlTemplate:
         """From HTML with ``\ue000N\ue001`` (link N) and ``\ue000P\ue001`` (pixel) marks."""
         pieces = _SLOT.split(html)
         slots = tuple(-1 if name == "P" else int(name) for name in pieces[1::2])
-        return cls(tuple(pieces[0::2]), slots, links)
+        return cls(tuple(pieces[0::2]), slots, links, payloads)
 
     def fill(self, pixel: str, click_urls: Sequence[str]) -> str:
         """The HTML with ``click_urls[i]`` for link i and ``pixel`` for the pixel."""
@@ -202,40 +209,50 @@ class HtmlTemplate:
         return "".join(out)
 
 
+@define
+class _Planned:
+    """A message's MIME plan and the templates of its HTML parts, kept for its recipients."""
+
+    plan: MimePlan | None
+    templates: dict[tuple[str, bool, bool], HtmlTemplate | None] = Factory(dict)
+
+
 @implementer(IRewrapStep)
 class TrackingStep:
     """Open pixel and click links in the HTML parts, per the message's options.
 
-    The HTML of a message is tokenized once (:class:`HtmlTemplate`, cached for the message's
-    recipients); each recipient's copy only fills in its tokens and re-encodes the part.
+    The HTML of a message is tokenized once (:class:`HtmlTemplate`, kept with the message's
+    plan for its recipients); each recipient's copy only fills in its tokens and re-encodes
+    the part.
     """
 
     def __init__(self, codec: TokenCodec, settings: RewrapSettings) -> None:
         self._codec = codec
         self._settings = settings
-        self._templates: OrderedDict[tuple[str, bool, bool], HtmlTemplate | None] = OrderedDict()
-        self._plans: OrderedDict[bytes, MimePlan | None] = OrderedDict()
-        self._big_template: tuple[tuple[str, bool, bool], HtmlTemplate | None] | None = None
-        self._big_plan: tuple[bytes, MimePlan | None] | None = None
+        self._plans: OrderedDict[bytes, _Planned] = OrderedDict()
+        self._big_plan: tuple[bytes, _Planned] | None = None
         # Tracking URLs are written into attributes as they are: only plain ones may be.
         self._templating = not _UNSAFE_IN_ATTRIBUTE.search(settings.base_url)
 
-    def _template(self, html: str, opens: bool, clicks: bool) -> HtmlTemplate | None:
+    def _template(
+        self, planned: _Planned, html: str, opens: bool, clicks: bool
+    ) -> HtmlTemplate | None:
+        """The template of one of ``planned``'s HTML parts, made at its first copy."""
         key = (html, opens, clicks)
-        big = len(html) > CACHE_ENTRY_LIMIT
-        if big and self._big_template is not None and self._big_template[0] == key:
-            return self._big_template[1]
-        if key in self._templates:
-            self._templates.move_to_end(key)
-            return self._templates[key]
+        if key in planned.templates:
+            return planned.templates[key]
         template = None
         if self._templating and "\ue000" not in html and "\ue001" not in html:
             links: list[str] = []
+            payloads: list[bytes] = []
 
             def slot(url: str) -> str:
-                if not click_url_fits(url):
+                try:
+                    payload = click_payload(url)
+                except ValueError:
                     return url  # left as it is, untracked
                 links.append(url)
+                payloads.append(payload)
                 return f"\ue000{len(links) - 1}\ue001"
 
             result = rewrite_html(
@@ -243,39 +260,33 @@ class TrackingStep:
             )
             slots = len(_SLOT.findall(result.html))
             if slots == len(links) + (1 if opens else 0):  # every slot came out intact
-                template = HtmlTemplate.from_marked(result.html, tuple(links))
-        if big:
-            self._big_template = (key, template)
-            return template
-        self._templates[key] = template
-        while len(self._templates) > TEMPLATE_CACHE:
-            self._templates.popitem(last=False)
+                template = HtmlTemplate.from_marked(result.html, tuple(links), tuple(payloads))
+        planned.templates[key] = template
         return template
 
     def forget_big(self, message: StoredMessage) -> None:
         """``message``'s copies are made: let go of its plan if it is the big one kept."""
         if self._big_plan is not None and self._big_plan[0] is message.raw:
             self._big_plan = None
-            self._big_template = None
 
-    def _plan(self, message: StoredMessage) -> MimePlan | None:
-        """The message's MIME cut into HTML parts and the bytes between, once per message;
-        None when the MIME reader cuts the header section elsewhere than the chain does (a
-        lone LF before the empty line): its body would not fit the copy's header fields.
-        A big message's plan is kept alone, until its copies are made (forget_big)."""
+    def _plan(self, message: StoredMessage) -> _Planned:
+        """The message's MIME cut into HTML parts and the bytes between, once per message
+        (the plan is None when the MIME reader cuts the header section elsewhere than the
+        chain does, a lone LF before the empty line: its body would not fit the copy's header
+        fields). A big message's is kept alone, until its copies are made (forget_big)."""
         raw = message.raw  # the key: bytes keep their hash, and compare by identity first
         if len(raw) > CACHE_ENTRY_LIMIT:
             if self._big_plan is None or self._big_plan[0] is not raw:
                 self._big_plan = None  # the old one goes before the new one is made
-                self._big_plan = (raw, _checked_plan(raw))
+                self._big_plan = (raw, _Planned(_checked_plan(raw)))
             return self._big_plan[1]
         if raw in self._plans:
             self._plans.move_to_end(raw)
             return self._plans[raw]
-        plan = self._plans[raw] = _checked_plan(raw)
+        planned = self._plans[raw] = _Planned(_checked_plan(raw))
         while len(self._plans) > PLAN_CACHE:
             self._plans.popitem(last=False)
-        return plan
+        return planned
 
     def apply(self, copy: OutgoingCopy) -> Deferred[OutgoingCopy]:
         opens = copy.option("track_opens", self._settings.track_opens)
@@ -285,22 +296,26 @@ class TrackingStep:
         pixel = f"{base}/o/{self._codec.open_token(recipient_id)}.gif" if opens else None
 
         def click_url(url: str) -> str:
-            if not click_url_fits(url):
+            try:
+                payload = click_payload(url)  # once: nothing keeps it across copies here
+            except ValueError:
                 return url  # left as it is, untracked
-            return f"{base}/c/{self._codec.click_token(recipient_id, url)}"
+            [token] = self._codec.click_tokens_for_payloads(recipient_id, [payload])
+            return f"{base}/c/{token}"
 
         def fill(html: str) -> str:
             if not (opens or clicks):  # only the opt-out attribute to remove
                 if NOTRACK_ATTRIBUTE not in html.lower():
                     return html
                 return rewrite_html(html, None, None).html
-            template = self._template(html, opens, clicks)
+            template = self._template(planned, html, opens, clicks)
             if template is None:  # unusual HTML or base_url: the direct way
                 return rewrite_html(html, click_url if clicks else None, pixel).html
-            tokens = self._codec.click_tokens(recipient_id, template.links)
+            tokens = self._codec.click_tokens_for_payloads(recipient_id, template.payloads)
             return template.fill(pixel or "", [f"{base}/c/{token}" for token in tokens])
 
-        plan = self._plan(copy.message)
+        planned = self._plan(copy.message)
+        plan = planned.plan
         if plan is None or not plan.html_parts:
             return succeed(copy)
         copy.body, top_to_qp = plan.render_body(fill)
