@@ -36,7 +36,7 @@ from smartrelay.storage.interfaces import (
     Transaction,
     check_identifiers,
 )
-from smartrelay.storage.pool import NotifyingCursor, PooledEngine
+from smartrelay.storage.pool import DatabaseUnavailable, NotifyingCursor, PooledEngine
 from smartrelay.threads import WorkerThreads
 
 T = TypeVar("T")
@@ -48,6 +48,8 @@ _FIRST_RETRY = 0.0001
 _LONGEST_RETRY = 0.002
 _SQLITE_BUSY = 5
 _SQLITE_LOCKED = 6
+_SQLITE_IOERR = 10
+_SQLITE_FULL = 13
 
 
 class SqliteConnection:
@@ -142,18 +144,29 @@ def _retrying(function: Callable[..., T], *args: Any) -> T:
 def _transaction_in_thread(
     db: sqlite3.Connection, name: str, txn: Transaction[T], readonly: bool
 ) -> tuple[T, list[str]]:
-    """A whole transaction on the connection's thread: BEGIN, ``txn``, COMMIT."""
-    _retrying(db.execute, "BEGIN" if readonly else "BEGIN IMMEDIATE")
-    cursor = SqliteCursor(db)
+    """A whole transaction on the connection's thread: BEGIN, ``txn``, COMMIT.
+
+    A full disk or an I/O error is :class:`DatabaseUnavailable`, as a PostgreSQL outage is:
+    nothing of the transaction was committed (SQLite rolls back a COMMIT that fails so), and
+    callers wait and try again (delivery) or answer 451 (the listeners) until space is back.
+    """
     try:
-        result = _run_synchronously(name, txn(cursor))
-        _retrying(db.execute, "COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            try:
-                db.execute("ROLLBACK")
-            except sqlite3.Error:
-                log.failure("rollback of {name} failed", name=name)
+        _retrying(db.execute, "BEGIN" if readonly else "BEGIN IMMEDIATE")
+        cursor = SqliteCursor(db)
+        try:
+            result = _run_synchronously(name, txn(cursor))
+            _retrying(db.execute, "COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    log.failure("rollback of {name} failed", name=name)
+            raise
+    except sqlite3.OperationalError as error:
+        code = (getattr(error, "sqlite_errorcode", 0) or 0) & 0xFF  # the primary result code
+        if code in (_SQLITE_FULL, _SQLITE_IOERR):
+            raise DatabaseUnavailable(f"{name}: {error}") from error
         raise
     return result, cursor.pending_notifications
 
@@ -279,7 +292,7 @@ class SqliteEngine(PooledEngine[SqliteConnection]):
     supports_skip_locked = False
 
     def __init__(self, reactor: IRelayReactor, path: str, pool_size: int = 2) -> None:
-        super().__init__(pool_size)
+        super().__init__(pool_size, reactor)
         self._reactor = reactor
         self.path = path
         self._opened = 0
