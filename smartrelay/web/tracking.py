@@ -324,7 +324,7 @@ class Tracking:
         if isinstance(failure.value, MethodNotAllowed):
             body = self._error_page(request, 405)
             allowed = failure.value.valid_methods or ()
-            _set_header(request, b"Allow", ", ".join(allowed).encode("ascii", "replace"))
+            _set_header(request, b"Allow", ", ".join(sorted(allowed)).encode("ascii", "replace"))
             return body
         if isinstance(failure.value, HTTPException):
             return self._error_page(request, 404)
