@@ -13,7 +13,7 @@ import pytest_twisted
 from twisted.internet.protocol import Factory, Protocol
 
 from smartrelay.listening import ListenError, ListeningService, check_can_listen
-from tests.conftest import real_reactor
+from tests.conftest import real_reactor, service_missing
 
 HOST = "127.0.0.1"
 
@@ -142,12 +142,12 @@ def test_check_passes_free_ports_and_other_endpoints(tmp_path: object) -> None:
 
 def test_check_of_a_tcp6_endpoint() -> None:
     if not socket.has_ipv6:
-        pytest.skip("no IPv6 on this machine")
+        service_missing("no IPv6 on this machine")
     with socket.socket(socket.AF_INET6) as other:
         try:
             other.bind(("::1", 0))
         except OSError:
-            pytest.skip("no ::1 on this machine")
+            service_missing("no ::1 on this machine")
         other.listen()
         port = other.getsockname()[1]
         with pytest.raises(OSError, match="Address already in use"):
