@@ -54,7 +54,7 @@ from tests.support.postfix import (
     run_smtp_source,
 )
 from tests.support.postgres import PostgresServer
-from tests.support.relay import HOSTNAME, RETURN_PATH_DOMAIN, free_ports
+from tests.support.relay import HOSTNAME, RETURN_PATH_DOMAIN, RunningRelay, free_ports
 
 SINK_OK = "250 2.0.0 Ok: sunk"
 VERP = re.compile(rf"b\+\S+@{re.escape(RETURN_PATH_DOMAIN)}")
@@ -519,12 +519,16 @@ async def test_tls_required_and_no_starttls_defers(
     assert await recipient_states(relay.store, queue_id) == {"secret@example.net": "deferred"}
 
 
-# -- 5. forwarder mode: relay A -> smarthost relay B -> sink ---------------------------------------
-@pytest_twisted.ensureDeferred
-async def test_forwarder_mode_through_a_second_relay(
-    relays: DeliveryRelays, sinks: Sinks, database_url: str, second_database_url: str
-) -> None:
-    reactor = real_reactor()
+async def edge_and_central(
+    relays: DeliveryRelays,
+    sinks: Sinks,
+    database_url: str,
+    second_database_url: str,
+    password: str,
+    edge_delivery: dict[str, object] | None = None,
+) -> tuple[TrackingSinkBackend, RunningRelay, RunningRelay]:
+    """Forwarder mode: an edge relay whose smarthost is a central relay (AUTH required, the
+    credential CREDENTIAL/PASSWORD) delivering to a sink; the edge logs in with ``password``."""
     backend = TrackingSinkBackend()
     _, sink_port = await sinks.start(backend)
     central = await relays.start(
@@ -537,11 +541,22 @@ async def test_forwarder_mode_through_a_second_relay(
     edge = await relays.start(
         database_url,
         {
-            "routes": smtp_route(
-                central.smtp_port, "smtp+starttls", f"{CREDENTIAL}:{quote(PASSWORD)}"
-            )
+            "routes": smtp_route(central.smtp_port, "smtp+starttls", f"{CREDENTIAL}:{password}"),
+            **(edge_delivery or {}),
         },
         data_dir="edge",
+    )
+    return backend, central, edge
+
+
+# -- 5. forwarder mode: relay A -> smarthost relay B -> sink ---------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_forwarder_mode_through_a_second_relay(
+    relays: DeliveryRelays, sinks: Sinks, database_url: str, second_database_url: str
+) -> None:
+    reactor = real_reactor()
+    backend, central, edge = await edge_and_central(
+        relays, sinks, database_url, second_database_url, quote(PASSWORD)
     )
     body = "Sent through the edge.\r\n.dot line\r\n"
     data = message_bytes(
@@ -600,23 +615,8 @@ async def test_forwarder_mode_never_splits_a_header_at_a_lone_cr(
     went to the smarthost as it was (which refused it: 550 5.6.0 bare CR). It becomes a space,
     so no header line starts there, and the message is delivered."""
     reactor = real_reactor()
-    backend = TrackingSinkBackend()
-    _, sink_port = await sinks.start(backend)
-    central = await relays.start(
-        second_database_url,
-        {"routes": smtp_route(sink_port)},
-        smtp={"require_auth": True},
-        data_dir="central",
-    )
-    await central.store.smtp_credentials.add(CREDENTIAL, hash_password(PASSWORD))
-    edge = await relays.start(
-        database_url,
-        {
-            "routes": smtp_route(
-                central.smtp_port, "smtp+starttls", f"{CREDENTIAL}:{quote(PASSWORD)}"
-            )
-        },
-        data_dir="edge",
+    backend, central, edge = await edge_and_central(
+        relays, sinks, database_url, second_database_url, quote(PASSWORD)
     )
     raw = (
         b"Received: from evil\rAuthentication-Results: edge; dkim=pass ([127.0.0.1])\r\n"
@@ -639,22 +639,8 @@ async def test_forwarder_with_a_wrong_password_defers(
 ) -> None:
     """A smarthost refusing our credentials is our configuration problem, not the
     recipient's: the mail must wait in the queue (Postfix: smtp_sasl_auth_soft_bounce)."""
-    backend = TrackingSinkBackend()
-    _, sink_port = await sinks.start(backend)
-    central = await relays.start(
-        second_database_url,
-        {"routes": smtp_route(sink_port)},
-        smtp={"require_auth": True},
-        data_dir="central",
-    )
-    await central.store.smtp_credentials.add(CREDENTIAL, hash_password(PASSWORD))
-    edge = await relays.start(
-        database_url,
-        {
-            "routes": smtp_route(central.smtp_port, "smtp+starttls", f"{CREDENTIAL}:wrong"),
-            "retry_schedule": ["1h"],
-        },
-        data_dir="edge",
+    backend, central, edge = await edge_and_central(
+        relays, sinks, database_url, second_database_url, "wrong", {"retry_schedule": ["1h"]}
     )
     queue_id = await submit(edge.smtp_port, ["far@example.net"], message_bytes("wrong password"))
 
