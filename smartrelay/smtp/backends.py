@@ -88,12 +88,12 @@ class SubmissionBackend:
     async def _deliver(
         self, session: Session, envelope: Envelope, message: bytes | SpooledBody
     ) -> Reply:
-        spooled = message if isinstance(message, SpooledBody) else None
+        if isinstance(message, SpooledBody):
+            spooled, in_memory, head = message, b"", message.header_block()
+        else:
+            spooled, in_memory, head = None, message, header_block(message)
         try:
-            if isinstance(message, SpooledBody):
-                control = parse_control_headers(message.header_block())
-            else:
-                control = parse_control_headers(header_block(message))
+            control = parse_control_headers(head)
         except ControlHeaderError as error:
             # The error may quote what the client sent: escaped for the log and the reply.
             shown = printable(str(error))
@@ -108,7 +108,7 @@ class SubmissionBackend:
         new = NewMessage(
             sender=envelope.sender,
             recipients=tuple(envelope.recipients),
-            raw=trace if isinstance(message, SpooledBody) else trace + message,
+            raw=trace + in_memory,
             client_ip=session.client_ip,
             credential=session.credential,
             tags=control.tags,
@@ -121,7 +121,7 @@ class SubmissionBackend:
         if spooled is None:
             queued = await store.queue_message(new)  # the fast path: no budget to take
         else:
-            queued = await _handed_over(self.spool, new.size, store.queue_message(new))
+            queued = await _handed_over(self.spool, new.size, lambda: store.queue_message(new))
         log.info(
             "{queue_id}: accepted from={sender} rcpts={count} size={size} ip={ip}{dup}",
             queue_id=queued.queue_id,
@@ -174,12 +174,12 @@ class InboundBackend:
         report = NewFeedback(
             sender=envelope.sender,
             recipients=tuple(envelope.recipients),
-            raw=b"" if isinstance(message, SpooledBody) else message,
+            raw=message if isinstance(message, bytes) else b"",
             client_ip=session.client_ip,
             spooled=spooled,
         )
         size = spooled.size if spooled is not None else 0
-        report_id = await _handed_over(self.spool, size, store.store_feedback(report))
+        report_id = await _handed_over(self.spool, size, lambda: store.store_feedback(report))
         log.info(
             "{report_id}: feedback received from={sender} rcpts={rcpts} ip={ip}",
             report_id=report_id,
@@ -190,13 +190,13 @@ class InboundBackend:
         return Reply(250, "2.0.0", f"Ok: queued as {report_id}")
 
 
-async def _handed_over(spool: Spool | None, size: int, storing: Awaitable[T]) -> T:
-    """``storing`` (of a body of ``size`` bytes in a spool file, 0 for one in memory) run
-    within the spool's byte budget: big bodies are handed to storage a few at a time."""
+async def _handed_over(spool: Spool | None, size: int, storing: Callable[[], Awaitable[T]]) -> T:
+    """``storing()`` (of a body of ``size`` bytes in a spool file, 0 for one in memory) started
+    only within the spool's byte budget: big bodies are handed to storage a few at a time."""
     if spool is None or size == 0:
-        return await storing
+        return await storing()
     await spool.budget.acquire(size)
     try:
-        return await storing
+        return await storing()
     finally:
         spool.budget.release(size)
