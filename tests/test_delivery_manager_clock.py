@@ -22,6 +22,7 @@ from smartrelay.config import parse_config
 from smartrelay.delivery.client import ServerReply
 from smartrelay.delivery.manager import DeliveryManager, DeliveryTunables
 from smartrelay.delivery.mx import MxResolver
+from smartrelay.storage.pool import DatabaseUnavailable
 from smartrelay.storage.store import NewMessage, Store
 from smartrelay.timefmt import rfc3339
 from tests.conftest import real_reactor
@@ -386,6 +387,45 @@ async def test_the_byte_window_bounds_the_messages_under_way(
     assert starts == [10 * i for i in range(6 // at_once)], starts
     assert most_bytes <= max(int(size * window), size + 4096)
     assert sim.manager._in_memory_bytes == 0
+    assert set((await recipient_states(store)).values()) == {"delivered"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_messages_that_cannot_be_loaded_wait_in_the_window_and_are_loaded_later(
+    store: Store, clock: Clock, tmp_path: Path
+) -> None:
+    """The database goes away between claiming recipients and loading their messages: the
+    jobs stay claimed, counted once in the windows, and are loaded after the back-off; every
+    message is delivered once and the windows end empty (they used to be counted again by
+    the next claim round, and the windows leaked until delivery stopped)."""
+    connector = FakeConnector(clock)
+    sim = Simulation(store, clock, tmp_path, connector)
+    load = store.load_messages
+    failures = 2
+
+    async def flaky_load(*args: Any, **kwargs: Any) -> Any:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise DatabaseUnavailable("the server is restarting")
+        return await load(*args, **kwargs)
+
+    store.load_messages = flaky_load  # type: ignore[method-assign]
+    for i in range(3):
+        await queue(store, f"r{i}@example.net", data=message(f"m {i}"))
+    await sim.start()
+    try:
+        await sim.run_until(lambda: len(connector.sent) == 3, before=clock.seconds() + 30)
+        await sim.settle()
+    finally:
+        await sim.stop()
+    assert failures == 0
+    assert sorted(r for s in connector.sent for r in s.recipients) == [
+        "r0@example.net",
+        "r1@example.net",
+        "r2@example.net",
+    ]
+    assert (sim.manager._in_memory, sim.manager._in_memory_bytes) == (0, 0)
     assert set((await recipient_states(store)).values()) == {"delivered"}
 
 

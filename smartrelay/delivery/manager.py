@@ -218,10 +218,11 @@ class DeliveryManager(Service):
         self._pump_again = False
         self._last_claim = float("-inf")
         self._spaced_wake: IDelayedCall | None = None
-        #: Claimed, but their messages could not be loaded (database unavailable): queued
+        #: Claimed, but their message sizes could not be read (database unavailable): queued
         #: by the next claim round instead of waiting for their lease to run out.
         self._unqueued: list[ClaimedRecipient] = []
         self._claim_failures = 0
+        self._load_failures = 0  # loading admitted jobs' messages, in a row
         self._poll_call: IDelayedCall | None = None
         self._starting: Deferred[None] | None = None
         self._workers: set[Deferred[None]] = set()
@@ -403,13 +404,19 @@ class DeliveryManager(Service):
         self._in_memory -= len(job.recipients)
         self._in_memory_bytes -= len(job.message.raw)
         if self._claimed_jobs:
+            self._admit_soon()
+
+    def _admit_soon(self) -> None:
+        if self.running:
             Deferred.fromCoroutine(self._admit()).addErrback(
                 lambda f: log.failure("loading claimed messages failed", f)
             )
 
     async def _admit(self) -> None:
         """Load and queue the claimed jobs that fit in the byte window, in order; the first
-        always fits when nothing else is in memory."""
+        always fits when nothing else is in memory. Jobs whose messages cannot be loaded
+        (database unavailable) go back to the head of the line, out of the byte window, and
+        are tried again after the database back-off: they stay claimed and counted once."""
         if self._admitting:
             self._admit_again = True
             return
@@ -427,7 +434,21 @@ class DeliveryManager(Service):
                     self._in_memory_bytes += job.size
                     batch.append(job)
                 if batch:
-                    await self._load_and_queue(batch)
+                    try:
+                        await self._load_and_queue(batch)
+                    except DatabaseUnavailable as error:
+                        self._in_memory_bytes -= sum(job.size for job in batch)
+                        self._claimed_jobs.extendleft(reversed(batch))
+                        self._load_failures += 1
+                        if self._load_failures == 1:
+                            log.warn(
+                                "delivery: cannot load claimed messages ({error}); trying again",
+                                error=error,
+                            )
+                        delay = self._database_delay(self._load_failures)
+                        self._clock.callLater(delay, self._admit_soon)
+                        return
+                    self._load_failures = 0
                 if not self._admit_again:
                     break
         finally:
