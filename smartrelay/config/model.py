@@ -28,6 +28,7 @@ __all__ = [
     "InboundConfig",
     "RewrapConfig",
     "Route",
+    "RetentionConfig",
     "ServerConfig",
     "SmtpConfig",
     "SoftBouncePolicy",
@@ -317,6 +318,21 @@ class SuppressionConfig:
 
 
 @frozen
+class RetentionConfig:
+    """How long data is kept, in seconds (SPEC section 2, ``[retention]``).
+
+    ``message_bodies`` counts from the moment the message's last recipient reached a final
+    state; ``events`` from each event's time (a message's row and its recipients' rows go
+    once the message is finished for that long); ``feedback_reports`` from their arrival.
+    Suppressions have their own expiry and are never purged by retention.
+    """
+
+    message_bodies: float = 7 * 86400.0
+    events: float = 90 * 86400.0
+    feedback_reports: float = 30 * 86400.0
+
+
+@frozen
 class Webhook:
     url: str
     #: Event types of SPEC section 5 (all of them if not configured).
@@ -338,6 +354,7 @@ class Config:
     dkim_keys: tuple[DkimKey, ...] = ()
     feedback_mailboxes: tuple[FeedbackMailbox, ...] = ()
     suppression: SuppressionConfig = field(factory=SuppressionConfig)
+    retention: RetentionConfig = field(factory=RetentionConfig)
     webhooks: tuple[Webhook, ...] = ()
 
 

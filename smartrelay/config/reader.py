@@ -47,6 +47,7 @@ from smartrelay.config.model import (
     ServerConfig,
     SmtpConfig,
     SoftBouncePolicy,
+    RetentionConfig,
     SuppressionConfig,
     Throttle,
     WebConfig,
@@ -164,6 +165,7 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
         dkim_keys=_parse_dkim(root.table("dkim", ("keys",))),
         feedback_mailboxes=_parse_feedback(root.table("feedback", ("mailboxes",))),
         suppression=_parse_suppression(root.table("suppression", _SUPPRESSION_KEYS)),
+        retention=_parse_retention(root.table("retention", _RETENTION_KEYS)),
         webhooks=_parse_webhooks(root),
     )
 
@@ -179,8 +181,10 @@ _TOP_LEVEL_KEYS = (
     "dkim",
     "feedback",
     "suppression",
+    "retention",
     "webhooks",
 )
+_RETENTION_KEYS = ("message_bodies", "events", "feedback_reports")
 _SMTP_KEYS = (
     "listen",
     "tls_certificate",
@@ -491,6 +495,15 @@ def _parse_suppression(t: _Table) -> SuppressionConfig:
         soft_bounce=soft_bounce,
         complaint=t.duration_or_forever("complaint", d.complaint),
         unsubscribe=t.duration_or_forever("unsubscribe", d.unsubscribe),
+    )
+
+
+def _parse_retention(t: _Table) -> RetentionConfig:
+    d = RetentionConfig()
+    return RetentionConfig(
+        message_bodies=t.duration("message_bodies", d.message_bodies),
+        events=t.duration("events", d.events),
+        feedback_reports=t.duration("feedback_reports", d.feedback_reports),
     )
 
 

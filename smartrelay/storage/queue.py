@@ -105,6 +105,20 @@ class PendingRecipient:
     received_at: float
 
 
+async def mark_finished(cursor: ICursor, now_ms: int, queue_ids: Iterable[str]) -> None:
+    """Set ``finished_at`` on those of the messages whose every recipient is now in a final
+    state (retention counts from there); inside the transaction that finished them."""
+    wanted = sorted(set(queue_ids))
+    for chunk in chunks(wanted):
+        await cursor.execute(
+            "UPDATE messages SET finished_at = ?"
+            f" WHERE queue_id IN ({marks(len(chunk))}) AND finished_at IS NULL"
+            " AND NOT EXISTS (SELECT 1 FROM recipients r"
+            "  WHERE r.queue_id = messages.queue_id AND r.next_attempt_at IS NOT NULL)",
+            (now_ms, *chunk),
+        )
+
+
 class QueueStore(StoreBase):
     def __init__(
         self,
@@ -372,6 +386,9 @@ class QueueStore(StoreBase):
             )
             ours.update(int(row[0]) for row in cursor.fetchall())
         recorded = [o for _, o in outcomes if o.recipient_id in ours]
+        await mark_finished(
+            cursor, now_ms, {o.queue_id for o in recorded if o.next_attempt_at is None}
+        )
         await insert_events(
             cursor,
             now_ms,
@@ -486,6 +503,8 @@ class QueueStore(StoreBase):
                 (now_ms, queue_id),
             )
             dropped = [str(r[0]) for r in cursor.fetchall()]
+            if dropped:
+                await mark_finished(cursor, now_ms, [queue_id])
             await insert_events(cursor, now_ms, ((queue_id, r, DroppedEvent()) for r in dropped))
             return dropped
 
