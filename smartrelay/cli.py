@@ -27,6 +27,7 @@ from smartrelay.config import Config, ConfigError, default_config_path, load_con
 from smartrelay.events import ALL_TYPES, csv_row, csv_writer, write_jsonl
 from smartrelay.passwords import generate_password, hash_password
 from smartrelay.reactor import IRelayReactor, as_relay_reactor
+from smartrelay.retention.purge import Purger
 from smartrelay.rewrap.dkim import DkimError, generate_key, txt_record_name, zone_file_entry
 from smartrelay.storage.engines import create_engine
 from smartrelay.storage.engines.sqlite import create_data_dir_for
@@ -294,6 +295,33 @@ def parse_time(text: str | None, now: float, option: str) -> float | None:
         raise CliError(f"{option}: {text!r} is neither an RFC 3339 time nor a duration") from None
 
 
+async def cmd_purge(args: argparse.Namespace, store: Store) -> None:
+    last_shown = 0.0
+
+    def progress(kind: str, rows: int) -> None:
+        nonlocal last_shown
+        now = time.monotonic()
+        if now - last_shown >= 1.0:
+            last_shown = now
+            print(f"{PROG}: purging {kind.replace('_', ' ')}: {rows}...", file=sys.stderr)
+
+    purger = Purger(store, args.loaded_config.retention, progress=progress)
+    if args.dry_run:
+        counts = await purger.count()
+        print(f"would remove {counts['message_bodies']} message bodies")
+        print(f"would remove {counts['messages']} messages ({counts['recipients']} recipients)")
+        print(f"would remove {counts['events']} events")
+        print(f"would remove {counts['feedback_reports']} feedback reports")
+        return
+    report = await purger.run_pass()
+    print(f"removed {report.message_bodies} message bodies")
+    print(f"removed {report.messages} messages ({report.recipients} recipients)")
+    print(f"removed {report.events} events")
+    print(f"removed {report.feedback_reports} feedback reports")
+    if store.engine.name == "sqlite":
+        print(f"gave {report.pages_freed} database pages back to the file system")
+
+
 def cmd_dkim_keygen(args: argparse.Namespace, config: Config) -> None:
     """``dkim keygen DOMAIN SELECTOR``: write a new key, print its DNS TXT record (no database)."""
     directory: str = args.directory or os.path.join(config.server.data_dir, "dkim")
@@ -422,6 +450,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("queue_id")
     p.set_defaults(run=cmd_queue_drop)
 
+    p = commands.add_parser("purge", help="one retention pass now; prints what it removed")
+    p.add_argument("--dry-run", action="store_true", help="only count what would be removed")
+    p.set_defaults(run=cmd_purge)
+
     events = commands.add_parser("events", help="the event log")
     event_cmds = events.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = event_cmds.add_parser("export", help="events to stdout, oldest first")
@@ -454,6 +486,7 @@ async def run_command(reactor: IRelayReactor, args: argparse.Namespace, config: 
         store = Store(engine, reactor)
         await migrate(engine, to_ms(reactor.seconds()))
         command: Command = args.run
+        args.loaded_config = config
         await command(args, store)
         sys.stdout.flush()
     except (CliError, SchemaError, ValueError) as error:

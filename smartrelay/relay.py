@@ -42,6 +42,7 @@ from smartrelay.delivery.mx import MxResolver, make_system_resolver
 from smartrelay.delivery.processes import DeliveryProcesses, worker_command
 from smartrelay.listening import ListeningService
 from smartrelay.reactor import IRelayReactor
+from smartrelay.retention.purge import PurgeService
 from smartrelay.rewrap.chain import RewrapChain, RewrapSettings
 from smartrelay.rewrap.dkim import DkimSigner
 from smartrelay.smtp.backends import InboundBackend, SubmissionBackend
@@ -167,6 +168,10 @@ class RelayService(MultiService):
             self.web.setServiceParent(self)  # type: ignore[no-untyped-call]
             self.listeners.append(self.web)
         delivery_service.setServiceParent(self)  # type: ignore[no-untyped-call]
+        self.purge: PurgeService | None = None
+        if serving:  # one purger per node (not one per delivery process)
+            self.purge = PurgeService(self.storage.when_ready, reactor, config.retention)
+            self.purge.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def _started_codec(self) -> TokenCodec:
         if self.codec is None:

@@ -3,7 +3,8 @@
 Each topic is its own module, with its values and queries: :mod:`~smartrelay.storage.queue`
 (messages, recipients, claims, outcomes), :mod:`~smartrelay.storage.suppressions`,
 :mod:`~smartrelay.storage.events`, :mod:`~smartrelay.storage.feedback`,
-:mod:`~smartrelay.storage.logins` and :mod:`~smartrelay.storage.tracking`. They share the engine,
+:mod:`~smartrelay.storage.logins`, :mod:`~smartrelay.storage.tracking` and
+:mod:`~smartrelay.storage.retention`. They share the engine,
 the clock and one way of running a query (:class:`~smartrelay.storage.base.StoreBase`). Callers
 hold a ``Store`` and call its methods (``store.claim_due(...)``, ``store.smtp_credentials.add``);
 the names below are re-exported so that they can import the values from here.
@@ -28,6 +29,7 @@ from smartrelay.storage.queue import (
     RecipientOutcome,
     StoredMessage,
 )
+from smartrelay.storage.retention import PurgeBatch, PurgeCutoffs, RetentionStore
 from smartrelay.storage.suppressions import (
     SUPPRESSION_REASONS,
     NewSuppression,
@@ -51,6 +53,8 @@ __all__ = [
     "NewMessage",
     "NewSuppression",
     "PendingRecipient",
+    "PurgeBatch",
+    "PurgeCutoffs",
     "QueuedMessage",
     "RecipientOutcome",
     "RecipientRef",
@@ -64,5 +68,13 @@ __all__ = [
 ]
 
 
-class Store(QueueStore, SuppressionStore, EventStore, FeedbackStore, TrackingStore, LoginStore):
+class Store(
+    QueueStore,
+    SuppressionStore,
+    EventStore,
+    FeedbackStore,
+    TrackingStore,
+    LoginStore,
+    RetentionStore,
+):
     """Every query SmartRelay runs; each public method is one transaction."""

@@ -44,6 +44,7 @@ T = TypeVar("T")
 log = Logger()
 
 BUSY_TIMEOUT_SECONDS = 30.0
+WAL_SIZE_LIMIT = 64 << 20
 _FIRST_RETRY = 0.0001
 _LONGEST_RETRY = 0.002
 _SQLITE_BUSY = 5
@@ -79,7 +80,12 @@ class SqliteConnection:
         # timeout=0: no busy handler of SQLite's own (see the module docstring).
         db = sqlite3.connect(self._path, timeout=0, isolation_level=None)
         try:
+            # A new file (no table yet) gives space back as the purge frees pages
+            # (PRAGMA incremental_vacuum); on an existing file this changes nothing.
+            _retrying(db.execute, "PRAGMA auto_vacuum=INCREMENTAL")
             _retrying(db.execute, "PRAGMA journal_mode=WAL")
+            # The WAL file shrinks back to this after a checkpoint (a purge writes a lot).
+            db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA foreign_keys=ON")
         except BaseException:
