@@ -452,7 +452,7 @@ async def test_ctl_purge_dry_run_then_purge(
     store: Store, engine: IDatabaseEngine, tmp_path: Path, database_url: str
 ) -> None:
     # The fixture's clock is in 2023: to the CLI (real time) all of this is years old.
-    await send(store, "a@example.net", "b@example.net")
+    queue_id = await send(store, "a@example.net", "b@example.net")
     await deliver_all(store)
     await mark_rolled_up(store, store.now_ms() + 1)
     config = write_config(tmp_path, database_url)
@@ -474,6 +474,12 @@ async def test_ctl_purge_dry_run_then_purge(
         "removed 0 feedback reports",
     ]
     assert await count(store, "messages") == 0 and await count(store, "events") == 0
+    # The queue commands see nothing of it.
+    assert _ctl(config, "queue", "list").stdout.strip() == "the queue is empty"
+    for action in ("drop", "retry"):
+        gone = _ctl(config, "queue", action, queue_id)
+        assert gone.returncode == 1
+        assert gone.stderr.strip().endswith(f"no waiting recipient for queue id {queue_id}")
     again = _ctl(config, "purge")
     assert again.stdout.splitlines()[:3] == [
         "removed 0 message bodies",
