@@ -323,6 +323,8 @@ async def cmd_copy_data(args: argparse.Namespace, store: Store) -> None:
         )
     except CopyError as error:
         raise CliError(str(error)) from None
+    except SchemaError as error:
+        raise CliError(f"target database {shown}: {error}") from None
     except (psycopg2.Error, sqlite3.Error) as error:
         raise CliError(f"copy to {shown} failed: {_one_line(error)}") from None
     finally:

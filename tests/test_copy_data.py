@@ -19,7 +19,7 @@ from smartrelay.storage import copying
 from smartrelay.storage.copying import TABLES, CopyError, copy_data
 from smartrelay.storage.engines import create_engine
 from smartrelay.storage.interfaces import ICursor, IDatabaseEngine, Row
-from smartrelay.storage.migrations import latest_version, migrate
+from smartrelay.storage.migrations import SchemaError, latest_version, migrate
 from tests.conftest import real_reactor
 from tests.support.postgres import PostgresServer
 from tests.support.run import assert_cli_error, ctl, query, write_config
@@ -357,6 +357,19 @@ async def test_refuses_a_target_that_is_not_empty(
 
 
 @pytest_twisted.ensureDeferred
+async def test_refuses_a_target_with_a_newer_schema(tmp_path: Path) -> None:
+    async with (
+        opened(f"sqlite:{tmp_path / 's.db'}") as source,
+        opened(f"sqlite:{tmp_path / 't.db'}") as target,
+    ):
+        await sql(
+            target, "INSERT INTO schema_version (version, name, applied_at) VALUES (99, 'x', 0)"
+        )
+        with pytest.raises(SchemaError, match="99 is newer than this SmartRelay"):
+            await copy_data(source, target, real_reactor())
+
+
+@pytest_twisted.ensureDeferred
 async def test_live_lease_refuses_the_queue_but_not_the_history(
     tmp_path: Path, postgres_server: PostgresServer
 ) -> None:
@@ -488,3 +501,12 @@ def test_cli_copy_data_end_to_end(tmp_path: Path, postgres_server: PostgresServe
     assert "pw-9" not in line
     assert_cli_error(ctl(config, "copy-data", "--to", "mysql://u:pw-9@h/db"), "--to: invalid")
     assert_cli_error(ctl(config, "copy-data", "--to", "sqlite::memory:"), "in-memory")
+    newer = tmp_path / "newer.db"
+    with closing(sqlite3.connect(newer)) as db, db:
+        db.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, name TEXT, x INT)")
+        db.execute("INSERT INTO schema_version VALUES (99, 'future', 0)")
+    assert_cli_error(
+        ctl(config, "copy-data", "--to", f"sqlite:{newer}"),
+        f"target database sqlite:{newer}:",
+        "99 is newer",
+    )
