@@ -423,6 +423,41 @@ async def test_messages_arriving_during_the_copy_fail_it(
             await copy_data(source, target, real_reactor(), progress=arrive)
 
 
+@pytest_twisted.ensureDeferred
+async def test_history_copy_while_the_relay_writes(
+    tmp_path: Path, postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--without-queue with a relay recording events and accepting messages meanwhile: each
+    table is copied as it was when its copy began, and the final check passes."""
+    small_batches(monkeypatch)
+    path = tmp_path / "s.db"
+    async with (
+        opened(f"sqlite:{path}") as source,
+        opened(postgres_server.create_database(), migrated=False) as target,
+    ):
+        await seed(source, 0)
+        original = await content(source)
+        written = []
+
+        def relay_writes(table: str, copied: int, total: int) -> None:
+            if table == "events" and copied < total:
+                with closing(sqlite3.connect(path)) as db, db:
+                    db.execute(
+                        "INSERT INTO events (type, time, data) VALUES ('received', ?, '{}')",
+                        (T0 + copied,),
+                    )
+                    db.execute(MESSAGE, message(f"Z{copied:04d}", b"new\r\n"))
+                written.append(copied)
+
+        report = await copy_data(
+            source, target, real_reactor(), with_queue=False, progress=relay_writes
+        )
+        assert len(written) == 18  # during every batch but the last
+        assert {t.name: t.rows for t in report.tables}["events"] == 130
+        assert (await content(target))["events"] == original["events"]
+        assert len((await content(source))["events"]) == 130 + 18
+
+
 def test_tables_are_every_table_of_the_schema(tmp_path: Path) -> None:
     """A table added by a later schema delta must be added to copying.TABLES (or copy-data
     would leave its rows behind)."""
