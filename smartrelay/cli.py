@@ -24,11 +24,13 @@ from twisted.internet.task import react
 
 from smartrelay import __version__
 from smartrelay.config import Config, ConfigError, default_config_path, load_config
+from smartrelay.config.checks import database_url_problem, redact_url
 from smartrelay.events import ALL_TYPES, csv_row, csv_writer, write_jsonl
 from smartrelay.passwords import generate_password, hash_password
 from smartrelay.reactor import IRelayReactor, as_relay_reactor
 from smartrelay.retention.purge import Purger
 from smartrelay.rewrap.dkim import DkimError, generate_key, txt_record_name, zone_file_entry
+from smartrelay.storage.copying import CopyError, ProgressLines, copy_data
 from smartrelay.storage.engines import create_engine
 from smartrelay.storage.engines.sqlite import create_data_dir_for
 from smartrelay.storage.migrations import SchemaError, current_version, migrate
@@ -320,6 +322,45 @@ async def cmd_purge(args: argparse.Namespace, store: Store) -> None:
     print(f"removed {report.feedback_reports} feedback reports")
     if store.engine.name == "sqlite":
         print(f"gave {report.pages_freed} database pages back to the file system")
+async def cmd_copy_data(args: argparse.Namespace, store: Store) -> None:
+    """``copy-data --to URL``: this database's data into another, fresh one (progress on
+    stderr, the rows per table on stdout). The target's password is never shown."""
+    url: str = args.to
+    shown = redact_url(url)
+    problem = database_url_problem(url)
+    if problem is not None:
+        raise CliError(f"--to: {problem}")
+    if url.startswith("sqlite:") and url.endswith(":memory:"):
+        raise CliError("--to: an in-memory SQLite database would be lost when the copy ends")
+    # The CLI's store runs on the reactor itself (run_command).
+    reactor = as_relay_reactor(store.clock)
+    try:
+        target = create_engine(reactor, url)
+        await target.start()
+    except (psycopg2.Error, sqlite3.Error, OSError) as error:
+        raise CliError(f"cannot open target database {shown}: {_one_line(error)}") from None
+    try:
+        report = await copy_data(
+            store.engine,
+            target,
+            reactor,
+            with_queue=not args.without_queue,
+            progress=ProgressLines(reactor, sys.stderr),
+        )
+    except CopyError as error:
+        raise CliError(str(error)) from None
+    except SchemaError as error:
+        raise CliError(f"target database {shown}: {error}") from None
+    except (psycopg2.Error, sqlite3.Error) as error:
+        raise CliError(f"copy to {shown} failed: {_one_line(error)}") from None
+    finally:
+        await target.close()
+    print(f"copied to {shown} (schema version {report.schema_version}):")
+    width = max(len(t.name) for t in report.tables)
+    for table in report.tables:
+        print(f"  {table.name:<{width}}  {table.rows}")
+    if args.without_queue:
+        print("the queue (messages, recipients) was not copied (--without-queue)")
 
 
 def cmd_dkim_keygen(args: argparse.Namespace, config: Config) -> None:
@@ -453,6 +494,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("purge", help="one retention pass now; prints what it removed")
     p.add_argument("--dry-run", action="store_true", help="only count what would be removed")
     p.set_defaults(run=cmd_purge)
+
+    p = commands.add_parser(
+        "copy-data", help="copy this database's data into another, fresh one (e.g. PostgreSQL)"
+    )
+    p.add_argument("--to", required=True, metavar="URL", help="the target's [database] url")
+    p.add_argument(
+        "--without-queue",
+        action="store_true",
+        help="copy the history only, not messages and recipients (the relay may run)",
+    )
+    p.set_defaults(run=cmd_copy_data)
 
     events = commands.add_parser("events", help="the event log")
     event_cmds = events.add_subparsers(dest="action", required=True, metavar="ACTION")
