@@ -322,6 +322,8 @@ async def cmd_purge(args: argparse.Namespace, store: Store) -> None:
     print(f"removed {report.feedback_reports} feedback reports")
     if store.engine.name == "sqlite":
         print(f"gave {report.pages_freed} database pages back to the file system")
+
+
 async def cmd_copy_data(args: argparse.Namespace, store: Store) -> None:
     """``copy-data --to URL``: this database's data into another, fresh one (progress on
     stderr, the rows per table on stdout). The target's password is never shown."""
