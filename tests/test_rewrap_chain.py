@@ -85,7 +85,9 @@ async def test_chain_makes_a_signed_tracked_copy_per_recipient_and_skips_suppres
         assert parsed["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
         unsubscribe = str(parsed["List-Unsubscribe"])
         web_token = unsubscribe.split("/u/")[1].split(">")[0]
-        assert codec.parse_unsubscribe(web_token) == copy.recipient.id
+        # The address rides along (encrypted), for when the row is purged.
+        assert codec.parse_unsubscribe(web_token) == (copy.recipient.id, copy.recipient.address)
+        assert copy.recipient.address.split("@")[0] not in web_token
         assert "<mailto:u+" in unsubscribe
 
         html_part, text_part = None, None
