@@ -93,10 +93,12 @@ def after_outcome(
 
 
 def unsubscribe(
-    policy: SuppressionConfig, address: str, now: float, method: str, queue_id: str
+    policy: SuppressionConfig, address: str, now: float, method: str, queue_id: str | None
 ) -> Suppress:
-    """The recipient unsubscribed (``method``: ``one-click``, ``link``, ``mailto``)."""
-    note = f"{method} unsubscribe, message {queue_id}"
+    """The recipient unsubscribed (``method``: ``one-click``, ``link``, ``mailto``);
+    ``queue_id`` None: by a token whose recipient row is gone (purged)."""
+    which = "a purged message" if queue_id is None else f"message {queue_id}"
+    note = f"{method} unsubscribe, {which}"
     return Suppress(address.lower(), "unsubscribe", _until(now, policy.unsubscribe), note)
 
 

@@ -21,14 +21,28 @@ Token format (version 1)
 * ``kind`` is not stored but bound into the MAC, so a token of one kind never passes as
   another: ``o`` open, ``c`` click, ``u`` unsubscribe (URL), ``m`` unsubscribe (mailto
   address), ``v`` VERP.
-* ``payload`` is empty except for clicks: one flag byte, then the URL's UTF-8 as is (flag 0) or
-  raw DEFLATE-compressed (flag 1, RFC 1951 without zlib header and checksum: the MAC already
-  guards integrity), whichever is shorter. URLs are limited to :data:`MAX_URL_BYTES` of UTF-8.
+* ``payload`` is empty for opens, VERP and mailto unsubscribes.
+
+  - Clicks: one flag byte, then the URL's UTF-8 as is (flag 0) or raw DEFLATE-compressed
+    (flag 1, RFC 1951 without zlib header and checksum: the MAC already guards integrity),
+    whichever is shorter. URLs are limited to :data:`MAX_URL_BYTES` of UTF-8.
+  - Unsubscribe URLs: the recipient's address (UTF-8, 1 to :data:`MAX_ADDRESS_BYTES` octets),
+    encrypted, so that the link still unsubscribes the address once the recipient's row has
+    been purged (retention) while proxies and logs that see the URL cannot read it. The
+    cipher is a keystream XORed over the address: block ``i`` (32 bytes) is
+    ``HMAC-SHA256(address_key, varint(recipient_id) || i)`` (``i`` one byte, 0..7), with
+    ``address_key = HMAC-SHA256(keys[key_id], b"smartrelay-unsubscribe-address-v1")``. The
+    recipient id is the nonce: a recipient row has one address, so a (key, id) pair never
+    encrypts two different plaintexts. No separate MAC: the token's tag covers the
+    ciphertext. Only the address's length shows. Tokens made before the address was added
+    have an empty payload; they still parse (address None) and work while the row exists.
+    Deflate is not used: it makes typical addresses (20 to 40 octets) longer, not shorter.
 
 Encodings
 ---------
 * URL tokens (open, click, unsubscribe): base64url without padding (RFC 4648 section 5), with a
-  16-byte (128-bit) tag. Open and unsubscribe tokens for recipient 123456 are 27 characters.
+  16-byte (128-bit) tag. An open token for recipient 123456 is 27 characters; an unsubscribe
+  token carrying a 20-octet address 54 (27 without the address: an old token).
 * Address tokens (VERP ``b+TOKEN``, mailto unsubscribe ``u+TOKEN``): lowercase base32 without
   padding (RFC 4648 section 6 alphabet, lowercased: only ``[a-z2-7]``), because some MTAs change
   the case of local parts; parsing accepts any case. Their tag is 10 bytes (80 bits): such a
@@ -72,6 +86,7 @@ from attrs import field, frozen
 
 __all__ = [
     "KEY_BYTES",
+    "MAX_ADDRESS_BYTES",
     "MAX_URL_BYTES",
     "Keyring",
     "SecretFileError",
@@ -81,16 +96,22 @@ __all__ = [
     "click_payload",
     "click_url_fits",
     "load_keyring",
+    "unsubscribe_address_fits",
 ]
 
 #: Length of one HMAC key in bytes.
 KEY_BYTES = 32
 #: Longest URL (in UTF-8 bytes) a click token may carry.
 MAX_URL_BYTES = 8192
+#: Longest address (in UTF-8 octets) an unsubscribe token carries: an SMTP path is at most
+#: 256 octets (RFC 5321 section 4.5.3.1.3).
+MAX_ADDRESS_BYTES = 256
 #: Recipient ids are 0 <= id < MAX_RECIPIENT_ID.
 MAX_RECIPIENT_ID = 2**64
 
 _DOMAIN = b"smartrelay-token-v1\0"
+_ADDRESS_KEY_LABEL = b"smartrelay-unsubscribe-address-v1"
+_BLOCK = 32  # bytes of keystream per HMAC-SHA256
 _URL_TAG = 16
 _ADDRESS_TAG = 10
 
@@ -111,6 +132,7 @@ _MAX_ADDRESS_TOKEN_CHARS = -(-(1 + _MAX_VARINT + _ADDRESS_TAG) * 8 // 5)
 
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
 _BASE32 = re.compile(r"[A-Za-z2-7]+")  # explicit ranges: no Unicode case folding (e.g. U+212A)
+_NOT_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f]")  # ASCII controls
 _KEY_LINE = re.compile(r"([0-9]+)[ \t]*:[ \t]*([0-9A-Fa-f]*)")
 
 _FILE_HEADER = (
@@ -316,6 +338,10 @@ class TokenCodec:
     def __init__(self, keyring: Keyring) -> None:
         self.keyring = keyring
         self._macs = {key_id: _Mac.for_key(key) for key_id, key in keyring.keys.items()}
+        self._address_macs = {
+            key_id: _Mac.for_key(hmac.digest(key, _ADDRESS_KEY_LABEL, "sha256"), b"")
+            for key_id, key in keyring.keys.items()
+        }
 
     # Open pixel: {base_url}/o/TOKEN.gif
 
@@ -373,11 +399,33 @@ class TokenCodec:
 
     # Unsubscribe: {base_url}/u/TOKEN
 
-    def unsubscribe_token(self, recipient_id: int) -> str:
-        return _b64encode(self._seal(_UNSUBSCRIBE, _varint(recipient_id), _URL_TAG))
+    def unsubscribe_token(self, recipient_id: int, address: str | None = None) -> str:
+        """A token carrying the recipient's ``address`` encrypted (see the module docstring),
+        so that it still unsubscribes the address once the recipient's row is gone.
 
-    def parse_unsubscribe(self, token: str) -> int:
-        return _only_id(self._open(_UNSUBSCRIBE, _b64decode(token), _URL_TAG))
+        ValueError when a token cannot carry ``address`` (see :func:`unsubscribe_address_fits`).
+        Without ``address``: a token of the old form, naming the row only."""
+        body = _varint(recipient_id)
+        if address is not None:
+            current = self.keyring.current
+            body += self._address_cipher(current, body, _address_bytes(address))
+        return _b64encode(self._seal(_UNSUBSCRIBE, body, _URL_TAG))
+
+    def parse_unsubscribe(self, token: str) -> tuple[int, str | None]:
+        """The recipient id and the address the token carries (None for a token of the old
+        form, made without it)."""
+        raw = _b64decode(token)
+        body = self._open(_UNSUBSCRIBE, raw, _URL_TAG)
+        recipient_id, end = _read_varint(body)
+        if end == len(body):
+            return recipient_id, None
+        if len(body) - end > MAX_ADDRESS_BYTES:
+            raise TokenError("malformed token")
+        data = self._address_cipher(raw[0], body[:end], body[end:])
+        try:
+            return recipient_id, _address_text(data)
+        except ValueError:
+            raise TokenError("malformed token") from None
 
     # Unsubscribe by mail: mailto:u+TOKEN@return_path_domain (a case-insensitive local part)
 
@@ -399,7 +447,20 @@ class TokenCodec:
         """Accepts any letter case."""
         return _only_id(self._open(_VERP, _b32decode(token), _ADDRESS_TAG))
 
-    # The MAC
+    # The MAC and the address cipher
+
+    def _address_cipher(self, key_id: int, id_varint: bytes, data: bytes) -> bytes:
+        """``data`` XOR the keystream of recipient ``id_varint`` under key ``key_id``: encrypts
+        and decrypts (``data`` at most :data:`MAX_ADDRESS_BYTES`, so the counter fits a byte)."""
+        stream = self._address_macs[key_id]
+        length = len(data)
+        if length <= _BLOCK:
+            pad = stream.digest(id_varint + b"\0")
+        else:
+            per_id = stream.extended(id_varint)
+            pad = b"".join(per_id.digest(bytes([i])) for i in range(-(-length // _BLOCK)))
+        mask = int.from_bytes(pad[:length], "big")
+        return (int.from_bytes(data, "big") ^ mask).to_bytes(length, "big")
 
     def _seal(self, kind: bytes, body: bytes, tag_length: int) -> bytes:
         signed = bytes([self.keyring.current]) + body
@@ -435,12 +496,12 @@ class _Mac:
         self._outer = outer
 
     @classmethod
-    def for_key(cls, key: bytes) -> _Mac:
-        """Messages starting with :data:`_DOMAIN`; ``key`` has :data:`KEY_BYTES` bytes, which
-        fit SHA-256's 64-byte block without hashing it first."""
+    def for_key(cls, key: bytes, start: bytes = _DOMAIN) -> _Mac:
+        """Messages starting with ``start`` (:data:`_DOMAIN`: the tokens' tags); ``key`` has
+        :data:`KEY_BYTES` bytes, which fit SHA-256's 64-byte block without hashing it first."""
         block = key.ljust(64, b"\0")
         return cls(
-            hashlib.sha256(block.translate(_IPAD) + _DOMAIN),
+            hashlib.sha256(block.translate(_IPAD) + start),
             hashlib.sha256(block.translate(_OPAD)),
         )
 
@@ -487,6 +548,45 @@ def click_payload(url: str) -> bytes:
     if len(deflated) < len(data):
         return bytes([_FLAG_DEFLATE]) + deflated
     return bytes([_FLAG_PLAIN]) + data
+
+
+def unsubscribe_address_fits(address: str) -> bool:
+    """Whether an unsubscribe token can carry ``address``: valid Unicode, 1 to
+    :data:`MAX_ADDRESS_BYTES` octets of UTF-8, with an ``@`` and no ASCII control character
+    (what the SMTP listener accepts, except that it counts a non-ASCII path in characters)."""
+    try:
+        _address_bytes(address)
+    except ValueError:
+        return False
+    return True
+
+
+def _address_bytes(address: str) -> bytes:
+    if not isinstance(address, str):
+        raise TypeError(f"the address must be a str, not {type(address).__name__}")
+    try:
+        data = address.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the address is not valid Unicode (position {e.start})") from None
+    _check_address(address, len(data))
+    return data
+
+
+def _address_text(data: bytes) -> str:
+    """The address in ``data`` (UTF-8), ValueError for anything a recipient address is not."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("the address is not UTF-8") from None
+    _check_address(text, len(data))
+    return text
+
+
+def _check_address(text: str, octets: int) -> None:
+    if not 0 < octets <= MAX_ADDRESS_BYTES:
+        raise ValueError(f"the address must have 1 to {MAX_ADDRESS_BYTES} octets, not {octets}")
+    if "@" not in text or _NOT_IN_ADDRESS.search(text):
+        raise ValueError("the address has no @ or has a control character")
 
 
 def _varint(value: int) -> bytes:

@@ -85,7 +85,9 @@ async def test_chain_makes_a_signed_tracked_copy_per_recipient_and_skips_suppres
         assert parsed["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
         unsubscribe = str(parsed["List-Unsubscribe"])
         web_token = unsubscribe.split("/u/")[1].split(">")[0]
-        assert codec.parse_unsubscribe(web_token) == copy.recipient.id
+        # The address rides along (encrypted), for when the row is purged.
+        assert codec.parse_unsubscribe(web_token) == (copy.recipient.id, copy.recipient.address)
+        assert copy.recipient.address.split("@")[0] not in web_token
         assert "<mailto:u+" in unsubscribe
 
         html_part, text_part = None, None
@@ -137,6 +139,31 @@ async def test_per_message_control_headers_switch_steps_off(store: Store, tmp_pa
     assert b"https://t.example.com/" not in copy.data
     assert b'href="https://shop.example.com/p?a=1&amp;b=2#x"' in copy.data
     assert b"X-SmartRelay-Track" not in copy.data
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_unsubscribe_link_carries_the_address_when_it_fits(
+    store: Store, tmp_path: Path
+) -> None:
+    """An SMTPUTF8 address rides in the link as any other; one of more than 256 octets (the
+    listener counts a path's characters, so it can accept one) gets the link that names the
+    row only, and the copy is still made."""
+    chain, codec, _ = chain_for(store, tmp_path)
+    utf8 = "j\u00fcrgen@b\u00fccher.example"
+    too_long = "\u00fc" * 64 + "@" + "b\u00fccher." * 20 + "example"
+    assert len(too_long) <= 254 and len(too_long.encode("utf-8")) > 256
+    queued = await store.queue_message(
+        NewMessage("news@example.com", (utf8, too_long), HTML_MESSAGE)
+    )
+    claimed = await store.claim_due("node", limit=10, lease=60)
+    message = (await store.load_messages([queued.queue_id]))[queued.queue_id]
+    copies = {copy.recipient.address: copy for copy in (await chain.run(message, claimed)).copies}
+    assert set(copies) == {utf8, too_long}
+    for address, expected in ((utf8, utf8), (too_long, None)):
+        copy = copies[address]
+        parsed = email.message_from_bytes(copy.data, policy=email.policy.default)
+        web_token = str(parsed["List-Unsubscribe"]).split("/u/")[1].split(">")[0]
+        assert codec.parse_unsubscribe(web_token) == (copy.recipient.id, expected)
 
 
 def test_tracking_template_gives_the_same_bytes_as_rewriting_each_copy(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from smartrelay.tokens import (
     _DOMAIN,
     KEY_BYTES,
+    MAX_ADDRESS_BYTES,
     MAX_URL_BYTES,
     Keyring,
     SecretFileError,
@@ -31,6 +32,7 @@ from smartrelay.tokens import (
     add_key,
     click_payload,
     load_keyring,
+    unsubscribe_address_fits,
 )
 
 KEY_1 = bytes(range(32))
@@ -53,6 +55,8 @@ BASE64URL = string.ascii_letters + string.digits + "-_"
 BASE32_LOWER = "abcdefghijklmnopqrstuvwxyz234567"
 FOREIGN = "=+/.~% \n\x00üK\u212a"  # U+212A KELVIN SIGN lowercases to "k"
 
+#: The address the unsubscribe tokens of the generic tests carry.
+ADDRESS = "john.doe@example.net"
 URL_KINDS = ["open", "click", "unsubscribe"]
 ADDRESS_KINDS = ["verp", "mailto"]
 
@@ -68,7 +72,7 @@ def make(codec: TokenCodec, kind: str, recipient_id: int) -> str:
     if kind == "click":
         return codec.click_token(recipient_id, "https://example.com/x?a=1&b=2#c")
     if kind == "unsubscribe":
-        return codec.unsubscribe_token(recipient_id)
+        return codec.unsubscribe_token(recipient_id, ADDRESS)
     if kind == "mailto":
         return codec.unsubscribe_mailto_token(recipient_id)
     assert kind == "verp"
@@ -116,7 +120,9 @@ def single_edits(token: str, alphabet: str) -> Iterator[str]:
 @pytest.mark.parametrize("recipient_id", IDS)
 def test_round_trip_every_kind(codec: TokenCodec, recipient_id: int) -> None:
     assert codec.parse_open(codec.open_token(recipient_id)) == recipient_id
-    assert codec.parse_unsubscribe(codec.unsubscribe_token(recipient_id)) == recipient_id
+    unsubscribe = codec.unsubscribe_token(recipient_id, ADDRESS)
+    assert codec.parse_unsubscribe(unsubscribe) == (recipient_id, ADDRESS)
+    assert codec.parse_unsubscribe(codec.unsubscribe_token(recipient_id)) == (recipient_id, None)
     assert codec.parse_verp(codec.verp_token(recipient_id)) == recipient_id
     mailto = codec.unsubscribe_mailto_token(recipient_id)
     assert codec.parse_unsubscribe_mailto(mailto) == recipient_id
@@ -222,7 +228,10 @@ def test_known_tokens(recipient_id: int) -> None:
     known = KNOWN_TOKENS[recipient_id]
     urls = [kind for kind in known if kind not in URL_KINDS + ADDRESS_KINDS]
     for kind in URL_KINDS + ADDRESS_KINDS:
-        if kind in known:
+        if kind == "unsubscribe" and kind in known:  # made before tokens carried the address
+            assert codec.unsubscribe_token(recipient_id) == known[kind]
+            assert codec.parse_unsubscribe(known[kind]) == (recipient_id, None)
+        elif kind in known:
             assert make(codec, kind, recipient_id) == known[kind]
             assert parser(codec, kind)(known[kind]) == recipient_id
     assert codec.click_tokens(recipient_id, urls) == [known[url] for url in urls]
@@ -231,11 +240,37 @@ def test_known_tokens(recipient_id: int) -> None:
         assert codec.parse_click(known[url]) == (recipient_id, url)
 
 
+#: Unsubscribe tokens carrying the address (keys as for KNOWN_TOKENS), pinned the same way.
+KNOWN_UNSUBSCRIBE_TOKENS = [
+    (0, "a@b.c", "yACTsur9_V74ChTTGjlLU_dzKYg-Kh8"),
+    (123456, "john.doe@example.net", "yMDEB2szcmk9_2Hjpv6qsJlRZKYhwy7e5GeDO3q1Rhh47VTkcanpxQ"),
+    (
+        123456,
+        "\u7528\u6237@\u4f8b\u5b50.\u5e7f\u544a",
+        "yMDEB-bIsuGbLE5iWBA3fGQP7XqwSNog5qWM41puo2i1m3E7rLUEpw",
+    ),
+    (
+        2**64 - 1,
+        "x" * 60 + "@example.com",
+        "yP___________wFm-NyOdna8WTwve2jmG7TMXRxOgit_2UBggZmgfOikvNTkHG42BmKTh1KRJbqgMYHh5sP1Lr"
+        "XJa3k0MOm9I9a5eMu3mmu_I74mAmAuykElOia2xOrkHG4b",
+    ),
+]
+
+
+@pytest.mark.parametrize("recipient_id, address, token", KNOWN_UNSUBSCRIBE_TOKENS)
+def test_known_unsubscribe_tokens(recipient_id: int, address: str, token: str) -> None:
+    codec = TokenCodec(Keyring(keys={1: KEY_1, 200: KEY_2}, current=200))
+    assert codec.unsubscribe_token(recipient_id, address) == token
+    assert codec.parse_unsubscribe(token) == (recipient_id, address)
+
+
 def test_typical_lengths(codec: TokenCodec) -> None:
     url = "https://www.example.com/products/spring-sale?utm_source=mail"
     assert len(url) == 60
     assert len(codec.open_token(123456)) == 27
-    assert len(codec.unsubscribe_token(123456)) == 27
+    assert len(codec.unsubscribe_token(123456)) == 27  # an old token, without the address
+    assert len(ADDRESS) == 20 and len(codec.unsubscribe_token(123456, ADDRESS)) == 54
     assert len(codec.click_token(123456, url)) == 108
     assert len(codec.verp_token(123456)) == 23
     assert len(codec.unsubscribe_mailto_token(123456)) == 23
@@ -258,6 +293,154 @@ def test_address_tokens_use_lowercase_base32_and_parse_in_any_case(
         assert parse(token.upper()) == recipient_id
         mixed = "".join(c.upper() if i % 2 else c for i, c in enumerate(token))
         assert parse(mixed) == recipient_id
+
+
+# --------------------------------------------------------------------------------------
+# Unsubscribe tokens carry the address, encrypted
+
+#: Addresses of 1 to MAX_ADDRESS_BYTES octets of UTF-8 (SMTPUTF8 ones included).
+ADDRESSES = [
+    "a@b",
+    ADDRESS,
+    "John.Doe+news@Example.NET",
+    '"john doe"@example.net',  # a quoted local part may hold a space
+    "j\u00fcrgen.m\u00fcller@b\u00fccher.example",  # SMTPUTF8
+    "\u7528\u6237@\u4f8b\u5b50.\u5e7f\u544a",  # SMTPUTF8, CJK
+    "\U0001f600@example.com",  # four octets a character
+    "x" * 31 + "@",  # one keystream block exactly
+    "x" * 32 + "@",  # a second block starts
+    "a" * 64 + "@" + "d" * 191,  # 256 octets: the longest SMTP path
+    "\u00fc" * 127 + "@x",  # 256 octets of UTF-8 in 129 characters
+]
+
+
+def unsubscribe_keystream(key: bytes, recipient_id: int, length: int) -> bytes:
+    """The keystream as the module docstring defines it, computed with ``hmac`` alone."""
+    address_key = hmac.new(key, b"smartrelay-unsubscribe-address-v1", hashlib.sha256).digest()
+    varint = bytearray()
+    value = recipient_id
+    while value > 0x7F:
+        varint.append(value & 0x7F | 0x80)
+        value >>= 7
+    varint.append(value)
+    stream = b"".join(
+        hmac.new(address_key, bytes(varint) + bytes([i]), hashlib.sha256).digest() for i in range(8)
+    )
+    return stream[:length]
+
+
+@pytest.mark.parametrize("address", ADDRESSES, ids=range(len(ADDRESSES)))
+@pytest.mark.parametrize("recipient_id", [0, 123456, 2**64 - 1])
+def test_unsubscribe_round_trip_carries_the_address(
+    codec: TokenCodec, recipient_id: int, address: str
+) -> None:
+    token = codec.unsubscribe_token(recipient_id, address)
+    assert re.fullmatch("[A-Za-z0-9_-]+", token)
+    assert codec.parse_unsubscribe(token) == (recipient_id, address)
+    assert unsubscribe_address_fits(address)
+
+
+@pytest.mark.parametrize("address", ADDRESSES, ids=range(len(ADDRESSES)))
+def test_the_address_is_encrypted_as_documented(codec: TokenCodec, address: str) -> None:
+    """key id, varint, address XOR keystream, then the 16-byte tag over all of it: the address
+    is not readable in the token (nor in its bytes), only its length shows."""
+    data = address.encode("utf-8")
+    raw = raw_bytes(codec.unsubscribe_token(123456, address))
+    assert raw[:4] == b"\x01\xc0\xc4\x07"  # key 1, varint(123456)
+    ciphertext, tag = raw[4:-16], raw[-16:]
+    assert len(ciphertext) == len(data)
+    plain = bytes(
+        a ^ b
+        for a, b in zip(ciphertext, unsubscribe_keystream(KEY_1, 123456, len(data)), strict=True)
+    )
+    assert plain == data
+    assert tag == hmac.new(KEY_1, _DOMAIN + b"u" + raw[:-16], hashlib.sha256).digest()[:16]
+    local = address.split("@")[0].encode("utf-8")
+    assert local not in raw and base64.b64encode(local)[:6] not in raw
+    # The same address for another recipient, or under another key, looks unrelated.
+    other = raw_bytes(codec.unsubscribe_token(123457, address))[4:-16]
+    assert other != ciphertext
+    rotated = TokenCodec(Keyring(keys={1: KEY_2}, current=1))
+    assert raw_bytes(rotated.unsubscribe_token(123456, address))[4:-16] != ciphertext
+
+
+def test_an_old_unsubscribe_token_without_the_address_still_parses(codec: TokenCodec) -> None:
+    old = codec.unsubscribe_token(123456)
+    assert len(raw_bytes(old)) == 1 + 3 + 16  # no payload at all
+    assert codec.parse_unsubscribe(old) == (123456, None)
+
+
+@pytest.mark.parametrize(
+    "address, error",
+    [
+        ("", ValueError),
+        ("no-at-sign.example", ValueError),
+        ("a" * 65 + "@" + "d" * 191, ValueError),  # 257 octets
+        ("\u00fc" * 128 + "@", ValueError),  # 257 octets in 129 characters
+        ("john\r\n@example.net", ValueError),
+        ("john\x00@example.net", ValueError),
+        ("john\x7f@example.net", ValueError),
+        ("john\ud800@example.net", ValueError),  # a lone surrogate: not Unicode text
+        (b"john@example.net", TypeError),
+    ],
+)
+def test_an_address_a_token_cannot_carry_is_refused(
+    codec: TokenCodec, address: object, error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        codec.unsubscribe_token(1, address)  # type: ignore[arg-type]
+    if isinstance(address, str):
+        assert not unsubscribe_address_fits(address)
+
+
+def forged_unsubscribe_token(recipient_id: int, plain: bytes) -> str:
+    """A token signed with the right key (KEY_1) whose address is ``plain``, whatever it is:
+    only a bug or a stolen key makes one, and the parser must still refuse odd contents."""
+    stream = unsubscribe_keystream(KEY_1, recipient_id, min(len(plain), 256))
+    stream += bytes(max(0, len(plain) - 256))
+    signed = (
+        b"\x01" + bytes([recipient_id]) + bytes(a ^ b for a, b in zip(plain, stream, strict=True))
+    )
+    tag = hmac.new(KEY_1, _DOMAIN + b"u" + signed, hashlib.sha256).digest()[:16]
+    return _b64encode(signed + tag)
+
+
+def test_forged_but_authentic_odd_addresses_are_refused(codec: TokenCodec) -> None:
+    assert MAX_ADDRESS_BYTES == 256  # an SMTP path (RFC 5321 section 4.5.3.1.3)
+    assert codec.parse_unsubscribe(forged_unsubscribe_token(5, b"a@b")) == (5, "a@b")
+    for plain in (
+        b"a" * 255 + b"@",  # 256: still fine
+        "\u00fc@x".encode(),
+    ):
+        assert codec.parse_unsubscribe(forged_unsubscribe_token(5, plain))[1] is not None
+    for plain in (
+        b"a" * 256 + b"@",  # 257 octets
+        b"\xff\xfe@example.net",  # not UTF-8
+        b"\xed\xa0\x80@example.net",  # an encoded surrogate: not UTF-8 either
+        b"no-at-sign",
+        b"john\n@example.net",
+        b"john\x00@example.net",
+    ):
+        with pytest.raises(TokenError, match="malformed"):
+            codec.parse_unsubscribe(forged_unsubscribe_token(5, plain))
+
+
+def test_a_changed_address_byte_breaks_the_signature(codec: TokenCodec) -> None:
+    raw = bytearray(raw_bytes(codec.unsubscribe_token(123456, ADDRESS)))
+    for position in range(4, len(raw) - 16):
+        for bit in (0x01, 0x80):
+            edited = bytearray(raw)
+            edited[position] ^= bit
+            with pytest.raises(TokenError, match="signature"):
+                codec.parse_unsubscribe(_b64encode(bytes(edited)))
+
+
+def test_the_mailto_token_does_not_carry_the_address(codec: TokenCodec) -> None:
+    """``u+TOKEN@`` must fit a 64-octet local part: it names the row only (a mailto
+    unsubscribe for a purged recipient is kept unmatched by the feedback processor)."""
+    token = codec.unsubscribe_mailto_token(2**64 - 1)
+    assert len("u+" + token) <= 64
+    assert codec.parse_unsubscribe_mailto(token) == 2**64 - 1
 
 
 # --------------------------------------------------------------------------------------
@@ -418,7 +601,11 @@ def test_rotation_keeps_old_tokens_working(tmp_path: Path) -> None:
 
     codec = TokenCodec(rotated)
     for kind, token in old.items():
-        assert parser(codec, kind)(token) in (123456, (123456, "https://example.com/x?a=1&b=2#c"))
+        assert parser(codec, kind)(token) in (
+            123456,
+            (123456, "https://example.com/x?a=1&b=2#c"),
+            (123456, ADDRESS),
+        )
         new = make(codec, kind, 123456)
         assert raw_bytes(new)[0] == 2
         with pytest.raises(TokenError, match="unknown key"):
@@ -723,6 +910,18 @@ def test_mac_is_hmac_sha256(key: bytes, start: bytes, rest: bytes) -> None:
     assert mac.digest(start + rest) == expected.digest()
     assert mac.extended(start).digest(rest) == expected.digest()
     assert mac.digest(start + rest) == expected.digest()  # extending left it as it was
+
+
+@settings(deadline=None)
+@given(recipient_ids, st.text(min_size=1, max_size=300))
+def test_unsubscribe_round_trip_property(recipient_id: int, local: str) -> None:
+    address = local + "@example.net"
+    if not unsubscribe_address_fits(address):
+        with pytest.raises(ValueError):
+            property_codec.unsubscribe_token(recipient_id, address)
+        return
+    token = property_codec.unsubscribe_token(recipient_id, address)
+    assert property_codec.parse_unsubscribe(token) == (recipient_id, address)
 
 
 @given(st.binary(max_size=100))

@@ -36,6 +36,7 @@ from smartrelay.web.tracking import (
     mask_address,
 )
 from tests.conftest import real_reactor
+from tests.support.purge import purge_message_rows
 
 BROWSER = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko)"
@@ -758,3 +759,162 @@ def test_location_header_and_mask() -> None:
     assert mask_address("john.doe@example.com") == "j***@example.com"
     assert mask_address('"a@b"@example.com') == '"***@example.com'
     assert mask_address("nodomain") == "n***"
+
+
+# --------------------------------------------------------------------------------------
+# After a purge (retention, issue 13): first the body only, then the message's rows too
+
+PURGES = pytest.mark.parametrize("rows", [False, True], ids=["body", "rows"])
+
+
+async def purge(store: Store, recipient_id: int, rows: bool) -> str:
+    """Purge the message of ``recipient_id`` (see :func:`purge_message_rows`); its queue id."""
+    ref = await store.recipient_ref(recipient_id)
+    assert ref is not None
+    await purge_message_rows(store, ref.queue_id, rows)
+
+    async def txn(cursor: ICursor) -> tuple[int, bytes | None]:
+        await cursor.execute("SELECT COUNT(*) FROM recipients WHERE queue_id = ?", (ref.queue_id,))
+        count = cursor.fetchone()
+        await cursor.execute(
+            "SELECT raw, body_purged_at FROM messages WHERE queue_id = ?", (ref.queue_id,)
+        )
+        message = cursor.fetchone()
+        assert count is not None
+        assert message is None or message[1] is not None
+        return int(count[0]), None if message is None else bytes(message[0])
+
+    # The purge did what it says: the rows are gone, or only the body is.
+    count, raw = await store.engine.run_interaction("check", txn, readonly=True)
+    assert (count == 0, raw) == ((True, None) if rows else (False, b""))
+    assert (await store.recipient_ref(recipient_id) is None) == rows
+    return ref.queue_id
+
+
+@PURGES
+@pytest_twisted.ensureDeferred
+async def test_unsubscribe_after_a_purge(
+    web: Server, store: Store, codec: TokenCodec, http: HTTPClient, rows: bool
+) -> None:
+    """The link (made at delivery, carrying the address) still suppresses the address once
+    the message is purged; the page answers as for a live row, never a 404."""
+    john, reader = "John.Doe@Example.NET", "reader@example.net"
+    ids = await queue(store, john, reader)
+    one_click = web.url(f"/u/{codec.unsubscribe_token(ids[john], john)}")
+    page = web.url(f"/u/{codec.unsubscribe_token(ids[reader], reader)}")
+    queue_id = await purge(store, ids[john], rows)
+
+    response = await http.get(one_click)
+    body = (await response.content()).decode("utf-8")
+    assert response.code == 200
+    assert '<form method="post">' in body
+    assert "J***@Example.NET" in body and "John.Doe" not in body
+    assert await events(store) == [] and await store.list_suppressions() == []
+
+    for _ in range(2):  # idempotent
+        response = await http.post(one_click, data={"List-Unsubscribe": "One-Click"})
+        assert response.code == 200 and await response.content() == b"Unsubscribed\n"
+        response = await http.post(page, data={"confirm": "yes"})
+        body = (await response.content()).decode("utf-8")
+        assert response.code == 200
+        assert "You are unsubscribed" in body and "r***@example.net" in body
+        store.clock.advance(60)  # type: ignore[attr-defined]
+
+    entries = await store.list_suppressions()
+    assert [(e.address, e.reason, e.expires_at) for e in entries] == [
+        ("john.doe@example.net", "unsubscribe", None),
+        ("reader@example.net", "unsubscribe", None),
+    ]
+    which = "a purged message" if rows else f"message {queue_id}"
+    assert [e.note for e in entries] == [
+        f"one-click unsubscribe, {which}",
+        f"page unsubscribe, {which}",
+    ]
+    recorded = await events(store)
+    assert [(e.type, e.queue_id, e.recipient, e.data) for e in recorded] == [
+        ("unsubscribed", None if rows else queue_id, john, {"method": "one-click"}),
+        ("unsubscribed", None if rows else queue_id, reader, {"method": "page"}),
+    ]
+    assert (await store.active_suppressions([john]))["john.doe@example.net"].reason == (
+        "unsubscribe"
+    )
+
+
+@PURGES
+@pytest_twisted.ensureDeferred
+async def test_an_old_unsubscribe_token_works_while_the_row_is_kept(
+    web: Server, store: Store, codec: TokenCodec, http: HTTPClient, rows: bool
+) -> None:
+    """A token made before tokens carried the address names the row only: it works after the
+    body is purged, and is a 404 (recording nothing) once the row is gone."""
+    ids = await queue(store, "reader@example.net")
+    url = web.url(f"/u/{codec.unsubscribe_token(ids['reader@example.net'])}")
+    queue_id = await purge(store, ids["reader@example.net"], rows)
+
+    response = await http.get(url)
+    body = await response.content()
+    response_post = await http.post(url, data={"List-Unsubscribe": "One-Click"})
+    body_post = await response_post.content()
+    if rows:
+        assert response.code == 404 and response_post.code == 404
+        assert_generic_page(body)
+        assert_generic_page(body_post)
+        assert await events(store) == [] and await store.list_suppressions() == []
+    else:
+        assert response.code == 200 and b"r***@example.net" in body
+        assert response_post.code == 200 and body_post == b"Unsubscribed\n"
+        [event] = await events(store)
+        assert (event.queue_id, event.recipient) == (queue_id, "reader@example.net")
+        assert [s.address for s in await store.list_suppressions()] == ["reader@example.net"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unsubscribe_token_whose_id_names_another_row(
+    web: Server, store: Store, codec: TokenCodec, http: HTTPClient
+) -> None:
+    """A row whose address is not the one in the token is not the token's recipient (its id
+    was given again, e.g. in another database): the token's address is unsubscribed, the
+    row's is left alone."""
+    ids = await queue(store, "reader@example.net")
+    url = web.url(f"/u/{codec.unsubscribe_token(ids['reader@example.net'], 'gone@example.org')}")
+    response = await http.get(url)
+    body = (await response.content()).decode("utf-8")
+    assert response.code == 200 and "g***@example.org" in body and "r***" not in body
+    response = await http.post(url, data={"List-Unsubscribe": "One-Click"})
+    assert response.code == 200 and await response.content() == b"Unsubscribed\n"
+    assert [s.address for s in await store.list_suppressions()] == ["gone@example.org"]
+    [event] = await events(store)
+    assert (event.queue_id, event.recipient) == (None, "gone@example.org")
+
+
+@PURGES
+@pytest_twisted.ensureDeferred
+async def test_open_and_click_after_a_purge(
+    web: Server, store: Store, codec: TokenCodec, http: HTTPClient, rows: bool
+) -> None:
+    """The pixel and the redirect keep working (the URL is in the token); they are recorded
+    while the recipient's row is kept (only the body purged), and nothing is once it is gone."""
+    ids = await queue(store, "reader@example.net")
+    rid = ids["reader@example.net"]
+    pixel = web.url(f"/o/{codec.open_token(rid)}.gif")
+    target = "https://example.com/offer?id=7&utm_source=mail#top"
+    click = web.url(f"/c/{codec.click_token(rid, target)}")
+    queue_id = await purge(store, rid, rows)
+
+    for _ in range(2):
+        response = await http.get(pixel, headers=hdrs({"User-Agent": BROWSER}))
+        assert response.code == 200 and await response.content() == PIXEL_GIF
+        assert header(response, "Cache-Control") == NO_CACHE
+        response = await http.get(
+            click, headers=hdrs({"User-Agent": BROWSER}), allow_redirects=False
+        )
+        assert response.code == 302 and await response.content() == b""
+        assert header(response, "Location") == target
+    recorded = await events(store)
+    if rows:
+        assert recorded == []
+    else:
+        assert [(e.type, e.queue_id, e.recipient) for e in recorded] == [
+            ("opened", queue_id, "reader@example.net"),
+            ("clicked", queue_id, "reader@example.net"),
+        ] * 2

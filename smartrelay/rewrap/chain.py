@@ -161,8 +161,12 @@ class ListUnsubscribeStep:
             return succeed(copy)
         if copy.has_field(b"list-unsubscribe"):
             return succeed(copy)  # the application manages its own
-        recipient_id = copy.recipient.id
-        targets = [f"<{self._settings.base_url}/u/{self._codec.unsubscribe_token(recipient_id)}>"]
+        recipient_id, address = copy.recipient.id, copy.recipient.address
+        try:  # the address in the link: it still unsubscribes once the row is purged
+            web_token = self._codec.unsubscribe_token(recipient_id, address)
+        except ValueError:  # more than 256 octets (the listener counts characters): the row only
+            web_token = self._codec.unsubscribe_token(recipient_id)
+        targets = [f"<{self._settings.base_url}/u/{web_token}>"]
         if self._settings.unsubscribe_mailto:
             token = self._codec.unsubscribe_mailto_token(recipient_id)
             targets.append(f"<mailto:u+{token}@{self._settings.return_path_domain}>")

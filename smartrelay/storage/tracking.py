@@ -83,8 +83,15 @@ class TrackingStore(StoreBase):
         """Suppress the recipient's address (reason ``unsubscribe``, for as long as ``config``
         says) and record an ``unsubscribed`` event ``{"method": method}``, in one transaction;
         see :meth:`suppress_recipient`."""
-        entry = policy.unsubscribe(config, ref.address, self.clock.seconds(), method, ref.queue_id)
-        return await self.suppress_recipient(ref, entry, UnsubscribedEvent(method))
+        return await self.unsubscribe_address(ref.address, ref.queue_id, method, config)
+
+    async def unsubscribe_address(
+        self, address: str, queue_id: str | None, method: str, config: SuppressionConfig
+    ) -> bool:
+        """:meth:`unsubscribe` by address: for a token whose recipient row is gone (purged),
+        ``queue_id`` None (the event then names no message); see :meth:`suppress_address`."""
+        entry = policy.unsubscribe(config, address, self.clock.seconds(), method, queue_id)
+        return await self.suppress_address(address, queue_id, entry, UnsubscribedEvent(method))
 
     async def complain(
         self, ref: RecipientRef, feedback_type: str, source: str, config: SuppressionConfig
@@ -106,7 +113,19 @@ class TrackingStore(StoreBase):
         event: UnsubscribedEvent | ComplainedEvent,
     ) -> bool:
         """Write the recipient's own opt-out ``entry`` (unsubscribe, complaint) and record the
-        recipient's ``event``, in one transaction.
+        recipient's ``event``, in one transaction; see :meth:`suppress_address`."""
+        return await self.suppress_address(ref.address, ref.queue_id, entry, event)
+
+    async def suppress_address(
+        self,
+        address: str,
+        queue_id: str | None,
+        entry: policy.Suppress,
+        event: UnsubscribedEvent | ComplainedEvent,
+    ) -> bool:
+        """Write the opt-out ``entry`` (unsubscribe, complaint) of ``address`` and record its
+        ``event`` (recipient ``address``, message ``queue_id``: None when the recipient's row
+        is gone), in one transaction.
 
         Idempotent: when the address is already suppressed for the entry's reason (an entry in
         force now), nothing is written and False comes back; otherwise True. An entry in force
@@ -131,7 +150,7 @@ class TrackingStore(StoreBase):
             if merged is None:
                 return False
             await write_suppressions(cursor, now_ms, [merged])
-            await insert_events(cursor, now_ms, [(ref.queue_id, ref.address, event)])
+            await insert_events(cursor, now_ms, [(queue_id, address, event)])
             return True
 
         return await self.run(f"suppress_{entry.reason}", txn)

@@ -17,8 +17,12 @@ Behaviour worth knowing:
 * ``HEAD`` on any of them (link scanners) answers the same status and headers without a body
   and records nothing.
 * A bad token on the pixel still gets the GIF (the answer never tells whether a token is
-  valid) and records nothing. A valid token whose recipient row no longer exists (e.g. purged)
-  still gets the GIF or the redirect, but records nothing; on ``/u`` it is a 404.
+  valid) and records nothing. A valid open or click token whose recipient row no longer exists
+  (purged by retention) still gets the GIF or the redirect, but records nothing.
+* An unsubscribe token carries the recipient's address (encrypted, :mod:`smartrelay.tokens`),
+  so once the row is purged ``/u`` answers as before and the POST still suppresses the
+  address; its ``unsubscribed`` event then names no message (``queue_id`` null). Only an
+  old token without the address, whose row is gone, is a 404.
 * Recording is best-effort for the pixel and clicks: if the database fails, the GIF or the
   redirect is still served (the recipient's link must work) and the error is logged. The
   unsubscribe endpoints need the database: a failure there is a generic 500 page.
@@ -55,7 +59,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from smartrelay.config import SuppressionConfig
 from smartrelay.events import ClickedEvent, OpenedEvent
-from smartrelay.storage.store import RecipientRef, Store
+from smartrelay.storage.store import Store
 from smartrelay.tokens import TokenCodec, TokenError
 from smartrelay.web.pages import Pages
 
@@ -268,6 +272,14 @@ def _is_page_confirm(request: IRequest) -> bool:
     return b"confirm" in args
 
 
+@frozen
+class _Unsubscriber:
+    """The address an unsubscribe token names, and its message (None once purged)."""
+
+    address: str
+    queue_id: str | None
+
+
 # --------------------------------------------------------------------------------------
 # The app
 
@@ -367,14 +379,15 @@ class Tracking:
         return _respond(request, 302, None, b"", ((b"Location", location),))
 
     async def _page(self, request: IRequest, token: str) -> bytes:
-        ref = await self._unsubscribe_ref(token)
-        if ref is None:
+        target = await self._unsubscriber(token)
+        if target is None:
             return self._error_page(request, 404)
-        return self._html(request, 200, self._pages.unsubscribe_confirm(mask_address(ref.address)))
+        masked = mask_address(target.address)
+        return self._html(request, 200, self._pages.unsubscribe_confirm(masked))
 
     async def _unsubscribe(self, request: IRequest, token: str) -> bytes:
-        ref = await self._unsubscribe_ref(token)
-        if ref is None:
+        target = await self._unsubscriber(token)
+        if target is None:
             return self._error_page(request, 404)
         if _is_one_click(request):
             method = "one-click"
@@ -382,18 +395,20 @@ class Tracking:
             method = "page"
         else:  # neither RFC 8058 nor our form: ask again
             return self._html(
-                request, 400, self._pages.unsubscribe_confirm(mask_address(ref.address))
+                request, 400, self._pages.unsubscribe_confirm(mask_address(target.address))
             )
         store = await self._store_ready()
-        if await store.unsubscribe(ref, method, self._suppression):
+        if await store.unsubscribe_address(
+            target.address, target.queue_id, method, self._suppression
+        ):
             log.info(
                 "web: a recipient of {queue_id} unsubscribed ({method})",
-                queue_id=ref.queue_id,
+                queue_id=target.queue_id or "a purged message",
                 method=method,
             )
         if method == "one-click":
             return _respond(request, 200, b"text/plain; charset=utf-8", b"Unsubscribed\n")
-        return self._html(request, 200, self._pages.unsubscribe_done(mask_address(ref.address)))
+        return self._html(request, 200, self._pages.unsubscribe_done(mask_address(target.address)))
 
     # -- helpers ------------------------------------------------------------------------
     def _html(self, request: IRequest, code: int, page: bytes) -> bytes:
@@ -402,13 +417,24 @@ class Tracking:
     def _error_page(self, request: IRequest, code: int) -> bytes:
         return self._html(request, code if code in (404, 405) else 500, self._pages.error(code))
 
-    async def _unsubscribe_ref(self, token: str) -> RecipientRef | None:
+    async def _unsubscriber(self, token: str) -> _Unsubscriber | None:
+        """Who the unsubscribe ``token`` names: its recipient row while it exists, else the
+        address the token carries; None (a 404) for a bad token, or an old one (without the
+        address) whose row is gone.
+
+        A row whose address is not the token's is not the token's recipient (its id was
+        given again, e.g. in another database): the token's address counts."""
         try:
-            recipient_id = self._codec.parse_unsubscribe(token)
+            recipient_id, address = self._codec.parse_unsubscribe(token)
         except TokenError:
             return None
         store = await self._store_ready()
-        return await store.recipient_ref(recipient_id)
+        ref = await store.recipient_ref(recipient_id)
+        if ref is not None and (address is None or ref.address == address):
+            return _Unsubscriber(ref.address, ref.queue_id)
+        if address is None:
+            return None
+        return _Unsubscriber(address, None)
 
     async def _record(self, request: IRequest, recipient_id: int, url: str | None = None) -> None:
         """An ``opened`` event, or a ``clicked`` one when ``url`` is given."""
