@@ -42,6 +42,7 @@ from smartrelay.delivery.mx import MxResolver, make_system_resolver
 from smartrelay.delivery.processes import DeliveryProcesses, worker_command
 from smartrelay.listening import ListeningService
 from smartrelay.reactor import IRelayReactor
+from smartrelay.retention.rollup import RollupService
 from smartrelay.rewrap.chain import RewrapChain, RewrapSettings
 from smartrelay.rewrap.dkim import DkimSigner
 from smartrelay.smtp.backends import InboundBackend, SubmissionBackend
@@ -166,6 +167,12 @@ class RelayService(MultiService):
             )
             self.web.setServiceParent(self)  # type: ignore[no-untyped-call]
             self.listeners.append(self.web)
+        #: The hourly roll-ups of the events (main process only: delivery processes record
+        #: events, the relay they belong to counts them).
+        self.rollup: RollupService | None = None
+        if serving:
+            self.rollup = RollupService(reactor, self.storage.when_ready)
+            self.rollup.setServiceParent(self)  # type: ignore[no-untyped-call]
         delivery_service.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def _started_codec(self) -> TokenCodec:

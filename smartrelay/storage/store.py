@@ -3,10 +3,11 @@
 Each topic is its own module, with its values and queries: :mod:`~smartrelay.storage.queue`
 (messages, recipients, claims, outcomes), :mod:`~smartrelay.storage.suppressions`,
 :mod:`~smartrelay.storage.events`, :mod:`~smartrelay.storage.feedback`,
-:mod:`~smartrelay.storage.logins` and :mod:`~smartrelay.storage.tracking`. They share the engine,
-the clock and one way of running a query (:class:`~smartrelay.storage.base.StoreBase`). Callers
-hold a ``Store`` and call its methods (``store.claim_due(...)``, ``store.smtp_credentials.add``);
-the names below are re-exported so that they can import the values from here.
+:mod:`~smartrelay.storage.logins`, :mod:`~smartrelay.storage.tracking` and
+:mod:`~smartrelay.storage.rollups`. They share the engine, the clock and one way of running a
+query (:class:`~smartrelay.storage.base.StoreBase`). Callers hold a ``Store`` and call its
+methods (``store.claim_due(...)``, ``store.smtp_credentials.add``); the names below are
+re-exported so that they can import the values from here.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from smartrelay.storage.queue import (
     RecipientOutcome,
     StoredMessage,
 )
+from smartrelay.storage.rollups import RollupStore
 from smartrelay.storage.suppressions import (
     SUPPRESSION_REASONS,
     NewSuppression,
@@ -64,5 +66,13 @@ __all__ = [
 ]
 
 
-class Store(QueueStore, SuppressionStore, EventStore, FeedbackStore, TrackingStore, LoginStore):
+class Store(
+    QueueStore,
+    SuppressionStore,
+    EventStore,
+    FeedbackStore,
+    TrackingStore,
+    LoginStore,
+    RollupStore,
+):
     """Every query SmartRelay runs; each public method is one transaction."""

@@ -1,0 +1,2 @@
+"""The data lifecycle: the hourly roll-ups of the events (:mod:`.rollup`) and the purge of
+what retention no longer keeps (docs/storage.md)."""
