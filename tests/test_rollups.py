@@ -323,6 +323,8 @@ async def test_events_at_or_after_the_horizon_wait_for_it(
     assert await store.roll_up(t + 5.001, 5000) == 1
     assert await store.rollup_totals(H0, H1) == {("opened", "human"): (2, 1)}
     assert await store.rollup_position() == t + 5.001
+    with pytest.raises(ValueError, match="limit"):
+        await store.roll_up(t + 10, 0)
 
 
 @pytest_twisted.ensureDeferred

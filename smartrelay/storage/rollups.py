@@ -53,6 +53,8 @@ class RollupStore(StoreBase):
         """Count up to ``limit`` events not counted yet with ``time < horizon`` into the
         hourly roll-ups, in one transaction; returns how many were counted (fewer than
         ``limit``: every event before the horizon is counted)."""
+        if limit < 1:
+            raise ValueError(f"roll_up: limit must be at least 1, not {limit}")
         horizon_ms = to_ms(horizon)
 
         async def txn(cursor: ICursor) -> int:
