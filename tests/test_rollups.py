@@ -525,7 +525,7 @@ async def test_the_relay_runs_the_roll_up_in_its_main_process_only(
         relay = await relays.start()
         assert relay.service.rollup is not None and relay.service.rollup.running
         # Its first pass runs at start: the position is set (to now - ROLLUP_LAG).
-        for _ in range(200):
+        for _ in range(600):  # up to 30 s on a loaded machine
             if await relay.store.rollup_position() is not None:
                 break
             await deferLater(0.05)
