@@ -43,6 +43,7 @@ from smartrelay.delivery.processes import DeliveryProcesses, worker_command
 from smartrelay.listening import ListeningService
 from smartrelay.reactor import IRelayReactor
 from smartrelay.retention.purge import PurgeService
+from smartrelay.retention.rollup import RollupService
 from smartrelay.rewrap.chain import RewrapChain, RewrapSettings
 from smartrelay.rewrap.dkim import DkimSigner
 from smartrelay.smtp.backends import InboundBackend, SubmissionBackend
@@ -167,6 +168,12 @@ class RelayService(MultiService):
             )
             self.web.setServiceParent(self)  # type: ignore[no-untyped-call]
             self.listeners.append(self.web)
+        #: The hourly roll-ups of the events (main process only: delivery processes record
+        #: events, the relay they belong to counts them).
+        self.rollup: RollupService | None = None
+        if serving:
+            self.rollup = RollupService(reactor, self.storage.when_ready)
+            self.rollup.setServiceParent(self)  # type: ignore[no-untyped-call]
         delivery_service.setServiceParent(self)  # type: ignore[no-untyped-call]
         self.purge: PurgeService | None = None
         if serving:  # one purger per node (not one per delivery process)

@@ -1,1 +1,2 @@
-"""Data lifecycle: the purge that applies ``[retention]`` and the roll-ups that outlive it."""
+"""The data lifecycle: the hourly roll-ups of the events (:mod:`.rollup`) and the purge of
+what retention no longer keeps (:mod:`.purge`); docs/storage.md."""

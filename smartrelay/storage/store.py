@@ -3,11 +3,12 @@
 Each topic is its own module, with its values and queries: :mod:`~smartrelay.storage.queue`
 (messages, recipients, claims, outcomes), :mod:`~smartrelay.storage.suppressions`,
 :mod:`~smartrelay.storage.events`, :mod:`~smartrelay.storage.feedback`,
-:mod:`~smartrelay.storage.logins`, :mod:`~smartrelay.storage.tracking` and
-:mod:`~smartrelay.storage.retention`. They share the engine,
-the clock and one way of running a query (:class:`~smartrelay.storage.base.StoreBase`). Callers
-hold a ``Store`` and call its methods (``store.claim_due(...)``, ``store.smtp_credentials.add``);
-the names below are re-exported so that they can import the values from here.
+:mod:`~smartrelay.storage.logins`, :mod:`~smartrelay.storage.tracking`,
+:mod:`~smartrelay.storage.rollups` and :mod:`~smartrelay.storage.retention`. They share the
+engine, the clock and one way of running a query
+(:class:`~smartrelay.storage.base.StoreBase`). Callers hold a ``Store`` and call its methods
+(``store.claim_due(...)``, ``store.smtp_credentials.add``); the names below are re-exported
+so that they can import the values from here.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from smartrelay.storage.queue import (
     StoredMessage,
 )
 from smartrelay.storage.retention import PurgeBatch, PurgeCutoffs, RetentionStore
+from smartrelay.storage.rollups import RollupStore
 from smartrelay.storage.suppressions import (
     SUPPRESSION_REASONS,
     NewSuppression,
@@ -76,5 +78,6 @@ class Store(
     TrackingStore,
     LoginStore,
     RetentionStore,
+    RollupStore,
 ):
     """Every query SmartRelay runs; each public method is one transaction."""

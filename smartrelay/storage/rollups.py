@@ -1,0 +1,298 @@
+"""The hourly roll-ups (``rollups``, ``rollup_progress``): event counts that outlive the events.
+
+:meth:`RollupStore.roll_up` reads the events after where it stopped, in ``(time, id)`` order
+(the ``events_time`` index), up to a horizon the caller keeps a little behind the clock
+(docs/storage.md, "Roll-ups": an event must have committed before the roll-up passes its
+time), counts them per hour, tag, sender domain, recipient domain, type and detail, adds the
+counts to ``rollups`` and moves ``rollup_progress`` on, all in one transaction: a pass that
+fails or is killed leaves nothing half-counted, and two nodes on one PostgreSQL take turns
+(an advisory lock), so an event is counted once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from smartrelay.storage.base import StoreBase, chunks, domain_of, from_ms, marks, to_ms
+from smartrelay.storage.interfaces import ICursor
+
+HOUR_MS = 3_600_000
+#: The tag of the rows that count every event once, whatever the message's tags.
+ALL_TAGS = "*"
+_PROGRESS = "rollups"
+_LOCK = "smartrelay:rollup"
+_ENGAGEMENT = ("opened", "clicked")
+#: ``data`` of a human open or click holds this text: insert_events writes ``data`` with
+#: json.dumps (sort_keys, default separators), and a JSON string cannot hold an unescaped
+#: quote, so a user agent or URL cannot fake it.
+_HUMAN_PATTERN = "%" + json.dumps({"machine": False})[1:-1] + "%"
+_ROLLUP_COLUMNS = "hour, tag, sender_domain, recipient_domain, type, detail"
+#: Rows per upsert statement (8 parameters each).
+_UPSERT_ROWS = 250
+
+#: (hour, tag, sender_domain, recipient_domain, type, detail)
+RollupKey = tuple[int, str, str, str, str, str]
+#: (type, detail) -> (count, unique_count)
+Totals = dict[tuple[str, str], tuple[int, int]]
+
+
+def event_detail(event_type: str, data: dict[str, Any]) -> str:
+    """The ``detail`` column of an event: a bounce's ``category:hard|soft``, an open's or a
+    click's ``machine`` or ``human``, else ''."""
+    if event_type == "bounced":
+        return f"{data.get('category', '')}:{'hard' if data.get('hard') else 'soft'}"
+    if event_type in _ENGAGEMENT:
+        return "machine" if data.get("machine") else "human"
+    return ""
+
+
+class RollupStore(StoreBase):
+    async def roll_up(self, horizon: float, limit: int) -> int:
+        """Count up to ``limit`` events not counted yet with ``time < horizon`` into the
+        hourly roll-ups, in one transaction; returns how many were counted (fewer than
+        ``limit``: every event before the horizon is counted)."""
+        if limit < 1:
+            raise ValueError(f"roll_up: limit must be at least 1, not {limit}")
+        horizon_ms = to_ms(horizon)
+
+        async def txn(cursor: ICursor) -> int:
+            lock = self.engine.lock_statement()
+            if lock is not None:  # another node's pass waits for this one to commit
+                await cursor.execute(lock, (_LOCK,))
+            await cursor.execute(
+                "SELECT time_ms, last_id FROM rollup_progress WHERE name = ?", (_PROGRESS,)
+            )
+            row = cursor.fetchone()
+            position = None if row is None else (int(row[0]), int(row[1]))
+            events = await _read_events(cursor, position, horizon_ms, limit)
+            counts = await _aggregate(cursor, events, position)
+            await _upsert(cursor, counts)
+            if len(events) < limit:
+                # Caught up: every event before the horizon is counted. (horizon_ms, 0) is
+                # before every event at horizon_ms (ids start at 1).
+                new_position = (horizon_ms, 0)
+            else:
+                new_position = (events[-1][0], events[-1][1])
+            if position is None or new_position > position:  # never back (a slower clock)
+                await cursor.execute(
+                    "INSERT INTO rollup_progress (name, time_ms, last_id) VALUES (?, ?, ?)"
+                    " ON CONFLICT (name) DO UPDATE"
+                    " SET time_ms = excluded.time_ms, last_id = excluded.last_id",
+                    (_PROGRESS, *new_position),
+                )
+            return len(events)
+
+        return await self.run("roll_up", txn)
+
+    async def rollup_position(self) -> float | None:
+        """Every event with a time before this (seconds) is counted in the roll-ups; None
+        before the first pass. Events before it may be deleted without losing a count."""
+
+        async def txn(cursor: ICursor) -> float | None:
+            await cursor.execute("SELECT time_ms FROM rollup_progress WHERE name = ?", (_PROGRESS,))
+            row = cursor.fetchone()
+            return None if row is None else from_ms(int(row[0]))
+
+        return await self.run("rollup_position", txn, readonly=True)
+
+    async def rollup_totals(
+        self,
+        since: float,
+        until: float,
+        tag: str | None = None,
+        sender_domain: str | None = None,
+        recipient_domain: str | None = None,
+    ) -> Totals:
+        """(type, detail) -> (count, unique_count) over the hours that begin in
+        [``since``, ``until``), for one tag (None: every event) and optionally one sender
+        and/or recipient domain."""
+
+        async def txn(cursor: ICursor) -> Totals:
+            where, args = _filter(since, until, tag, sender_domain, recipient_domain)
+            await cursor.execute(
+                "SELECT type, detail, SUM(count), SUM(unique_count) FROM rollups"
+                f" WHERE {where} GROUP BY type, detail",
+                args,
+            )
+            return {(str(r[0]), str(r[1])): (int(r[2]), int(r[3])) for r in cursor.fetchall()}
+
+        return await self.run("rollup_totals", txn, readonly=True)
+
+    async def rollup_series(
+        self,
+        since: float,
+        until: float,
+        tag: str | None = None,
+        sender_domain: str | None = None,
+        recipient_domain: str | None = None,
+    ) -> dict[float, Totals]:
+        """As :meth:`rollup_totals`, per hour: the hour's start (seconds) -> its totals, in
+        time order; hours without events are absent."""
+
+        async def txn(cursor: ICursor) -> dict[float, Totals]:
+            where, args = _filter(since, until, tag, sender_domain, recipient_domain)
+            await cursor.execute(
+                "SELECT hour, type, detail, SUM(count), SUM(unique_count) FROM rollups"
+                f" WHERE {where} GROUP BY hour, type, detail ORDER BY hour",
+                args,
+            )
+            series: dict[float, Totals] = {}
+            for r in cursor.fetchall():
+                hour = int(r[0]) / 1000
+                series.setdefault(hour, {})[(str(r[1]), str(r[2]))] = (int(r[3]), int(r[4]))
+            return series
+
+        return await self.run("rollup_series", txn, readonly=True)
+
+
+def _filter(
+    since: float,
+    until: float,
+    tag: str | None,
+    sender_domain: str | None,
+    recipient_domain: str | None,
+) -> tuple[str, list[Any]]:
+    where = "hour >= ? AND hour < ? AND tag = ?"
+    args: list[Any] = [to_ms(since), to_ms(until), ALL_TAGS if tag is None else tag]
+    if sender_domain is not None:
+        where += " AND sender_domain = ?"
+        args.append(sender_domain.lower())
+    if recipient_domain is not None:
+        where += " AND recipient_domain = ?"
+        args.append(recipient_domain.lower())
+    return where, args
+
+
+# (time_ms, id, type, queue_id, recipient, data or None, sender, tags JSON)
+_Event = tuple[int, int, str, str | None, str | None, str | None, str | None, str | None]
+
+
+async def _read_events(
+    cursor: ICursor, position: tuple[int, int] | None, horizon_ms: int, limit: int
+) -> list[_Event]:
+    """The next ``limit`` events after ``position`` before the horizon, in (time, id) order
+    (an index range of ``events_time``), with their message's sender and tags (NULL when
+    the message row is gone). ``data`` is read only for the types whose detail needs it."""
+    after, args = "", []
+    if position is not None:
+        after = " AND (e.time, e.id) > (?, ?)"  # a row value: a range of the index
+        args = [position[0], position[1]]
+    await cursor.execute(
+        "SELECT e.time, e.id, e.type, e.queue_id, e.recipient,"
+        " CASE WHEN e.type IN ('bounced', 'opened', 'clicked') THEN e.data END,"
+        " m.sender, m.tags"
+        " FROM events e LEFT JOIN messages m ON m.queue_id = e.queue_id"
+        f" WHERE e.time < ?{after} ORDER BY e.time, e.id LIMIT ?",
+        (horizon_ms, *args, limit),
+    )
+    return [
+        (
+            int(r[0]),
+            int(r[1]),
+            str(r[2]),
+            None if r[3] is None else str(r[3]),
+            None if r[4] is None else str(r[4]),
+            None if r[5] is None else str(r[5]),
+            None if r[6] is None else str(r[6]),
+            None if r[7] is None else str(r[7]),
+        )
+        for r in cursor.fetchall()
+    ]
+
+
+async def _aggregate(
+    cursor: ICursor, events: Sequence[_Event], position: tuple[int, int] | None
+) -> dict[RollupKey, list[int]]:
+    """The batch's counts: key -> [count, unique_count]."""
+    details = [event_detail(e[2], json.loads(e[5])) if e[5] is not None else "" for e in events]
+    # A human open (click) is unique when it is the first human open (click) of its
+    # (queue_id, recipient): the pairs that had one before the batch, then the batch's own.
+    candidates = {
+        (e[3], e[4])
+        for e, detail in zip(events, details, strict=True)
+        if detail == "human" and e[3] is not None and e[4] is not None
+    }
+    seen = await _engaged_before(cursor, candidates, position)
+    tag_lists: dict[str | None, tuple[str, ...]] = {}
+    counts: dict[RollupKey, list[int]] = {}
+    for e, detail in zip(events, details, strict=True):
+        time_ms, _, event_type, queue_id, recipient, _, sender, tags_json = e
+        unique = 0
+        if detail == "human" and queue_id is not None and recipient is not None:
+            key = (queue_id, recipient, event_type)
+            if key not in seen:
+                seen.add(key)
+                unique = 1
+        tags = tag_lists.get(tags_json)
+        if tags is None:
+            # The '*' row counts every event once; a message tagged '*' is counted there once.
+            loaded = json.loads(tags_json) if tags_json is not None else []
+            tags = tag_lists[tags_json] = tuple(dict.fromkeys((ALL_TAGS, *map(str, loaded))))
+        hour = time_ms - time_ms % HOUR_MS
+        sender_domain = domain_of(sender) if sender else ""
+        recipient_domain = domain_of(recipient) if recipient else ""
+        for tag in tags:
+            cell = counts.setdefault(
+                (hour, tag, sender_domain, recipient_domain, event_type, detail), [0, 0]
+            )
+            cell[0] += 1
+            cell[1] += unique
+    return counts
+
+
+async def _engaged_before(
+    cursor: ICursor,
+    pairs: set[tuple[str, str]],
+    position: tuple[int, int] | None,
+) -> set[tuple[str, str, str]]:
+    """(queue_id, recipient, type) of the ``pairs`` that have a human open or click counted
+    before (at or before ``position``).
+
+    One query per chunk of queue ids, by the ``events_queue_id`` index. It has no condition
+    on ``type`` or ``time`` on purpose: SQLite (without ANALYZE statistics) would then walk
+    ``events_type_time``, every open and click ever recorded; only human opens and clicks
+    match the LIKE, and the few rows are checked here.
+    """
+    seen: set[tuple[str, str, str]] = set()
+    if position is None or not pairs:
+        return seen
+    by_queue: dict[str, set[str]] = {}
+    for queue_id, recipient in pairs:
+        by_queue.setdefault(queue_id, set()).add(recipient)
+    queue_ids = sorted(by_queue)
+    for chunk in chunks(queue_ids):
+        recipients = sorted({r for q in chunk for r in by_queue[q]})
+        # The recipients IN list narrows a message with many recipients inside the database;
+        # the exact pairs are checked below.
+        for recipient_chunk in chunks(recipients):
+            await cursor.execute(
+                "SELECT queue_id, recipient, type, time, id FROM events"
+                f" WHERE queue_id IN ({marks(len(chunk))})"
+                f" AND recipient IN ({marks(len(recipient_chunk))}) AND data LIKE ?",
+                (*chunk, *recipient_chunk, _HUMAN_PATTERN),
+            )
+            for queue_id, recipient, event_type, time_ms, event_id in cursor.fetchall():
+                if (
+                    event_type in _ENGAGEMENT
+                    and (int(time_ms), int(event_id)) <= position
+                    and str(recipient) in by_queue[str(queue_id)]
+                ):
+                    seen.add((str(queue_id), str(recipient), str(event_type)))
+    return seen
+
+
+async def _upsert(cursor: ICursor, counts: dict[RollupKey, list[int]]) -> None:
+    """Add ``counts`` to ``rollups``: a multi-row INSERT ... ON CONFLICT per chunk (each key
+    once per statement, as PostgreSQL requires)."""
+    rows = [(*key, cell[0], cell[1]) for key, cell in sorted(counts.items())]
+    for chunk in chunks(rows, _UPSERT_ROWS):
+        await cursor.execute(
+            f"INSERT INTO rollups ({_ROLLUP_COLUMNS}, count, unique_count)"
+            f" VALUES {', '.join([f'({marks(8)})'] * len(chunk))}"
+            f" ON CONFLICT ({_ROLLUP_COLUMNS}) DO UPDATE"
+            " SET count = rollups.count + excluded.count,"
+            " unique_count = rollups.unique_count + excluded.unique_count",
+            [value for row in chunk for value in row],
+        )
