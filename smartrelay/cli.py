@@ -29,6 +29,7 @@ from smartrelay.events import ALL_TYPES, csv_row, csv_writer, write_jsonl
 from smartrelay.passwords import generate_password, hash_password
 from smartrelay.reactor import IRelayReactor, as_relay_reactor
 from smartrelay.retention.purge import Purger
+from smartrelay.retention.rollup import ROLLUP_BATCH, ROLLUP_LAG
 from smartrelay.rewrap.dkim import DkimError, generate_key, txt_record_name, zone_file_entry
 from smartrelay.storage.copying import CopyError, ProgressLines, copy_data
 from smartrelay.storage.engines import create_engine
@@ -308,13 +309,24 @@ async def cmd_purge(args: argparse.Namespace, store: Store) -> None:
             print(f"{PROG}: purging {kind.replace('_', ' ')}: {rows}...", file=sys.stderr)
 
     purger = Purger(store, args.loaded_config.retention, progress=progress)
+    # Events go only once the roll-ups have counted them: a purge by hand catches those up
+    # first (below), so that with the relay stopped it removes everything due.
+    horizon = store.clock.seconds() - ROLLUP_LAG
     if args.dry_run:
-        counts = await purger.count()
+        position = await store.rollup_position()
+        counts = await purger.count(to_ms(max(position or 0.0, horizon)))
         print(f"would remove {counts['message_bodies']} message bodies")
         print(f"would remove {counts['messages']} messages ({counts['recipients']} recipients)")
         print(f"would remove {counts['events']} events")
         print(f"would remove {counts['feedback_reports']} feedback reports")
         return
+    counted = 0
+    while True:
+        batch = await store.roll_up(horizon, ROLLUP_BATCH)
+        counted += batch
+        if batch < ROLLUP_BATCH:
+            break
+        progress("roll-ups (events counted)", counted)
     report = await purger.run_pass()
     print(f"removed {report.message_bodies} message bodies")
     print(f"removed {report.messages} messages ({report.recipients} recipients)")

@@ -210,6 +210,28 @@ async def test_events_are_kept_until_the_rollups_counted_them(store: Store, cloc
 
 
 @pytest_twisted.ensureDeferred
+async def test_report_totals_outlive_the_events(store: Store, clock: Clock) -> None:
+    await send(store, "a@example.net")
+    await send(store, "b@example.org")
+    await deliver_all(store)
+    hour = clock.seconds() // 3600 * 3600
+    clock.advance(91 * DAY)
+    assert await store.roll_up(clock.seconds() - 60, 1000) == 4
+    report = await purger(store).run_pass()
+    assert report.events == 4 and report.messages == 2
+    totals = await store.rollup_totals(hour, hour + 3600)
+    assert {key: n for key, (n, _) in totals.items()} == {
+        ("received", ""): 2,
+        ("delivered", ""): 2,
+    }
+    by_domain = await store.rollup_totals(hour, hour + 3600, recipient_domain="example.org")
+    assert {key: n for key, (n, _) in by_domain.items()} == {
+        ("received", ""): 1,
+        ("delivered", ""): 1,
+    }
+
+
+@pytest_twisted.ensureDeferred
 async def test_feedback_reports_go_after_feedback_reports(store: Store, clock: Clock) -> None:
     for state in ("new", "processed"):
         report_id = await store.store_feedback(
@@ -454,7 +476,8 @@ async def test_ctl_purge_dry_run_then_purge(
     # The fixture's clock is in 2023: to the CLI (real time) all of this is years old.
     queue_id = await send(store, "a@example.net", "b@example.net")
     await deliver_all(store)
-    await mark_rolled_up(store, store.now_ms() + 1)
+    hour = store.clock.seconds() // 3600 * 3600
+    assert await store.rollup_position() is None  # no roll-up yet: the purge does it first
     config = write_config(tmp_path, database_url)
     dry = _ctl(config, "purge", "--dry-run")
     assert dry.returncode == 0, dry.stderr
@@ -474,6 +497,12 @@ async def test_ctl_purge_dry_run_then_purge(
         "removed 0 feedback reports",
     ]
     assert await count(store, "messages") == 0 and await count(store, "events") == 0
+    # The report totals outlive the events.
+    totals = await store.rollup_totals(hour, hour + 3600)
+    assert {key: n for key, (n, _) in totals.items()} == {
+        ("received", ""): 2,
+        ("delivered", ""): 2,
+    }
     # The queue commands see nothing of it.
     assert _ctl(config, "queue", "list").stdout.strip() == "the queue is empty"
     for action in ("drop", "retry"):

@@ -105,9 +105,14 @@ class Purger:
         self._pause: Deferred[None] | None = None
         self._stopping = False
 
-    async def cutoffs(self) -> PurgeCutoffs:
+    async def cutoffs(self, rolled_up_until: int | None = None) -> PurgeCutoffs:
+        """What is due now; events only before ``rolled_up_until`` (ms; by default, where the
+        roll-ups have got to)."""
         now = self._clock.seconds()
-        rolled_up = await self._store.rolled_up_until()
+        if rolled_up_until is None:
+            position = await self._store.rollup_position()
+            rolled_up_until = 0 if position is None else to_ms(position)
+        rolled_up = rolled_up_until
         return PurgeCutoffs(
             bodies=to_ms(now - self._retention.message_bodies),
             messages=to_ms(now - self._retention.events),
@@ -115,9 +120,10 @@ class Purger:
             feedback_reports=to_ms(now - self._retention.feedback_reports),
         )
 
-    async def count(self) -> dict[str, int]:
-        """What a pass would delete now (``--dry-run``)."""
-        return await self._store.count_purgeable(await self.cutoffs())
+    async def count(self, rolled_up_until: int | None = None) -> dict[str, int]:
+        """What a pass would delete now (``--dry-run``), the roll-ups being at
+        ``rolled_up_until`` (ms; by default where they are)."""
+        return await self._store.count_purgeable(await self.cutoffs(rolled_up_until))
 
     async def run_pass(self) -> PurgeReport:
         """Delete everything due now, batch by batch, with pauses; returns what went."""

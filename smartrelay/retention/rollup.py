@@ -1,6 +1,7 @@
 """The background roll-up: counts new events into the hourly ``rollups`` table.
 
-Every :data:`ROLLUP_INTERVAL` seconds (at once again while batches come back full) it calls
+Every :data:`ROLLUP_INTERVAL` seconds (soon again while batches come back full: after
+:data:`CATCH_UP_PAUSE` times as long as the batch took) it calls
 ``store.roll_up(now - ROLLUP_LAG, ROLLUP_BATCH)``; each call is one transaction, idempotent
 and restart-safe (:mod:`smartrelay.storage.rollups`). Only the relay's main process runs it;
 nodes sharing one PostgreSQL may all run it (they take turns on an advisory lock).
@@ -30,6 +31,10 @@ ROLLUP_LAG = 60.0
 ROLLUP_INTERVAL = 10.0
 #: Events per transaction.
 ROLLUP_BATCH = 5000
+#: While catching up (full batches), the pause after a batch, as a multiple of the time it
+#: took: the roll-up then holds the database at most a quarter of the time, and the delivery
+#: path (whose commits wait behind a batch on SQLite) keeps the rest.
+CATCH_UP_PAUSE = 3.0
 
 
 class RollupService(Service):
@@ -62,6 +67,7 @@ class RollupService(Service):
         self._pass: Deferred[bool] | None = None
         self._idle_waiters: list[Deferred[None]] = []
         self._failing = False
+        self._took = 0.0
         #: Passes finished (whatever their outcome) and events counted, since the start.
         self.passes = 0
         self.counted = 0
@@ -112,8 +118,9 @@ class RollupService(Service):
 
     async def _run_pass(self, store: RollupStore) -> bool:
         """One batch; True when it was full (more may be waiting)."""
+        started = self._clock.seconds()
         try:
-            counted = await store.roll_up(self._clock.seconds() - ROLLUP_LAG, self._batch)
+            counted = await store.roll_up(started - ROLLUP_LAG, self._batch)
         except DatabaseUnavailable as error:
             if not self._failing:
                 log.warn(
@@ -133,13 +140,14 @@ class RollupService(Service):
             log.info("roll-up: working again")
             self._failing = False
         self.counted += counted
+        self._took = max(self._clock.seconds() - started, 0.0)
         return counted >= self._batch
 
     def _pass_done(self, full: bool) -> None:
         self._pass = None
         self.passes += 1
-        # A full batch: the next one soon, after the reactor has done other work.
-        self._schedule(0 if full else self._interval)
+        # A full batch: the next one soon, after a pause in proportion to the batch.
+        self._schedule(self._took * CATCH_UP_PAUSE if full else self._interval)
         waiters, self._idle_waiters = self._idle_waiters, []
         for waiter in waiters:
             waiter.callback(None)

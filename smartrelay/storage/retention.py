@@ -16,9 +16,6 @@ from attrs import frozen
 from smartrelay.storage.base import StoreBase, marks
 from smartrelay.storage.interfaces import ICursor
 
-#: The 'rollups' row of rollup_progress: events before its time are counted in the roll-ups.
-ROLLUP_PROGRESS = "rollups"
-
 
 @frozen
 class PurgeCutoffs:
@@ -40,20 +37,6 @@ class PurgeBatch:
 
 
 class RetentionStore(StoreBase):
-    async def rolled_up_until(self) -> int:
-        """Milliseconds before which every event is counted in the roll-ups (0: none yet).
-
-        The purge deletes events only before this, so report totals never lose an event."""
-
-        async def txn(cursor: ICursor) -> int:
-            await cursor.execute(
-                "SELECT time_ms FROM rollup_progress WHERE name = ?", (ROLLUP_PROGRESS,)
-            )
-            row = cursor.fetchone()
-            return 0 if row is None else int(row[0])
-
-        return await self.run("rolled_up_until", txn, readonly=True)
-
     def _skip_locked(self) -> str:
         return " FOR UPDATE SKIP LOCKED" if self.engine.supports_skip_locked else ""
 
