@@ -10,7 +10,10 @@ CONTROL_PREFIX = b"x-smartrelay-"
 
 def header_block_end(raw: bytes) -> int:
     """Where the header section of ``raw`` ends: after the CRLF of its last field (the empty
-    line and the body follow), or ``len(raw)`` when there is no empty line."""
+    line and the body follow), 0 when ``raw`` begins with the empty line (no header field),
+    or ``len(raw)`` when there is no empty line."""
+    if raw.startswith(b"\r\n"):
+        return 0
     end = raw.find(b"\r\n\r\n")
     return len(raw) if end < 0 else end + 2
 
