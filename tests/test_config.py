@@ -20,6 +20,7 @@ from smartrelay.config import (
     DatabaseConfig,
     DkimKey,
     FeedbackMailbox,
+    RetentionConfig,
     Route,
     SoftBouncePolicy,
     Throttle,
@@ -927,6 +928,25 @@ def test_suppression_durations() -> None:
     assert suppression.soft_bounce == SoftBouncePolicy(5, 7 * 86400, None)
     assert suppression.complaint is None
     assert suppression.unsubscribe == 604800
+
+
+def test_retention_durations() -> None:
+    assert parse_config({}).retention == RetentionConfig(7 * 86400, 90 * 86400, 30 * 86400)
+    retention = parse_config(
+        {"retention": {"message_bodies": "12h", "events": "365d", "feedback_reports": "2w"}}
+    ).retention
+    assert retention == RetentionConfig(12 * 3600, 365 * 86400, 14 * 86400)
+    assert parse_config({"retention": {"events": "30d"}}).retention.message_bodies == 7 * 86400
+    for value, problem in [
+        ("0s", "invalid duration '0s': must be more than zero"),
+        ("forever", "invalid duration 'forever'"),
+        (7, "invalid duration 7: add a unit"),
+        (True, "expected a duration string"),
+    ]:
+        message = str(error_of({"retention": {"message_bodies": value}}))
+        assert message.startswith("etc/x.toml: retention.message_bodies: " + problem), message
+    unknown = str(error_of({"retention": {"bodies": "1d"}}))
+    assert unknown.startswith("etc/x.toml: retention.bodies: unknown key"), unknown
 
 
 def test_networks_single_host_and_ipv6() -> None:
