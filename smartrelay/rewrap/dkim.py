@@ -279,7 +279,9 @@ class DkimSigner:
         have split what is already split (CRLF line ends throughout)."""
         if not self._by_domain:
             return None
-        parsed = _parsed_from_fields(*split) if split is not None else None
+        parsed = None
+        if split is not None and _is_split_of(message, *split):
+            parsed = _parsed_from_fields(*split)
         if parsed is None:
             try:
                 parsed = dkim.rfc822_parse(message)
@@ -324,6 +326,15 @@ def _relaxed_value(value: bytes) -> bytes:
 
 
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
+
+
+def _is_split_of(message: bytes, fields: Sequence[bytes], rest: bytes) -> bool:
+    """Whether the split (header fields, the rest) of ``message`` joins back into it: a split
+    may have changed header bytes (a lone CR or LF in a header line becomes a space), and then
+    only dkimpy's own parse of ``message`` says what is signed. The rest (the body) is taken
+    from the message unchanged by every split, so the header part and the length decide."""
+    head_length = len(message) - len(rest)
+    return head_length >= 0 and message[:head_length] == b"".join(fields)
 
 
 def _parsed_from_fields(
