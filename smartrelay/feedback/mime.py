@@ -32,6 +32,7 @@ __all__ = [
     "address_of",
     "content_type",
     "content_type_param",
+    "count_parts",
     "header",
     "headers_of",
     "parse_message",
@@ -49,6 +50,10 @@ MAX_PARTS: Final = 400
 #: At most this many characters of a part's text are read (a DSN's status part or a bounce's
 #: human-readable text is a few kilobytes; the rest is the returned message).
 MAX_TEXT: Final = 256 * 1024
+
+#: Header values are cut to this many characters (a Subject or a To field of a report is a
+#: few hundred at most; the tables' regexes must not run over megabytes).
+MAX_HEADER: Final = 4096
 
 #: Content types that carry the returned message, or only its header (RFC 3462, RFC 6533), as
 #: well as spellings seen in the wild.
@@ -104,7 +109,8 @@ def _decode_words(text: str) -> str:
 
 
 def header(part: Message, name: str, *, decode: bool = True) -> str:
-    """The first ``name`` field of ``part``, unfolded (``""`` when absent).
+    """The first ``name`` field of ``part``, unfolded, at most :data:`MAX_HEADER` characters
+    (``""`` when absent).
 
     ``decode``: RFC 2047 encoded words decoded (for display fields such as Subject; not for
     structured ones such as Content-Type).
@@ -112,14 +118,17 @@ def header(part: Message, name: str, *, decode: bool = True) -> str:
     wanted = name.lower()
     for key, value in part.raw_items():  # raw (name, value) pairs, never parsed
         if key.lower() == wanted:
-            text = unfold(_text_of(value))
-            return _decode_words(text) if decode else text
+            text = unfold(_text_of(value)[: MAX_HEADER * 2])
+            return (_decode_words(text) if decode else text)[:MAX_HEADER]
     return ""
 
 
 def headers_of(part: Message) -> list[tuple[str, str]]:
     """All header fields of ``part`` as (lower-cased name, unfolded value), in order."""
-    return [(key.lower(), unfold(_text_of(value))) for key, value in part.raw_items()]
+    return [
+        (key.lower(), unfold(_text_of(value)[: MAX_HEADER * 2])[:MAX_HEADER])
+        for key, value in part.raw_items()
+    ]
 
 
 def content_type(part: Message, default: str = "text/plain") -> str:
@@ -151,6 +160,19 @@ class Part:
     #: The closest enclosing multipart (None for the top).
     parent: Message | None
     depth: int
+
+
+def count_parts(top: Message, limit: int) -> int:
+    """The number of parts of ``top`` (all levels), counting stops past ``limit``."""
+    count = 0
+    stack = [top]
+    while stack and count <= limit:
+        part = stack.pop()
+        count += 1
+        payload = part.get_payload()
+        if isinstance(payload, list):
+            stack.extend(c for c in payload if isinstance(c, Message))
+    return count
 
 
 def walk(top: Message) -> Iterator[Part]:
