@@ -21,6 +21,7 @@ from smartrelay.feedback.classify import (
     classify_message,
     classify_recipient,
 )
+from smartrelay.feedback.mime import MAX_HEADER, header, parse_message
 from smartrelay.feedback.model import FailedRecipient, Report
 from smartrelay.feedback.smtp_replies import BOUNCE_CATEGORIES
 
@@ -440,3 +441,40 @@ def test_mutated_fixtures(data: st.DataObject) -> None:
         else:
             raw[at:at] = data.draw(st.binary(max_size=64))
     check(bytes(raw))
+
+
+def test_header_values_are_cut_before_the_tables_run() -> None:
+    """A 1 MB Subject took 1.6 s CPU in the subject tables before the cut."""
+    raw = b"Subject: " + b"z" * (1 << 20) + b" out of office\n\nbody\n"
+    assert len(header(parse_message(raw), "subject")) == MAX_HEADER
+    started = time.process_time()
+    report = classify_message(raw)
+    assert time.process_time() - started < 0.8  # was 1.6 s; now ~0.02 s
+    assert report.kind == "other"  # the words past the cut are not read
+
+
+def test_no_text_bounce_pass_over_hundreds_of_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """policy.default parsed 20,000 parts in 6 s for the text-bounce reader; no text bounce
+    has hundreds of parts."""
+    calls: list[object] = []
+
+    def reader(message: object) -> list[FailedRecipient]:
+        calls.append(message)
+        return []
+
+    monkeypatch.setattr(classify, "failed_recipients_from_text", reader)
+
+    def parts(n: int) -> bytes:
+        return (
+            b"Subject: failure notice\nContent-Type: multipart/mixed; boundary=p\n\n"
+            + b"--p\nContent-Type: text/plain\n\nx\n" * n
+            + b"--p--\n"
+        )
+
+    classify_message(parts(20))
+    assert len(calls) == 1
+    started = time.process_time()
+    report = classify_message(parts(20_000))
+    assert time.process_time() - started < 3  # was 6 s; now ~0.4 s
+    assert len(calls) == 1
+    assert report.kind == "bounce"  # by its subject
