@@ -1,7 +1,9 @@
 """``smartrelay-ctl``: the admin CLI (SPEC section 6).
 
 Every command loads the config, opens the database (bringing its schema up to date, as the
-server does at start), does one job and exits. Problems are one line on stderr and exit 1.
+server does at start), does one job and exits; a few need no database (``dkim keygen``,
+``secret rotate``) and ``classify`` not even a config file. Problems are one line on stderr
+and exit 1.
 Standard output closed early (``smartrelay-ctl events export | head -1``) is not a problem:
 the command stops quietly with exit status 141 (128 + SIGPIPE), as ``cat`` or ``grep`` would
 in a shell.
