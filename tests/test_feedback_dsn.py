@@ -11,6 +11,7 @@ from smartrelay.feedback.dsn import (
     MAX_RECIPIENTS,
     parse_delivery_status,
     parse_dsn,
+    reason_near,
     reply_code_of,
 )
 from smartrelay.feedback.mime import address_of, parse_message
@@ -256,3 +257,39 @@ def test_not_a_dsn() -> None:
 )
 def test_reply_code_of(text: str, code: int | None) -> None:
     assert reply_code_of(text) == code
+
+
+def test_a_block_without_diagnostic_takes_the_reason_under_its_address() -> None:
+    """Exim's DSN for local failures has no Diagnostic-Code; its text has the reason."""
+    result = parse_dsn(parse_message(fixture("exim-dsn-local-failures.eml")))
+    assert result is not None
+    assert [(r.address, r.diagnostic) for r in result.recipients] == [
+        ("nobody@nowhere.example", "Unrouteable address"),
+        (
+            "local.user@mx.example.org",
+            "mailbox is full (MTA-imposed quota exceeded while writing to file"
+            " /var/mail/local.user)",
+        ),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (
+            "   ----- The following addresses had permanent fatal errors -----\n"
+            "<a@example.net>\n    (reason: 550 5.1.1 <a@example.net>... User unknown)\n\n",
+            "550 5.1.1 <a@example.net>... User unknown",
+        ),
+        (
+            "<a@example.net>: host mx.example.net[203.0.113.5] said: 550 5.1.1\n"
+            "    <a@example.net>: Recipient address rejected (in reply to RCPT TO command)\n",
+            "host mx.example.net[203.0.113.5] said: 550 5.1.1 <a@example.net>: Recipient"
+            " address rejected (in reply to RCPT TO command)",
+        ),
+        ("  a@example.net\n  b@example.net\n    Unrouteable address\n", ""),
+        ("nothing about it here\n", ""),
+    ],
+)
+def test_reason_near(text: str, reason: str) -> None:
+    assert reason_near(text, "a@example.net") == reason

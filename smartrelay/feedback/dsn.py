@@ -14,10 +14,11 @@ import re
 from email.message import Message
 from typing import Final
 
-from attrs import frozen
+import attrs
 
 from smartrelay.feedback.mime import (
     RETURNED_MESSAGE_TYPES,
+    Part,
     address_of,
     content_type_param,
     part_text,
@@ -35,6 +36,7 @@ __all__ = [
     "DsnResult",
     "parse_delivery_status",
     "parse_dsn",
+    "reason_near",
     "reply_code_of",
 ]
 
@@ -64,7 +66,7 @@ _REPLY_CODES = (
 )
 
 
-@frozen
+@attrs.frozen
 class DsnResult:
     recipients: tuple[FailedRecipient, ...]
     returned: ReturnedMessage | None
@@ -101,7 +103,65 @@ def parse_dsn(message: Message) -> DsnResult | None:
         if p.type in RETURNED_MESSAGE_TYPES:
             returned = returned_message(p.part, p.type)
             break
+    if any(not r.diagnostic for r in recipients):
+        recipients = _diagnostics_from_text(recipients, parts[:index])
     return DsnResult(tuple(recipients), returned, mta)
+
+
+def _diagnostics_from_text(
+    recipients: list[FailedRecipient], before: list[Part]
+) -> list[FailedRecipient]:
+    """Recipients without a ``Diagnostic-Code`` get the reason the report's human-readable
+    text gives next to their address (Exim's local failures, "Unrouteable address", have no
+    Diagnostic-Code; its text says it under the address)."""
+    texts = [
+        part_text(p.part, 64 * 1024)
+        for p in before
+        if p.type in ("text/plain", "text/html") and p.type not in RETURNED_MESSAGE_TYPES
+    ][:3]
+    if not texts:
+        return recipients
+    text = _TAGS.sub(" ", "\n".join(texts)) if "<" in "".join(texts) else "\n".join(texts)
+    out: list[FailedRecipient] = []
+    for r in recipients:
+        if r.diagnostic or not r.address:
+            out.append(r)
+            continue
+        reason = reason_near(text, r.address)
+        if reason:
+            out.append(attrs.evolve(r, diagnostic=reason, reply_code=reply_code_of(reason)))
+        else:
+            out.append(r)
+    return out
+
+
+_TAGS = re.compile(r"<(?!\S+@)[^>]{0,200}>")
+
+
+def reason_near(text: str, address: str) -> str:
+    """The text that follows ``address`` in a bounce's human-readable part: the rest of its
+    line and the next non-blank lines (at most 4), up to a blank line or another address;
+    "" when the address is not there or nothing follows it."""
+    lines = text.splitlines()
+    wanted = address.lower()
+    for i, line in enumerate(lines[:2000]):
+        at = line.lower().find(wanted)
+        if at < 0:
+            continue
+        rest = line[at + len(wanted) :].lstrip(">:;,.) \t")
+        pieces = [rest] if rest.strip() else []
+        for following in lines[i + 1 : i + 5]:
+            if not following.strip() or _ADDRESS_LINE.match(following):
+                break
+            pieces.append(following.strip())
+        reason = unfold(" ".join(pieces))
+        if reason.startswith("(reason:"):  # Sendmail
+            reason = reason.removeprefix("(reason:").removesuffix(")").strip()
+        return reason[:MAX_DIAGNOSTIC]
+    return ""
+
+
+_ADDRESS_LINE = re.compile(r"^\s*<?[^\s<>@]+@[^\s<>@]+>?:?\s*$")
 
 
 def _maybe_status_text(kind: str, parent: Message | None) -> bool:
