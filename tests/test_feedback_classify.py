@@ -478,3 +478,19 @@ def test_no_text_bounce_pass_over_hundreds_of_parts(monkeypatch: pytest.MonkeyPa
     assert time.process_time() - started < 3  # was 6 s; now ~0.4 s
     assert len(calls) == 1
     assert report.kind == "bounce"  # by its subject
+
+
+def test_in_reply_to_names_our_message_when_nothing_is_returned() -> None:
+    report = classify_message((FIXTURES / "gmail-vacation.eml").read_bytes())
+    assert report.kind == "autoreply"
+    assert report.returned is not None
+    assert report.returned.message_id == "0P4K9B3ZQ7M2XTSD@relay.example.com"
+    assert report.returned.smartrelay_id is None
+    raw = b"From: a@example.net\nSubject: Out of Office\nReferences: <x@y> <our-id@relay>\n\nhi\n"
+    returned = classify_message(raw).returned
+    assert returned is not None and returned.message_id == "our-id@relay"
+    # a returned message's own Message-ID wins
+    report = classify_message((FIXTURES / "office365-recipient-not-found.eml").read_bytes())
+    assert report.returned is not None
+    assert report.returned.message_id == "0P4K9B3ZQ7M2XTS0@relay.example.com"
+    assert classify_message(b"Subject: Out of Office\n\nhi\n").returned is None

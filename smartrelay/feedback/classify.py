@@ -43,6 +43,7 @@ from smartrelay.feedback.mime import (
     MAX_PARTS,
     RETURNED_MESSAGE_TYPES,
     count_parts,
+    header,
     parse_message,
     part_text,
     returned_from_headers,
@@ -106,7 +107,13 @@ def _classify(raw: bytes, rules: Sequence[FeedbackRule]) -> Report:
             note=f"absurd MIME structure ({containers} containers, limit {MAX_CONTAINERS})",
         )
     message = parse_message(raw)
+    report = _classify_parsed(message, raw, rules)
+    if report.returned is None or report.returned.message_id is None:
+        report = _with_reply_id(report, message)
+    return report
 
+
+def _classify_parsed(message: Message, raw: bytes, rules: Sequence[FeedbackRule]) -> Report:
     arf = parse_arf(message)
     if arf is not None:
         return _complaint(message, arf)
@@ -150,6 +157,25 @@ def _classify(raw: bytes, rules: Sequence[FeedbackRule]) -> Report:
             note=f"looks like a bounce ({look}) but names no failed recipient",
         )
     return Report(kind="other", returned=_returned(message), note="not a recognised report")
+
+
+_MESSAGE_ID = re.compile(r"<([^<>\s]{1,250})>")
+
+
+def _with_reply_id(report: Report, message: Message) -> Report:
+    """Without a returned Message-ID, the report's own ``In-Reply-To`` (else the last of its
+    ``References``) names our message: auto-replies, and bounces that return nothing (Gmail
+    and Exchange set them), can still be tied to it."""
+    found = _MESSAGE_ID.search(header(message, "in-reply-to", decode=False))
+    if found is None:
+        found_all = _MESSAGE_ID.findall(header(message, "references", decode=False))
+        if not found_all:
+            return report
+        message_id = found_all[-1]
+    else:
+        message_id = found.group(1)
+    returned = report.returned or ReturnedMessage()
+    return attrs.evolve(report, returned=attrs.evolve(returned, message_id=message_id))
 
 
 def _complaint(message: Message, found: ComplaintResult) -> Report:
