@@ -26,7 +26,8 @@ import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
-from smartrelay.storage.store import Store
+from smartrelay.storage.engines import create_engine
+from smartrelay.storage.store import NewFeedback, Store
 from tests.conftest import real_reactor
 from tests.support.delivery_relay import (
     DeliveryRelays,
@@ -270,6 +271,31 @@ async def test_mail_to_the_mailto_unsubscribe_address_unsubscribes(
     )
     assert await suppression_reason(relay.store, "dave@example.net") == "unsubscribe"
     assert await report_states(relay.store) == [("processed", "mailto")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_reports_left_new_are_processed_when_the_relay_starts(
+    relays: DeliveryRelays, sinks: Sinks, database_url: str
+) -> None:
+    """A report stored while no relay processes it (the relay stopped right after its
+    commit, say) is processed by the next relay at start-up."""
+    reactor = real_reactor()
+    relay, queue_id, copy = await deliver_one(relays, sinks, database_url, "erin@example.net")
+    found = re.search(r"<mailto:([^>?]+)", copy.data.decode())
+    assert found is not None
+    await relay.stop()
+    engine = create_engine(reactor, database_url)
+    await engine.start()
+    try:
+        report = NewFeedback("erin@example.net", (found[1],), b"Subject: unsubscribe\r\n\r\n")
+        await Store(engine, reactor).store_feedback(report)
+    finally:
+        await engine.close()
+
+    again = await relays.start(database_url, {"routes": smtp_route(1)})  # same data_dir, key
+    (unsubscribed,) = await wait_for_events(reactor, again.store, "unsubscribed", 1)
+    assert (unsubscribed.queue_id, unsubscribed.recipient) == (queue_id, "erin@example.net")
+    assert await report_states(again.store) == [("processed", "mailto")]
 
 
 async def _all_done(store: Store, count: int) -> bool | None:

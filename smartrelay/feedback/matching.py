@@ -284,6 +284,11 @@ def _gone_reason(gone: Sequence[int]) -> str:
 
 
 def _forged(tokens: Tokens) -> Match:
-    shown = printable(", ".join(tokens.forged[:3]))
+    return Match(None, reason=forged_reason(tokens.forged))
+
+
+def forged_reason(addresses: Sequence[str]) -> str:
+    """The reason of a report whose token does not check; logs it (one warning line)."""
+    shown = printable(", ".join(addresses[:3]))
     log.warn("feedback: token of {addresses} does not check: ignored", addresses=shown)
-    return Match(None, reason=f"forged or mangled token: {shown}"[:300])
+    return f"forged or mangled token: {shown}"[:300]

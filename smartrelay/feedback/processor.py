@@ -27,6 +27,7 @@ from smartrelay.feedback.matching import (
     Match,
     Tokens,
     find_tokens,
+    forged_reason,
     match_bounce,
     match_complaint,
     refs_by_id,
@@ -207,6 +208,9 @@ class FeedbackProcessor:
         tokens = find_tokens(self._codec, self._domain, stored.recipients, raw)
         if tokens.mailto:
             return self._unsubscribe(tokens)
+        forged_mailto = [a for a in tokens.forged if a.strip().strip("<>").lower().startswith("u+")]
+        if forged_mailto:  # a mail to u+ is an unsubscribe whatever it says: but this token lies
+            return _fixed(FeedbackVerdict("unmatched", forged_reason(forged_mailto), "unsubscribe"))
         try:
             report = await self._run_classifier(raw)
         except ClassifierMissing:
