@@ -701,3 +701,20 @@ async def _failed_and_idle(store: FlakyStore, service: FeedbackService) -> bool:
 
 async def _all_processed(store: Store) -> bool:
     return set((await states(store)).values()) == {"processed"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_recipients_per_report_are_bounded(
+    store: Store,
+    classify: Classifier,
+    processor: FeedbackProcessor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("smartrelay.feedback.processor.MAX_RECIPIENTS", 2)
+    addresses = ("a@example.net", "b@example.net", "c@example.net")
+    queue_id, _ = await queue(store, *addresses)
+    blocks = tuple(r for a in addresses for r in bounce(a).recipients)
+    report = Report("bounce", blocks, returned=ReturnedMessage(smartrelay_id=queue_id))
+    outcome = await processor.process(await receive(store, classify.add(b"many", report)))
+    assert (outcome.state, outcome.events) == ("processed", 2)
+    assert [e.recipient for e in await events(store)] == ["a@example.net", "b@example.net"]

@@ -53,6 +53,9 @@ log = Logger()
 
 #: A report bigger than this is not parsed: ``ignored`` (too big).
 MAX_REPORT_SIZE = 25 * 1024 * 1024
+#: At most this many failed recipients of one report are matched and recorded (a DSN names
+#: the recipients of one message, which the relay caps at ``[smtp] max_recipients``).
+MAX_RECIPIENTS = 1000
 #: The classifier: raw bytes to a typed report (``classify_message`` with the config's rules).
 Classifier = Callable[[bytes], Report]
 StoreReady = Callable[[], Awaitable[Store]]
@@ -290,7 +293,9 @@ class FeedbackProcessor:
     def _bounce(self, tokens: Tokens, report: Report) -> _Plan:
         config = self._config.suppression
         hostname = self._config.server.hostname
+        # Bounded work per report, however many blocks a hostile DSN holds.
         failed = [c for c in report.recipients if c.recipient.action.lower() == "failed"]
+        failed = failed[:MAX_RECIPIENTS]
         if report.recipients and not failed:
             actions = {c.recipient.action.lower() for c in report.recipients}
             reason = "delayed-only" if actions <= {"delayed"} else "no failed recipient"
