@@ -718,3 +718,23 @@ async def test_failed_recipients_per_report_are_bounded(
     outcome = await processor.process(await receive(store, classify.add(b"many", report)))
     assert (outcome.state, outcome.events) == ("processed", 2)
     assert [e.recipient for e in await events(store)] == ["a@example.net", "b@example.net"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_reports_of_one_bounce_at_once_have_one_effect(
+    store: Store, codec: TokenCodec, classify: Classifier
+) -> None:
+    """A resent DSN processed at the same moment as the first (two nodes, on PostgreSQL)."""
+    _, ids = await queue(store, "a@example.net")
+    raw = classify.add(b"dsn race 2", bounce("a@example.net", "4.2.2", "mailbox-full", False))
+    to = verp(codec, ids["a@example.net"])
+    reports = [await receive(store, raw, to) for _ in range(2)]
+    one, two = processor_for(store, codec, classify), processor_for(store, codec, classify)
+    results = await DeferredList(
+        [Deferred.fromCoroutine(p.process(r)) for p, r in zip((one, two), reports, strict=True)],
+        consumeErrors=True,
+    )
+    outcomes = [r for ok, r in results if ok]
+    assert len(outcomes) == 2, results
+    assert sorted(o.events for o in outcomes) == [0, 1]
+    assert len(await events(store)) == 1

@@ -312,11 +312,19 @@ class FeedbackProcessor:
             now = now_ms / 1000
             events = 0
             described: list[str] = []
-            for matched in match.matched:
+            # In address order: two reports locking the same addresses never deadlock.
+            for matched in sorted(match.matched, key=lambda m: m.ref.address.lower()):
                 ref = matched.ref
                 classified = matched.classified or _undetermined(ref, report)
+                # One bounce per copy: a resent DSN, one processed before, or one processed
+                # at this moment elsewhere. The lock (SQLite serialises writers anyway) makes
+                # the bounces of one address take turns: the check below and the soft-bounce
+                # count of the policy see those committed before.
+                lock = engine.lock_statement()
+                if lock is not None:
+                    await cursor.execute(lock, (f"bounce:{ref.address.lower()}",))
                 if await copy_has_event(cursor, ref.queue_id, ref.address, "bounced"):
-                    continue  # one bounce per copy: a resent DSN, or one processed before
+                    continue
                 recipient = classified.recipient
                 event = BouncedEvent(
                     category=classified.category,
