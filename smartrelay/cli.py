@@ -1,7 +1,9 @@
 """``smartrelay-ctl``: the admin CLI (SPEC section 6).
 
 Every command loads the config, opens the database (bringing its schema up to date, as the
-server does at start), does one job and exits. Problems are one line on stderr and exit 1.
+server does at start), does one job and exits; a few need no database (``dkim keygen``,
+``secret rotate``) and ``classify`` not even a config file. Problems are one line on stderr
+and exit 1.
 Standard output closed early (``smartrelay-ctl events export | head -1``) is not a problem:
 the command stops quietly with exit status 141 (128 + SIGPIPE), as ``cat`` or ``grep`` would
 in a shell.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import getpass
+import json
 import os
 import sqlite3
 import sys
@@ -24,9 +27,18 @@ from twisted.internet.defer import succeed
 from twisted.internet.task import react
 
 from smartrelay import __version__
-from smartrelay.config import Config, ConfigError, default_config_path, load_config
+from smartrelay.config import (
+    Config,
+    ConfigError,
+    FeedbackRule,
+    default_config_path,
+    load_config,
+    parse_config_file,
+)
 from smartrelay.config.checks import database_url_problem, redact_url
 from smartrelay.events import ALL_TYPES, csv_row, csv_writer, write_jsonl
+from smartrelay.feedback.classify import MAX_REPORT_SIZE, classify_message
+from smartrelay.feedback.model import Report
 from smartrelay.feedback.processor import (
     ClassifierMissing,
     FeedbackProcessor,
@@ -475,6 +487,67 @@ def cmd_secret_rotate(args: argparse.Namespace, config: Config) -> None:
     print("line from the file: links and bounce addresses signed with it then stop working.")
 
 
+def cmd_classify(args: argparse.Namespace) -> None:
+    """``classify FILE...``: one JSON line per file (SPEC section 6). No database is opened;
+    the config is read only for its ``[[feedback.rules]]``, and is not needed at all."""
+    rules = _classify_rules(args.config)
+    failed = False
+    for name in args.files:
+        try:
+            raw = _read_report(name)
+        except OSError as error:
+            print(f"{PROG}: error: cannot read {name}: {error.strerror or error}", file=sys.stderr)
+            failed = True
+            continue
+        report = classify_message(raw, rules)
+        sys.stdout.write(json.dumps(classify_json(name, report), ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+    if failed:
+        raise SystemExit(1)
+
+
+def _classify_rules(path: str | None) -> tuple[FeedbackRule, ...]:
+    """The config's rules if it loads; none (with a warning) if it does not; none (silently)
+    when no config file was named and the default one does not exist."""
+    name = path or default_config_path()
+    if path is None and not os.path.exists(name):
+        return ()
+    try:
+        return parse_config_file(name).feedback_rules
+    except ConfigError as error:
+        print(f"{PROG}: warning: {error}; classifying without [[feedback.rules]]", file=sys.stderr)
+        return ()
+
+
+def _read_report(name: str) -> bytes:
+    """The file's bytes (``-``: standard input), at most one byte over the size limit: a larger
+    report is not read whole to be refused."""
+    if name == "-":
+        return sys.stdin.buffer.read(MAX_REPORT_SIZE + 1)
+    with open(name, "rb") as f:
+        return f.read(MAX_REPORT_SIZE + 1)
+
+
+def classify_json(name: str, report: Report) -> dict[str, object]:
+    """The ``classify`` output object of SPEC section 6 for one file."""
+    return {
+        "file": name,
+        "kind": report.kind,
+        "queue_id": report.returned.smartrelay_id if report.returned is not None else None,
+        "recipients": [
+            {
+                "address": r.recipient.address,
+                "status": r.recipient.status,
+                "reply_code": r.recipient.reply_code,
+                "category": r.category,
+                "hard": r.hard,
+                "diagnostic": r.recipient.diagnostic,
+            }
+            for r in report.recipients
+        ],
+    }
+
+
 def _toml_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -594,6 +667,13 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--all-unmatched", action="store_true", help="every unmatched report")
     p.set_defaults(run=cmd_feedback_reprocess)
 
+    p = commands.add_parser(
+        "classify",
+        help="classify bounce/FBL/reply messages: one JSON line per file (no database)",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE", help="a message file ('-' for stdin)")
+    p.set_defaults(run_configless=cmd_classify)
+
     events = commands.add_parser("events", help="the event log")
     event_cmds = events.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = event_cmds.add_parser("export", help="events to stdout, oldest first")
@@ -664,6 +744,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _main(argv: Sequence[str] | None) -> None:
     args = build_parser().parse_args(argv)
+    configless = getattr(args, "run_configless", None)
+    if configless is not None:  # commands that need neither a config file nor a database
+        configless(args)
+        return
     try:
         config = load_config(args.config or default_config_path())
     except ConfigError as error:

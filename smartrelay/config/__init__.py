@@ -15,6 +15,7 @@ from smartrelay.config.model import (
     DkimAlgorithm,
     DkimKey,
     FeedbackMailbox,
+    FeedbackRule,
     InboundConfig,
     IPNetwork,
     RetentionConfig,
@@ -36,6 +37,7 @@ from smartrelay.config.reader import (
     default_config_path,
     load_config,
     parse_config,
+    parse_config_file,
     refuse_unimplemented,
 )
 from smartrelay.events import EVENT_TYPES  # what [[webhooks]] events accepts
@@ -54,6 +56,7 @@ __all__ = [
     "DkimAlgorithm",
     "DkimKey",
     "FeedbackMailbox",
+    "FeedbackRule",
     "IPNetwork",
     "InboundConfig",
     "RetentionConfig",
@@ -69,5 +72,6 @@ __all__ = [
     "default_config_path",
     "load_config",
     "parse_config",
+    "parse_config_file",
     "refuse_unimplemented",
 ]

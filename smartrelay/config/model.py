@@ -7,6 +7,7 @@ validated values only; :mod:`smartrelay.config.reader` builds them from the TOML
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
@@ -24,6 +25,7 @@ __all__ = [
     "DkimAlgorithm",
     "DkimKey",
     "FeedbackMailbox",
+    "FeedbackRule",
     "IPNetwork",
     "InboundConfig",
     "RetentionConfig",
@@ -298,6 +300,26 @@ class FeedbackMailbox:
 
 
 @frozen
+class FeedbackRule:
+    """An operator's bounce rule (``[[feedback.rules]]``), tried before the built-in tables.
+
+    It applies to a failed recipient whose diagnostic text ``match`` finds (a search, not a
+    full match), whose enhanced status starts with ``status`` (component-wise: ``"5.2"``
+    matches ``5.2.1``, not ``5.21.0``) and whose address is in ``domain``, when they are set.
+    """
+
+    #: The compiled ``match`` regex (Python syntax; ``(?i)`` for case-insensitive).
+    match: re.Pattern[str]
+    #: A bounce category of SPEC section 5.
+    category: str
+    hard: bool
+    #: Enhanced status prefix (``"5"``, ``"5.2"``, ``"5.2.1"``), "" for any.
+    status: str = ""
+    #: Recipient domain, lower-cased; "" for any.
+    domain: str = ""
+
+
+@frozen
 class SoftBouncePolicy:
     """Suppress after ``count`` soft bounces within ``within`` seconds, for ``suppress_for``."""
 
@@ -353,6 +375,8 @@ class Config:
     delivery: DeliveryConfig = field(factory=DeliveryConfig)
     dkim_keys: tuple[DkimKey, ...] = ()
     feedback_mailboxes: tuple[FeedbackMailbox, ...] = ()
+    #: In file order.
+    feedback_rules: tuple[FeedbackRule, ...] = ()
     suppression: SuppressionConfig = field(factory=SuppressionConfig)
     retention: RetentionConfig = field(factory=RetentionConfig)
     webhooks: tuple[Webhook, ...] = ()

@@ -40,6 +40,7 @@ from smartrelay.config.model import (
     DkimAlgorithm,
     DkimKey,
     FeedbackMailbox,
+    FeedbackRule,
     InboundConfig,
     IPNetwork,
     RetentionConfig,
@@ -56,6 +57,7 @@ from smartrelay.config.model import (
     default_throttles,
 )
 from smartrelay.events import EVENT_TYPES  # what [[webhooks]] events accepts
+from smartrelay.feedback.smtp_replies import BOUNCE_CATEGORIES, HARD_CATEGORIES
 
 __all__ = [
     "CHECKOUT_CONFIG",
@@ -65,6 +67,7 @@ __all__ = [
     "default_config_path",
     "load_config",
     "parse_config",
+    "parse_config_file",
     "refuse_unimplemented",
 ]
 
@@ -112,6 +115,15 @@ def default_config_path() -> str:
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate the config file at ``path``; refuse what is not implemented yet
     (:func:`refuse_unimplemented`). Raises :class:`ConfigError`."""
+    config = parse_config_file(path)
+    refuse_unimplemented(config)
+    return config
+
+
+def parse_config_file(path: str | os.PathLike[str]) -> Config:
+    """Read and validate the config file at ``path`` (what :func:`load_config` does, without
+    refusing unimplemented sections: for tools that only read part of it). Raises
+    :class:`ConfigError`."""
     name = os.fspath(path)
     try:
         with open(name, "rb") as f:
@@ -126,9 +138,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(name, "", f"invalid TOML: {e}") from e
-    config = parse_config(data, name)
-    refuse_unimplemented(config)
-    return config
+    return parse_config(data, name)
 
 
 def refuse_unimplemented(config: Config) -> None:
@@ -153,6 +163,7 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
     if not isinstance(data, Mapping):
         raise ConfigError(path, "", f"expected a table, got {_describe(data)}")
     root = _Table(path, "", data, _TOP_LEVEL_KEYS)
+    feedback = root.table("feedback", ("mailboxes", "rules"))
     return Config(
         path=path,
         server=_parse_server(root.table("server", ("hostname", "data_dir"))),
@@ -163,7 +174,8 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
         web=_parse_web(root.table("web", _WEB_KEYS)),
         delivery=_parse_delivery(root.table("delivery", _DELIVERY_KEYS)),
         dkim_keys=_parse_dkim(root.table("dkim", ("keys",))),
-        feedback_mailboxes=_parse_feedback(root.table("feedback", ("mailboxes",))),
+        feedback_mailboxes=_parse_feedback(feedback),
+        feedback_rules=_parse_feedback_rules(feedback),
         suppression=_parse_suppression(root.table("suppression", _SUPPRESSION_KEYS)),
         retention=_parse_retention(root.table("retention", _RETENTION_KEYS)),
         webhooks=_parse_webhooks(root),
@@ -557,6 +569,50 @@ def _positive_duration(t: _Table, key: str, value: str) -> float:
 
 
 # --------------------------------------------------------------------------------------
+#: Longest accepted ``[[feedback.rules]]`` ``match`` pattern, in characters.
+MAX_RULE_PATTERN = 1000
+_RULE_KEYS = ("match", "status", "domain", "category", "hard")
+_STATUS_PREFIX = re.compile(r"[245](?:\.\d{1,3}(?:\.\d{1,3})?)?")
+
+
+def _parse_feedback_rules(feedback: _Table) -> tuple[FeedbackRule, ...]:
+    rules: list[FeedbackRule] = []
+    for t in feedback.table_array("rules", _RULE_KEYS) or ():
+        source = t.required_string("match")
+        if not source:
+            raise t.error("match", "must not be empty (it would match every diagnostic)")
+        if len(source) > MAX_RULE_PATTERN:
+            raise t.error(
+                "match", f"regex too long ({len(source)} characters, at most {MAX_RULE_PATTERN})"
+            )
+        try:
+            pattern = re.compile(source)
+        except (re.error, RecursionError, OverflowError, ValueError) as e:
+            raise t.error("match", f"invalid regex {source!r}: {e}") from e
+        status = t.string("status", "").strip()
+        if status and not _STATUS_PREFIX.fullmatch(status):
+            raise t.error(
+                "status",
+                f'invalid status prefix {status!r} (expected e.g. "5", "5.2" or "5.2.1")',
+            )
+        domain = t.string("domain", "").strip().lower().rstrip(".")
+        if domain and not is_domain(domain):
+            raise t.error("domain", f"invalid domain {domain!r}")
+        if t.get("category") is _MISSING:
+            raise t.error("category", "required key is missing")
+        category = t.choice("category", BOUNCE_CATEGORIES, "")
+        rules.append(
+            FeedbackRule(
+                match=pattern,
+                category=category,
+                hard=t.boolean("hard", category in HARD_CATEGORIES),
+                status=status,
+                domain=domain,
+            )
+        )
+    return tuple(rules)
+
+
 # Reading TOML tables with precise key paths
 
 

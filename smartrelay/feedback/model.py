@@ -40,6 +40,9 @@ class FailedRecipient:
     remote_mta: str | None = None
     #: ``Last-Attempt-Date`` as written, or None.
     last_attempt: str | None = None
+    #: The type of ``Diagnostic-Code`` (``smtp``, ``x-unix``, ``x-postfix``...), lower-case;
+    #: "" when none (or for a non-standard bounce).
+    diagnostic_type: str = ""
 
 
 @frozen
