@@ -40,7 +40,6 @@ from smartrelay.events import ALL_TYPES, csv_row, csv_writer, write_jsonl
 from smartrelay.feedback.classify import MAX_REPORT_SIZE, classify_message
 from smartrelay.feedback.model import Report
 from smartrelay.feedback.processor import (
-    ClassifierMissing,
     FeedbackProcessor,
     UnknownReport,
     configured_classifier,
@@ -329,8 +328,6 @@ async def cmd_feedback_reprocess(args: argparse.Namespace, store: Store) -> None
             outcome = await processor.process(report_id, again=True)
         except UnknownReport as error:
             raise CliError(str(error)) from None
-        except ClassifierMissing as error:
-            raise CliError(f"cannot reprocess {report_id}: {error}") from None
         print(f"{report_id}\t{outcome.state}\t{printable(outcome.reason) or '-'}")
 
     if not args.all_unmatched:

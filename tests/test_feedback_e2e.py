@@ -9,20 +9,18 @@ provider would send it:
 - a mail to the ``mailto:u+TOKEN@`` address of the copy's List-Unsubscribe -> one
   ``unsubscribed`` event (``mailto``), the recipient suppressed.
 
-The relay processes each report right after its commit (FeedbackService). The DSN and ARF
-tests run the parsers' classifier (``smartrelay.feedback.classify``, branch fb-parse).
+The relay processes each report right after its commit (FeedbackService), with the real
+classifier (``smartrelay.feedback.classify``).
 """
 
 from __future__ import annotations
 
 import email
 import email.policy
-import importlib.util
 import re
 import smtplib
 from collections.abc import Sequence
 
-import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
@@ -41,11 +39,6 @@ from tests.support.delivery_relay import (
 )
 from tests.support.relay import HOST, RETURN_PATH_DOMAIN, RunningRelay
 from tests.support.sink import ReceivedMessage
-
-needs_classifier = pytest.mark.skipif(
-    importlib.util.find_spec("smartrelay.feedback.classify") is None,
-    reason="needs the parsers' classifier (smartrelay.feedback.classify, branch fb-parse)",
-)
 
 MESSAGE = (
     b"From: Shop <news@example.com>\r\n"
@@ -197,7 +190,6 @@ async def report_states(store: Store) -> list[tuple[str, str | None]]:
     return [(r.state, r.matched_by) for r in await store.list_feedback()]
 
 
-@needs_classifier
 @pytest_twisted.ensureDeferred
 async def test_dsn_to_the_verp_return_path_bounces_and_suppresses(
     relays: DeliveryRelays, sinks: Sinks, database_url: str
@@ -225,7 +217,6 @@ async def test_dsn_to_the_verp_return_path_bounces_and_suppresses(
     assert len(await events(relay.store, "bounced")) == 1
 
 
-@needs_classifier
 @pytest_twisted.ensureDeferred
 async def test_arf_complaint_records_and_suppresses(
     relays: DeliveryRelays, sinks: Sinks, database_url: str

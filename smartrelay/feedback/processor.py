@@ -10,9 +10,7 @@ at start-up, and on a slow sweep that retries any a failure left ``new``.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from attrs import frozen
 from twisted.application.service import Service
@@ -23,6 +21,7 @@ from twisted.logger import Logger
 from smartrelay import suppression as policy
 from smartrelay.config import Config
 from smartrelay.events import BouncedEvent, ComplainedEvent, UnsubscribedEvent
+from smartrelay.feedback.classify import MAX_REPORT_SIZE, classify_message
 from smartrelay.feedback.matching import (
     Match,
     Tokens,
@@ -51,8 +50,6 @@ from smartrelay.tokens import TokenCodec
 
 log = Logger()
 
-#: A report bigger than this is not parsed: ``ignored`` (too big).
-MAX_REPORT_SIZE = 25 * 1024 * 1024
 #: At most this many failed recipients of one report are matched and recorded (a DSN names
 #: the recipients of one message, which the relay caps at ``[smtp] max_recipients``).
 MAX_RECIPIENTS = 1000
@@ -65,29 +62,11 @@ class UnknownReport(LookupError):
     """No stored report has this id."""
 
 
-class ClassifierMissing(RuntimeError):
-    """This build has no classifier: the report stays ``new`` (:func:`configured_classifier`)."""
-
-
 def configured_classifier(config: Config) -> Classifier:
-    """The parsers' ``classify_message`` with the config's ``[[feedback.rules]]``.
-
-    MERGE (lead): ``smartrelay.feedback.classify`` and ``Config.feedback_rules`` come from the
-    parsers' branch (fb-parse); once merged, this can be the plain
-    ``lambda raw: classify_message(raw, config.feedback_rules)``. Until then the classifier
-    raises :class:`ClassifierMissing` and reports other than mailto unsubscribes stay ``new``.
-    """
-    try:
-        module = importlib.import_module("smartrelay.feedback.classify")
-    except ImportError:
-        return _classifier_missing
-    classify_message: Callable[[bytes, Any], Report] = module.classify_message
-    rules = getattr(config, "feedback_rules", ())
+    """The parsers' :func:`~smartrelay.feedback.classify.classify_message` with the config's
+    ``[[feedback.rules]]``."""
+    rules = config.feedback_rules
     return lambda raw: classify_message(raw, rules)
-
-
-def _classifier_missing(raw: bytes) -> Report:
-    raise ClassifierMissing("no classifier in this build (smartrelay.feedback.classify)")
 
 
 @frozen
@@ -216,8 +195,6 @@ class FeedbackProcessor:
             return _fixed(FeedbackVerdict("unmatched", forged_reason(forged_mailto), "unsubscribe"))
         try:
             report = await self._run_classifier(raw)
-        except ClassifierMissing:
-            raise
         except Exception as error:
             log.failure("{report_id}: the classifier failed", report_id=stored.report_id)
             return _fixed(FeedbackVerdict("ignored", f"malformed: {error}"[:200]))
