@@ -17,6 +17,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from smartrelay import suppression as policy
 from smartrelay.config import Config
@@ -395,6 +396,7 @@ class FeedbackService(Service):
         self._sweep_interval = sweep_interval
         self._page = page
         self._processor: FeedbackProcessor | None = None
+        self._store: Store | None = None
         self._running: Deferred[None] | None = None
         self._again = False
         self._timer: IDelayedCall | None = None
@@ -406,11 +408,20 @@ class FeedbackService(Service):
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         self._processor = self._make_processor()
+        # Not a pass: stopService does not wait for the storage to open.
+        Deferred.fromCoroutine(self._wait_for_store()).addErrback(self._no_store)
+
+    async def _wait_for_store(self) -> None:
+        self._store = await self._store_ready()
         self.wake()
+
+    def _no_store(self, failure: Failure) -> None:
+        """The storage did not open (it reports that itself, as fatal) or stopped first."""
+        log.debug("feedback: no store: {error}", error=failure.getErrorMessage())
 
     def wake(self) -> None:
         """Start a pass now, or right after the one under way."""
-        if not self.running:
+        if not self.running or self._store is None:
             return
         if self._running is not None:
             self._again = True
@@ -421,8 +432,9 @@ class FeedbackService(Service):
         self._running = Deferred.fromCoroutine(self._pass())
 
     async def _pass(self) -> None:
+        store = self._store
+        assert store is not None
         try:
-            store = await self._store_ready()
             if not self._listening:
                 await store.engine.listen(FEEDBACK_CHANNEL, self.wake)
                 self._listening = True
