@@ -29,6 +29,8 @@ from tests.support.run import (
     query,
     write_config,
 )
+from tests.support.sink import ReceivedMessage
+from tests.test_feedback_e2e import postfix_dsn
 
 DOMAIN = "bounces.example.com"
 
@@ -172,3 +174,34 @@ async def test_feedback_reprocess(
     assert query(
         database_url, "SELECT state FROM feedback_reports WHERE report_id = ?", (reports[2],)
     ) == [("new",)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_feedback_reprocess_classifies_a_real_dsn(
+    config: Path, store: Store, codec: TokenCodec, database_url: str
+) -> None:
+    """``reprocess ID`` with the real classifier and the relay's token key: a Postfix DSN
+    that an earlier version left ``ignored`` is recorded as the bounce it is."""
+    queue_id, recipient_id = await queue(store, "bob@example.net")
+    sender = f"b+{codec.verp_token(recipient_id)}@{DOMAIN}"
+    copy = ReceivedMessage(
+        sender, ["bob@example.net"], f"X-SmartRelay-ID: {queue_id}\r\n\r\nhi\r\n".encode(), False, 0
+    )
+    report_id = await store.store_feedback(
+        NewFeedback("", (sender,), postfix_dsn(copy, "bob@example.net"))
+    )
+    query(
+        database_url,
+        "UPDATE feedback_reports SET state = 'ignored', reason = 'older version'"
+        " WHERE report_id = ?",
+        (report_id,),
+    )
+    result = assert_ok(await run(config, "feedback", "reprocess", report_id))
+    assert result.lines == [
+        f"{report_id}\tprocessed\tbounced: invalid-recipient (hard) for bob@example.net"
+    ]
+    [(data,)] = query(database_url, "SELECT data FROM events WHERE type = 'bounced'")
+    assert json.loads(data)["source"] == "dsn"
+    assert query(database_url, "SELECT address, reason FROM suppressions") == [
+        ("bob@example.net", "hard_bounce")
+    ]
