@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import NoReturn, TextIO
 
 import psycopg2
+from twisted.internet.defer import succeed
 from twisted.internet.task import react
 
 from smartrelay import __version__
@@ -38,14 +39,21 @@ from smartrelay.config.checks import database_url_problem, redact_url
 from smartrelay.events import ALL_TYPES, csv_row, csv_writer, write_jsonl
 from smartrelay.feedback.classify import MAX_REPORT_SIZE, classify_message
 from smartrelay.feedback.model import Report
+from smartrelay.feedback.processor import (
+    FeedbackProcessor,
+    UnknownReport,
+    configured_classifier,
+)
 from smartrelay.passwords import generate_password, hash_password
 from smartrelay.reactor import IRelayReactor, as_relay_reactor
 from smartrelay.retention.purge import Purger
 from smartrelay.retention.rollup import ROLLUP_BATCH, ROLLUP_LAG
 from smartrelay.rewrap.dkim import DkimError, generate_key, txt_record_name, zone_file_entry
+from smartrelay.smtp.session import printable
 from smartrelay.storage.copying import CopyError, ProgressLines, copy_data
 from smartrelay.storage.engines import create_engine
 from smartrelay.storage.engines.sqlite import create_data_dir_for
+from smartrelay.storage.feedback import FEEDBACK_STATES
 from smartrelay.storage.migrations import SchemaError, current_version, migrate
 from smartrelay.storage.store import (
     SUPPRESSION_REASONS,
@@ -56,7 +64,7 @@ from smartrelay.storage.store import (
     to_ms,
 )
 from smartrelay.timefmt import parse_rfc3339, rfc3339
-from smartrelay.tokens import SecretFileError, add_key
+from smartrelay.tokens import SecretFileError, TokenCodec, add_key, load_keyring
 from smartrelay.units import parse_duration
 
 PROG = "smartrelay-ctl"
@@ -294,6 +302,51 @@ async def cmd_events_export(args: argparse.Namespace, store: Store) -> None:
         if len(page) < EXPORT_PAGE:
             break
         after = page[-1].id
+
+
+async def cmd_feedback_list(args: argparse.Namespace, store: Store) -> None:
+    reports = await store.list_feedback(args.state, limit=args.limit)
+    for r in reports:
+        fields = (r.kind, r.matched_by, r.queue_id, r.recipient, r.reason)
+        shown = "\t".join(printable(value) if value else "-" for value in fields)
+        print(f"{r.report_id}\t{rfc3339(r.received_at)}\t{r.state}\t{shown}")
+    if not reports:
+        print("no feedback report" if args.state is None else f"no feedback report {args.state}")
+
+
+async def cmd_feedback_reprocess(args: argparse.Namespace, store: Store) -> None:
+    config: Config = args.loaded_config
+    processor = FeedbackProcessor(
+        lambda: succeed(store),
+        TokenCodec(load_keyring(config.rewrap.secret_file)),
+        config,
+        configured_classifier(config),
+    )
+
+    async def one(report_id: str) -> None:
+        try:
+            outcome = await processor.process(report_id, again=True)
+        except UnknownReport as error:
+            raise CliError(str(error)) from None
+        print(f"{report_id}\t{outcome.state}\t{printable(outcome.reason) or '-'}")
+
+    if not args.all_unmatched:
+        await one(args.report_id)
+        return
+    count = 0
+    after: tuple[float, str] | None = None
+    while True:  # in arrival order; those still unmatched are behind ``after``
+        page = await store.feedback_ids("unmatched", after, REPROCESS_PAGE)
+        for position in page:
+            await one(position[1])
+            count += 1
+        if len(page) < REPROCESS_PAGE:
+            break
+        after = page[-1]
+    print(f"{count} unmatched report(s) reprocessed")
+
+
+REPROCESS_PAGE = 100
 
 
 def parse_time(text: str | None, now: float, option: str) -> float | None:
@@ -592,6 +645,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="copy the history only, not messages and recipients (the relay may run)",
     )
     p.set_defaults(run=cmd_copy_data)
+
+    feedback = commands.add_parser("feedback", help="bounces, FBL reports, replies received")
+    feedback_cmds = feedback.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = feedback_cmds.add_parser(
+        "list",
+        help="reports, oldest first: id, received, state, kind, matched by, queue id,"
+        " recipient, reason (tab-separated)",
+    )
+    p.add_argument("--state", choices=FEEDBACK_STATES, help="only reports in this state")
+    p.add_argument("--limit", type=int, default=1000)
+    p.set_defaults(run=cmd_feedback_list)
+    p = feedback_cmds.add_parser(
+        "reprocess", help="process a report again (after a fix, a new rule, a late message)"
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("report_id", nargs="?", default=None, metavar="ID")
+    which.add_argument("--all-unmatched", action="store_true", help="every unmatched report")
+    p.set_defaults(run=cmd_feedback_reprocess)
 
     p = commands.add_parser(
         "classify",

@@ -26,6 +26,7 @@ from attrs import evolve
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import ReactorNotRunning
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
@@ -40,6 +41,12 @@ from smartrelay.delivery.manager import (
 )
 from smartrelay.delivery.mx import MxResolver, make_system_resolver
 from smartrelay.delivery.processes import DeliveryProcesses, worker_command
+from smartrelay.feedback.model import Report
+from smartrelay.feedback.processor import (
+    FeedbackProcessor,
+    FeedbackService,
+    configured_classifier,
+)
 from smartrelay.listening import ListeningService
 from smartrelay.reactor import IRelayReactor
 from smartrelay.retention.purge import PurgeService
@@ -179,6 +186,29 @@ class RelayService(MultiService):
         if serving:  # one purger per node (not one per delivery process)
             self.purge = PurgeService(self.storage.when_ready, reactor, config.retention)
             self.purge.setServiceParent(self)  # type: ignore[no-untyped-call]
+        #: The feedback processor's service: the inbound listener's reports, processed after
+        #: their commit and at start-up (main process only, like the listener).
+        self.feedback: FeedbackService | None = None
+        if serving:
+            self.feedback = FeedbackService(
+                reactor, self.storage.when_ready, self._feedback_processor
+            )
+            self.feedback.setServiceParent(self)  # type: ignore[no-untyped-call]
+
+    def _feedback_processor(self) -> FeedbackProcessor:
+        """Made as the service starts, once the token codec has been read."""
+        reactor = self._reactor
+
+        def in_thread(work: Callable[[], Report]) -> Deferred[Report]:
+            return deferToThreadPool(reactor, reactor.getThreadPool(), work)
+
+        return FeedbackProcessor(
+            self.storage.when_ready,
+            self._started_codec(),
+            self.config,
+            configured_classifier(self.config),
+            in_thread=in_thread,
+        )
 
     def _started_codec(self) -> TokenCodec:
         if self.codec is None:

@@ -16,7 +16,7 @@ from smartrelay.config import SuppressionConfig
 from smartrelay.events import ClickedEvent, ComplainedEvent, OpenedEvent, UnsubscribedEvent
 from smartrelay.storage.base import StoreBase, from_ms
 from smartrelay.storage.events import insert_events
-from smartrelay.storage.interfaces import ICursor
+from smartrelay.storage.interfaces import ICursor, IDatabaseEngine
 from smartrelay.storage.suppressions import current_entry, write_suppressions
 
 #: Recipient ids are BIGINT; a (authentic) token id above this cannot name a row.
@@ -137,20 +137,34 @@ class TrackingStore(StoreBase):
         now_ms = self.now_ms()
 
         async def txn(cursor: ICursor) -> bool:
-            lock = self.engine.lock_statement()
-            if lock is not None:
-                await cursor.execute(lock, (f"suppression:{entry.address}",))
-            old = await current_entry(cursor, entry.address)
-            merged = policy.merge_opt_out(
-                entry,
-                None if old is None else old[0],
-                None if old is None else old[1],
-                now_ms / 1000,
-            )
-            if merged is None:
-                return False
-            await write_suppressions(cursor, now_ms, [merged])
-            await insert_events(cursor, now_ms, [(queue_id, address, event)])
-            return True
+            return await write_opt_out(cursor, self.engine, now_ms, address, queue_id, entry, event)
 
         return await self.run(f"suppress_{entry.reason}", txn)
+
+
+async def write_opt_out(
+    cursor: ICursor,
+    engine: IDatabaseEngine,
+    now_ms: int,
+    address: str,
+    queue_id: str | None,
+    entry: policy.Suppress,
+    event: UnsubscribedEvent | ComplainedEvent,
+) -> bool:
+    """:meth:`TrackingStore.suppress_address` inside the caller's transaction (the feedback
+    processor records a report's opt-outs with the report's other effects)."""
+    lock = engine.lock_statement()
+    if lock is not None:
+        await cursor.execute(lock, (f"suppression:{entry.address}",))
+    old = await current_entry(cursor, entry.address)
+    merged = policy.merge_opt_out(
+        entry,
+        None if old is None else old[0],
+        None if old is None else old[1],
+        now_ms / 1000,
+    )
+    if merged is None:
+        return False
+    await write_suppressions(cursor, now_ms, [merged])
+    await insert_events(cursor, now_ms, [(queue_id, address, event)])
+    return True
