@@ -191,6 +191,35 @@ def test_reply_code_remote_host_and_diagnostic() -> None:
     assert zoe.diagnostic == "User zoe (zoe@notes.example.com) not listed in Domino Directory"
 
 
+def test_the_original_recipient_of_an_expanded_address() -> None:
+    jack, kate = failed_recipients_from_text(load("postfix_text_user_unknown.eml"))
+    assert (jack.original_recipient, kate.original_recipient) == (None, "sales@example.org")
+
+
+def test_the_returned_message_s_sender_is_a_failed_recipient_when_it_was_also_sent_to() -> None:
+    raw = (FIXTURES / "exim_user_unknown.eml").read_bytes()
+    raw = raw.replace(b"From: Shop <news@shop.example.com>", b"From: alice.smith@example.org")
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    assert [r.address for r in failed_recipients_from_text(message)] == ["alice.smith@example.org"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "Your message has been delivered to the following recipients:\n\n  ann@example.com\n",
+        "Delivery to these recipients or groups is complete, but no delivery notification was "
+        "sent by the destination server:\n\nann@example.com (ann@example.com)\n",
+    ],
+)
+def test_a_delivery_receipt_is_not_a_bounce(body: str) -> None:
+    raw = (
+        "From: Microsoft Outlook <postmaster@corp.example.net>\nTo: b+R1@bounces.example.com\n"
+        "Subject: Relayed: Weekly news\nContent-Type: text/plain\n\n" + body
+    )
+    message = email.message_from_bytes(raw.encode(), policy=email.policy.default)
+    assert failed_recipients_from_text(message) == []
+
+
 def test_diagnostics_are_bounded_and_unfolded() -> None:
     for name in EXPECTED:
         for r in failed_recipients_from_text(load(name)):

@@ -759,3 +759,15 @@ def test_rfc_7372_reverse_dns_status_stays_authentication() -> None:
     # X.7.25 is "reverse DNS validation failed": its own category wins over the PTR wording.
     assert classify_reply(550, "5.7.25 No PTR record").category == "authentication"
     assert classify_reply(550, "5.7.1 No PTR record").category == "reputation-block"
+
+
+@pytest.mark.parametrize(
+    ("text", "category"),
+    [
+        ("User not known", "invalid-recipient"),
+        ("The recipient name is not recognized", "invalid-recipient"),
+        ("Delivery has been postponed due to a full mailbox", "mailbox-full"),
+    ],
+)
+def test_more_bounce_text_wordings(text: str, category: str) -> None:
+    assert classify_status(None, text).category == category

@@ -25,6 +25,7 @@ __all__ = [
     "CUT_MARKERS",
     "DELAY_MARKERS",
     "SIGNATURES",
+    "SUCCESS_MARKERS",
     "Signature",
 ]
 
@@ -71,7 +72,7 @@ BOUNCE_HEADERS: Final[tuple[tuple[str, str], ...]] = (
         "From",
         r"mailer[-_ ]?daemon|postmaster|mail ?delivery|mail ?system|mdaemon|\bdaemon\b"
         r"|delivery[-_ ]?(?:subsystem|notification|status|system)|administrator|\bmta\b"
-        r"|\bsmtp\b|\bexchange\b|nobody@|no-?reply|mail-?router|mailmaster|mailadmin",
+        r"|\bsmtp\b|\bexchange\b|mail-?router|mailmaster|mailadmin",
     ),
     (
         "Subject",
@@ -86,7 +87,6 @@ BOUNCE_HEADERS: Final[tuple[tuple[str, str], ...]] = (
     ),
     ("X-Failed-Recipients", r"@"),
     ("Content-Type", r"multipart/report"),
-    ("Return-Path", r"^\s*<>\s*$"),
 )
 
 #: A line that starts the returned message (or its headers): the report text ends there.
@@ -129,6 +129,23 @@ DELAY_MARKERS: Final[tuple[str, ...]] = (
     r"remise différée",
     r"entrega (?:retrasada|demorada|atrasada)",
     r"consegna ritardata",
+    r"delivery attempts will continue",
+    r"will be retried",
+    r"(?:has been|was) (?:postponed|deferred)",
+    r"please do not resend",
+    r"this is just a warning",
+)
+
+#: Wording of a delivery or relay receipt (Exchange's "Delivered:" and "Relayed:", Notes'
+#: return receipts): without failure wording beside it, such a text is no bounce.
+SUCCESS_MARKERS: Final[tuple[str, ...]] = (
+    r"your message has been delivered to the following recipients",
+    r"delivery to (?:these|the following) recipients? (?:or groups )?(?:is complete|succeeded"
+    r"|was successful|has been completed)",
+    r"(?:was|has been) (?:successfully )?(?:delivered|relayed) to the (?:following|destination)",
+    r"the message was successfully (?:delivered|relayed)",
+    r"zustellung (?:war )?erfolgreich",
+    r"remis avec succès",
 )
 
 SIGNATURES: Final[tuple[Signature, ...]] = (
@@ -204,7 +221,7 @@ SIGNATURES: Final[tuple[Signature, ...]] = (
             r"this is the (?:mail system|postfix program) at host",
             r"your message could not be delivered to one or more recipients",
         ),
-        addresses=(r"^[ \t]*<" + ADDR + r">(?:[ \t]*\(expanded from[^)\n]{0,300}\))?:",),
+        addresses=(r"^[ \t]*<" + ADDR + r">(?=[ \t]*(?::|\(expanded from))",),
     ),
     # --- Sendmail and Sendmail-based (AOL, older Yahoo, many ISPs) --------------------------
     Signature(
@@ -236,7 +253,7 @@ SIGNATURES: Final[tuple[Signature, ...]] = (
     # --- Lotus Notes / Domino ---------------------------------------------------------------
     Signature(
         name="domino",
-        body=(r"^[ \t]*was not delivered to:", r"^[ \t]*your message[ \t]*\n"),
+        body=(r"^[ \t]*was not delivered to:",),
         start=r"was not delivered to:",
         end=r"^[ \t]*because:",
         reason=r"because:\s*(?P<reason>[^\n]{1,400}(?:\n[ \t]{1,20}\S[^\n]{0,400}){0,5})",

@@ -40,6 +40,7 @@ from smartrelay.feedback.bounce_signatures import (
     CUT_MARKERS,
     DELAY_MARKERS,
     SIGNATURES,
+    SUCCESS_MARKERS,
     Signature,
 )
 from smartrelay.feedback.model import FailedRecipient
@@ -95,6 +96,12 @@ def _compile(sig: Signature) -> _CompiledSignature:
 _SIGNATURES: Final = tuple(_compile(sig) for sig in SIGNATURES)
 _CUT = re.compile("|".join(f"(?:{p})" for p in CUT_MARKERS), _FLAGS)
 _DELAY = re.compile("|".join(f"(?:{p})" for p in DELAY_MARKERS), _FLAGS)
+_SUCCESS = re.compile("|".join(f"(?:{p})" for p in SUCCESS_MARKERS), _FLAGS)
+_FAILURE_WORDS = re.compile(
+    r"(?:could|can)(?:no|')t (?:be )?deliver|unable to deliver|undeliverable|not (?:be )?delivered"
+    r"|(?:delivery|has) failed|permanent(?:ly)? (?:error|fail)|rejected|\b[45]\d\d[ -][45]\.\d",
+    _FLAGS,
+)
 _ADDRESS = re.compile(ADDR, re.IGNORECASE)
 
 # The generic address lines: an address alone at the start of a line (bracketed, quoted or
@@ -177,7 +184,8 @@ _OWN_HEADERS: Final = (
 )
 _RETURNED_SENDER_HEADERS: Final = ("From", "Sender", "Return-Path", "Reply-To", "Errors-To")
 _RETURNED_HEADER_LINE = re.compile(
-    r"^(?:from|sender|return-path|reply-to|errors-to):[^\n]{0,500}", re.IGNORECASE | re.MULTILINE
+    r"^(?:from|sender|return-path|reply-to|errors-to|to|cc):[^\n]{0,500}",
+    re.IGNORECASE | re.MULTILINE,
 )
 
 
@@ -240,6 +248,8 @@ def _failed_recipients(message: Message) -> list[FailedRecipient]:
     text = _split(full, returned)
     own = _own_addresses(message) | text.returned_senders
     report = text.report
+    if _SUCCESS.search(report) is not None and _FAILURE_WORDS.search(report) is None:
+        return []  # a delivery or relay receipt written as text: nothing failed
     delayed = _DELAY.search(report) is not None
     header_listed = [a for a in _header_addresses(message, "X-Failed-Recipients") if a not in own]
 
@@ -361,12 +371,19 @@ def _split(full: str, returned: list[Message]) -> _Text:
         report = head[: cut.start()][:MAX_REPORT_CHARS]
         tail = head[cut.start() : cut.start() + 8192]
     senders: set[str] = set()
+    recipients: set[str] = set()
     for line in _RETURNED_HEADER_LINE.findall(tail):
-        senders.update(_addresses_in(line))
+        if line[:3].lower() in ("to:", "cc:"):
+            recipients.update(_addresses_in(line))
+        else:
+            senders.update(_addresses_in(line))
     for msg in returned[:10]:
         for name in _RETURNED_SENDER_HEADERS:
             senders.update(_header_addresses(msg, name))
-    return _Text(report=report, returned_senders=frozenset(senders))
+        for name in ("To", "Cc"):
+            recipients.update(_header_addresses(msg, name))
+    # A message sent to its own sender (a test, a list) can bounce for that address.
+    return _Text(report=report, returned_senders=frozenset(senders - recipients))
 
 
 # --- addresses ------------------------------------------------------------------------------
@@ -545,6 +562,11 @@ def _reason_after(report: str, addr: str) -> str:
 
 # --- the reason -----------------------------------------------------------------------------
 
+_ORIGINAL = re.compile(
+    r"(?:expanded from|generated from|original (?:address|recipient)|alias)[:;]?[ \t]{0,5}"
+    r"(?:rfc822;[ \t]*)?<?" + ADDR,
+    re.IGNORECASE,
+)
 _LEADING_JUNK = re.compile(r"^[\s:;,.>)\]'\"-]+")
 
 
@@ -552,12 +574,14 @@ def _recipient(addr: str, reason: str, action: str) -> FailedRecipient:
     code, status = find_reply(reason)
     if not status and action == "delayed":
         status = "4.0.0"
+    original = _ORIGINAL.search(reason[:300])
     return FailedRecipient(
         address=addr,
         action=action,
         status=status,
         reply_code=code,
         diagnostic=_diagnostic(reason),
+        original_recipient=None if original is None else original.group("addr").lower(),
         remote_mta=_remote_host(reason),
     )
 
