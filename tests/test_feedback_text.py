@@ -130,6 +130,22 @@ EXPECTED: dict[str, Expected] = {
         ("wang@example.cn", "failed", "5.0.0", "invalid-recipient", True),
         ("li@example.cn", "failed", "5.0.0", "mailbox-full", False),
     ],
+    # --- warnings, wordings and layouts that moved the table on ---
+    "sendmail_transient.eml": [("yves@greylist.example.org", "delayed", "4.2.0", "policy", False)],
+    "courier_delay.eml": [("zack@slow.example.org", "delayed", "4.3.2", "technical", False)],
+    "exchange_delay.eml": [("fred@partner.example.com", "delayed", "4.4.7", "expired", False)],
+    "exim_long_failure.eml": [
+        ("abe@dead.example.net", "failed", "5.0.0", "expired", False),
+        ("bea@mx-gone.example.net", "failed", "5.0.0", "invalid-domain", True),
+    ],
+    "yahoo_colon_code.eml": [("cory@ymail.com", "failed", "5.0.0", "invalid-recipient", True)],
+    "office365_parenthesised.eml": [
+        ("dina@fabrikam.com", "failed", "5.2.2", "mailbox-full", False),
+        ("eli@fabrikam.com", "failed", "5.7.1", "spam-content", False),
+    ],
+    "sentence_style.eml": [
+        ("gus@smarter.example.com", "failed", "5.0.0", "invalid-recipient", True)
+    ],
     # --- the fallback finder, our own addresses, and a person's mail ---
     "lsmtp_flufl_fallback.eml": [
         ("vera@lsmtp.example.com", "failed", "5.1.1", "invalid-recipient", True)
@@ -185,6 +201,10 @@ def test_reply_code_remote_host_and_diagnostic() -> None:
     assert (sam.reply_code, sam.remote_mta) == (550, "exch01.corp.example.net")
     quinn, _ = failed_recipients_from_text(load("exchange2003.eml"))
     assert (quinn.status, quinn.remote_mta) == ("5.1.1", "mail.corp.example.com")
+    [cory] = failed_recipients_from_text(load("yahoo_colon_code.eml"))
+    assert (cory.reply_code, cory.status) == (554, "5.0.0")
+    [fred] = failed_recipients_from_text(load("exchange_delay.eml"))
+    assert fred.remote_mta == "mx.partner.example.com"
     [carl] = failed_recipients_from_text(load("mirapoint.eml"))
     assert carl.remote_mta == "mx.example.edu"
     [zoe] = failed_recipients_from_text(load("domino.eml"))

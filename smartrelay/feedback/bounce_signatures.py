@@ -24,6 +24,7 @@ __all__ = [
     "BOUNCE_HEADERS",
     "CUT_MARKERS",
     "DELAY_MARKERS",
+    "SENTENCE_ADDRESSES",
     "SIGNATURES",
     "SUCCESS_MARKERS",
     "Signature",
@@ -89,6 +90,17 @@ BOUNCE_HEADERS: Final[tuple[tuple[str, str], ...]] = (
     ("Content-Type", r"multipart/report"),
 )
 
+#: Where the generic address lines find nothing: an address inside a sentence that says it
+#: failed ("Your message to <a@b> was rejected", "could not deliver the message to a@b").
+SENTENCE_ADDRESSES: Final[tuple[str, ...]] = (
+    r"(?:message|mail|e-?mail) (?:to|for|addressed to) <?" + ADDR + r">?,? (?:was|could|has|is"
+    r"|couldn't|cannot|can't|failed|did)",
+    r"(?:deliver|delivery|delivering|delivered|send|sent|sending)(?: of)?(?: (?:your|the|this)"
+    r" (?:message|mail|e-?mail))? to:? <?" + ADDR,
+    r"(?:undeliverable|rejected|refused|failed|failure) (?:to|for):? <?" + ADDR,
+    r"(?:recipient|address|user|mailbox)(?: address)?:? <" + ADDR + r">",
+)
+
 #: A line that starts the returned message (or its headers): the report text ends there.
 CUT_MARKERS: Final[tuple[str, ...]] = (
     r"^[ \t]*-{2,}[ \t]*(?:this is a copy of|below this line is a copy|below the next line is a"
@@ -134,6 +146,9 @@ DELAY_MARKERS: Final[tuple[str, ...]] = (
     r"(?:has been|was) (?:postponed|deferred)",
     r"please do not resend",
     r"this is just a warning",
+    r"transient non-fatal errors?",
+    r"delays in delivering your message",
+    r"delivery is delayed to these recipients",
 )
 
 #: Wording of a delivery or relay receipt (Exchange's "Delivered:" and "Relayed:", Notes'
@@ -185,7 +200,8 @@ SIGNATURES: Final[tuple[Signature, ...]] = (
         end=r"^[ \t]*original message headers",
         addresses=(
             r"your message to <?" + ADDR + r">? couldn't be delivered",
-            r"^[ \t]*(?:[^<>@\n]{1,80}<)?'?" + ADDR + r"'?>?'?[ \t]*(?:on [^\n]{0,60})?$",
+            r"^[ \t]*(?:[^<>@\n]{1,80}<)?['\"]?" + ADDR + r"['\">]{0,2}[ \t]*(?:\([^)\n]{0,300}\))?"
+            r"[ \t]*(?:on [^\n]{0,60})?$",
             r"^[ \t]*" + ADDR + r"[ \t]*\n",
         ),
     ),

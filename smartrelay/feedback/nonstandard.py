@@ -39,6 +39,7 @@ from smartrelay.feedback.bounce_signatures import (
     ADDR,
     CUT_MARKERS,
     DELAY_MARKERS,
+    SENTENCE_ADDRESSES,
     SIGNATURES,
     SUCCESS_MARKERS,
     Signature,
@@ -103,6 +104,7 @@ _FAILURE_WORDS = re.compile(
     _FLAGS,
 )
 _ADDRESS = re.compile(ADDR, re.IGNORECASE)
+_SENTENCES = tuple(re.compile(p, _FLAGS) for p in SENTENCE_ADDRESSES)
 
 # The generic address lines: an address alone at the start of a line (bracketed, quoted or
 # not), or after a label ("Recipient address:", "Final-Recipient: rfc822;", "RCPT TO:") that is
@@ -131,7 +133,7 @@ _CODE_AND_STATUS = re.compile(
 _STATUS = re.compile(r"(?<![\w.])#?([245])\.([0-7])\.(\d{1,3})(?![\w]|\.\d)")
 _CODE = re.compile(
     r"(?:^|said:?|returned:?|replied:?|response:?|error:?|<<<|#|;|\(|:|reason:|was:)"
-    r"[ \t'\"]{0,3}([45]\d\d)(?=[ \t-]|$|['\"])",
+    r"[ \t'\"]{0,3}([45]\d\d)(?=[ \t:-]|$|['\"])",
     _FLAGS,
 )
 # Where the remote host shows.
@@ -139,7 +141,6 @@ _HOST = r"((?:[a-z0-9-]{1,63}\.){1,10}[a-z]{2,63}|\[?\d{1,3}(?:\.\d{1,3}){3}\]?)
 _REMOTE_HOST: Final = (
     re.compile(r"\bhost\s{1,20}" + _HOST + r"\.?[ \t]*\[[\d.:a-f]{3,45}\]", _FLAGS),
     re.compile(r"\bwhile talking to " + _HOST, _FLAGS),
-    re.compile(r"generating server:[ \t]*" + _HOST, _FLAGS),
     re.compile(
         r"remote (?:host|system|server|mta)(?: name)?:?[ \t]*(?:dns;[ \t]*)?" + _HOST, _FLAGS
     ),
@@ -148,7 +149,9 @@ _REMOTE_HOST: Final = (
     re.compile(r"giving up on " + _HOST, _FLAGS),
     re.compile(r"connected to " + _HOST + r" but", _FLAGS),
     re.compile(r"<" + _HOST + r" #[245]\.\d", _FLAGS),
+    re.compile(r"(?:receiving server:|remote server at)[ \t]*" + _HOST, _FLAGS),
     re.compile(r"\bmx(?: host)?[ \t]+" + _HOST + r"\b", _FLAGS),
+    re.compile(r"generating server:[ \t]*" + _HOST, _FLAGS),
 )
 
 #: Local parts that are never a failed recipient: the reporting MTA's and our daemons.
@@ -500,6 +503,10 @@ def _anchors(sig: _CompiledSignature, region: str) -> list[tuple[int, int, str]]
                         found.append((offset + lm.start("addr"), offset + lm.end(), addr))
                         break
             offset += len(line) + 1
+        if not found:
+            for pattern in _SENTENCES:
+                for m in pattern.finditer(region):
+                    found.append((m.start("addr"), m.end(), m.group("addr").lower()))
     found.sort()
     # One anchor per position: overlapping matches of several patterns keep the first.
     unique: list[tuple[int, int, str]] = []
@@ -514,9 +521,6 @@ def _extract(
 ) -> list[tuple[str, str]]:
     region = _region(sig, report)
     anchors = [a for a in _anchors(sig, region) if not _is_own(a[2], own)]
-    if header_listed:
-        listed = set(header_listed)
-        anchors = [a for a in anchors if a[2] in listed]
     if not anchors and not header_listed:
         return []
     common = ""
@@ -544,6 +548,7 @@ def _extract(
             segment = f"{label} {segment}"
         reasons.setdefault(addr, []).append(segment)
         i = j
+    # X-Failed-Recipients, when present, says which of the addresses failed.
     addresses = header_listed or list(reasons)
     out: list[tuple[str, str]] = []
     for addr in addresses:
