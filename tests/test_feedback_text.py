@@ -126,6 +126,9 @@ EXPECTED: dict[str, Expected] = {
         ("taro@example.jp", "failed", "5.1.1", "invalid-recipient", True),
         ("jiro@example.jp", "failed", "5.0.0", "mailbox-full", False),
     ],
+    "japanese_reason_before_address.eml": [
+        ("kenta@mobile.example.ne.jp", "failed", "5.0.0", "invalid-recipient", True)
+    ],
     "chinese_gb2312.eml": [
         ("wang@example.cn", "failed", "5.0.0", "invalid-recipient", True),
         ("li@example.cn", "failed", "5.0.0", "mailbox-full", False),

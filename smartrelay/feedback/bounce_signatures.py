@@ -103,8 +103,9 @@ SENTENCE_ADDRESSES: Final[tuple[str, ...]] = (
 
 #: A line that starts the returned message (or its headers): the report text ends there.
 CUT_MARKERS: Final[tuple[str, ...]] = (
-    r"^[ \t]*-{2,}[ \t]*(?:this is a copy of|below this line is a copy|below the next line is a"
-    r" copy|original message|original-message|returned message|returned mail|start of returned"
+    r"^[ \t]*-{2,}[ \t]*(?:the )?(?:this is a copy of|below this line is a copy"
+    r"|below the next line is a copy|original message|original-message|returned message"
+    r"|returned mail|start of returned"
     r"|start of the original|message (?:text|headers) follows|copy of the message|the original"
     r" message|header of the original|original headers|mensaje original|message d'origine"
     r"|message original|originalnachricht|original-nachricht|ursprüngliche nachricht"

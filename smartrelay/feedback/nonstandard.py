@@ -546,6 +546,10 @@ def _extract(
         segment = region[anchors[i][1] : end][:MAX_REASON_CHARS]
         if label.endswith(":"):  # "Unknown user: a@b", "Recipient address: a@b"
             segment = f"{label} {segment}"
+        elif not _WORDS.search(segment):
+            # Nothing after the address: some MTAs write the reason before it (ezweb).
+            previous = anchors[i - 1][1] if i > 0 else 0
+            segment = region[max(previous, line_start - MAX_REASON_CHARS // 2) : line_start]
         reasons.setdefault(addr, []).append(segment)
         i = j
     # X-Failed-Recipients, when present, says which of the addresses failed.
@@ -572,6 +576,7 @@ _ORIGINAL = re.compile(
     r"(?:rfc822;[ \t]*)?<?" + ADDR,
     re.IGNORECASE,
 )
+_WORDS = re.compile(r"[^\W\d_]{3}")
 _LEADING_JUNK = re.compile(r"^[\s:;,.>)\]'\"-]+")
 
 
