@@ -101,6 +101,13 @@ EXPECTED: dict[str, Expected] = {
     "postini.eml": [
         ("iris@psmtp-customer.example.com", "failed", "5.1.1", "invalid-recipient", True)
     ],
+    "opensmtpd.eml": [("hal@example.net", "failed", "5.1.1", "invalid-recipient", True)],
+    "james.eml": [("ivy@james.example.org", "failed", "5.2.2", "mailbox-full", False)],
+    "mailmarshal.eml": [
+        ("jon@marshal.example.com", "failed", "5.1.1", "invalid-recipient", True),
+        ("kim@marshal.example.com", "failed", "5.1.1", "invalid-recipient", True),
+    ],
+    "interscan_mss.eml": [("lou@example.co.jp", "failed", "5.1.1", "invalid-recipient", True)],
     # --- other languages ---
     "french.eml": [
         ("jules@orange.example.fr", "failed", "5.0.0", "invalid-recipient", True),
@@ -208,6 +215,8 @@ def test_reply_code_remote_host_and_diagnostic() -> None:
     assert (cory.reply_code, cory.status) == (554, "5.0.0")
     [fred] = failed_recipients_from_text(load("exchange_delay.eml"))
     assert fred.remote_mta == "mx.partner.example.com"
+    _, kim = failed_recipients_from_text(load("mailmarshal.eml"))
+    assert kim.remote_mta == "192.0.2.71"
     [carl] = failed_recipients_from_text(load("mirapoint.eml"))
     assert carl.remote_mta == "mx.example.edu"
     [zoe] = failed_recipients_from_text(load("domino.eml"))

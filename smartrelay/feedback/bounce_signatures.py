@@ -116,7 +116,7 @@ CUT_MARKERS: Final[tuple[str, ...]] = (
     r"|included is a copy of the message header|your message reads(?: \(in part\))?:"
     r"|possibly truncated original message follows|message headers follow"
     r"|-+ ?original message ?-+|the (?:original|returned) message (?:is )?(?:attached|follows)"
-    r"|\*+ ?end of message ?\*+)",
+    r"|\*+ ?end of message ?\*+|below is a copy of the original message:?)",
     r"^[ \t]*={3,}[ \t]*(?:original|returned)",
 )
 
@@ -312,6 +312,32 @@ SIGNATURES: Final[tuple[Signature, ...]] = (
         addresses=(
             r"(?:recipient|failed recipient|intended recipient):[ \t]*(?:\[smtp:)?<?" + ADDR,
         ),
+    ),
+    # --- OpenSMTPD, Apache James, MailMarshal, InterScan MSS ---------------------------------
+    Signature(
+        name="opensmtpd",
+        body=(
+            r"this is the mailer-daemon, please do not reply",
+            r"an error has occurred while attempting to deliver a message",
+        ),
+    ),
+    Signature(
+        name="james",
+        body=(r"this is the james mail server at",),
+        start=r"^[ \t]*failed recipient\(s\):",
+        reason=r"^[ \t]*error message:[ \t]*\n?(?P<reason>[^\n]{1,400}(?:\n[^\n]{1,400}){0,3})",
+    ),
+    Signature(
+        name="mailmarshal",
+        body=(r"the following recipients were affected", r"could not be delivered because of"),
+        start=r"the following recipients were affected:?",
+        reason=r"could not be delivered because of[ \t]*\n?\s{0,40}(?P<reason>[^\n]{1,400}"
+        r"(?:\n[ \t]*\S[^\n]{0,400}){0,3})",
+    ),
+    Signature(
+        name="interscan-mss",
+        body=(r"^[ \t]*sent <<< rcpt to:", r"^[ \t]*received >>> [45]\d\d"),
+        addresses=(r"rcpt to:[ \t]*<" + ADDR,),
     ),
     # --- MDaemon, IMail, Courier, Smail and other Windows/Unix MTAs -------------------------
     Signature(

@@ -142,7 +142,7 @@ _REMOTE_HOST: Final = (
     re.compile(r"\bhost\s{1,20}" + _HOST + r"\.?[ \t]*\[[\d.:a-f]{3,45}\]", _FLAGS),
     re.compile(r"\bwhile talking to " + _HOST, _FLAGS),
     re.compile(
-        r"remote (?:host|system|server|mta)(?: name)?:?[ \t]*(?:dns;[ \t]*)?" + _HOST, _FLAGS
+        r"remote[- ](?:host|system|server|mta)(?: name)?:?[ \t]*(?:dns;[ \t]*)?<?" + _HOST, _FLAGS
     ),
     re.compile(r"\bby " + _HOST + r"\.?[ \t]*\[[\d.:a-f]{3,45}\]", _FLAGS),
     re.compile(r"^[ \t]*" + _HOST + r" does not like recipient", _FLAGS),
@@ -525,7 +525,7 @@ def _extract(
         return []
     common = ""
     if sig.reason is not None:
-        m = sig.reason.search(report, max(0, report.find(region)))
+        m = sig.reason.search(report)
         if m is not None:
             common = m.group("reason")
     reasons: dict[str, list[str]] = {}
