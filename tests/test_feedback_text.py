@@ -56,7 +56,7 @@ EXPECTED: dict[str, Expected] = {
         ("jack@example.org", "failed", "5.1.1", "invalid-recipient", True),
         ("kate@example.org", "failed", "5.2.2", "mailbox-full", False),
     ],
-    "postfix_text_delayed.eml": [("liam@slow.example.net", "delayed", "4.0.0", "technical", False)],
+    "postfix_text_delayed.eml": [("liam@slow.example.net", "delayed", "4.0.0", "expired", False)],
     "postfix_host_not_found.eml": [
         ("mia@no-such-domain.example", "failed", "5.0.0", "invalid-domain", True)
     ],
@@ -66,7 +66,7 @@ EXPECTED: dict[str, Expected] = {
     "sendmail_user_unknown.eml": [
         ("noah@example.edu", "failed", "5.1.1", "invalid-recipient", True)
     ],
-    "sendmail_warning.eml": [("olivia@slow.example.org", "delayed", "4.0.0", "technical", False)],
+    "sendmail_warning.eml": [("olivia@slow.example.org", "delayed", "4.0.0", "expired", False)],
     "sendmail_unknown_host.eml": [
         ("paul@nowhere.example", "failed", "5.1.2", "invalid-domain", True)
     ],

@@ -743,6 +743,53 @@ def test_bounce_text_wordings(text: str, category: str) -> None:
     assert result.hard == (category in HARD_CATEGORIES)
 
 
+# Wordings seen in real bounces (many collected by bounce-parser projects such as Sisimai).
+REAL_BOUNCE_WORDINGS: list[tuple[str, str]] = [
+    ("#5.1.1 bad address", "invalid-recipient"),
+    ("address not present in directory", "invalid-recipient"),
+    ("is not a known user", "invalid-recipient"),
+    ("is not an active address at this host", "invalid-recipient"),
+    ("no account by that name here", "invalid-recipient"),
+    ("no valid recipients, bye", "invalid-recipient"),
+    ("sorry, your envelope recipient is in my badrcptto list", "invalid-recipient"),
+    ("this recipient is not in my validrcptto list", "invalid-recipient"),
+    ("vdeliver: invalid or unknown virtual user", "invalid-recipient"),
+    ("<someone@example.com> not found", "invalid-recipient"),
+    ("No someone in name directory", "invalid-recipient"),
+    ("nonexistent user", "invalid-recipient"),
+    ("user someone@example.com was not found", "invalid-recipient"),
+    ("nessun utente simile in questo indirizzo", "invalid-recipient"),
+    ("does not have enough space", "mailbox-full"),
+    ("mailfolder is full", "mailbox-full"),
+    ("the user's space has been used up", "mailbox-full"),
+    ("user has too many messages on the server", "mailbox-full"),
+    ("recipient domain must exist", "invalid-domain"),
+    ("mail domain mentioned in email address is unknown", "invalid-domain"),
+    ("Name or service not known", "invalid-domain"),
+    ("mailbox is temporary locked", "mailbox-inactive"),
+    ("recipient suspend the service", "mailbox-inactive"),
+    ("boite du destinataire archivee", "mailbox-inactive"),
+    ("Connection timed out", "expired"),
+    ("it has not been collected after 30 days", "expired"),
+    ("access denied. IP name lookup failed", "reputation-block"),
+    ("Rejecting open proxy", "reputation-block"),
+    ("Please get a custom reverse DNS name from your ISP", "reputation-block"),
+    ("rejecting banned content", "spam-content"),
+    ("message filtered. please see the faqs section on spam", "spam-content"),
+    ("spambouncer identified spam", "spam-content"),
+    ("max message size exceeded", "message-too-large"),
+]
+
+
+@pytest.mark.parametrize(("text", "category"), REAL_BOUNCE_WORDINGS)
+def test_real_bounce_wordings(text: str, category: str) -> None:
+    assert classify_status(None, text).category == category
+
+
+def test_a_sender_domain_that_must_exist_is_not_the_recipient_s() -> None:
+    assert classify_status(None, "Sender domain must exist").category == "technical"
+
+
 def test_unknown_words_that_are_not_about_the_recipient_stay_soft() -> None:
     # "inconnu"/"unbekannt"/"desconocido" qualify an error, not a user: never a hard bounce.
     for text in (
