@@ -91,6 +91,12 @@ EXPECTED: dict[str, Expected] = {
         ("adam@gw.example.gov", "failed", "5.0.0", "invalid-recipient", True),
         ("beth@gw.example.gov", "failed", "5.0.0", "mailbox-full", False),
     ],
+    "domino_old_nab.eml": [
+        ("max@notes.example.org", "failed", "5.0.0", "invalid-recipient", True),
+        ("nina@notes.example.org", "failed", "5.0.0", "invalid-recipient", True),
+    ],
+    "groupwise_novell.eml": [("otto@gw.example.edu", "failed", "5.0.0", "mailbox-inactive", False)],
+    "aol_sendmail.eml": [("peggy@aol.com", "failed", "5.1.1", "invalid-recipient", True)],
     "mirapoint.eml": [("carl@example.edu", "failed", "5.1.1", "invalid-recipient", True)],
     "mdaemon.eml": [("dora@example.net", "failed", "5.1.1", "invalid-recipient", True)],
     "imail.eml": [("eddie@imail.example.org", "failed", "5.0.0", "invalid-recipient", True)],
