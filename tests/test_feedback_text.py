@@ -166,6 +166,7 @@ EXPECTED: dict[str, Expected] = {
     "lsmtp_flufl_fallback.eml": [
         ("vera@lsmtp.example.com", "failed", "5.1.1", "invalid-recipient", True)
     ],
+    "no_address_in_text.eml": [("quincy@example.biz", "failed", "5.0.0", "mailbox-full", False)],
     "own_addresses.eml": [("rita@example.org", "failed", "5.1.1", "invalid-recipient", True)],
     "not_a_bounce.eml": [],
 }

@@ -239,6 +239,8 @@ class _Text:
     report: str
     #: The sender addresses of the returned message, inline or attached (ours).
     returned_senders: frozenset[str]
+    #: Its To and Cc addresses.
+    returned_recipients: tuple[str, ...] = ()
 
 
 def _failed_recipients(message: Message) -> list[FailedRecipient]:
@@ -256,18 +258,26 @@ def _failed_recipients(message: Message) -> list[FailedRecipient]:
     delayed = _DELAY.search(report) is not None
     header_listed = [a for a in _header_addresses(message, "X-Failed-Recipients") if a not in own]
 
+    recognised = None
     for sig in _SIGNATURES:
         if not _matches(sig, message, report):
             continue
+        recognised = recognised or sig
         found = _extract(sig, report, own, header_listed)
         if found:
             action = "delayed" if delayed or sig.source.action == "delayed" else "failed"
             return [_recipient(addr, reason, action) for addr, reason in found]
 
     addresses = header_listed or _flufl_addresses(message, own)
+    action = "delayed" if delayed else "failed"
+    if not addresses and recognised is not None:
+        # A bounce that names no address in its text: the returned message's one recipient.
+        to = [a for a in text.returned_recipients if not _is_own(a, own)]
+        if len(to) == 1:
+            region = _region(recognised, report)
+            return [_recipient(to[0], region[:MAX_REASON_CHARS], action)]
     if not addresses:
         return []
-    action = "delayed" if delayed else "failed"
     return [_recipient(addr, _reason_after(report, addr), action) for addr in addresses]
 
 
@@ -386,7 +396,11 @@ def _split(full: str, returned: list[Message]) -> _Text:
         for name in ("To", "Cc"):
             recipients.update(_header_addresses(msg, name))
     # A message sent to its own sender (a test, a list) can bounce for that address.
-    return _Text(report=report, returned_senders=frozenset(senders - recipients))
+    return _Text(
+        report=report,
+        returned_senders=frozenset(senders - recipients),
+        returned_recipients=tuple(sorted(recipients)),
+    )
 
 
 # --- addresses ------------------------------------------------------------------------------
