@@ -417,3 +417,21 @@ def test_a_message_that_is_not_a_message_object_part_does_not_raise() -> None:
     message["From"] = "MAILER-DAEMON@x.example"
     found = failed_recipients_from_text(cast(EmailMessage, message))
     assert [(r.address, r.status) for r in found] == [("a@b.example", "5.1.1")]
+
+
+def test_deep_nesting_and_many_parts_are_bounded() -> None:
+    head = BOUNCE_HEAD.format(ctype="text/plain").split("Content-Type")[0]
+    deep = "".join(
+        f'Content-Type: multipart/mixed; boundary="b{i}"\n\n--b{i}\n' for i in range(300)
+    )
+    deep += "Content-Type: text/plain\n\nThis is the mail system at host x.\n"
+    deep += "<a@b.example>: 550 5.1.1 x\n"
+    many = 'Content-Type: multipart/mixed; boundary="m"\n\n' + "".join(
+        "--m\nContent-Type: text/plain\n\n<u@example.com>: 550 5.1.1 unknown\n" for _ in range(5000)
+    )
+    for body in (deep, many):
+        message = email.message_from_bytes((head + body).encode(), policy=email.policy.default)
+        started = time.process_time()
+        found = nonstandard._failed_recipients(message)
+        assert time.process_time() - started < 2.0  # about 0.05 s here
+        assert len(found) <= 1

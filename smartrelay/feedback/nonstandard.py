@@ -59,7 +59,8 @@ MAX_REPORT_CHARS: Final = 64 * 1024
 #: Parts looked at, and MIME nesting followed.
 MAX_PARTS: Final = 200
 MAX_DEPTH: Final = 20
-#: flufl.bounce walks every line of every part: it is only asked about smaller messages.
+#: flufl.bounce walks every line of every part: it is only asked about smaller messages (and
+#: those of at most MAX_PARTS parts).
 FLUFL_MAX_BYTES: Final = 512 * 1024
 #: A reason's raw text, and the diagnostic kept from it.
 MAX_REASON_CHARS: Final = 1500
@@ -448,12 +449,12 @@ def _is_own(addr: str, own: frozenset[str]) -> bool:
 
 def _flufl_addresses(message: Message, own: frozenset[str]) -> list[str]:
     size = 0
-    for part in message.walk():
+    for count, part in enumerate(message.walk()):
         payload = part.get_payload()
         if isinstance(payload, str):
             size += len(payload)
-    if size > FLUFL_MAX_BYTES:
-        return []
+        if size > FLUFL_MAX_BYTES or count > MAX_PARTS:
+            return []
     try:
         temporary, permanent = all_failures(message)
     except Exception:  # flufl.bounce's detectors are not hardened against hostile input
