@@ -305,6 +305,8 @@ def test_signature_names_are_unique() -> None:
         ("connect to 192.0.2.1:25: Connection timed out", (None, "")),
         ("Exim 4.96 at 10.5.1.1 said nothing", (None, "")),
         ("Diagnostic-Code: smtp; 451 4.7.1 greylisted", (451, "4.7.1")),
+        ("<<< 250 2.1.0 Sender ok\n>>> RCPT To:<a@b>\n<<< 550 5.1.1 User unknown", (550, "5.1.1")),
+        ("<<< 250 2.1.5 Ok\n>>> DATA\n<<< 554 Transaction failed", (554, "5.0.0")),
     ],
 )
 def test_find_reply(text: str, expected: tuple[int | None, str]) -> None:

@@ -128,10 +128,11 @@ _GENERIC_LINES: Final = (
 )
 
 # Reply codes and enhanced statuses inside a reason.
+# Failures only: a transcript's "250 2.1.0 Sender ok" is never the reason.
 _CODE_AND_STATUS = re.compile(
-    r"(?<![\w.])([245]\d\d)[ \t-]{1,3}[#(]?([245])\.([0-7])\.(\d{1,3})(?!\d|\.\d)"
+    r"(?<![\w.])([45]\d\d)[ \t-]{1,3}[#(]?([245])\.([0-7])\.(\d{1,3})(?!\d|\.\d)"
 )
-_STATUS = re.compile(r"(?<![\w.])#?([245])\.([0-7])\.(\d{1,3})(?![\w]|\.\d)")
+_STATUS = re.compile(r"(?<![\w.])#?([45])\.([0-7])\.(\d{1,3})(?![\w]|\.\d)")
 _CODE = re.compile(
     r"(?:^|said:?|returned:?|replied:?|response:?|error:?|<<<|#|;|\(|:|reason:|was:)"
     r"[ \t'\"]{0,3}([45]\d\d)(?=[ \t:-]|$|['\"])",
