@@ -167,6 +167,9 @@ EXPECTED: dict[str, Expected] = {
         ("vera@lsmtp.example.com", "failed", "5.1.1", "invalid-recipient", True)
     ],
     "no_address_in_text.eml": [("quincy@example.biz", "failed", "5.0.0", "mailbox-full", False)],
+    "original_attached_as_text.eml": [
+        ("rosa@example.org", "failed", "5.1.1", "invalid-recipient", True)
+    ],
     "own_addresses.eml": [("rita@example.org", "failed", "5.1.1", "invalid-recipient", True)],
     "not_a_bounce.eml": [],
 }

@@ -248,9 +248,15 @@ class _Text:
 def _failed_recipients(message: Message) -> list[FailedRecipient]:
     plain: list[str] = []
     html_parts: list[str] = []
+    attached: list[str] = []
     returned: list[Message] = []
-    _collect(message, 0, [0], plain, html_parts, returned)
-    full = "\n".join(plain) if plain else "\n".join(_strip_html(h) for h in html_parts)
+    _collect(message, 0, [0], plain, html_parts, attached, returned)
+    if plain:
+        full = "\n".join(plain)
+    elif html_parts:
+        full = "\n".join(_strip_html(h) for h in html_parts)
+    else:
+        full = "\n".join(attached)
     full = full.replace("\r\n", "\n").replace("\r", "\n")
     text = _split(full, returned)
     own = _own_addresses(message) | text.returned_senders
@@ -258,7 +264,9 @@ def _failed_recipients(message: Message) -> list[FailedRecipient]:
     if _SUCCESS.search(report) is not None and _FAILURE_WORDS.search(report) is None:
         return []  # a delivery or relay receipt written as text: nothing failed
     delayed = _DELAY.search(report) is not None
-    header_listed = [a for a in _header_addresses(message, "X-Failed-Recipients") if a not in own]
+    header_listed = [
+        a for a in _header_addresses(message, "X-Failed-Recipients") if not _is_own(a, own)
+    ]
 
     recognised = None
     for sig in _SIGNATURES:
@@ -289,6 +297,7 @@ def _collect(
     count: list[int],
     plain: list[str],
     html_parts: list[str],
+    attached: list[str],
     returned: list[Message],
 ) -> None:
     count[0] += 1
@@ -307,13 +316,17 @@ def _collect(
         if isinstance(payload, list):
             for sub in payload:
                 if isinstance(sub, Message):
-                    _collect(sub, depth + 1, count, plain, html_parts, returned)
+                    _collect(sub, depth + 1, count, plain, html_parts, attached, returned)
         return
     if ctype in ("text/rfc822-headers", "text/global-headers"):
         returned.append(HeaderParser().parsestr(_decoded(part)[:MAX_PART_BYTES]))
         return
-    if ctype == "text/plain" or (ctype == "text/html") or part.get_content_maintype() == "":
-        (html_parts if ctype == "text/html" else plain).append(_decoded(part))
+    if ctype in ("text/plain", "text/html"):
+        if depth > 0 and part.get_content_disposition() == "attachment":
+            # An attached text (often the returned message as a file): read last, if at all.
+            attached.append(_decoded(part))
+        else:
+            (html_parts if ctype == "text/html" else plain).append(_decoded(part))
 
 
 def _delivery_status_text(part: Message) -> str:
