@@ -76,6 +76,9 @@ EXPECTED: dict[str, Expected] = {
         ("rose@corp.example.com", "failed", "5.2.2", "mailbox-full", False),
     ],
     "exchange2010.eml": [("sam@corp.example.net", "failed", "5.1.1", "invalid-recipient", True)],
+    "exchange2007_mailto.eml": [
+        ("sean.smith@eu.corp.example.co.uk", "failed", "5.0.0", "message-too-large", False)
+    ],
     "office365.eml": [("tina@contoso.com", "failed", "5.1.10", "invalid-recipient", True)],
     "outlook_html_only.eml": [("uma@hotmail.com", "failed", "5.2.2", "mailbox-full", False)],
     # --- Gmail, Yahoo ---

@@ -192,7 +192,7 @@ SIGNATURES: Final[tuple[Signature, ...]] = (
         name="office365",
         body=(
             r"your message to \S{1,80}@\S{1,255} couldn't be delivered",
-            r"^[ \t]*delivery has failed to these recipients or groups",
+            r"^[ \t]*delivery has failed to these recipients or (?:groups|distribution lists)",
             r"^[ \t]*(?:the following recipient\(s\) cannot be reached|did not reach the"
             r" following recipient)",
             r"your message did not reach some or all of the intended recipients",
@@ -201,7 +201,9 @@ SIGNATURES: Final[tuple[Signature, ...]] = (
         end=r"^[ \t]*original message headers",
         addresses=(
             r"your message to <?" + ADDR + r">? couldn't be delivered",
-            r"^[ \t]*(?:[^<>@\n]{1,80}<)?['\"]?" + ADDR + r"['\">]{0,2}[ \t]*(?:\([^)\n]{0,300}\))?"
+            r"^[ \t]*(?:[^<>@\n]{1,80}<(?:mailto:)?)?['\"]?"
+            + ADDR
+            + r"['\">]{0,2}[ \t]*(?:\([^)\n]{0,300}\))?"
             r"[ \t]*(?:on [^\n]{0,60})?$",
             r"^[ \t]*" + ADDR + r"[ \t]*\n",
         ),

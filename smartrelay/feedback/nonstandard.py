@@ -124,7 +124,7 @@ _GENERIC_LINES: Final = (
         r"[ \t]*(?:[\w-]{1,20};[ \t]*)?(?:\[smtp:)?[<'\"(]?" + ADDR,
         _FLAGS,
     ),
-    re.compile(r"^[ \t]{0,20}[^<>@:\n]{1,80}<" + ADDR + r">", _FLAGS),
+    re.compile(r"^[ \t]{0,20}[^<>@:\n]{1,80}<(?:mailto:)?" + ADDR + r">", _FLAGS),
 )
 
 # Reply codes and enhanced statuses inside a reason.
@@ -573,7 +573,8 @@ def _extract(
         line_start = region.rfind("\n", 0, anchors[i][0]) + 1
         label = region[line_start : anchors[i][0]].strip(" \t<'\"([")
         segment = region[anchors[i][1] : end][:MAX_REASON_CHARS]
-        if label.endswith(":"):  # "Unknown user: a@b", "Recipient address: a@b"
+        if label.endswith(":") and not label.lower().endswith("mailto:"):
+            # "Unknown user: a@b", "Recipient address: a@b"
             segment = f"{label} {segment}"
         elif not _WORDS.search(segment):
             # Nothing after the address: some MTAs write the reason before it (ezweb).
