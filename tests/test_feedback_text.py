@@ -443,3 +443,33 @@ def test_deep_nesting_and_many_parts_are_bounded() -> None:
         found = nonstandard._failed_recipients(message)
         assert time.process_time() - started < 2.0  # about 0.05 s here
         assert len(found) <= 1
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "Undeliverable: Weekly news",
+        "Returned mail: see transcript for details",
+        "Mail delivery failed",
+        "Nicht zustellbar: Weekly news",
+        "Fehler bei der Zustellung",
+        "Message non remis",
+        "No se puede entregar el mensaje",
+        "Messaggio non recapitabile",
+        "Mensagem não entregue",
+        "Onbestelbaar: Weekly news",
+        "=?iso-2022-jp?b?GyRCR1s/LiUoJWkhPBsoQg==?=",
+        "=?UTF-8?B?57O757uf6YCA5L+h?=",
+    ],
+)
+def test_a_bounce_subject_in_many_languages_marks_a_generic_bounce(subject: str) -> None:
+    raw = (
+        f"From: Mail Server <mail@example.org>\nTo: b+S1@bounces.example.com\nSubject: {subject}\n"
+        "Content-Type: text/plain\n\nYour message could not be delivered to:\n\n"
+        "  xena@example.org\n    550 5.1.1 User unknown\n"
+    )
+    message = email.message_from_bytes(raw.encode(), policy=email.policy.default)
+    assert [r.address for r in failed_recipients_from_text(message)] == ["xena@example.org"]
+    person = raw.replace(f"Subject: {subject}", "Subject: Re: lunch")
+    message = email.message_from_bytes(person.encode(), policy=email.policy.default)
+    assert failed_recipients_from_text(message) == []

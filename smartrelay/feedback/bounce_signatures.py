@@ -80,9 +80,10 @@ BOUNCE_HEADERS: Final[tuple[tuple[str, str], ...]] = (
         r"undeliver|not delivered|delivery (?:status|failure|failed|notification|problem"
         r"|report|error|has failed|incomplete|delayed)|returned (?:mail|message)|failure notice"
         r"|mail delivery|non[- ]?delivery|nondeliverable|could not be delivered|bounce"
-        r"|rejected|delayed mail|mail failure|unzustellbar|nicht zustellbar|zustellung"
+        r"|rejected|delayed mail|mail failure|error sending|unzustellbar|nicht zustellbar|zustell"
         r"|non remis|non distribu|échec|no (?:se )?(?:pudo|puede) entregar|no entregado"
-        r"|devuelto|non recapitat|mancata consegna|não entregue|nao entregue|devolvid"
+        r"|devuelto|non recapita|mancata consegna|não entregue|nao entregue|devolvid"
+        r"|(?:não foi possível|impossível) entregar"
         r"|onbestelbaar|niet afgeleverd|エラー|不達|配信|退信|投递|投遞|未送达|送信失敗"
         r"|не доставлен|недоставлен|niedostarcz",
     ),
