@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import logging
 import time
 from email.message import EmailMessage, Message
 from pathlib import Path
@@ -473,3 +474,54 @@ def test_a_bounce_subject_in_many_languages_marks_a_generic_bounce(subject: str)
     person = raw.replace(f"Subject: {subject}", "Subject: Re: lunch")
     message = email.message_from_bytes(person.encode(), policy=email.policy.default)
     assert failed_recipients_from_text(message) == []
+
+
+def test_a_delivery_status_field_the_email_package_cannot_parse_does_not_lose_the_rest() -> None:
+    # A "From:" field inside the delivery-status part whose address the header registry
+    # cannot model raised AttributeError from Message.items().
+    raw = (
+        b"From: MAILER-DAEMON@x.example\nSubject: Undelivered Mail\n"
+        b"Content-Type: multipart/report; boundary=r\n\n--r\nContent-Type: text/plain\n\n"
+        b"This is the mail system at host x.\n\n--r\nContent-Type: message/delivery-status\n\n"
+        b"Reporting-MTA: dns; x\n\n"
+        b"From: Mail Delivery Systeminal-Recipient: rfc822; xxx@example.fi\n"
+        b"Final-Recipient: rfc822; a@b.example\nAction: failed\nStatus: 5.1.1\n--r--\n"
+    )
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    found = nonstandard._failed_recipients(message)
+    assert [(r.address, r.status) for r in found] == [("a@b.example", "5.1.1")]
+
+
+def test_a_broken_dsn_s_action_delayed_is_kept() -> None:
+    raw = (
+        b"From: MAILER-DAEMON@x.example\nSubject: Delivery Status Notification (Delay)\n"
+        b"Content-Type: multipart/report; boundary=r\n\n--r\nContent-Type: text/plain\n\n"
+        b"Delivery report.\n\n--r\nContent-Type: text/plain\n\n"
+        b"Final-Recipient: rfc822; a@b.example\nAction: delayed\nStatus: 4.4.1\n--r--\n"
+    )
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    [r] = failed_recipients_from_text(message)
+    assert (r.address, r.action, r.status) == ("a@b.example", "delayed", "4.4.1")
+
+
+def test_flufl_bounce_failures_do_not_reach_the_root_logger() -> None:
+    # Its Yale detector raises IndexError on a message without a usable From, and logs it
+    # through stdlib logging (which the relay's log would show for every hostile mail).
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    root = logging.getLogger()
+    handler, level = Keep(), root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        raw = b"From:\nSubject: x\nContent-Type: text/plain\n\nnothing here\n"
+        message = email.message_from_bytes(raw, policy=email.policy.compat32)
+        assert failed_recipients_from_text(cast(EmailMessage, message)) == []
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    assert not [r for r in seen if r.name.startswith("flufl")]

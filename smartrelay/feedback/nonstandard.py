@@ -26,6 +26,7 @@ import codecs
 import contextlib
 import email.header
 import html
+import logging
 import re
 from collections.abc import Iterator
 from email.message import EmailMessage, Message
@@ -67,6 +68,11 @@ MAX_REASON_CHARS: Final = 1500
 MAX_DIAGNOSTIC_CHARS: Final = 500
 
 _FLAGS = re.IGNORECASE | re.MULTILINE
+
+# flufl.bounce logs every exception of its detectors (hostile mail makes them fail) through
+# stdlib logging before re-raising; we treat a failure as "no answer", so its log is silenced.
+logging.getLogger("flufl.bounce").addHandler(logging.NullHandler())
+logging.getLogger("flufl.bounce").propagate = False
 
 
 @frozen
@@ -303,6 +309,21 @@ def _collect(
     count[0] += 1
     if depth > MAX_DEPTH or count[0] > MAX_PARTS:
         return
+    try:
+        _collect_part(part, depth, count, plain, html_parts, attached, returned)
+    except Exception:  # a part the email package cannot read (hostile headers) is skipped
+        return
+
+
+def _collect_part(
+    part: Message,
+    depth: int,
+    count: list[int],
+    plain: list[str],
+    html_parts: list[str],
+    attached: list[str],
+    returned: list[Message],
+) -> None:
     ctype = part.get_content_type()
     payload = part.get_payload()
     if ctype == "message/rfc822" or ctype == "message/global":
@@ -335,7 +356,8 @@ def _delivery_status_text(part: Message) -> str:
         blocks = []
         for block in payload[:MAX_PARTS]:
             if isinstance(block, Message):
-                blocks.append("\n".join(f"{k}: {v}" for k, v in block.items()))
+                # raw_items: the fields as written (items() parses them, and can raise).
+                blocks.append("\n".join(f"{k}: {v}" for k, v in block.raw_items()))
         return "\n\n".join(blocks)
     return _decoded(part)
 
@@ -606,11 +628,14 @@ _ORIGINAL = re.compile(
     r"(?:rfc822;[ \t]*)?<?" + ADDR,
     re.IGNORECASE,
 )
+_ACTION_DELAYED = re.compile(r"^[ \t]*action:[ \t]*delayed\b", re.IGNORECASE | re.MULTILINE)
 _WORDS = re.compile(r"[^\W\d_]{3}")
 _LEADING_JUNK = re.compile(r"^[\s:;,.>)\]'\"-]+")
 
 
 def _recipient(addr: str, reason: str, action: str) -> FailedRecipient:
+    if _ACTION_DELAYED.search(reason[:MAX_REASON_CHARS]):
+        action = "delayed"  # a broken DSN's own Action field
     code, status = find_reply(reason)
     if not status and action == "delayed":
         status = "4.0.0"
