@@ -525,3 +525,15 @@ def test_flufl_bounce_failures_do_not_reach_the_root_logger() -> None:
         root.removeHandler(handler)
         root.setLevel(level)
     assert not [r for r in seen if r.name.startswith("flufl")]
+
+
+def test_a_charset_with_a_null_character_and_8bit_text_does_not_raise() -> None:
+    # Message.get_payload() looks the charset up to undo the parser's surrogate escapes, and
+    # a NUL in its name raised ValueError (found by mutating the fixtures).
+    raw = (
+        b"From: MAILER-DAEMON@x.example\nSubject: Undelivered Mail\n"
+        b'Content-Type: text/plain; charset="x\x00"\n\nnothing \xff to see\n'
+    )
+    for policy in (email.policy.default, email.policy.compat32):
+        message = email.message_from_bytes(raw, policy=policy)
+        assert nonstandard._failed_recipients(message) == []

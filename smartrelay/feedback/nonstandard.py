@@ -485,12 +485,15 @@ def _is_own(addr: str, own: frozenset[str]) -> bool:
 
 def _flufl_addresses(message: Message, own: frozenset[str]) -> list[str]:
     size = 0
-    for count, part in enumerate(message.walk()):
-        payload = part.get_payload()
-        if isinstance(payload, str):
-            size += len(payload)
-        if size > FLUFL_MAX_BYTES or count > MAX_PARTS:
-            return []
+    try:
+        for count, part in enumerate(message.walk()):
+            payload = part.get_payload()
+            if isinstance(payload, str):
+                size += len(payload)
+            if size > FLUFL_MAX_BYTES or count > MAX_PARTS:
+                return []
+    except Exception:  # a part the email package cannot read: flufl.bounce could not either
+        return []
     try:
         temporary, permanent = all_failures(message)
     except Exception:  # flufl.bounce's detectors are not hardened against hostile input
