@@ -640,3 +640,181 @@ def test_classify_status_and_reply_agree_on_real_replies() -> None:
         code, text = split_reply(raw)
         result = classify_status(parse_enhanced_status(text), f"smtp; {code} {text}")
         assert (result.category, result.status) == (category, status), raw
+
+
+# --- the wordings of real bounce texts (issue 14): many languages, RBLs, PTR demands ----------
+
+# (diagnostic text without status, category): classified as a DSN recipient with no status.
+BOUNCE_TEXT_WORDINGS: list[tuple[str, str]] = [
+    # unknown users
+    ("Benutzer unbekannt", "invalid-recipient"),
+    ("Der Empfänger existiert nicht", "invalid-recipient"),
+    ("Empfängeradresse nicht gefunden", "invalid-recipient"),
+    ("Utilisateur inconnu", "invalid-recipient"),
+    ("Adresse destinataire inexistante", "invalid-recipient"),
+    ("Cette adresse n'existe pas", "invalid-recipient"),
+    ("El usuario no existe", "invalid-recipient"),
+    ("Destinatario desconocido", "invalid-recipient"),
+    ("Utente inesistente", "invalid-recipient"),
+    ("Indirizzo sconosciuto", "invalid-recipient"),
+    ("O usuário não existe", "invalid-recipient"),
+    ("Endereço desconhecido", "invalid-recipient"),
+    ("Gebruiker onbekend", "invalid-recipient"),
+    ("Dit adres bestaat niet", "invalid-recipient"),
+    ("Adres nie istnieje", "invalid-recipient"),
+    ("Такого адреса не существует", "invalid-recipient"),
+    ("宛先不明", "invalid-recipient"),
+    ("このユーザーは存在しません", "invalid-recipient"),
+    ("用户不存在", "invalid-recipient"),
+    ("收件人地址无效", "invalid-recipient"),
+    ("The e-mail address you entered couldn't be found", "invalid-recipient"),
+    ("tina wasn't found at contoso.com", "invalid-recipient"),
+    ("Sorry, no mailbox here by that name", "invalid-recipient"),
+    ("mailbox unavailable", "invalid-recipient"),
+    ("Recipient not found", "invalid-recipient"),
+    # unknown domains
+    ("Domain existiert nicht", "invalid-domain"),
+    ("Domaine inconnu", "invalid-domain"),
+    ("El dominio no existe", "invalid-domain"),
+    ("We weren't able to find the recipient domain", "invalid-domain"),
+    ("No such domain", "invalid-domain"),
+    ("ドメインが存在しません", "invalid-domain"),
+    ("域名不存在", "invalid-domain"),
+    ("Host or domain name not found", "invalid-domain"),
+    # full mailboxes
+    ("Postfach voll", "mailbox-full"),
+    ("Das Postfach des Empfängers ist überfüllt", "mailbox-full"),
+    ("Boîte aux lettres pleine", "mailbox-full"),
+    ("La boite du destinataire est pleine", "mailbox-full"),
+    ("Buzón lleno", "mailbox-full"),
+    ("La casilla está llena", "mailbox-full"),
+    ("Casella piena", "mailbox-full"),
+    ("Caixa postal cheia", "mailbox-full"),
+    ("Mailbox is vol", "mailbox-full"),
+    ("Skrzynka odbiorcy jest pełna", "mailbox-full"),
+    ("Почтовый ящик переполнен", "mailbox-full"),
+    ("容量超過", "mailbox-full"),
+    ("メールボックスがいっぱいです", "mailbox-full"),
+    ("对方邮箱已满", "mailbox-full"),
+    ("user is over quota", "mailbox-full"),
+    ("The users mailfolder is over the allowed quota", "mailbox-full"),
+    # inactive accounts
+    ("Konto deaktiviert", "mailbox-inactive"),
+    ("Compte désactivé", "mailbox-inactive"),
+    ("Cuenta suspendida", "mailbox-inactive"),
+    ("Account disattivato", "mailbox-inactive"),
+    ("Conta desativada", "mailbox-inactive"),
+    ("This account has been terminated", "mailbox-inactive"),
+    ("アカウントが停止されています", "mailbox-inactive"),
+    ("该账户已停用", "mailbox-inactive"),
+    # too large
+    ("Nachricht zu groß", "message-too-large"),
+    ("Message trop volumineux", "message-too-large"),
+    ("Mensaje demasiado grande", "message-too-large"),
+    ("Messaggio troppo grande", "message-too-large"),
+    ("Exceeds size limit", "message-too-large"),
+    # spam and viruses
+    ("Spamverdacht: Nachricht abgelehnt", "spam-content"),
+    ("Message refusé: pourriel", "spam-content"),
+    ("Mensaje rechazado: correo no deseado", "spam-content"),
+    ("ウイルスが検出されました", "spam-content"),
+    ("检测到垃圾邮件", "spam-content"),
+    # blocklists and reverse DNS demands
+    ("Rejected: 192.0.2.1 listed at dnsbl-1.uceprotect.net", "reputation-block"),
+    ("blocked by bl.spamcop.net", "reputation-block"),
+    ("Client host 192.0.2.1 found in psbl.surriel.com", "reputation-block"),
+    ("Your IP is in the CBL", "reputation-block"),
+    ("rejected by cloudmark", "reputation-block"),
+    ("No PTR record for 192.0.2.1", "reputation-block"),
+    ("Reverse DNS lookup failed for 192.0.2.1", "reputation-block"),
+    ("Sending host has no rDNS", "reputation-block"),
+    ("Dynamic IP addresses are not accepted", "reputation-block"),
+    # authentication
+    ("SPF check failed", "authentication"),
+    ("Message failed DMARC evaluation", "authentication"),
+    ("Sender ID check failed", "authentication"),
+]
+
+
+@pytest.mark.parametrize(("text", "category"), BOUNCE_TEXT_WORDINGS)
+def test_bounce_text_wordings(text: str, category: str) -> None:
+    result = classify_status(None, text)
+    assert (result.category, result.status) == (category, "5.0.0")
+    assert result.hard == (category in HARD_CATEGORIES)
+
+
+# Wordings seen in real bounces (many collected by bounce-parser projects such as Sisimai).
+REAL_BOUNCE_WORDINGS: list[tuple[str, str]] = [
+    ("#5.1.1 bad address", "invalid-recipient"),
+    ("address not present in directory", "invalid-recipient"),
+    ("is not a known user", "invalid-recipient"),
+    ("is not an active address at this host", "invalid-recipient"),
+    ("no account by that name here", "invalid-recipient"),
+    ("no valid recipients, bye", "invalid-recipient"),
+    ("sorry, your envelope recipient is in my badrcptto list", "invalid-recipient"),
+    ("this recipient is not in my validrcptto list", "invalid-recipient"),
+    ("vdeliver: invalid or unknown virtual user", "invalid-recipient"),
+    ("<someone@example.com> not found", "invalid-recipient"),
+    ("No someone in name directory", "invalid-recipient"),
+    ("nonexistent user", "invalid-recipient"),
+    ("user someone@example.com was not found", "invalid-recipient"),
+    ("nessun utente simile in questo indirizzo", "invalid-recipient"),
+    ("does not have enough space", "mailbox-full"),
+    ("mailfolder is full", "mailbox-full"),
+    ("the user's space has been used up", "mailbox-full"),
+    ("user has too many messages on the server", "mailbox-full"),
+    ("recipient domain must exist", "invalid-domain"),
+    ("mail domain mentioned in email address is unknown", "invalid-domain"),
+    ("Name or service not known", "invalid-domain"),
+    ("mailbox is temporary locked", "mailbox-inactive"),
+    ("recipient suspend the service", "mailbox-inactive"),
+    ("boite du destinataire archivee", "mailbox-inactive"),
+    ("Connection timed out", "expired"),
+    ("it has not been collected after 30 days", "expired"),
+    ("access denied. IP name lookup failed", "reputation-block"),
+    ("Rejecting open proxy", "reputation-block"),
+    ("Please get a custom reverse DNS name from your ISP", "reputation-block"),
+    ("rejecting banned content", "spam-content"),
+    ("message filtered. please see the faqs section on spam", "spam-content"),
+    ("spambouncer identified spam", "spam-content"),
+    ("max message size exceeded", "message-too-large"),
+]
+
+
+@pytest.mark.parametrize(("text", "category"), REAL_BOUNCE_WORDINGS)
+def test_real_bounce_wordings(text: str, category: str) -> None:
+    assert classify_status(None, text).category == category
+
+
+def test_a_sender_domain_that_must_exist_is_not_the_recipient_s() -> None:
+    assert classify_status(None, "Sender domain must exist").category == "technical"
+
+
+def test_unknown_words_that_are_not_about_the_recipient_stay_soft() -> None:
+    # "inconnu"/"unbekannt"/"desconocido" qualify an error, not a user: never a hard bounce.
+    for text in (
+        "Erreur inconnue",
+        "Unbekannter Fehler",
+        "Error desconocido",
+        "Errore sconosciuto",
+        "Erro desconhecido",
+    ):
+        assert not classify_status(None, text).hard, text
+
+
+def test_rfc_7372_reverse_dns_status_stays_authentication() -> None:
+    # X.7.25 is "reverse DNS validation failed": its own category wins over the PTR wording.
+    assert classify_reply(550, "5.7.25 No PTR record").category == "authentication"
+    assert classify_reply(550, "5.7.1 No PTR record").category == "reputation-block"
+
+
+@pytest.mark.parametrize(
+    ("text", "category"),
+    [
+        ("User not known", "invalid-recipient"),
+        ("The recipient name is not recognized", "invalid-recipient"),
+        ("Delivery has been postponed due to a full mailbox", "mailbox-full"),
+    ],
+)
+def test_more_bounce_text_wordings(text: str, category: str) -> None:
+    assert classify_status(None, text).category == category
