@@ -34,7 +34,6 @@ from typing import Final
 import attrs
 
 from smartrelay.config.model import FeedbackRule
-from smartrelay.feedback._text_shim import failed_recipients_from_text
 from smartrelay.feedback.arf import ComplaintResult, parse_arf, parse_non_arf
 from smartrelay.feedback.autoreply import autoreply_reason, bounce_look
 from smartrelay.feedback.dsn import parse_dsn as _parse_dsn
@@ -56,6 +55,7 @@ from smartrelay.feedback.model import (
     Report,
     ReturnedMessage,
 )
+from smartrelay.feedback.nonstandard import failed_recipients_from_text
 from smartrelay.feedback.rules import first_rule
 from smartrelay.feedback.smtp_replies import classify_status, parse_enhanced_status
 
@@ -225,6 +225,9 @@ def classify_recipient(
         and category not in KEPT_WHEN_EXPIRED
     ):
         category, hard = "expired", False  # the reporting MTA gave up after retries
+    elif recipient.action == "delayed" and category == "expired":
+        # Still being retried: nothing has expired yet (a "connection timed out" wording).
+        category, hard = "technical", False
     rule = first_rule(rules, recipient.address, found.status, diagnostic)
     if rule is not None:
         category, hard = rule.category, rule.hard
