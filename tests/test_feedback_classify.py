@@ -497,3 +497,32 @@ def test_in_reply_to_names_our_message_when_nothing_is_returned() -> None:
     assert report.returned is not None
     assert report.returned.message_id == "0P4K9B3ZQ7M2XTS0@relay.example.com"
     assert classify_message(b"Subject: Out of Office\n\nhi\n").returned is None
+
+
+@pytest.mark.parametrize(
+    ("name", "statuses"),
+    [
+        # "554 delivery error: dd This user doesn't have a yahoo.com account": no enhanced
+        # status written; the wording says which.
+        ("yahoo.eml", ["5.1.1"]),
+        # qmail: a 554 block (5.7.1 written) and a "552 ... quota exceeded" without one.
+        ("qmail_remote_blocked.eml", ["5.7.1", "5.2.2"]),
+        ("qmail_no_mailbox.eml", ["5.1.1"]),
+    ],
+)
+def test_a_text_bounce_without_a_status_gets_its_wordings(name: str, statuses: list[str]) -> None:
+    report = classify_message((FIXTURES / "text" / name).read_bytes())
+    assert report.bounce_source == "text"
+    assert [r.recipient.status for r in report.recipients] == statuses
+
+
+def test_a_dsn_keeps_the_status_it_wrote() -> None:
+    """RFC 3464 10.2: ``Status: 5.0.0`` stays as the report wrote it, even where its
+    diagnostic (550 user unknown) would say 5.1.1."""
+    report = classify_message((FIXTURES / "rfc3464-10.2-multi-recipient.eml").read_bytes())
+    found = [(r.recipient.status, r.category) for r in report.recipients]
+    assert found == [
+        ("5.0.0", "undetermined"),
+        ("4.0.0", "technical"),
+        ("5.0.0", "invalid-recipient"),
+    ]

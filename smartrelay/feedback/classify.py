@@ -77,6 +77,21 @@ MAX_TEXT_RECIPIENTS: Final = 1000
 #: Categories a failed recipient with a transient (4.X.X) status keeps instead of ``expired``:
 #: a mailbox over quota for days is still full (and soft either way).
 KEPT_WHEN_EXPIRED: Final = frozenset({"mailbox-full"})
+#: The enhanced status (subject.detail) a category stands for, when a report wrote none and
+#: only its text says what happened ("550 user unknown" in a text bounce): the class (5 or 4)
+#: stays the report's. RFC 3463 and RFC 7372 codes.
+STATUS_OF_CATEGORY: Final = {
+    "invalid-recipient": "1.1",
+    "invalid-domain": "1.2",
+    "mailbox-full": "2.2",
+    "mailbox-inactive": "2.1",
+    "message-too-large": "3.4",
+    "spam-content": "7.1",
+    "reputation-block": "7.1",
+    "authentication": "7.26",
+    "policy": "7.1",
+    "expired": "4.7",
+}
 
 _STATUS_INSIDE = re.compile(r"(?<![\w.])#?([245]\.\d{1,3}\.\d{1,3})(?![\w.]*\d)")
 _CONTAINER = re.compile(rb"content-type[ \t]*:[ \t\r\n]*\"?(?:multipart|message)/", re.I)
@@ -145,7 +160,7 @@ def _classify_parsed(message: Message, raw: bytes, rules: Sequence[FeedbackRule]
     if found:
         return Report(
             kind="bounce",
-            recipients=tuple(classify_recipient(r, rules) for r in found),
+            recipients=tuple(classify_recipient(r, rules, from_text=True) for r in found),
             bounce_source="text",
             returned=_returned(message),
         )
@@ -188,11 +203,12 @@ def _complaint(message: Message, found: ComplaintResult) -> Report:
 
 
 def classify_recipient(
-    recipient: FailedRecipient, rules: Sequence[FeedbackRule] = ()
+    recipient: FailedRecipient, rules: Sequence[FeedbackRule] = (), from_text: bool = False
 ) -> ClassifiedRecipient:
     """A failed recipient's category and hardness (rules, then the built-in tables), with its
     status normalised (derived from the diagnostic when the report had none) and its reply
-    code filled in from the diagnostic when it was missing."""
+    code filled in from the diagnostic when it was missing. ``from_text``: the recipient was
+    read from a text bounce, whose X.0.0 status is only its reply code's class."""
     diagnostic = recipient.diagnostic
     status_in: str | None = recipient.status or None
     if status_in is None and parse_enhanced_status(diagnostic) is None:
@@ -219,6 +235,11 @@ def classify_recipient(
             status_in = detailed
     found = classify_status(status_in, diagnostic)
     category, hard = found.category, found.hard
+    derived = status_in is None or (from_text and status_in.endswith(".0.0"))
+    if derived and found.status.endswith(".0.0") and category in STATUS_OF_CATEGORY:
+        # The report wrote no enhanced status (a DSN's explicit X.0.0 is kept as written):
+        # the one its wording stands for, in the report's class.
+        found = attrs.evolve(found, status=f"{found.status[0]}.{STATUS_OF_CATEGORY[category]}")
     if (
         recipient.action == "failed"
         and found.status.startswith("4.")
