@@ -14,30 +14,35 @@ import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from zope.interface import provider
 
-from smartrelay.config import FeedbackMailbox
+from smartrelay.config import FeedbackMailbox, parse_config
 from smartrelay.feedback.mailboxes import (
     MAX_MESSAGE_SIZE,
     MailboxService,
     ReaderTunables,
+    envelope_of,
     mailbox_identity,
     make_reader,
+    malformed_reason,
     report_id_for,
 )
 from smartrelay.storage.engines import create_engine
 from smartrelay.storage.interfaces import ICursor
 from smartrelay.storage.migrations import migrate
-from smartrelay.storage.store import Store
+from smartrelay.storage.store import NewFeedback, Store
 from tests.conftest import real_reactor, service_missing
 from tests.support.dovecot import PASSWORD, Dovecot, DovecotUnavailable, running_dovecot
+from tests.support.relay import InProcessRelay
 
 FAST = ReaderTunables(timeout=30.0, first_retry=0.2, max_retry=1.0, max_idle=600.0)
 WAIT = 60.0  # seconds a test waits for something that takes well under one on an idle machine
@@ -52,13 +57,21 @@ def dovecot() -> Iterator[Dovecot]:
         service_missing(str(e))
 
 
+@asynccontextmanager
+async def opened_sqlite(path: Path) -> AsyncIterator[Store]:
+    engine = create_engine(real_reactor(), f"sqlite:{path}")
+    await engine.start()
+    try:
+        await migrate(engine, 0)
+        yield Store(engine, real_reactor())
+    finally:
+        await engine.close()
+
+
 @pytest_twisted.async_yield_fixture
 async def sqlite_store(tmp_path: Path) -> AsyncIterator[Store]:
-    engine = create_engine(real_reactor(), f"sqlite:{tmp_path / 'relay.db'}")
-    await engine.start()
-    await migrate(engine, 0)
-    yield Store(engine, real_reactor())
-    await engine.close()
+    async with opened_sqlite(tmp_path / "relay.db") as store:
+        yield store
 
 
 async def rows(store: Store, sql: str, *args: Any) -> list[tuple[Any, ...]]:
@@ -90,16 +103,17 @@ class Processor:
     """A real recording ``process``: checks what it is given, and marks the report
     processed (as the feedback processor's commit does)."""
 
-    def __init__(self, store: Store, dovecot: Dovecot) -> None:
-        self.store = store
+    def __init__(self, store: Store | Callable[[], Deferred[Store]], dovecot: Dovecot) -> None:
+        self._store = store
         self.dovecot = dovecot
         self.calls: list[str] = []
         self.on_call: Callable[[int], object] | None = None
         self.problems: list[str] = []
 
     async def __call__(self, report_id: str) -> None:
+        store = self._store if isinstance(self._store, Store) else await self._store()
         found = await rows(
-            self.store, "SELECT state FROM feedback_reports WHERE report_id = ?", report_id
+            store, "SELECT state FROM feedback_reports WHERE report_id = ?", report_id
         )
         if found != [("new",)]:
             self.problems.append(f"{report_id}: state {found} when processed")
@@ -113,7 +127,7 @@ class Processor:
                 (report_id,),
             )
 
-        await self.store.run("test_processed", txn)
+        await store.run("test_processed", txn)
         if self.on_call is not None:
             self.on_call(len(self.calls))
 
@@ -440,3 +454,144 @@ def test_report_ids_depend_on_the_mailbox_and_uid_only() -> None:
     assert report_id_for(mailbox_identity(a), "7:1") != report_id_for(mailbox_identity(a), "8:1")
     pop = FeedbackMailbox(url="pop3://u:x@mail.example.com/ignored")
     assert mailbox_identity(pop) == "pop3://u@mail.example.com:110"
+
+
+def relay_with_mailboxes(
+    tmp_path: Path, boxes: list[dict[str, Any]], process: Processor | None
+) -> InProcessRelay:
+    config = parse_config(
+        {
+            "server": {"hostname": "relay.test", "data_dir": str(tmp_path / "var")},
+            "database": {"url": f"sqlite:{tmp_path / 'relay.db'}"},
+            "smtp": {"listen": []},
+            "inbound": {"listen": [], "return_path_domain": "bounces.relay.test"},
+            "rewrap": {"secret_file": str(tmp_path / "secret.key")},
+            "web": {"listen": "tcp:0:interface=127.0.0.1"},
+            "delivery": {"routes": {"*": "smtp://127.0.0.1:9"}},
+            "feedback": {"mailboxes": boxes},
+        },
+        str(tmp_path / "smartrelay.toml"),
+    )
+    return InProcessRelay(config, real_reactor(), mailbox_tunables=FAST, process_feedback=process)
+
+
+@pytest.mark.parametrize("scheme", ["imaps", "pop3"])
+@pytest_twisted.ensureDeferred
+async def test_the_relay_reads_its_mailbox_and_a_restart_reprocesses_nothing(
+    dovecot: Dovecot, tmp_path: Path, scheme: str
+) -> None:
+    for n in range(3):
+        dovecot.deliver(bounce(n))
+    boxes: list[dict[str, Any]] = [
+        {"url": dovecot.url(scheme), "interval": "1s", "ca_file": dovecot.ca_file}
+    ]
+    relays: list[InProcessRelay] = []
+    process = Processor(lambda: relays[-1].storage.when_ready(), dovecot)
+    try:
+        relays.append(relay_with_mailboxes(tmp_path, boxes, process))
+        relays[-1].startService()
+        assert len(relays[-1].mailboxes) == 1
+        # Stopped (as by SIGTERM) while the second report is processed.
+        stopping: list[Deferred[None]] = []
+        process.on_call = lambda n: stopping.append(relays[-1].stopService()) if n == 2 else None
+        await wait_for(lambda: stopping, "the relay told to stop")
+        await stopping[0]  # the database is closed
+        assert len(process.calls) == 2
+        process.on_call = None
+        dovecot.deliver(bounce(3))
+        relays.append(relay_with_mailboxes(tmp_path, boxes, process))
+        relays[-1].startService()
+        await wait_for(lambda: not dovecot.messages(), "every message deleted")
+        await wait_for(lambda: len(process.calls) >= 4, "every report processed")
+        passes = relays[-1].mailboxes[0].reader.passes
+        await wait_for(lambda: relays[-1].mailboxes[0].reader.passes > passes, "another pass")
+    finally:
+        for relay in relays:
+            if relay.running:
+                await relay.stopService()
+    assert [relay.failed_reason for relay in relays] == [None, None]
+    assert process.problems == []
+    assert sorted(Counter(process.calls).values()) == [1] * 4
+    async with opened_sqlite(tmp_path / "relay.db") as store:
+        reports = await rows(store, "SELECT report_id, state FROM feedback_reports")
+    assert sorted(reports) == sorted((report_id, "processed") for report_id in process.calls)
+
+
+def test_a_delivery_process_reads_no_mailbox(tmp_path: Path) -> None:
+    config = parse_config(
+        {
+            "database": {"url": f"sqlite:{tmp_path / 'relay.db'}"},
+            "feedback": {"mailboxes": [{"url": "imaps://u:p@imap.example.com"}]},
+        }
+    )
+    assert len(InProcessRelay(config, real_reactor()).mailboxes) == 1
+    assert InProcessRelay(config, real_reactor(), role="delivery").mailboxes == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_mailbox_store_on_both_engines(store: Store) -> None:
+    imap, pop = "imaps://u@h:993/INBOX", "pop3://u@h:110"
+    assert await store.mailbox_done(imap, ["1:1", "1:2"]) == set()
+    await store.mark_mailbox_done(imap, "1:1", "Ma")
+    await store.mark_mailbox_done(imap, "1:1", "Ma")  # a second time: no error
+    await store.mark_mailbox_done(imap, "1:2", "Mb")
+    await store.mark_mailbox_done(pop, "1:1", "Mc")
+    many = [f"1:{n}" for n in range(1, 1300)]  # more than one statement's worth
+    assert await store.mailbox_done(imap, many) == {"1:1", "1:2"}
+    assert await store.forget_mailbox_messages(imap, ["1:2", "1:3"]) == 1
+    assert await store.mailbox_done(imap, many) == {"1:2"}
+    assert await store.mailbox_done(pop, many) == {"1:1"}  # another mailbox's rows stay
+    assert await store.forget_mailbox_messages(imap, []) == 1
+    assert await store.mailbox_done(imap, many) == set()
+
+    assert await store.feedback_report_state("Mx") is None
+    report_id = await store.store_ignored_feedback(
+        NewFeedback("", ("b+T@bounces.example.net",), b"Subject: x\r\n\r\n", report_id="Mx"),
+        "message too big: 30000000 bytes",
+    )
+    assert report_id == "Mx"
+    assert await store.feedback_report_state("Mx") == "ignored"
+    found = await rows(
+        store,
+        "SELECT state, reason, processed_at IS NOT NULL, recipients, raw FROM feedback_reports",
+    )
+    assert [tuple(bytes(v) if isinstance(v, memoryview) else v for v in r) for r in found] == [
+        ("ignored", "message too big: 30000000 bytes", True, '["b+T@bounces.example.net"]',
+         b"Subject: x\r\n\r\n")
+    ]  # fmt: skip
+    with pytest.raises(Exception):  # noqa: B017 - the engine's own duplicate key error
+        await store.store_ignored_feedback(NewFeedback("", (), b"", report_id="Mx"), "again")
+
+
+def test_envelope_of_a_fetched_message() -> None:
+    raw = (
+        b"Return-Path: <MAILER-DAEMON@mx.example.org>\r\n"
+        b"Delivered-To: b+TOKEN@bounces.example.net\r\n"
+        b"X-Original-To: b+TOKEN@bounces.example.net\r\n"
+        b"To: Bounces <bounces@example.net>, other@example.net\r\n"
+        b"\r\nTo: not-a-header@example.net\r\n"
+    )
+    assert envelope_of(raw) == (
+        "MAILER-DAEMON@mx.example.org",
+        ("b+TOKEN@bounces.example.net", "bounces@example.net", "other@example.net"),
+    )
+    assert envelope_of(b"Subject: no addresses\n\nbody") == ("", ())
+    assert envelope_of(b"") == ("", ())
+    assert envelope_of(b"\xff\xfe: \x00\r\nTo: =?bad?=\r\n\r\n") == ("", ())
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"Subject: x\r\n\r\nbody", None),
+        (b"Subject: no body", None),
+        (b"From nobody Mon Jan 1\nSubject: mbox\n\n", "does not begin with a header field"),
+        (b"", "empty"),
+        (b"\r\n \r\n", "empty"),
+        (b"Subject: x\r\n\r\n\x00", "contains NUL bytes"),
+        (b"\r\nSubject: after an empty line\r\n", "does not begin with a header field"),
+    ],
+)
+def test_malformed_messages(raw: bytes, reason: str | None) -> None:
+    expected = None if reason is None else f"malformed message: {reason}"
+    assert malformed_reason(raw) == expected
