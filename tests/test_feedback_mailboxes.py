@@ -428,19 +428,34 @@ async def test_a_malformed_message_is_kept_as_ignored(
     assert ignored == [("ignored", "malformed message: does not begin with a header field")]
 
 
+@pytest.mark.parametrize("scheme", ["imaps", "pop3"])
 @pytest_twisted.ensureDeferred
-async def test_an_untrusted_certificate_is_refused(dovecot: Dovecot, sqlite_store: Store) -> None:
+async def test_an_untrusted_certificate_is_refused(
+    dovecot: Dovecot, sqlite_store: Store, scheme: str
+) -> None:
     """Without the test CA (``ca_file``), the self-signed certificate fails verification:
     the reader never logs in (and never sends the password)."""
     dovecot.deliver(bounce(0))
+    lines: list[str] = []
+
+    @provider(ILogObserver)
+    def observe(event: LogEvent) -> None:
+        lines.append(formatEvent(event))
+
     process = Processor(sqlite_store, dovecot)
-    box = FeedbackMailbox(url=dovecot.url("imaps"), interval=0.2)
-    service = start(box, sqlite_store, process)
+    box = FeedbackMailbox(url=dovecot.url(scheme), interval=0.2)
+    globalLogPublisher.addObserver(observe)
     try:
-        await wait_for(lambda: service.failures >= 2, "failed sessions")
+        service = start(box, sqlite_store, process)
+        try:
+            await wait_for(lambda: service.failures >= 2, "failed sessions")
+        finally:
+            await stop(service)
     finally:
-        await stop(service)
+        globalLogPublisher.removeObserver(observe)
     assert process.calls == []
+    label = mailbox_identity(box)
+    assert f"mailbox {label}: TLS error: certificate verify failed; trying again in 0.2 s" in lines
     assert "Logged in" not in (dovecot.directory / "dovecot.log").read_text()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TypeVar
 
 from attrs import frozen
+from OpenSSL import SSL
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
@@ -70,6 +71,12 @@ def describe(error: BaseException | Failure) -> str:
         error = error.value if error.value is not None else Exception(error.getErrorMessage())
     if isinstance(error, MailboxError):
         text = str(error)
+    elif isinstance(error, SSL.Error):
+        # [('SSL routines', '', 'certificate verify failed')]
+        reasons = [str(item[-1]) for item in (error.args[0] if error.args else ()) if item] or [
+            str(error)
+        ]
+        text = f"TLS error: {'; '.join(reasons)}"
     else:
         args = getattr(error, "args", ())
         parts = []
