@@ -14,13 +14,14 @@ import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from zope.interface import provider
@@ -97,6 +98,38 @@ async def wait_for(check: Callable[[], Any], what: str, within: float = WAIT) ->
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {within:g} s waiting for {what}")
         await sleep(0.05)
+
+
+class LogLines:
+    """The relay's log lines while :meth:`recording`; errors logged are never expected."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.errors: list[str] = []
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        @provider(ILogObserver)
+        def observe(event: LogEvent) -> None:
+            text = formatEvent(event)
+            self.lines.append(text)
+            if event.get("isError") or "log_failure" in event:
+                self.errors.append(text)
+
+        globalLogPublisher.addObserver(observe)
+        try:
+            yield
+        finally:
+            globalLogPublisher.removeObserver(observe)
+
+
+@pytest.fixture(autouse=True)
+def no_errors_logged() -> Iterator[None]:
+    """No traceback, unhandled error or failure is logged during a test."""
+    lines = LogLines()
+    with lines.recording():
+        yield
+    assert lines.errors == []
 
 
 class Processor:
@@ -610,3 +643,83 @@ def test_envelope_of_a_fetched_message() -> None:
 def test_malformed_messages(raw: bytes, reason: str | None) -> None:
     expected = None if reason is None else f"malformed message: {reason}"
     assert malformed_reason(raw) == expected
+
+
+@pytest.fixture
+def dovecot_without_tls() -> Iterator[Dovecot]:
+    try:
+        with running_dovecot(tls=False) as server:
+            yield server
+    except DovecotUnavailable as e:
+        service_missing(str(e))
+
+
+@pytest.mark.parametrize("scheme", ["imap", "pop3"])
+@pytest_twisted.ensureDeferred
+async def test_a_server_without_tls_is_read_with_a_warning(
+    dovecot_without_tls: Dovecot, sqlite_store: Store, scheme: str
+) -> None:
+    dovecot = dovecot_without_tls
+    dovecot.deliver(bounce(0))
+    lines = LogLines()
+    process = Processor(sqlite_store, dovecot)
+    box = FeedbackMailbox(url=dovecot.url(scheme), interval=0.3)
+    with lines.recording():
+        service = start(box, sqlite_store, process)
+        try:
+            await wait_for(lambda: not dovecot.messages(), "the message taken and deleted")
+        finally:
+            await stop(service)
+    assert len(process.calls) == 1
+    starttls = "STARTTLS" if scheme == "imap" else "STLS"
+    warning = (
+        f"mailbox {mailbox_identity(box)}: the server offers no {starttls}: logging in without TLS"
+    )
+    assert warning in lines.lines
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_silent_server_is_given_up_on_and_retried(sqlite_store: Store) -> None:
+    """A server that accepts the connection and never answers: the session fails after the
+    timeout (one line), and is tried again."""
+    from twisted.internet.protocol import Protocol, ServerFactory
+
+    accepted: list[Protocol] = []
+
+    class Silent(Protocol):
+        def connectionMade(self) -> None:
+            accepted.append(self)
+
+    port = real_reactor().listenTCP(0, ServerFactory.forProtocol(Silent), interface="127.0.0.1")
+    lines = LogLines()
+    address = port.getHost()
+    assert isinstance(address, IPv4Address)
+    box = FeedbackMailbox(url=f"imap://u:p@127.0.0.1:{address.port}", interval=0.2)
+    tunables = ReaderTunables(timeout=0.5, first_retry=0.2, max_retry=1.0)
+    reactor = real_reactor()
+    intake_ready = store_ready(sqlite_store)
+
+    async def never(report_id: str) -> None:
+        raise AssertionError("nothing to process")
+
+    service = MailboxService(
+        make_reader(box, reactor, intake_ready, never, tunables), reactor, 0.2, tunables
+    )
+    try:
+        with lines.recording():
+            service.startService()
+            try:
+                await wait_for(lambda: service.failures >= 2, "two sessions given up on")
+            finally:
+                await stop(service)
+    finally:
+        await maybeDeferred(port.stopListening)
+        for protocol in accepted:
+            if protocol.transport is not None:
+                protocol.transport.loseConnection()
+    assert len(accepted) >= 2
+    expected = (
+        f"mailbox {mailbox_identity(box)}: no answer from the server to the connection"
+        " (greeting) in 0.5 s; trying again in 0.2 s"
+    )
+    assert expected in lines.lines

@@ -54,10 +54,14 @@ class Dovecot:
     """One private Dovecot: ``imap``, ``imaps``, ``pop3``, ``pop3s`` ports on 127.0.0.1,
     user ``USER`` with ``PASSWORD``; ``ca_file`` is its self-signed certificate."""
 
-    def __init__(self, binary: str, directory: Path) -> None:
+    def __init__(self, binary: str, directory: Path, tls: bool = True) -> None:
         self.binary = binary
         self.directory = directory
+        #: False: no TLS at all (no STARTTLS/STLS offered, no imaps/pop3s listeners).
+        self.tls = tls
         self.imap, self.imaps, self.pop3, self.pop3s = _free_ports(4)
+        if not tls:
+            self.imaps = self.pop3s = 0
         self.ca_file = str(directory / "cert.pem")
         self.maildir = directory / "mail" / USER / "Maildir"
         self._process: subprocess.Popen[bytes] | None = None
@@ -95,6 +99,11 @@ class Dovecot:
         if done.returncode != 0:
             raise DovecotUnavailable(f"openssl req failed: {done.stderr.decode(errors='replace')}")
         (d / "passwd").write_text(f"{USER}:{{PLAIN}}{PASSWORD}::::::\n")
+        ssl = (
+            f"ssl = yes\nssl_cert = <{d}/cert.pem\nssl_key = <{d}/key.pem"
+            if self.tls
+            else "ssl = no"
+        )
         (d / "dovecot.conf").write_text(
             f"""base_dir = {d}/run
 state_dir = {d}/run
@@ -102,9 +111,7 @@ instance_name = dovecot-test-{self.imap}
 log_path = {d}/dovecot.log
 protocols = imap pop3
 listen = 127.0.0.1
-ssl = yes
-ssl_cert = <{d}/cert.pem
-ssl_key = <{d}/key.pem
+{ssl}
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 default_internal_user = {self._user}
@@ -167,7 +174,7 @@ service pop3-login {{
             if self._process.poll() is not None:
                 raise DovecotUnavailable(f"dovecot exited: {self.log_tail()}")
             try:
-                with socket.create_connection(("127.0.0.1", self.pop3s), timeout=1):
+                with socket.create_connection(("127.0.0.1", self.pop3), timeout=1):
                     pass
                 with socket.create_connection(("127.0.0.1", self.imap), timeout=1) as s:
                     s.settimeout(5)
@@ -216,14 +223,14 @@ service pop3-login {{
 
 
 @contextmanager
-def running_dovecot() -> Iterator[Dovecot]:
+def running_dovecot(tls: bool = True) -> Iterator[Dovecot]:
     binary = find_dovecot()
     if binary is None:
         raise DovecotUnavailable(
             "dovecot not installed (apt-get install dovecot-imapd dovecot-pop3d)"
         )
     directory = Path(tempfile.mkdtemp(prefix="smartrelay-dovecot-"))
-    server = Dovecot(binary, directory)
+    server = Dovecot(binary, directory, tls)
     try:
         server.configure()
         server.start()
