@@ -690,7 +690,9 @@ async def test_a_silent_server_is_given_up_on_and_retried(sqlite_store: Store) -
         def connectionMade(self) -> None:
             accepted.append(self)
 
-    port = real_reactor().listenTCP(0, ServerFactory.forProtocol(Silent), interface="127.0.0.1")
+    factory: ServerFactory = ServerFactory()
+    factory.protocol = Silent
+    port = real_reactor().listenTCP(0, factory, interface="127.0.0.1")
     lines = LogLines()
     address = port.getHost()
     assert isinstance(address, IPv4Address)
