@@ -12,5 +12,7 @@ CREATE TABLE mailbox_messages (
     PRIMARY KEY (mailbox, uid)
 );
 
--- Why a report was ignored without being classified (a message too big or malformed).
-ALTER TABLE feedback_reports ADD COLUMN reason TEXT;
+-- Why a report was ignored without being classified (a message too big or malformed). The
+-- same column as the feedback processor's delta (005_feedback_processing.sql) adds, spelled
+-- the same: when both are merged, this delta comes after it (006) without this statement.
+ALTER TABLE feedback_reports ADD COLUMN reason TEXT NOT NULL DEFAULT '';
