@@ -373,7 +373,8 @@ async def test_a_bad_password_is_logged_and_retried_without_the_password(
     assert len(failures) >= 3
     label = mailbox_identity(box)
     for line in failures:
-        assert line.startswith(f"mailbox {label}: login refused for user 'alice'"), line
+        assert line.startswith(f"mailbox {label}: login refused for user 'alice': "), line
+        assert "Authentication failed" in line and "b'" not in line, line
         assert "\n" not in line
     assert not [line for line in lines if wrong in line or PASSWORD in line]
     # Backoff: the wait doubles after each failure in a row (0.2, 0.4, 0.8, then 1 s at most).

@@ -230,7 +230,12 @@ class ImapReader:
             else:
                 await self._answer(protocol.login(user, password), "LOGIN")
         except imap4.IMAP4Exception as e:
-            raise MailboxError(f"login refused for user {self._mailbox.username!r}: {e}") from e
+            reason = e.args[0] if e.args else ""
+            if isinstance(reason, bytes):
+                reason = reason.decode("utf-8", "replace")
+            raise MailboxError(
+                f"login refused for user {self._mailbox.username!r}: {reason}"
+            ) from e
 
     async def _take_all(self, protocol: _ImapClient, uidvalidity: int, uidplus: bool) -> None:
         uids = sorted(
