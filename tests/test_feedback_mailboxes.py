@@ -235,6 +235,11 @@ async def test_messages_are_stored_processed_then_deleted(
     assert process.problems == []
     assert service.failures == 0
     assert len(process.calls) == 3
+    # Logged in over TLS, also on the plain ports (STARTTLS, STLS).
+    log = (dovecot.directory / "dovecot.log").read_text()
+    login = re.search(rf"{scheme[:4]}-login: Info: Login: user=<alice>, method=(\w+), .*", log)
+    assert login is not None and "TLS" in login[0], log
+    assert scheme.startswith("pop3") or login[1] == "PLAIN"
     identity = mailbox_identity(box)
     assert PASSWORD not in identity
     stored = await rows(
@@ -726,3 +731,30 @@ async def test_a_silent_server_is_given_up_on_and_retried(sqlite_store: Store) -
         " (greeting) in 0.5 s; trying again in 0.2 s"
     )
     assert expected in lines.lines
+
+
+@pytest.fixture
+def dovecot_with_apop() -> Iterator[Dovecot]:
+    try:
+        with running_dovecot(apop=True) as server:
+            yield server
+    except DovecotUnavailable as e:
+        service_missing(str(e))
+
+
+@pytest.mark.parametrize("scheme", ["pop3", "pop3s"])
+@pytest_twisted.ensureDeferred
+async def test_pop3_logs_in_with_apop_when_the_greeting_offers_it(
+    dovecot_with_apop: Dovecot, sqlite_store: Store, scheme: str
+) -> None:
+    dovecot = dovecot_with_apop
+    dovecot.deliver(bounce(0))
+    process = Processor(sqlite_store, dovecot)
+    service = start(mailbox(dovecot, scheme, interval=0.3), sqlite_store, process)
+    try:
+        await wait_for(lambda: not dovecot.messages(), "the message taken and deleted")
+    finally:
+        await stop(service)
+    assert len(process.calls) == 1
+    log = (dovecot.directory / "dovecot.log").read_text()
+    assert re.search(r"pop3-login: Info: Login: user=<alice>, method=APOP, .*TLS", log), log

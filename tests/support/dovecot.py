@@ -54,11 +54,13 @@ class Dovecot:
     """One private Dovecot: ``imap``, ``imaps``, ``pop3``, ``pop3s`` ports on 127.0.0.1,
     user ``USER`` with ``PASSWORD``; ``ca_file`` is its self-signed certificate."""
 
-    def __init__(self, binary: str, directory: Path, tls: bool = True) -> None:
+    def __init__(self, binary: str, directory: Path, tls: bool = True, apop: bool = False) -> None:
         self.binary = binary
         self.directory = directory
         #: False: no TLS at all (no STARTTLS/STLS offered, no imaps/pop3s listeners).
         self.tls = tls
+        #: True: POP3 greets with an APOP challenge (RFC 1939) and accepts APOP.
+        self.apop = apop
         self.imap, self.imaps, self.pop3, self.pop3s = _free_ports(4)
         if not tls:
             self.imaps = self.pop3s = 0
@@ -113,7 +115,7 @@ protocols = imap pop3
 listen = 127.0.0.1
 {ssl}
 disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = plain login{" apop" if self.apop else ""}
 default_internal_user = {self._user}
 default_login_user = {self._user}
 default_internal_group = {self._group}
@@ -223,14 +225,14 @@ service pop3-login {{
 
 
 @contextmanager
-def running_dovecot(tls: bool = True) -> Iterator[Dovecot]:
+def running_dovecot(tls: bool = True, apop: bool = False) -> Iterator[Dovecot]:
     binary = find_dovecot()
     if binary is None:
         raise DovecotUnavailable(
             "dovecot not installed (apt-get install dovecot-imapd dovecot-pop3d)"
         )
     directory = Path(tempfile.mkdtemp(prefix="smartrelay-dovecot-"))
-    server = Dovecot(binary, directory, tls)
+    server = Dovecot(binary, directory, tls, apop)
     try:
         server.configure()
         server.start()
