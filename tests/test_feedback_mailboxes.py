@@ -758,3 +758,38 @@ async def test_pop3_logs_in_with_apop_when_the_greeting_offers_it(
     assert len(process.calls) == 1
     log = (dovecot.directory / "dovecot.log").read_text()
     assert re.search(r"pop3-login: Info: Login: user=<alice>, method=APOP, .*TLS", log), log
+
+
+def test_an_imap_literal_bigger_than_any_message_drops_the_connection() -> None:
+    """A broken or hostile server announcing a literal larger than any message we ask for
+    (25 MB plus a margin) is cut off before it sends it, not buffered."""
+    from twisted.internet.testing import StringTransport
+
+    from smartrelay.feedback.mailboxes.imap import _ImapClient
+
+    for octets, aborted in ((MAX_MESSAGE_SIZE, False), (MAX_MESSAGE_SIZE + (2 << 20), True)):
+        client = _ImapClient(None)
+        transport = StringTransport()
+        client.makeConnection(transport)  # type: ignore[no-untyped-call]
+        client.dataReceived(b"* OK ready\r\n")  # type: ignore[no-untyped-call]
+        client.dataReceived(b"* 1 FETCH (UID 1 BODY[] {%d}\r\n" % octets)  # type: ignore[no-untyped-call]
+        assert transport.disconnecting is aborted
+
+
+def test_a_pop3_answer_past_its_limit_drops_the_connection() -> None:
+    from twisted.internet.testing import StringTransport
+
+    from smartrelay.feedback.mailboxes.pop3 import _Collector, _Pop3Client
+
+    client = _Pop3Client()
+    transport = StringTransport()
+    client.makeConnection(transport)  # type: ignore[no-untyped-call]
+    collector = _Collector(client, limit=1000)
+    for _ in range(9):
+        collector(b"x" * 98)  # 100 bytes with CRLF
+    assert not transport.disconnecting
+    assert collector.message() == (b"x" * 98 + b"\r\n") * 9
+    collector(b"x" * 98)
+    collector(b"y" * 98)
+    assert transport.disconnecting
+    assert b"y" not in collector.message()
