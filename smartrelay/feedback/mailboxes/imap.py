@@ -166,8 +166,7 @@ class ImapReader:
         protocol = self._protocol
         if protocol is not None:
             protocol.end_idle()
-            if protocol.transport is not None:
-                protocol.transport.loseConnection()
+            abort(protocol)  # now, even in a TLS handshake or with unsent data
 
     async def _answer(self, d: Deferred[Any], what: str) -> Any:
         return await answer(self._reactor, d, self._tunables.timeout, self._protocol, what)

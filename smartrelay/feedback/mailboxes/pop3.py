@@ -131,8 +131,8 @@ class Pop3Reader:
     def stop(self) -> None:
         self._stopping = True
         protocol = self._protocol
-        if protocol is not None and protocol.transport is not None:
-            protocol.transport.loseConnection()
+        if protocol is not None:
+            abort(protocol)  # now; DELEs not committed by QUIT are redone next time
 
     async def _answer(self, d: Deferred[Any], what: str) -> Any:
         return await answer(self._reactor, d, self._tunables.timeout, self._protocol, what)
