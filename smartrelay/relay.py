@@ -41,6 +41,15 @@ from smartrelay.delivery.manager import (
 )
 from smartrelay.delivery.mx import MxResolver, make_system_resolver
 from smartrelay.delivery.processes import DeliveryProcesses, worker_command
+from smartrelay.feedback.mailboxes import (
+    DEFAULT_TUNABLES as MAILBOX_TUNABLES,
+)
+from smartrelay.feedback.mailboxes import (
+    MailboxService,
+    ProcessReport,
+    ReaderTunables,
+    mailbox_services,
+)
 from smartrelay.feedback.model import Report
 from smartrelay.feedback.processor import (
     FeedbackProcessor,
@@ -93,10 +102,15 @@ class RelayService(MultiService):
         role: Literal["all", "delivery"] = "all",
         worker_index: int = 0,
         delivery_tunables: DeliveryTunables = DEFAULT_TUNABLES,
+        mailbox_tunables: ReaderTunables = MAILBOX_TUNABLES,
+        process_feedback: ProcessReport | None = None,
     ) -> None:
         """``role="delivery"``: only the storage and a delivery manager, as the delivery
         process ``worker_index`` of a relay with ``[delivery] processes`` set.
-        ``delivery_tunables``: for an in-process delivery manager (tests shorten its poll)."""
+        ``delivery_tunables``: for an in-process delivery manager (tests shorten its poll).
+        ``mailbox_tunables``: the ``[[feedback.mailboxes]]`` readers' timing (tests shorten
+        their backoff). ``process_feedback``: what the readers call with each stored report's
+        id (default :meth:`_process_feedback`)."""
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
         self.role = role
@@ -182,6 +196,18 @@ class RelayService(MultiService):
             self.rollup = RollupService(reactor, self.storage.when_ready)
             self.rollup.setServiceParent(self)  # type: ignore[no-untyped-call]
         delivery_service.setServiceParent(self)  # type: ignore[no-untyped-call]
+        #: The ``[[feedback.mailboxes]]`` readers, one service each (main process only).
+        self.mailboxes: list[MailboxService] = []
+        if serving:
+            self.mailboxes = mailbox_services(
+                config.feedback_mailboxes,
+                reactor,
+                self.storage.when_ready,
+                process_feedback or self._process_feedback,
+                mailbox_tunables,
+            )
+            for mailbox in self.mailboxes:
+                mailbox.setServiceParent(self)  # type: ignore[no-untyped-call]
         self.purge: PurgeService | None = None
         if serving:  # one purger per node (not one per delivery process)
             self.purge = PurgeService(self.storage.when_ready, reactor, config.retention)
@@ -209,6 +235,13 @@ class RelayService(MultiService):
             configured_classifier(self.config),
             in_thread=in_thread,
         )
+
+    async def _process_feedback(self, report_id: str) -> None:
+        """Process a report a mailbox reader has stored (it deletes or flags the message once
+        this returns). Before the feedback service has started, the report stays ``new``: the
+        service's first pass takes it up."""
+        if self.feedback is not None:
+            await self.feedback.process(report_id)
 
     def _started_codec(self) -> TokenCodec:
         if self.codec is None:

@@ -241,7 +241,7 @@ def test_full_example(tmp_path: Path) -> None:
     key = pem(tmp_path, "key.pem")
     dkim = pem(tmp_path, "dkim.pem")
     path = write(tmp_path, FULL_EXAMPLE.format(cert=cert, key=key, dkim=dkim))
-    # parse_config: load_config refuses [[feedback.mailboxes]] and [[webhooks]] for now.
+    # parse_config: load_config refuses [[webhooks]] for now.
     config = parse_config(tomllib.loads(path.read_text(encoding="utf-8")), str(path))
 
     assert config.path == str(path)
@@ -299,11 +299,6 @@ def test_full_example(tmp_path: Path) -> None:
 
 UNIMPLEMENTED = [
     pytest.param(
-        '[[feedback.mailboxes]]\nurl = "imaps://u:p@imap.example.com/INBOX"\n',
-        "feedback.mailboxes",
-        id="mailboxes",
-    ),
-    pytest.param(
         '[[webhooks]]\nurl = "https://crm.example.com/h"\nsecret = "s"\n', "webhooks", id="webhooks"
     ),
 ]
@@ -329,13 +324,45 @@ def test_unimplemented_sections_are_still_validated(tmp_path: Path) -> None:
     assert info.value.key == "webhooks[0].secret"  # a bad entry is reported as such first
 
 
-def test_full_example_is_refused_until_mailboxes_and_webhooks_exist(tmp_path: Path) -> None:
+def test_full_example_is_refused_until_webhooks_exist(tmp_path: Path) -> None:
     cert, key, dkim = pem(tmp_path, "c.pem"), pem(tmp_path, "k.pem"), pem(tmp_path, "d.pem")
     path = write(tmp_path, FULL_EXAMPLE.format(cert=cert, key=key, dkim=dkim))
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    assert info.value.key == "feedback.mailboxes"
+    assert info.value.key == "webhooks"
     assert "not implemented yet in this version" in info.value.problem
+
+
+def test_feedback_mailboxes_are_accepted(tmp_path: Path) -> None:
+    ca = pem(tmp_path, "ca.pem")
+    path = write(
+        tmp_path,
+        "[[feedback.mailboxes]]\n"
+        'url = "imaps://u:p%40ss@imap.example.com/Bounces"\n'
+        f'ca_file = "{ca}"\n'
+        "[[feedback.mailboxes]]\n"
+        'url = "pop3s://u:p@pop.example.com"\n'
+        'interval = "5m"\n'
+        "delete_after_processing = false\n",
+    )
+    config = load_config(path)
+    imap, pop = config.feedback_mailboxes
+    assert imap == FeedbackMailbox("imaps://u:p%40ss@imap.example.com/Bounces", 60.0, True, ca)
+    assert (imap.password, imap.mailbox, imap.port) == ("p@ss", "Bounces", 993)
+    assert pop == FeedbackMailbox("pop3s://u:p@pop.example.com", 300.0, False, "")
+
+
+@pytest.mark.parametrize(
+    ("ca_file", "problem"),
+    [
+        ("/nonexistent/ca.pem", "file not found: '/nonexistent/ca.pem'"),
+        (".", "not a regular file: '.'"),
+    ],
+)
+def test_feedback_mailbox_ca_file_must_be_a_file(ca_file: str, problem: str) -> None:
+    err = error_of({"feedback": {"mailboxes": [{"url": "imaps://h", "ca_file": ca_file}]}})
+    assert err.key == "feedback.mailboxes[0].ca_file"
+    assert err.problem == problem
 
 
 def test_repo_dev_config_loads() -> None:

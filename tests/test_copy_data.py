@@ -196,6 +196,21 @@ async def seed(engine: IDatabaseEngine, now_ms: int) -> None:
     )
     await many(
         engine,
+        "INSERT INTO feedback_reports (report_id, received_at, sender, recipients, state,"
+        " processed_at, raw, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [("M3", T0 + 3, "", "[]", "ignored", T0 + 3, b"X: y\r\n\r\n", "too big \u2603")],
+    )
+    await many(
+        engine,
+        "INSERT INTO mailbox_messages (mailbox, uid, report_id, done_at) VALUES (?, ?, ?, ?)",
+        [
+            ("imaps://u@imap.example.com:993/INBOX", f"1796492754:{uid}", f"M{uid}", T0 + uid)
+            for uid in range(1, 8)
+        ]
+        + [("pop3://u@pop.example.com:110", "000000017a3b2c1d", "M3", T0)],
+    )
+    await many(
+        engine,
         "INSERT INTO rollups (hour, tag, sender_domain, recipient_domain, type, detail, count,"
         " unique_count) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         [
@@ -395,7 +410,7 @@ async def test_live_lease_refuses_the_queue_but_not_the_history(
         report = await copy_data(source, target, reactor, with_queue=False)
         copied = {t.name: t.rows for t in report.tables}
         assert "messages" not in copied and "recipients" not in copied
-        assert copied["events"] == 130 and copied["feedback_reports"] == 2
+        assert copied["events"] == 130 and copied["feedback_reports"] == 3
         original, now = await content(source), await content(target)
         for table in TABLES:
             expected = [] if table.queue else original[table.name]
@@ -504,6 +519,7 @@ def test_cli_copy_data_end_to_end(tmp_path: Path, postgres_server: PostgresServe
         "smtp_credentials": 0,
         "web_users": 1,
         "feedback_reports": 0,
+        "mailbox_messages": 0,
         "rollup_progress": 0,
         "rollups": 0,
         "events": 0,

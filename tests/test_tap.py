@@ -472,11 +472,6 @@ def test_sqlite_file_in_the_data_dir_creates_it(tmp_path: Path) -> None:
 # -- config accepted but doing nothing (issue 11, item 16) ------------------------------------
 UNIMPLEMENTED = [
     pytest.param(
-        '[[feedback.mailboxes]]\nurl = "imaps://u:p@imap.example.com/INBOX"\n',
-        "feedback.mailboxes",
-        id="mailboxes",
-    ),
-    pytest.param(
         '[[webhooks]]\nurl = "https://crm.example.com/h"\nsecret = "s"\n', "webhooks", id="webhooks"
     ),
 ]
@@ -493,6 +488,25 @@ def test_unimplemented_sections_stop_twistd_and_the_cli_with_one_line(
     assert result.lines == [f"smartrelay: {expected}"], result.describe()
     assert_cli_error(ctl(config, "migrate"), expected)
     assert not (tmp_path / "relay.db").exists()
+
+
+def test_a_dead_feedback_mailbox_is_one_line_and_retried_while_the_relay_runs(
+    tmp_path: Path,
+) -> None:
+    """[[feedback.mailboxes]] is accepted (issue 14): a mailbox whose server is down is one
+    log line per try, without its password, and the relay runs on and stops cleanly."""
+    (port,) = free_ports(1)  # nothing listens there
+    config = write_relay_config(
+        tmp_path,
+        f"sqlite:{tmp_path / 'relay.db'}",
+        f'[[feedback.mailboxes]]\nurl = "pop3s://u:hunter2@127.0.0.1:{port}"\n',
+    )
+    with running_twistd(config, tmp_path) as server:
+        line = server.wait_for(f"mailbox pop3s://u@127.0.0.1:{port}: Conn", timeout=60)
+        assert "ConnectionRefusedError: Connection refused; trying again in 10 s" in line
+        assert server.stop(signal.SIGTERM) == 0, server.output
+    assert "hunter2" not in server.output
+    assert "Traceback" not in server.output
 
 
 def test_a_secret_file_that_cannot_be_created_at_start_is_one_fatal_line(tmp_path: Path) -> None:

@@ -261,9 +261,12 @@ class FeedbackMailbox:
 
     #: ``imap``, ``imaps``, ``pop3`` or ``pop3s`` URL with a host.
     url: str
-    #: Seconds between polls.
+    #: Seconds between polls (for IMAP with IDLE: the longest wait between two looks).
     interval: float = 60.0
     delete_after_processing: bool = True
+    #: A PEM file of the CA certificates (or the self-signed certificate) to trust instead of
+    #: the system's store for this mailbox's TLS; "" for the system's store.
+    ca_file: str = ""
 
     @property
     def scheme(self) -> str:

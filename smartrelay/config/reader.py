@@ -143,12 +143,9 @@ def parse_config_file(path: str | os.PathLike[str]) -> Config:
 
 def refuse_unimplemented(config: Config) -> None:
     """Raise :class:`ConfigError` for a section that parses but whose feature is not built
-    yet (``[[webhooks]]``, ``[[feedback.mailboxes]]``): accepting it would promise events
-    and bounces that never come. :func:`parse_config` still validates them for later."""
-    unimplemented = (
-        ("feedback.mailboxes", config.feedback_mailboxes),
-        ("webhooks", config.webhooks),
-    )
+    yet (``[[webhooks]]``): accepting it would promise events that never come.
+    :func:`parse_config` still validates it for later."""
+    unimplemented = (("webhooks", config.webhooks),)
     for key, entries in unimplemented:
         if entries:
             raise ConfigError(
@@ -474,7 +471,9 @@ def _parse_dkim(dkim: _Table) -> tuple[DkimKey, ...]:
 
 
 def _parse_feedback(feedback: _Table) -> tuple[FeedbackMailbox, ...]:
-    entries = feedback.table_array("mailboxes", ("url", "interval", "delete_after_processing"))
+    entries = feedback.table_array(
+        "mailboxes", ("url", "interval", "delete_after_processing", "ca_file")
+    )
     d_interval = 60.0
     mailboxes: list[FeedbackMailbox] = []
     for t in entries or ():
@@ -482,11 +481,15 @@ def _parse_feedback(feedback: _Table) -> tuple[FeedbackMailbox, ...]:
         _parts, problem = split_url(url, tuple(MAILBOX_DEFAULT_PORTS))
         if problem is not None:
             raise t.error("url", problem)
+        ca_file = t.string("ca_file", "")
+        if ca_file:
+            t.check_file("ca_file", ca_file)
         mailboxes.append(
             FeedbackMailbox(
                 url=url,
                 interval=t.duration("interval", d_interval),
                 delete_after_processing=t.boolean("delete_after_processing", True),
+                ca_file=ca_file,
             )
         )
     return tuple(mailboxes)

@@ -419,6 +419,12 @@ class FeedbackService(Service):
         """The storage did not open (it reports that itself, as fatal) or stopped first."""
         log.debug("feedback: no store: {error}", error=failure.getErrorMessage())
 
+    async def process(self, report_id: str) -> None:
+        """Process one report now (a mailbox reader's, just stored); before the service has
+        started, nothing: the report stays ``new`` for its first pass."""
+        if self._processor is not None:
+            await self._processor.process(report_id)
+
     def wake(self) -> None:
         """Start a pass now, or right after the one under way."""
         if not self.running or self._store is None:

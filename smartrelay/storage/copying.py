@@ -62,6 +62,7 @@ TABLES = (
     Table("smtp_credentials", ("name",)),
     Table("web_users", ("name",)),
     Table("feedback_reports", ("report_id",), blob="raw"),
+    Table("mailbox_messages", ("mailbox", "uid")),
     Table("rollup_progress", ("name",)),
     Table("rollups", ("hour", "tag", "sender_domain", "recipient_domain", "type", "detail")),
     Table("events", ("id",), identity="id"),

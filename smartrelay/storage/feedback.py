@@ -137,6 +137,33 @@ class FeedbackStore(StoreBase):
 
         return await self.run("feedback_summary", txn, readonly=True)
 
+    async def store_ignored_feedback(self, report: NewFeedback, reason: str) -> str:
+        """Keep a message that will not be classified (too big, malformed) with state
+        ``ignored`` and ``reason``, so that it is visible and never fetched again; returns its
+        id. ``report.raw`` may be a part of the message (its header)."""
+        now_ms = self.now_ms()
+        report_id = report.report_id or "R" + new_queue_id(now_ms / 1000)
+
+        async def txn(cursor: ICursor) -> str:
+            await cursor.execute(
+                "INSERT INTO feedback_reports (report_id, received_at, sender, recipients,"
+                " client_ip, state, processed_at, raw, reason)"
+                " VALUES (?, ?, ?, ?, ?, 'ignored', ?, ?, ?)",
+                (
+                    report_id,
+                    now_ms,
+                    report.sender,
+                    json.dumps(list(report.recipients)),
+                    report.client_ip,
+                    now_ms,
+                    report.raw,
+                    reason,
+                ),
+            )
+            return report_id
+
+        return await self.run("store_ignored_feedback", txn)
+
 
 #: The states of a report (SPEC section 6, ``feedback list``).
 FEEDBACK_STATES = ("new", "processed", "ignored", "unmatched")

@@ -4,11 +4,11 @@ Each topic is its own module, with its values and queries: :mod:`~smartrelay.sto
 (messages, recipients, claims, outcomes), :mod:`~smartrelay.storage.suppressions`,
 :mod:`~smartrelay.storage.events`, :mod:`~smartrelay.storage.feedback`,
 :mod:`~smartrelay.storage.logins`, :mod:`~smartrelay.storage.tracking`,
-:mod:`~smartrelay.storage.rollups` and :mod:`~smartrelay.storage.retention`. They share the
-engine, the clock and one way of running a query
-(:class:`~smartrelay.storage.base.StoreBase`). Callers hold a ``Store`` and call its methods
-(``store.claim_due(...)``, ``store.smtp_credentials.add``); the names below are re-exported
-so that they can import the values from here.
+:mod:`~smartrelay.storage.mailboxes`, :mod:`~smartrelay.storage.rollups` and
+:mod:`~smartrelay.storage.retention`. They share the engine, the clock and one way of
+running a query (:class:`~smartrelay.storage.base.StoreBase`). Callers hold a ``Store`` and
+call its methods (``store.claim_due(...)``, ``store.smtp_credentials.add``); the names below
+are re-exported so that they can import the values from here.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from smartrelay.storage.base import domain_of, from_ms, to_ms
 from smartrelay.storage.events import EventStore, insert_events
 from smartrelay.storage.feedback import FEEDBACK_CHANNEL, FeedbackStore, NewFeedback
 from smartrelay.storage.logins import DuplicateName, Login, LoginStore, LoginTable
+from smartrelay.storage.mailboxes import MailboxStore
 from smartrelay.storage.queue import (
     BIG_MESSAGE,
     IDEMPOTENCY_WINDOW,
@@ -79,5 +80,6 @@ class Store(
     LoginStore,
     RetentionStore,
     RollupStore,
+    MailboxStore,
 ):
     """Every query SmartRelay runs; each public method is one transaction."""
