@@ -19,14 +19,15 @@ import email
 import email.policy
 import re
 import smtplib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
+import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
 from smartrelay.storage.engines import create_engine
 from smartrelay.storage.store import NewFeedback, Store
-from tests.conftest import real_reactor
+from tests.conftest import real_reactor, service_missing
 from tests.support.delivery_relay import (
     DeliveryRelays,
     Sinks,
@@ -37,6 +38,7 @@ from tests.support.delivery_relay import (
     submit,
     wait_for_events,
 )
+from tests.support.dovecot import Dovecot, DovecotUnavailable, running_dovecot
 from tests.support.relay import HOST, RETURN_PATH_DOMAIN, RunningRelay
 from tests.support.sink import ReceivedMessage
 
@@ -292,3 +294,46 @@ async def test_reports_left_new_are_processed_when_the_relay_starts(
 async def _all_done(store: Store, count: int) -> bool | None:
     reports = await store.list_feedback()
     return True if len(reports) == count and all(r.state != "new" for r in reports) else None
+
+
+@pytest.fixture
+def dovecot() -> Iterator[Dovecot]:
+    try:
+        with running_dovecot() as server:
+            yield server
+    except DovecotUnavailable as e:
+        service_missing(str(e))
+
+
+@pytest.mark.parametrize("scheme", ["imaps", "pop3s"])
+@pytest_twisted.ensureDeferred
+async def test_a_dsn_in_a_feedback_mailbox_bounces_and_suppresses(
+    relays: DeliveryRelays, sinks: Sinks, dovecot: Dovecot, scheme: str
+) -> None:
+    """The DSN reaches us through a mailbox the relay reads (``[[feedback.mailboxes]]``), not
+    the inbound MX: no envelope, the VERP address in its ``To``; the relay's reader hands it
+    to the same processor, then deletes it."""
+    reactor = real_reactor()
+    backend = TrackingSinkBackend(delay=0.0, clock=reactor)
+    _, sink_port = await sinks.start(backend)
+    mailbox = {"url": dovecot.url(scheme), "interval": "1s", "ca_file": dovecot.ca_file}
+    relay = await relays.start(
+        f"sqlite:{relays.directory / 'mailbox.db'}",
+        {"routes": smtp_route(sink_port)},
+        extra={"feedback": {"mailboxes": [mailbox]}},
+    )
+    queue_id = await submit(relay.smtp_port, ["dave@example.net"], MESSAGE)
+    await wait_for_events(reactor, relay.store, "delivered", 1)
+    (copy,) = backend.messages
+    dovecot.deliver(postfix_dsn(copy, "dave@example.net"))
+
+    (bounced,) = await wait_for_events(reactor, relay.store, "bounced", 1, within=60)
+    assert (bounced.queue_id, bounced.recipient) == (queue_id, "dave@example.net")
+    assert (bounced.data["category"], bounced.data["status"]) == ("invalid-recipient", "5.1.1")
+    assert await suppression_reason(relay.store, "dave@example.net") == "hard_bounce"
+
+    async def deleted() -> bool | None:
+        return True if not dovecot.messages() else None
+
+    await eventually(reactor, deleted, "the DSN deleted from the mailbox", within=60)
+    assert await report_states(relay.store) == [("processed", "verp")]
