@@ -90,6 +90,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import backlog  # noqa: E402
 import psycopg2  # noqa: E402
 import twisted  # noqa: E402
 from load import (  # noqa: E402
@@ -570,6 +571,8 @@ class Result:
     processes: int | None = None
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+    #: --purge-backlog: what the purge removed during phase (a), one line.
+    purge: str | None = None
 
 
 @dataclass
@@ -584,6 +587,11 @@ class Settings:
     keep: bool
     identical: bool
     delivery_processes: int = 0
+    #: --purge-backlog: old events put in SmartRelay's database before it starts (0: none),
+    #: and recent finished messages still holding their bodies.
+    purge_backlog: int = 0
+    purge_kept_bodies: int = 0
+    purge_messages: bool = True  # False: the backlog is old events only
     # The load's messages by phase (made once: every system gets the same ones).
     warmup_load: list[Outgoing] = field(default_factory=list)
     throughput_load: list[Outgoing] = field(default_factory=list)
@@ -795,6 +803,7 @@ class RelaySystem(System):
         self.port = free_port()
         self.log = tmp / "relay.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.started_ms = 0
 
     def config(self) -> str:
         key_path, _ = generate_key("example.com", "bench", "rsa", str(self.tmp / "dkim"))
@@ -817,9 +826,21 @@ class RelaySystem(System):
             f'private_key = "{key_path}"\nalgorithm = "rsa-sha256"\n'
         )
 
-    def start(self) -> None:
+    def prepare(self) -> Path:
+        """The relay's config file, written once (``smartrelay-ctl`` uses it too)."""
         config = self.tmp / "relay.toml"
-        config.write_text(self.config())
+        if not config.exists():
+            config.write_text(self.config())
+        return config
+
+    def ctl(self, *args: str) -> list[str]:
+        """A ``smartrelay-ctl`` command line with the relay's config."""
+        ctl = Path(sys.executable).parent / "smartrelay-ctl"
+        return [str(ctl), "--config", str(self.prepare()), *args]
+
+    def start(self) -> None:
+        config = self.prepare()
+        self.started_ms = int(time.time() * 1000)
         twistd = Path(sys.executable).parent / "twistd"
         command = [str(twistd), "-n", "--pidfile=", "-l", str(self.log)]
         self.process = subprocess.Popen(
@@ -847,20 +868,93 @@ class RelaySystem(System):
         return _problem_lines(self.log, pattern, "twistd log", ignore=expected)
 
     def delivered(self) -> int:
-        """``delivered`` events in the relay's database (cross-check of the sink's count)."""
-        return count_events(self.database, "delivered")
+        """``delivered`` events in the relay's database since it started (cross-check of the
+        sink's count; --purge-backlog's old events are older)."""
+        return count_events(self.database, "delivered", self.started_ms)
 
 
-def count_events(database: str, event_type: str) -> int:
-    query = "SELECT COUNT(*) FROM events WHERE type = %s"
+def count_events(database: str, event_type: str, since_ms: int = 0) -> int:
+    query = "SELECT COUNT(*) FROM events WHERE type = %s AND time >= %s"
     if database.startswith("sqlite:"):
         with contextlib.closing(sqlite3.connect(database.removeprefix("sqlite:"), 30)) as db:
-            return int(db.execute(query.replace("%s", "?"), (event_type,)).fetchone()[0])
+            row = db.execute(query.replace("%s", "?"), (event_type, since_ms)).fetchone()
+            return int(row[0])
     with contextlib.closing(psycopg2.connect(database)) as connection:
         cursor = connection.cursor()
-        cursor.execute(query, (event_type,))
+        cursor.execute(query, (event_type, since_ms))
         row = cursor.fetchone()
         return int(row[0]) if row else 0
+
+
+class BackgroundPurge:
+    """``smartrelay-ctl purge`` (one paced pass, the relay's own pacing: 5 % duty) run with the
+    relay's config while phase (a) runs; what it removed is counted with ``purge --dry-run``
+    before it starts and after it is stopped (the load's own messages are not due)."""
+
+    _WOULD = re.compile(r"would remove (\d+) (message bodies|messages|events|feedback reports)")
+
+    def __init__(self, system: RelaySystem) -> None:
+        self.system = system
+        self.process: subprocess.Popen[bytes] | None = None
+        self.first_batch = threading.Event()
+        self.progress: list[str] = []
+        self._reader: threading.Thread | None = None
+        self._before: dict[str, int] = {}
+        self.cpu_s = 0.0
+        self.finished = False
+
+    def due(self) -> dict[str, int]:
+        result = subprocess.run(
+            self.system.ctl("purge", "--dry-run"), capture_output=True, text=True, timeout=300
+        )
+        if result.returncode != 0:
+            raise BenchError(f"smartrelay-ctl purge --dry-run failed: {result.stderr.strip()}")
+        return {kind: int(count) for count, kind in self._WOULD.findall(result.stdout)}
+
+    def start(self) -> None:
+        self._before = self.due()
+        self.process = subprocess.Popen(
+            self.system.ctl("purge"),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        self._reader = threading.Thread(target=self._read, name="purge-progress", daemon=True)
+        self._reader.start()
+        # It is purging once it reports its first batch (start-up takes about a second).
+        process = self.process
+        deadline = time.monotonic() + 60
+        while not self.first_batch.wait(0.1):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(
+                    "smartrelay-ctl purge did not report a batch: " + " | ".join(self.progress)
+                )
+
+    def _read(self) -> None:
+        assert self.process is not None and self.process.stderr is not None
+        for raw in self.process.stderr:
+            line = raw.decode(errors="replace").strip()
+            self.progress.append(line)
+            if "purging" in line:
+                self.first_batch.set()
+
+    def stop(self) -> str:
+        """Stop the pass (if it has not finished) and say what it removed meanwhile."""
+        assert self.process is not None
+        self.finished = self.process.poll() is not None
+        self.cpu_s = tree_cpu_seconds(self.process.pid) if not self.finished else 0.0
+        stop_process(self.process, signal.SIGTERM, 10)
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        after = self.due()
+        removed = {kind: self._before.get(kind, 0) - after.get(kind, 0) for kind in self._before}
+        left = after.get("events", 0)
+        return (
+            f"purge during phase (a): removed {removed.get('message bodies', 0):,} message"
+            f" bodies, {removed.get('messages', 0):,} messages, {removed.get('events', 0):,}"
+            f" events ({left:,} events still due); its CPU {self.cpu_s:.1f} s"
+            + ("; it FINISHED before the phase ended" if self.finished else "")
+        )
 
 
 def measure(
@@ -879,8 +973,14 @@ def measure(
     time.sleep(0.5)  # the relays' deliveries of the warm-up end; idle connections stay
 
     # (a) throughput
-    profilers = start_profilers(system)
+    purge: BackgroundPurge | None = None
+    if settings.purge_backlog and isinstance(system, RelaySystem):
+        purge = BackgroundPurge(system)
+    profilers: list[subprocess.Popen[bytes]] = []
     try:
+        if purge is not None:
+            purge.start()
+        profilers = start_profilers(system)
         base = sink.count
         cpu_before = sum(tree_cpu_seconds(pid) for pid in system.roots())
         db_cpu_before = sum(tree_cpu_seconds(pid) for pid in system.db_roots())
@@ -898,6 +998,8 @@ def measure(
     finally:
         for profiler in profilers:
             stop_process(profiler, signal.SIGINT, 60)  # py-spy writes its file on SIGINT
+        if purge is not None and purge.process is not None:
+            result.purge = purge.stop()
     result.accepted = settings.messages / accepted
     result.e2e = settings.messages / (reached - started)
     print(
@@ -905,6 +1007,8 @@ def measure(
         f" end to end {result.e2e:,.0f} msg/s ({reached - started:.2f} s),"
         f" CPU {result.cpu_s:.1f} s; {usage}; this script {own:.1f} s CPU"
     )
+    if result.purge:
+        print(f"  {system.name}: {result.purge}")
 
     # (b) latency
     time.sleep(0.5)
@@ -1055,6 +1159,23 @@ def run_postfix(tools: Tools, settings: Settings) -> Result:
             holder[0].cleanup(settings.keep)
 
 
+def fill_backlog(system: RelaySystem, settings: Settings) -> None:
+    """--purge-backlog: the relay's schema (``smartrelay-ctl migrate``, so it is exactly the
+    relay's), then an old backlog (bench/backlog.py), before the relay starts."""
+    result = subprocess.run(system.ctl("migrate"), capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise BenchError(f"smartrelay-ctl migrate failed: {result.stderr.strip()}")
+    print(f"{system.name}: filling the database with an old backlog...")
+    filled = backlog.fill(
+        system.database,
+        settings.purge_backlog,
+        settings.purge_kept_bodies,
+        settings.seed,
+        messages=settings.purge_messages,
+    )
+    print(f"  {system.name}: {filled.line()}")
+
+
 def run_relay(
     name: str,
     tools: Tools,
@@ -1067,9 +1188,12 @@ def run_relay(
         url = database(tmp)
 
         def make(sink: CountingSink) -> System:
-            return RelaySystem(
+            system = RelaySystem(
                 name, tools, sink.port, url, tmp, db_roots, settings.delivery_processes
             )
+            if settings.purge_backlog:
+                fill_backlog(system, settings)
+            return system
 
         def extra(system: System, result: Result) -> None:
             assert isinstance(system, RelaySystem)
@@ -1305,6 +1429,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_SEED,
         help="the personalized load's seed (bench/load.py)",
     )
+    parser.add_argument(
+        "--purge-backlog",
+        type=int,
+        default=0,
+        metavar="EVENTS",
+        help="fill each SmartRelay database with an old backlog of EVENTS events (and their"
+        " messages) before it starts, and run `smartrelay-ctl purge` during phase (a)"
+        " (default 0: neither)",
+    )
+    parser.add_argument(
+        "--purge-backlog-kind",
+        choices=("full", "events"),
+        default="full",
+        help="with --purge-backlog: full (old messages, recipients and events, and recent"
+        " messages holding bodies) or events (old events only: the purge deletes only events)",
+    )
+    parser.add_argument(
+        "--purge-kept-bodies",
+        type=int,
+        default=20_000,
+        help="with --purge-backlog: recent finished messages still holding their bodies",
+    )
     parser.add_argument("--queue-run", action="store_true", help="also the queue-size run")
     parser.add_argument("--queue-messages", type=int, help="default 100000")
     parser.add_argument(
@@ -1334,6 +1480,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown system(s): {', '.join(sorted(unknown))}")
     args.systems = systems
     return args
+
+
+def purge_line(events: int, args: argparse.Namespace) -> str:
+    what = (
+        f"{events:,} events with their messages (and {args.purge_kept_bodies:,} recent"
+        " finished messages holding their bodies)"
+        if args.purge_backlog_kind == "full"
+        else f"{events:,} events only (their messages gone already)"
+    )
+    return (
+        f"purge: each SmartRelay database holds an old backlog of {what}, bench/backlog.py, and"
+        " `smartrelay-ctl purge` (one pass, 5 % duty) runs during phase (a); its CPU is not in"
+        " the relay's (the PostgreSQL server's includes the purge's queries)"
+    )
 
 
 def main() -> int:
@@ -1373,6 +1533,8 @@ def main() -> int:
         f" {throttle_connections(args.delivery_processes)} connections to the sink"
         + (" in each" if args.delivery_processes > 1 else "")
     )
+    if args.purge_backlog:
+        print(purge_line(args.purge_backlog, args))
     print()
     results: list[Result] = []
     queue_lines: list[str] = []
@@ -1387,6 +1549,9 @@ def main() -> int:
         keep=args.keep,
         identical=args.identical,
         delivery_processes=args.delivery_processes,
+        purge_backlog=args.purge_backlog,
+        purge_kept_bodies=args.purge_kept_bodies if args.purge_backlog_kind == "full" else 0,
+        purge_messages=args.purge_backlog_kind == "full",
         warmup_load=warmup_load,
         throughput_load=throughput_load,
         latency_load=latency_load,
@@ -1424,10 +1589,15 @@ def main() -> int:
         f" SmartRelay [delivery] processes={args.delivery_processes}"
         + (f"; PostgreSQL {pg_settings}" if pg_settings else "")
     )
+    if args.purge_backlog:
+        print(purge_line(args.purge_backlog, args))
     print()
     if results:
         for line in table(results):
             print(line)
+        for r in results:
+            if r.purge:
+                print(f"{r.system}: {r.purge}")
         print(
             "accepted: N / the client's wall time; e2e: N / (client start -> sink has all N);"
             " p50/p99: DATA-dot -> 250; peak RSS/PSS: summed over the system's processes"
