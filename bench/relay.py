@@ -5,7 +5,8 @@
     .venv/bin/python bench/relay.py [--systems postfix,sqlite,postgresql|none] [--messages 5000]
         [--sessions 20] [--latency-messages 2000] [--latency-sessions 50] [--pg-fsync on|off]
         [--seed 1] [--identical] [--queue-run] [--queue-messages 100000]
-        [--queue-next-hop refuse|defer] [--quick] [--keep]
+        [--queue-next-hop refuse|defer] [--purge-backlog EVENTS [--purge-backlog-kind full|events]
+        [--purge-kept-bodies 20000]] [--quick] [--keep]
 
 Everything runs on loopback, one system at a time, each relaying to its own Postfix
 `smtp-sink -c` (whose running counter this script reads from a pipe: the same count for every
@@ -46,6 +47,19 @@ then the next M. For each system:
     processes during phase (a), children that exited included (their parent's cutime/cstime).
     Each system's phase (a) line also says how busy the whole machine was (/proc/stat: other
     work on the machine shows there) and the CPU this script used itself.
+
+The purge's cost (`--purge-backlog EVENTS`, e.g. 1000000): before each SmartRelay starts, its
+fresh database gets the relay's schema (`smartrelay-ctl migrate`) and an old backlog
+(bench/backlog.py: EVENTS events of about EVENTS/4 finished messages and their recipients,
+100-130 days old, bodies purged, plus --purge-kept-bodies messages finished 10-20 days ago still
+holding their bodies; `--purge-backlog-kind events`: the old events alone, their messages gone
+already), all of it due for the purge with the default retention. The relay itself runs with
+a retention of ten years, so its own purge service never deletes; `smartrelay-ctl purge` (one
+pass, the service's pacing: 5 % duty) with the default retention is started after the warm-up
+and stopped when phase (a) ends; before and after that, phase (a) runs once more each with
+other messages of the load and no purge (the same relay and database: the control). The lines
+say what the purge removed meanwhile (`purge --dry-run` before and after), its CPU, and phase
+(a)'s end-to-end rate with the purge against the mean of the two without.
 
 The queue run (`--queue-run`) shows SmartRelay's memory against its queue size: SmartRelay on
 SQLite, its route pointing at a closed port (connection refused; `--queue-next-hop defer`: a
@@ -596,6 +610,8 @@ class Settings:
     warmup_load: list[Outgoing] = field(default_factory=list)
     throughput_load: list[Outgoing] = field(default_factory=list)
     latency_load: list[Outgoing] = field(default_factory=list)
+    #: --purge-backlog: phase (a) without the purge, before and after the one with it.
+    control_loads: list[list[Outgoing]] = field(default_factory=list)
 
 
 class System(abc.ABC):
@@ -804,6 +820,8 @@ class RelaySystem(System):
         self.log = tmp / "relay.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.started_ms = 0
+        #: Config appended for the relay only (smartrelay-ctl reads the config without it).
+        self.relay_only_config = ""
 
     def config(self) -> str:
         key_path, _ = generate_key("example.com", "bench", "rsa", str(self.tmp / "dkim"))
@@ -826,20 +844,23 @@ class RelaySystem(System):
             f'private_key = "{key_path}"\nalgorithm = "rsa-sha256"\n'
         )
 
-    def prepare(self) -> Path:
-        """The relay's config file, written once (``smartrelay-ctl`` uses it too)."""
-        config = self.tmp / "relay.toml"
+    def prepare(self) -> tuple[Path, Path]:
+        """The relay's config file and smartrelay-ctl's (the same but for
+        ``relay_only_config``), written once."""
+        config, ctl = self.tmp / "relay.toml", self.tmp / "ctl.toml"
         if not config.exists():
-            config.write_text(self.config())
-        return config
+            text = self.config()
+            ctl.write_text(text)
+            config.write_text(text + self.relay_only_config)
+        return config, ctl
 
     def ctl(self, *args: str) -> list[str]:
         """A ``smartrelay-ctl`` command line with the relay's config."""
         ctl = Path(sys.executable).parent / "smartrelay-ctl"
-        return [str(ctl), "--config", str(self.prepare()), *args]
+        return [str(ctl), "--config", str(self.prepare()[1]), *args]
 
     def start(self) -> None:
-        config = self.prepare()
+        config = self.prepare()[0]
         self.started_ms = int(time.time() * 1000)
         twistd = Path(sys.executable).parent / "twistd"
         command = [str(twistd), "-n", "--pidfile=", "-l", str(self.log)]
@@ -901,6 +922,7 @@ class BackgroundPurge:
         self._reader: threading.Thread | None = None
         self._before: dict[str, int] = {}
         self.cpu_s = 0.0
+        self._cpu_started = 0.0
         self.finished = False
 
     def due(self) -> dict[str, int]:
@@ -929,6 +951,7 @@ class BackgroundPurge:
                 raise BenchError(
                     "smartrelay-ctl purge did not report a batch: " + " | ".join(self.progress)
                 )
+        self._cpu_started = tree_cpu_seconds(process.pid)  # its start-up is not the purge
 
     def _read(self) -> None:
         assert self.process is not None and self.process.stderr is not None
@@ -942,7 +965,7 @@ class BackgroundPurge:
         """Stop the pass (if it has not finished) and say what it removed meanwhile."""
         assert self.process is not None
         self.finished = self.process.poll() is not None
-        self.cpu_s = tree_cpu_seconds(self.process.pid) if not self.finished else 0.0
+        self.cpu_s = tree_cpu_seconds(self.process.pid) - self._cpu_started
         stop_process(self.process, signal.SIGTERM, 10)
         if self._reader is not None:
             self._reader.join(timeout=5)
@@ -952,7 +975,7 @@ class BackgroundPurge:
         return (
             f"purge during phase (a): removed {removed.get('message bodies', 0):,} message"
             f" bodies, {removed.get('messages', 0):,} messages, {removed.get('events', 0):,}"
-            f" events ({left:,} events still due); its CPU {self.cpu_s:.1f} s"
+            f" events ({left:,} events still due); its CPU after start-up {self.cpu_s:.1f} s"
             + ("; it FINISHED before the phase ended" if self.finished else "")
         )
 
@@ -974,8 +997,10 @@ def measure(
 
     # (a) throughput
     purge: BackgroundPurge | None = None
+    controls: list[tuple[float, float, float]] = []
     if settings.purge_backlog and isinstance(system, RelaySystem):
         purge = BackgroundPurge(system)
+        controls.append(control_phase(system, sink, settings, 0))
     profilers: list[subprocess.Popen[bytes]] = []
     try:
         if purge is not None:
@@ -1007,6 +1032,15 @@ def measure(
         f" end to end {result.e2e:,.0f} msg/s ({reached - started:.2f} s),"
         f" CPU {result.cpu_s:.1f} s; {usage}; this script {own:.1f} s CPU"
     )
+    if purge is not None:
+        controls.append(control_phase(system, sink, settings, 1))
+        mean = sum(e2e for _, e2e, _ in controls) / len(controls)
+        result.purge = (result.purge or "") + (
+            "; the same run and database without the purge (before and after): end to end "
+            + " and ".join(f"{e2e:,.0f}" for _, e2e, _ in controls)
+            + f" msg/s, CPU {' and '.join(f'{cpu:.1f}' for _, _, cpu in controls)} s:"
+            f" with the purge {result.e2e / mean - 1:+.1%}"
+        )
     if result.purge:
         print(f"  {system.name}: {result.purge}")
 
@@ -1028,6 +1062,29 @@ def measure(
         f" {settings.latency_messages / accepted:,.0f} msg/s, end to end"
         f" {settings.latency_messages / (reached - started):,.0f} msg/s)"
     )
+
+
+def control_phase(
+    system: System, sink: CountingSink, settings: Settings, which: int
+) -> tuple[float, float, float]:
+    """--purge-backlog: phase (a) again with other messages of the load and no purge running,
+    before (``which`` 0) and after (1) the one with the purge; (accepted msg/s, end to end
+    msg/s, the system's CPU s)."""
+    messages = settings.control_loads[which]
+    time.sleep(0.5)
+    base = sink.count
+    cpu_before = sum(tree_cpu_seconds(pid) for pid in system.roots())
+    started = time.perf_counter()
+    accepted = send_load(system.port, messages, settings.sessions)
+    reached = sink.wait_for(base + len(messages), settings.timeout)
+    cpu = sum(tree_cpu_seconds(pid) for pid in system.roots()) - cpu_before
+    rates = len(messages) / accepted, len(messages) / (reached - started)
+    print(
+        f"  {system.name}: without the purge ({'before' if which == 0 else 'after'}):"
+        f" accepted {rates[0]:,.0f} msg/s, end to end {rates[1]:,.0f} msg/s, CPU {cpu:.1f} s"
+    )
+    time.sleep(0.5)
+    return rates[0], rates[1], cpu
 
 
 def start_profilers(system: System) -> list[subprocess.Popen[bytes]]:
@@ -1192,12 +1249,18 @@ def run_relay(
                 name, tools, sink.port, url, tmp, db_roots, settings.delivery_processes
             )
             if settings.purge_backlog:
+                # Only smartrelay-ctl purge deletes, when the script says: the relay's own
+                # purge service (its first pass a minute after start) finds nothing due.
+                system.relay_only_config = (
+                    '[retention]\nmessage_bodies = "3650d"\nevents = "3650d"\n'
+                )
                 fill_backlog(system, settings)
             return system
 
         def extra(system: System, result: Result) -> None:
             assert isinstance(system, RelaySystem)
             expected = settings.warmup + settings.messages + settings.latency_messages
+            expected += sum(len(load) for load in settings.control_loads)
             deadline = time.monotonic() + 30  # outcomes are committed after the sink's 250
             delivered = system.delivered()
             while delivered < expected and time.monotonic() < deadline:
@@ -1491,8 +1554,10 @@ def purge_line(events: int, args: argparse.Namespace) -> str:
     )
     return (
         f"purge: each SmartRelay database holds an old backlog of {what}, bench/backlog.py, and"
-        " `smartrelay-ctl purge` (one pass, 5 % duty) runs during phase (a); its CPU is not in"
-        " the relay's (the PostgreSQL server's includes the purge's queries)"
+        " `smartrelay-ctl purge` (one pass, 5 % duty) runs during phase (a), which also runs"
+        " once before and once after it without the purge (other messages of the load; the"
+        " relay's own purge service finds nothing: its retention is ten years); the purge's CPU"
+        " is not in the relay's (the PostgreSQL server's includes the purge's queries)"
     )
 
 
@@ -1555,6 +1620,15 @@ def main() -> int:
         warmup_load=warmup_load,
         throughput_load=throughput_load,
         latency_load=latency_load,
+        control_loads=[
+            make_load(
+                args.warmup + args.messages + args.latency_messages + i * args.messages,
+                args.messages,
+                args.seed,
+                args.identical,
+            )
+            for i in range(2 if args.purge_backlog else 0)
+        ],
     )
     pg_settings = ""
     if "postfix" in args.systems:
