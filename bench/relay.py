@@ -56,10 +56,12 @@ holding their bodies; `--purge-backlog-kind events`: the old events alone, their
 already), all of it due for the purge with the default retention. The relay itself runs with
 a retention of ten years, so its own purge service never deletes; `smartrelay-ctl purge` (one
 pass, the service's pacing: 5 % duty) with the default retention is started after the warm-up
-and stopped when phase (a) ends; before and after that, phase (a) runs once more each with
-other messages of the load and no purge (the same relay and database: the control). The lines
-say what the purge removed meanwhile (`purge --dry-run` before and after), its CPU, and phase
-(a)'s end-to-end rate with the purge against the mean of the two without.
+and stopped when phase (a) ends; then phase (a) is repeated with other messages of the load,
+without the purge and with it (started afresh) alternately, --purge-rounds phases with it in
+all, each followed by one without (the same relay and database: the control, interleaved so
+that drift and the machine's other work fall on both). The lines say what the purge removed
+(`purge --dry-run` before and after), its CPU from its first batch, each phase's rates, and the
+end-to-end rate with the purge against without, overall and phase by phase.
 
 The queue run (`--queue-run`) shows SmartRelay's memory against its queue size: SmartRelay on
 SQLite, its route pointing at a closed port (connection refused; `--queue-next-hop defer`: a
@@ -909,8 +911,8 @@ def count_events(database: str, event_type: str, since_ms: int = 0) -> int:
 
 class BackgroundPurge:
     """``smartrelay-ctl purge`` (one paced pass, the relay's own pacing: 5 % duty) run with the
-    relay's config while phase (a) runs; what it removed is counted with ``purge --dry-run``
-    before it starts and after it is stopped (the load's own messages are not due)."""
+    relay's config while a throughput phase runs; what it removed is counted with
+    ``purge --dry-run`` before the first and after the last (the load's messages are not due)."""
 
     _WOULD = re.compile(r"would remove (\d+) (message bodies|messages|events|feedback reports)")
 
@@ -920,10 +922,9 @@ class BackgroundPurge:
         self.first_batch = threading.Event()
         self.progress: list[str] = []
         self._reader: threading.Thread | None = None
-        self._before: dict[str, int] = {}
-        self.cpu_s = 0.0
         self._cpu_started = 0.0
-        self.finished = False
+        self.cpu_s = 0.0  # summed over the runs, from each one's first batch
+        self.finished = False  # a run ended by itself (nothing left) before it was stopped
 
     def due(self) -> dict[str, int]:
         result = subprocess.run(
@@ -934,7 +935,7 @@ class BackgroundPurge:
         return {kind: int(count) for count, kind in self._WOULD.findall(result.stdout)}
 
     def start(self) -> None:
-        self._before = self.due()
+        self.first_batch.clear()
         self.process = subprocess.Popen(
             self.system.ctl("purge"),
             stdin=subprocess.DEVNULL,
@@ -961,23 +962,85 @@ class BackgroundPurge:
             if "purging" in line:
                 self.first_batch.set()
 
-    def stop(self) -> str:
-        """Stop the pass (if it has not finished) and say what it removed meanwhile."""
+    def stop(self) -> float:
+        """Stop the pass (if it has not finished); its CPU since its first batch."""
         assert self.process is not None
-        self.finished = self.process.poll() is not None
-        self.cpu_s = tree_cpu_seconds(self.process.pid) - self._cpu_started
+        self.finished = self.finished or self.process.poll() is not None
+        cpu = tree_cpu_seconds(self.process.pid) - self._cpu_started
+        self.cpu_s += cpu
         stop_process(self.process, signal.SIGTERM, 10)
         if self._reader is not None:
             self._reader.join(timeout=5)
-        after = self.due()
-        removed = {kind: self._before.get(kind, 0) - after.get(kind, 0) for kind in self._before}
-        left = after.get("events", 0)
+        self.process = None
+        return cpu
+
+    def removed(self, before: dict[str, int], after: dict[str, int]) -> str:
+        removed = {kind: before.get(kind, 0) - after.get(kind, 0) for kind in before}
         return (
-            f"purge during phase (a): removed {removed.get('message bodies', 0):,} message"
-            f" bodies, {removed.get('messages', 0):,} messages, {removed.get('events', 0):,}"
-            f" events ({left:,} events still due); its CPU after start-up {self.cpu_s:.1f} s"
-            + ("; it FINISHED before the phase ended" if self.finished else "")
+            f"removed {removed.get('message bodies', 0):,} message bodies,"
+            f" {removed.get('messages', 0):,} messages, {removed.get('events', 0):,} events"
+            f" ({after.get('events', 0):,} events still due); its CPU after start-up"
+            f" {self.cpu_s:.1f} s" + ("; it FINISHED before a phase ended" if self.finished else "")
         )
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One timed batch of the load (phase (a) or one of its --purge-backlog repetitions)."""
+
+    accepted: float  # msg/s
+    e2e: float  # msg/s
+    cpu_s: float  # the system's
+    db_cpu_s: float  # the PostgreSQL server's
+    usage: str  # the whole machine's
+
+
+def timed_phase(
+    system: System, sink: CountingSink, settings: Settings, messages: Sequence[Outgoing]
+) -> Phase:
+    time.sleep(0.5)
+    base = sink.count
+    cpu_before = sum(tree_cpu_seconds(pid) for pid in system.roots())
+    db_cpu_before = sum(tree_cpu_seconds(pid) for pid in system.db_roots())
+    machine_before = machine_cpu()
+    started = time.perf_counter()
+    accepted = send_load(system.port, messages, settings.sessions)
+    reached = sink.wait_for(base + len(messages), settings.timeout)
+    return Phase(
+        accepted=len(messages) / accepted,
+        e2e=len(messages) / (reached - started),
+        cpu_s=sum(tree_cpu_seconds(pid) for pid in system.roots()) - cpu_before,
+        db_cpu_s=sum(tree_cpu_seconds(pid) for pid in system.db_roots()) - db_cpu_before,
+        usage=machine_usage(machine_before),
+    )
+
+
+def purge_rounds(
+    system: RelaySystem, sink: CountingSink, settings: Settings, purge: BackgroundPurge
+) -> tuple[list[Phase], list[Phase]]:
+    """--purge-backlog, after phase (a) with the purge: phase (a) again without it, then with
+    it, alternately (other messages of the load each time, the same relay and database):
+    ``purge_rounds`` phases with it in all (phase (a) included), one more without."""
+    without: list[Phase] = []
+    with_purge: list[Phase] = []
+    for index, messages in enumerate(settings.control_loads):
+        on = index % 2 == 1
+        if on:
+            purge.start()
+        try:
+            phase = timed_phase(system, sink, settings, messages)
+        finally:
+            purge_cpu = purge.stop() if on else 0.0
+        (with_purge if on else without).append(phase)
+        print(
+            f"  {system.name}: {'with' if on else 'without'} the purge: accepted"
+            f" {phase.accepted:,.0f} msg/s, end to end {phase.e2e:,.0f} msg/s, CPU"
+            f" {phase.cpu_s:.1f} s"
+            + (f" (+{phase.db_cpu_s:.1f} server)" if system.db_roots() else "")
+            + (f", the purge's {purge_cpu:.1f} s" if on else "")
+            + f"; {phase.usage}"
+        )
+    return without, with_purge
 
 
 def measure(
@@ -997,11 +1060,12 @@ def measure(
 
     # (a) throughput
     purge: BackgroundPurge | None = None
-    controls: list[tuple[float, float, float]] = []
+    due_before: dict[str, int] = {}
     if settings.purge_backlog and isinstance(system, RelaySystem):
         purge = BackgroundPurge(system)
-        controls.append(control_phase(system, sink, settings, 0))
+        due_before = purge.due()
     profilers: list[subprocess.Popen[bytes]] = []
+    purge_cpu = 0.0
     try:
         if purge is not None:
             purge.start()
@@ -1024,24 +1088,38 @@ def measure(
         for profiler in profilers:
             stop_process(profiler, signal.SIGINT, 60)  # py-spy writes its file on SIGINT
         if purge is not None and purge.process is not None:
-            result.purge = purge.stop()
+            purge_cpu = purge.stop()
     result.accepted = settings.messages / accepted
     result.e2e = settings.messages / (reached - started)
     print(
         f"  {system.name}: accepted {result.accepted:,.0f} msg/s ({accepted:.2f} s),"
         f" end to end {result.e2e:,.0f} msg/s ({reached - started:.2f} s),"
-        f" CPU {result.cpu_s:.1f} s; {usage}; this script {own:.1f} s CPU"
+        f" CPU {result.cpu_s:.1f} s"
+        + (f" (+{result.db_cpu_s:.1f} server)" if result.db_cpu_s is not None else "")
+        + (f", the purge's {purge_cpu:.1f} s" if purge is not None else "")
+        + f"; {usage}; this script {own:.1f} s CPU"
     )
     if purge is not None:
-        controls.append(control_phase(system, sink, settings, 1))
-        mean = sum(e2e for _, e2e, _ in controls) / len(controls)
-        result.purge = (result.purge or "") + (
-            "; the same run and database without the purge (before and after): end to end "
-            + " and ".join(f"{e2e:,.0f}" for _, e2e, _ in controls)
-            + f" msg/s, CPU {' and '.join(f'{cpu:.1f}' for _, _, cpu in controls)} s:"
-            f" with the purge {result.e2e / mean - 1:+.1%}"
+        assert isinstance(system, RelaySystem)
+        first = Phase(result.accepted, result.e2e, result.cpu_s, result.db_cpu_s or 0.0, usage)
+        without, with_purge = purge_rounds(system, sink, settings, purge)
+        with_purge.insert(0, first)
+        removed = purge.removed(due_before, purge.due())
+        mean_with = sum(p.e2e for p in with_purge) / len(with_purge)
+        mean_without = sum(p.e2e for p in without) / len(without)
+        # Each phase with the purge against the mean of the two without it around it (the
+        # first has only the one after it): drift over the run cancels out.
+        ratios = []
+        for i, phase in enumerate(with_purge):
+            around = without[max(0, i - 1) : i + 1]
+            ratios.append(phase.e2e / (sum(q.e2e for q in around) / len(around)) - 1)
+        result.purge = (
+            f"purge during the {len(with_purge)} phases with it: {removed}; end to end with it"
+            f" {', '.join(f'{p.e2e:,.0f}' for p in with_purge)} msg/s (mean {mean_with:,.0f}),"
+            f" without {', '.join(f'{p.e2e:,.0f}' for p in without)} (mean {mean_without:,.0f}):"
+            f" {mean_with / mean_without - 1:+.1%}; each against its neighbours without"
+            f" {', '.join(f'{r:+.1%}' for r in ratios)}"
         )
-    if result.purge:
         print(f"  {system.name}: {result.purge}")
 
     # (b) latency
@@ -1062,29 +1140,6 @@ def measure(
         f" {settings.latency_messages / accepted:,.0f} msg/s, end to end"
         f" {settings.latency_messages / (reached - started):,.0f} msg/s)"
     )
-
-
-def control_phase(
-    system: System, sink: CountingSink, settings: Settings, which: int
-) -> tuple[float, float, float]:
-    """--purge-backlog: phase (a) again with other messages of the load and no purge running,
-    before (``which`` 0) and after (1) the one with the purge; (accepted msg/s, end to end
-    msg/s, the system's CPU s)."""
-    messages = settings.control_loads[which]
-    time.sleep(0.5)
-    base = sink.count
-    cpu_before = sum(tree_cpu_seconds(pid) for pid in system.roots())
-    started = time.perf_counter()
-    accepted = send_load(system.port, messages, settings.sessions)
-    reached = sink.wait_for(base + len(messages), settings.timeout)
-    cpu = sum(tree_cpu_seconds(pid) for pid in system.roots()) - cpu_before
-    rates = len(messages) / accepted, len(messages) / (reached - started)
-    print(
-        f"  {system.name}: without the purge ({'before' if which == 0 else 'after'}):"
-        f" accepted {rates[0]:,.0f} msg/s, end to end {rates[1]:,.0f} msg/s, CPU {cpu:.1f} s"
-    )
-    time.sleep(0.5)
-    return rates[0], rates[1], cpu
 
 
 def start_profilers(system: System) -> list[subprocess.Popen[bytes]]:
@@ -1509,6 +1564,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         " messages holding bodies) or events (old events only: the purge deletes only events)",
     )
     parser.add_argument(
+        "--purge-rounds",
+        type=int,
+        default=2,
+        help="with --purge-backlog: phases with the purge, each followed by one without",
+    )
+    parser.add_argument(
         "--purge-kept-bodies",
         type=int,
         default=20_000,
@@ -1554,10 +1615,11 @@ def purge_line(events: int, args: argparse.Namespace) -> str:
     )
     return (
         f"purge: each SmartRelay database holds an old backlog of {what}, bench/backlog.py, and"
-        " `smartrelay-ctl purge` (one pass, 5 % duty) runs during phase (a), which also runs"
-        " once before and once after it without the purge (other messages of the load; the"
-        " relay's own purge service finds nothing: its retention is ten years); the purge's CPU"
-        " is not in the relay's (the PostgreSQL server's includes the purge's queries)"
+        " `smartrelay-ctl purge` (one pass, 5 % duty) runs during phase (a); then phase (a) is"
+        f" repeated, without the purge and with it alternately ({args.purge_rounds} with in all,"
+        " each followed by one without; other messages of the load each time; the relay's own"
+        " purge service finds nothing: its retention is ten years); the purge's CPU is not in"
+        " the relay's (the PostgreSQL server's includes the purge's queries)"
     )
 
 
@@ -1627,7 +1689,7 @@ def main() -> int:
                 args.seed,
                 args.identical,
             )
-            for i in range(2 if args.purge_backlog else 0)
+            for i in range(2 * args.purge_rounds - 1 if args.purge_backlog else 0)
         ],
     )
     pg_settings = ""
