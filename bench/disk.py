@@ -522,7 +522,8 @@ def analyse(
     if body_raw:
         lines.append(
             f"  bodies kept at the end: {body_raw:,.0f} bytes on average, stored as"
-            f" {body_stored:,.0f} (PostgreSQL compresses them in TOAST)"
+            f" {body_stored:,.0f}"
+            + (" (compressed in TOAST)" if result.engine == "postgresql" else "")
         )
     lines.append(
         "  tables with their indexes at the end: "
