@@ -6,7 +6,7 @@
         [--sessions 20] [--latency-messages 2000] [--latency-sessions 50] [--pg-fsync on|off]
         [--seed 1] [--identical] [--queue-run] [--queue-messages 100000]
         [--queue-next-hop refuse|defer] [--purge-backlog EVENTS [--purge-backlog-kind full|events]
-        [--purge-kept-bodies 20000]] [--quick] [--keep]
+        [--purge-kept-bodies 20000] [--purge-rounds 2]] [--quick] [--keep]
 
 Everything runs on loopback, one system at a time, each relaying to its own Postfix
 `smtp-sink -c` (whose running counter this script reads from a pipe: the same count for every
