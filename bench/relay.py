@@ -5,7 +5,8 @@
     .venv/bin/python bench/relay.py [--systems postfix,sqlite,postgresql|none] [--messages 5000]
         [--sessions 20] [--latency-messages 2000] [--latency-sessions 50] [--pg-fsync on|off]
         [--seed 1] [--identical] [--queue-run] [--queue-messages 100000]
-        [--queue-next-hop refuse|defer] [--quick] [--keep]
+        [--queue-next-hop refuse|defer] [--purge-backlog EVENTS [--purge-backlog-kind full|events]
+        [--purge-kept-bodies 20000] [--purge-rounds 2]] [--quick] [--keep]
 
 Everything runs on loopback, one system at a time, each relaying to its own Postfix
 `smtp-sink -c` (whose running counter this script reads from a pipe: the same count for every
@@ -46,6 +47,21 @@ then the next M. For each system:
     processes during phase (a), children that exited included (their parent's cutime/cstime).
     Each system's phase (a) line also says how busy the whole machine was (/proc/stat: other
     work on the machine shows there) and the CPU this script used itself.
+
+The purge's cost (`--purge-backlog EVENTS`, e.g. 1000000): before each SmartRelay starts, its
+fresh database gets the relay's schema (`smartrelay-ctl migrate`) and an old backlog
+(bench/backlog.py: EVENTS events of about EVENTS/4 finished messages and their recipients,
+100-130 days old, bodies purged, plus --purge-kept-bodies messages finished 10-20 days ago still
+holding their bodies; `--purge-backlog-kind events`: the old events alone, their messages gone
+already), all of it due for the purge with the default retention. The relay itself runs with
+a retention of ten years, so its own purge service never deletes; `smartrelay-ctl purge` (one
+pass, the service's pacing: 5 % duty) with the default retention is started after the warm-up
+and stopped when phase (a) ends; then phase (a) is repeated with other messages of the load,
+without the purge and with it (started afresh) alternately, --purge-rounds phases with it in
+all, each followed by one without (the same relay and database: the control, interleaved so
+that drift and the machine's other work fall on both). The lines say what the purge removed
+(`purge --dry-run` before and after), its CPU from its first batch, each phase's rates, and the
+end-to-end rate with the purge against without, overall and phase by phase.
 
 The queue run (`--queue-run`) shows SmartRelay's memory against its queue size: SmartRelay on
 SQLite, its route pointing at a closed port (connection refused; `--queue-next-hop defer`: a
@@ -90,6 +106,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import backlog  # noqa: E402
 import psycopg2  # noqa: E402
 import twisted  # noqa: E402
 from load import (  # noqa: E402
@@ -570,6 +587,8 @@ class Result:
     processes: int | None = None
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+    #: --purge-backlog: what the purge removed during phase (a), one line.
+    purge: str | None = None
 
 
 @dataclass
@@ -584,10 +603,17 @@ class Settings:
     keep: bool
     identical: bool
     delivery_processes: int = 0
+    #: --purge-backlog: old events put in SmartRelay's database before it starts (0: none),
+    #: and recent finished messages still holding their bodies.
+    purge_backlog: int = 0
+    purge_kept_bodies: int = 0
+    purge_messages: bool = True  # False: the backlog is old events only
     # The load's messages by phase (made once: every system gets the same ones).
     warmup_load: list[Outgoing] = field(default_factory=list)
     throughput_load: list[Outgoing] = field(default_factory=list)
     latency_load: list[Outgoing] = field(default_factory=list)
+    #: --purge-backlog: phase (a) without the purge, before and after the one with it.
+    control_loads: list[list[Outgoing]] = field(default_factory=list)
 
 
 class System(abc.ABC):
@@ -795,6 +821,9 @@ class RelaySystem(System):
         self.port = free_port()
         self.log = tmp / "relay.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.started_ms = 0
+        #: Config appended for the relay only (smartrelay-ctl reads the config without it).
+        self.relay_only_config = ""
 
     def config(self) -> str:
         key_path, _ = generate_key("example.com", "bench", "rsa", str(self.tmp / "dkim"))
@@ -817,9 +846,24 @@ class RelaySystem(System):
             f'private_key = "{key_path}"\nalgorithm = "rsa-sha256"\n'
         )
 
+    def prepare(self) -> tuple[Path, Path]:
+        """The relay's config file and smartrelay-ctl's (the same but for
+        ``relay_only_config``), written once."""
+        config, ctl = self.tmp / "relay.toml", self.tmp / "ctl.toml"
+        if not config.exists():
+            text = self.config()
+            ctl.write_text(text)
+            config.write_text(text + self.relay_only_config)
+        return config, ctl
+
+    def ctl(self, *args: str) -> list[str]:
+        """A ``smartrelay-ctl`` command line with the relay's config."""
+        ctl = Path(sys.executable).parent / "smartrelay-ctl"
+        return [str(ctl), "--config", str(self.prepare()[1]), *args]
+
     def start(self) -> None:
-        config = self.tmp / "relay.toml"
-        config.write_text(self.config())
+        config = self.prepare()[0]
+        self.started_ms = int(time.time() * 1000)
         twistd = Path(sys.executable).parent / "twistd"
         command = [str(twistd), "-n", "--pidfile=", "-l", str(self.log)]
         self.process = subprocess.Popen(
@@ -847,20 +891,156 @@ class RelaySystem(System):
         return _problem_lines(self.log, pattern, "twistd log", ignore=expected)
 
     def delivered(self) -> int:
-        """``delivered`` events in the relay's database (cross-check of the sink's count)."""
-        return count_events(self.database, "delivered")
+        """``delivered`` events in the relay's database since it started (cross-check of the
+        sink's count; --purge-backlog's old events are older)."""
+        return count_events(self.database, "delivered", self.started_ms)
 
 
-def count_events(database: str, event_type: str) -> int:
-    query = "SELECT COUNT(*) FROM events WHERE type = %s"
+def count_events(database: str, event_type: str, since_ms: int = 0) -> int:
+    query = "SELECT COUNT(*) FROM events WHERE type = %s AND time >= %s"
     if database.startswith("sqlite:"):
         with contextlib.closing(sqlite3.connect(database.removeprefix("sqlite:"), 30)) as db:
-            return int(db.execute(query.replace("%s", "?"), (event_type,)).fetchone()[0])
+            row = db.execute(query.replace("%s", "?"), (event_type, since_ms)).fetchone()
+            return int(row[0])
     with contextlib.closing(psycopg2.connect(database)) as connection:
         cursor = connection.cursor()
-        cursor.execute(query, (event_type,))
+        cursor.execute(query, (event_type, since_ms))
         row = cursor.fetchone()
         return int(row[0]) if row else 0
+
+
+class BackgroundPurge:
+    """``smartrelay-ctl purge`` (one paced pass, the relay's own pacing: 5 % duty) run with the
+    relay's config while a throughput phase runs; what it removed is counted with
+    ``purge --dry-run`` before the first and after the last (the load's messages are not due)."""
+
+    _WOULD = re.compile(r"would remove (\d+) (message bodies|messages|events|feedback reports)")
+
+    def __init__(self, system: RelaySystem) -> None:
+        self.system = system
+        self.process: subprocess.Popen[bytes] | None = None
+        self.first_batch = threading.Event()
+        self.progress: list[str] = []
+        self._reader: threading.Thread | None = None
+        self._cpu_started = 0.0
+        self.cpu_s = 0.0  # summed over the runs, from each one's first batch
+        self.finished = False  # a run ended by itself (nothing left) before it was stopped
+
+    def due(self) -> dict[str, int]:
+        result = subprocess.run(
+            self.system.ctl("purge", "--dry-run"), capture_output=True, text=True, timeout=300
+        )
+        if result.returncode != 0:
+            raise BenchError(f"smartrelay-ctl purge --dry-run failed: {result.stderr.strip()}")
+        return {kind: int(count) for count, kind in self._WOULD.findall(result.stdout)}
+
+    def start(self) -> None:
+        self.first_batch.clear()
+        self.process = subprocess.Popen(
+            self.system.ctl("purge"),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        self._reader = threading.Thread(target=self._read, name="purge-progress", daemon=True)
+        self._reader.start()
+        # It is purging once it reports its first batch (start-up takes about a second).
+        process = self.process
+        deadline = time.monotonic() + 60
+        while not self.first_batch.wait(0.1):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(
+                    "smartrelay-ctl purge did not report a batch: " + " | ".join(self.progress)
+                )
+        self._cpu_started = tree_cpu_seconds(process.pid)  # its start-up is not the purge
+
+    def _read(self) -> None:
+        assert self.process is not None and self.process.stderr is not None
+        for raw in self.process.stderr:
+            line = raw.decode(errors="replace").strip()
+            self.progress.append(line)
+            if "purging" in line:
+                self.first_batch.set()
+
+    def stop(self) -> float:
+        """Stop the pass (if it has not finished); its CPU since its first batch."""
+        assert self.process is not None
+        self.finished = self.finished or self.process.poll() is not None
+        cpu = tree_cpu_seconds(self.process.pid) - self._cpu_started
+        self.cpu_s += cpu
+        stop_process(self.process, signal.SIGTERM, 10)
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        self.process = None
+        return cpu
+
+    def removed(self, before: dict[str, int], after: dict[str, int]) -> str:
+        removed = {kind: before.get(kind, 0) - after.get(kind, 0) for kind in before}
+        return (
+            f"removed {removed.get('message bodies', 0):,} message bodies,"
+            f" {removed.get('messages', 0):,} messages, {removed.get('events', 0):,} events"
+            f" ({after.get('events', 0):,} events still due); its CPU after start-up"
+            f" {self.cpu_s:.1f} s" + ("; it FINISHED before a phase ended" if self.finished else "")
+        )
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One timed batch of the load (phase (a) or one of its --purge-backlog repetitions)."""
+
+    accepted: float  # msg/s
+    e2e: float  # msg/s
+    cpu_s: float  # the system's
+    db_cpu_s: float  # the PostgreSQL server's
+    usage: str  # the whole machine's
+
+
+def timed_phase(
+    system: System, sink: CountingSink, settings: Settings, messages: Sequence[Outgoing]
+) -> Phase:
+    time.sleep(0.5)
+    base = sink.count
+    cpu_before = sum(tree_cpu_seconds(pid) for pid in system.roots())
+    db_cpu_before = sum(tree_cpu_seconds(pid) for pid in system.db_roots())
+    machine_before = machine_cpu()
+    started = time.perf_counter()
+    accepted = send_load(system.port, messages, settings.sessions)
+    reached = sink.wait_for(base + len(messages), settings.timeout)
+    return Phase(
+        accepted=len(messages) / accepted,
+        e2e=len(messages) / (reached - started),
+        cpu_s=sum(tree_cpu_seconds(pid) for pid in system.roots()) - cpu_before,
+        db_cpu_s=sum(tree_cpu_seconds(pid) for pid in system.db_roots()) - db_cpu_before,
+        usage=machine_usage(machine_before),
+    )
+
+
+def purge_rounds(
+    system: RelaySystem, sink: CountingSink, settings: Settings, purge: BackgroundPurge
+) -> tuple[list[Phase], list[Phase]]:
+    """--purge-backlog, after phase (a) with the purge: phase (a) again without it, then with
+    it, alternately (other messages of the load each time, the same relay and database):
+    ``purge_rounds`` phases with it in all (phase (a) included), one more without."""
+    without: list[Phase] = []
+    with_purge: list[Phase] = []
+    for index, messages in enumerate(settings.control_loads):
+        on = index % 2 == 1
+        if on:
+            purge.start()
+        try:
+            phase = timed_phase(system, sink, settings, messages)
+        finally:
+            purge_cpu = purge.stop() if on else 0.0
+        (with_purge if on else without).append(phase)
+        print(
+            f"  {system.name}: {'with' if on else 'without'} the purge: accepted"
+            f" {phase.accepted:,.0f} msg/s, end to end {phase.e2e:,.0f} msg/s, CPU"
+            f" {phase.cpu_s:.1f} s"
+            + (f" (+{phase.db_cpu_s:.1f} server)" if system.db_roots() else "")
+            + (f", the purge's {purge_cpu:.1f} s" if on else "")
+            + f"; {phase.usage}"
+        )
+    return without, with_purge
 
 
 def measure(
@@ -879,8 +1059,17 @@ def measure(
     time.sleep(0.5)  # the relays' deliveries of the warm-up end; idle connections stay
 
     # (a) throughput
-    profilers = start_profilers(system)
+    purge: BackgroundPurge | None = None
+    due_before: dict[str, int] = {}
+    if settings.purge_backlog and isinstance(system, RelaySystem):
+        purge = BackgroundPurge(system)
+        due_before = purge.due()
+    profilers: list[subprocess.Popen[bytes]] = []
+    purge_cpu = 0.0
     try:
+        if purge is not None:
+            purge.start()
+        profilers = start_profilers(system)
         base = sink.count
         cpu_before = sum(tree_cpu_seconds(pid) for pid in system.roots())
         db_cpu_before = sum(tree_cpu_seconds(pid) for pid in system.db_roots())
@@ -898,13 +1087,40 @@ def measure(
     finally:
         for profiler in profilers:
             stop_process(profiler, signal.SIGINT, 60)  # py-spy writes its file on SIGINT
+        if purge is not None and purge.process is not None:
+            purge_cpu = purge.stop()
     result.accepted = settings.messages / accepted
     result.e2e = settings.messages / (reached - started)
     print(
         f"  {system.name}: accepted {result.accepted:,.0f} msg/s ({accepted:.2f} s),"
         f" end to end {result.e2e:,.0f} msg/s ({reached - started:.2f} s),"
-        f" CPU {result.cpu_s:.1f} s; {usage}; this script {own:.1f} s CPU"
+        f" CPU {result.cpu_s:.1f} s"
+        + (f" (+{result.db_cpu_s:.1f} server)" if result.db_cpu_s is not None else "")
+        + (f", the purge's {purge_cpu:.1f} s" if purge is not None else "")
+        + f"; {usage}; this script {own:.1f} s CPU"
     )
+    if purge is not None:
+        assert isinstance(system, RelaySystem)
+        first = Phase(result.accepted, result.e2e, result.cpu_s, result.db_cpu_s or 0.0, usage)
+        without, with_purge = purge_rounds(system, sink, settings, purge)
+        with_purge.insert(0, first)
+        removed = purge.removed(due_before, purge.due())
+        mean_with = sum(p.e2e for p in with_purge) / len(with_purge)
+        mean_without = sum(p.e2e for p in without) / len(without)
+        # Each phase with the purge against the mean of the two without it around it (the
+        # first has only the one after it): drift over the run cancels out.
+        ratios = []
+        for i, phase in enumerate(with_purge):
+            around = without[max(0, i - 1) : i + 1]
+            ratios.append(phase.e2e / (sum(q.e2e for q in around) / len(around)) - 1)
+        result.purge = (
+            f"purge during the {len(with_purge)} phases with it: {removed}; end to end with it"
+            f" {', '.join(f'{p.e2e:,.0f}' for p in with_purge)} msg/s (mean {mean_with:,.0f}),"
+            f" without {', '.join(f'{p.e2e:,.0f}' for p in without)} (mean {mean_without:,.0f}):"
+            f" {mean_with / mean_without - 1:+.1%}; each against its neighbours without"
+            f" {', '.join(f'{r:+.1%}' for r in ratios)}"
+        )
+        print(f"  {system.name}: {result.purge}")
 
     # (b) latency
     time.sleep(0.5)
@@ -1055,6 +1271,23 @@ def run_postfix(tools: Tools, settings: Settings) -> Result:
             holder[0].cleanup(settings.keep)
 
 
+def fill_backlog(system: RelaySystem, settings: Settings) -> None:
+    """--purge-backlog: the relay's schema (``smartrelay-ctl migrate``, so it is exactly the
+    relay's), then an old backlog (bench/backlog.py), before the relay starts."""
+    result = subprocess.run(system.ctl("migrate"), capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise BenchError(f"smartrelay-ctl migrate failed: {result.stderr.strip()}")
+    print(f"{system.name}: filling the database with an old backlog...")
+    filled = backlog.fill(
+        system.database,
+        settings.purge_backlog,
+        settings.purge_kept_bodies,
+        settings.seed,
+        messages=settings.purge_messages,
+    )
+    print(f"  {system.name}: {filled.line()}")
+
+
 def run_relay(
     name: str,
     tools: Tools,
@@ -1067,13 +1300,22 @@ def run_relay(
         url = database(tmp)
 
         def make(sink: CountingSink) -> System:
-            return RelaySystem(
+            system = RelaySystem(
                 name, tools, sink.port, url, tmp, db_roots, settings.delivery_processes
             )
+            if settings.purge_backlog:
+                # Only smartrelay-ctl purge deletes, when the script says: the relay's own
+                # purge service (its first pass a minute after start) finds nothing due.
+                system.relay_only_config = (
+                    '[retention]\nmessage_bodies = "3650d"\nevents = "3650d"\n'
+                )
+                fill_backlog(system, settings)
+            return system
 
         def extra(system: System, result: Result) -> None:
             assert isinstance(system, RelaySystem)
             expected = settings.warmup + settings.messages + settings.latency_messages
+            expected += sum(len(load) for load in settings.control_loads)
             deadline = time.monotonic() + 30  # outcomes are committed after the sink's 250
             delivered = system.delivered()
             while delivered < expected and time.monotonic() < deadline:
@@ -1305,6 +1547,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_SEED,
         help="the personalized load's seed (bench/load.py)",
     )
+    parser.add_argument(
+        "--purge-backlog",
+        type=int,
+        default=0,
+        metavar="EVENTS",
+        help="fill each SmartRelay database with an old backlog of EVENTS events (and their"
+        " messages) before it starts, and run `smartrelay-ctl purge` during phase (a)"
+        " (default 0: neither)",
+    )
+    parser.add_argument(
+        "--purge-backlog-kind",
+        choices=("full", "events"),
+        default="full",
+        help="with --purge-backlog: full (old messages, recipients and events, and recent"
+        " messages holding bodies) or events (old events only: the purge deletes only events)",
+    )
+    parser.add_argument(
+        "--purge-rounds",
+        type=int,
+        default=2,
+        help="with --purge-backlog: phases with the purge, each followed by one without",
+    )
+    parser.add_argument(
+        "--purge-kept-bodies",
+        type=int,
+        default=20_000,
+        help="with --purge-backlog: recent finished messages still holding their bodies",
+    )
     parser.add_argument("--queue-run", action="store_true", help="also the queue-size run")
     parser.add_argument("--queue-messages", type=int, help="default 100000")
     parser.add_argument(
@@ -1334,6 +1604,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown system(s): {', '.join(sorted(unknown))}")
     args.systems = systems
     return args
+
+
+def purge_line(events: int, args: argparse.Namespace) -> str:
+    what = (
+        f"{events:,} events with their messages (and {args.purge_kept_bodies:,} recent"
+        " finished messages holding their bodies)"
+        if args.purge_backlog_kind == "full"
+        else f"{events:,} events only (their messages gone already)"
+    )
+    return (
+        f"purge: each SmartRelay database holds an old backlog of {what}, bench/backlog.py, and"
+        " `smartrelay-ctl purge` (one pass, 5 % duty) runs during phase (a); then phase (a) is"
+        f" repeated, without the purge and with it alternately ({args.purge_rounds} with in all,"
+        " each followed by one without; other messages of the load each time; the relay's own"
+        " purge service finds nothing: its retention is ten years); the purge's CPU is not in"
+        " the relay's (the PostgreSQL server's includes the purge's queries)"
+    )
 
 
 def main() -> int:
@@ -1373,6 +1660,8 @@ def main() -> int:
         f" {throttle_connections(args.delivery_processes)} connections to the sink"
         + (" in each" if args.delivery_processes > 1 else "")
     )
+    if args.purge_backlog:
+        print(purge_line(args.purge_backlog, args))
     print()
     results: list[Result] = []
     queue_lines: list[str] = []
@@ -1387,9 +1676,21 @@ def main() -> int:
         keep=args.keep,
         identical=args.identical,
         delivery_processes=args.delivery_processes,
+        purge_backlog=args.purge_backlog,
+        purge_kept_bodies=args.purge_kept_bodies if args.purge_backlog_kind == "full" else 0,
+        purge_messages=args.purge_backlog_kind == "full",
         warmup_load=warmup_load,
         throughput_load=throughput_load,
         latency_load=latency_load,
+        control_loads=[
+            make_load(
+                args.warmup + args.messages + args.latency_messages + i * args.messages,
+                args.messages,
+                args.seed,
+                args.identical,
+            )
+            for i in range(2 * args.purge_rounds - 1 if args.purge_backlog else 0)
+        ],
     )
     pg_settings = ""
     if "postfix" in args.systems:
@@ -1424,10 +1725,15 @@ def main() -> int:
         f" SmartRelay [delivery] processes={args.delivery_processes}"
         + (f"; PostgreSQL {pg_settings}" if pg_settings else "")
     )
+    if args.purge_backlog:
+        print(purge_line(args.purge_backlog, args))
     print()
     if results:
         for line in table(results):
             print(line)
+        for r in results:
+            if r.purge:
+                print(f"{r.system}: {r.purge}")
         print(
             "accepted: N / the client's wall time; e2e: N / (client start -> sink has all N);"
             " p50/p99: DATA-dot -> 250; peak RSS/PSS: summed over the system's processes"
