@@ -369,8 +369,21 @@ def _kept_chunks(count: int, seed: int, now: float) -> Iterator[Chunk]:
 
 MESSAGE_COLUMNS = (
     "queue_id, received_at, sender, size, client_ip, credential, tags, metadata, options,"
-    " idempotency_key, raw, finished_at, body_purged_at"
+    " idempotency_key, finished_at, body_purged_at"
 )
+BODY_COLUMNS = "queue_id, raw"
+
+
+def split_messages(
+    rows: Sequence[tuple[object, ...]],
+) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+    """The chunk's message tuples (with ``raw`` at index 10) as rows of ``messages`` and of
+    ``message_bodies`` (the bodies still kept: ``body_purged_at`` NULL)."""
+    messages = [(*row[:10], *row[11:]) for row in rows]
+    bodies = [(row[0], row[10]) for row in rows if row[12] is None]
+    return messages, bodies
+
+
 RECIPIENT_COLUMNS = (
     "queue_id, address, domain, state, attempts, next_attempt_at, lease_owner, last_reply,"
     " updated_at"
@@ -398,10 +411,11 @@ class _SqliteWriter(_Writer):
     def write(self, chunk: Chunk) -> None:
         db = self.db
         db.execute("BEGIN IMMEDIATE")
+        messages, bodies = split_messages(chunk.messages)
         db.executemany(
-            f"INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES ({', '.join('?' * 13)})",
-            chunk.messages,
+            f"INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES ({', '.join('?' * 12)})", messages
         )
+        db.executemany(f"INSERT INTO message_bodies ({BODY_COLUMNS}) VALUES (?, ?)", bodies)
         db.executemany(
             f"INSERT INTO recipients ({RECIPIENT_COLUMNS}) VALUES ({', '.join('?' * 9)})",
             chunk.recipients,
@@ -450,7 +464,9 @@ class _PostgresWriter(_Writer):
 
     def write(self, chunk: Chunk) -> None:
         with self.connection, self.connection.cursor() as cursor:
-            _copy(cursor, "messages", MESSAGE_COLUMNS, chunk.messages)
+            messages, bodies = split_messages(chunk.messages)
+            _copy(cursor, "messages", MESSAGE_COLUMNS, messages)
+            _copy(cursor, "message_bodies", BODY_COLUMNS, bodies)
             _copy(cursor, "recipients", RECIPIENT_COLUMNS, chunk.recipients)
             _copy(cursor, "events", EVENT_COLUMNS, chunk.events)
 

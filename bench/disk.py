@@ -174,7 +174,7 @@ class Database:
         stored = "length(raw)" if self.url.startswith("sqlite:") else "pg_column_size(raw)"
         values = self._query(
             [
-                f"SELECT SUM({stored}) FROM messages WHERE body_purged_at IS NULL",
+                f"SELECT SUM({stored}) FROM message_bodies",
                 "SELECT SUM(size) FROM messages WHERE body_purged_at IS NULL",
                 "SELECT COUNT(*) FROM messages WHERE body_purged_at IS NULL",
             ]

@@ -106,9 +106,9 @@ async def fill(store: Store, count: int, seed: int) -> tuple[int, int]:
 
         async def txn(cursor: ICursor, part: list[Any] = part) -> None:
             await cursor.executemany(
-                "INSERT INTO messages (queue_id, received_at, sender, size, tags, raw)"
-                " VALUES (?, ?, ?, 900, ?, ?)",
-                [(m["queue_id"], m["received_at"], m["sender"], m["tags"], b"x") for m, _ in part],
+                "INSERT INTO messages (queue_id, received_at, sender, size, tags)"
+                " VALUES (?, ?, ?, 900, ?)",
+                [(m["queue_id"], m["received_at"], m["sender"], m["tags"]) for m, _ in part],
             )
             rows = sorted(
                 (

@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 import sqlite3
 import tracemalloc
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, closing
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,13 @@ async def sql(engine: IDatabaseEngine, statement: str, args: Sequence[Any] = ())
 
 async def many(engine: IDatabaseEngine, statement: str, rows: Sequence[Sequence[Any]]) -> None:
     async def txn(cursor: ICursor) -> None:
-        await cursor.executemany(statement, rows)
+        if statement == MESSAGE:
+            messages, bodies = _message_rows(rows)
+            await cursor.executemany(_MESSAGE_ROW, messages)
+            if bodies:
+                await cursor.executemany(_BODY_ROW, bodies)
+        else:
+            await cursor.executemany(statement, rows)
 
     await engine.run_interaction("test_sql", txn)
 
@@ -73,11 +80,34 @@ def body(size: int, seed: int) -> bytes:
     return (pattern * (size // len(pattern) + 1))[:size]
 
 
-MESSAGE = (
+#: A message row with its body: ``many(engine, MESSAGE, [message(...)])`` writes both tables
+#: (``message_bodies`` only while the body is kept), :func:`insert_message` does it on a
+#: synchronous connection.
+MESSAGE = "-- messages and message_bodies"
+_MESSAGE_ROW = (
     "INSERT INTO messages (queue_id, received_at, sender, size, client_ip, credential, tags,"
-    " metadata, options, idempotency_key, raw, finished_at, body_purged_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " metadata, options, idempotency_key, finished_at, body_purged_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_BODY_ROW = "INSERT INTO message_bodies (queue_id, raw) VALUES (?, ?)"
+
+
+def _message_rows(
+    rows: Sequence[Sequence[Any]],
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """(messages rows, message_bodies rows) of :func:`message` tuples."""
+    messages = [(*row[:10], *row[11:]) for row in rows]
+    bodies = [(row[0], row[10]) for row in rows if row[12] is None]
+    return messages, bodies
+
+
+def insert_message(execute: Callable[..., Any], row: Sequence[Any]) -> None:
+    (message_row,), bodies = _message_rows([row])
+    execute(_MESSAGE_ROW, message_row)
+    for body_row in bodies:
+        execute(_BODY_ROW, body_row)
+
+
 RECIPIENT = (
     "INSERT INTO recipients (queue_id, address, domain, state, attempts, next_attempt_at,"
     " lease_owner, last_reply, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -338,7 +368,7 @@ async def test_memory_stays_flat_with_big_bodies(
             tracemalloc.stop()
         assert {t.name: t.rows for t in report.tables}["messages"] == 65
         assert peak < 24_000_000, f"peak {peak / 1e6:.1f} MB"
-        sizes = await sql(target, "SELECT queue_id, length(raw) FROM messages")
+        sizes = await sql(target, "SELECT queue_id, length(raw) FROM message_bodies")
         assert sorted(sizes) == sorted(
             [(f"B{n:03d}", 1_500_000) for n in range(24)]
             + [(f"S{n:03d}", 500_000) for n in range(40)]
@@ -350,7 +380,9 @@ async def test_memory_stays_flat_with_big_bodies(
             ("S039", 500_000, 39),
             ("H", 12_000_000, 5),
         ):
-            raw = await sql(target, "SELECT raw FROM messages WHERE queue_id = ?", (queue_id,))
+            raw = await sql(
+                target, "SELECT raw FROM message_bodies WHERE queue_id = ?", (queue_id,)
+            )
             assert raw[0][0] == body(size, n), queue_id
 
 
@@ -432,7 +464,7 @@ async def test_messages_arriving_during_the_copy_fail_it(
         def arrive(table: str, copied: int, total: int) -> None:
             if table == "events" and copied == total:
                 with closing(sqlite3.connect(path)) as db, db:
-                    db.execute(MESSAGE, message("Z-late", b"late\r\n"))
+                    insert_message(db.execute, message("Z-late", b"late\r\n"))
 
         with pytest.raises(CopyError, match="the relay was running during the copy"):
             await copy_data(source, target, real_reactor(), progress=arrive)
@@ -461,7 +493,7 @@ async def test_history_copy_while_the_relay_writes(
                         "INSERT INTO events (type, time, data) VALUES ('received', ?, '{}')",
                         (T0 + copied,),
                     )
-                    db.execute(MESSAGE, message(f"Z{copied:04d}", b"new\r\n"))
+                    insert_message(db.execute, message(f"Z{copied:04d}", b"new\r\n"))
                 written.append(copied)
 
         report = await copy_data(
@@ -506,7 +538,7 @@ def test_cli_copy_data_end_to_end(tmp_path: Path, postgres_server: PostgresServe
         "INSERT INTO web_users (name, password_hash, created_at) VALUES (?, ?, ?)",
         ("admin", "h", 1),
     )
-    query(source_url, MESSAGE, message("Q1", b"Subject: x\r\n\r\nbody\r\n"))
+    insert_message(partial(query, source_url), message("Q1", b"Subject: x\r\n\r\nbody\r\n"))
     query(source_url, RECIPIENT, ("Q1", "a@b.org", "b.org", "queued", 0, 5, None, None, 1))
     target_url = postgres_server.create_database()
     with_password = target_url.replace("postgres@", "postgres:s3cret-pw@")
@@ -524,6 +556,7 @@ def test_cli_copy_data_end_to_end(tmp_path: Path, postgres_server: PostgresServe
         "rollups": 0,
         "events": 0,
         "messages": 1,
+        "message_bodies": 1,
         "recipients": 1,
     }
     assert "web_users: 1 / 1 rows" in result.stderr.splitlines()

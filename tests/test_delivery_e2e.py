@@ -145,7 +145,7 @@ async def test_three_recipients_on_two_domains_and_the_message_as_delivered(
     assert len(set(senders)) == 3
     assert by_recipient[("a@one.test",)].connection == by_recipient[("b@one.test",)].connection
     # As stored, minus the control headers, plus X-SmartRelay-ID and Message-ID after the trace.
-    rows = await select(relay.store, "SELECT raw FROM messages WHERE queue_id = ?", queue_id)
+    rows = await select(relay.store, "SELECT raw FROM message_bodies WHERE queue_id = ?", queue_id)
     stored = bytes(rows[0][0])
     assert stored.endswith(data)
     trace = stored[: len(stored) - len(data)]

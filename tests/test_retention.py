@@ -97,10 +97,11 @@ async def deliver_all(store: Store, owner: str = "node") -> int:
 async def body_of(store: Store, queue_id: str) -> tuple[bytes, int | None, int | None]:
     (row,) = await rows(
         store,
-        "SELECT raw, finished_at, body_purged_at FROM messages WHERE queue_id = ?",
+        "SELECT b.raw, m.finished_at, m.body_purged_at FROM messages m"
+        " LEFT JOIN message_bodies b ON b.queue_id = m.queue_id WHERE m.queue_id = ?",
         queue_id,
     )
-    return bytes(row[0]), row[1], row[2]
+    return b"" if row[0] is None else bytes(row[0]), row[1], row[2]
 
 
 # -- what goes when ---------------------------------------------------------------------------
@@ -458,6 +459,9 @@ async def test_migration_sets_finished_at_of_messages_already_finished(tmp_path:
         store = Store(engine, Clock())
         finished = dict(await rows(store, "SELECT queue_id, finished_at FROM messages"))
         assert finished == {"done": 7000, "open": None}
+        # Version 7 moved the bodies to their own table.
+        bodies = dict(await rows(store, "SELECT queue_id, raw FROM message_bodies"))
+        assert {k: bytes(v) for k, v in bodies.items()} == {"done": b"A", "open": b"A"}
     finally:
         await engine.close()
 

@@ -207,7 +207,7 @@ async def recipients_of(store: Store, queue_id: str) -> list[str]:
 
 
 async def raw_of(store: Store, queue_id: str) -> bytes:
-    rows = await select(store, "SELECT raw FROM messages WHERE queue_id = ?", queue_id)
+    rows = await select(store, "SELECT raw FROM message_bodies WHERE queue_id = ?", queue_id)
     assert len(rows) == 1, f"no message row for {queue_id}"
     return bytes(rows[0][0])
 
@@ -427,7 +427,7 @@ async def test_implicit_tls_listener(sqlite_relays: Relays, tmp_path: Path) -> N
     assert version in ("TLSv1.2", "TLSv1.3") and noop == "250 2.0.0 Ok"
 
     async def raw_message(cursor: ICursor) -> bytes:
-        await cursor.execute("SELECT raw FROM messages")
+        await cursor.execute("SELECT raw FROM message_bodies")
         row = cursor.fetchone()
         assert row is not None
         return bytes(row[0])

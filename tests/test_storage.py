@@ -63,7 +63,10 @@ async def test_queue_message_writes_message_recipients_and_events(
     assert not queued.duplicate and len(queued.queue_id) == 16
 
     async def txn(cursor: ICursor) -> None:
-        await cursor.execute("SELECT sender, raw, tags, metadata, size FROM messages")
+        await cursor.execute(
+            "SELECT sender, raw, tags, metadata, size"
+            " FROM messages JOIN message_bodies USING (queue_id)"
+        )
         sender, raw, tags, metadata, size = cursor.fetchall()[0]
         assert sender == "app@example.com"
         assert raw == b"Subject: hi\r\n\r\nbody \x00\xff bytes\r\n"
@@ -93,10 +96,9 @@ async def test_queue_message_writes_message_recipients_and_events(
 async def test_failed_transaction_leaves_nothing(engine: IDatabaseEngine) -> None:
     async def txn(cursor: ICursor) -> None:
         await cursor.execute(
-            "INSERT INTO messages (queue_id, received_at, sender, size, raw)"
-            " VALUES ('Q1', 0, 's', 1, ?)",
-            (b"x",),
+            "INSERT INTO messages (queue_id, received_at, sender, size) VALUES ('Q1', 0, 's', 1)"
         )
+        await cursor.execute("INSERT INTO message_bodies (queue_id, raw) VALUES ('Q1', ?)", (b"x",))
         await cursor.execute(
             "INSERT INTO recipients (queue_id, address, domain, state, updated_at)"
             " VALUES ('Q1', 'a@b', 'b', 'queued', 0)"
@@ -106,6 +108,7 @@ async def test_failed_transaction_leaves_nothing(engine: IDatabaseEngine) -> Non
     with pytest.raises(RuntimeError):
         await engine.run_interaction("half", txn)
     assert await count(engine, "messages") == 0
+    assert await count(engine, "message_bodies") == 0
     assert await count(engine, "recipients") == 0
 
 

@@ -777,12 +777,14 @@ async def purge(store: Store, recipient_id: int, rows: bool) -> str:
         await cursor.execute("SELECT COUNT(*) FROM recipients WHERE queue_id = ?", (ref.queue_id,))
         count = cursor.fetchone()
         await cursor.execute(
-            "SELECT raw, body_purged_at FROM messages WHERE queue_id = ?", (ref.queue_id,)
+            "SELECT b.raw, m.body_purged_at FROM messages m LEFT JOIN message_bodies b"
+            " ON b.queue_id = m.queue_id WHERE m.queue_id = ?",
+            (ref.queue_id,),
         )
         message = cursor.fetchone()
         assert count is not None
         assert message is None or message[1] is not None
-        return int(count[0]), None if message is None else bytes(message[0])
+        return int(count[0]), None if message is None else bytes(message[0] or b"")
 
     # The purge did what it says: the rows are gone, or only the body is.
     count, raw = await store.engine.run_interaction("check", txn, readonly=True)

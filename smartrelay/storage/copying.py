@@ -66,7 +66,8 @@ TABLES = (
     Table("rollup_progress", ("name",)),
     Table("rollups", ("hour", "tag", "sender_domain", "recipient_domain", "type", "detail")),
     Table("events", ("id",), identity="id"),
-    Table("messages", ("queue_id",), blob="raw", queue=True),
+    Table("messages", ("queue_id",), queue=True),
+    Table("message_bodies", ("queue_id",), blob="raw", queue=True),
     Table("recipients", ("id",), identity="id", queue=True),
 )
 

@@ -170,8 +170,8 @@ class QueueStore(StoreBase):
             ]
             await cursor.executemany(
                 "INSERT INTO messages (queue_id, received_at, sender, size, client_ip,"
-                " credential, tags, metadata, options, idempotency_key, raw)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " credential, tags, metadata, options, idempotency_key)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         queue_id,
@@ -184,15 +184,18 @@ class QueueStore(StoreBase):
                         json.dumps(m.metadata, sort_keys=True),
                         json.dumps(m.options, sort_keys=True),
                         m.idempotency_key,
-                        m.raw if m.spooled is None else b"",
                     )
                     for m, queue_id in new
                 ],
             )
+            await cursor.executemany(
+                "INSERT INTO message_bodies (queue_id, raw) VALUES (?, ?)",
+                [(queue_id, m.raw if m.spooled is None else b"") for m, queue_id in new],
+            )
             for m, queue_id in new:
                 if m.spooled is not None:
                     await cursor.write_blob(
-                        "messages", "raw", "queue_id", queue_id, m.raw, m.spooled
+                        "message_bodies", "raw", "queue_id", queue_id, m.raw, m.spooled
                     )
             await cursor.executemany(
                 "INSERT INTO recipients (queue_id, address, domain, state, attempts,"
@@ -304,8 +307,10 @@ class QueueStore(StoreBase):
             marks = ", ".join("?" for _ in wanted)
             # Big messages are read on their own, piece by piece (ICursor.read_blob).
             await cursor.execute(
-                "SELECT queue_id, received_at, sender, tags, metadata, options,"
-                f" CASE WHEN size <= ? THEN raw END FROM messages WHERE queue_id IN ({marks})",
+                "SELECT m.queue_id, m.received_at, m.sender, m.tags, m.metadata, m.options,"
+                " CASE WHEN m.size <= ? THEN b.raw END, b.queue_id IS NOT NULL"
+                " FROM messages m LEFT JOIN message_bodies b ON b.queue_id = m.queue_id"
+                f" WHERE m.queue_id IN ({marks})",
                 [BIG_MESSAGE, *wanted],
             )
             rows = cursor.fetchall()
@@ -313,8 +318,10 @@ class QueueStore(StoreBase):
             for r in rows:
                 queue_id = str(r[0])
                 raw = r[6]
-                if raw is None:
-                    raw = await cursor.read_blob("messages", "raw", "queue_id", queue_id)
+                if not r[7]:  # the body is gone (retention): only a finished message's
+                    raw = b""
+                elif raw is None:
+                    raw = await cursor.read_blob("message_bodies", "raw", "queue_id", queue_id)
                 loaded[queue_id] = StoredMessage(
                     queue_id=queue_id,
                     received_at=int(r[1]) / 1000,

@@ -21,7 +21,7 @@ from smartrelay.storage.interfaces import ICursor
 class PurgeCutoffs:
     """Integer milliseconds: what is older than each is due for deletion."""
 
-    bodies: int  # messages finished before this lose their raw body
+    bodies: int  # messages finished before this lose their raw body (message_bodies row)
     messages: int  # messages finished before this go, with their recipients
     events: int  # events before this go (never past what the roll-ups have counted)
     feedback_reports: int  # feedback reports received before this go
@@ -61,7 +61,7 @@ class RetentionStore(StoreBase):
         return queue_ids
 
     async def purge_bodies(self, before_ms: int, limit: int, max_bytes: int) -> PurgeBatch:
-        """Empty the raw body of up to ``limit`` messages (at most ``max_bytes`` of bodies, or
+        """Delete the raw body of up to ``limit`` messages (at most ``max_bytes`` of bodies, or
         one) finished before ``before_ms``."""
         now_ms = self.now_ms()
 
@@ -71,10 +71,10 @@ class RetentionStore(StoreBase):
             )
             if not queue_ids:
                 return PurgeBatch(0)
+            where = f"queue_id IN ({marks(len(queue_ids))})"
+            await cursor.execute(f"DELETE FROM message_bodies WHERE {where}", queue_ids)
             await cursor.execute(
-                "UPDATE messages SET raw = ?, body_purged_at = ?"
-                f" WHERE queue_id IN ({marks(len(queue_ids))})",
-                (b"", now_ms, *queue_ids),
+                f"UPDATE messages SET body_purged_at = ? WHERE {where}", (now_ms, *queue_ids)
             )
             return PurgeBatch(max(int(cursor.rowcount), 0))
 
@@ -90,6 +90,7 @@ class RetentionStore(StoreBase):
             if not queue_ids:
                 return PurgeBatch(0)
             where = f"queue_id IN ({marks(len(queue_ids))})"
+            await cursor.execute(f"DELETE FROM message_bodies WHERE {where}", queue_ids)
             await cursor.execute(f"DELETE FROM recipients WHERE {where}", queue_ids)
             recipients = max(int(cursor.rowcount), 0)
             await cursor.execute(f"DELETE FROM messages WHERE {where}", queue_ids)
