@@ -319,7 +319,17 @@ REAL_REPLIES: list[tuple[str, str, str]] = [
         "4.2.0",
     ),
     ("451 4.7.1 Greylisting in action, please come back in 00:05:00", "policy", "4.7.1"),
-    ("450 4.7.1 Client host rejected: cannot find your hostname, [1.2.3.4]", "policy", "4.7.1"),
+    # A PTR (reverse DNS) demand: the sending host's reputation (issue 14), not a policy.
+    (
+        "450 4.7.1 Client host rejected: cannot find your hostname, [1.2.3.4]",
+        "reputation-block",
+        "4.7.1",
+    ),
+    (
+        "550 5.7.1 Client host rejected: cannot find your reverse hostname, [1.2.3.4]",
+        "reputation-block",
+        "5.7.1",
+    ),
     ("550 Unrouteable address", "invalid-domain", "5.0.0"),
     ("550 5.0.0 Host not found", "invalid-domain", "5.0.0"),
     ("550 5.0.0 <someone@example.com>... User unknown", "invalid-recipient", "5.0.0"),

@@ -226,6 +226,8 @@ TEXT_RULES: Final[tuple[Rule, ...]] = (
             r"\bbanned\b(?! content)",
             r"ip name lookup failed",
             r"cannot resolve your (?:address|hostname)",
+            # Postfix's reject_unknown_client_hostname / reject_unknown_reverse_client_hostname.
+            r"cannot find your (?:reverse )?hostname",
             r"may not be mail exchanger",
             r"not currently accepting mail from your ip",
             r"custom reverse",
