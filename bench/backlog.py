@@ -40,6 +40,8 @@ from dataclasses import dataclass
 import psycopg2
 from load import SENDER, load
 
+from smartrelay.ids import ID_BASE, encode_digits
+
 DAY = 86400.0
 OLD_FROM_DAYS = 130.0
 OLD_TO_DAYS = 100.0
@@ -50,8 +52,6 @@ BODY_LOAD_START = 3_000_000
 #: Messages per transaction.
 CHUNK = 25_000
 
-_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"  # smartrelay/ids.py's
-_BASE = len(_ALPHABET)
 _SPREAD = 2654435761  # a prime: i -> i * _SPREAD mod 31**7 is one-to-one
 
 DOMAINS = [
@@ -126,17 +126,9 @@ class Filled:
         )
 
 
-def _encode(number: int, width: int) -> str:
-    chars = []
-    for _ in range(width):
-        number, digit = divmod(number, _BASE)
-        chars.append(_ALPHABET[digit])
-    return "".join(reversed(chars))
-
-
 def queue_id(ms: int, serial: int) -> str:
     """A queue id as smartrelay/ids.py makes them, unique by ``serial``."""
-    return _encode(ms, 9) + _encode(serial * _SPREAD % _BASE**7, 7)
+    return encode_digits(ms, 9) + encode_digits(serial * _SPREAD % ID_BASE**7, 7)
 
 
 def _json(value: dict[str, object]) -> str:
@@ -205,7 +197,7 @@ class _Maker:
         attempt_at = received + r.uniform(0.05, 2.0)
         attempts = 1
         fate = r.random() if old else 1.0
-        queued_as = _encode(r.randrange(_BASE**10), 10)
+        queued_as = encode_digits(r.randrange(ID_BASE**10), 10)
         if 0.96 <= fate < 0.97:  # deferred once, delivered on the retry
             events.append(
                 (
@@ -275,9 +267,10 @@ class _Maker:
                 )
             for _ in range(r.choice(CLICKS)):
                 at = attempt_at + min(r.expovariate(1 / 21600), 7 * DAY)
+                user = encode_digits(r.randrange(ID_BASE**8), 8)
                 url = (
                     f"https://shop.example.com/{r.choice(PATHS)}/{r.randrange(10**7)}"
-                    f"?utm_source=email&utm_campaign={tag}&u={_encode(r.randrange(_BASE**8), 8)}"
+                    f"?utm_source=email&utm_campaign={tag}&u={user}"
                 )
                 events.append(
                     (

@@ -5,17 +5,18 @@ from __future__ import annotations
 import secrets
 
 _ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"  # no vowels: no words in ids
-_BASE = len(_ALPHABET)
+ID_BASE = len(_ALPHABET)
 
 
-def _encode(number: int, width: int) -> str:
+def encode_digits(number: int, width: int) -> str:
+    """``number`` as ``width`` digits of the id alphabet (most significant first)."""
     chars = []
     for _ in range(width):
-        number, digit = divmod(number, _BASE)
+        number, digit = divmod(number, ID_BASE)
         chars.append(_ALPHABET[digit])
     return "".join(reversed(chars))
 
 
 def new_queue_id(now: float) -> str:
     """9 characters of milliseconds (good until the year 2840) and 7 random ones (~34 bits)."""
-    return _encode(int(now * 1000), 9) + _encode(secrets.randbelow(_BASE**7), 7)
+    return encode_digits(int(now * 1000), 9) + encode_digits(secrets.randbelow(ID_BASE**7), 7)

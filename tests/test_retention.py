@@ -419,22 +419,31 @@ async def test_sqlite_file_shrinks_after_a_purge(tmp_path: Path) -> None:
 
 
 # -- the schema change on a database with data -----------------------------------------------
-@pytest_twisted.ensureDeferred
-async def test_migration_sets_finished_at_of_messages_already_finished(tmp_path: Path) -> None:
-    path = tmp_path / "old.db"
+def sqlite_at_version(path: Path, version: int) -> sqlite3.Connection:
+    """A new SQLite file (incremental auto-vacuum, as the engine makes them) with the schema
+    deltas 1..``version`` applied and recorded, written without SmartRelay's engine; an
+    autocommit connection to it."""
     db = sqlite3.connect(path, isolation_level=None)
-    for delta in load_deltas()[:3]:
-        for statement in split_statements(
-            delta.sql.replace("$ID_PK", "INTEGER PRIMARY KEY AUTOINCREMENT").replace(
-                "$BLOB", "BLOB"
-            )
-        ):
+    db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+    deltas = load_deltas()[:version]
+    for delta in deltas:
+        sql = delta.sql.replace("$ID_PK", "INTEGER PRIMARY KEY AUTOINCREMENT")
+        for statement in split_statements(sql.replace("$BLOB", "BLOB")):
             db.execute(statement)
     db.execute(
         "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
         " applied_at BIGINT NOT NULL)"
     )
-    db.executemany("INSERT INTO schema_version VALUES (?, ?, 0)", [(1, "a"), (2, "b"), (3, "c")])
+    db.executemany(
+        "INSERT INTO schema_version VALUES (?, ?, 0)", [(d.version, d.name) for d in deltas]
+    )
+    return db
+
+
+@pytest_twisted.ensureDeferred
+async def test_migration_sets_finished_at_of_messages_already_finished(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    db = sqlite_at_version(path, 3)
     for queue_id in ("done", "open"):
         db.execute(
             "INSERT INTO messages (queue_id, received_at, sender, size, raw)"
@@ -527,23 +536,7 @@ def test_ctl_purge_killed_half_way_resumes(tmp_path: Path) -> None:
     path = tmp_path / "big.db"
     now_ms = int(time.time() * 1000)
     old_ms = now_ms - int(200 * DAY * 1000)
-    db = sqlite3.connect(path, isolation_level=None)
-    db.execute("PRAGMA auto_vacuum=INCREMENTAL")
-    for delta in load_deltas():
-        for statement in split_statements(
-            delta.sql.replace("$ID_PK", "INTEGER PRIMARY KEY AUTOINCREMENT").replace(
-                "$BLOB", "BLOB"
-            )
-        ):
-            db.execute(statement)
-    db.execute(
-        "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
-        " applied_at BIGINT NOT NULL)"
-    )
-    db.executemany(
-        "INSERT INTO schema_version VALUES (?, ?, 0)",
-        [(d.version, d.name) for d in load_deltas()],
-    )
+    db = sqlite_at_version(path, len(load_deltas()))
     total_old, total_new = 60_000, 1_000
     db.execute("BEGIN")
     db.executemany(
