@@ -59,7 +59,10 @@ async def test_backlog_is_the_relays_rows_and_one_pass_purges_exactly_it(
     assert len(page) == filled.events + filled.recent_events
 
     purger = Purger(
-        store, RetentionConfig(), PurgePacing(min_pause=0.0, duty=1.0), timer=real_reactor()
+        store,
+        RetentionConfig(),
+        PurgePacing(min_pause=0.0, duty=1.0, sqlite_duty=1.0),
+        timer=real_reactor(),
     )
     assert await purger.count() == {
         "message_bodies": 30,

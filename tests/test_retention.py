@@ -40,7 +40,10 @@ def SQLITE_TYPES(sql: str) -> str:
 
 def purger(store: Store, retention: RetentionConfig = RETENTION, **pacing: Any) -> Purger:
     return Purger(
-        store, retention, PurgePacing(min_pause=0.0, duty=1.0, **pacing), timer=real_reactor()
+        store,
+        retention,
+        PurgePacing(min_pause=0.0, duty=1.0, sqlite_duty=1.0, **pacing),
+        timer=real_reactor(),
     )
 
 
@@ -260,7 +263,9 @@ async def test_a_backlog_goes_in_many_small_batches(store: Store, clock: Clock) 
     pass_ = Purger(
         store,
         RETENTION,
-        PurgePacing(rows=7, messages=4, body_bytes=12_000, min_pause=0.0, duty=1.0),
+        PurgePacing(
+            rows=7, messages=4, body_bytes=12_000, min_pause=0.0, duty=1.0, sqlite_duty=1.0
+        ),
         progress=lambda kind, n: progress.append((kind, n)),
         timer=real_reactor(),
     )
@@ -344,7 +349,7 @@ async def test_service_runs_passes_and_outlives_database_errors(store: Store, cl
         store_ready,
         clock,
         RETENTION,
-        PurgePacing(min_pause=0.0, duty=1.0, interval=60, first_delay=10),
+        PurgePacing(min_pause=0.0, duty=1.0, sqlite_duty=1.0, interval=60, first_delay=10),
     )
     service.startService()
     clock.advance(10)  # first pass: database unavailable

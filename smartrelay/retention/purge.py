@@ -5,9 +5,9 @@ A pass works through four kinds of data, oldest first, one batch (one short tran
 messages with their recipients, events (never past what the roll-ups have counted, so report
 totals outlive them), feedback reports; then, on SQLite, it gives freed pages back to the file
 system. After each batch it pauses for ``(1 - duty) / duty`` times as long as the batch took,
-so it holds the database at most ``duty`` (5 %) of the time, and the delivery path, whose
-transactions queue behind a purge batch on SQLite, keeps the rest. A pass that finds nothing
-to do costs five index lookups.
+so it holds the database at most ``duty`` of the time (5 % on PostgreSQL, 2 % on SQLite, whose
+one write lock the delivery path's commits wait for), and the delivery path keeps the rest. A
+pass that finds nothing to do costs five index lookups.
 
 Nothing is remembered between batches: a pass interrupted (stopped, killed, the database gone)
 is simply taken up by the next one, and several nodes purging one PostgreSQL at once delete
@@ -38,10 +38,17 @@ class PurgePacing:
     #: Rows per batch (events, feedback reports) and messages per batch.
     rows: int = 2000
     messages: int = 500
-    #: Bytes of message bodies freed per batch at most (at least one message a batch).
-    body_bytes: int = 32 << 20
-    #: Share of the time the purge may spend in its transactions.
+    #: Bytes of message bodies freed per batch at most (at least one message a batch): what a
+    #: batch costs is mostly in proportion to them, and on SQLite the relay's commits wait.
+    body_bytes: int = 1 << 20
+    #: Share of the time the purge may spend in its transactions (PostgreSQL, where they run
+    #: in the server beside the relay's).
     duty: float = 0.05
+    #: The same on SQLite, where a batch holds the one write lock and its page work is the
+    #: purging process's own CPU: at 5 % the delivery path lost up to 4 % (docs/performance.md,
+    #: "Retention"); 2 % still purges several times what a relay sending a million messages a
+    #: day makes.
+    sqlite_duty: float = 0.02
     #: The shortest pause between two batches, seconds.
     min_pause: float = 0.01
     #: Seconds between the end of a pass and the start of the next.
@@ -99,6 +106,8 @@ class Purger:
         self._store = store
         self._clock = store.clock
         self._timer = timer or store.clock
+        pacing_ = pacing or PurgePacing()
+        self._duty = pacing_.sqlite_duty if store.engine.name == "sqlite" else pacing_.duty
         self._retention = retention
         self._pacing = pacing or PurgePacing()
         self._progress = progress
@@ -188,9 +197,8 @@ class Purger:
             recipients += done.recipients
             if self._progress is not None:
                 self._progress(name, rows)
-            await self._sleep(
-                max(self._pacing.min_pause, took * (1 - self._pacing.duty) / self._pacing.duty)
-            )
+            duty = self._duty
+            await self._sleep(max(self._pacing.min_pause, took * (1 - duty) / duty))
             if done.rows < full and not byte_bounded:
                 return PurgeBatch(rows, recipients)
 

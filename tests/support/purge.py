@@ -36,5 +36,5 @@ async def purge_message_rows(store: Store, queue_id: str, rows: bool) -> None:
     retention = RetentionConfig(
         message_bodies=short, events=short if rows else long, feedback_reports=long
     )
-    pacing = PurgePacing(min_pause=0.0, duty=1.0)
+    pacing = PurgePacing(min_pause=0.0, duty=1.0, sqlite_duty=1.0)
     await Purger(store, retention, pacing, timer=real_reactor()).run_pass()
