@@ -53,15 +53,15 @@ fresh database gets the relay's schema (`smartrelay-ctl migrate`) and an old bac
 (bench/backlog.py: EVENTS events of about EVENTS/4 finished messages and their recipients,
 100-130 days old, bodies purged, plus --purge-kept-bodies messages finished 10-20 days ago still
 holding their bodies; `--purge-backlog-kind events`: the old events alone, their messages gone
-already), all of it due for the purge with the default retention. The relay itself runs with
-a retention of ten years, so its own purge service never deletes; `smartrelay-ctl purge` (one
-pass, the service's pacing: 5 % duty) with the default retention is started after the warm-up
-and stopped when phase (a) ends; then phase (a) is repeated with other messages of the load,
-without the purge and with it (started afresh) alternately, --purge-rounds phases with it in
-all, each followed by one without (the same relay and database: the control, interleaved so
-that drift and the machine's other work fall on both). The lines say what the purge removed
-(`purge --dry-run` before and after), its CPU from its first batch, each phase's rates, and the
-end-to-end rate with the purge against without, overall and phase by phase.
+already), all of it due for the purge with the default retention. The relay itself runs with a
+retention of ten years, so its own purge service never deletes; `smartrelay-ctl purge` (one
+pass, the service's pacing: 5 % duty on PostgreSQL, 2 % on SQLite) with the default retention is
+started after the warm-up and stopped when phase (a) ends; then phase (a) is repeated with other
+messages of the load, without the purge and with it (started afresh) alternately, --purge-rounds
+phases with it in all, each followed by one without (the same relay and database: the control,
+interleaved so that drift and the machine's other work fall on both). The lines say what the
+purge removed (`purge --dry-run` before and after), its CPU from its first batch, each phase's
+rates, and the end-to-end rate with the purge against without, overall and phase by phase.
 
 The queue run (`--queue-run`) shows SmartRelay's memory against its queue size: SmartRelay on
 SQLite, its route pointing at a closed port (connection refused; `--queue-next-hop defer`: a
@@ -910,9 +910,10 @@ def count_events(database: str, event_type: str, since_ms: int = 0) -> int:
 
 
 class BackgroundPurge:
-    """``smartrelay-ctl purge`` (one paced pass, the relay's own pacing: 5 % duty) run with the
-    relay's config while a throughput phase runs; what it removed is counted with
-    ``purge --dry-run`` before the first and after the last (the load's messages are not due)."""
+    """``smartrelay-ctl purge`` (one paced pass, the relay's own pacing: 5 % duty, 2 % on
+    SQLite) run with the relay's config while a throughput phase runs; what it removed is
+    counted with ``purge --dry-run`` before the first and after the last (the load's messages
+    are not due)."""
 
     _WOULD = re.compile(r"would remove (\d+) (message bodies|messages|events|feedback reports)")
 
@@ -1615,7 +1616,8 @@ def purge_line(events: int, args: argparse.Namespace) -> str:
     )
     return (
         f"purge: each SmartRelay database holds an old backlog of {what}, bench/backlog.py, and"
-        " `smartrelay-ctl purge` (one pass, 5 % duty) runs during phase (a); then phase (a) is"
+        " `smartrelay-ctl purge` (one pass, 5 % duty, 2 % on SQLite) runs during phase (a);"
+        " then phase (a) is"
         f" repeated, without the purge and with it alternately ({args.purge_rounds} with in all,"
         " each followed by one without; other messages of the load each time; the relay's own"
         " purge service finds nothing: its retention is ten years); the purge's CPU is not in"
