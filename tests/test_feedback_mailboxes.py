@@ -45,7 +45,7 @@ from tests.conftest import real_reactor, service_missing
 from tests.support.dovecot import PASSWORD, Dovecot, DovecotUnavailable, running_dovecot
 from tests.support.relay import InProcessRelay
 
-FAST = ReaderTunables(timeout=30.0, first_retry=0.2, max_retry=1.0, max_idle=600.0)
+FAST = ReaderTunables(timeout=8.0, first_retry=0.2, max_retry=1.0, max_idle=600.0)
 WAIT = 60.0  # seconds a test waits for something that takes well under one on an idle machine
 
 

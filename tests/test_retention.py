@@ -542,7 +542,7 @@ def test_ctl_purge_killed_half_way_resumes(tmp_path: Path) -> None:
     now_ms = int(time.time() * 1000)
     old_ms = now_ms - int(200 * DAY * 1000)
     db = sqlite_at_version(path, len(load_deltas()))
-    total_old, total_new = 60_000, 1_000
+    total_old, total_new = 14_000, 1_000
     db.execute("BEGIN")
     db.executemany(
         "INSERT INTO events (type, time, queue_id, recipient, data)"
