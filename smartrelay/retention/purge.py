@@ -106,10 +106,10 @@ class Purger:
         self._store = store
         self._clock = store.clock
         self._timer = timer or store.clock
-        pacing_ = pacing or PurgePacing()
-        self._duty = pacing_.sqlite_duty if store.engine.name == "sqlite" else pacing_.duty
-        self._retention = retention
         self._pacing = pacing or PurgePacing()
+        sqlite = store.engine.name == "sqlite"
+        self._duty = self._pacing.sqlite_duty if sqlite else self._pacing.duty
+        self._retention = retention
         self._progress = progress
         self._pause: Deferred[None] | None = None
         self._stopping = False
@@ -121,11 +121,10 @@ class Purger:
         if rolled_up_until is None:
             position = await self._store.rollup_position()
             rolled_up_until = 0 if position is None else to_ms(position)
-        rolled_up = rolled_up_until
         return PurgeCutoffs(
             bodies=to_ms(now - self._retention.message_bodies),
             messages=to_ms(now - self._retention.events),
-            events=min(to_ms(now - self._retention.events), rolled_up),
+            events=min(to_ms(now - self._retention.events), rolled_up_until),
             feedback_reports=to_ms(now - self._retention.feedback_reports),
         )
 
