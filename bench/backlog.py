@@ -36,6 +36,7 @@ import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import psycopg2
 from load import SENDER, load
@@ -384,18 +385,17 @@ RECIPIENT_COLUMNS = (
 EVENT_COLUMNS = "type, time, queue_id, recipient, data"
 
 
-class _Writer:
-    def write(self, chunk: Chunk) -> None:
-        raise NotImplementedError
+class _Writer(Protocol):
+    """Where a fill writes: one of the two engines, with its own bulk path."""
 
-    def progress(self, now_ms: int) -> None:
-        raise NotImplementedError
+    def write(self, chunk: Chunk) -> None: ...
 
-    def close(self) -> None:
-        raise NotImplementedError
+    def progress(self, now_ms: int) -> None: ...
+
+    def close(self) -> None: ...
 
 
-class _SqliteWriter(_Writer):
+class _SqliteWriter:
     def __init__(self, path: str) -> None:
         self.path = path
         self.db = sqlite3.connect(path, timeout=60, isolation_level=None)
@@ -451,7 +451,7 @@ def _copy(
     cursor.copy_expert(f"COPY {table} ({columns}) FROM STDIN", buffer)
 
 
-class _PostgresWriter(_Writer):
+class _PostgresWriter:
     def __init__(self, dsn: str) -> None:
         self.connection = psycopg2.connect(dsn)
 

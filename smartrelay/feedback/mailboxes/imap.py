@@ -40,8 +40,8 @@ from smartrelay.feedback.mailboxes.session import (
     abort,
     answer,
     endpoint_for,
+    mailbox_tls,
 )
-from smartrelay.feedback.mailboxes.tls import CaFileError, client_tls, load_ca_file
 from smartrelay.reactor import IRelayReactor
 
 __all__ = ["ImapReader"]
@@ -149,14 +149,6 @@ class ImapReader:
         self._protocol: _ImapClient | None = None
         self._stopping = False
 
-    def _tls(self) -> IOpenSSLClientConnectionCreator:
-        """Read for each session: a ``ca_file`` that cannot be read fails the session."""
-        try:
-            ca = load_ca_file(self._mailbox.ca_file) if self._mailbox.ca_file else None
-        except CaFileError as e:
-            raise MailboxError(f"ca_file: {e}") from e
-        return client_tls(self._mailbox.host, ca)
-
     def session(self) -> Deferred[None]:
         self._stopping = False
         return Deferred.fromCoroutine(self._session())
@@ -174,7 +166,7 @@ class ImapReader:
     async def _session(self) -> None:
         mailbox, timeout = self._mailbox, self._tunables.timeout
         implicit = mailbox.scheme == "imaps"
-        tls = self._tls()
+        tls = mailbox_tls(self._mailbox)
         endpoint = endpoint_for(
             self._reactor, mailbox.host, mailbox.port, timeout, tls if implicit else None
         )

@@ -22,7 +22,6 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import connectProtocol
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.mail.pop3 import AdvancedPOP3Client, ServerErrorResponse
@@ -43,8 +42,8 @@ from smartrelay.feedback.mailboxes.session import (
     abort,
     answer,
     endpoint_for,
+    mailbox_tls,
 )
-from smartrelay.feedback.mailboxes.tls import CaFileError, client_tls, load_ca_file
 from smartrelay.reactor import IRelayReactor
 
 __all__ = ["Pop3Reader"]
@@ -116,14 +115,6 @@ class Pop3Reader:
         self._protocol: _Pop3Client | None = None
         self._stopping = False
 
-    def _tls(self) -> IOpenSSLClientConnectionCreator:
-        """Read for each session: a ``ca_file`` that cannot be read fails the session."""
-        try:
-            ca = load_ca_file(self._mailbox.ca_file) if self._mailbox.ca_file else None
-        except CaFileError as e:
-            raise MailboxError(f"ca_file: {e}") from e
-        return client_tls(self._mailbox.host, ca)
-
     def session(self) -> Deferred[None]:
         self._stopping = False
         return Deferred.fromCoroutine(self._session())
@@ -140,7 +131,7 @@ class Pop3Reader:
     async def _session(self) -> None:
         mailbox, timeout = self._mailbox, self._tunables.timeout
         implicit = mailbox.scheme == "pop3s"
-        tls = self._tls()
+        tls = mailbox_tls(self._mailbox)
         endpoint = endpoint_for(
             self._reactor, mailbox.host, mailbox.port, timeout, tls if implicit else None
         )

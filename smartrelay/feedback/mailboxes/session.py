@@ -13,10 +13,22 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStream
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
+from smartrelay.config import FeedbackMailbox
 from smartrelay.feedback.mailboxes.base import MailboxError
+from smartrelay.feedback.mailboxes.tls import CaFileError, client_tls, load_ca_file
 from smartrelay.reactor import IRelayReactor
 
 T = TypeVar("T")
+
+
+def mailbox_tls(mailbox: FeedbackMailbox) -> IOpenSSLClientConnectionCreator:
+    """The TLS client settings for ``mailbox``'s server; its ``ca_file`` is read for each
+    session, so one that cannot be read fails that session (MailboxError)."""
+    try:
+        ca = load_ca_file(mailbox.ca_file) if mailbox.ca_file else None
+    except CaFileError as e:
+        raise MailboxError(f"ca_file: {e}") from e
+    return client_tls(mailbox.host, ca)
 
 
 @frozen
