@@ -208,6 +208,17 @@ async def seed(engine: IDatabaseEngine, now_ms: int) -> None:
         )
     await many(
         engine,
+        "INSERT INTO web_sessions (token_hash, username, csrf, created_at, idle_until,"
+        " expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+        [("a" * 64, "one", "csrf-1", T0, T0 + 10, T0 + 20), ("b" * 64, "two", "c2", T0, T0, T0)],
+    )
+    await many(
+        engine,
+        "INSERT INTO web_login_failures (key, failures, last_failure_at) VALUES (?, ?, ?)",
+        [("ip:192.0.2.1", 3, T0), ("user:one\u2603", 1, T0 + 1)],
+    )
+    await many(
+        engine,
         "INSERT INTO feedback_reports (report_id, received_at, sender, recipients, client_ip,"
         " state, processed_at, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         [
@@ -550,6 +561,8 @@ def test_cli_copy_data_end_to_end(tmp_path: Path, postgres_server: PostgresServe
         "suppressions": 1,
         "smtp_credentials": 0,
         "web_users": 1,
+        "web_sessions": 0,
+        "web_login_failures": 0,
         "feedback_reports": 0,
         "mailbox_messages": 0,
         "rollup_progress": 0,

@@ -61,6 +61,8 @@ TABLES = (
     Table("suppressions", ("address",)),
     Table("smtp_credentials", ("name",)),
     Table("web_users", ("name",)),
+    Table("web_sessions", ("token_hash",)),
+    Table("web_login_failures", ("key",)),
     Table("feedback_reports", ("report_id",), blob="raw"),
     Table("mailbox_messages", ("mailbox", "uid")),
     Table("rollup_progress", ("name",)),

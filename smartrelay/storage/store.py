@@ -4,7 +4,8 @@ Each topic is its own module, with its values and queries: :mod:`~smartrelay.sto
 (messages, recipients, claims, outcomes), :mod:`~smartrelay.storage.suppressions`,
 :mod:`~smartrelay.storage.events`, :mod:`~smartrelay.storage.feedback`,
 :mod:`~smartrelay.storage.logins`, :mod:`~smartrelay.storage.tracking`,
-:mod:`~smartrelay.storage.mailboxes`, :mod:`~smartrelay.storage.rollups` and
+:mod:`~smartrelay.storage.mailboxes`, :mod:`~smartrelay.storage.rollups`,
+:mod:`~smartrelay.storage.websessions` and
 :mod:`~smartrelay.storage.retention`. They share the engine, the clock and one way of
 running a query (:class:`~smartrelay.storage.base.StoreBase`). Callers hold a ``Store`` and
 call its methods (``store.claim_due(...)``, ``store.smtp_credentials.add``); the names below
@@ -40,6 +41,7 @@ from smartrelay.storage.suppressions import (
     SuppressionStore,
 )
 from smartrelay.storage.tracking import RecipientRef, TrackingStore
+from smartrelay.storage.websessions import SessionTimes, WebSession, WebSessionStore
 
 __all__ = [
     "BIG_MESSAGE",
@@ -61,9 +63,11 @@ __all__ = [
     "QueuedMessage",
     "RecipientOutcome",
     "RecipientRef",
+    "SessionTimes",
     "Store",
     "StoredMessage",
     "Suppression",
+    "WebSession",
     "domain_of",
     "from_ms",
     "insert_events",
@@ -81,5 +85,6 @@ class Store(
     RetentionStore,
     RollupStore,
     MailboxStore,
+    WebSessionStore,
 ):
     """Every query SmartRelay runs; each public method is one transaction."""
