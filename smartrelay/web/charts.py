@@ -486,14 +486,20 @@ def stacked_bars(
         f"{_day_label(m)} {_hour_label(m)} UTC" if step == "hour" else f"{_day_label(m)} UTC"
         for m in moments
     ]
-    bars: list[Markup] = []
+    # The hot loop (720 hourly buckets x several series) builds its strings directly: every
+    # text in it is escaped once up front (keys, labels, times), the rest are numbers.
+    keys = [str(_text(layer.key)) for layer in series]
+    names = [str(_text(label)) for label, _ in entries]
+    bar_w = _n(bar_width)
+    bars: list[str] = []
     for index, when in enumerate(when_texts):
-        x = plot_left + index * slot + (slot - bar_width) / 2
+        safe_when = str(_text(when))
+        x = _n(plot_left + index * slot + (slot - bar_width) / 2)
         # Hover texts give exact numbers.
-        summary = f"{when} - total: {totals[index]:,}"
+        summary = f"{safe_when} - total: {totals[index]:,}"
         details = [
-            f"{label}: {layer.values[index]:,}"
-            for layer, (label, _) in zip(series, entries, strict=True)
+            f"{names[i]}: {layer.values[index]:,}"
+            for i, layer in enumerate(series)
             if layer.values[index]
         ]
         if details:
@@ -501,19 +507,12 @@ def stacked_bars(
         # A full-height column behind the segments: hovering (or tapping) anywhere above
         # a bucket tells its numbers, even where a segment is too thin to point at.
         parts = [
-            Markup(
-                '<rect class="bucket" x="{x}" y="{y}" width="{w}" height="{h}" fill="#ffffff"'
-                ' fill-opacity="0"><title>{title}</title></rect>'
-            ).format(
-                x=_n(plot_left + index * slot),
-                y=_n(plot_top),
-                w=_n(slot),
-                h=_n(plot_height),
-                title=_text(summary),
-            )
+            f'<g class="bar"><rect class="bucket" x="{_n(plot_left + index * slot)}"'
+            f' y="{_n(plot_top)}" width="{_n(slot)}" height="{_n(plot_height)}"'
+            f' fill="#ffffff" fill-opacity="0" stroke="none"><title>{summary}</title></rect>'
         ]
         cursor = axis_y  # the top of the stack so far
-        for layer, (label, colour) in zip(series, entries, strict=True):
+        for i, layer in enumerate(series):
             value = layer.values[index]
             if value == 0:
                 continue
@@ -524,23 +523,17 @@ def stacked_bars(
                 continue
             cursor -= segment_height
             parts.append(
-                Markup(
-                    '<rect class="segment" data-series="{key}" x="{x}" y="{y}" width="{w}"'
-                    ' height="{h}" fill="{colour}" stroke="#ffffff" stroke-width="{sw}">'
-                    "<title>{title}</title></rect>"
-                ).format(
-                    key=_text(layer.key),
-                    x=_n(x),
-                    y=_n(cursor),
-                    w=_n(bar_width),
-                    h=_n(segment_height),
-                    colour=colour,
-                    sw="0.5" if bar_width >= 4 else "0",
-                    title=_text(f"{when} - {label}: {value:,}"),
-                )
+                f'<rect class="segment" data-series="{keys[i]}" x="{x}" y="{_n(cursor)}"'
+                f' width="{bar_w}" height="{_n(segment_height)}" fill="{entries[i][1]}">'
+                f"<title>{safe_when} - {names[i]}: {value:,}</title></rect>"
             )
-        bars.append(Markup('<g class="bar">{}</g>').format(Markup("").join(parts)))
-    body.append(Markup('<g class="bars">{}</g>').format(Markup("").join(bars)))
+        parts.append("</g>")
+        bars.append("".join(parts))
+    body.append(
+        Markup('<g class="bars" stroke="#ffffff" stroke-width="{sw}">{bars}</g>').format(
+            sw="0.5" if bar_width >= 4 else "0", bars=Markup("".join(bars))
+        )
+    )
     body.append(
         Markup(
             '<line x1="{x1}" y1="{y}" x2="{x2}" y2="{y}" stroke="{muted}" stroke-width="1"/>'
