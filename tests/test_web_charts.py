@@ -7,9 +7,12 @@ from __future__ import annotations
 import itertools
 import math
 import re
+import shutil
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -19,6 +22,7 @@ from markupsafe import Markup
 from smartrelay.web.charts import (
     _LABEL_GAP,
     _TICK_SIZE,
+    MAX_TEXT,
     OUTCOME_COLOURS,
     TEXT_COLOUR,
     TEXT_MUTED,
@@ -36,6 +40,7 @@ from smartrelay.web.charts import (
     stacked_bars,
     text_width,
 )
+from tests.conftest import service_missing
 
 SVG = "{http://www.w3.org/2000/svg}"
 HOSTILE = [
@@ -448,6 +453,23 @@ def test_long_labels_are_ellipsized_with_the_full_text_on_hover() -> None:
     assert ellipsize("short", 100, 14) == "short"
 
 
+def test_huge_labels_stay_bounded() -> None:
+    huge = "W" * 5_000_000
+    started = time.monotonic()
+    charts = [
+        horizontal_bars([Bar(huge, 1)] * 10, title=huge),
+        stacked_bars(hours(24), [Series(huge, (1,) * 24, label=huge)], step="hour", title=huge),
+        rate_bars([RateRow(huge, 1, {"delivered": 1})] * 10, title=huge),
+    ]
+    assert time.monotonic() - started < 10  # linear, not quadratic, in a label's length
+    for chart in charts:
+        root = parse(chart)
+        assert len(chart) < 200 * MAX_TEXT
+        assert all(len(t) <= 2 * MAX_TEXT for t in titles(root))
+    assert ellipsize(huge, 100, 14) == "W" * 5 + "\u2026"
+    assert text_width(ellipsize(huge, 100, 14), 14) <= 100
+
+
 def test_bad_input_is_refused() -> None:
     with pytest.raises(ValueError, match="values"):
         stacked_bars(hours(3), [Series("delivered", (1, 2))], step="hour", title="V")
@@ -479,3 +501,110 @@ def test_colours_are_readable_and_distinct() -> None:
     # Each outcome keeps its colour in every chart.
     colours = {s.get("data-series"): s.get("fill") for s in texts(root, "segment")}
     assert colours == {k: OUTCOME_COLOURS[k] for k in ("delivered", "deferred", "bounced")}
+
+
+# --------------------------------------------------------------------------------------
+# In a real browser: the width estimates hold with real fonts, nothing runs
+
+
+def browser_page() -> str:
+    url = "https://example.com/" + "very-long-path/" * 8 + "?utm_source=x&id=1"
+    charts = [
+        volume(24),
+        stacked_bars(
+            hours(168),
+            [Series("delivered", tuple(range(168))), Series("bounced", (3,) * 168)],
+            step="hour",
+            title="Volume, 7 days",
+        ),
+        stacked_bars(
+            days(31),
+            [Series("delivered", (10**12,) * 31), Series("complained", (1,) * 31)],
+            step="day",
+            title="Volume, 30 days " + "W" * 60,
+        ),
+        horizontal_bars(
+            [Bar(url, 12_345), Bar(HOSTILE[0], 99), Bar("WWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWW", 1)],
+            title="Top clicked URLs",
+        ),
+        rate_bars(
+            [RateRow("W" * 80, 10**9, {"delivered": 10**9 - 2, "bounced": 1, "deferred": 1})],
+            title="Top recipient domains",
+        ),
+        stacked_bars([], [], step="hour", title="Volume"),
+    ]
+    cells = "".join(f'<div class="cell">{chart}</div>' for chart in charts)
+    return (
+        '<!doctype html><html><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width">'
+        f"<title>charts</title></head><body>{cells}</body></html>"
+    )
+
+
+# Runs in the browser: for every text of every chart, its rendered width (real fonts), the
+# width the server estimated, and its box in viewBox units.
+MEASURE = """
+const out = [];
+for (const svg of document.querySelectorAll('svg.chart')) {
+  const vb = svg.viewBox.baseVal;
+  const scale = svg.getBoundingClientRect().width / vb.width;
+  for (const t of svg.querySelectorAll('text')) {
+    const box = t.getBBox();
+    out.push({cls: t.getAttribute('class'), text: t.textContent,
+              size: parseFloat(t.getAttribute('font-size') || svg.getAttribute('font-size')),
+              length: t.getComputedTextLength(), x: box.x, right: box.x + box.width,
+              width: vb.width, px: scale});
+  }
+}
+return out;
+"""
+
+
+def test_charts_in_chromium(tmp_path: Path) -> None:
+    from selenium import webdriver
+    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if chromium is None or driver_path is None:
+        service_missing("chromium and chromedriver are not installed")
+        return
+    page = tmp_path / "charts.html"
+    page.write_text(browser_page(), encoding="utf-8")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        for name, (width, height) in {"desktop": (1280, 1000), "phone": (375, 800)}.items():
+            driver.set_window_size(width, height)
+            driver.get(page.as_uri())
+            with pytest.raises(NoAlertPresentException):
+                driver.switch_to.alert  # noqa: B018 - the property raises when no dialog opened
+            assert driver.execute_script("return document.scripts.length") == 0
+            texts = driver.execute_script(MEASURE)
+            assert len(texts) > 50
+            for t in texts:
+                # The server's estimate is never short of the real width, so thinned labels
+                # and ellipsized ones do not overlap nor leave the chart.
+                bold = t["cls"] == "chart-title"
+                assert t["length"] <= text_width(t["text"], t["size"], bold) + 0.5, t
+                assert t["x"] >= -0.5 and t["right"] <= t["width"] + 0.5, t
+                if name == "phone":
+                    assert t["size"] * t["px"] >= 8.5, t  # legible on a phone
+            x_labels = [t for t in texts if t["cls"] == "x-label"]
+            assert x_labels
+            runs: list[list[dict[str, float]]] = [[]]
+            for t in x_labels:  # one run of increasing x per chart
+                if runs[-1] and t["x"] < runs[-1][-1]["x"]:
+                    runs.append([])
+                runs[-1].append(t)
+            assert len(runs) == 3
+            for run in runs:
+                for left, right in itertools.pairwise(run):
+                    assert right["x"] - left["right"] >= _LABEL_GAP / 2, (left, right)
+            assert any("<script>" in t["text"] for t in texts)  # shown as text, not run
+            driver.save_screenshot(str(tmp_path / f"charts-{name}.png"))
+    finally:
+        driver.quit()

@@ -35,6 +35,7 @@ from attrs import frozen
 from markupsafe import Markup, escape
 
 __all__ = [
+    "MAX_TEXT",
     "OUTCOME_COLOURS",
     "TEXT_COLOUR",
     "TEXT_MUTED",
@@ -90,6 +91,8 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 # Characters XML 1.0 cannot carry, even as character references.
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 _SPACES = str.maketrans("\t\n\r", "   ")
+#: The longest text a chart shows, hover texts included (a URL longer than this is cut).
+MAX_TEXT = 2048
 
 Step = Literal["hour", "day"]
 
@@ -133,8 +136,11 @@ class RateRow:
 
 
 def clean_text(text: str) -> str:
-    """``text`` as a chart shows it: characters XML cannot carry become U+FFFD, and line
-    breaks and tabs (which an XML parser would turn into spaces anyway) become spaces."""
+    """``text`` as a chart shows it: characters XML cannot carry become U+FFFD, line breaks
+    and tabs (which an XML parser would turn into spaces anyway) become spaces, and beyond
+    :data:`MAX_TEXT` characters it is cut (a chart's size stays bounded whatever the data)."""
+    if len(text) > MAX_TEXT:
+        text = text[: MAX_TEXT - 1] + "\u2026"
     return _NOT_XML.sub("\ufffd", text).translate(_SPACES)
 
 
@@ -143,31 +149,55 @@ def _text(text: str) -> Markup:
     return escape(clean_text(text))
 
 
-def text_width(text: str, font_size: float) -> float:
-    """A generous estimate of the rendered width of ``text`` (no font metrics on the
-    server): 0.62 em per character, a full em for wide (CJK) characters and emoji, nothing
-    for combining marks."""
-    width = 0.0
-    for char in text:
-        if unicodedata.combining(char):
-            continue
-        wide = unicodedata.east_asian_width(char) in ("W", "F") or ord(char) >= 0x1F000
-        width += 1.0 if wide else 0.62
-    return width * font_size
+#: Advance widths in em, a little above DejaVu Sans (among the widest sans-serif fonts a
+#: browser may pick for ``system-ui``), so that an estimate is never short of the real width.
+_NARROW = frozenset(" !'(),-./:;I[]fijlrt|")
+_WIDE = frozenset("%@MWmw")
+_BOLD = 1.1
 
 
-def ellipsize(text: str, max_width: float, font_size: float) -> str:
+def _char_width(char: str) -> float:
+    if char in _NARROW:
+        return 0.42
+    if char in _WIDE:
+        return 1.05
+    if char.isascii():
+        return 0.8 if char.isupper() or char in "#&~=+<>_" else 0.66
+    if unicodedata.combining(char):
+        return 0.0
+    if unicodedata.east_asian_width(char) in ("W", "F") or ord(char) >= 0x1F000:
+        return 1.1
+    return 0.9
+
+
+def text_width(text: str, font_size: float, bold: bool = False) -> float:
+    """A generous estimate of the rendered width of ``text`` (there are no font metrics on
+    the server): per-character widths a little above a wide sans-serif font's."""
+    width = sum(_char_width(char) for char in text) * font_size
+    return width * _BOLD if bold else width
+
+
+def ellipsize(text: str, max_width: float, font_size: float, bold: bool = False) -> str:
     """``text`` cut so that it fits in ``max_width`` (by :func:`text_width`), ending in
-    an ellipsis when cut."""
-    if text_width(text, font_size) <= max_width:
-        return text
-    room = max_width - text_width("\u2026", font_size)
-    kept = ""
+    an ellipsis when cut. Linear in the length of ``text`` (a label may be huge)."""
+    scale = font_size * (_BOLD if bold else 1.0)
+    room = max_width / scale
+    total = 0.0
     for char in text:
-        if text_width(kept + char, font_size) > room:
+        total += _char_width(char)
+        if total > room:
             break
-        kept += char
-    return kept.rstrip() + "\u2026"
+    else:
+        return text
+    room -= _char_width("\u2026")
+    kept: list[str] = []
+    total = 0.0
+    for char in text:
+        total += _char_width(char)
+        if total > room:
+            break
+        kept.append(char)
+    return "".join(kept).rstrip() + "\u2026"
 
 
 def format_count(value: float, compact: bool = False) -> str:
@@ -297,7 +327,7 @@ def _heading(title: str, width: float) -> Markup:
     ).format(
         y=_n(_TITLE_SIZE + 2),
         size=_n(_TITLE_SIZE),
-        text=_text(ellipsize(title, width, _TITLE_SIZE)),
+        text=_text(ellipsize(title, width, _TITLE_SIZE, bold=True)),
     )
 
 
