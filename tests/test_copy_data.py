@@ -269,6 +269,21 @@ async def seed(engine: IDatabaseEngine, now_ms: int) -> None:
             )
         ],
     )
+    await many(
+        engine,
+        "INSERT INTO message_terms (term, received_at, queue_id) VALUES (?, ?, ?)",
+        [(f"r:user{n}@example.org", T0 + n, f"Q1{n:02d}") for n in range(12)]
+        + [('m:["user","\u00e9"]', T0, "Q001small"), ("t:welcome", T0, "Q002big")],
+    )
+    await many(
+        engine,
+        "INSERT INTO rollup_urls (hour, tag, url, count, machine_count) VALUES (?, ?, ?, ?, ?)",
+        [
+            (T0 // HOUR_MS * HOUR_MS + h * HOUR_MS, tag, f"https://example.com/\u00fc/{h}", 3, 1)
+            for h in range(5)
+            for tag in ("*", "welcome")
+        ],
+    )
     await sql(
         engine,
         "INSERT INTO rollup_progress (name, time_ms, last_id) VALUES ('rollups', ?, ?)",
@@ -567,9 +582,11 @@ def test_cli_copy_data_end_to_end(tmp_path: Path, postgres_server: PostgresServe
         "mailbox_messages": 0,
         "rollup_progress": 0,
         "rollups": 0,
+        "rollup_urls": 0,
         "events": 0,
         "messages": 1,
         "message_bodies": 1,
+        "message_terms": 0,  # the message was written straight into the tables
         "recipients": 1,
     }
     assert "web_users: 1 / 1 rows" in result.stderr.splitlines()

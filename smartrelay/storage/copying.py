@@ -67,9 +67,11 @@ TABLES = (
     Table("mailbox_messages", ("mailbox", "uid")),
     Table("rollup_progress", ("name",)),
     Table("rollups", ("hour", "tag", "sender_domain", "recipient_domain", "type", "detail")),
+    Table("rollup_urls", ("hour", "tag", "url")),
     Table("events", ("id",), identity="id"),
     Table("messages", ("queue_id",), queue=True),
     Table("message_bodies", ("queue_id",), blob="raw", queue=True),
+    Table("message_terms", ("term", "received_at", "queue_id"), queue=True),
     Table("recipients", ("id",), identity="id", queue=True),
 )
 
