@@ -3,141 +3,33 @@
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import AsyncIterator
 from http.cookies import SimpleCookie
 from pathlib import Path
 from urllib.parse import urlencode
 
-import attrs
 import pytest
 import pytest_twisted
-import treq
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
-from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyChannel, DummyRequest
 
-from smartrelay.config import Config, SuppressionConfig, WebConfig
+from smartrelay.config import Config, WebConfig
 from smartrelay.config.model import IPNetwork
-from smartrelay.listening import ListeningService
-from smartrelay.passwords import hash_password
 from smartrelay.storage.store import Store
-from smartrelay.tokens import TokenCodec, load_keyring
-from smartrelay.web.service import web_service
-from smartrelay.web.site import WebRoot
 from smartrelay.web.templating import Templates
-from smartrelay.web.tracking import Tracking
-from smartrelay.web.ui.app import ReportsUI, _safe_next
+from smartrelay.web.ui.app import _safe_next
 from smartrelay.web.ui.auth import Authenticator, LoginThrottle, hash_token
 from smartrelay.web.ui.context import UiContext, client_address
-from smartrelay.web.ui.dashboard import Dashboard
-from tests.conftest import real_reactor
-
-PASSWORD = "correct horse battery staple"
-
-
-@attrs.define
-class Browser:
-    """A tiny browser: one cookie jar, no redirects followed."""
-
-    base: str
-    cookies: dict[str, str] = attrs.Factory(dict)
-    ip: str = ""
-
-    async def request(
-        self, method: str, path: str, form: dict[str, str] | None = None, **headers: str
-    ) -> tuple[int, dict[str, str], str]:
-        reactor = real_reactor()
-        pool = HTTPConnectionPool(reactor, persistent=False)  # type: ignore[no-untyped-call]
-        agent = Agent(reactor, pool=pool)  # type: ignore[no-untyped-call]
-        sent: dict[bytes | str, bytes | str] = {k.replace("_", "-"): v for k, v in headers.items()}
-        if self.cookies:
-            sent["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
-        if form is not None:
-            sent["Content-Type"] = "application/x-www-form-urlencoded"
-        response = await treq.request(
-            method,
-            self.base + path,
-            agent=agent,
-            allow_redirects=False,
-            headers=sent,
-            data=None if form is None else urlencode(form).encode(),
-        )
-        body = (await response.content()).decode("utf-8")
-        found = {k.decode().lower(): v[-1].decode() for k, v in response.headers.getAllRawHeaders()}
-        for raw in response.headers.getRawHeaders(b"set-cookie") or []:
-            cookie: SimpleCookie = SimpleCookie()
-            cookie.load(raw.decode())
-            for name, morsel in cookie.items():
-                if morsel.value and morsel["max-age"] != "0":
-                    self.cookies[name] = morsel.value
-                else:
-                    self.cookies.pop(name, None)
-        return response.code, found, body
-
-    async def login(self, user: str = "ada", password: str = PASSWORD) -> int:
-        code, _, page = await self.request("GET", "/ui/login")
-        assert code == 200
-        token = hidden(page, "login_token")
-        code, _headers, _ = await self.request(
-            "POST",
-            "/ui/login",
-            {"username": user, "password": password, "login_token": token, "next": "/ui/"},
-        )
-        return code
-
-
-def hidden(page: str, name: str) -> str:
-    match = re.search(rf'name="{name}" value="([^"]*)"', page)
-    assert match is not None, f"no hidden field {name} in the page"
-    return match[1]
-
-
-@attrs.frozen
-class Site:
-    url: str
-    store: Store
-    clock: Clock
-    auth: Authenticator
-
-    def browser(self) -> Browser:
-        return Browser(self.url)
+from tests.support.webui import PASSWORD, Site, hidden, ui_site
 
 
 @pytest_twisted.async_yield_fixture
 async def site(tmp_path: Path, store: Store, clock: Clock) -> AsyncIterator[Site]:
-    clock.advance(1_800_000_000)
-    await store.web_users.add("ada", hash_password(PASSWORD))
-    codec = TokenCodec(load_keyring(str(tmp_path / "secret.key")))
-    tracking = Tracking(lambda: succeed(store), codec, clock, SuppressionConfig())
-    ui = UiContext(lambda: succeed(store), Templates.load(), clock, "http://127.0.0.1:8080")
-
-    def in_thread(work: object) -> Deferred[bool]:
-        return succeed(work())  # type: ignore[operator]
-
-    auth = Authenticator(ui, in_thread, throttle=LoginThrottle(failure_delay=0.0))
-    reports = ReportsUI(ui, auth, {"": Dashboard(ui)})
-    fatal: list[str] = []
-    service: ListeningService = web_service(
-        real_reactor(),
-        "tcp:0:interface=127.0.0.1",
-        WebRoot(tracking, reports).resource(),
-        fatal.append,
-    )
-    service.startService()
-    assert fatal == [] and service.port is not None
-    yield Site(
-        f"http://127.0.0.1:{service.port.getHost().port}",  # type: ignore[attr-defined]
-        store,
-        clock,
-        auth,
-    )
-    stopped = service.stopService()
-    if stopped is not None:
-        await stopped
+    async with ui_site(tmp_path, store, clock) as served:
+        yield served
 
 
 @pytest_twisted.ensureDeferred
