@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -160,16 +161,38 @@ class Chromium:
         """The page again at phone size (390 x 844), then back to the desktop size."""
         self.resize(*PHONE)
         try:
-            self.wait(
-                lambda d: d.execute_script("return window.innerWidth") == PHONE[0],
-                "the phone-sized viewport",
-            )
-            width = self.driver.execute_script("return document.documentElement.scrollWidth")
             path = self.shot(request, page)
-            assert width <= PHONE[0], f"{page} scrolls sideways on a phone ({width} px wide)"
+            sizes = self.driver.execute_script(
+                "var e = document.documentElement;"
+                " return [window.innerWidth, e.clientWidth, e.scrollWidth];"
+            )
+            if sizes[0] > PHONE[0] or sizes[2] > PHONE[0]:
+                raise AssertionError(
+                    f"{page} is wider than a phone ([innerWidth, clientWidth, scrollWidth]"
+                    f" {sizes}); the outermost elements past its right edge: {self._too_wide()}"
+                )
             return path
         finally:
             self.resize(*DESKTOP)
+
+    def _too_wide(self) -> list[str]:
+        found = self.driver.execute_script(
+            """
+            var limit = document.documentElement.clientWidth, out = [];
+            document.querySelectorAll("body *").forEach(function (el) {
+              var r = el.getBoundingClientRect();
+              if (r.right > limit + 1 && !(el.parentElement
+                  && el.parentElement.getBoundingClientRect().right > limit + 1)) {
+                out.push(el.tagName.toLowerCase() + (el.id ? "#" + el.id : "")
+                  + (el.className && el.className.baseVal === undefined && el.className
+                     ? "." + el.className.split(" ").join(".") : "")
+                  + " " + Math.round(r.width) + "px");
+              }
+            });
+            return out.slice(0, 5);
+            """
+        )
+        return [str(f) for f in found]
 
     # -- pages ------------------------------------------------------------------------------
     def go(self, url: str, allow: Sequence[str] = ()) -> None:
@@ -248,6 +271,12 @@ class Chromium:
 
     def all(self, selector: str) -> list[WebElement]:
         return list(self.driver.find_elements(By.CSS_SELECTOR, selector))
+
+    def scroll_to(self, selector: str) -> WebElement:
+        """Scroll the first element matching ``selector`` to the top (for a screenshot)."""
+        element = self.css(selector)
+        self.driver.execute_script("arguments[0].scrollIntoView(true);", element)
+        return element
 
     def text(self, selector: str = "main") -> str:
         """The rendered text (what a user reads) of the first element matching ``selector``."""
@@ -336,11 +365,11 @@ class UiRelay:
     def url(self, path: str) -> str:
         return self.base + path
 
-    def prepare(self, traffic: Sequence[str] | None = None) -> None:
-        """Make the web user (``smartrelay-ctl web-user add``, password on stdin; it also
-        creates the schema) and write old traffic (tests/support/old_traffic.py) with
-        ``traffic`` as its extra arguments, before the relay starts."""
-        assert_ok(ctl(self.config, "web-user", "add", USER, stdin=PASSWORD + "\n"))
+    def start(self, traffic: Sequence[str] | None = None) -> Twistd:
+        """Write old traffic (tests/support/old_traffic.py, with ``traffic`` as its extra
+        arguments; it creates the schema), then start the relay while ``smartrelay-ctl
+        web-user add`` makes the web user (password on stdin); each costs seconds of Python
+        start-up on a loaded machine. Without ``traffic`` the CLI creates the schema first."""
         if traffic is not None:
             done = subprocess.run(
                 [sys.executable, "-m", "tests.support.old_traffic", self.database_url, *traffic],
@@ -350,9 +379,17 @@ class UiRelay:
                 timeout=120,
             )
             assert done.returncode == 0, done.stderr
-
-    def start(self) -> Twistd:
-        self.process = Twistd(self.config, self.home)
+        else:
+            self.ctl("web-user", "add", USER, stdin=PASSWORD + "\n")
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            user = (
+                pool.submit(ctl, self.config, "web-user", "add", USER, stdin=PASSWORD + "\n")
+                if traffic is not None
+                else None
+            )
+            self.process = Twistd(self.config, self.home)
+            if user is not None:
+                assert_ok(user.result())
         self.process.wait_for("smtp: listening on", timeout=60)
         self.process.wait_for("web: listening on", timeout=60)
         return self.process

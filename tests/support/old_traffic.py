@@ -47,6 +47,7 @@ async def fill(store: Store, clock: Clock, hostile: bool) -> int:
     opened and clicked; returns the number of events written."""
     written = 0
     number = 0
+    clicks = 0
     for domain, count in DOMAINS.items():
         for _ in range(count):
             number += 1
@@ -82,7 +83,8 @@ async def fill(store: Store, clock: Clock, hostile: bool) -> int:
             clock.advance(30)
             await store.record_engagement(ref, OpenedEvent("Mozilla/5.0", "192.0.2.1", False))
             urls = HOSTILE_URLS if hostile else URLS
-            url = urls[number % len(urls)]
+            url = urls[clicks % len(urls)]
+            clicks += 1
             await store.record_engagement(ref, ClickedEvent("Mozilla/5.0", "192.0.2.1", False, url))
             written += 2
     return written
