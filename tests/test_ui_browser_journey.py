@@ -48,7 +48,7 @@ def relay(tmp_path_factory: pytest.TempPathFactory, peer: tuple[int, PeerLog]) -
     home: Path = tmp_path_factory.mktemp("ui-journey")
     relay = UiRelay(home, f"sqlite:{home / 'relay.db'}", peer[0])
     try:
-        relay.start(traffic=[])
+        relay.start(hostile_traffic=False)
         relay.wait_for_rollup()
         yield relay
     finally:

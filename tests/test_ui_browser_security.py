@@ -92,7 +92,7 @@ def relay(
     home: Path = tmp_path_factory.mktemp("ui-security")
     relay = UiRelay(home, postgres_server.create_database(), peer[0])
     try:
-        relay.start(traffic=["--hostile"])
+        relay.start(hostile_traffic=True)
         relay.wait_for_rollup()
         yield relay
     finally:

@@ -24,8 +24,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -35,6 +33,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import pytest_twisted
 from selenium import webdriver
 from selenium.common.exceptions import (
     NoAlertPresentException,
@@ -45,8 +44,10 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
+from twisted.internet.defer import Deferred
 
-from tests.conftest import service_missing
+from tests.conftest import real_reactor, service_missing
+from tests.support import old_traffic
 from tests.support.relay import HOST, free_ports
 from tests.support.run import Twistd, assert_ok, ctl, query, write_config
 
@@ -345,7 +346,7 @@ class UiRelay:
     def __init__(self, home: Path, database_url: str, peer_port: int) -> None:
         self.home = home
         self.database_url = database_url
-        self.smtp_port, self.web_port = free_ports(2)
+        self.smtp_port, self.web_port, self.inbound_port = free_ports(3)
         self.base = f"http://{HOST}:{self.web_port}"
         var = home / "var"
         self.config = write_config(
@@ -353,7 +354,7 @@ class UiRelay:
             database_url,
             f'[server]\nhostname = "relay.test"\ndata_dir = {json.dumps(str(var))}\n'
             f'[smtp]\nlisten = ["tcp:{self.smtp_port}:interface={HOST}"]\n'
-            f'[inbound]\nlisten = ["tcp:0:interface={HOST}"]\n'
+            f'[inbound]\nlisten = ["tcp:{self.inbound_port}:interface={HOST}"]\n'
             f"[rewrap]\nsecret_file = {json.dumps(str(var / 'secret.key'))}\n"
             f'[web]\nlisten = "tcp:{self.web_port}:interface={HOST}"\n'
             f'base_url = "{self.base}"\n'
@@ -365,26 +366,24 @@ class UiRelay:
     def url(self, path: str) -> str:
         return self.base + path
 
-    def start(self, traffic: Sequence[str] | None = None) -> Twistd:
-        """Write old traffic (tests/support/old_traffic.py, with ``traffic`` as its extra
-        arguments; it creates the schema), then start the relay while ``smartrelay-ctl
-        web-user add`` makes the web user (password on stdin); each costs seconds of Python
-        start-up on a loaded machine. Without ``traffic`` the CLI creates the schema first."""
-        if traffic is not None:
-            done = subprocess.run(
-                [sys.executable, "-m", "tests.support.old_traffic", self.database_url, *traffic],
-                cwd=REPO,
-                capture_output=True,
-                text=True,
-                timeout=120,
+    def start(self, hostile_traffic: bool | None = None) -> Twistd:
+        """Write old traffic first unless ``hostile_traffic`` is None (in this process:
+        tests/support/old_traffic.py, which also creates the schema), then start the relay
+        while ``smartrelay-ctl web-user add`` makes the web user (password on stdin): each
+        costs seconds of Python start-up on a loaded machine. Without traffic the CLI
+        creates the schema before the relay starts."""
+        if hostile_traffic is not None:
+            pytest_twisted.blockon(
+                Deferred.fromCoroutine(
+                    old_traffic.run(real_reactor(), self.database_url, hostile_traffic)
+                )
             )
-            assert done.returncode == 0, done.stderr
         else:
             self.ctl("web-user", "add", USER, stdin=PASSWORD + "\n")
         with ThreadPoolExecutor(max_workers=1) as pool:
             user = (
                 pool.submit(ctl, self.config, "web-user", "add", USER, stdin=PASSWORD + "\n")
-                if traffic is not None
+                if hostile_traffic is not None
                 else None
             )
             self.process = Twistd(self.config, self.home)
@@ -392,6 +391,7 @@ class UiRelay:
                 assert_ok(user.result())
         self.process.wait_for("smtp: listening on", timeout=60)
         self.process.wait_for("web: listening on", timeout=60)
+        self.process.wait_for("inbound: listening on", timeout=60)
         return self.process
 
     def wait_for_rollup(self) -> None:

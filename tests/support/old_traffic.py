@@ -3,7 +3,8 @@
 The relay's roll-up counts an event only once it is ``ROLLUP_LAG`` (60 s) old, so mail sent
 during a browser test would not reach the dashboard for a minute. This writes messages,
 delivery outcomes, opens and clicks through the store's own methods, on a clock set
-:data:`HOURS_AGO` hours back; the relay's first roll-up pass counts them at start-up.
+:data:`HOURS_AGO` hours back; the relay's first roll-up pass counts them at start-up. The
+browser tests call :func:`run` on the test's reactor; it also runs on its own:
 
     python -m tests.support.old_traffic DATABASE_URL [--hostile]
 
@@ -90,16 +91,21 @@ async def fill(store: Store, clock: Clock, hostile: bool) -> int:
     return written
 
 
-async def run(reactor: Any, url: str, hostile: bool) -> None:
+async def run(reactor: Any, url: str, hostile: bool) -> int:
+    """Create the schema of the database at ``url`` if need be and :func:`fill` it."""
     engine = create_engine(as_relay_reactor(reactor), url)
     await engine.start()
     try:
         clock = Clock()
         clock.advance(time.time() - HOURS_AGO * 3600)
         await migrate(engine, to_ms(clock.seconds()))
-        print(await fill(Store(engine, clock), clock, hostile))
+        return await fill(Store(engine, clock), clock, hostile)
     finally:
         await engine.close()
+
+
+async def _main(reactor: Any, url: str, hostile: bool) -> None:
+    print(await run(reactor, url, hostile))
 
 
 def main() -> None:
@@ -107,7 +113,7 @@ def main() -> None:
     parser.add_argument("url")
     parser.add_argument("--hostile", action="store_true")
     args = parser.parse_args()
-    task.react(lambda reactor: Deferred.fromCoroutine(run(reactor, args.url, args.hostile)))
+    task.react(lambda reactor: Deferred.fromCoroutine(_main(reactor, args.url, args.hostile)))
 
 
 if __name__ == "__main__":

@@ -35,8 +35,8 @@ class PeerLog:
     script: RcptScript
     lock: threading.Lock = field(factory=threading.Lock)
     attempts: Counter[str] = field(factory=Counter)
-    #: (envelope recipients, message bytes) of every accepted transaction.
-    messages: list[tuple[list[str], bytes]] = field(factory=list)
+    #: (envelope sender, recipients, message bytes) of every accepted transaction.
+    messages: list[tuple[str, list[str], bytes]] = field(factory=list)
 
     def rcpt(self, address: str) -> tuple[int, str] | None:
         with self.lock:
@@ -44,13 +44,19 @@ class PeerLog:
             attempt = self.attempts[address]
         return self.script(address, attempt)
 
-    def accepted(self, recipients: list[str], data: bytes) -> None:
+    def accepted(self, sender: str, recipients: list[str], data: bytes) -> None:
         with self.lock:
-            self.messages.append((recipients, data))
+            self.messages.append((sender, recipients, data))
 
     def delivered_to(self) -> list[str]:
         with self.lock:
-            return [r for recipients, _ in self.messages for r in recipients]
+            return [r for _, recipients, _ in self.messages for r in recipients]
+
+    def return_path(self, recipient: str) -> str | None:
+        """The envelope sender (the relay's VERP address) of the copy ``recipient`` got."""
+        with self.lock:
+            found = [s for s, recipients, _ in self.messages if recipient in recipients]
+        return found[0] if found else None
 
 
 class _Handler(socketserver.StreamRequestHandler):
@@ -64,6 +70,7 @@ class _Handler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         log = self.server.log
         self.reply("220 peer.test ESMTP scripted")
+        sender = ""
         recipients: list[str] = []
         while True:
             raw = self.rfile.readline(MAX_LINE)
@@ -77,6 +84,7 @@ class _Handler(socketserver.StreamRequestHandler):
                     self.reply("250-8BITMIME")
                     self.reply("250 SMTPUTF8")
             elif verb == "MAIL":
+                sender = line.partition(":")[2].strip().split(" ")[0].strip("<>")
                 recipients = []
                 self.reply("250 2.1.0 Ok")
             elif verb == "RCPT":
@@ -95,7 +103,7 @@ class _Handler(socketserver.StreamRequestHandler):
                 data = self._read_data()
                 if data is None:
                     return
-                log.accepted(recipients, data)
+                log.accepted(sender, recipients, data)
                 recipients = []
                 self.reply("250 2.0.0 Ok: accepted")
             elif verb == "RSET":
