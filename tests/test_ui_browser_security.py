@@ -151,12 +151,18 @@ def logged_in(chromium: Chromium, relay: UiRelay) -> None:
 
 # -- the checks themselves -------------------------------------------------------------------
 class _Page(http.server.BaseHTTPRequestHandler):
-    """/csp: a page under the UI's CSP with injected markup; /open: the same without a CSP."""
+    """/csp: a page under the UI's CSP with injected markup; /open: the same without a CSP;
+    /broken: a page whose script fails."""
 
     def do_GET(self) -> None:
         body = f"<!DOCTYPE html><title>x</title><p>{SCRIPT}</p><p>{IMG}</p>".encode()
+        kind = "text/html; charset=utf-8"
+        if self.path == "/broken":
+            body = b'<!DOCTYPE html><title>x</title><script src="/broken.js"></script>'
+        elif self.path == "/broken.js":
+            body, kind = b"undefinedFunction();", "text/javascript"
         self.send_response(200)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Type", kind)
         if self.path == "/csp":
             self.send_header(
                 "Content-Security-Policy",
@@ -172,7 +178,7 @@ class _Page(http.server.BaseHTTPRequestHandler):
 
 def test_the_checks_catch_markup_that_became_code(chromium: Chromium) -> None:
     """What every other test relies on: an injection is reported, under the CSP (violations)
-    and without it (the alert dialog, the live markup)."""
+    and without it (the alert dialog, the live markup); so is a script error."""
     server = http.server.ThreadingHTTPServer((HOST, 0), _Page)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -185,6 +191,8 @@ def test_the_checks_catch_markup_that_became_code(chromium: Chromium) -> None:
         with pytest.raises(PageProblem, match="an alert dialog is open"):
             chromium.driver.get(base + "/open")
             chromium.check()
+        with pytest.raises(PageProblem, match="undefinedFunction is not defined"):
+            chromium.go(base + "/broken")
     finally:
         server.shutdown()
         server.server_close()
