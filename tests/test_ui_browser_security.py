@@ -202,13 +202,14 @@ def test_the_checks_catch_markup_that_became_code(chromium: Chromium) -> None:
 # -- sessions and CSRF -----------------------------------------------------------------------
 @pytest.mark.parametrize("page", PAGES)
 def test_a_page_without_a_session_shows_the_login(
-    chromium: Chromium, relay: UiRelay, page: str
+    chromium: Chromium, relay: UiRelay, page: str, request: pytest.FixtureRequest
 ) -> None:
     chromium.driver.delete_all_cookies()
     chromium.go(relay.url(page))
     assert chromium.path == "/ui/login?" + "next=" + quote(page, safe=""), chromium.path
     assert chromium.all("#username") and chromium.all("#password")
     assert chromium.all("form.logout") == []
+    chromium.shot(request, "login")
 
 
 def test_after_logging_in_the_login_goes_on_to_the_page_asked_for(
