@@ -18,7 +18,7 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from tests.support.browser import PASSWORD, USER, Chromium, UiRelay, wait_until
+from tests.support.browser import PASSWORD, USER, Chromium, UiRelay, needs_section, wait_until
 from tests.support.relay import HOST
 from tests.support.run import query
 from tests.support.smtp_peer import PeerLog, scripted_peer
@@ -108,6 +108,13 @@ def logged_in(chromium: Chromium, relay: UiRelay) -> None:
     assert chromium.path == "/ui/", chromium.path
 
 
+def event_types(chromium: Chromium) -> list[str]:
+    """The types of the message page's timeline entries, in order (content warnings aside:
+    this relay has no DKIM key, so every message warns about it)."""
+    types = [li.get_attribute("data-type") for li in chromium.all("#message-timeline > li")]
+    return [str(t) for t in types if t != "warning"]
+
+
 def test_log_in(chromium: Chromium, relay: UiRelay, request: pytest.FixtureRequest) -> None:
     chromium.driver.delete_all_cookies()
     chromium.go(relay.url("/ui/"))
@@ -145,6 +152,123 @@ def test_the_dashboard_shows_the_counts(
     assert figures["Clicked (unique)"] == "9", figures
     chromium.shot(request, "dashboard")
     chromium.phone_shot(request, "dashboard")
+
+
+def test_the_dashboard_shows_charts(
+    chromium: Chromium, relay: UiRelay, request: pytest.FixtureRequest
+) -> None:
+    needs_section("smartrelay.web.ui.dashboard", "VOLUME_OUTCOMES")
+    logged_in(chromium, relay)
+    chromium.go(relay.url("/ui/?period=24h&tag=old-traffic"))
+    # The charts are server-rendered SVG, drawn at a visible size.
+    for chart in ("chart-volume", "chart-bounces", "chart-domains", "chart-urls"):
+        svg = chromium.css(f"#{chart} svg")
+        assert svg.is_displayed(), chart
+        assert svg.size["width"] > 200 and svg.size["height"] > 50, (chart, svg.size)
+    domains = chromium.text("#table-domains")
+    for domain in ("gmail.example", "yahoo.example", "outlook.example"):
+        assert domain in domains
+    urls = chromium.text("#table-urls")
+    assert "https://shop.example/sale" in urls and "https://shop.example/account" in urls
+    chromium.shot(request, "dashboard")
+    chromium.scroll_to("#chart-volume")
+    chromium.shot(request, "dashboard-charts")
+    chromium.phone_shot(request, "dashboard-charts")
+
+
+def test_search_a_message_and_open_its_timeline(
+    chromium: Chromium, relay: UiRelay, mail: dict[str, str], request: pytest.FixtureRequest
+) -> None:
+    needs_section("smartrelay.web.ui.messages")
+    logged_in(chromium, relay)
+    chromium.submit(chromium.css("nav a[href='/ui/messages']"))
+    chromium.shot(request, "messages")
+    chromium.by_id("recipient").send_keys(DELIVERED)
+    chromium.submit(chromium.by_id("search-button"))
+    path, _, args = chromium.path.partition("?")
+    assert path == "/ui/messages" and parse_qs(args)["recipient"] == [DELIVERED]
+    rows = chromium.all("#message-results tbody tr")
+    assert len(rows) == 1, chromium.text("main")
+    assert "Invoice 1042" in rows[0].text and "invoice" in rows[0].text
+    chromium.shot(request, "search-results")
+    chromium.submit(rows[0].find_element("css selector", "a.qid"))
+    queue_id = mail[DELIVERED]
+    assert chromium.path == f"/ui/messages/{queue_id}"
+    facts = chromium.text("#message-facts")
+    assert SENDER in facts and "Invoice 1042" in facts and "A-1042" in facts
+    assert "delivered" in chromium.text("#message-recipients")
+    timeline = event_types(chromium)
+    assert timeline == ["received", "delivered"], timeline
+    assert "250 2.0.0 Ok: accepted" in chromium.text("#message-timeline")
+    chromium.shot(request, "message")
+    chromium.phone_shot(request, "message")
+    chromium.scroll_to("#message-timeline")
+    chromium.shot(request, "message-timeline")
+
+
+def test_add_and_remove_a_suppression(
+    chromium: Chromium, relay: UiRelay, request: pytest.FixtureRequest
+) -> None:
+    needs_section("smartrelay.web.ui.suppressions")
+    address = "no-more-mail@example.net"
+    logged_in(chromium, relay)
+    chromium.go(relay.url("/ui/suppressions"))
+    chromium.shot(request, "suppressions")
+    chromium.by_id("add-address").send_keys(address)
+    chromium.by_id("add-note").send_keys("asked by phone")
+    chromium.submit(chromium.by_id("suppression-add-button"))
+    assert address in chromium.text("#notice")
+    row = next(r for r in chromium.all("#suppression-table tbody tr") if address in r.text)
+    assert "manual" in row.text and "asked by phone" in row.text
+    # In the relay's database (written by the relay's process).
+    assert query(
+        relay.database_url,
+        "SELECT reason, expires_at, note FROM suppressions WHERE address = ?",
+        (address,),
+    ) == [("manual", None, "asked by phone")]
+    chromium.shot(request, "suppression-added")
+
+    chromium.by_id("q").send_keys(address)
+    chromium.submit(chromium.by_id("suppression-search-button"))
+    [row] = chromium.all("#suppression-table tbody tr")
+    chromium.submit(row.find_element("css selector", "form.remove button"))
+    assert address in chromium.text("#notice")
+    assert not any(address in r.text for r in chromium.all("#suppression-table tbody tr"))
+    assert query(relay.database_url, "SELECT address FROM suppressions") == []
+    chromium.shot(request, "suppression-removed")
+
+
+def test_retry_a_deferred_message(
+    chromium: Chromium,
+    relay: UiRelay,
+    mail: dict[str, str],
+    peer: tuple[int, PeerLog],
+    request: pytest.FixtureRequest,
+) -> None:
+    needs_section("smartrelay.web.ui.queue")
+    queue_id = mail[DEFERRED]
+    logged_in(chromium, relay)
+    chromium.go(relay.url("/ui/queue"))
+    [row] = [r for r in chromium.all("#queue-table tbody tr") if "slow.example" in r.text]
+    assert "greylisted, come back later" in row.text
+    chromium.shot(request, "queue")
+    chromium.submit(row.find_element("css selector", "a"))
+    assert chromium.path == "/ui/queue/slow.example"
+    [row] = chromium.all("#destination-table tbody tr")
+    assert queue_id in row.text and DEFERRED in row.text and "deferred" in row.text
+    chromium.shot(request, "queue-destination")
+    chromium.submit(row.find_element("css selector", "form.retry-message button"))
+    assert "1" in chromium.text("#notice")
+    chromium.shot(request, "queue-retried")
+    # The relay delivers it now (the next hop takes the second attempt).
+    wait_until(lambda: DEFERRED in peer[1].delivered_to(), "the retried message at the next hop")
+    chromium.go(relay.url(f"/ui/messages/{queue_id}"))
+    chromium.wait(
+        lambda d: "delivered" in chromium.text("#message-recipients"), "the delivered state"
+    )
+    timeline = event_types(chromium)
+    assert timeline == ["received", "deferred", "delivered"], timeline
+    chromium.shot(request, "message-retried")
 
 
 def test_log_out(chromium: Chromium, relay: UiRelay, request: pytest.FixtureRequest) -> None:

@@ -24,8 +24,8 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.support.browser import Chromium, PageProblem, UiRelay, wait_until
-from tests.support.old_traffic import HOSTILE_TAG
+from tests.support.browser import Chromium, PageProblem, UiRelay, needs_section, wait_until
+from tests.support.old_traffic import HOSTILE_TAG, HOSTILE_URLS
 from tests.support.postgres import PostgresServer
 from tests.support.relay import HOST
 from tests.support.run import query
@@ -43,6 +43,8 @@ BOUNCING = "bounce-me@hostile.example"
 DEFERRED = "defer-me@hostile.example"
 BOUNCE_REPLY = f"5.1.1 {SCRIPT} user unknown"
 DEFER_REPLY = f"4.3.0 {IMG} try later"
+#: The Diagnostic-Code of a bounce report (DSN) sent to the inbound listener.
+FEEDBACK_REPLY = f"552 5.2.2 {SCRIPT} {IMG} mailbox full"
 SUBJECT = f"{SCRIPT} {IMG}"
 DISPLAY_NAME = f"{IMG} {SCRIPT}"
 META = IMG
@@ -243,6 +245,27 @@ def test_a_form_with_a_wrong_or_no_csrf_token_is_refused(
     assert chromium.path == "/ui/"
 
 
+def test_a_suppression_posted_with_a_forged_csrf_token_is_not_added(
+    chromium: Chromium, relay: UiRelay, request: pytest.FixtureRequest
+) -> None:
+    needs_section("smartrelay.web.ui.suppressions")
+    address = "forged-form@example.net"
+    logged_in(chromium, relay)
+    chromium.go(relay.url("/ui/suppressions"))
+    chromium.by_id("add-address").send_keys(address)
+    chromium.driver.execute_script(
+        "document.querySelector('#suppression-add input[name=csrf]').value = 'forged';"
+    )
+    chromium.submit(chromium.by_id("suppression-add-button"), allow=[r"status of 403"])
+    assert "This form is out of date" in chromium.text("main")
+    chromium.shot(request, "refused")
+    assert (
+        query(relay.database_url, "SELECT 1 FROM suppressions WHERE address = ?", (address,)) == []
+    )
+    chromium.go(relay.url(f"/ui/suppressions?q={quote(address)}"))
+    assert chromium.all("#suppression-table tbody tr") == []
+
+
 # -- hostile data ---------------------------------------------------------------------------
 def assert_shown_as_text(chromium: Chromium, *texts: str) -> None:
     chromium.check()
@@ -282,3 +305,145 @@ def test_the_dashboard_shows_a_hostile_tag_as_text(
     # tests/support/old_traffic.py: 13 messages with that tag (the hostile mail has another).
     assert figures["Received"] == "13", figures
     chromium.shot(request, "dashboard-hostile-tag")
+
+
+def test_the_dashboard_shows_hostile_urls_as_text(
+    chromium: Chromium, relay: UiRelay, request: pytest.FixtureRequest
+) -> None:
+    needs_section("smartrelay.web.ui.dashboard", "VOLUME_OUTCOMES")
+    logged_in(chromium, relay)
+    chromium.go(relay.url(f"/ui/?period=24h&tag={quote(HOSTILE_TAG)}"))
+    assert_shown_as_text(chromium, *HOSTILE_URLS[:2])
+    # The top URLs of the old traffic's clicks: as text in the chart and in its table.
+    urls = chromium.text("#table-urls")
+    for url in HOSTILE_URLS[:2]:
+        assert url in urls, urls
+    chart = chromium.css("#chart-urls svg").get_attribute("textContent") or ""
+    assert "<script>alert(1)</script>" in chart, chart
+    chromium.scroll_to("#chart-urls")
+    chromium.shot(request, "dashboard-hostile-urls")
+
+
+def test_the_message_list_shows_hostile_mail_as_text(
+    chromium: Chromium, relay: UiRelay, hostile_mail: str, request: pytest.FixtureRequest
+) -> None:
+    needs_section("smartrelay.web.ui.messages")
+    logged_in(chromium, relay)
+    # Filters holding markup and quotes reach SQL as parameters: each finds the message.
+    for field, value in (("tag", MAIL_TAG), ("recipient", RECIPIENT), ("meta", f"Note={META}")):
+        chromium.go(relay.url(f"/ui/messages?{field}={quote(value)}"))
+        assert_shown_as_text(chromium, SCRIPT, IMG, MAIL_TAG)
+        assert chromium.by_id(field).get_attribute("value") == value
+        [row] = chromium.all("#message-results tbody tr")
+        assert hostile_mail in row.text and SUBJECT in row.text, row.text
+    chromium.shot(request, "messages")
+
+
+def test_the_message_page_shows_hostile_mail_as_text(
+    chromium: Chromium, relay: UiRelay, hostile_mail: str, request: pytest.FixtureRequest
+) -> None:
+    needs_section("smartrelay.web.ui.messages")
+    logged_in(chromium, relay)
+    chromium.go(relay.url(f"/ui/messages/{hostile_mail}"))
+    chromium.css("#message-headers summary").click()  # the headers, with the From line
+    assert_shown_as_text(
+        chromium, SUBJECT, MAIL_TAG, META, RECIPIENT, BOUNCE_REPLY, DEFER_REPLY, DISPLAY_NAME
+    )
+    facts = chromium.text("#message-facts")
+    assert f"Note = {META}" in facts, facts
+    recipients = chromium.text("#message-recipients")
+    assert RECIPIENT in recipients and BOUNCE_REPLY in recipients, recipients
+    chromium.shot(request, "message")
+    chromium.scroll_to("#message-timeline")
+    chromium.shot(request, "message-timeline")
+
+
+def test_the_queue_shows_hostile_replies_as_text(
+    chromium: Chromium, relay: UiRelay, hostile_mail: str, request: pytest.FixtureRequest
+) -> None:
+    needs_section("smartrelay.web.ui.queue")
+    logged_in(chromium, relay)
+    chromium.go(relay.url("/ui/queue"))
+    assert_shown_as_text(chromium, "hostile.example", DEFER_REPLY)
+    chromium.shot(request, "queue")
+    chromium.go(relay.url("/ui/queue/hostile.example"))
+    assert_shown_as_text(chromium, DEFER_REPLY, DEFERRED, hostile_mail)
+    chromium.shot(request, "queue-destination")
+
+
+def test_suppressions_show_hostile_addresses_and_notes_as_text(
+    chromium: Chromium, relay: UiRelay, hostile_mail: str, request: pytest.FixtureRequest
+) -> None:
+    needs_section("smartrelay.web.ui.suppressions")
+    logged_in(chromium, relay)
+    # The hard bounce suppressed its address on its own; add one more with a hostile note.
+    address = f"{HOSTILE_LOCAL}@suppressed.example"
+    chromium.go(relay.url("/ui/suppressions"))
+    chromium.by_id("add-address").send_keys(address)
+    chromium.by_id("add-note").send_keys(f"{SCRIPT}{IMG}")
+    chromium.submit(chromium.by_id("suppression-add-button"))
+    assert_shown_as_text(chromium, address, BOUNCING, f"{SCRIPT}{IMG}")
+    chromium.shot(request, "suppressions")
+    chromium.go(relay.url(f"/ui/suppressions?q={quote(address)}"))
+    assert_shown_as_text(chromium, address)
+    [row] = chromium.all("#suppression-table tbody tr")
+    assert f"{SCRIPT}{IMG}" in row.text
+    assert row.find_element("css selector", "input[name=address]").get_attribute("value") == address
+
+
+def dsn(return_path: str, recipient: str, queue_id: str) -> bytes:
+    """A bounce report (RFC 3464) about ``recipient``'s copy, its diagnostic hostile."""
+    return (
+        "From: MAILER-DAEMON@mx.hostile.example\r\n"
+        f"To: <{return_path}>\r\n"
+        "Subject: Undelivered Mail Returned to Sender\r\n"
+        "MIME-Version: 1.0\r\n"
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n'
+        "\r\n--b\r\nContent-Type: text/plain\r\n\r\n"
+        f"Your message could not be delivered. {SCRIPT}\r\n"
+        "\r\n--b\r\nContent-Type: message/delivery-status\r\n\r\n"
+        "Reporting-MTA: dns; mx.hostile.example\r\n\r\n"
+        f"Final-Recipient: rfc822; {recipient}\r\n"
+        "Action: failed\r\nStatus: 5.2.2\r\n"
+        f"Diagnostic-Code: smtp; {FEEDBACK_REPLY}\r\n"
+        "\r\n--b\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+        f"X-SmartRelay-ID: {queue_id}\r\nSubject: x\r\n"
+        "\r\n--b--\r\n"
+    ).encode()
+
+
+def test_feedback_shows_hostile_diagnostics_as_text(
+    chromium: Chromium,
+    relay: UiRelay,
+    hostile_mail: str,
+    peer: tuple[int, PeerLog],
+    request: pytest.FixtureRequest,
+) -> None:
+    needs_section("smartrelay.web.ui.feedback")
+    return_path = peer[1].return_path(RECIPIENT)
+    assert return_path is not None
+    with smtplib.SMTP(HOST, relay.inbound_port, timeout=30) as client:
+        assert client.ehlo()[0] == 250
+        client.sendmail("", [return_path], dsn(return_path, RECIPIENT, hostile_mail))
+    wait_until(
+        lambda: query(
+            relay.database_url, "SELECT state FROM feedback_reports WHERE state = 'processed'"
+        ),
+        "the bounce report processed",
+    )
+    logged_in(chromium, relay)
+    chromium.go(relay.url("/ui/feedback"))
+    assert_shown_as_text(chromium, RECIPIENT, hostile_mail)
+    table = chromium.text("#feedback-table")
+    assert FEEDBACK_REPLY.split(" ", 1)[1] in table, table
+    chromium.shot(request, "feedback")
+
+
+def test_the_deliverability_page_is_clean(
+    chromium: Chromium, relay: UiRelay, hostile_mail: str, request: pytest.FixtureRequest
+) -> None:
+    needs_section("smartrelay.web.ui.deliverability")
+    logged_in(chromium, relay)
+    chromium.go(relay.url("/ui/deliverability"))
+    assert_shown_as_text(chromium, "shop.example")
+    chromium.shot(request, "deliverability")
