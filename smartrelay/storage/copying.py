@@ -68,6 +68,8 @@ TABLES = (
     Table("rollup_progress", ("name",)),
     Table("rollups", ("hour", "tag", "sender_domain", "recipient_domain", "type", "detail")),
     Table("rollup_urls", ("hour", "tag", "url")),
+    Table("rollups_by_tag", ("tag", "hour", "type", "detail")),
+    Table("rollups_by_domain_day", ("tag", "day", "recipient_domain", "type")),
     Table("events", ("id",), identity="id"),
     Table("messages", ("queue_id",), queue=True),
     Table("message_bodies", ("queue_id",), blob="raw", queue=True),

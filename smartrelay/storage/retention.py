@@ -1,7 +1,7 @@
 """The retention queries: each deletes one small batch, in one short transaction.
 
 Every batch is an index range (the partial indexes of schema 004, ``events_time``,
-``feedback_reports_received_at``) read from its oldest end with a LIMIT, so a batch costs the
+``feedback_reports_recent``) read from its oldest end with a LIMIT, so a batch costs the
 same whatever the table holds, and no transaction holds the database for long. Batches are
 idempotent: what a batch deletes is gone, so a pass killed half-way, run again, or run by two
 nodes at once against one PostgreSQL (whose ``SKIP LOCKED`` keeps them off each other's rows)
