@@ -34,6 +34,7 @@ from smartrelay.web.charts import (
     rate_bars,
     stacked_bars,
 )
+from smartrelay.web.templating import percent
 from smartrelay.web.ui.context import UiContext, UiError, add_error_pages, arg
 
 __all__ = ["Dashboard", "Filters", "Period", "period_of", "total"]
@@ -333,7 +334,14 @@ class _Links:
 
 
 def _rate(part: int, whole: int, of: str) -> str:
+    """A share of a whole it is part of (never shown as 0% or 100% unless it is)."""
     return f"{format_percent(part, whole)} of {of}" if whole else ""
+
+
+def _ratio(part: int, whole: int, of: str) -> str:
+    """A ratio that may pass 100%: opens and clicks in a period include those of mail
+    delivered before it."""
+    return f"{percent(part, whole)} of {of}" if whole else ""
 
 
 def _figures(totals: Totals, links: _Links) -> list[Figure]:
@@ -386,7 +394,7 @@ def _figures(totals: Totals, links: _Links) -> list[Figure]:
             _rate(complained, delivered, "delivered"),
             links.feedback("complaint"),
         ),
-        Figure("opened", "Opened (unique)", opened, _rate(opened, delivered, "delivered")),
+        Figure("opened", "Opened (unique)", opened, _ratio(opened, delivered, "delivered")),
         Figure("opens", "Opens", total(totals, "opened", "human"), "human, in all"),
         Figure(
             "machine_opens",
@@ -394,7 +402,7 @@ def _figures(totals: Totals, links: _Links) -> list[Figure]:
             total(totals, "opened", "machine"),
             "proxies and scanners, not counted above",
         ),
-        Figure("clicked", "Clicked (unique)", clicked, _rate(clicked, delivered, "delivered")),
+        Figure("clicked", "Clicked (unique)", clicked, _ratio(clicked, delivered, "delivered")),
         Figure("clicks", "Clicks", total(totals, "clicked", "human"), "human, in all"),
         Figure(
             "unsubscribed",
@@ -444,7 +452,6 @@ def _volume_chart(period: Period, series: Mapping[float, Totals]) -> Markup:
         step="hour" if period.hourly else "day",
         title="Volume by outcome",
         empty_message="No delivery outcome in this period.",
-        width=720.0,
     )
 
 
