@@ -497,3 +497,20 @@ def test_content_warnings_are_counted_per_kind() -> None:
     assert values == ["3", "2", "1"]
     hovers = [t.text for t in parsed.iter(f"{SVG}title")]
     assert f"{XSS_TAG} ({XSS_TAG}): 2 messages" in hovers
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_read_is_a_500_page(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    await traffic(site)
+    browser = await logged_in(site)
+
+    async def broken(*args: object, **kwargs: object) -> list[object]:
+        raise RuntimeError("the database went away")
+
+    monkeypatch.setattr(site.store, "top_urls", broken)
+    code, page = await get(browser, {"period": "24h"})
+    assert code == 500 and "Something went wrong" in page.html
+    assert "database went away" not in page.html
+    monkeypatch.undo()
+    code, page = await get(browser, {"period": "24h"})
+    assert code == 200 and page.figure("received") == 3
