@@ -810,7 +810,8 @@ async def test_summaries_agree_with_the_hourly_rollups_over_days(
         await add_events(
             store,
             clock.seconds() + 60,
-            [(q, r, bounce if (n + k) % 4 == 0 else delivered) for k, r in enumerate(rcpts)],
+            [(q, r, bounce if (n + k) % 4 == 0 else delivered) for k, r in enumerate(rcpts)]
+            + [(q, rcpts[0], ClickedEvent("UA", None, n % 5 == 0, f"https://l.example/{n % 4}"))],
         )
     assert await store.roll_up(clock.seconds() + 3600, 10_000) > 0
     day = 86400.0
@@ -849,6 +850,16 @@ async def test_summaries_agree_with_the_hourly_rollups_over_days(
             assert sum(c for hour in series.values() for c, _ in hour.values()) == sum(
                 c for c, _ in whole.values()
             )
+            # rollup_urls_by_day: the hourly rows' sums.
+            rows = await execute(
+                store,
+                "SELECT url, SUM(count), SUM(machine_count) FROM rollup_urls"
+                " WHERE tag = ? AND hour >= ? AND hour < ? GROUP BY url",
+                ("*" if tag is None else tag, round(since * 1000), round(until * 1000)),
+            )
+            urls = await store.top_urls(since, until, tag)
+            assert sorted((u.url, u.clicks, u.machine_clicks) for u in urls) == sorted(rows)
+            assert [u.clicks for u in urls] == sorted((u.clicks for u in urls), reverse=True)
     # With a sender domain (not in the daily table): the hourly rows only.
     got = await store.top_recipient_domains(
         start - day, clock.seconds() + day, sender_domain="x.example"

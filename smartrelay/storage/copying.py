@@ -68,6 +68,7 @@ TABLES = (
     Table("rollup_progress", ("name",)),
     Table("rollups", ("hour", "tag", "sender_domain", "recipient_domain", "type", "detail")),
     Table("rollup_urls", ("hour", "tag", "url")),
+    Table("rollup_urls_by_day", ("tag", "day", "url")),
     Table("rollups_by_tag", ("tag", "hour", "type", "detail")),
     Table("rollups_by_domain_day", ("tag", "day", "recipient_domain", "type")),
     Table("events", ("id",), identity="id"),

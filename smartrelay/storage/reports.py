@@ -724,39 +724,38 @@ class ReportsStore(StoreBase):
         limit = _check_limit(limit)
 
         tag_value = ALL_TAGS if tag is None else tag
-        since_ms, until_ms = to_ms(since), to_ms(until)
-        # The hours that begin in [since, until): the whole UTC days among them are read
-        # from rollups_by_domain_day, the hours at the two ends from rollups.
-        hours_end = -(-until_ms // HOUR_MS) * HOUR_MS
-        day_lo = -(-since_ms // DAY_MS) * DAY_MS
-        day_hi = hours_end // DAY_MS * DAY_MS
-        if sender_domain is not None or day_lo >= day_hi:
-            day_lo = day_hi = 0  # no whole day (or no sender domain in the daily table)
-            edges = [since_ms, until_ms, 0, 0]
-        else:
-            edges = [since_ms, day_lo, day_hi, until_ms]
+        day_lo, day_hi, edges = _whole_days(to_ms(since), to_ms(until))
+        if sender_domain is not None:  # not in the daily table: every hour from rollups
+            day_lo, day_hi, edges = 0, 0, [(to_ms(since), to_ms(until))]
         columns = ", ".join(
             f"SUM(CASE WHEN type = '{t}' THEN count ELSE 0 END)" for t in DOMAIN_TYPES
         )
 
         async def txn(cursor: ICursor) -> list[DomainStats]:
-            hourly = (
-                "SELECT recipient_domain, type, count FROM rollups WHERE tag = ?"
-                " AND ((hour >= ? AND hour < ?) OR (hour >= ? AND hour < ?))"
-                f" AND type IN ({marks(len(DOMAIN_TYPES))})"
-            )
-            args: list[Any] = [tag_value, *edges, *DOMAIN_TYPES]
-            if sender_domain is not None:
-                hourly += " AND sender_domain = ?"
-                args.append(sender_domain.lower())
+            parts = [
+                "SELECT recipient_domain, type, count FROM rollups_by_domain_day"
+                " WHERE tag = ? AND day >= ? AND day < ?"
+            ]
+            args: list[Any] = [tag_value, day_lo, day_hi]
+            for lo, hi in edges:
+                # An hour range of the primary key (hour, tag, ...): `tag || ''` keeps SQLite
+                # from walking every row of the tag in rollups_tag_recipient_domain instead.
+                part = (
+                    "SELECT recipient_domain, type, count FROM rollups"
+                    " WHERE hour >= ? AND hour < ? AND tag || '' = ?"
+                    f" AND type IN ({marks(len(DOMAIN_TYPES))})"
+                )
+                args += [lo, hi, tag_value, *DOMAIN_TYPES]
+                if sender_domain is not None:
+                    part += " AND sender_domain = ?"
+                    args.append(sender_domain.lower())
+                parts.append(part)
             sql = (
-                f"SELECT recipient_domain, {columns} FROM ("
-                " SELECT recipient_domain, type, count FROM rollups_by_domain_day"
-                f" WHERE tag = ? AND day >= ? AND day < ? UNION ALL {hourly}) AS counted"
-                f" GROUP BY recipient_domain ORDER BY {columns.split(', ')[0]} DESC,"
+                f"SELECT recipient_domain, {columns} FROM ({' UNION ALL '.join(parts)})"
+                f" AS counted GROUP BY recipient_domain ORDER BY {columns.split(', ')[0]} DESC,"
                 " recipient_domain LIMIT ?"
             )
-            await cursor.execute(sql, (tag_value, day_lo, day_hi, *args, limit))
+            await cursor.execute(sql, (*args, limit))
             return [
                 DomainStats(str(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]))
                 for r in cursor.fetchall()
@@ -768,15 +767,30 @@ class ReportsStore(StoreBase):
         self, since: float, until: float, tag: str | None = None, limit: int = 10
     ) -> list[UrlStats]:
         """The most clicked URLs (scheme://host/path) over the hours beginning in
-        [since, until), from ``rollup_urls``."""
+        [since, until): the whole UTC days from ``rollup_urls_by_day``, the hours at the ends
+        from ``rollup_urls``."""
         limit = _check_limit(limit)
 
+        tag_value = ALL_TAGS if tag is None else tag
+        day_lo, day_hi, edges = _whole_days(to_ms(since), to_ms(until))
+
         async def txn(cursor: ICursor) -> list[UrlStats]:
+            parts = [
+                "SELECT url, count, machine_count FROM rollup_urls_by_day"
+                " WHERE tag = ? AND day >= ? AND day < ?"
+            ]
+            args: list[Any] = [tag_value, day_lo, day_hi]
+            for lo, hi in edges:
+                parts.append(
+                    "SELECT url, count, machine_count FROM rollup_urls"
+                    " WHERE tag = ? AND hour >= ? AND hour < ?"
+                )
+                args += [tag_value, lo, hi]
             await cursor.execute(
-                "SELECT url, SUM(count) AS clicks, SUM(machine_count) FROM rollup_urls"
-                " WHERE tag = ? AND hour >= ? AND hour < ?"
+                "SELECT url, SUM(count) AS clicks, SUM(machine_count)"
+                f" FROM ({' UNION ALL '.join(parts)}) AS counted"
                 " GROUP BY url ORDER BY clicks DESC, url LIMIT ?",
-                (ALL_TAGS if tag is None else tag, to_ms(since), to_ms(until), limit),
+                (*args, limit),
             )
             return [UrlStats(str(r[0]), int(r[1]), int(r[2])) for r in cursor.fetchall()]
 
@@ -784,6 +798,17 @@ class ReportsStore(StoreBase):
 
 
 # -- helpers -----------------------------------------------------------------------------
+
+
+def _whole_days(since_ms: int, until_ms: int) -> tuple[int, int, list[tuple[int, int]]]:
+    """The hours that begin in [since, until) as whole UTC days [day_lo, day_hi) (read from a
+    daily summary) and the hour ranges left at the two ends (read hourly)."""
+    hours_end = -(-until_ms // HOUR_MS) * HOUR_MS  # past the last hour beginning before until
+    day_lo = -(-since_ms // DAY_MS) * DAY_MS
+    day_hi = hours_end // DAY_MS * DAY_MS
+    if day_lo >= day_hi:
+        return 0, 0, [(since_ms, until_ms)]
+    return day_lo, day_hi, [(since_ms, day_lo), (day_hi, until_ms)]
 
 
 def _set(value: str | None) -> str | None:

@@ -342,6 +342,7 @@ def _url_counts(events: Sequence[_Event]) -> dict[UrlKey, list[int]]:
 
 
 async def _upsert_urls(cursor: ICursor, counts: dict[UrlKey, list[int]]) -> None:
+    """Add the clicks to ``rollup_urls`` and to its daily summary ``rollup_urls_by_day``."""
     rows = [(*key, cell[0], cell[1]) for key, cell in sorted(counts.items())]
     for chunk in chunks(rows, _URL_UPSERT_ROWS):
         await cursor.execute(
@@ -351,6 +352,21 @@ async def _upsert_urls(cursor: ICursor, counts: dict[UrlKey, list[int]]) -> None
             " SET count = rollup_urls.count + excluded.count,"
             " machine_count = rollup_urls.machine_count + excluded.machine_count",
             [value for row in chunk for value in row],
+        )
+    by_day: dict[tuple[str, int, str], list[int]] = {}
+    for (hour, tag, url), (count, machine) in counts.items():
+        cell = by_day.setdefault((tag, hour - hour % DAY_MS, url), [0, 0])
+        cell[0] += count
+        cell[1] += machine
+    day_rows = [(*key, cell[0], cell[1]) for key, cell in sorted(by_day.items())]
+    for day_chunk in chunks(day_rows, _URL_UPSERT_ROWS):
+        await cursor.execute(
+            "INSERT INTO rollup_urls_by_day (tag, day, url, count, machine_count)"
+            f" VALUES {', '.join([f'({marks(5)})'] * len(day_chunk))}"
+            " ON CONFLICT (tag, day, url) DO UPDATE"
+            " SET count = rollup_urls_by_day.count + excluded.count,"
+            " machine_count = rollup_urls_by_day.machine_count + excluded.machine_count",
+            [value for row in day_chunk for value in row],
         )
 
 

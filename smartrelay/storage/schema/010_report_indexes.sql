@@ -93,3 +93,13 @@ CREATE TABLE rollup_urls (
     PRIMARY KEY (hour, tag, url)
 );
 CREATE INDEX rollup_urls_tag_hour ON rollup_urls (tag, hour);
+-- The same per UTC day: top_urls reads the whole days of its period here (a month of
+-- rollup_urls is 200,000 rows at bench/reports.py's relay), the hours at its ends above.
+CREATE TABLE rollup_urls_by_day (
+    tag TEXT NOT NULL,
+    day BIGINT NOT NULL,
+    url TEXT NOT NULL,
+    count BIGINT NOT NULL,
+    machine_count BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (tag, day, url)
+);
