@@ -28,6 +28,7 @@ from smartrelay.storage.reports import (
     MessagePage,
     decode_cursor,
     encode_cursor,
+    metadata_filter,
 )
 from smartrelay.storage.rollups import normalise_url
 from smartrelay.storage.store import NewMessage, RecipientRef, Store, insert_events
@@ -671,6 +672,16 @@ async def test_url_rollup_is_idempotent_across_passes_and_a_restart(
         assert {r[1] for r in rows} == {"*", "promo"}
     finally:
         await engine.close()
+
+
+def test_metadata_filter_text() -> None:
+    assert metadata_filter(" user = 42 ") == ("user", "42")
+    assert metadata_filter("k=v=w") == ("k", "v=w")
+    assert metadata_filter("k=") == ("k", "")
+    assert metadata_filter("  ") is None
+    for bad in ("user", "=42"):
+        with pytest.raises(ValueError, match="key=value"):
+            metadata_filter(bad)
 
 
 def test_url_normalisation() -> None:

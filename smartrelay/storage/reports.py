@@ -176,6 +176,18 @@ class MessageFilters:
         return outcome
 
 
+def metadata_filter(text: str) -> tuple[str, str] | None:
+    """A ``key=value`` search field as :attr:`MessageFilters.metadata` (split at the first
+    ``=``; blank: None); ValueError without a ``=`` or a key."""
+    text = text.strip()
+    if not text:
+        return None
+    key, equals, value = text.partition("=")
+    if not equals or not key.strip():
+        raise ValueError("a metadata filter is key=value")
+    return key.strip(), value.strip()
+
+
 @frozen
 class MessageRow:
     """One line of the search results. ``states``: (state, recipients in it), by state."""
