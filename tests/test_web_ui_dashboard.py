@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import attrs
@@ -29,10 +29,13 @@ from smartrelay.events import (
     EventData,
     OpenedEvent,
 )
+from smartrelay.storage.engines import create_engine
 from smartrelay.storage.interfaces import ICursor
+from smartrelay.storage.migrations import migrate
 from smartrelay.storage.store import NewMessage, Store, insert_events
 from smartrelay.web.ui.context import UiError
 from smartrelay.web.ui.dashboard import DAY, HOUR, Period, _warning_chart, period_of
+from tests.conftest import real_reactor
 from tests.support.webui import Browser, Site, ui_site
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -514,3 +517,40 @@ async def test_a_failed_read_is_a_500_page(site: Site, monkeypatch: pytest.Monke
     monkeypatch.undo()
     code, page = await get(browser, {"period": "24h"})
     assert code == 200 and page.figure("received") == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_top_domains_of_one_sender_read_only_its_rows(tmp_path: Path) -> None:
+    """The dashboard filtered by a sender domain: top_recipient_domains reads that domain's
+    rows of ``rollups`` by rollups_tag_sender_domain, not every row of the period (a month
+    of bench/reports.py: 2 million rows, 550 ms of CPU on SQLite, instead of 35,000)."""
+    engine = create_engine(real_reactor(), f"sqlite:{tmp_path / 'plans.db'}")
+    await engine.start()
+    try:
+        await migrate(engine, 0)
+        store = Store(engine, Clock())
+        plans: list[str] = []
+        run = store.run
+
+        async def explaining(name: str, txn: Any, readonly: bool = False) -> Any:
+            async def wrapped(cursor: ICursor) -> Any:
+                original = cursor.execute
+
+                async def execute(sql: str, args: Any = ()) -> None:
+                    await original("EXPLAIN QUERY PLAN " + sql, args)
+                    plans.extend(" ".join(str(c) for c in row) for row in cursor.fetchall())
+                    await original(sql, args)
+
+                cursor.execute = execute  # type: ignore[method-assign,assignment]
+                return await txn(cursor)
+
+            return await run(name, wrapped, readonly)
+
+        store.run = explaining  # type: ignore[method-assign]
+        await store.top_recipient_domains(0, 30 * DAY, sender_domain="big.example")
+        await store.top_recipient_domains(1800, 30 * DAY + 1800, "welcome", "big.example")
+    finally:
+        await engine.close()
+    reads = [plan for plan in plans if " rollups " in f"{plan} "]
+    assert reads, plans
+    assert all("rollups_tag_sender_domain (tag=? AND sender_domain=?" in p for p in reads), plans

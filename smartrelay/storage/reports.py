@@ -750,6 +750,18 @@ class ReportsStore(StoreBase):
             ]
             args: list[Any] = [tag_value, day_lo, day_hi]
             for lo, hi in edges:
+                if sender_domain is not None:
+                    # That sender domain's rows only: a range of rollups_tag_sender_domain
+                    # (tag, sender_domain, hour); the biggest sender of bench/reports.py has
+                    # 35,000 of the month's 2 million (550 -> 33 ms CPU on SQLite).
+                    part = (
+                        "SELECT recipient_domain, type, count FROM rollups"
+                        " WHERE tag = ? AND sender_domain = ? AND hour >= ? AND hour < ?"
+                        f" AND type IN ({marks(len(DOMAIN_TYPES))})"
+                    )
+                    args += [tag_value, sender_domain.lower(), lo, hi, *DOMAIN_TYPES]
+                    parts.append(part)
+                    continue
                 # An hour range of the primary key (hour, tag, ...): `tag || ''` keeps SQLite
                 # from walking every row of the tag in rollups_tag_recipient_domain instead.
                 part = (
@@ -758,9 +770,6 @@ class ReportsStore(StoreBase):
                     f" AND type IN ({marks(len(DOMAIN_TYPES))})"
                 )
                 args += [lo, hi, tag_value, *DOMAIN_TYPES]
-                if sender_domain is not None:
-                    part += " AND sender_domain = ?"
-                    args.append(sender_domain.lower())
                 parts.append(part)
             sql = (
                 f"SELECT recipient_domain, {columns} FROM ({' UNION ALL '.join(parts)})"
