@@ -134,6 +134,11 @@ userdb {{
 }}
 service anvil {{
   chroot =
+  # No auth penalty (anvil's delay of 2, 4, 8 then 15 s after each failed login from an
+  # address, on top of auth_failure_delay): the auth process cannot open this socket.
+  unix_listener anvil-auth-penalty {{
+    mode = 0
+  }}
 }}
 service imap-login {{
   chroot =
