@@ -558,10 +558,17 @@ async def test_the_relay_reads_its_mailbox_and_a_restart_reprocesses_nothing(
         assert len(relays[-1].mailboxes) == 1
         # Stopped (as by SIGTERM) while the second report is processed.
         stopped: list[None] = []
-        process.on_call = lambda n: (
-            relays[-1].stopService().addCallback(stopped.append) if n == 2 else None
-        )
+        readers_running: list[bool] = []
+
+        def stop_on_the_second(n: int) -> None:
+            if n == 2:
+                relays[-1].stopService().addCallback(stopped.append)
+                # Stopped first, at once: no other message is taken meanwhile.
+                readers_running.extend(bool(box.running) for box in relays[-1].mailboxes)
+
+        process.on_call = stop_on_the_second
         await wait_for(lambda: stopped, "the relay stopped", within=30)  # the database closed
+        assert readers_running == [False]
         assert len(process.calls) == 2
         process.on_call = None
         dovecot.deliver(bounce(3))
