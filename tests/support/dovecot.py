@@ -258,12 +258,21 @@ def running_dovecot(tls: bool = True, apop: bool = False) -> Iterator[Dovecot]:
         raise DovecotUnavailable(
             "dovecot not installed (apt-get install dovecot-imapd dovecot-pop3d)"
         )
-    directory = Path(tempfile.mkdtemp(prefix="smartrelay-dovecot-"))
-    server = Dovecot(binary, directory, tls, apop)
-    try:
-        server.configure()
-        server.start()
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+    for attempt in range(3):
+        directory = Path(tempfile.mkdtemp(prefix="smartrelay-dovecot-"))
+        server = Dovecot(binary, directory, tls, apop)
+        try:
+            server.configure()
+            try:
+                server.start()
+            except DovecotUnavailable:
+                # A free port taken in the meantime (another test worker, another suite on
+                # the machine): new ports.
+                if attempt < 2 and "Address already in use" in server.log_tail():
+                    continue
+                raise
+            yield server
+            return
+        finally:
+            server.stop()
+            shutil.rmtree(directory, ignore_errors=True)
