@@ -140,6 +140,17 @@ class PostgresServer:
         conn.close()
         return self.dsn(name)
 
+    def drop_database(self, url: str) -> None:
+        """Drop the database of ``url`` (made by :meth:`create_database`), closing what is
+        still connected to it. Each is 7.5 MB: the data directory of a whole session's
+        databases took 30 s to 2 min to remove at the end (on a loaded machine)."""
+        name = url.rsplit("/", 1)[1]
+        conn = psycopg2.connect(self.dsn())
+        conn.autocommit = True
+        with conn.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.close()
+
 
 @contextmanager
 def running_postgres(durable: bool = False) -> Iterator[PostgresServer]:
