@@ -4,6 +4,7 @@ empty states and escaping."""
 
 from __future__ import annotations
 
+import json
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
@@ -34,7 +35,14 @@ from smartrelay.storage.interfaces import ICursor
 from smartrelay.storage.migrations import migrate
 from smartrelay.storage.store import NewMessage, Store, insert_events
 from smartrelay.web.ui.context import UiError
-from smartrelay.web.ui.dashboard import DAY, HOUR, Period, _warning_chart, period_of
+from smartrelay.web.ui.dashboard import (
+    DAY,
+    HOUR,
+    WARNING_LABELS,
+    Period,
+    _warning_chart,
+    period_of,
+)
 from tests.conftest import real_reactor
 from tests.support.webui import Browser, Site, ui_site
 
@@ -554,3 +562,51 @@ async def test_top_domains_of_one_sender_read_only_its_rows(tmp_path: Path) -> N
     reads = [plan for plan in plans if " rollups " in f"{plan} "]
     assert reads, plans
     assert all("rollups_tag_sender_domain (tag=? AND sender_domain=?" in p for p in reads), plans
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_warnings_chart_shows_what_the_roll_ups_counted(site: Site) -> None:
+    """A message's ``warning`` event (written as the re-wrap writes it), rolled up: the chart
+    has the roll-ups' counts per detail (the kind, once the roll-ups count per kind)."""
+    store, now = site.store, site.clock.seconds()
+    message = await store.queue_message(NewMessage("app@shop.example", ("a@gmail.com",), b"x"))
+    warnings = [{"kind": "no-dkim-key", "detail": "shop.example"}, {"kind": XSS_TAG, "detail": ""}]
+
+    async def txn(cursor: ICursor) -> None:
+        await cursor.execute(
+            "INSERT INTO events (type, time, queue_id, recipient, data) VALUES (?, ?, ?, ?, ?)",
+            (
+                "warning",
+                round(now * 1000) + 5,
+                message.queue_id,
+                None,
+                json.dumps({"warnings": warnings}),
+            ),
+        )
+
+    await store.engine.run_interaction("warning", txn)
+    await store.roll_up(now + 60, 1000)
+    counted = {
+        detail: count
+        for (kind, detail), (count, _) in (
+            await store.rollup_totals(now - HOUR, now + HOUR)
+        ).items()
+        if kind == "warning"
+    }
+    assert counted and sum(counted.values()) >= 1
+    browser = await logged_in(site)
+    _, page = await get(browser, {"period": "24h"})
+    (chart,) = page.svgs("chart-warnings")
+    labels = [t.text for t in chart.iter(f"{SVG}text") if t.get("class") == "row-label"]
+    values = [t.text for t in chart.iter(f"{SVG}text") if t.get("class") == "row-value"]
+    expected = sorted(
+        (
+            (count, WARNING_LABELS.get(detail, detail or "unnamed"))
+            for detail, count in counted.items()
+        ),
+        key=lambda row: (-row[0], row[1]),
+    )
+    assert sorted(zip(values, labels, strict=True)) == sorted(
+        (str(c), label) for c, label in expected
+    )
+    assert "<script>alert" not in page.html
