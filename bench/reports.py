@@ -669,7 +669,8 @@ async def accept_cost(reactor: Any, url: str, args: argparse.Namespace) -> None:
                     )
                 )
 
-        for label, insert in 2 * [("with terms", original), ("without terms", nothing)]:
+        rounds = [("with terms", original), ("without terms", nothing)]
+        for label, insert in rounds + rounds[::-1] + rounds:
             queue_module.insert_terms = insert  # type: ignore[assignment]
             t0 = time.perf_counter()
             await gatherResults([Deferred.fromCoroutine(client(n)) for n in range(100)])

@@ -5,8 +5,8 @@ Every search filter is answered by an index on both engines (docs/storage.md, "R
 
 * recipient, recipient ``@domain``, sender, sender ``@domain``, tag, metadata key=value: a
   range of ``message_terms``' primary key ``(term, received_at, queue_id)``, read newest first
-  from the keyset position (the first of these filters drives; the others are checked per
-  candidate by ``message_terms_queue_id``);
+  from the keyset position (the first of these filters drives; each other one is a seek of
+  that same key per candidate);
 * time range, and no filter at all: ``messages_received_order (received_at, queue_id)``;
 * queue id: the primary key of ``messages``;
 * outcome: one seek of ``recipients_state (state, queue_id)`` per message met while walking
@@ -43,13 +43,12 @@ from smartrelay.storage.rollups import (
 )
 from smartrelay.storage.search_terms import (
     MAX_TERM,
-    insert_terms,
-    message_terms,
     metadata_term,
     recipient_domain_term,
     recipient_term,
     sender_domain_term,
     sender_term,
+    stored_terms,
     tag_term,
 )
 
@@ -81,37 +80,16 @@ async def backfill_report_tables(cursor: ICursor) -> None:
     last = ""
     while True:
         await cursor.execute(
-            "SELECT queue_id, received_at, sender, tags, metadata FROM messages"
-            " WHERE queue_id > ? ORDER BY queue_id LIMIT 1000",
+            "SELECT queue_id FROM messages WHERE queue_id > ? ORDER BY queue_id LIMIT 1000",
             (last,),
         )
-        messages = cursor.fetchall()
-        if not messages:
+        ids = [str(r[0]) for r in cursor.fetchall()]
+        if not ids:
             break
-        last = str(messages[-1][0])
-        ids = [str(m[0]) for m in messages]
-        await cursor.execute(
-            f"SELECT queue_id, address FROM recipients WHERE queue_id IN ({marks(len(ids))})",
-            ids,
-        )
-        addresses: dict[str, list[str]] = {}
-        for queue_id, address in cursor.fetchall():
-            addresses.setdefault(str(queue_id), []).append(str(address))
-        await insert_terms(
-            cursor,
-            (
-                (
-                    str(m[0]),
-                    int(m[1]),
-                    message_terms(
-                        str(m[2]),
-                        addresses.get(str(m[0]), []),
-                        _json_list(m[3]),
-                        _json_dict(m[4]),
-                    ),
-                )
-                for m in messages
-            ),
+        last = ids[-1]
+        await cursor.executemany(
+            "INSERT INTO message_terms (term, received_at, queue_id) VALUES (?, ?, ?)",
+            await stored_terms(cursor, ids),
         )
     await backfill_url_rollups(cursor)
 
@@ -418,8 +396,8 @@ class ReportsStore(StoreBase):
                 args.extend(position)
             for term in terms[1:]:
                 sql += (
-                    " AND EXISTS (SELECT 1 FROM message_terms x"
-                    " WHERE x.queue_id = t.queue_id AND x.term = ?)"
+                    " AND EXISTS (SELECT 1 FROM message_terms x WHERE x.term = ?"
+                    " AND x.received_at = t.received_at AND x.queue_id = t.queue_id)"
                 )
                 args.append(term)
             if outcome is not None:

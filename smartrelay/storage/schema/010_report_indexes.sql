@@ -9,18 +9,18 @@
 -- read on both engines; a search by sender domain or recipient domain would otherwise need
 -- an expression index or a join through `recipients`. Every search by one of these filters
 -- is one range of the primary key in the page's order: (term, received_at, queue_id),
--- newest first, the keyset position included. Filled for the messages already stored by a
--- Python step of this delta (reports.backfill_report_tables); deleted with the message
--- (retention, and ON DELETE CASCADE).
+-- newest first, the keyset position included; a second filter is a seek of the same key per
+-- candidate. Nothing else: no index by queue id and no foreign key (each would cost every
+-- accepted message's terms one more B-tree write or lookup); the purge deletes a message's
+-- terms by primary key, computed again from the message (storage/search_terms.py). On
+-- SQLite the table is its primary key (WITHOUT ROWID). Filled for the messages already
+-- stored by a Python step of this delta (reports.backfill_report_tables).
 CREATE TABLE message_terms (
     term TEXT NOT NULL,
     received_at BIGINT NOT NULL,
-    queue_id TEXT NOT NULL REFERENCES messages (queue_id) ON DELETE CASCADE,
+    queue_id TEXT NOT NULL,
     PRIMARY KEY (term, received_at, queue_id)
-);
--- A second filter is checked per candidate message (queue_id, term); the purge and the
--- cascade find a message's terms here.
-CREATE INDEX message_terms_queue_id ON message_terms (queue_id, term);
+) $WITHOUT_ROWID;
 
 -- Every search in the page's order (received_at, queue_id), newest first: the time range and
 -- the search without a term filter (queue id, outcome, or nothing) walk this index. It
