@@ -128,7 +128,7 @@ def result_ids(page: str) -> list[str]:
     match = re.search(r'<table id="message-results">(.*?)</table>', page, re.S)
     if match is None:
         return []
-    return re.findall(r'<a class="mono" href="/ui/messages/([^"?/]+)">', match[1])
+    return re.findall(r'<a class="mono qid" href="/ui/messages/([^"?/]+)">', match[1])
 
 
 def link(page: str, element_id: str) -> str | None:
@@ -228,7 +228,7 @@ async def test_search_by_each_filter(site: Site) -> None:
     assert "<time datetime=" in row[1] and ">App@Shop.example<" in row[1]
     assert '<span class="badge bounced">bounced</span>' in row[1]
     assert '<span class="badge delivered">delivered</span>' in row[1]
-    assert ">hello<" in row[1] and '<span class="badge">welcome</span>' in row[1]
+    assert ">hello<" in row[1] and '<span class="badge tag">welcome</span>' in row[1]
     assert re.search(r'<td class="num">\d+ B</td>', row[1])
     # A purged body says so instead of a subject.
     await execute(site.store, "DELETE FROM message_bodies WHERE queue_id = ?", (c.ids[0],))
@@ -438,7 +438,7 @@ async def test_the_timeline_shows_every_event_in_order_in_words(site: Site) -> N
     assert card < page.index('id="message-facts"')
     assert "No DKIM key signs the From domain" in page[card : page.index("</section>", card)]
     # Facts and recipients.
-    facts = re.search(r'<dl class="facts" id="message-facts">(.*?)</dl>', page, re.S)
+    facts = re.search(r'<dl class="facts wide" id="message-facts">(.*?)</dl>', page, re.S)
     assert facts is not None
     flat = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", facts[1])).split())
     for expected in ("Sender app@shop.example", "Client 192.0.2.9", "Credential shop",
@@ -574,3 +574,78 @@ async def test_an_unknown_message_is_a_404_page(site: Site) -> None:
         assert code == 404, path
         assert "<h1>Not found</h1>" in page
         assert headers["content-type"].startswith("text/html")
+
+
+LONG_REPLY = "550-5.1.1 " + "The email account that you tried to reach does not exist. " * 6
+LONG_URL = "https://shop.example/" + "averylongpathsegment" * 10 + "?utm_source=x&id=" + "9" * 80
+
+
+def phone_pages(base: str, paths: list[str], cookies: dict[str, str], shots: Path) -> list[Any]:
+    """Each page at 375 px in headless Chromium: (path, page width, viewport width, alert)."""
+    from selenium import webdriver
+    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=375,900", "--no-first-run"):  # fmt: skip
+        options.add_argument(flag)
+    options.unhandled_prompt_behavior = "ignore"
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    found = []
+    try:
+        driver.set_page_load_timeout(60)
+        driver.set_window_size(375, 900)
+        driver.get(base + "/ui/login")
+        for name, value in cookies.items():
+            driver.add_cookie({"name": name, "value": value, "path": "/ui/"})
+        for n, path in enumerate(paths):
+            driver.get(base + path)
+            wide, view = driver.execute_script(
+                "return [document.documentElement.scrollWidth,"
+                " document.documentElement.clientWidth]"
+            )
+            try:
+                driver.switch_to.alert.dismiss()
+                alert = True
+            except NoAlertPresentException:
+                alert = False
+            driver.save_screenshot(str(shots / f"phone-{n}.png"))
+            found.append((path, wide, view, alert, driver.title))
+    finally:
+        driver.quit()
+    return found
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest_twisted.ensureDeferred
+async def test_long_values_wrap_on_a_phone(site: Site, tmp_path: Path) -> None:
+    """Headless Chromium at 375 px: long addresses, replies, URLs, subjects and tags wrap, so
+    no page scrolls sideways (a table may, inside its own frame); hostile text opens no alert."""
+    from twisted.internet.threads import deferToThread
+
+    store, clock = site.store, site.clock
+    long_address = "bob." + "y" * 80 + "@yahoo.example"
+    q = await queue(store, clock, "newsletter-" + "x" * 80 + "@shop.example",
+                    ("ann@gmail.example", long_address), subject="Digest " * 30 + HOSTILE,
+                    tags=("t" * 90, HOSTILE), metadata={"campaign": "c" * 150, "k": HOSTILE},
+                    client_ip="192.0.2.9", credential="shop")  # fmt: skip
+    t = clock.seconds()
+    await set_state(store, q, long_address, "deferred", LONG_REPLY, attempts=2)
+    written: list[tuple[float, str, EventData]] = [
+        (10, long_address, DeferredEvent("mx." + "m" * 60 + ".example", LONG_REPLY, 1, "x")),
+        (20, "ann@gmail.example", ClickedEvent(HOSTILE + "U" * 200, None, False, LONG_URL)),
+    ]
+    for offset, recipient, event in written:
+        await add_events(store, t + offset, [(q, recipient, event)])
+    await add_raw_event(store, t + 5, q, "warning", {"warnings": [
+        {"kind": "double-escaped-link", "detail": LONG_URL + "&amp;amp;x=1"}]})  # fmt: skip
+    browser = await logged_in(site)
+    paths = ["/ui/messages", f"/ui/messages/{q}", "/ui/messages?sender=" + "s" * 390]
+    found = await deferToThread(phone_pages, site.url, paths, browser.cookies, tmp_path)
+    assert [f[0] for f in found] == paths
+    for path, wide, view, alert, title in found:
+        assert title.endswith("SmartRelay") and "Log in" not in title, (path, title)
+        assert 300 < view <= 375 and wide <= view, (path, wide, view)
+        assert not alert, path
