@@ -70,7 +70,8 @@ _TIME_FORMATS: tuple[tuple[str, float], ...] = (
 #: make the page say anything else.
 NOTICES = {
     "retried": "Retry requested: its waiting recipients are due now.",
-    "retry-none": "Nothing to retry: no recipient of this message is waiting.",
+    "retry-none": "Nothing to retry: no recipient of this message is waiting for an attempt"
+    " (a delivery in progress is left to finish).",
     "dropped": "Dropped: its waiting recipients will not be sent.",
     "drop-none": "Nothing to drop: no recipient of this message is waiting.",
 }
@@ -151,18 +152,7 @@ class SearchForm:
     @property
     def any(self) -> bool:
         """Whether any filter is set."""
-        return any(
-            (
-                self.queue_id,
-                self.recipient,
-                self.sender,
-                self.tag,
-                self.meta,
-                self.since,
-                self.until,
-                self.outcome,
-            )
-        )
+        return any(value for name, value in self.query().items() if name != "limit")
 
     def query(self) -> dict[str, str | int | None]:
         """The form's GET arguments (empty ones left out by ``UiContext.url``)."""
@@ -180,6 +170,8 @@ class SearchForm:
 
     def filters(self) -> MessageFilters:
         """The store's filters; a bad value is a :class:`UiError` (400)."""
+        if any("\x00" in str(value) for value in self.query().values()):
+            raise UiError(400, "A search value cannot hold a NUL character.")
         metadata = None
         if self.meta:
             key, equals, value = self.meta.partition("=")
@@ -396,8 +388,14 @@ class Messages:
             return self._results(request, form, problem, code=400)
         try:
             filters = form.filters()
+            # The store's own checks (a lone "@", a value too long, a NUL ...), before the
+            # query, so that a ValueError from the query itself stays a logged 500.
+            filters.terms()
+            filters.checked_outcome()
         except UiError as error:
             return self._results(request, form, error.message, code=error.code)
+        except ValueError as error:
+            return self._results(request, form, _sentence(str(error)), code=400)
         try:
             after = arg(request, "after", limit=400) or None
             if after is not None:
@@ -411,11 +409,7 @@ class Messages:
                 start_again=True,
             )
         store = await self.ui.store()
-        try:
-            page = await store.search_messages(filters, after, form.limit)
-        except ValueError as error:
-            # The store's own checks (a lone "@", a value too long, a NUL ...).
-            return self._results(request, form, _sentence(str(error)), code=400)
+        page = await store.search_messages(filters, after, form.limit)
         return self._results(
             request,
             form,
