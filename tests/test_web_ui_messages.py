@@ -226,10 +226,26 @@ async def test_search_by_each_filter(site: Site) -> None:
     row = re.search(r"<tbody>(.*?)</tbody>", page, re.S)
     assert row is not None
     assert "<time datetime=" in row[1] and ">App@Shop.example<" in row[1]
-    assert '<span class="badge bounced">bounced</span>' in row[1]
-    assert '<span class="badge delivered">delivered</span>' in row[1]
+    assert '<div>Ann@Gmail.com <span class="badge delivered">delivered</span></div>' in row[1]
+    assert '<div>bob@yahoo.com <span class="badge bounced">bounced</span></div>' in row[1]
+    assert " in all:" not in row[1]  # every recipient is named
     assert ">hello<" in row[1] and '<span class="badge tag">welcome</span>' in row[1]
     assert re.search(r'<td class="num">\d+ B</td>', row[1])
+    # Beyond the first three, the recipients are counted by state.
+    q = await queue(
+        site.store, site.clock, "s@x.example", tuple(f"r{n}@z.example" for n in range(5))
+    )
+    await set_state(site.store, q, "r4@z.example", "bounced")
+    code, page = await search(browser, queue_id=q)
+    assert code == 200
+    assert re.findall(r"<div>(r\d@z.example) <span", page) == [
+        "r0@z.example",
+        "r1@z.example",
+        "r2@z.example",
+    ]
+    assert "5 in all:</span>" in page
+    assert '<span class="badge bounced">bounced &times;&nbsp;1</span>' in page
+    assert '<span class="badge queued">queued &times;&nbsp;4</span>' in page
     # A purged body says so instead of a subject.
     await execute(site.store, "DELETE FROM message_bodies WHERE queue_id = ?", (c.ids[0],))
     code, page = await search(browser, queue_id=c.ids[0])
