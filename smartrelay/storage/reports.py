@@ -841,12 +841,13 @@ async def _message_rows(cursor: ICursor, queue_ids: Sequence[str]) -> dict[str, 
         states: dict[str, dict[str, int]] = {}
         for queue_id, state, count in cursor.fetchall():
             states.setdefault(str(queue_id), {})[str(state)] = int(count)
-        # One bounded seek per message (a message with 10,000 recipients reads three of
-        # them): 0.6 ms for 50 messages on SQLite, where a window function over them all
-        # took 40 ms with one such message on the page.
+        # One seek of recipients_queue_id per message, its rows sorted by id. "id + 0":
+        # ordered by the bare id, PostgreSQL walks the primary key instead and filters
+        # (320 ms for a message with 10,000 recipients among 200,000 rows; 2.6 ms so). Like
+        # the state counts above, a message costs in proportion to its recipients.
         one = (
             "SELECT * FROM (SELECT queue_id, address, state, id FROM recipients"
-            " WHERE queue_id = ? ORDER BY id LIMIT ?) AS r"
+            " WHERE queue_id = ? ORDER BY id + 0 LIMIT ?) AS r"
         )
         first: dict[str, list[tuple[int, str, str]]] = {}
         for part in chunks(chunk, 100):  # SQLite allows 500 terms in a compound SELECT
