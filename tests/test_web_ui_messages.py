@@ -591,6 +591,8 @@ async def test_an_unknown_message_is_a_404_page(site: Site) -> None:
         assert code == 404, path
         assert "<h1>Not found</h1>" in page
         assert headers["content-type"].startswith("text/html")
+    code, _, page = await browser.request("GET", "/ui/messages/%3Cscript%3Ealert(1)")
+    assert code == 404 and "&lt;script&gt;alert(1)" in page and "<script>alert" not in page
 
 
 LONG_REPLY = "550-5.1.1 " + "The email account that you tried to reach does not exist. " * 6
