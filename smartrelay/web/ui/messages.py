@@ -261,9 +261,8 @@ def describe_event(event: TimelineEvent) -> Entry:
     warnings: list[tuple[str, str, str]] = []
     if kind == "received":
         headline = "Received from the application"
-        fact(
-            "size", "Size", "size", data.get("size") if isinstance(data.get("size"), int) else None
-        )
+        size = data.get("size")
+        fact("size", "Size", "size" if type(size) is int else "text")
         fact("client_ip", "Client", "code")
         fact("credential", "Credential", "code")
     elif kind == "delivered":
