@@ -23,6 +23,7 @@ from smartrelay.storage.engines import create_engine
 from smartrelay.storage.interfaces import ICursor, IDatabaseEngine
 from smartrelay.storage.migrations import migrate
 from smartrelay.storage.reports import (
+    MAX_PAGE,
     MAX_TIMELINE,
     MessageFilters,
     MessagePage,
@@ -195,6 +196,7 @@ async def test_search_rows_summarise_the_message(store: Store, clock: Clock) -> 
     assert row.sender == "App@Shop.example"
     assert row.recipients == 2
     assert row.states == (("bounced", 1), ("delivered", 1))
+    assert row.first_recipients == (("Ann@Gmail.com", "delivered"), ("bob@yahoo.com", "bounced"))
     assert row.subject == "hello"
     assert row.tags == ("welcome",)
     assert row.size > 0 and not row.body_purged
@@ -208,6 +210,22 @@ async def test_search_rows_summarise_the_message(store: Store, clock: Clock) -> 
     await execute(store, "DELETE FROM message_bodies WHERE queue_id = ?", (queued.queue_id,))
     (row,) = (await store.search_messages(MessageFilters(queue_id=queued.queue_id))).rows
     assert row.subject is None and row.body_purged
+
+    # Only the first recipients are named (in the order given), whatever their number.
+    clock.advance(1)
+    many = tuple(f"r{n}@z.example" for n in (5, 1, 9, 3, 7))
+    queued = await store.queue_message(NewMessage("s@x.example", many, b"Subject: x\r\n\r\n"))
+    page = await store.search_messages(MessageFilters(sender="s@x.example"))
+    assert [r.recipients for r in page.rows] == [5, 1]
+    assert page.rows[0].first_recipients == tuple((a, "queued") for a in many[:3])
+    assert page.rows[1].first_recipients == (("r@y.example", "queued"),)
+    # A page of the most rows there can be (the first recipients are read 100 at a time).
+    for n in range(MAX_PAGE - 2):
+        await store.queue_message(NewMessage("s@x.example", (f"m{n}@z.example",), b"\r\n"))
+    page = await store.search_messages(MessageFilters(sender="s@x.example"), limit=MAX_PAGE)
+    assert len(page.rows) == MAX_PAGE and page.next_cursor is None
+    assert all(len(r.first_recipients) == min(r.recipients, 3) for r in page.rows)
+    assert page.rows[-1].first_recipients == (("r@y.example", "queued"),)
 
 
 @pytest_twisted.ensureDeferred

@@ -64,6 +64,8 @@ RECIPIENT_STATES = (
     "dropped",
 )
 MAX_PAGE = 500
+#: Recipients named on a search row (the others are counted by state).
+FIRST_RECIPIENTS = 3
 #: Bytes of a kept body read for the subject (search rows) and the header (message page).
 SUBJECT_BYTES = 8192
 HEADER_BYTES = 65536
@@ -180,6 +182,8 @@ class MessageRow:
     tags: tuple[str, ...]
     size: int
     body_purged: bool
+    #: The first :data:`FIRST_RECIPIENTS` recipients (address, state), in the order given.
+    first_recipients: tuple[tuple[str, str], ...] = ()
 
 
 @frozen
@@ -877,7 +881,8 @@ def _subject(head: bytes) -> str | None:
 
 
 async def _message_rows(cursor: ICursor, queue_ids: Sequence[str]) -> dict[str, MessageRow]:
-    """The search rows of ``queue_ids`` (two queries: messages, recipient states)."""
+    """The search rows of ``queue_ids`` (three queries: recipient states, the first
+    recipients, messages)."""
     if not queue_ids:
         return {}
     found: dict[str, MessageRow] = {}
@@ -890,6 +895,22 @@ async def _message_rows(cursor: ICursor, queue_ids: Sequence[str]) -> dict[str, 
         states: dict[str, dict[str, int]] = {}
         for queue_id, state, count in cursor.fetchall():
             states.setdefault(str(queue_id), {})[str(state)] = int(count)
+        # One seek of recipients_queue_id per message, its rows sorted by id. "id + 0":
+        # ordered by the bare id, PostgreSQL walks the primary key instead and filters
+        # (320 ms for a message with 10,000 recipients among 200,000 rows; 2.6 ms so). Like
+        # the state counts above, a message costs in proportion to its recipients.
+        one = (
+            "SELECT * FROM (SELECT queue_id, address, state, id FROM recipients"
+            " WHERE queue_id = ? ORDER BY id + 0 LIMIT ?) AS r"
+        )
+        first: dict[str, list[tuple[int, str, str]]] = {}
+        for part in chunks(chunk, 100):  # SQLite allows 500 terms in a compound SELECT
+            await cursor.execute(
+                " UNION ALL ".join([one] * len(part)),
+                [value for queue_id in part for value in (queue_id, FIRST_RECIPIENTS)],
+            )
+            for queue_id, address, state, rid in cursor.fetchall():
+                first.setdefault(str(queue_id), []).append((int(rid), str(address), str(state)))
         await cursor.execute(
             "SELECT m.queue_id, m.received_at, m.sender, m.size, m.tags,"
             " substr(b.raw, 1, ?), b.queue_id IS NOT NULL"
@@ -914,5 +935,6 @@ async def _message_rows(cursor: ICursor, queue_ids: Sequence[str]) -> dict[str, 
                 tags=tuple(_json_list(r[4])),
                 size=int(r[3]),
                 body_purged=not kept,
+                first_recipients=tuple((a, s) for _, a, s in sorted(first.get(queue_id, []))),
             )
     return found

@@ -15,6 +15,7 @@ from smartrelay.web.ui.app import ReportsUI, Section
 from smartrelay.web.ui.auth import Authenticator
 from smartrelay.web.ui.context import UiContext
 from smartrelay.web.ui.dashboard import Dashboard
+from smartrelay.web.ui.messages import Messages
 
 __all__ = ["build_reports_ui"]
 
@@ -39,5 +40,5 @@ def build_reports_ui(
     def in_thread(work: Callable[[], bool]) -> Deferred[bool]:
         return deferToThreadPool(reactor, reactor.getThreadPool(), work)
 
-    sections: dict[str, Section] = {"": Dashboard(ui)}
+    sections: dict[str, Section] = {"": Dashboard(ui), "messages": Messages(ui)}
     return ReportsUI(ui, Authenticator(ui, in_thread), sections)
