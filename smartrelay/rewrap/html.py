@@ -20,6 +20,7 @@ from attrs import frozen
 __all__ = [
     "NOTRACK_ATTRIBUTE",
     "HtmlRewrite",
+    "href_value",
     "pixel_tag",
     "rewrite_html",
     "unescape_attribute",
@@ -211,6 +212,17 @@ def _attributes(tag_text: str) -> list[_Attribute]:
             )
         position = attribute.end()
     return found
+
+
+def href_value(tag_text: str) -> str | None:
+    """The raw value (quotes removed, entities not decoded) of the first ``href`` of a start
+    tag's text, read as :func:`rewrite_html` reads it; None without one."""
+    for attribute in _attributes(tag_text):
+        if attribute.name == "href":
+            if not attribute.has_value:
+                return None
+            return tag_text[attribute.value_start : attribute.value_end]
+    return None
 
 
 def _rewrite_anchor(

@@ -4,11 +4,12 @@ Each topic is its own module, with its values and queries: :mod:`~smartrelay.sto
 (messages, recipients, claims, outcomes), :mod:`~smartrelay.storage.suppressions`,
 :mod:`~smartrelay.storage.events`, :mod:`~smartrelay.storage.feedback`,
 :mod:`~smartrelay.storage.logins`, :mod:`~smartrelay.storage.tracking`,
-:mod:`~smartrelay.storage.mailboxes`, :mod:`~smartrelay.storage.rollups` and
-:mod:`~smartrelay.storage.retention`. They share the engine, the clock and one way of
-running a query (:class:`~smartrelay.storage.base.StoreBase`). Callers hold a ``Store`` and
-call its methods (``store.claim_due(...)``, ``store.smtp_credentials.add``); the names below
-are re-exported so that they can import the values from here.
+:mod:`~smartrelay.storage.mailboxes`, :mod:`~smartrelay.storage.rollups`,
+:mod:`~smartrelay.storage.warnings` and :mod:`~smartrelay.storage.retention`. They share
+the engine, the clock and one way of running a query
+(:class:`~smartrelay.storage.base.StoreBase`). Callers hold a ``Store`` and call its methods
+(``store.claim_due(...)``, ``store.smtp_credentials.add``); the names below are re-exported
+so that they can import the values from here.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from smartrelay.storage.suppressions import (
     SuppressionStore,
 )
 from smartrelay.storage.tracking import RecipientRef, TrackingStore
+from smartrelay.storage.warnings import WarningStore
 
 __all__ = [
     "BIG_MESSAGE",
@@ -81,5 +83,6 @@ class Store(
     RetentionStore,
     RollupStore,
     MailboxStore,
+    WarningStore,
 ):
     """Every query SmartRelay runs; each public method is one transaction."""

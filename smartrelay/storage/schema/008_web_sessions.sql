@@ -1,0 +1,3 @@
+-- Reserved for the web UI's sessions (issue 15, the lead's branch): this placeholder only keeps
+-- the deltas numbered 1..N on the ui-deliv branch; the lead's 008_web_sessions.sql replaces it
+-- at the merge.
