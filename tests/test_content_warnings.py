@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from attrs import evolve
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
@@ -29,9 +30,21 @@ from smartrelay.rewrap.content_checks import (
 from smartrelay.rewrap.dkim import DkimSigner, generate_key
 from smartrelay.rewrap.headers import split_header_block
 from smartrelay.rewrap.mime import plan_html_parts
+from smartrelay.smtp.replies import Reply
 from smartrelay.storage.interfaces import ICursor
 from smartrelay.storage.store import NewMessage, Store
 from smartrelay.tokens import TokenCodec, load_keyring
+from tests.conftest import real_reactor
+from tests.support.delivery_relay import (
+    DeliveryRelays,
+    Sinks,
+    TrackingSinkBackend,
+    events,
+    message_bytes,
+    smtp_route,
+    submit,
+    wait_for_events,
+)
 
 
 def warnings_of(raw: bytes, signed_domains: tuple[str, ...] = ("example.com",)) -> dict[str, str]:
@@ -407,3 +420,45 @@ async def test_a_failing_check_or_recorder_never_fails_the_delivery(
     for event in collect.failures:
         event["log_failure"].cleanFailure()
     assert await warning_rows(store, queued.queue_id) == []
+
+
+# -- end to end: SMTP in, two domains, a deferral and a retry; one event ------------------------
+
+
+@pytest.fixture
+def fast_poll(relays: DeliveryRelays) -> None:
+    relays.tunables = evolve(relays.tunables, poll_interval=0.5)
+
+
+@pytest_twisted.ensureDeferred
+async def test_through_the_relay_one_warning_event_whatever_the_jobs_and_retries(
+    relays: DeliveryRelays, sinks: Sinks, database_url: str, fast_poll: None
+) -> None:
+    reactor = real_reactor()
+    answers: list[Reply] = []
+
+    def data_script(_: int) -> Reply:  # the first copy is deferred, the rest accepted
+        answers.append(Reply(451, "4.3.0", "later") if not answers else Reply(250, "2.0.0", "ok"))
+        return answers[-1]
+
+    _, sink_port = await sinks.start(TrackingSinkBackend(data_script=data_script))
+    relay = await relays.start(
+        database_url, {"routes": smtp_route(sink_port), "retry_schedule": ["1s"]}
+    )
+    data = message_bytes(
+        "news",
+        headers=["MIME-Version: 1.0", "Content-Type: text/html; charset=utf-8"],
+        body='<p>Hi {{ first_name }}</p><a href="https://shop.example/?a=1&amp;amp;b=2">x</a>\r\n',
+    )
+    queue_id = await submit(relay.smtp_port, ["a@example.net", "b@example.org"], data)
+    await wait_for_events(reactor, relay.store, "delivered", 2, within=30)
+    found = [e for e in await events(relay.store, queue_id=queue_id) if e.type == "warning"]
+    assert len(found) == 1 and found[0].recipient == ""
+    kinds = [w["kind"] for w in found[0].data["warnings"]]
+    assert kinds == [
+        "no-dkim-key",
+        "double-escaped-link",
+        "unfilled-placeholder",
+        "no-text-alternative",
+    ]
+    assert "deferred" in {e.type for e in await events(relay.store, queue_id=queue_id)}

@@ -428,7 +428,8 @@ class RewrapChain:
         failed: list[tuple[ClaimedRecipient, str]] = []
         tracebacks_logged = False
         fields, body = split_header_block(message.raw)  # once per message
-        await self._check_content(message, fields)
+        if len(suppressed) < len(recipients):  # a copy goes out: what is in it matters
+            await self._check_content(message, fields)
         for recipient in recipients:
             if recipient.address.lower() in active:
                 continue
