@@ -29,6 +29,7 @@ from twisted.names import dns, error
 from twisted.names.error import DNSNameError
 from twisted.python.failure import Failure
 
+from smartrelay.config import Config
 from smartrelay.rewrap.dkim import LoadedKey, txt_record_name, zone_file_entry
 
 __all__ = [
@@ -97,6 +98,11 @@ class DeliverabilitySettings:
     hostname: str  # [server] hostname: the inbound MX host, and the relay's SPF "a:" name
     return_path_domain: str
     keys: tuple[LoadedKey, ...]  # DkimSigner.keys
+
+    @classmethod
+    def of(cls, config: Config, keys: Sequence[LoadedKey]) -> DeliverabilitySettings:
+        """From the relay's config and its signer's loaded keys (``DkimSigner.keys``)."""
+        return cls(config.server.hostname, config.inbound.return_path_domain, tuple(keys))
 
 
 @cache

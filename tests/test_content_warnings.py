@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from attrs import evolve
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
@@ -462,3 +464,50 @@ async def test_through_the_relay_one_warning_event_whatever_the_jobs_and_retries
         "no-text-alternative",
     ]
     assert "deferred" in {e.type for e in await events(relay.store, queue_id=queue_id)}
+
+
+# -- never an exception, whatever the input ---------------------------------------------------
+
+HTML_BITS = st.sampled_from(
+    ["<a href=", '"', "'", ">", "<!--", "-->", "<style>", "</style", "{{", "}}", "{%", "%}",
+     "*|", "|*", "%%", "%7B%7B", "&amp;amp;", "&", "<", " ", "x", "\n", "\x00", "\ud800"]
+)  # fmt: skip
+
+
+@given(st.lists(HTML_BITS | st.text(max_size=5), max_size=60).map("".join))
+@settings(max_examples=300, deadline=None)
+def test_scan_html_takes_anything(html: str) -> None:
+    findings = scan_html(html)
+    assert all(where in ("link", "text") for where, _ in findings.placeholders)
+
+
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                b"From: a@example.com\r\n",
+                b"From: \r\n",
+                b"Subject: =?x?q?{{a}}?=\r\n",
+                b"Subject: *|A|*\r\n",
+                b"Content-Type: multipart/alternative; boundary=b\r\n",
+                b"Content-Type: text/html; charset=nope\r\n",
+                b"Content-Transfer-Encoding: base64\r\n",
+                b"\r\n",
+                b"--b\r\n",
+                b"--b--\r\n",
+                b"<a href='{{x}}'>",
+                b"=ZZ",
+                b"\xff\xfe",
+                b"\r",
+                b"\n",
+            ]
+        )
+        | st.binary(max_size=8),
+        max_size=30,
+    ).map(b"".join)
+)
+@settings(max_examples=300, deadline=None)
+def test_check_message_takes_anything(raw: bytes) -> None:
+    fields, _ = split_header_block(raw)
+    for warning in check_message(fields, plan_html_parts(raw), lambda d: d == "example.com"):
+        assert len(warning.detail) <= 200 and warning.detail.isprintable()

@@ -14,7 +14,7 @@ from twisted.internet import protocol
 from twisted.internet.task import deferLater
 from twisted.names import authority, client, dns, server
 
-from smartrelay.config import DkimKey
+from smartrelay.config import DkimKey, parse_config
 from smartrelay.deliverability import (
     CheckedRecord,
     DeliverabilitySettings,
@@ -94,6 +94,17 @@ def test_alignment_and_the_records_to_publish(settings: DeliverabilitySettings) 
 
     unsigned = domain_plan("other.example", settings)
     assert unsigned.dkim_alignment == "none" and "dkim" not in by_purpose(unsigned)
+
+
+def test_settings_from_the_config(settings: DeliverabilitySettings) -> None:
+    config = parse_config(
+        {
+            "server": {"hostname": "mta.example.net"},
+            "inbound": {"return_path_domain": "B.example.com"},
+        }
+    )
+    made = DeliverabilitySettings.of(config, settings.keys)
+    assert made == DeliverabilitySettings("mta.example.net", "b.example.com", settings.keys)
 
 
 @pytest_twisted.ensureDeferred

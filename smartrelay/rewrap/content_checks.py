@@ -69,10 +69,17 @@ _PLACEHOLDER = re.compile(
     """,
     re.X,
 )
-_DOUBLE_ESCAPE = re.compile(r"&amp;amp;", re.I)
-# An opening mark, as it is or percent-encoded (in a URL): "{{", "{%", "*|", "%%". A
-# placeholder's text may be cut by tags ("{{<b>name</b>}}"): the scan joins the text first.
-_OPENING_MARK = re.compile(r"\{\{|\{%|\*\||%%|%7B(?:%7B|%25)|(?:\*|%2A)%7C|%25%25", re.I)
+_DOUBLE_ESCAPE = "&amp;amp;"
+# The opening marks, as they are and percent-encoded (in a URL; either case of hex digits).
+# Searched with ``in`` (a substring search is many times faster than a regex alternation):
+# a placeholder's text may be cut by tags ("{{<b>name</b>}}"), so the HTML scan starts on
+# any mark, and joins the visible text before it looks for whole placeholders.
+_MARKS = ("{{", "{%", "*|", "%%")
+_ENCODED_MARKS = tuple(
+    variant
+    for mark in ("%7B%7B", "%7B%25", "*%7C", "%2A%7C", "%25%25")
+    for variant in dict.fromkeys((mark, mark.lower()))
+)
 # What the scan stops at: a comment, an <a> start tag (its attributes, quoted values whole),
 # or the start of an element whose content is not visible text.
 _TOKEN = re.compile(
@@ -110,14 +117,18 @@ class HtmlFindings:
 
 def find_placeholder(text: str) -> str | None:
     """The first placeholder left unfilled in ``text`` (module docstring's rule), or None."""
+    if not any(mark in text for mark in _MARKS):
+        return None
     match = _PLACEHOLDER.search(text)
     return None if match is None else match.group(0)
 
 
 def scan_html(html: str) -> HtmlFindings:
     """Double-escaped hrefs and unfilled placeholders (in hrefs and in the visible text)."""
-    double = _DOUBLE_ESCAPE.search(html) is not None
-    marks = _OPENING_MARK.search(html) is not None
+    double = _DOUBLE_ESCAPE in html
+    marks = any(mark in html for mark in _MARKS) or (
+        ("%7" in html or "%2" in html) and any(mark in html for mark in _ENCODED_MARKS)
+    )
     if not (double or marks):
         return HtmlFindings((), ())  # the usual case: two scans at C speed
     double_escaped: list[str] = []
@@ -145,7 +156,7 @@ def scan_html(html: str) -> HtmlFindings:
         if value is None:
             continue
         url = unescape_attribute(value).strip("\t\n\f\r ")
-        if double and _DOUBLE_ESCAPE.search(value):
+        if double and _DOUBLE_ESCAPE in value:
             double_escaped.append(url)
         if marks:
             found = find_placeholder(url)
@@ -228,6 +239,8 @@ def _subject(fields: Sequence[bytes]) -> str | None:
         if field_name(field) == b"subject":
             raw = re.sub(rb"\r?\n", b"", field.partition(b":")[2]).strip()
             text = raw.decode("utf-8", "replace")
+            if "=?" not in text:  # no encoded word: nothing to decode
+                return text
             try:
                 return str(make_header(decode_header(text)))
             except Exception:  # a malformed encoded word: the text as it is
