@@ -267,7 +267,7 @@ class DnsChecker:
         by then is ``unknown`` ("could not check")."""
         checks: list[Deferred[CheckedRecord]] = []
         for record in plan.records:
-            coroutine = self._check_record(record)
+            coroutine = self._check_record(record, plan.domain)
             deferred: Deferred[CheckedRecord] = Deferred.fromCoroutine(coroutine)
             deferred.addTimeout(self._budget, self._clock)
             deferred.addErrback(_could_not_check, record)
@@ -275,14 +275,14 @@ class DnsChecker:
         results: list[CheckedRecord] = await gatherResults(checks)
         return tuple(results)
 
-    async def _check_record(self, record: DnsRecord) -> CheckedRecord:
+    async def _check_record(self, record: DnsRecord, domain: str) -> CheckedRecord:
         try:
             if record.purpose.startswith("spf-"):
                 return await self._check_spf(record)
             if record.purpose == "dkim":
                 return await self._check_dkim(record)
             if record.purpose == "dmarc":
-                return await self._check_dmarc(record)
+                return await self._check_dmarc(record, domain)
             if record.purpose == "mx-return-path":
                 return await self._check_mx(record)
         except _Unknown as why:
@@ -319,8 +319,14 @@ class DnsChecker:
                 return CheckedRecord(record, "published", text)
         return CheckedRecord(record, "wrong", texts[0])
 
-    async def _check_dmarc(self, record: DnsRecord) -> CheckedRecord:
-        texts = [t for t in await self._txt(record.name) if t.startswith("v=DMARC1")]
+    async def _check_dmarc(self, record: DnsRecord, domain: str) -> CheckedRecord:
+        """The From domain's own record, else the organizational domain's (RFC 7489 6.6.3)."""
+        texts: list[str] = []
+        own = f"_dmarc.{domain}"
+        if own != record.name:
+            texts = [t for t in await self._txt(own) if t.startswith("v=DMARC1")]
+        if not texts:
+            texts = [t for t in await self._txt(record.name) if t.startswith("v=DMARC1")]
         if not texts:
             return CheckedRecord(record, "missing")
         if len(texts) > 1:

@@ -223,6 +223,7 @@ def published_zone(plan: DomainPlan) -> dict[str, list[Any]]:
         "_spf.example.com": [TXT("v=spf1 ip4:198.51.100.0/24 a:relay.example.net ~all")],
         RETURN_PATH: [TXT("v=spf1 ip4:192.0.2.0/27 -all"), MX(HOSTNAME)],
         "_dmarc.example.com": [TXT("v=DMARC1; p=none; rua=mailto:d@example.com")],
+        "_dmarc.news.example.com": [TXT("v=DMARC1; p=reject")],
         **dkim,
     }
 
@@ -245,6 +246,11 @@ async def test_every_record_published(
         ("mx-return-path", RETURN_PATH): "published",
     }
     assert found[("dmarc", "_dmarc.example.com")][1].startswith("v=DMARC1; p=none")
+    # A subdomain: its own DMARC record counts; without one, the organizational domain's.
+    for sub, policy in (("news.example.com", "p=reject"), ("shop.example.com", "p=none")):
+        checked = statuses(await checker_for(port).check(domain_plan(sub, settings)))
+        status, text = checked[("dmarc", "_dmarc.example.com")]
+        assert status == "published" and policy in text
 
 
 @pytest_twisted.ensureDeferred
