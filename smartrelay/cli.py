@@ -118,7 +118,8 @@ async def cmd_web_user_password(args: argparse.Namespace, store: Store) -> None:
     password = read_new_password(args.name)
     if not await store.web_users.set_password(args.name, hash_password(password)):
         raise CliError(f"no web user named {args.name!r}")
-    print(f"password of web user {args.name!r} changed")
+    ended = await store.end_web_sessions_of(args.name)
+    print(f"password of web user {args.name!r} changed ({ended} session(s) logged out)")
 
 
 async def _add_login(table: LoginTable, kind: str, name: str, password: str) -> None:

@@ -75,6 +75,7 @@ from smartrelay.web.pages import TemplateError
 from smartrelay.web.service import web_listener, web_site
 from smartrelay.web.site import WebRoot
 from smartrelay.web.tracking import Tracking
+from smartrelay.web.ui import build_reports_ui
 
 __all__ = [
     "RelayService",
@@ -357,7 +358,8 @@ class RelayService(MultiService):
             tracking = Tracking(
                 self.storage.when_ready, self.codec, self._reactor, config.suppression
             )
-            self._site.resource = WebRoot(tracking).resource()
+            reports = build_reports_ui(self.storage.when_ready, self._reactor, config)
+            self._site.resource = WebRoot(tracking, reports).resource()
 
     def privilegedStartService(self) -> None:
         """twistd calls this, as root when started as root, before ``startService`` (an

@@ -208,6 +208,17 @@ async def seed(engine: IDatabaseEngine, now_ms: int) -> None:
         )
     await many(
         engine,
+        "INSERT INTO web_sessions (token_hash, username, csrf, created_at, idle_until,"
+        " expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+        [("a" * 64, "one", "csrf-1", T0, T0 + 10, T0 + 20), ("b" * 64, "two", "c2", T0, T0, T0)],
+    )
+    await many(
+        engine,
+        "INSERT INTO web_login_failures (key, failures, last_failure_at) VALUES (?, ?, ?)",
+        [("ip:192.0.2.1", 3, T0), ("user:one\u2603", 1, T0 + 1)],
+    )
+    await many(
+        engine,
         "INSERT INTO feedback_reports (report_id, received_at, sender, recipients, client_ip,"
         " state, processed_at, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         [
@@ -256,6 +267,21 @@ async def seed(engine: IDatabaseEngine, now_ms: int) -> None:
                     ("opened", "human"),
                 )
             )
+        ],
+    )
+    await many(
+        engine,
+        "INSERT INTO message_terms (term, received_at, queue_id) VALUES (?, ?, ?)",
+        [(f"r:user{n}@example.org", T0 + n, f"Q1{n:02d}") for n in range(12)]
+        + [('m:["user","\u00e9"]', T0, "Q001small"), ("t:welcome", T0, "Q002big")],
+    )
+    await many(
+        engine,
+        "INSERT INTO rollup_urls (hour, tag, url, count, machine_count) VALUES (?, ?, ?, ?, ?)",
+        [
+            (T0 // HOUR_MS * HOUR_MS + h * HOUR_MS, tag, f"https://example.com/\u00fc/{h}", 3, 1)
+            for h in range(5)
+            for tag in ("*", "welcome")
         ],
     )
     await sql(
@@ -550,13 +576,17 @@ def test_cli_copy_data_end_to_end(tmp_path: Path, postgres_server: PostgresServe
         "suppressions": 1,
         "smtp_credentials": 0,
         "web_users": 1,
+        "web_sessions": 0,
+        "web_login_failures": 0,
         "feedback_reports": 0,
         "mailbox_messages": 0,
         "rollup_progress": 0,
         "rollups": 0,
+        "rollup_urls": 0,
         "events": 0,
         "messages": 1,
         "message_bodies": 1,
+        "message_terms": 0,  # the message was written straight into the tables
         "recipients": 1,
     }
     assert "web_users: 1 / 1 rows" in result.stderr.splitlines()

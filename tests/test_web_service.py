@@ -23,7 +23,7 @@ from twisted.web.server import Request
 from twisted.web.static import Data
 
 from smartrelay.listening import ListeningService
-from smartrelay.web.service import ConnectionCap, web_service
+from smartrelay.web.service import MAX_REQUEST_BODY, ConnectionCap, web_service
 from tests.conftest import real_reactor
 from tests.support.relay import free_ports
 from tests.support.run import running_twistd, write_config
@@ -273,3 +273,52 @@ def test_open_files_soft_limit_is_raised_to_the_hard_limit(tmp_path: Path) -> No
         with open(f"/proc/{server.process.pid}/limits") as limits:
             row = next(r for r in limits if r.startswith("Max open files"))
         assert row.split()[3:5] == [str(limit), str(limit)], row
+
+
+# -- request body size --------------------------------------------------------------------
+def post_head(length: int | None) -> bytes:
+    size = b"Transfer-Encoding: chunked" if length is None else b"Content-Length: %d" % length
+    return b"POST /ok HTTP/1.1\r\nHost: relay.test\r\nConnection: close\r\n" + size + b"\r\n\r\n"
+
+
+def send_body(port: int, head: bytes, chunks: Iterator[bytes]) -> tuple[bytes, int]:
+    """Send ``head`` then ``chunks`` until the server stops reading; (its answer, bytes sent)."""
+    sent = 0
+    with socket.create_connection((HOST, port), timeout=10) as s:
+        s.sendall(head)
+        try:
+            for chunk in chunks:
+                s.sendall(chunk)
+                sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = b""
+        try:
+            while data := s.recv(65536):
+                answer += data
+        except ConnectionResetError:
+            pass
+    return answer, sent
+
+
+def chunked(total: int) -> Iterator[bytes]:
+    piece = b"x" * 65536
+    for _ in range(total // len(piece)):
+        yield b"%x\r\n%s\r\n" % (len(piece), piece)
+    yield b"0\r\n\r\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_over_the_limit_is_refused_at_once(start: Start) -> None:
+    port = port_of(await start())
+    limit = MAX_REQUEST_BODY
+    # Announced too big: 413 before a byte of the body is read.
+    answer, _ = await deferToThread(send_body, port, post_head(limit + 1), iter(()))
+    assert head_of(answer)[0] == 413 and answer.endswith(b"The request is too big.\n")
+    # Chunked, growing past the limit: 413 and the connection closed, long before 100 MB.
+    answer, _ = await deferToThread(send_body, port, post_head(None), chunked(100 << 20))
+    assert head_of(answer)[0] == 413
+    # At the limit it is taken (the resource answers; Data gives 405 to a POST here).
+    body = b"y" * limit
+    answer, _ = await deferToThread(send_body, port, post_head(limit), iter((body,)))
+    assert head_of(answer)[0] != 413

@@ -140,6 +140,9 @@ class WebConfig:
     max_connections: int = 500
     #: Seconds without a byte from the client before its connection is closed (addition).
     idle_timeout: float = 60.0
+    #: Reverse proxies whose ``X-Forwarded-For`` is believed (addition): the reports UI's
+    #: login throttle counts failures per client address, not per proxy.
+    trusted_proxies: tuple[IPNetwork, ...] = ()
 
 
 @frozen

@@ -209,7 +209,7 @@ _SMTP_KEYS = (
     "tls_handshake_timeout",
     "data_timeout",
 )
-_WEB_KEYS = ("listen", "base_url", "max_connections", "idle_timeout")
+_WEB_KEYS = ("listen", "base_url", "max_connections", "idle_timeout", "trusted_proxies")
 _REWRAP_KEYS = (
     "secret_file",
     "track_opens",
@@ -339,6 +339,9 @@ def _parse_web(t: _Table) -> WebConfig:
         base_url=base_url.rstrip("/"),
         max_connections=t.count("max_connections", d.max_connections),
         idle_timeout=t.duration("idle_timeout", d.idle_timeout),
+        trusted_proxies=tuple(
+            _parse_network(t, k, v) for k, v in t.array("trusted_proxies", str) or ()
+        ),
     )
 
 

@@ -61,13 +61,17 @@ TABLES = (
     Table("suppressions", ("address",)),
     Table("smtp_credentials", ("name",)),
     Table("web_users", ("name",)),
+    Table("web_sessions", ("token_hash",)),
+    Table("web_login_failures", ("key",)),
     Table("feedback_reports", ("report_id",), blob="raw"),
     Table("mailbox_messages", ("mailbox", "uid")),
     Table("rollup_progress", ("name",)),
     Table("rollups", ("hour", "tag", "sender_domain", "recipient_domain", "type", "detail")),
+    Table("rollup_urls", ("hour", "tag", "url")),
     Table("events", ("id",), identity="id"),
     Table("messages", ("queue_id",), queue=True),
     Table("message_bodies", ("queue_id",), blob="raw", queue=True),
+    Table("message_terms", ("term", "received_at", "queue_id"), queue=True),
     Table("recipients", ("id",), identity="id", queue=True),
 )
 

@@ -8,6 +8,7 @@ lock so two processes starting together against one PostgreSQL do not race.
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from importlib import resources
 
 from attrs import frozen
@@ -47,6 +48,14 @@ def split_statements(sql: str) -> list[str]:
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
 
 
+def python_steps() -> dict[int, Callable[[ICursor], Awaitable[None]]]:
+    """Steps run after a delta's SQL, in the same transaction, for what portable SQL cannot
+    do (reading JSON columns): version -> step."""
+    from smartrelay.storage.reports import backfill_report_tables
+
+    return {10: backfill_report_tables}
+
+
 def latest_version() -> int:
     return len(load_deltas())
 
@@ -54,6 +63,7 @@ def latest_version() -> int:
 async def migrate(engine: IDatabaseEngine, now_ms: int) -> list[int]:
     """Apply the pending deltas; returns the versions applied (empty when up to date)."""
     deltas = load_deltas()
+    steps = python_steps()
 
     async def txn(cursor: ICursor) -> list[int]:
         lock = engine.lock_statement()
@@ -77,6 +87,9 @@ async def migrate(engine: IDatabaseEngine, now_ms: int) -> list[int]:
                 continue
             for statement in split_statements(engine.schema_sql(delta.sql)):
                 await cursor.execute(statement)
+            step = steps.get(delta.version)
+            if step is not None:
+                await step(cursor)
             await cursor.execute(
                 "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
                 (delta.version, delta.name, now_ms),

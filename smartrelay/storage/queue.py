@@ -18,6 +18,7 @@ from smartrelay.storage.base import StoreBase, chunks, domain_of, marks, to_ms
 from smartrelay.storage.batching import GroupCommitter
 from smartrelay.storage.events import insert_events
 from smartrelay.storage.interfaces import ICursor, IDatabaseEngine
+from smartrelay.storage.search_terms import insert_terms, message_terms
 from smartrelay.storage.suppressions import (
     clear_soft_bounces,
     count_soft_bounces,
@@ -207,6 +208,13 @@ class QueueStore(StoreBase):
                     for m, queue_id in new
                     for r in m.recipients
                 ],
+            )
+            await insert_terms(
+                cursor,
+                (
+                    (queue_id, now_ms, message_terms(m.sender, m.recipients, m.tags, m.metadata))
+                    for m, queue_id in new
+                ),
             )
             await insert_events(
                 cursor,

@@ -91,6 +91,7 @@ class RetentionStore(StoreBase):
                 return PurgeBatch(0)
             where = f"queue_id IN ({marks(len(queue_ids))})"
             await cursor.execute(f"DELETE FROM message_bodies WHERE {where}", queue_ids)
+            await cursor.execute(f"DELETE FROM message_terms WHERE {where}", queue_ids)
             await cursor.execute(f"DELETE FROM recipients WHERE {where}", queue_ids)
             recipients = max(int(cursor.rowcount), 0)
             await cursor.execute(f"DELETE FROM messages WHERE {where}", queue_ids)

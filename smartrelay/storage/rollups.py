@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from smartrelay.storage.base import StoreBase, chunks, domain_of, from_ms, marks, to_ms
 from smartrelay.storage.interfaces import ICursor
@@ -34,8 +35,15 @@ _ROLLUP_COLUMNS = "hour, tag, sender_domain, recipient_domain, type, detail"
 #: Rows per upsert statement (8 parameters each).
 _UPSERT_ROWS = 250
 
+#: Characters (and UTF-8 bytes) of a URL in ``rollup_urls``.
+MAX_URL = 2000
+#: Rows per ``rollup_urls`` upsert statement (5 parameters each).
+_URL_UPSERT_ROWS = 400
+
 #: (hour, tag, sender_domain, recipient_domain, type, detail)
 RollupKey = tuple[int, str, str, str, str, str]
+#: (hour, tag, url)
+UrlKey = tuple[int, str, str]
 #: (type, detail) -> (count, unique_count)
 Totals = dict[tuple[str, str], tuple[int, int]]
 
@@ -85,6 +93,7 @@ class RollupStore(StoreBase):
             events = await _read_events(cursor, position, horizon_ms, limit)
             counts = await _aggregate(cursor, events, position)
             await _upsert(cursor, counts)
+            await _upsert_urls(cursor, _url_counts(events))
             if len(events) < limit:
                 # Caught up: every event before the horizon is counted. (horizon_ms, 0) is
                 # before every event at horizon_ms (ids start at 1).
@@ -178,6 +187,22 @@ class RollupStore(StoreBase):
             return sorted(rows, key=lambda row: (-row[1], row[0]))
 
         return await self.run("sender_domains_seen", txn, readonly=True)
+
+
+def normalise_url(url: str) -> str:
+    """The URL as ``rollup_urls`` counts it: scheme://host[:port]/path, lower-case scheme and
+    host, without user info, query or fragment (a personalised query string would make one
+    row per recipient), cut to :data:`MAX_URL` characters and UTF-8 bytes. A URL that does not
+    parse is kept cut as it is."""
+    try:
+        parts = urlsplit(url.strip())
+        host = (parts.hostname or "").lower()
+        port = f":{parts.port}" if parts.port is not None else ""
+        reduced = f"{parts.scheme.lower()}://{host}{port}{parts.path}" if parts.scheme else url
+    except ValueError:
+        reduced = url
+    cut = reduced[:MAX_URL].encode("utf-8", "surrogatepass")[:MAX_URL]
+    return cut.decode("utf-8", "ignore")
 
 
 def _filter(
@@ -315,6 +340,78 @@ async def _engaged_before(
                 ):
                     seen.add((str(queue_id), str(recipient), str(event_type)))
     return seen
+
+
+def _url_counts(events: Sequence[_Event]) -> dict[UrlKey, list[int]]:
+    """The batch's clicks per (hour, tag, URL): key -> [count, machine_count]."""
+    counts: dict[UrlKey, list[int]] = {}
+    for time_ms, _, event_type, _, _, data, _, tags_json in events:
+        if event_type != "clicked" or data is None:
+            continue
+        loaded = json.loads(data)
+        url = loaded.get("url")
+        if not isinstance(url, str):
+            continue
+        url = normalise_url(url)
+        machine = 1 if loaded.get("machine") else 0
+        tags = json.loads(tags_json) if tags_json is not None else []
+        hour = time_ms - time_ms % HOUR_MS
+        for tag in dict.fromkeys((ALL_TAGS, *map(str, tags))):
+            cell = counts.setdefault((hour, tag, url), [0, 0])
+            cell[0] += 1
+            cell[1] += machine
+    return counts
+
+
+async def _upsert_urls(cursor: ICursor, counts: dict[UrlKey, list[int]]) -> None:
+    rows = [(*key, cell[0], cell[1]) for key, cell in sorted(counts.items())]
+    for chunk in chunks(rows, _URL_UPSERT_ROWS):
+        await cursor.execute(
+            "INSERT INTO rollup_urls (hour, tag, url, count, machine_count)"
+            f" VALUES {', '.join([f'({marks(5)})'] * len(chunk))}"
+            " ON CONFLICT (hour, tag, url) DO UPDATE"
+            " SET count = rollup_urls.count + excluded.count,"
+            " machine_count = rollup_urls.machine_count + excluded.machine_count",
+            [value for row in chunk for value in row],
+        )
+
+
+async def backfill_url_rollups(cursor: ICursor) -> None:
+    """Schema 010's step: count in ``rollup_urls`` the clicks still stored that the roll-ups
+    counted before it existed (those before ``rollup_progress``); older ones are gone."""
+    await cursor.execute(
+        "SELECT time_ms, last_id FROM rollup_progress WHERE name = ?", (_PROGRESS,)
+    )
+    row = cursor.fetchone()
+    if row is None:
+        return
+    position = (int(row[0]), int(row[1]))
+    after = (-1, -1)
+    while True:
+        await cursor.execute(
+            "SELECT e.time, e.id, e.type, e.queue_id, e.recipient, e.data, m.sender, m.tags"
+            " FROM events e LEFT JOIN messages m ON m.queue_id = e.queue_id"
+            " WHERE e.type = 'clicked' AND (e.time, e.id) > (?, ?) AND (e.time, e.id) < (?, ?)"
+            " ORDER BY e.time, e.id LIMIT 5000",
+            (*after, *position),
+        )
+        events = [
+            (
+                int(r[0]),
+                int(r[1]),
+                str(r[2]),
+                None if r[3] is None else str(r[3]),
+                None if r[4] is None else str(r[4]),
+                None if r[5] is None else str(r[5]),
+                None if r[6] is None else str(r[6]),
+                None if r[7] is None else str(r[7]),
+            )
+            for r in cursor.fetchall()
+        ]
+        if not events:
+            return
+        await _upsert_urls(cursor, _url_counts(events))
+        after = (events[-1][0], events[-1][1])
 
 
 async def _upsert(cursor: ICursor, counts: dict[RollupKey, list[int]]) -> None:

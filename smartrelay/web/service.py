@@ -17,6 +17,7 @@ closed. No ``Server`` header is sent: the version of Twisted helps only an attac
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Callable
 
@@ -46,6 +47,8 @@ log = Logger()
 IDLE_TIMEOUT = 60.0
 #: Default of ``[web] max_connections``.
 MAX_CONNECTIONS = 500
+#: The largest request body taken, in bytes (the reports UI's CSV import is the biggest).
+MAX_REQUEST_BODY = 10 * 1024 * 1024
 
 _TOKEN_PATH = re.compile(rb"\A(/[ocu]/[A-Za-z0-9_-]{1,8})[A-Za-z0-9_-]*(?:\.gif)?\Z")
 _MAX_LOGGED_PATH = 200
@@ -63,7 +66,51 @@ def loggable_path(path: bytes) -> str:
 
 class WebRequest(ServerRequest):
     """A request whose responses carry no ``Server`` header (Twisted sets one with its version
-    in ``process()``, before any resource runs)."""
+    in ``process()``, before any resource runs), and whose body is at most
+    :data:`MAX_REQUEST_BODY` bytes: Twisted itself takes a body of any size (into a temporary
+    file past 100 KB), so a client could fill the disk. A bigger one (by its
+    ``Content-Length`` or as it arrives, chunked) is answered ``413`` at once and the
+    connection closed; the request never reaches a resource."""
+
+    max_body = MAX_REQUEST_BODY
+    _body_size = 0
+    _too_big = False
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.max_body:
+            self._refuse_body()
+            return
+        super().gotLength(length)  # type: ignore[no-untyped-call]
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._too_big:
+            return
+        self._body_size += len(data)
+        if self._body_size > self.max_body:
+            self._refuse_body()
+            return
+        super().handleContentChunk(data)  # type: ignore[no-untyped-call]
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._too_big:
+            return
+        super().requestReceived(command, path, version)  # type: ignore[no-untyped-call]
+
+    def _refuse_body(self) -> None:
+        if self._too_big:
+            return
+        self._too_big = True
+        self.content = io.BytesIO()
+        log.info("web: a request body over {limit} bytes refused (413)", limit=self.max_body)
+        transport = self.channel.transport
+        if transport is None:
+            return
+        text = b"The request is too big.\n"
+        transport.write(
+            b"HTTP/1.1 413 Content Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(text), text)
+        )
+        transport.loseConnection()
 
     def setHeader(self, name: bytes | str, value: bytes | str) -> None:
         if (name.encode("latin-1") if isinstance(name, str) else name).lower() == b"server":

@@ -6,7 +6,7 @@ path                   app
 ``/o/``, ``/c/``,      :class:`~smartrelay.web.tracking.Tracking` (SPEC section 4), also
 ``/u/``, anything      the answer to every path no other app claims: its own 404 page,
 else                   never a traceback
-``/ui/``               (later) the reports app
+``/ui/``               :class:`~smartrelay.web.ui.app.ReportsUI` (login, dashboard, ...)
 ``/api/``,             (later) the HTTP API and the Prometheus metrics
 ``/metrics``
 =====================  ==========================================================
@@ -31,6 +31,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
 from smartrelay.web.tracking import Tracking
+from smartrelay.web.ui.app import ReportsUI
 
 __all__ = ["WebRoot"]
 
@@ -40,8 +41,9 @@ class WebRoot:
 
     app = Klein()
 
-    def __init__(self, tracking: Tracking) -> None:
+    def __init__(self, tracking: Tracking, reports: ReportsUI | None = None) -> None:
         self._tracking = tracking.app.resource()
+        self._reports = None if reports is None else reports.app.resource()
 
     def resource(self) -> IResource:
         return self.app.resource()
@@ -50,3 +52,8 @@ class WebRoot:
     def tracking(self, request: IRequest) -> IResource:
         """``/o/``, ``/c/``, ``/u/`` and every path no other app claims."""
         return self._tracking
+
+    @app.route("/ui/", branch=True)
+    def reports(self, request: IRequest) -> IResource:
+        """The reports UI (``/ui`` without its slash is redirected here by Klein)."""
+        return self._tracking if self._reports is None else self._reports

@@ -1,0 +1,43 @@
+"""The reports UI (``{base_url}/ui/``): see :mod:`smartrelay.web.ui.app` and docs/web-ui.md."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+
+from smartrelay.config import Config
+from smartrelay.reactor import IRelayReactor
+from smartrelay.storage.store import Store
+from smartrelay.web.templating import Templates
+from smartrelay.web.ui.app import ReportsUI, Section
+from smartrelay.web.ui.auth import Authenticator
+from smartrelay.web.ui.context import UiContext
+from smartrelay.web.ui.dashboard import Dashboard
+
+__all__ = ["build_reports_ui"]
+
+
+def build_reports_ui(
+    store_ready: Callable[[], Deferred[Store]],
+    reactor: IRelayReactor,
+    config: Config,
+    templates: Templates | None = None,
+) -> ReportsUI:
+    """The reports UI of this config; its templates are compiled now (a broken one raises
+    :class:`~smartrelay.web.templating.TemplateError`)."""
+    ui = UiContext(
+        store_ready,
+        Templates.load() if templates is None else templates,
+        reactor,
+        config.web.base_url,
+        config.web.trusted_proxies,
+        extra={"config": config},
+    )
+
+    def in_thread(work: Callable[[], bool]) -> Deferred[bool]:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), work)
+
+    sections: dict[str, Section] = {"": Dashboard(ui)}
+    return ReportsUI(ui, Authenticator(ui, in_thread), sections)
