@@ -59,6 +59,8 @@ WARNING_KINDS = (NO_DKIM_KEY, DOUBLE_ESCAPED_LINK, UNFILLED_PLACEHOLDER, NO_TEXT
 DETAIL_LIMIT = 200
 #: Anchors, comments and raw-text elements looked at per HTML part, at most.
 MAX_TAGS = 200_000
+#: Characters of an ``<a>`` tag read for its href (a longer tag is hostile or broken).
+MAX_TAG_TEXT = 65_536
 
 _PLACEHOLDER = re.compile(
     r"""
@@ -152,7 +154,7 @@ def scan_html(html: str) -> HtmlFindings:
             position = len(html) if end_tag is None else end_tag.end()
             continue
         position = token.end()
-        value = href_value(token.group("anchor"))
+        value = href_value(token.group("anchor")[:MAX_TAG_TEXT])
         if value is None:
             continue
         url = unescape_attribute(value).strip("\t\n\f\r ")
