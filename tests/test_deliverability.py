@@ -4,7 +4,6 @@ and whether they are published, against a real DNS server (twisted.names on 127.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import protocol
 from twisted.internet.task import deferLater
-from twisted.names import authority, client, dns, server
+from twisted.names import client
 
 from smartrelay.config import DkimKey, parse_config
 from smartrelay.deliverability import (
@@ -28,6 +27,9 @@ from smartrelay.reactor import IRelayReactor
 from smartrelay.rewrap.dkim import generate_key, load_key, zone_file_entry
 from smartrelay.storage.store import NewMessage, Store
 from tests.conftest import real_reactor
+from tests.support.dnsserver import MX, TXT, A, CountingFactory, StartDns, dns_server
+
+__all__ = ["dns_server"]  # the fixture, used here
 
 HOSTNAME = "relay.example.net"
 RETURN_PATH = "bounces.example.com"
@@ -128,76 +130,6 @@ async def test_sender_domains_of_the_last_30_days_from_the_roll_ups(store: Store
 # -- a real DNS server ----------------------------------------------------------------------------
 
 
-class MemoryAuthority(authority.FileAuthority):
-    """An authoritative zone held in memory (names -> records)."""
-
-    def __init__(self, origin: str, records: dict[str, list[Any]]) -> None:
-        self._zone = (origin, records)
-        super().__init__(origin)  # type: ignore[no-untyped-call]
-
-    def loadFile(self, filename: str) -> None:
-        origin, records = self._zone
-        soa: Any = dns.Record_SOA
-        start: Any = (
-            origin.encode(),
-            soa(mname=b"ns1." + origin.encode(), rname=b"root." + origin.encode(), minimum=60),
-        )
-        self.soa = start
-        zone: Any = {name.lower().encode(): list(rs) for name, rs in records.items()}
-        self.records = zone
-
-
-def TXT(*strings: str) -> Any:
-    make: Any = dns.Record_TXT
-    return make(*(s.encode() for s in strings), ttl=60)
-
-
-def MX(host: str) -> Any:
-    make: Any = dns.Record_MX
-    return make(10, host.encode(), ttl=60)
-
-
-def A(address: str) -> Any:
-    make: Any = dns.Record_A
-    return make(address, ttl=60)
-
-
-class CountingFactory(server.DNSServerFactory):
-    queries = 0
-
-    def handleQuery(self, message: Any, protocol: Any, address: Any) -> None:
-        CountingFactory.queries += 1
-        super().handleQuery(message, protocol, address)  # type: ignore[no-untyped-call]
-
-
-@pytest_twisted.async_yield_fixture
-async def dns_server() -> AsyncIterator[Callable[[dict[str, dict[str, list[Any]]]], int]]:
-    """Starts DNS servers (UDP and TCP on one free port of 127.0.0.1) for zones given as
-    origin -> {name: records}; returns the port."""
-    reactor: Any = real_reactor()
-    ports: list[Any] = []
-
-    def start(zones: dict[str, dict[str, list[Any]]]) -> int:
-        authorities = [MemoryAuthority(origin, names) for origin, names in zones.items()]
-        factory = CountingFactory(authorities=authorities)  # type: ignore[no-untyped-call]
-        for _ in range(20):
-            tcp = reactor.listenTCP(0, factory, interface="127.0.0.1")
-            port = tcp.getHost().port
-            try:
-                datagrams: Any = dns.DNSDatagramProtocol
-                udp = reactor.listenUDP(port, datagrams(factory), interface="127.0.0.1")
-            except Exception:
-                tcp.stopListening()
-                continue
-            ports.extend([tcp, udp])
-            return int(port)
-        raise RuntimeError("no free port for the DNS server")
-
-    yield start
-    for port in ports:
-        await port.stopListening()
-
-
 def checker_for(port: int, **options: Any) -> DnsChecker:
     reactor: IRelayReactor = real_reactor()
     make: Any = client.Resolver
@@ -230,7 +162,7 @@ def published_zone(plan: DomainPlan) -> dict[str, list[Any]]:
 
 @pytest_twisted.ensureDeferred
 async def test_every_record_published(
-    dns_server: Callable[[dict[str, dict[str, list[Any]]]], int], settings: DeliverabilitySettings
+    dns_server: StartDns, settings: DeliverabilitySettings
 ) -> None:
     plan = domain_plan("example.com", settings)
     port = dns_server(
@@ -255,7 +187,7 @@ async def test_every_record_published(
 
 @pytest_twisted.ensureDeferred
 async def test_missing_and_wrong_records(
-    dns_server: Callable[[dict[str, dict[str, list[Any]]]], int], settings: DeliverabilitySettings
+    dns_server: StartDns, settings: DeliverabilitySettings
 ) -> None:
     plan = domain_plan("example.com", settings)
     other_key = next(
@@ -280,7 +212,7 @@ async def test_missing_and_wrong_records(
 
 @pytest_twisted.ensureDeferred
 async def test_our_hostname_without_an_address_cannot_be_checked_for_spf(
-    dns_server: Callable[[dict[str, dict[str, list[Any]]]], int], settings: DeliverabilitySettings
+    dns_server: StartDns, settings: DeliverabilitySettings
 ) -> None:
     plan = domain_plan("example.com", settings)
     port = dns_server({"example.com": {RETURN_PATH: [TXT("v=spf1 a:relay.example.net -all")]}})
@@ -322,7 +254,7 @@ async def test_a_dns_server_that_does_not_answer_costs_a_page_2_s_at_most(
 
 @pytest_twisted.ensureDeferred
 async def test_answers_are_cached_for_a_while(
-    dns_server: Callable[[dict[str, dict[str, list[Any]]]], int], settings: DeliverabilitySettings
+    dns_server: StartDns, settings: DeliverabilitySettings
 ) -> None:
     plan = domain_plan("example.com", settings)
     port = dns_server(

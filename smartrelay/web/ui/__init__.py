@@ -8,13 +8,17 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 
 from smartrelay.config import Config
+from smartrelay.deliverability import DeliverabilitySettings, DnsChecker
+from smartrelay.delivery.mx import make_system_resolver
 from smartrelay.reactor import IRelayReactor
+from smartrelay.rewrap.dkim import load_key
 from smartrelay.storage.store import Store
 from smartrelay.web.templating import Templates
 from smartrelay.web.ui.app import ReportsUI, Section
 from smartrelay.web.ui.auth import Authenticator
 from smartrelay.web.ui.context import UiContext
 from smartrelay.web.ui.dashboard import Dashboard
+from smartrelay.web.ui.deliverability import Deliverability
 
 __all__ = ["build_reports_ui"]
 
@@ -39,5 +43,12 @@ def build_reports_ui(
     def in_thread(work: Callable[[], bool]) -> Deferred[bool]:
         return deferToThreadPool(reactor, reactor.getThreadPool(), work)
 
-    sections: dict[str, Section] = {"": Dashboard(ui)}
+    # The deliverability page reads the DKIM keys (their public halves) and asks the
+    # system's DNS, as delivery does; a key that cannot be read stops the relay earlier.
+    deliverability = Deliverability(
+        ui,
+        DeliverabilitySettings.of(config, [load_key(spec) for spec in config.dkim_keys]),
+        DnsChecker(make_system_resolver(reactor), reactor),
+    )
+    sections: dict[str, Section] = {"": Dashboard(ui), "deliverability": deliverability}
     return ReportsUI(ui, Authenticator(ui, in_thread), sections)
