@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import cache
 from typing import Any, Literal
 
@@ -243,13 +243,15 @@ class DnsChecker:
 
     def __init__(
         self,
-        resolver: Any,
+        resolver: Any | Callable[[], Any],
         clock: IReactorTime,
         lookup_timeout: float = DEFAULT_LOOKUP_TIMEOUT,
         budget: float = DEFAULT_BUDGET,
         cache_ttl: float = DEFAULT_CACHE_TTL,
         failure_ttl: float = DEFAULT_FAILURE_TTL,
     ) -> None:
+        #: An IResolver, or a function making one at the first lookup (the relay's page:
+        #: nothing of twisted.names is loaded, nor resolv.conf read, before it is used).
         self._resolver = resolver
         self._clock = clock
         self._lookup_timeout = lookup_timeout
@@ -467,6 +469,8 @@ class DnsChecker:
         wanted = getattr(dns, kind)
         self.lookups += 1
         key = (kind, name.lower())
+        if callable(self._resolver) and not hasattr(self._resolver, method):
+            self._resolver = self._resolver()
         lookup: Deferred[Any] = getattr(self._resolver, method)(
             name, timeout=(max(1, int(self._lookup_timeout + 0.999)),)
         )

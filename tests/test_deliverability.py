@@ -131,9 +131,16 @@ async def test_sender_domains_of_the_last_30_days_from_the_roll_ups(store: Store
 
 
 def checker_for(port: int, **options: Any) -> DnsChecker:
+    """A checker whose resolver is made at its first lookup (as the relay's page does)."""
     reactor: IRelayReactor = real_reactor()
     make: Any = client.Resolver
-    resolver = make(servers=[("127.0.0.1", port)], reactor=reactor)
+    made: list[Any] = []
+
+    def resolver() -> Any:
+        made.append(make(servers=[("127.0.0.1", port)], reactor=reactor))
+        assert len(made) == 1, "the resolver is made once"
+        return made[0]
+
     return DnsChecker(resolver, reactor, **options)
 
 

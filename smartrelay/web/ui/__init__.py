@@ -44,11 +44,13 @@ def build_reports_ui(
         return deferToThreadPool(reactor, reactor.getThreadPool(), work)
 
     # The deliverability page reads the DKIM keys (their public halves) and asks the
-    # system's DNS, as delivery does; a key that cannot be read stops the relay earlier.
+    # system's DNS, as delivery does, its resolver made at the first lookup (this runs after
+    # twistd dropped privileges: nothing more is imported now). A key that cannot be read
+    # stops the relay earlier.
     deliverability = Deliverability(
         ui,
         DeliverabilitySettings.of(config, [load_key(spec) for spec in config.dkim_keys]),
-        DnsChecker(make_system_resolver(reactor), reactor),
+        DnsChecker(lambda: make_system_resolver(reactor), reactor),
     )
     sections: dict[str, Section] = {"": Dashboard(ui), "deliverability": deliverability}
     return ReportsUI(ui, Authenticator(ui, in_thread), sections)
