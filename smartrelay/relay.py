@@ -165,7 +165,12 @@ class RelayService(MultiService):
                     config.delivery.tls,
                 ),
                 lambda store: RewrapChain(
-                    settings, self._started_codec(), signer, store, in_thread=self._in_thread
+                    settings,
+                    self._started_codec(),
+                    signer,
+                    store,
+                    in_thread=self._in_thread,
+                    record_warnings=store.record_warnings,
                 ),
                 tunables=delivery_tunables,
                 node_id=f"{node_id}-d{worker_index}" if role == "delivery" else node_id,

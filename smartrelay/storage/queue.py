@@ -78,6 +78,8 @@ class StoredMessage:
     metadata: dict[str, str]
     options: dict[str, bool]
     raw: bytes
+    #: Its content warnings are recorded already (``messages.warnings_checked_at``).
+    warnings_checked: bool = False
 
 
 @frozen
@@ -316,7 +318,8 @@ class QueueStore(StoreBase):
             # Big messages are read on their own, piece by piece (ICursor.read_blob).
             await cursor.execute(
                 "SELECT m.queue_id, m.received_at, m.sender, m.tags, m.metadata, m.options,"
-                " CASE WHEN m.size <= ? THEN b.raw END, b.queue_id IS NOT NULL"
+                " CASE WHEN m.size <= ? THEN b.raw END, b.queue_id IS NOT NULL,"
+                " m.warnings_checked_at IS NOT NULL"
                 " FROM messages m LEFT JOIN message_bodies b ON b.queue_id = m.queue_id"
                 f" WHERE m.queue_id IN ({marks})",
                 [BIG_MESSAGE, *wanted],
@@ -338,6 +341,7 @@ class QueueStore(StoreBase):
                     metadata=json.loads(r[4]),
                     options=json.loads(r[5]),
                     raw=bytes(raw),
+                    warnings_checked=bool(r[8]),
                 )
             return loaded
 

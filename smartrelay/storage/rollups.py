@@ -3,7 +3,8 @@
 :meth:`RollupStore.roll_up` reads the events after where it stopped, in ``(time, id)`` order
 (the ``events_time`` index), up to a horizon the caller keeps a little behind the clock
 (docs/storage.md, "Roll-ups": an event must have committed before the roll-up passes its
-time), counts them per hour, tag, sender domain, recipient domain, type and detail, adds the
+time), counts them per hour, tag, sender domain, recipient domain, type and detail (a
+``warning`` event once per kind it holds, the kind as detail), adds the
 counts to ``rollups`` and moves ``rollup_progress`` on, all in one transaction: a pass that
 fails or is killed leaves nothing half-counted, and two nodes on one PostgreSQL take turns
 (an advisory lock), so an event is counted once.
@@ -28,6 +29,7 @@ ALL_TAGS = "*"
 _PROGRESS = "rollups"
 _LOCK = "smartrelay:rollup"
 _ENGAGEMENT = ("opened", "clicked")
+WARNING = "warning"
 #: ``data`` of a human open or click holds this text: insert_events writes ``data`` with
 #: json.dumps (sort_keys, default separators), and a JSON string cannot hold an unescaped
 #: quote, so a user agent or URL cannot fake it.
@@ -51,12 +53,26 @@ Totals = dict[tuple[str, str], tuple[int, int]]
 
 def event_detail(event_type: str, data: dict[str, Any]) -> str:
     """The ``detail`` column of an event: a bounce's ``category:hard|soft``, an open's or a
-    click's ``machine`` or ``human``, else ''."""
+    click's ``machine`` or ``human``, else ''. (A ``warning`` event counts once per kind:
+    :func:`event_details`.)"""
     if event_type == "bounced":
         return f"{data.get('category', '')}:{'hard' if data.get('hard') else 'soft'}"
     if event_type in _ENGAGEMENT:
         return "machine" if data.get("machine") else "human"
     return ""
+
+
+def event_details(event_type: str, data: dict[str, Any]) -> tuple[str, ...]:
+    """The ``detail`` of each count an event adds: one, :func:`event_detail`; for a
+    ``warning`` event, each kind it holds once (so the roll-ups count, per kind, the
+    messages with that warning)."""
+    if event_type == WARNING:
+        warnings = data.get("warnings")
+        if not isinstance(warnings, list):
+            return ()
+        kinds = (w.get("kind") for w in warnings if isinstance(w, dict))
+        return tuple(dict.fromkeys(k for k in kinds if isinstance(k, str)))
+    return (event_detail(event_type, data),)
 
 
 class RollupStore(StoreBase):
@@ -161,6 +177,23 @@ class RollupStore(StoreBase):
 
         return await self.run("rollup_series", txn, readonly=True)
 
+    async def sender_domains_seen(self, since: float, until: float) -> list[tuple[str, int]]:
+        """The sender domains (of the envelope sender, as the roll-ups count them) of the
+        messages received in the hours that begin in [``since``, ``until``), with how many
+        recipients' copies were received from each; most first, then by name."""
+
+        async def txn(cursor: ICursor) -> list[tuple[str, int]]:
+            await cursor.execute(
+                "SELECT sender_domain, SUM(count) FROM rollups"
+                " WHERE hour >= ? AND hour < ? AND tag = ? AND type = 'received'"
+                " AND sender_domain <> '' GROUP BY sender_domain",
+                (to_ms(since), to_ms(until), ALL_TAGS),
+            )
+            rows = [(str(r[0]), int(r[1])) for r in cursor.fetchall()]
+            return sorted(rows, key=lambda row: (-row[1], row[0]))
+
+        return await self.run("sender_domains_seen", txn, readonly=True)
+
 
 def normalise_url(url: str) -> str:
     """The URL as ``rollup_urls`` counts it: scheme://host[:port]/path, lower-case scheme and
@@ -218,7 +251,7 @@ async def _read_events(
         args = [position[0], position[1]]
     await cursor.execute(
         "SELECT e.time, e.id, e.type, e.queue_id, e.recipient,"
-        " CASE WHEN e.type IN ('bounced', 'opened', 'clicked') THEN e.data END,"
+        " CASE WHEN e.type IN ('bounced', 'opened', 'clicked', 'warning') THEN e.data END,"
         " m.sender, m.tags"
         " FROM events e LEFT JOIN messages m ON m.queue_id = e.queue_id"
         f" WHERE e.time < ?{after} ORDER BY e.time, e.id LIMIT ?",
@@ -243,21 +276,21 @@ async def _aggregate(
     cursor: ICursor, events: Sequence[_Event], position: tuple[int, int] | None
 ) -> dict[RollupKey, list[int]]:
     """The batch's counts: key -> [count, unique_count]."""
-    details = [event_detail(e[2], json.loads(e[5])) if e[5] is not None else "" for e in events]
+    details = [event_details(e[2], json.loads(e[5])) if e[5] is not None else ("",) for e in events]
     # A human open (click) is unique when it is the first human open (click) of its
     # (queue_id, recipient): the pairs that had one before the batch, then the batch's own.
     candidates = {
         (e[3], e[4])
         for e, detail in zip(events, details, strict=True)
-        if detail == "human" and e[3] is not None and e[4] is not None
+        if detail == ("human",) and e[3] is not None and e[4] is not None
     }
     seen = await _engaged_before(cursor, candidates, position)
     tag_lists: dict[str | None, tuple[str, ...]] = {}
     counts: dict[RollupKey, list[int]] = {}
-    for e, detail in zip(events, details, strict=True):
+    for e, event_details_ in zip(events, details, strict=True):
         time_ms, _, event_type, queue_id, recipient, _, sender, tags_json = e
         unique = 0
-        if detail == "human" and queue_id is not None and recipient is not None:
+        if event_details_ == ("human",) and queue_id is not None and recipient is not None:
             key = (queue_id, recipient, event_type)
             if key not in seen:
                 seen.add(key)
@@ -271,11 +304,12 @@ async def _aggregate(
         sender_domain = domain_of(sender) if sender else ""
         recipient_domain = domain_of(recipient) if recipient else ""
         for tag in tags:
-            cell = counts.setdefault(
-                (hour, tag, sender_domain, recipient_domain, event_type, detail), [0, 0]
-            )
-            cell[0] += 1
-            cell[1] += unique
+            for detail in event_details_:
+                cell = counts.setdefault(
+                    (hour, tag, sender_domain, recipient_domain, event_type, detail), [0, 0]
+                )
+                cell[0] += 1
+                cell[1] += unique
     return counts
 
 

@@ -8,13 +8,17 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 
 from smartrelay.config import Config
+from smartrelay.deliverability import DeliverabilitySettings, DnsChecker
+from smartrelay.delivery.mx import make_system_resolver
 from smartrelay.reactor import IRelayReactor
+from smartrelay.rewrap.dkim import load_key
 from smartrelay.storage.store import Store
 from smartrelay.web.templating import Templates
 from smartrelay.web.ui.app import ReportsUI, Section
 from smartrelay.web.ui.auth import Authenticator
 from smartrelay.web.ui.context import UiContext
 from smartrelay.web.ui.dashboard import Dashboard
+from smartrelay.web.ui.deliverability import Deliverability
 from smartrelay.web.ui.messages import Messages
 
 __all__ = ["build_reports_ui"]
@@ -40,5 +44,18 @@ def build_reports_ui(
     def in_thread(work: Callable[[], bool]) -> Deferred[bool]:
         return deferToThreadPool(reactor, reactor.getThreadPool(), work)
 
-    sections: dict[str, Section] = {"": Dashboard(ui), "messages": Messages(ui)}
+    # The deliverability page reads the DKIM keys (their public halves) and asks the
+    # system's DNS, as delivery does, its resolver made at the first lookup (this runs after
+    # twistd dropped privileges: nothing more is imported now). A key that cannot be read
+    # stops the relay earlier.
+    deliverability = Deliverability(
+        ui,
+        DeliverabilitySettings.of(config, [load_key(spec) for spec in config.dkim_keys]),
+        DnsChecker(lambda: make_system_resolver(reactor), reactor),
+    )
+    sections: dict[str, Section] = {
+        "": Dashboard(ui),
+        "messages": Messages(ui),
+        "deliverability": deliverability,
+    }
     return ReportsUI(ui, Authenticator(ui, in_thread), sections)
