@@ -120,6 +120,10 @@ class ReportsUI:
                     request, 403, "This form is out of date or was not sent from this site."
                 )
             request.setComponent(IUiSession, session)  # type: ignore[attr-defined]
+            if not request.postpath:
+                # ``/ui/queue`` is the section's ``/`` (as ``/ui/queue/`` is), not a
+                # redirect werkzeug would ask for (strict slashes).
+                request.postpath = [b""]
             section = self._sections.get(name)
             if section is None:
                 return self.ui.error(request, 404, "This part of the UI is not there yet.")
