@@ -8,6 +8,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 
 from smartrelay.config import Config
+from smartrelay.feedback.processor import FeedbackProcessor
 from smartrelay.reactor import IRelayReactor
 from smartrelay.storage.store import Store
 from smartrelay.web.templating import Templates
@@ -15,6 +16,9 @@ from smartrelay.web.ui.app import ReportsUI, Section
 from smartrelay.web.ui.auth import Authenticator
 from smartrelay.web.ui.context import UiContext
 from smartrelay.web.ui.dashboard import Dashboard
+from smartrelay.web.ui.feedback import Feedback
+from smartrelay.web.ui.queue import Queue
+from smartrelay.web.ui.suppressions import Suppressions
 
 __all__ = ["build_reports_ui"]
 
@@ -24,20 +28,27 @@ def build_reports_ui(
     reactor: IRelayReactor,
     config: Config,
     templates: Templates | None = None,
+    feedback_processor: FeedbackProcessor | None = None,
 ) -> ReportsUI:
     """The reports UI of this config; its templates are compiled now (a broken one raises
-    :class:`~smartrelay.web.templating.TemplateError`)."""
+    :class:`~smartrelay.web.templating.TemplateError`). ``feedback_processor`` (the relay's)
+    lets the feedback page reprocess a report."""
     ui = UiContext(
         store_ready,
         Templates.load() if templates is None else templates,
         reactor,
         config.web.base_url,
         config.web.trusted_proxies,
-        extra={"config": config},
+        extra={"config": config, "feedback_processor": feedback_processor},
     )
 
     def in_thread(work: Callable[[], bool]) -> Deferred[bool]:
         return deferToThreadPool(reactor, reactor.getThreadPool(), work)
 
-    sections: dict[str, Section] = {"": Dashboard(ui)}
+    sections: dict[str, Section] = {
+        "": Dashboard(ui),
+        "suppressions": Suppressions(ui),
+        "queue": Queue(ui),
+        "feedback": Feedback(ui),
+    }
     return ReportsUI(ui, Authenticator(ui, in_thread), sections)
