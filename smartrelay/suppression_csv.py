@@ -10,6 +10,7 @@ entry's creation is its import).
 from __future__ import annotations
 
 import csv
+import re
 from collections.abc import Iterable, Iterator
 
 from attrs import frozen
@@ -28,6 +29,8 @@ __all__ = [
 ]
 
 SUPPRESSION_COLUMNS = ("address", "reason", "created_at", "expires_at", "note")
+#: White space and control characters: never in an address.
+_NOT_IN_ADDRESS = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
 class SuppressionFileError(ValueError):
@@ -58,12 +61,7 @@ class ParsedSuppressions:
 def check_address(address: str) -> str:
     """``address`` stripped; ValueError unless it looks like ``local@domain.tld``."""
     local, at, domain = address.strip().rpartition("@")
-    if (
-        not at
-        or not local
-        or "." not in domain
-        or any(c.isspace() or ord(c) < 32 or c == "\x7f" for c in address.strip())
-    ):
+    if not at or not local or "." not in domain or _NOT_IN_ADDRESS.search(address.strip()):
         raise ValueError(f"not an email address: {address!r}")
     return address.strip()
 

@@ -7,7 +7,7 @@ import contextlib
 import csv
 import io
 import tracemalloc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -17,6 +17,7 @@ import pytest_twisted
 import treq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, TaskDone, TaskStopped, cooperate
+from twisted.internet.threads import deferToThreadPool
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
@@ -38,8 +39,20 @@ HOSTILE_ADDRESS = "\"'><img/src=x/onerror=alert(1)>@evil.example"
 
 @pytest_twisted.async_yield_fixture
 async def site(tmp_path: Path, store: Store, clock: Clock) -> AsyncIterator[Site]:
-    async with ui_site(tmp_path, store, clock, lambda ui: {"suppressions": Suppressions(ui)}) as s:
-        yield s
+    """The page, parsing imports in the real reactor's thread pool (as the relay does)."""
+    reactor = real_reactor()
+
+    def in_thread(work: Callable[[], Any]) -> Deferred[Any]:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), work)
+
+    async with ui_site(
+        tmp_path,
+        store,
+        clock,
+        lambda ui: {"suppressions": Suppressions(ui)},
+        extra={"in_thread": in_thread},
+    ) as served:
+        yield served
 
 
 async def logged_in(site: Site) -> tuple[Browser, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
@@ -22,6 +23,8 @@ from smartrelay.web.ui.suppressions import Suppressions
 
 __all__ = ["build_reports_ui"]
 
+T = TypeVar("T")
+
 
 def build_reports_ui(
     store_ready: Callable[[], Deferred[Store]],
@@ -33,17 +36,22 @@ def build_reports_ui(
     """The reports UI of this config; its templates are compiled now (a broken one raises
     :class:`~smartrelay.web.templating.TemplateError`). ``feedback_processor`` (the relay's)
     lets the feedback page reprocess a report."""
+
+    def in_thread(work: Callable[[], T]) -> Deferred[T]:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), work)
+
     ui = UiContext(
         store_ready,
         Templates.load() if templates is None else templates,
         reactor,
         config.web.base_url,
         config.web.trusted_proxies,
-        extra={"config": config, "feedback_processor": feedback_processor},
+        extra={
+            "config": config,
+            "feedback_processor": feedback_processor,
+            "in_thread": in_thread,
+        },
     )
-
-    def in_thread(work: Callable[[], bool]) -> Deferred[bool]:
-        return deferToThreadPool(reactor, reactor.getThreadPool(), work)
 
     sections: dict[str, Section] = {
         "": Dashboard(ui),
