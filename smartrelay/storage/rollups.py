@@ -20,6 +20,9 @@ from smartrelay.storage.base import StoreBase, chunks, domain_of, from_ms, marks
 from smartrelay.storage.interfaces import ICursor
 
 HOUR_MS = 3_600_000
+DAY_MS = 86_400_000
+#: The types ``rollups_by_domain_day`` counts (the top recipient domains' columns).
+DOMAIN_TYPES = ("received", "delivered", "deferred", "bounced", "complained")
 #: The tag of the rows that count every event once, whatever the message's tags.
 ALL_TAGS = "*"
 _PROGRESS = "rollups"
@@ -77,6 +80,7 @@ class RollupStore(StoreBase):
             events = await _read_events(cursor, position, horizon_ms, limit)
             counts = await _aggregate(cursor, events, position)
             await _upsert(cursor, counts)
+            await _upsert_summaries(cursor, counts)
             await _upsert_urls(cursor, _url_counts(events))
             if len(events) < limit:
                 # Caught up: every event before the horizon is counted. (horizon_ms, 0) is
@@ -121,7 +125,8 @@ class RollupStore(StoreBase):
         async def txn(cursor: ICursor) -> Totals:
             where, args = _filter(since, until, tag, sender_domain, recipient_domain)
             await cursor.execute(
-                "SELECT type, detail, SUM(count), SUM(unique_count) FROM rollups"
+                "SELECT type, detail, SUM(count), SUM(unique_count)"
+                f" FROM {_table(sender_domain, recipient_domain)}"
                 f" WHERE {where} GROUP BY type, detail",
                 args,
             )
@@ -143,7 +148,8 @@ class RollupStore(StoreBase):
         async def txn(cursor: ICursor) -> dict[float, Totals]:
             where, args = _filter(since, until, tag, sender_domain, recipient_domain)
             await cursor.execute(
-                "SELECT hour, type, detail, SUM(count), SUM(unique_count) FROM rollups"
+                "SELECT hour, type, detail, SUM(count), SUM(unique_count)"
+                f" FROM {_table(sender_domain, recipient_domain)}"
                 f" WHERE {where} GROUP BY hour, type, detail ORDER BY hour",
                 args,
             )
@@ -170,6 +176,12 @@ def normalise_url(url: str) -> str:
         reduced = url
     cut = reduced[:MAX_URL].encode("utf-8", "surrogatepass")[:MAX_URL]
     return cut.decode("utf-8", "ignore")
+
+
+def _table(sender_domain: str | None, recipient_domain: str | None) -> str:
+    """Without a domain filter, the per-tag sums (``rollups_by_tag``, a few rows per hour)
+    rather than ``rollups``, which has a row per hour and pair of domains that occurred."""
+    return "rollups_by_tag" if sender_domain is None and recipient_domain is None else "rollups"
 
 
 def _filter(
@@ -330,6 +342,7 @@ def _url_counts(events: Sequence[_Event]) -> dict[UrlKey, list[int]]:
 
 
 async def _upsert_urls(cursor: ICursor, counts: dict[UrlKey, list[int]]) -> None:
+    """Add the clicks to ``rollup_urls`` and to its daily summary ``rollup_urls_by_day``."""
     rows = [(*key, cell[0], cell[1]) for key, cell in sorted(counts.items())]
     for chunk in chunks(rows, _URL_UPSERT_ROWS):
         await cursor.execute(
@@ -339,6 +352,21 @@ async def _upsert_urls(cursor: ICursor, counts: dict[UrlKey, list[int]]) -> None
             " SET count = rollup_urls.count + excluded.count,"
             " machine_count = rollup_urls.machine_count + excluded.machine_count",
             [value for row in chunk for value in row],
+        )
+    by_day: dict[tuple[str, int, str], list[int]] = {}
+    for (hour, tag, url), (count, machine) in counts.items():
+        cell = by_day.setdefault((tag, hour - hour % DAY_MS, url), [0, 0])
+        cell[0] += count
+        cell[1] += machine
+    day_rows = [(*key, cell[0], cell[1]) for key, cell in sorted(by_day.items())]
+    for day_chunk in chunks(day_rows, _URL_UPSERT_ROWS):
+        await cursor.execute(
+            "INSERT INTO rollup_urls_by_day (tag, day, url, count, machine_count)"
+            f" VALUES {', '.join([f'({marks(5)})'] * len(day_chunk))}"
+            " ON CONFLICT (tag, day, url) DO UPDATE"
+            " SET count = rollup_urls_by_day.count + excluded.count,"
+            " machine_count = rollup_urls_by_day.machine_count + excluded.machine_count",
+            [value for row in day_chunk for value in row],
         )
 
 
@@ -378,6 +406,40 @@ async def backfill_url_rollups(cursor: ICursor) -> None:
             return
         await _upsert_urls(cursor, _url_counts(events))
         after = (events[-1][0], events[-1][1])
+
+
+async def _upsert_summaries(cursor: ICursor, counts: dict[RollupKey, list[int]]) -> None:
+    """Add the batch's counts to the two summaries of ``rollups`` (schema 010): per hour x tag
+    x type x detail (``rollups_by_tag``), and per UTC day x tag x recipient domain x type for
+    the types of the top-domains table (``rollups_by_domain_day``)."""
+    by_tag: dict[tuple[int, str, str, str], list[int]] = {}
+    by_domain: dict[tuple[int, str, str, str], int] = {}
+    for (hour, tag, _, recipient_domain, event_type, detail), (count, unique) in counts.items():
+        cell = by_tag.setdefault((hour, tag, event_type, detail), [0, 0])
+        cell[0] += count
+        cell[1] += unique
+        if event_type in DOMAIN_TYPES:
+            key = (hour - hour % DAY_MS, tag, recipient_domain, event_type)
+            by_domain[key] = by_domain.get(key, 0) + count
+    rows = [(*key, cell[0], cell[1]) for key, cell in sorted(by_tag.items())]
+    for chunk in chunks(rows, _UPSERT_ROWS):
+        await cursor.execute(
+            "INSERT INTO rollups_by_tag (hour, tag, type, detail, count, unique_count)"
+            f" VALUES {', '.join([f'({marks(6)})'] * len(chunk))}"
+            " ON CONFLICT (tag, hour, type, detail) DO UPDATE"
+            " SET count = rollups_by_tag.count + excluded.count,"
+            " unique_count = rollups_by_tag.unique_count + excluded.unique_count",
+            [value for row in chunk for value in row],
+        )
+    domain_rows = [(*key, count) for key, count in sorted(by_domain.items())]
+    for day_chunk in chunks(domain_rows, _URL_UPSERT_ROWS):
+        await cursor.execute(
+            "INSERT INTO rollups_by_domain_day (day, tag, recipient_domain, type, count)"
+            f" VALUES {', '.join([f'({marks(5)})'] * len(day_chunk))}"
+            " ON CONFLICT (tag, day, recipient_domain, type) DO UPDATE"
+            " SET count = rollups_by_domain_day.count + excluded.count",
+            [value for row in day_chunk for value in row],
+        )
 
 
 async def _upsert(cursor: ICursor, counts: dict[RollupKey, list[int]]) -> None:
