@@ -360,7 +360,12 @@ class RelayService(MultiService):
             tracking = Tracking(
                 self.storage.when_ready, self.codec, self._reactor, config.suppression
             )
-            reports = build_reports_ui(self.storage.when_ready, self._reactor, config)
+            reports = build_reports_ui(
+                self.storage.when_ready,
+                self._reactor,
+                config,
+                feedback_processor=self._feedback_processor(),
+            )
             self._site.resource = WebRoot(tracking, reports).resource()
 
     def privilegedStartService(self) -> None:

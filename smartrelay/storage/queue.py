@@ -504,9 +504,11 @@ class QueueStore(StoreBase):
 
         return await self.run("retry_now", txn)
 
-    async def drop_message(self, queue_id: str) -> list[str]:
+    async def drop_message(self, queue_id: str, by: str = "the operator") -> list[str]:
         """Stop delivering a message: its recipients not yet in a final state (``queued``,
-        ``deferred``, ``delivering``) become ``dropped`` (one ``dropped`` event each).
+        ``deferred``, ``delivering``) become ``dropped`` (one ``dropped`` event each), their
+        ``last_reply`` saying who (``dropped by {by}``: the CLI's "the operator", the UI's
+        ``ui:USERNAME``).
 
         A ``delivering`` row loses its lease owner, so whatever outcome a node working on it
         records later is ignored and the row stays ``dropped`` (a copy already on the wire
@@ -516,10 +518,10 @@ class QueueStore(StoreBase):
         async def txn(cursor: ICursor) -> list[str]:
             await cursor.execute(
                 "UPDATE recipients SET state = 'dropped', next_attempt_at = NULL,"
-                " lease_owner = NULL, last_reply = 'dropped by the operator', updated_at = ?"
+                " lease_owner = NULL, last_reply = ?, updated_at = ?"
                 " WHERE queue_id = ? AND next_attempt_at IS NOT NULL"
                 " AND state IN ('queued', 'deferred', 'delivering') RETURNING address",
-                (now_ms, queue_id),
+                (f"dropped by {by}"[:500], now_ms, queue_id),
             )
             dropped = [str(r[0]) for r in cursor.fetchall()]
             if dropped:
