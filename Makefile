@@ -67,8 +67,12 @@ lint: $(VENV)/.test-installed
 typecheck: $(VENV)/.test-installed
 	$(BIN)/mypy
 
+# pytest-xdist: one worker per core (each with its own reactor, throwaway PostgreSQL and temp
+# dirs), tests handed out as workers free up (worksteal: the long ones do not pile up at the
+# end). `make test PYTEST_WORKERS=0` runs the suite in one process.
+PYTEST_WORKERS ?= auto
 test: $(VENV)/.test-installed
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 check: lint typecheck test
 

@@ -19,7 +19,10 @@ script counts the hits of each and measures the CPU per copy with it and with it
 and is timed on its own, so the chain's Python cost is the difference.
 
     .venv/bin/python bench/rewrap_chain.py [--messages 2000] [--recipients 1] [--domains 1]
-        [--identical] [--off plans,templates] [--url-cache] [--seed 1] [--profile]
+        [--identical] [--off plans,templates] [--url-cache] [--seed 1] [--profile] [--warnings]
+
+``--warnings`` turns the content checks on (docs/deliverability.md), as the relay runs them,
+with the events counted instead of stored, to measure their CPU share.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from load import describe, personalized
 
 import smartrelay.rewrap.chain as chain_module
 from smartrelay.config import DkimKey
+from smartrelay.events import WarningEvent
 from smartrelay.rewrap.chain import RewrapChain, RewrapResult, RewrapSettings
 from smartrelay.rewrap.dkim import DkimSigner, generate_key
 from smartrelay.storage.store import ClaimedRecipient, StoredMessage, Suppression
@@ -156,6 +160,9 @@ def main() -> None:
     parser.add_argument("--url-cache", action="store_true", help="the old cache, to compare")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--profile", action="store_true", help="cProfile one pass, top 30")
+    parser.add_argument(
+        "--warnings", action="store_true", help="with the content checks (recorded nowhere)"
+    )
     args = parser.parse_args()
     off = [name for name in args.off.split(",") if name]
     if set(off) - set(CACHES):
@@ -184,12 +191,19 @@ def measure(
         base_url="https://t.example.org",
         return_path_domain="bounces.example.org",
     )
+    warned: list[WarningEvent] = []
+
+    async def record_warnings(queue_id: str, event: WarningEvent) -> bool:
+        warned.append(event)
+        return True
+
     chain = RewrapChain(
         settings,
         codec,
         signer,
         NoSuppressions(),  # type: ignore[arg-type]
         in_thread=lambda work: succeed(work()),
+        record_warnings=record_warnings if args.warnings else None,
     )
     counters = Counters()
     counters.install(chain)
@@ -232,6 +246,9 @@ def measure(
         f"chain: {chain_ms:.3f} ms CPU per copy, of which RSA-2048 {rsa_ms:.3f} ms;"
         f" without the RSA operation: {chain_ms - rsa_ms:.3f} ms per copy"
     )
+    if args.warnings:
+        kinds = sorted({w["kind"] for event in warned for w in event.warnings})
+        print(f"content checks on: {len(warned):,} warning events ({', '.join(kinds) or 'none'})")
     c = counters
     print(f"plan cache hits: {rate(c.plan_lookups - c.plan_misses, c.plan_lookups)}")
     print(

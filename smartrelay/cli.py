@@ -63,6 +63,13 @@ from smartrelay.storage.store import (
     Store,
     to_ms,
 )
+from smartrelay.suppression_csv import (
+    SUPPRESSION_COLUMNS,
+    SuppressionFileError,
+    check_address,
+    export_row,
+    parse_suppression_csv,
+)
 from smartrelay.timefmt import parse_rfc3339, rfc3339
 from smartrelay.tokens import SecretFileError, TokenCodec, add_key, load_keyring
 from smartrelay.units import parse_duration
@@ -71,7 +78,6 @@ PROG = "smartrelay-ctl"
 #: The exit status when standard output was closed by its reader: 128 + SIGPIPE, what a shell
 #: reports for a command killed by SIGPIPE.
 STDOUT_CLOSED = 141
-SUPPRESSION_COLUMNS = ("address", "reason", "created_at", "expires_at", "note")
 
 
 class CliError(Exception):
@@ -184,68 +190,34 @@ async def cmd_suppression_import(args: argparse.Namespace, store: Store) -> None
 
 def read_suppression_file(path: str) -> list[NewSuppression]:
     if path == "-":
-        return parse_suppression_csv(sys.stdin, "<stdin>")
+        return _parse_suppression_file(sys.stdin, "<stdin>")
     try:
         # utf-8-sig: spreadsheets save CSV with a byte-order mark.
         with open(path, newline="", encoding="utf-8-sig") as handle:
-            return parse_suppression_csv(handle, path)
+            return _parse_suppression_file(handle, path)
     except OSError as error:
         raise CliError(f"{path}: {error.strerror}") from None
     except UnicodeDecodeError:
         raise CliError(f"{path}: not UTF-8 text") from None
 
 
+def _parse_suppression_file(handle: TextIO, name: str) -> list[NewSuppression]:
+    """The file's entries; its first bad line refuses the whole file (all or nothing)."""
+    try:
+        parsed = parse_suppression_csv(handle)
+    except SuppressionFileError as error:
+        raise CliError(f"{name}: {error}") from None
+    if parsed.bad_lines:
+        bad = parsed.bad_lines[0]
+        raise CliError(f"{name}: line {bad.line}: {bad.reason}")
+    return list(parsed.entries)
+
+
 async def cmd_suppression_export(args: argparse.Namespace, store: Store) -> None:
     writer = csv.writer(sys.stdout, lineterminator="\n")
     writer.writerow(SUPPRESSION_COLUMNS)
     for e in await store.list_suppressions(include_expired=args.all):
-        expires = "" if e.expires_at is None else rfc3339(e.expires_at)
-        writer.writerow([e.address, e.reason, rfc3339(e.created_at), expires, e.note])
-
-
-def check_address(address: str) -> str:
-    local, at, domain = address.strip().rpartition("@")
-    if not at or not local or "." not in domain or any(c.isspace() for c in address.strip()):
-        raise CliError(f"not an email address: {address!r}")
-    return address.strip()
-
-
-def parse_suppression_csv(handle: TextIO, name: str) -> list[NewSuppression]:
-    """Rows of ``export``'s format, or a bare list of addresses (one per line, no header)."""
-    rows = list(csv.reader(handle))
-    if not rows:
-        return []
-    header = [c.strip().lower() for c in rows[0]]
-    if "address" in header:
-        unknown = [c for c in header if c not in SUPPRESSION_COLUMNS]
-        if unknown:
-            raise CliError(f"{name}: line 1: unknown column(s) {', '.join(unknown)}")
-        body, first_line = rows[1:], 2
-    else:
-        header, body, first_line = ["address"], rows, 1
-    entries = []
-    for number, row in enumerate(body, start=first_line):
-        if not any(cell.strip() for cell in row):
-            continue
-        if len(row) > len(header):
-            raise CliError(f"{name}: line {number}: {len(row)} fields, expected {len(header)}")
-        fields = dict(zip(header, (cell.strip() for cell in row), strict=False))
-        try:
-            entries.append(_suppression_row(fields))
-        except (CliError, ValueError) as error:
-            raise CliError(f"{name}: line {number}: {error}") from None
-    return entries
-
-
-def _suppression_row(fields: dict[str, str]) -> NewSuppression:
-    reason = fields.get("reason") or "manual"
-    if reason not in SUPPRESSION_REASONS:
-        raise CliError(f"unknown reason {reason!r} (one of {', '.join(SUPPRESSION_REASONS)})")
-    expires = fields.get("expires_at") or ""
-    expires_at = None if expires in ("", "forever") else parse_rfc3339(expires)
-    return NewSuppression(
-        check_address(fields.get("address", "")), reason, expires_at, fields.get("note", "")
-    )
+        writer.writerow(export_row(e))
 
 
 async def cmd_queue_list(args: argparse.Namespace, store: Store) -> None:

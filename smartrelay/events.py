@@ -8,7 +8,8 @@ the type's fields (:func:`event_object`, :func:`csv_row`). The CLI's ``events ex
 coming webhooks and API use these forms; nothing else spells an event type or its fields.
 
 Not produced yet, so not here: ``delivered.sandbox`` and ``dropped.by`` (SPEC lists them; the
-stored rows have never held them) and the ``alert`` type.
+stored rows have never held them) and the ``alert`` type. Added to SPEC's list: ``dropped``
+(with no field yet) and ``warning`` (content warnings, docs/deliverability.md).
 """
 
 from __future__ import annotations
@@ -112,6 +113,15 @@ class DroppedEvent:
     type: ClassVar[str] = "dropped"
 
 
+@frozen
+class WarningEvent:
+    """Content warnings of a message, computed at re-wrap (docs/deliverability.md): one event
+    per message (its recipient empty), recorded once. An addition to SPEC section 5."""
+
+    type: ClassVar[str] = "warning"
+    warnings: tuple[dict[str, str], ...]  # {"kind", "detail"}, at most one per kind
+
+
 EventData = (
     ReceivedEvent
     | SuppressedEvent
@@ -124,6 +134,7 @@ EventData = (
     | ClickedEvent
     | UnsubscribedEvent
     | DroppedEvent
+    | WarningEvent
 )
 
 #: Every event class, in lifecycle order.
@@ -139,6 +150,7 @@ EVENT_CLASSES: tuple[type[EventData], ...] = (
     ClickedEvent,
     UnsubscribedEvent,
     DroppedEvent,
+    WarningEvent,
 )
 #: The type's own fields, by type name.
 FIELDS: dict[str, tuple[str, ...]] = {
@@ -147,8 +159,10 @@ FIELDS: dict[str, tuple[str, ...]] = {
 #: Every type, in lifecycle order (``events export --type``).
 ALL_TYPES: tuple[str, ...] = tuple(FIELDS)
 #: The types of a message's and a recipient's lifecycle, which webhooks subscribe to (all but
-#: the operator's ``dropped``).
-EVENT_TYPES: tuple[str, ...] = tuple(t for t in ALL_TYPES if t != DroppedEvent.type)
+#: the operator's ``dropped`` and the relay's own content ``warning``).
+EVENT_TYPES: tuple[str, ...] = tuple(
+    t for t in ALL_TYPES if t not in (DroppedEvent.type, WarningEvent.type)
+)
 #: The fields every exported event has, before its type's own.
 COMMON_FIELDS = ("id", "type", "time", "queue_id", "sender", "recipient", "tags", "metadata")
 #: The CSV header: the common fields, then every type's fields (each once, in type order).

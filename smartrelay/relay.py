@@ -165,7 +165,12 @@ class RelayService(MultiService):
                     config.delivery.tls,
                 ),
                 lambda store: RewrapChain(
-                    settings, self._started_codec(), signer, store, in_thread=self._in_thread
+                    settings,
+                    self._started_codec(),
+                    signer,
+                    store,
+                    in_thread=self._in_thread,
+                    record_warnings=store.record_warnings,
                 ),
                 tunables=delivery_tunables,
                 node_id=f"{node_id}-d{worker_index}" if role == "delivery" else node_id,
@@ -197,18 +202,6 @@ class RelayService(MultiService):
             self.rollup = RollupService(reactor, self.storage.when_ready)
             self.rollup.setServiceParent(self)  # type: ignore[no-untyped-call]
         delivery_service.setServiceParent(self)  # type: ignore[no-untyped-call]
-        #: The ``[[feedback.mailboxes]]`` readers, one service each (main process only).
-        self.mailboxes: list[MailboxService] = []
-        if serving:
-            self.mailboxes = mailbox_services(
-                config.feedback_mailboxes,
-                reactor,
-                self.storage.when_ready,
-                process_feedback or self._process_feedback,
-                mailbox_tunables,
-            )
-            for mailbox in self.mailboxes:
-                mailbox.setServiceParent(self)  # type: ignore[no-untyped-call]
         self.purge: PurgeService | None = None
         if serving:  # one purger per node (not one per delivery process)
             self.purge = PurgeService(self.storage.when_ready, reactor, config.retention)
@@ -221,6 +214,20 @@ class RelayService(MultiService):
                 reactor, self.storage.when_ready, self._feedback_processor
             )
             self.feedback.setServiceParent(self)  # type: ignore[no-untyped-call]
+        #: The ``[[feedback.mailboxes]]`` readers, one service each (main process only).
+        #: After the feedback service they feed: started after it, stopped first (at once, so
+        #: that a stop while a report is processed takes no other message).
+        self.mailboxes: list[MailboxService] = []
+        if serving:
+            self.mailboxes = mailbox_services(
+                config.feedback_mailboxes,
+                reactor,
+                self.storage.when_ready,
+                process_feedback or self._process_feedback,
+                mailbox_tunables,
+            )
+            for mailbox in self.mailboxes:
+                mailbox.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def _feedback_processor(self) -> FeedbackProcessor:
         """Made as the service starts, once the token codec has been read."""
@@ -353,7 +360,12 @@ class RelayService(MultiService):
             tracking = Tracking(
                 self.storage.when_ready, self.codec, self._reactor, config.suppression
             )
-            reports = build_reports_ui(self.storage.when_ready, self._reactor, config)
+            reports = build_reports_ui(
+                self.storage.when_ready,
+                self._reactor,
+                config,
+                feedback_processor=self._feedback_processor(),
+            )
             self._site.resource = WebRoot(tracking, reports).resource()
 
     def privilegedStartService(self) -> None:

@@ -66,12 +66,15 @@ def postgres_server() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A URL of an empty database, once per engine."""
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A URL of an empty database, once per engine (a PostgreSQL one is dropped after)."""
     if request.param == "sqlite":
-        return f"sqlite:{tmp_path / 'smartrelay.db'}"
+        yield f"sqlite:{tmp_path / 'smartrelay.db'}"
+        return
     server: PostgresServer = request.getfixturevalue("postgres_server")
-    return server.create_database()
+    url = server.create_database()
+    yield url
+    server.drop_database(url)
 
 
 @pytest_twisted.async_yield_fixture

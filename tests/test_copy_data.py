@@ -284,6 +284,26 @@ async def seed(engine: IDatabaseEngine, now_ms: int) -> None:
             for tag in ("*", "welcome")
         ],
     )
+    await many(
+        engine,
+        "INSERT INTO rollup_urls_by_day (tag, day, url, count, machine_count)"
+        " VALUES (?, ?, ?, ?, ?)",
+        [("*", d * 86_400_000, f"https://example.com/\u00fc/{d}", 7, 2) for d in range(3)],
+    )
+    await many(
+        engine,
+        "INSERT INTO rollups_by_tag (hour, tag, type, detail, count, unique_count)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        [(T0 // HOUR_MS * HOUR_MS + h * HOUR_MS, tag, "opened", "human", 4, 2)
+         for h in range(4) for tag in ("*", "tag-\u00e9")],
+    )  # fmt: skip
+    await many(
+        engine,
+        "INSERT INTO rollups_by_domain_day (day, tag, recipient_domain, type, count)"
+        " VALUES (?, ?, ?, ?, ?)",
+        [(h * 86_400_000, "*", rd, "delivered", h + 1)
+         for h in range(4) for rd in ("example.org", "\u00e9.example")],
+    )  # fmt: skip
     await sql(
         engine,
         "INSERT INTO rollup_progress (name, time_ms, last_id) VALUES ('rollups', ?, ?)",
@@ -583,6 +603,9 @@ def test_cli_copy_data_end_to_end(tmp_path: Path, postgres_server: PostgresServe
         "rollup_progress": 0,
         "rollups": 0,
         "rollup_urls": 0,
+        "rollup_urls_by_day": 0,
+        "rollups_by_tag": 0,
+        "rollups_by_domain_day": 0,
         "events": 0,
         "messages": 1,
         "message_bodies": 1,

@@ -21,6 +21,7 @@ from smartrelay.events import (
     ReceivedEvent,
     SuppressedEvent,
     UnsubscribedEvent,
+    WarningEvent,
 )
 
 #: The ``data`` each type was written with before the vocabulary had classes (the rows of
@@ -60,6 +61,10 @@ STORED: list[tuple[EventData, str]] = [
     ),
     (UnsubscribedEvent("one-click"), '{"method": "one-click"}'),
     (DroppedEvent(), "{}"),
+    (
+        WarningEvent(({"kind": "no-dkim-key", "detail": "no key"},)),
+        '{"warnings": [{"detail": "no key", "kind": "no-dkim-key"}]}',
+    ),
 ]
 
 
@@ -70,7 +75,7 @@ def test_stored_data_keeps_the_shape_of_existing_rows() -> None:
 
 
 def test_one_source_of_types() -> None:
-    assert (*events.EVENT_TYPES, "dropped") == events.ALL_TYPES
+    assert (*events.EVENT_TYPES, "dropped", "warning") == events.ALL_TYPES
     assert config.EVENT_TYPES is events.EVENT_TYPES  # what [webhook] events accepts
     assert events.EVENT_TYPES[:3] == ("received", "suppressed", "delivered")
     assert {cls.type for cls in events.EVENT_CLASSES} == set(events.ALL_TYPES)
@@ -82,7 +87,7 @@ def test_csv_header_is_the_common_fields_then_each_types_own() -> None:
         *events.COMMON_FIELDS,
         "size", "client_ip", "credential", "reason", "mx", "reply", "tls", "attempt",
         "next_attempt", "category", "hard", "status", "source", "attempts", "feedback_type",
-        "user_agent", "ip", "machine", "url", "method",
+        "user_agent", "ip", "machine", "url", "method", "warnings",
     )  # fmt: skip
 
 

@@ -24,11 +24,13 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from zope.interface import provider
 
 from smartrelay.config import FeedbackMailbox, parse_config
 from smartrelay.feedback.mailboxes import (
     MAX_MESSAGE_SIZE,
+    MailboxError,
     MailboxService,
     ReaderTunables,
     envelope_of,
@@ -46,6 +48,8 @@ from tests.support.dovecot import PASSWORD, Dovecot, DovecotUnavailable, running
 from tests.support.relay import InProcessRelay
 
 FAST = ReaderTunables(timeout=8.0, first_retry=0.2, max_retry=1.0, max_idle=600.0)
+#: Answers that would take ten minutes: a test that waits on one fails long before.
+PATIENT = ReaderTunables(timeout=600.0, first_retry=0.2, max_retry=1.0, max_idle=600.0)
 WAIT = 60.0  # seconds a test waits for something that takes well under one on an idle machine
 
 
@@ -511,7 +515,10 @@ def test_report_ids_depend_on_the_mailbox_and_uid_only() -> None:
 
 
 def relay_with_mailboxes(
-    tmp_path: Path, boxes: list[dict[str, Any]], process: Processor | None
+    tmp_path: Path,
+    boxes: list[dict[str, Any]],
+    process: Processor | None,
+    tunables: ReaderTunables = FAST,
 ) -> InProcessRelay:
     config = parse_config(
         {
@@ -526,7 +533,9 @@ def relay_with_mailboxes(
         },
         str(tmp_path / "smartrelay.toml"),
     )
-    return InProcessRelay(config, real_reactor(), mailbox_tunables=FAST, process_feedback=process)
+    return InProcessRelay(
+        config, real_reactor(), mailbox_tunables=tunables, process_feedback=process
+    )
 
 
 @pytest.mark.parametrize("scheme", ["imaps", "pop3"])
@@ -542,14 +551,24 @@ async def test_the_relay_reads_its_mailbox_and_a_restart_reprocesses_nothing(
     relays: list[InProcessRelay] = []
     process = Processor(lambda: relays[-1].storage.when_ready(), dovecot)
     try:
-        relays.append(relay_with_mailboxes(tmp_path, boxes, process))
+        # Answers awaited ten minutes: a stop must not wait for one (a QUIT sent on the
+        # connection the stop dropped did, for the whole timeout).
+        relays.append(relay_with_mailboxes(tmp_path, boxes, process, PATIENT))
         relays[-1].startService()
         assert len(relays[-1].mailboxes) == 1
         # Stopped (as by SIGTERM) while the second report is processed.
-        stopping: list[Deferred[None]] = []
-        process.on_call = lambda n: stopping.append(relays[-1].stopService()) if n == 2 else None
-        await wait_for(lambda: stopping, "the relay told to stop")
-        await stopping[0]  # the database is closed
+        stopped: list[None] = []
+        readers_running: list[bool] = []
+
+        def stop_on_the_second(n: int) -> None:
+            if n == 2:
+                relays[-1].stopService().addCallback(stopped.append)
+                # Stopped first, at once: no other message is taken meanwhile.
+                readers_running.extend(bool(box.running) for box in relays[-1].mailboxes)
+
+        process.on_call = stop_on_the_second
+        await wait_for(lambda: stopped, "the relay stopped", within=30)  # the database closed
+        assert readers_running == [False]
         assert len(process.calls) == 2
         process.on_call = None
         dovecot.deliver(bounce(3))
@@ -793,3 +812,36 @@ def test_a_pop3_answer_past_its_limit_drops_the_connection() -> None:
     collector(b"y" * 98)
     assert transport.disconnecting
     assert b"y" not in collector.message()
+
+
+def test_a_command_after_the_connection_is_lost_fails_at_once() -> None:
+    """Neither client sends a command on a closed connection to wait out the answer timeout
+    (120 s by default): stop() drops the connection between two commands (a QUIT followed),
+    so does a server going away while a report is processed (a DELE or UID STORE follows)."""
+    from twisted.internet.error import ConnectionLost
+    from twisted.internet.testing import StringTransport
+
+    from smartrelay.feedback.mailboxes.imap import _ImapClient
+    from smartrelay.feedback.mailboxes.pop3 import _Pop3Client
+    from smartrelay.feedback.mailboxes.session import describe
+
+    pop3 = _Pop3Client()
+    pop3.makeConnection(StringTransport())  # type: ignore[no-untyped-call]
+    pop3.dataReceived(b"+OK ready\r\n")  # type: ignore[no-untyped-call]
+    pop3.connectionLost(Failure(ConnectionLost()))
+    imap = _ImapClient(None)
+    imap.makeConnection(StringTransport())  # type: ignore[no-untyped-call]
+    imap.dataReceived(b"* OK ready\r\n")  # type: ignore[no-untyped-call]
+    imap.connectionLost(Failure(ConnectionLost()))
+    for command in (
+        lambda: pop3.quit(),  # type: ignore[no-untyped-call]
+        lambda: pop3.delete(0),  # type: ignore[no-untyped-call]
+        lambda: pop3.retrieve(0, lambda line: None),  # type: ignore[no-untyped-call]
+        lambda: imap.logout(),  # type: ignore[no-untyped-call]
+        lambda: imap.uid_expunge(1),
+    ):
+        failures: list[Failure] = []
+        command().addErrback(failures.append)
+        assert len(failures) == 1
+        assert isinstance(failures[0].value, MailboxError), failures[0]
+        assert describe(failures[0]) == "the connection was closed before the command was sent"

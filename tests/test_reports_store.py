@@ -23,11 +23,13 @@ from smartrelay.storage.engines import create_engine
 from smartrelay.storage.interfaces import ICursor, IDatabaseEngine
 from smartrelay.storage.migrations import migrate
 from smartrelay.storage.reports import (
+    MAX_PAGE,
     MAX_TIMELINE,
     MessageFilters,
     MessagePage,
     decode_cursor,
     encode_cursor,
+    metadata_filter,
 )
 from smartrelay.storage.rollups import normalise_url
 from smartrelay.storage.store import NewMessage, RecipientRef, Store, insert_events
@@ -194,6 +196,7 @@ async def test_search_rows_summarise_the_message(store: Store, clock: Clock) -> 
     assert row.sender == "App@Shop.example"
     assert row.recipients == 2
     assert row.states == (("bounced", 1), ("delivered", 1))
+    assert row.first_recipients == (("Ann@Gmail.com", "delivered"), ("bob@yahoo.com", "bounced"))
     assert row.subject == "hello"
     assert row.tags == ("welcome",)
     assert row.size > 0 and not row.body_purged
@@ -207,6 +210,22 @@ async def test_search_rows_summarise_the_message(store: Store, clock: Clock) -> 
     await execute(store, "DELETE FROM message_bodies WHERE queue_id = ?", (queued.queue_id,))
     (row,) = (await store.search_messages(MessageFilters(queue_id=queued.queue_id))).rows
     assert row.subject is None and row.body_purged
+
+    # Only the first recipients are named (in the order given), whatever their number.
+    clock.advance(1)
+    many = tuple(f"r{n}@z.example" for n in (5, 1, 9, 3, 7))
+    queued = await store.queue_message(NewMessage("s@x.example", many, b"Subject: x\r\n\r\n"))
+    page = await store.search_messages(MessageFilters(sender="s@x.example"))
+    assert [r.recipients for r in page.rows] == [5, 1]
+    assert page.rows[0].first_recipients == tuple((a, "queued") for a in many[:3])
+    assert page.rows[1].first_recipients == (("r@y.example", "queued"),)
+    # A page of the most rows there can be (the first recipients are read 100 at a time).
+    for n in range(MAX_PAGE - 2):
+        await store.queue_message(NewMessage("s@x.example", (f"m{n}@z.example",), b"\r\n"))
+    page = await store.search_messages(MessageFilters(sender="s@x.example"), limit=MAX_PAGE)
+    assert len(page.rows) == MAX_PAGE and page.next_cursor is None
+    assert all(len(r.first_recipients) == min(r.recipients, 3) for r in page.rows)
+    assert page.rows[-1].first_recipients == (("r@y.example", "queued"),)
 
 
 @pytest_twisted.ensureDeferred
@@ -673,6 +692,16 @@ async def test_url_rollup_is_idempotent_across_passes_and_a_restart(
         await engine.close()
 
 
+def test_metadata_filter_text() -> None:
+    assert metadata_filter(" user = 42 ") == ("user", "42")
+    assert metadata_filter("k=v=w") == ("k", "v=w")
+    assert metadata_filter("k=") == ("k", "")
+    assert metadata_filter("  ") is None
+    for bad in ("user", "=42"):
+        with pytest.raises(ValueError, match="key=value"):
+            metadata_filter(bad)
+
+
 def test_url_normalisation() -> None:
     assert normalise_url("HTTPS://User:pw@Shop.Example:8443/a/b?x=1#f") == (
         "https://shop.example:8443/a/b"
@@ -747,6 +776,11 @@ async def test_migration_fills_terms_and_url_counts_of_what_is_stored(
                     " VALUES ('clicked', ?, ?, ?, ?)",
                     (time_ms, f"Q{n}", f"U{n}@Gmail.com", click),
                 )
+            await cursor.execute(
+                "INSERT INTO rollups (hour, tag, sender_domain, recipient_domain, type, detail,"
+                " count, unique_count) VALUES (3600000, '*', 's0.example', 'gmail.com',"
+                " 'delivered', '', 5, 0)"
+            )
             # The roll-ups had counted the first two clicks.
             await cursor.execute(
                 "INSERT INTO rollup_progress (name, time_ms, last_id) VALUES ('rollups', 6500, 0)"
@@ -766,6 +800,10 @@ async def test_migration_fills_terms_and_url_counts_of_what_is_stored(
             (0, "tag0", "https://x.example/a", 1, 0),
             (0, "tag1", "https://x.example/a", 1, 0),
         ]
+        # The summaries of the roll-ups already there.
+        assert await store.rollup_totals(0, 7200) == {("delivered", ""): (5, 0)}
+        (gmail,) = await store.top_recipient_domains(0, DAY)
+        assert (gmail.domain, gmail.delivered) == ("gmail.com", 5)
         # The third click is counted by the next pass, once.
         assert await store.roll_up(8_000, 100) == 1
         assert [r[3] for r in await url_rows(engine) if r[1] == "*"] == [2, 1]
@@ -781,3 +819,78 @@ async def test_empty_results(store: Store) -> None:
     assert (await store.recent_feedback()).rows == ()
     assert await store.top_urls(0, 1e10) == []
     assert await store.top_recipient_domains(0, 1e10) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_summaries_agree_with_the_hourly_rollups_over_days(
+    store: Store, clock: Clock
+) -> None:
+    """top_recipient_domains reads whole UTC days from rollups_by_domain_day and the hours at
+    the ends from rollups; rollup_totals without a domain reads rollups_by_tag: the same
+    counts as the hourly rows for any period."""
+    start = clock.seconds()
+    domains = ["a.example", "b.example", "c.example"]
+    delivered = DeliveredEvent("mx", "250 ok", True, 1)
+    bounce = BouncedEvent("policy", True, "5.7.1", "550", "smtp")
+    for n in range(24):  # a message every 5 hours over 5 days
+        clock.advance(5 * 3600)
+        rcpts = tuple(f"u{n}.{k}@{domains[(n + k) % 3]}" for k in range(1 + n % 3))
+        q = await queue(store, clock, f"s@{'x' if n % 2 else 'y'}.example", rcpts, tags=("t",))
+        await add_events(
+            store,
+            clock.seconds() + 60,
+            [(q, r, bounce if (n + k) % 4 == 0 else delivered) for k, r in enumerate(rcpts)]
+            + [(q, rcpts[0], ClickedEvent("UA", None, n % 5 == 0, f"https://l.example/{n % 4}"))],
+        )
+    assert await store.roll_up(clock.seconds() + 3600, 10_000) > 0
+    day = 86400.0
+    first_day = start - start % day
+    windows = [
+        (start - day, clock.seconds() + day),  # everything
+        (first_day + day, first_day + 3 * day),  # two whole days
+        (first_day + day + 7200, first_day + 3 * day + 3600 * 5 + 1),  # days and both ends
+        (first_day + day + 7200, first_day + day + 9 * 3600),  # within one day
+        (first_day + 2 * day - 1800, first_day + 2 * day + 1800),  # across midnight
+    ]
+    for since, until in windows:
+        for tag in (None, "t", "x"):
+            expected = []
+            for d in domains:
+                totals = await store.rollup_totals(since, until, tag, recipient_domain=d)
+                counts = {t: sum(c for (ty, _), (c, _) in totals.items() if ty == t)
+                          for t in ("received", "delivered", "bounced")}  # fmt: skip
+                if counts["received"] or counts["delivered"] or counts["bounced"]:
+                    expected.append((d, counts["received"], counts["delivered"], counts["bounced"]))
+            expected.sort(key=lambda e: (-e[1], e[0]))
+            got = await store.top_recipient_domains(since, until, tag)
+            assert [(g.domain, g.received, g.delivered, g.bounced) for g in got] == expected
+            # rollups_by_tag: the sum of the per-domain hourly rows.
+            whole: dict[tuple[str, str], list[int]] = {}
+            for d in domains:
+                for key, (c, u) in (
+                    await store.rollup_totals(since, until, tag, recipient_domain=d)
+                ).items():
+                    cell = whole.setdefault(key, [0, 0])
+                    cell[0] += c
+                    cell[1] += u
+            totals = await store.rollup_totals(since, until, tag)
+            assert {k: list(v) for k, v in totals.items()} == whole
+            series = await store.rollup_series(since, until, tag)
+            assert sum(c for hour in series.values() for c, _ in hour.values()) == sum(
+                c for c, _ in whole.values()
+            )
+            # rollup_urls_by_day: the hourly rows' sums.
+            rows = await execute(
+                store,
+                "SELECT url, SUM(count), SUM(machine_count) FROM rollup_urls"
+                " WHERE tag = ? AND hour >= ? AND hour < ? GROUP BY url",
+                ("*" if tag is None else tag, round(since * 1000), round(until * 1000)),
+            )
+            urls = await store.top_urls(since, until, tag)
+            assert sorted((u.url, u.clicks, u.machine_clicks) for u in urls) == sorted(rows)
+            assert [u.clicks for u in urls] == sorted((u.clicks for u in urls), reverse=True)
+    # With a sender domain (not in the daily table): the hourly rows only.
+    got = await store.top_recipient_domains(
+        start - day, clock.seconds() + day, sender_domain="x.example"
+    )
+    assert sum(g.received for g in got) == sum(1 + n % 3 for n in range(24) if n % 2)

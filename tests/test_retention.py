@@ -433,7 +433,8 @@ def sqlite_at_version(path: Path, version: int) -> sqlite3.Connection:
     deltas = load_deltas()[:version]
     for delta in deltas:
         sql = delta.sql.replace("$ID_PK", "INTEGER PRIMARY KEY AUTOINCREMENT")
-        for statement in split_statements(sql.replace("$BLOB", "BLOB")):
+        sql = sql.replace("$BLOB", "BLOB").replace("$WITHOUT_ROWID", "WITHOUT ROWID")
+        for statement in split_statements(sql):
             db.execute(statement)
     db.execute(
         "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, name TEXT NOT NULL,"

@@ -883,8 +883,13 @@ def test_fixtures_are_read_without_email_and_as_email_reads_them(name: str) -> N
             b"Content-Type: multipart/mixed; boundary=----=_NextPart_000_0012\r\n",
             _Fields("multipart/mixed", boundary=b"----=_NextPart_000_0012"),
         ),
-        (b"Content-Type: text/plain; name*=utf-8''%C3%A9\r\n", _Fields("text/plain")),
-        (b"Content-Type: text\r\n", _Fields("text/plain")),
+        # text/plain is read like text/html (the content checks decode it)
+        (
+            b"Content-Type: text/plain; charset=UTF-8; format=flowed\r\n"
+            b"Content-Transfer-Encoding: quoted-printable\r\n",
+            _Fields("text/plain", encoding="quoted-printable", charset="utf-8"),
+        ),
+        (b"Content-Transfer-Encoding: base64\r\n", _Fields("text/plain", encoding="base64")),
     ],
 )
 def test_plain_header_blocks_are_read_without_email(head: bytes, fields: _Fields) -> None:
@@ -896,6 +901,9 @@ def test_plain_header_blocks_are_read_without_email(head: bytes, fields: _Fields
     ("head", "fields"),
     [
         # RFC 2231 parameters
+        (b"Content-Type: text/plain; name*=utf-8''%C3%A9\r\n", _Fields("text/plain")),
+        # not a type/subtype: text/plain, its parameters as compat32 reads them
+        (b"Content-Type: text\r\n", _Fields("text/plain")),
         (
             b"Content-Type: text/html; charset*=utf-8''utf-8\r\n",
             _Fields("text/html", charset="utf-8"),

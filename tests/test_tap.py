@@ -165,7 +165,10 @@ def test_twistd_as_root_binds_a_low_port_and_runs_as_another_user(tmp_path: Path
         # This machine's Python lives in root's home (mode 0700): what the relay imports
         # lazily after dropping privileges is imported before (a packaged Python in /usr
         # needs none of this).
-        preload = "import importlib.readers, sys; from twisted.scripts.twistd import run; run()"
+        preload = (
+            "import importlib.readers, encodings.unicode_escape, sys;"
+            " from twisted.scripts.twistd import run; run()"
+        )
         command = [
             sys.executable,
             "-c",

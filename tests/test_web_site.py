@@ -4,6 +4,7 @@ data that ships them."""
 from __future__ import annotations
 
 import configparser
+import re
 import shutil
 from collections.abc import AsyncIterator
 from fnmatch import fnmatch
@@ -169,13 +170,18 @@ async def test_a_relay_whose_templates_are_broken_does_not_start(
 # What the package ships
 
 
+def setup_list(value: str) -> list[str]:
+    """A setup.cfg list as setuptools reads it: one item a line, or items split by commas."""
+    return [item.strip() for item in re.split(r"[,\n]", value) if item.strip()]
+
+
 def test_every_package_and_data_file_is_in_setup_cfg() -> None:
     """Each folder of smartrelay/ with Python modules is a listed package, and every
     non-Python file in it (templates, SQL) matches its package_data."""
     setup = configparser.ConfigParser()
     setup.read(REPO / "setup.cfg")
-    packages = set(setup["options"]["packages"].split())
-    data = {name: value.split() for name, value in setup["options.package_data"].items()}
+    packages = set(setup_list(setup["options"]["packages"]))
+    data = {name: setup_list(value) for name, value in setup["options.package_data"].items()}
     root = REPO / "smartrelay"
     for init in root.rglob("__init__.py"):
         package = ".".join(init.parent.relative_to(REPO).parts)

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from attrs import Factory, define, frozen
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
+from smartrelay.events import WarningEvent
+from smartrelay.rewrap.content_checks import ContentWarning, check_message
 from smartrelay.rewrap.dkim import DkimSigner
 from smartrelay.rewrap.headers import (
     CONTROL_PREFIX,
@@ -38,6 +40,8 @@ log = Logger()
 
 #: Runs a function in a thread pool (e.g. ``deferToThreadPool`` on the reactor's pool).
 InThread = Callable[[Callable[[], bytes]], Deferred[bytes]]
+#: Records a message's ``warning`` event once (``Store.record_warnings``).
+WarningRecorder = Callable[[str, WarningEvent], Awaitable[bool]]
 
 TRACE_FIELDS = (b"received", b"return-path")
 #: Messages kept cut into parts, with their HTML tokenized, for their next job (a message to
@@ -219,6 +223,8 @@ class _Planned:
 
     plan: MimePlan | None
     templates: dict[tuple[str, bool, bool], HtmlTemplate | None] = Factory(dict)
+    #: Its content warnings are checked (and recorded, if any): not again for its next jobs.
+    checked: bool = False
 
 
 @implementer(IRewrapStep)
@@ -272,6 +278,10 @@ class TrackingStep:
         """``message``'s copies are made: let go of its plan if it is the big one kept."""
         if self._big_plan is not None and self._big_plan[0] is message.raw:
             self._big_plan = None
+
+    def planned(self, message: StoredMessage) -> _Planned:
+        """The message's plan, as this step keeps it for the message's copies."""
+        return self._plan(message)
 
     def _plan(self, message: StoredMessage) -> _Planned:
         """The message's MIME cut into HTML parts and the bytes between, once per message
@@ -387,9 +397,14 @@ class RewrapChain:
         signer: DkimSigner,
         store: Store,
         in_thread: InThread | None = None,
+        record_warnings: WarningRecorder | None = None,
     ) -> None:
+        """``record_warnings``: where each message's content warnings go (the relay passes
+        ``store.record_warnings``); None, not checked."""
         self.settings = settings
         self._store = store
+        self._signer = signer
+        self._record_warnings = record_warnings
         self._tracking = TrackingStep(codec, settings)
         self.steps: tuple[IRewrapStep, ...] = (
             VerpStep(codec, settings.return_path_domain),
@@ -413,6 +428,8 @@ class RewrapChain:
         failed: list[tuple[ClaimedRecipient, str]] = []
         tracebacks_logged = False
         fields, body = split_header_block(message.raw)  # once per message
+        if len(suppressed) < len(recipients):  # a copy goes out: what is in it matters
+            await self._check_content(message, fields)
         for recipient in recipients:
             if recipient.address.lower() in active:
                 continue
@@ -448,6 +465,35 @@ class RewrapChain:
             copies.append(copy)
         self._tracking.forget_big(message)
         return RewrapResult(tuple(copies), suppressed, tuple(failed))
+
+    async def _check_content(self, message: StoredMessage, fields: Sequence[bytes]) -> None:
+        """Compute the message's content warnings and record them, once per message (here:
+        once per kept plan; across processes and restarts: ``warnings_checked``, and the
+        store records the first only). Never fails the delivery: an error is logged."""
+        record = self._record_warnings
+        if record is None or message.warnings_checked or not message.raw:
+            return
+        warnings: tuple[ContentWarning, ...] = ()
+        planned = None
+        try:
+            planned = self._tracking.planned(message)  # the MIME cut once, for tracking too
+            if planned.checked:
+                return
+            warnings = check_message(fields, planned.plan, self._signs)
+        except Exception:
+            log.failure("{queue_id}: checking the content failed", queue_id=message.queue_id)
+        if warnings:
+            event = WarningEvent(tuple(w.as_dict() for w in warnings))
+            try:
+                await record(message.queue_id, event)
+            except Exception:  # the next job of the message tries again
+                log.failure("{queue_id}: recording its warnings failed", queue_id=message.queue_id)
+                return
+        if planned is not None:
+            planned.checked = True
+
+    def _signs(self, from_domain: str | None) -> bool:
+        return from_domain is not None and bool(self._signer.keys_for(from_domain))
 
     @staticmethod
     async def _wrap(

@@ -495,6 +495,11 @@ def author_domain(headers: Sequence[Sequence[bytes]]) -> str | None:
     return _from_domain(values[0])
 
 
+def from_field_domain(value: bytes) -> str | None:
+    """The normalised domain of the first address of a From field's value (None if none)."""
+    return _from_domain(value)
+
+
 @lru_cache(maxsize=256)
 def _from_domain(value: bytes) -> str | None:
     """:func:`author_domain` of a From field value; cached, as every copy of a message (and

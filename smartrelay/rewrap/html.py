@@ -10,7 +10,7 @@ exactly as they went in.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from html import unescape
 from html.entities import html5
 from html.parser import HTMLParser
@@ -20,6 +20,7 @@ from attrs import frozen
 __all__ = [
     "NOTRACK_ATTRIBUTE",
     "HtmlRewrite",
+    "href_value",
     "pixel_tag",
     "rewrite_html",
     "unescape_attribute",
@@ -172,10 +173,13 @@ def _line_starts(text: str) -> list[int]:
 
 
 def _attributes(tag_text: str) -> list[_Attribute]:
+    return list(_iter_attributes(tag_text))
+
+
+def _iter_attributes(tag_text: str) -> Iterator[_Attribute]:
     match = _TAG_NAME.match(tag_text)
     if match is None:
-        return []
-    found: list[_Attribute] = []
+        return
     position = match.end()
     while position < len(tag_text):
         attribute = _ATTRIBUTE.match(tag_text, position)
@@ -183,7 +187,7 @@ def _attributes(tag_text: str) -> list[_Attribute]:
             break
         name_start, name_end = attribute.span("name")
         if attribute.group("assign") is None:
-            found.append(
+            yield (
                 _Attribute(
                     name=attribute.group("name").lower(),
                     start=name_start,
@@ -198,7 +202,7 @@ def _attributes(tag_text: str) -> list[_Attribute]:
             value_start, value_end = attribute.span("value")
             raw = attribute.group("value")
             quote = raw[:1] if raw[:1] in ("'", '"') else ""
-            found.append(
+            yield (
                 _Attribute(
                     name=attribute.group("name").lower(),
                     start=name_start,
@@ -210,7 +214,17 @@ def _attributes(tag_text: str) -> list[_Attribute]:
                 )
             )
         position = attribute.end()
-    return found
+
+
+def href_value(tag_text: str) -> str | None:
+    """The raw value (quotes removed, entities not decoded) of the first ``href`` of a start
+    tag's text, read as :func:`rewrite_html` reads it; None without one."""
+    for attribute in _iter_attributes(tag_text):  # up to the first href only
+        if attribute.name == "href":
+            if not attribute.has_value:
+                return None
+            return tag_text[attribute.value_start : attribute.value_end]
+    return None
 
 
 def _rewrite_anchor(

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 from attrs import frozen
 
-__all__ = ["HtmlPart", "MimePlan", "plan_html_parts", "transform_html_parts"]
+__all__ = ["HtmlPart", "MimePlan", "PlainPart", "plan_html_parts", "transform_html_parts"]
 
 # Deeper nesting than this is not mail anybody writes; past it everything is copied.
 MAX_DEPTH = 32
@@ -74,6 +74,8 @@ _PLAIN_PARAMETER = re.compile(
     """,
     re.X,
 )
+#: The types whose encoding and charset are read: HTML (tracking) and plain text (checks).
+_TEXT_TYPES = ("text/html", "text/plain")
 _CTE_FIELD = re.compile(rb"(?P<name>content-transfer-encoding[ \t]*:)(?P<value>.*)", re.I | re.S)
 
 
@@ -131,12 +133,46 @@ class HtmlPart:
 
 
 @frozen
+class PlainPart:
+    """A ``text/plain`` part (not an attachment), still encoded: the content checks
+    (:mod:`smartrelay.rewrap.content_checks`) read it; nothing rewrites it."""
+
+    body: bytes
+    encoding: str  # Content-Transfer-Encoding, lower case
+    charset: str
+
+    def text(self) -> str:
+        """The decoded text; undecodable bytes become U+FFFD (it is only read)."""
+        try:
+            if self.encoding == "quoted-printable":
+                data = binascii.a2b_qp(self.body)
+            elif self.encoding == "base64":
+                data = binascii.a2b_base64(self.body)
+            else:
+                data = self.body
+        except (ValueError, binascii.Error):
+            data = self.body
+        try:
+            return data.decode(codecs.lookup(self.charset).name, "replace")
+        except (LookupError, ValueError, UnicodeError):
+            return data.decode("latin-1")
+
+
+@frozen
 class MimePlan:
     """A message cut, once, into what tracking may change (:class:`HtmlPart`) and the bytes
-    between (copied as they are): rendering a copy for each recipient walks no MIME."""
+    between (copied as they are): rendering a copy for each recipient walks no MIME.
+
+    What the walk saw on the way, for the content checks: the ``text/plain`` parts, and how
+    many ``text/html`` parts (decodable or not, attachments aside) have no ``text/plain``
+    alternative (a ``multipart/alternative`` above them with a ``text/plain`` part in it).
+    Inside ``multipart/signed``/``encrypted`` and attached messages nothing is seen.
+    """
 
     head: bytes  # the message's header block; ``segments`` are everything after it
     segments: tuple[bytes | HtmlPart, ...]
+    plain_parts: tuple[PlainPart, ...] = ()
+    html_without_text: int = 0
 
     @property
     def html_parts(self) -> tuple[HtmlPart, ...]:
@@ -182,8 +218,8 @@ def plan_html_parts(raw: bytes) -> MimePlan:
 
 class _Fields(NamedTuple):
     """What the planner reads from an entity's header fields: ``boundary`` only for a
-    multipart, the rest only for ``text/html`` (for which ``encoding`` and ``charset`` only
-    when it is not an attachment); unread values keep their defaults."""
+    multipart, the rest only for ``text/html`` and ``text/plain`` (for which ``encoding`` and
+    ``charset`` only when it is not an attachment); unread values keep their defaults."""
 
     content_type: str
     boundary: bytes | None = None
@@ -195,11 +231,17 @@ class _Fields(NamedTuple):
 _FieldReader = Callable[[bytes], _Fields | None]
 
 
+#: What :func:`_entity` tells of an entity: (it holds a text/plain part, its HTML parts
+#: without a text/plain alternative).
+_Seen = tuple[bool, int]
+
+
 def _plan(raw: bytes, read_fields: _FieldReader) -> MimePlan:
     split = _split_entity(raw)
     head = b"" if split is None else split[0]
     segments: list[bytes | HtmlPart] = []
-    _entity(raw, split, segments, 0, read_fields)
+    plain: list[PlainPart] = []
+    _, html_without_text = _entity(raw, split, segments, 0, read_fields, plain)
     # The top-level entity's header block leads the first segment (or is the top HtmlPart's).
     first = segments[0]
     if isinstance(first, bytes):
@@ -210,7 +252,7 @@ def _plan(raw: bytes, read_fields: _FieldReader) -> MimePlan:
             merged[-1] += segment
         elif segment != b"":
             merged.append(segment)
-    return MimePlan(head, tuple(merged))
+    return MimePlan(head, tuple(merged), tuple(plain), html_without_text)
 
 
 def _entity(
@@ -219,31 +261,43 @@ def _entity(
     out: list[bytes | HtmlPart],
     depth: int,
     read_fields: _FieldReader,
-) -> None:
-    """``entity`` (cut by :func:`_split_entity` as ``split``) appended to ``out``."""
+    plain: list[PlainPart],
+) -> _Seen:
+    """``entity`` (cut by :func:`_split_entity` as ``split``) appended to ``out``, its
+    ``text/plain`` parts to ``plain``."""
     if split is None or depth > MAX_DEPTH:
         out.append(entity)
-        return
+        return False, 0
     head, blank, body = split
     fields = read_fields(head)
     if fields is None:
         out.append(entity)
-        return
+        return False, 0
     content_type = fields.content_type
     if content_type.startswith("multipart/"):
         boundary = fields.boundary
         if content_type in _UNTOUCHABLE_MULTIPARTS or boundary is None:
             out.append(entity)
-            return
+            return False, 0
         out.append(head + blank)
-        _multipart_body(body, boundary, out, depth, read_fields)
-        return
-    if content_type == "text/html" and not fields.attachment:
+        seen = _multipart_body(body, boundary, out, depth, read_fields, plain)
+        has_text = any(text for text, _ in seen)
+        without_text = sum(n for _, n in seen)
+        if content_type == "multipart/alternative" and has_text:
+            without_text = 0
+        return has_text, without_text
+    if fields.attachment:
+        out.append(entity)
+        return False, 0
+    if content_type == "text/html":
         part = _html_part(head, fields, body, blank, depth == 0)
-        if part is not None:
-            out.append(part)
-            return
+        out.append(entity if part is None else part)
+        return False, 1
     out.append(entity)
+    if content_type == "text/plain":
+        plain.append(PlainPart(body, fields.encoding, fields.charset))
+        return True, 0
+    return False, 0
 
 
 def _split_entity(entity: bytes) -> tuple[bytes, bytes, bytes] | None:
@@ -278,7 +332,7 @@ def _read_fields_by_email(head: bytes) -> _Fields | None:
     content_type = headers.get_content_type()
     if content_type.startswith("multipart/"):
         return _Fields(content_type, boundary=_boundary(headers))
-    if content_type != "text/html":
+    if content_type not in _TEXT_TYPES:
         return _Fields(content_type)
     if headers.get_content_disposition() == "attachment":
         return _Fields(content_type, attachment=True)
@@ -293,7 +347,7 @@ def _read_fields_by_email(head: bytes) -> _Fields | None:
 def _read_plain_fields(head: bytes) -> _Fields | None:
     """:func:`_read_fields_by_email`'s result for a plain header block without ``email``, or
     None for anything else: a block ``_PLAIN_HEAD`` does not take, a field read here that is
-    repeated or not ASCII, and for multiparts and ``text/html`` a Content-Type that
+    repeated or not ASCII, and for multiparts and text types a Content-Type that
     ``_PLAIN_TYPE`` and ``_PLAIN_PARAMETER`` do not take or that holds ``=?``."""
     if _PLAIN_HEAD.fullmatch(head) is None:
         return None
@@ -309,16 +363,19 @@ def _read_plain_fields(head: bytes) -> _Fields | None:
             return None
         values[name] = value
     content_type_value = values.get(b"type")
+    parameters: dict[bytes, bytes] | None = {}
     if content_type_value is None:
-        return _Fields("text/plain")
-    # Message.get_content_type(), which reads no parameter.
-    content_type = content_type_value.partition(b";")[0].strip().lower().decode("ascii")
-    if content_type.count("/") != 1:
         content_type = "text/plain"
+    else:
+        # Message.get_content_type(), which reads no parameter.
+        content_type = content_type_value.partition(b";")[0].strip().lower().decode("ascii")
+        if content_type.count("/") != 1:
+            return None  # text/plain, with parameters compat32 reads its own way
     multipart = content_type.startswith("multipart/")
-    if not multipart and content_type != "text/html":
+    if not multipart and content_type not in _TEXT_TYPES:
         return _Fields(content_type)
-    parameters = _plain_parameters(content_type_value)
+    if content_type_value is not None:
+        parameters = _plain_parameters(content_type_value)
     if parameters is None:
         return None
     if multipart:
@@ -415,8 +472,11 @@ def _multipart_body(
     out: list[bytes | HtmlPart],
     depth: int,
     read_fields: _FieldReader,
-) -> None:
-    """The body with each part that two delimiter lines enclose processed on its own."""
+    plain: list[PlainPart],
+) -> list[_Seen]:
+    """The body with each part that two delimiter lines enclose processed on its own; what
+    :func:`_entity` saw of each part."""
+    seen: list[_Seen] = []
     copied = 0  # everything before this offset of ``body`` is in ``out``
     part_start: int | None = None  # where the current part's content begins
     for start, end, closing in _delimiter_lines(body, boundary):
@@ -426,7 +486,7 @@ def _multipart_body(
             if part_end >= part_start:
                 out.append(body[copied:part_start])
                 part = body[part_start:part_end]
-                _entity(part, _split_entity(part), out, depth + 1, read_fields)
+                seen.append(_entity(part, _split_entity(part), out, depth + 1, read_fields, plain))
                 copied = part_end
         if closing:
             break  # the epilogue follows
@@ -434,6 +494,7 @@ def _multipart_body(
             break  # a delimiter at the very end: no part follows
         part_start = end + 1
     out.append(body[copied:])
+    return seen
 
 
 def _html_part(

@@ -78,6 +78,8 @@ class StoredMessage:
     metadata: dict[str, str]
     options: dict[str, bool]
     raw: bytes
+    #: Its content warnings are recorded already (``messages.warnings_checked_at``).
+    warnings_checked: bool = False
 
 
 @frozen
@@ -316,7 +318,8 @@ class QueueStore(StoreBase):
             # Big messages are read on their own, piece by piece (ICursor.read_blob).
             await cursor.execute(
                 "SELECT m.queue_id, m.received_at, m.sender, m.tags, m.metadata, m.options,"
-                " CASE WHEN m.size <= ? THEN b.raw END, b.queue_id IS NOT NULL"
+                " CASE WHEN m.size <= ? THEN b.raw END, b.queue_id IS NOT NULL,"
+                " m.warnings_checked_at IS NOT NULL"
                 " FROM messages m LEFT JOIN message_bodies b ON b.queue_id = m.queue_id"
                 f" WHERE m.queue_id IN ({marks})",
                 [BIG_MESSAGE, *wanted],
@@ -338,6 +341,7 @@ class QueueStore(StoreBase):
                     metadata=json.loads(r[4]),
                     options=json.loads(r[5]),
                     raw=bytes(raw),
+                    warnings_checked=bool(r[8]),
                 )
             return loaded
 
@@ -500,9 +504,11 @@ class QueueStore(StoreBase):
 
         return await self.run("retry_now", txn)
 
-    async def drop_message(self, queue_id: str) -> list[str]:
+    async def drop_message(self, queue_id: str, by: str = "the operator") -> list[str]:
         """Stop delivering a message: its recipients not yet in a final state (``queued``,
-        ``deferred``, ``delivering``) become ``dropped`` (one ``dropped`` event each).
+        ``deferred``, ``delivering``) become ``dropped`` (one ``dropped`` event each), their
+        ``last_reply`` saying who (``dropped by {by}``: the CLI's "the operator", the UI's
+        ``ui:USERNAME``).
 
         A ``delivering`` row loses its lease owner, so whatever outcome a node working on it
         records later is ignored and the row stays ``dropped`` (a copy already on the wire
@@ -512,10 +518,10 @@ class QueueStore(StoreBase):
         async def txn(cursor: ICursor) -> list[str]:
             await cursor.execute(
                 "UPDATE recipients SET state = 'dropped', next_attempt_at = NULL,"
-                " lease_owner = NULL, last_reply = 'dropped by the operator', updated_at = ?"
+                " lease_owner = NULL, last_reply = ?, updated_at = ?"
                 " WHERE queue_id = ? AND next_attempt_at IS NOT NULL"
                 " AND state IN ('queued', 'deferred', 'delivering') RETURNING address",
-                (now_ms, queue_id),
+                (f"dropped by {by}"[:500], now_ms, queue_id),
             )
             dropped = [str(r[0]) for r in cursor.fetchall()]
             if dropped:

@@ -1,7 +1,7 @@
 """The retention queries: each deletes one small batch, in one short transaction.
 
 Every batch is an index range (the partial indexes of schema 004, ``events_time``,
-``feedback_reports_received_at``) read from its oldest end with a LIMIT, so a batch costs the
+``feedback_reports_recent``) read from its oldest end with a LIMIT, so a batch costs the
 same whatever the table holds, and no transaction holds the database for long. Batches are
 idempotent: what a batch deletes is gone, so a pass killed half-way, run again, or run by two
 nodes at once against one PostgreSQL (whose ``SKIP LOCKED`` keeps them off each other's rows)
@@ -15,6 +15,7 @@ from attrs import frozen
 
 from smartrelay.storage.base import StoreBase, marks
 from smartrelay.storage.interfaces import ICursor
+from smartrelay.storage.search_terms import delete_terms
 
 
 @frozen
@@ -91,7 +92,7 @@ class RetentionStore(StoreBase):
                 return PurgeBatch(0)
             where = f"queue_id IN ({marks(len(queue_ids))})"
             await cursor.execute(f"DELETE FROM message_bodies WHERE {where}", queue_ids)
-            await cursor.execute(f"DELETE FROM message_terms WHERE {where}", queue_ids)
+            await delete_terms(cursor, queue_ids)
             await cursor.execute(f"DELETE FROM recipients WHERE {where}", queue_ids)
             recipients = max(int(cursor.rowcount), 0)
             await cursor.execute(f"DELETE FROM messages WHERE {where}", queue_ids)

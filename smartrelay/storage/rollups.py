@@ -3,7 +3,8 @@
 :meth:`RollupStore.roll_up` reads the events after where it stopped, in ``(time, id)`` order
 (the ``events_time`` index), up to a horizon the caller keeps a little behind the clock
 (docs/storage.md, "Roll-ups": an event must have committed before the roll-up passes its
-time), counts them per hour, tag, sender domain, recipient domain, type and detail, adds the
+time), counts them per hour, tag, sender domain, recipient domain, type and detail (a
+``warning`` event once per kind it holds, the kind as detail), adds the
 counts to ``rollups`` and moves ``rollup_progress`` on, all in one transaction: a pass that
 fails or is killed leaves nothing half-counted, and two nodes on one PostgreSQL take turns
 (an advisory lock), so an event is counted once.
@@ -20,11 +21,15 @@ from smartrelay.storage.base import StoreBase, chunks, domain_of, from_ms, marks
 from smartrelay.storage.interfaces import ICursor
 
 HOUR_MS = 3_600_000
+DAY_MS = 86_400_000
+#: The types ``rollups_by_domain_day`` counts (the top recipient domains' columns).
+DOMAIN_TYPES = ("received", "delivered", "deferred", "bounced", "complained")
 #: The tag of the rows that count every event once, whatever the message's tags.
 ALL_TAGS = "*"
 _PROGRESS = "rollups"
 _LOCK = "smartrelay:rollup"
 _ENGAGEMENT = ("opened", "clicked")
+WARNING = "warning"
 #: ``data`` of a human open or click holds this text: insert_events writes ``data`` with
 #: json.dumps (sort_keys, default separators), and a JSON string cannot hold an unescaped
 #: quote, so a user agent or URL cannot fake it.
@@ -48,12 +53,26 @@ Totals = dict[tuple[str, str], tuple[int, int]]
 
 def event_detail(event_type: str, data: dict[str, Any]) -> str:
     """The ``detail`` column of an event: a bounce's ``category:hard|soft``, an open's or a
-    click's ``machine`` or ``human``, else ''."""
+    click's ``machine`` or ``human``, else ''. (A ``warning`` event counts once per kind:
+    :func:`event_details`.)"""
     if event_type == "bounced":
         return f"{data.get('category', '')}:{'hard' if data.get('hard') else 'soft'}"
     if event_type in _ENGAGEMENT:
         return "machine" if data.get("machine") else "human"
     return ""
+
+
+def event_details(event_type: str, data: dict[str, Any]) -> tuple[str, ...]:
+    """The ``detail`` of each count an event adds: one, :func:`event_detail`; for a
+    ``warning`` event, each kind it holds once (so the roll-ups count, per kind, the
+    messages with that warning)."""
+    if event_type == WARNING:
+        warnings = data.get("warnings")
+        if not isinstance(warnings, list):
+            return ()
+        kinds = (w.get("kind") for w in warnings if isinstance(w, dict))
+        return tuple(dict.fromkeys(k for k in kinds if isinstance(k, str)))
+    return (event_detail(event_type, data),)
 
 
 class RollupStore(StoreBase):
@@ -77,6 +96,7 @@ class RollupStore(StoreBase):
             events = await _read_events(cursor, position, horizon_ms, limit)
             counts = await _aggregate(cursor, events, position)
             await _upsert(cursor, counts)
+            await _upsert_summaries(cursor, counts)
             await _upsert_urls(cursor, _url_counts(events))
             if len(events) < limit:
                 # Caught up: every event before the horizon is counted. (horizon_ms, 0) is
@@ -121,7 +141,8 @@ class RollupStore(StoreBase):
         async def txn(cursor: ICursor) -> Totals:
             where, args = _filter(since, until, tag, sender_domain, recipient_domain)
             await cursor.execute(
-                "SELECT type, detail, SUM(count), SUM(unique_count) FROM rollups"
+                "SELECT type, detail, SUM(count), SUM(unique_count)"
+                f" FROM {_table(sender_domain, recipient_domain)}"
                 f" WHERE {where} GROUP BY type, detail",
                 args,
             )
@@ -143,7 +164,8 @@ class RollupStore(StoreBase):
         async def txn(cursor: ICursor) -> dict[float, Totals]:
             where, args = _filter(since, until, tag, sender_domain, recipient_domain)
             await cursor.execute(
-                "SELECT hour, type, detail, SUM(count), SUM(unique_count) FROM rollups"
+                "SELECT hour, type, detail, SUM(count), SUM(unique_count)"
+                f" FROM {_table(sender_domain, recipient_domain)}"
                 f" WHERE {where} GROUP BY hour, type, detail ORDER BY hour",
                 args,
             )
@@ -154,6 +176,23 @@ class RollupStore(StoreBase):
             return series
 
         return await self.run("rollup_series", txn, readonly=True)
+
+    async def sender_domains_seen(self, since: float, until: float) -> list[tuple[str, int]]:
+        """The sender domains (of the envelope sender, as the roll-ups count them) of the
+        messages received in the hours that begin in [``since``, ``until``), with how many
+        recipients' copies were received from each; most first, then by name."""
+
+        async def txn(cursor: ICursor) -> list[tuple[str, int]]:
+            await cursor.execute(
+                "SELECT sender_domain, SUM(count) FROM rollups"
+                " WHERE hour >= ? AND hour < ? AND tag = ? AND type = 'received'"
+                " AND sender_domain <> '' GROUP BY sender_domain",
+                (to_ms(since), to_ms(until), ALL_TAGS),
+            )
+            rows = [(str(r[0]), int(r[1])) for r in cursor.fetchall()]
+            return sorted(rows, key=lambda row: (-row[1], row[0]))
+
+        return await self.run("sender_domains_seen", txn, readonly=True)
 
 
 def normalise_url(url: str) -> str:
@@ -170,6 +209,12 @@ def normalise_url(url: str) -> str:
         reduced = url
     cut = reduced[:MAX_URL].encode("utf-8", "surrogatepass")[:MAX_URL]
     return cut.decode("utf-8", "ignore")
+
+
+def _table(sender_domain: str | None, recipient_domain: str | None) -> str:
+    """Without a domain filter, the per-tag sums (``rollups_by_tag``, a few rows per hour)
+    rather than ``rollups``, which has a row per hour and pair of domains that occurred."""
+    return "rollups_by_tag" if sender_domain is None and recipient_domain is None else "rollups"
 
 
 def _filter(
@@ -206,7 +251,7 @@ async def _read_events(
         args = [position[0], position[1]]
     await cursor.execute(
         "SELECT e.time, e.id, e.type, e.queue_id, e.recipient,"
-        " CASE WHEN e.type IN ('bounced', 'opened', 'clicked') THEN e.data END,"
+        " CASE WHEN e.type IN ('bounced', 'opened', 'clicked', 'warning') THEN e.data END,"
         " m.sender, m.tags"
         " FROM events e LEFT JOIN messages m ON m.queue_id = e.queue_id"
         f" WHERE e.time < ?{after} ORDER BY e.time, e.id LIMIT ?",
@@ -231,21 +276,21 @@ async def _aggregate(
     cursor: ICursor, events: Sequence[_Event], position: tuple[int, int] | None
 ) -> dict[RollupKey, list[int]]:
     """The batch's counts: key -> [count, unique_count]."""
-    details = [event_detail(e[2], json.loads(e[5])) if e[5] is not None else "" for e in events]
+    details = [event_details(e[2], json.loads(e[5])) if e[5] is not None else ("",) for e in events]
     # A human open (click) is unique when it is the first human open (click) of its
     # (queue_id, recipient): the pairs that had one before the batch, then the batch's own.
     candidates = {
         (e[3], e[4])
         for e, detail in zip(events, details, strict=True)
-        if detail == "human" and e[3] is not None and e[4] is not None
+        if detail == ("human",) and e[3] is not None and e[4] is not None
     }
     seen = await _engaged_before(cursor, candidates, position)
     tag_lists: dict[str | None, tuple[str, ...]] = {}
     counts: dict[RollupKey, list[int]] = {}
-    for e, detail in zip(events, details, strict=True):
+    for e, event_details_ in zip(events, details, strict=True):
         time_ms, _, event_type, queue_id, recipient, _, sender, tags_json = e
         unique = 0
-        if detail == "human" and queue_id is not None and recipient is not None:
+        if event_details_ == ("human",) and queue_id is not None and recipient is not None:
             key = (queue_id, recipient, event_type)
             if key not in seen:
                 seen.add(key)
@@ -259,11 +304,12 @@ async def _aggregate(
         sender_domain = domain_of(sender) if sender else ""
         recipient_domain = domain_of(recipient) if recipient else ""
         for tag in tags:
-            cell = counts.setdefault(
-                (hour, tag, sender_domain, recipient_domain, event_type, detail), [0, 0]
-            )
-            cell[0] += 1
-            cell[1] += unique
+            for detail in event_details_:
+                cell = counts.setdefault(
+                    (hour, tag, sender_domain, recipient_domain, event_type, detail), [0, 0]
+                )
+                cell[0] += 1
+                cell[1] += unique
     return counts
 
 
@@ -330,6 +376,7 @@ def _url_counts(events: Sequence[_Event]) -> dict[UrlKey, list[int]]:
 
 
 async def _upsert_urls(cursor: ICursor, counts: dict[UrlKey, list[int]]) -> None:
+    """Add the clicks to ``rollup_urls`` and to its daily summary ``rollup_urls_by_day``."""
     rows = [(*key, cell[0], cell[1]) for key, cell in sorted(counts.items())]
     for chunk in chunks(rows, _URL_UPSERT_ROWS):
         await cursor.execute(
@@ -339,6 +386,21 @@ async def _upsert_urls(cursor: ICursor, counts: dict[UrlKey, list[int]]) -> None
             " SET count = rollup_urls.count + excluded.count,"
             " machine_count = rollup_urls.machine_count + excluded.machine_count",
             [value for row in chunk for value in row],
+        )
+    by_day: dict[tuple[str, int, str], list[int]] = {}
+    for (hour, tag, url), (count, machine) in counts.items():
+        cell = by_day.setdefault((tag, hour - hour % DAY_MS, url), [0, 0])
+        cell[0] += count
+        cell[1] += machine
+    day_rows = [(*key, cell[0], cell[1]) for key, cell in sorted(by_day.items())]
+    for day_chunk in chunks(day_rows, _URL_UPSERT_ROWS):
+        await cursor.execute(
+            "INSERT INTO rollup_urls_by_day (tag, day, url, count, machine_count)"
+            f" VALUES {', '.join([f'({marks(5)})'] * len(day_chunk))}"
+            " ON CONFLICT (tag, day, url) DO UPDATE"
+            " SET count = rollup_urls_by_day.count + excluded.count,"
+            " machine_count = rollup_urls_by_day.machine_count + excluded.machine_count",
+            [value for row in day_chunk for value in row],
         )
 
 
@@ -378,6 +440,40 @@ async def backfill_url_rollups(cursor: ICursor) -> None:
             return
         await _upsert_urls(cursor, _url_counts(events))
         after = (events[-1][0], events[-1][1])
+
+
+async def _upsert_summaries(cursor: ICursor, counts: dict[RollupKey, list[int]]) -> None:
+    """Add the batch's counts to the two summaries of ``rollups`` (schema 010): per hour x tag
+    x type x detail (``rollups_by_tag``), and per UTC day x tag x recipient domain x type for
+    the types of the top-domains table (``rollups_by_domain_day``)."""
+    by_tag: dict[tuple[int, str, str, str], list[int]] = {}
+    by_domain: dict[tuple[int, str, str, str], int] = {}
+    for (hour, tag, _, recipient_domain, event_type, detail), (count, unique) in counts.items():
+        cell = by_tag.setdefault((hour, tag, event_type, detail), [0, 0])
+        cell[0] += count
+        cell[1] += unique
+        if event_type in DOMAIN_TYPES:
+            key = (hour - hour % DAY_MS, tag, recipient_domain, event_type)
+            by_domain[key] = by_domain.get(key, 0) + count
+    rows = [(*key, cell[0], cell[1]) for key, cell in sorted(by_tag.items())]
+    for chunk in chunks(rows, _UPSERT_ROWS):
+        await cursor.execute(
+            "INSERT INTO rollups_by_tag (hour, tag, type, detail, count, unique_count)"
+            f" VALUES {', '.join([f'({marks(6)})'] * len(chunk))}"
+            " ON CONFLICT (tag, hour, type, detail) DO UPDATE"
+            " SET count = rollups_by_tag.count + excluded.count,"
+            " unique_count = rollups_by_tag.unique_count + excluded.unique_count",
+            [value for row in chunk for value in row],
+        )
+    domain_rows = [(*key, count) for key, count in sorted(by_domain.items())]
+    for day_chunk in chunks(domain_rows, _URL_UPSERT_ROWS):
+        await cursor.execute(
+            "INSERT INTO rollups_by_domain_day (day, tag, recipient_domain, type, count)"
+            f" VALUES {', '.join([f'({marks(5)})'] * len(day_chunk))}"
+            " ON CONFLICT (tag, day, recipient_domain, type) DO UPDATE"
+            " SET count = rollups_by_domain_day.count + excluded.count",
+            [value for row in day_chunk for value in row],
+        )
 
 
 async def _upsert(cursor: ICursor, counts: dict[RollupKey, list[int]]) -> None:

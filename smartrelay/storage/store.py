@@ -5,11 +5,12 @@ Each topic is its own module, with its values and queries: :mod:`~smartrelay.sto
 :mod:`~smartrelay.storage.events`, :mod:`~smartrelay.storage.feedback`,
 :mod:`~smartrelay.storage.logins`, :mod:`~smartrelay.storage.tracking`,
 :mod:`~smartrelay.storage.mailboxes`, :mod:`~smartrelay.storage.rollups`,
-:mod:`~smartrelay.storage.websessions`, :mod:`~smartrelay.storage.retention` and
-:mod:`~smartrelay.storage.reports`. They share the engine, the clock and one way of running a
-query (:class:`~smartrelay.storage.base.StoreBase`). Callers hold a ``Store`` and call its
-methods (``store.claim_due(...)``, ``store.smtp_credentials.add``); the names below are
-re-exported so that they can import the values from here.
+:mod:`~smartrelay.storage.websessions`, :mod:`~smartrelay.storage.warnings`,
+:mod:`~smartrelay.storage.retention` and :mod:`~smartrelay.storage.reports`. They share the
+engine, the clock and one way of running a query (:class:`~smartrelay.storage.base.StoreBase`).
+Callers hold a ``Store`` and call its methods (``store.claim_due(...)``,
+``store.smtp_credentials.add``); the names below are re-exported so that they can import the
+values from here.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from smartrelay.storage.suppressions import (
     SuppressionStore,
 )
 from smartrelay.storage.tracking import RecipientRef, TrackingStore
+from smartrelay.storage.warnings import WarningStore
 from smartrelay.storage.websessions import SessionTimes, WebSession, WebSessionStore
 
 __all__ = [
@@ -88,5 +90,6 @@ class Store(
     MailboxStore,
     WebSessionStore,
     ReportsStore,
+    WarningStore,
 ):
     """Every query SmartRelay runs; each public method is one transaction."""

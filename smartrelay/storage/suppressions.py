@@ -16,6 +16,8 @@ from smartrelay.storage.interfaces import ICursor, IDatabaseEngine
 from smartrelay.suppression import REASONS, Suppress
 
 SUPPRESSION_REASONS = REASONS
+#: At most this many entries per page of :meth:`SuppressionStore.search_suppressions`.
+MAX_SEARCH_PAGE = 1000
 
 _UPSERT = (
     "INSERT INTO suppressions (address, reason, created_at, expires_at, note)"
@@ -34,6 +36,23 @@ class Suppression:
     created_at: float
     expires_at: float | None
     note: str
+
+
+@frozen
+class SuppressionPage:
+    """A page of :meth:`SuppressionStore.search_suppressions`; ``next_after``: the ``after``
+    of the next page (None on the last)."""
+
+    rows: tuple[Suppression, ...]
+    next_after: str | None
+
+
+@frozen
+class ImportCounts:
+    """What :meth:`SuppressionStore.import_suppressions` did."""
+
+    added: int
+    updated: int
 
 
 @frozen
@@ -134,6 +153,81 @@ class SuppressionStore(StoreBase):
             return int(cursor.rowcount) > 0
 
         return await self.run("remove_suppression", txn)
+
+    async def import_suppressions(self, entries: Sequence[NewSuppression]) -> ImportCounts:
+        """Add or replace ``entries`` in one transaction (all or nothing) and count the new
+        addresses and the replaced entries (an address listed twice: its last entry wins)."""
+        for entry in entries:
+            if entry.reason not in SUPPRESSION_REASONS:
+                raise ValueError(f"unknown suppression reason {entry.reason!r}")
+        now_ms = self.now_ms()
+        latest = {
+            e.address.lower(): Suppress(e.address.lower(), e.reason, e.expires_at, e.note)
+            for e in entries
+        }
+        addresses = sorted(latest)
+
+        async def txn(cursor: ICursor) -> ImportCounts:
+            existing = 0
+            for chunk in chunks(addresses):
+                await cursor.execute(
+                    f"SELECT COUNT(*) FROM suppressions WHERE address IN ({marks(len(chunk))})",
+                    chunk,
+                )
+                row = cursor.fetchone()
+                existing += 0 if row is None else int(row[0])
+            for chunk in chunks(addresses):
+                await write_suppressions(cursor, now_ms, [latest[a] for a in chunk])
+            return ImportCounts(len(addresses) - existing, existing)
+
+        return await self.run("import_suppressions", txn)
+
+    async def search_suppressions(
+        self,
+        address: str | None = None,
+        domain: str | None = None,
+        reason: str | None = None,
+        include_expired: bool = False,
+        after: str | None = None,
+        limit: int = 50,
+    ) -> SuppressionPage:
+        """Entries by address order from just after ``after`` (keyset): one ``address``
+        (exact, any case), or those of a ``domain`` (``@domain``, exact), of a ``reason``; in
+        force now unless ``include_expired``."""
+        if not 1 <= limit <= MAX_SEARCH_PAGE:
+            raise ValueError(f"limit must be between 1 and {MAX_SEARCH_PAGE}, not {limit}")
+        now_ms = self.now_ms()
+        sql = _COLUMNS + " WHERE 1 = 1"
+        args: list[Any] = []
+        if address is not None:
+            sql += " AND address = ?"
+            args.append(address.strip().lower())
+        if domain is not None:
+            # LIKE with its wildcards escaped: the domain's characters are literal.
+            escaped = domain.strip().lstrip("@").lower()
+            for char in "!%_":
+                escaped = escaped.replace(char, "!" + char)
+            sql += " AND address LIKE ? ESCAPE '!'"
+            args.append("%@" + escaped)
+        if reason is not None:
+            sql += " AND reason = ?"
+            args.append(reason)
+        if not include_expired:
+            sql += " AND (expires_at IS NULL OR expires_at > ?)"
+            args.append(now_ms)
+        if after is not None:
+            sql += " AND address > ?"
+            args.append(after)
+        sql += " ORDER BY address LIMIT ?"
+        args.append(limit + 1)
+
+        async def txn(cursor: ICursor) -> SuppressionPage:
+            await cursor.execute(sql, args)
+            found = [_suppression(row) for row in cursor.fetchall()]
+            rows = tuple(found[:limit])
+            return SuppressionPage(rows, rows[-1].address if len(found) > limit else None)
+
+        return await self.run("search_suppressions", txn, readonly=True)
 
     async def list_suppressions(self, include_expired: bool = False) -> list[Suppression]:
         now_ms = self.now_ms()

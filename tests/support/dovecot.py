@@ -12,6 +12,7 @@ import grp
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -133,6 +134,11 @@ userdb {{
 }}
 service anvil {{
   chroot =
+  # No auth penalty (anvil's delay of 2, 4, 8 then 15 s after each failed login from an
+  # address, on top of auth_failure_delay): the auth process cannot open this socket.
+  unix_listener anvil-auth-penalty {{
+    mode = 0
+  }}
 }}
 service imap-login {{
   chroot =
@@ -171,6 +177,8 @@ service pop3-login {{
             [self.binary, "-F", "-c", str(self.directory / "dovecot.conf")],
             stdout=subprocess.DEVNULL,
             stderr=open(self.directory / "stderr.log", "ab"),  # noqa: SIM115
+            # Its own process group, so that stop() reaches every Dovecot process.
+            start_new_session=True,
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -189,17 +197,24 @@ service pop3-login {{
         raise DovecotUnavailable(f"dovecot did not answer in 30 s: {self.log_tail()}")
 
     def stop(self) -> None:
+        """Stop Dovecot the way ``systemctl stop`` does: SIGTERM to every one of its
+        processes, not only the master. A post-login ``imap`` process left alone outlives
+        its master by up to 30 s while its client keeps talking (an IMAP IDLE renewed every
+        few seconds): Dovecot lets busy clients finish."""
         process, self._process = self._process, None
         if process is None:
             return
-        process.terminate()
+        group = process.pid  # start_new_session: the master leads its own group
+        _signal_group(group, signal.SIGTERM)
         try:
-            # Dovecot's master may wait for a client's connection (an IMAP IDLE) to end: a
-            # test's restart does not need a graceful one.
-            process.wait(timeout=3)
+            process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while _signal_group(group, 0) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the children, no longer ours to wait for, are ending
+        _signal_group(group, signal.SIGKILL)
 
     def log_tail(self) -> str:
         parts = []
@@ -227,6 +242,15 @@ service pop3-login {{
         )
 
 
+def _signal_group(group: int, signum: int) -> bool:
+    """Send ``signum`` to process group ``group``; whether any process was in it."""
+    try:
+        os.killpg(group, signum)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 @contextmanager
 def running_dovecot(tls: bool = True, apop: bool = False) -> Iterator[Dovecot]:
     binary = find_dovecot()
@@ -234,12 +258,21 @@ def running_dovecot(tls: bool = True, apop: bool = False) -> Iterator[Dovecot]:
         raise DovecotUnavailable(
             "dovecot not installed (apt-get install dovecot-imapd dovecot-pop3d)"
         )
-    directory = Path(tempfile.mkdtemp(prefix="smartrelay-dovecot-"))
-    server = Dovecot(binary, directory, tls, apop)
-    try:
-        server.configure()
-        server.start()
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+    for attempt in range(3):
+        directory = Path(tempfile.mkdtemp(prefix="smartrelay-dovecot-"))
+        server = Dovecot(binary, directory, tls, apop)
+        try:
+            server.configure()
+            try:
+                server.start()
+            except DovecotUnavailable:
+                # A free port taken in the meantime (another test worker, another suite on
+                # the machine): new ports.
+                if attempt < 2 and "Address already in use" in server.log_tail():
+                    continue
+                raise
+            yield server
+            return
+        finally:
+            server.stop()
+            shutil.rmtree(directory, ignore_errors=True)

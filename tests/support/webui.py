@@ -139,8 +139,10 @@ async def ui_site(
     )
     service.startService()
     assert fatal == [] and service.port is not None
+    url = f"http://127.0.0.1:{service.port.getHost().port}"  # type: ignore[attr-defined]
+    ui.origin = url  # what a real browser sends as Origin (the port is known only now)
     yield Site(
-        f"http://127.0.0.1:{service.port.getHost().port}",  # type: ignore[attr-defined]
+        url,
         store,
         clock,
         auth,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import connectionDone
@@ -39,6 +39,7 @@ from smartrelay.feedback.mailboxes.session import (
     ReaderTunables,
     abort,
     answer,
+    closed_before_the_command,
     endpoint_for,
     mailbox_tls,
 )
@@ -69,6 +70,13 @@ class _ImapClient(imap4.IMAP4Client):
     def serverGreeting(self, caps: Any) -> None:
         if not self.greeted.called:
             self.greeted.callback(caps)
+
+    def sendCommand(self, cmd: imap4.Command) -> Deferred[Any]:
+        # Twisted's client has no queue left after connectionLost (a TypeError).
+        if self.lost.called:
+            return fail(closed_before_the_command())
+        d: Deferred[Any] = super().sendCommand(cmd)
+        return d
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)

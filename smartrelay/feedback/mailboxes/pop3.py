@@ -20,7 +20,7 @@ import contextlib
 import hashlib
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -41,6 +41,7 @@ from smartrelay.feedback.mailboxes.session import (
     ReaderTunables,
     abort,
     answer,
+    closed_before_the_command,
     endpoint_for,
     mailbox_tls,
 )
@@ -60,12 +61,29 @@ class _Pop3Client(AdvancedPOP3Client):
 
     def __init__(self) -> None:
         self.greeted: Deferred[bytes] = Deferred()
+        self._lost = False
 
     def serverGreeting(self, greeting: bytes) -> None:
         if not self.greeted.called:
             self.greeted.callback(greeting)
 
+    # Twisted's client sends a command on a closed connection and waits for its answer: the
+    # session would wait out the answer timeout (after stop(), a QUIT; after a server
+    # went away while a report was processed, a DELE).
+    def sendShort(self, cmd: bytes, args: bytes | None) -> Deferred[bytes]:
+        if self._lost:
+            return fail(closed_before_the_command())
+        d: Deferred[bytes] = super().sendShort(cmd, args)
+        return d
+
+    def sendLong(self, cmd: bytes, args: bytes | None, consumer: Any, xform: Any) -> Deferred[Any]:
+        if self._lost:
+            return fail(closed_before_the_command())
+        d: Deferred[Any] = super().sendLong(cmd, args, consumer, xform)
+        return d
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = True
         super().connectionLost(reason)
         if not self.greeted.called:
             error = getattr(self, "_greetingError", None)

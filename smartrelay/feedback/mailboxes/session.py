@@ -76,6 +76,12 @@ async def answer(
         raise MailboxError(f"no answer from the server to {what} in {seconds:g} s") from None
 
 
+def closed_before_the_command() -> MailboxError:
+    """The failure of a command that a reader's client did not send: the connection was
+    closed already (by stop() or the server), so no answer would ever come."""
+    return MailboxError("the connection was closed before the command was sent")
+
+
 def describe(error: BaseException | Failure) -> str:
     """One line for a failed session (the errors of Twisted's mail clients are bytes, lists,
     or connection failures with long reprs)."""

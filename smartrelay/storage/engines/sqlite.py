@@ -323,7 +323,11 @@ class SqliteEngine(PooledEngine[SqliteConnection]):
         return succeed(None)
 
     def schema_sql(self, text: str) -> str:
-        return text.replace("$ID_PK", "INTEGER PRIMARY KEY AUTOINCREMENT").replace("$BLOB", "BLOB")
+        return (
+            text.replace("$ID_PK", "INTEGER PRIMARY KEY AUTOINCREMENT")
+            .replace("$BLOB", "BLOB")
+            .replace("$WITHOUT_ROWID", "WITHOUT ROWID")
+        )
 
     def lock_statement(self) -> str | None:
         return None  # BEGIN IMMEDIATE already serialises every writer

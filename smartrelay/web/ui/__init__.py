@@ -3,20 +3,32 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 
 from smartrelay.config import Config
+from smartrelay.deliverability import DeliverabilitySettings, DnsChecker
+from smartrelay.delivery.mx import make_system_resolver
+from smartrelay.feedback.processor import FeedbackProcessor
 from smartrelay.reactor import IRelayReactor
+from smartrelay.rewrap.dkim import load_key
 from smartrelay.storage.store import Store
 from smartrelay.web.templating import Templates
 from smartrelay.web.ui.app import ReportsUI, Section
 from smartrelay.web.ui.auth import Authenticator
 from smartrelay.web.ui.context import UiContext
 from smartrelay.web.ui.dashboard import Dashboard
+from smartrelay.web.ui.deliverability import Deliverability
+from smartrelay.web.ui.feedback import Feedback
+from smartrelay.web.ui.messages import Messages
+from smartrelay.web.ui.queue import Queue
+from smartrelay.web.ui.suppressions import Suppressions
 
 __all__ = ["build_reports_ui"]
+
+T = TypeVar("T")
 
 
 def build_reports_ui(
@@ -24,20 +36,43 @@ def build_reports_ui(
     reactor: IRelayReactor,
     config: Config,
     templates: Templates | None = None,
+    feedback_processor: FeedbackProcessor | None = None,
 ) -> ReportsUI:
     """The reports UI of this config; its templates are compiled now (a broken one raises
-    :class:`~smartrelay.web.templating.TemplateError`)."""
+    :class:`~smartrelay.web.templating.TemplateError`). ``feedback_processor`` (the relay's)
+    lets the feedback page reprocess a report."""
+
+    def in_thread(work: Callable[[], T]) -> Deferred[T]:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), work)
+
     ui = UiContext(
         store_ready,
         Templates.load() if templates is None else templates,
         reactor,
         config.web.base_url,
         config.web.trusted_proxies,
-        extra={"config": config},
+        extra={
+            "config": config,
+            "feedback_processor": feedback_processor,
+            "in_thread": in_thread,
+        },
     )
 
-    def in_thread(work: Callable[[], bool]) -> Deferred[bool]:
-        return deferToThreadPool(reactor, reactor.getThreadPool(), work)
-
-    sections: dict[str, Section] = {"": Dashboard(ui)}
+    # The deliverability page reads the DKIM keys (their public halves) and asks the
+    # system's DNS, as delivery does, its resolver made at the first lookup (this runs after
+    # twistd dropped privileges: nothing more is imported now). A key that cannot be read
+    # stops the relay earlier.
+    deliverability = Deliverability(
+        ui,
+        DeliverabilitySettings.of(config, [load_key(spec) for spec in config.dkim_keys]),
+        DnsChecker(lambda: make_system_resolver(reactor), reactor),
+    )
+    sections: dict[str, Section] = {
+        "": Dashboard(ui),
+        "messages": Messages(ui),
+        "deliverability": deliverability,
+        "suppressions": Suppressions(ui),
+        "queue": Queue(ui),
+        "feedback": Feedback(ui),
+    }
     return ReportsUI(ui, Authenticator(ui, in_thread), sections)

@@ -123,6 +123,8 @@ class ReportsUI:
             section = self._sections.get(name)
             if section is None:
                 return self.ui.error(request, 404, "This part of the UI is not there yet.")
+            if not request.postpath:  # /ui/queue is the section's "/" (not a redirect to it)
+                request.postpath = [b""]
             return section
 
         return self._deferred(check())

@@ -1,2 +1,0 @@
--- PLACEHOLDER on branch ui-store only, so that its delta 010 applies (deltas are numbered
--- 1..N). Issue 15 reserves 009 for another branch: DELETE this file when merging.
