@@ -18,7 +18,7 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from tests.support.browser import PASSWORD, USER, Chromium, UiRelay, needs_section, wait_until
+from tests.support.browser import PASSWORD, USER, Chromium, UiRelay, wait_until
 from tests.support.relay import HOST
 from tests.support.run import query
 from tests.support.smtp_peer import PeerLog, scripted_peer
@@ -157,7 +157,6 @@ def test_the_dashboard_shows_the_counts(
 def test_the_dashboard_shows_charts(
     chromium: Chromium, relay: UiRelay, request: pytest.FixtureRequest
 ) -> None:
-    needs_section("smartrelay.web.ui.dashboard", "VOLUME_OUTCOMES")
     logged_in(chromium, relay)
     chromium.go(relay.url("/ui/?period=24h&tag=old-traffic"))
     # The charts are server-rendered SVG, drawn at a visible size.
@@ -179,7 +178,6 @@ def test_the_dashboard_shows_charts(
 def test_search_a_message_and_open_its_timeline(
     chromium: Chromium, relay: UiRelay, mail: dict[str, str], request: pytest.FixtureRequest
 ) -> None:
-    needs_section("smartrelay.web.ui.messages")
     logged_in(chromium, relay)
     chromium.submit(chromium.css("nav a[href='/ui/messages']"))
     chromium.shot(request, "messages")
@@ -209,7 +207,6 @@ def test_search_a_message_and_open_its_timeline(
 def test_add_and_remove_a_suppression(
     chromium: Chromium, relay: UiRelay, request: pytest.FixtureRequest
 ) -> None:
-    needs_section("smartrelay.web.ui.suppressions")
     address = "no-more-mail@example.net"
     logged_in(chromium, relay)
     chromium.go(relay.url("/ui/suppressions"))
@@ -245,7 +242,6 @@ def test_retry_a_deferred_message(
     peer: tuple[int, PeerLog],
     request: pytest.FixtureRequest,
 ) -> None:
-    needs_section("smartrelay.web.ui.queue")
     queue_id = mail[DEFERRED]
     logged_in(chromium, relay)
     chromium.go(relay.url("/ui/queue"))

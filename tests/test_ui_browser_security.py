@@ -24,7 +24,7 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.support.browser import Chromium, PageProblem, UiRelay, needs_section, wait_until
+from tests.support.browser import Chromium, PageProblem, UiRelay, wait_until
 from tests.support.old_traffic import HOSTILE_TAG, HOSTILE_URLS
 from tests.support.postgres import PostgresServer
 from tests.support.relay import HOST
@@ -248,7 +248,6 @@ def test_a_form_with_a_wrong_or_no_csrf_token_is_refused(
 def test_a_suppression_posted_with_a_forged_csrf_token_is_not_added(
     chromium: Chromium, relay: UiRelay, request: pytest.FixtureRequest
 ) -> None:
-    needs_section("smartrelay.web.ui.suppressions")
     address = "forged-form@example.net"
     logged_in(chromium, relay)
     chromium.go(relay.url("/ui/suppressions"))
@@ -310,7 +309,6 @@ def test_the_dashboard_shows_a_hostile_tag_as_text(
 def test_the_dashboard_shows_hostile_urls_as_text(
     chromium: Chromium, relay: UiRelay, request: pytest.FixtureRequest
 ) -> None:
-    needs_section("smartrelay.web.ui.dashboard", "VOLUME_OUTCOMES")
     logged_in(chromium, relay)
     chromium.go(relay.url(f"/ui/?period=24h&tag={quote(HOSTILE_TAG)}"))
     assert_shown_as_text(chromium, *HOSTILE_URLS[:2])
@@ -327,7 +325,6 @@ def test_the_dashboard_shows_hostile_urls_as_text(
 def test_the_message_list_shows_hostile_mail_as_text(
     chromium: Chromium, relay: UiRelay, hostile_mail: str, request: pytest.FixtureRequest
 ) -> None:
-    needs_section("smartrelay.web.ui.messages")
     logged_in(chromium, relay)
     # Filters holding markup and quotes reach SQL as parameters: each finds the message.
     for field, value in (("tag", MAIL_TAG), ("recipient", RECIPIENT), ("meta", f"Note={META}")):
@@ -342,7 +339,6 @@ def test_the_message_list_shows_hostile_mail_as_text(
 def test_the_message_page_shows_hostile_mail_as_text(
     chromium: Chromium, relay: UiRelay, hostile_mail: str, request: pytest.FixtureRequest
 ) -> None:
-    needs_section("smartrelay.web.ui.messages")
     logged_in(chromium, relay)
     chromium.go(relay.url(f"/ui/messages/{hostile_mail}"))
     chromium.css("#message-headers summary").click()  # the headers, with the From line
@@ -361,7 +357,6 @@ def test_the_message_page_shows_hostile_mail_as_text(
 def test_the_queue_shows_hostile_replies_as_text(
     chromium: Chromium, relay: UiRelay, hostile_mail: str, request: pytest.FixtureRequest
 ) -> None:
-    needs_section("smartrelay.web.ui.queue")
     logged_in(chromium, relay)
     chromium.go(relay.url("/ui/queue"))
     assert_shown_as_text(chromium, "hostile.example", DEFER_REPLY)
@@ -374,7 +369,6 @@ def test_the_queue_shows_hostile_replies_as_text(
 def test_suppressions_show_hostile_addresses_and_notes_as_text(
     chromium: Chromium, relay: UiRelay, hostile_mail: str, request: pytest.FixtureRequest
 ) -> None:
-    needs_section("smartrelay.web.ui.suppressions")
     logged_in(chromium, relay)
     # The hard bounce suppressed its address on its own; add one more with a hostile note.
     address = f"{HOSTILE_LOCAL}@suppressed.example"
@@ -419,7 +413,6 @@ def test_feedback_shows_hostile_diagnostics_as_text(
     peer: tuple[int, PeerLog],
     request: pytest.FixtureRequest,
 ) -> None:
-    needs_section("smartrelay.web.ui.feedback")
     return_path = peer[1].return_path(RECIPIENT)
     assert return_path is not None
     with smtplib.SMTP(HOST, relay.inbound_port, timeout=30) as client:
@@ -442,7 +435,6 @@ def test_feedback_shows_hostile_diagnostics_as_text(
 def test_the_deliverability_page_is_clean(
     chromium: Chromium, relay: UiRelay, hostile_mail: str, request: pytest.FixtureRequest
 ) -> None:
-    needs_section("smartrelay.web.ui.deliverability")
     logged_in(chromium, relay)
     chromium.go(relay.url("/ui/deliverability"))
     assert_shown_as_text(chromium, "shop.example")

@@ -20,7 +20,6 @@ network. Without them a test skips, or fails with ``SMARTRELAY_REQUIRE_SERVICES=
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -409,22 +408,6 @@ class UiRelay:
 
     def ctl(self, *args: str, stdin: str = "") -> str:
         return assert_ok(ctl(self.config, *args, stdin=stdin)).stdout
-
-
-def needs_section(module: str, name: str | None = None) -> None:
-    """Skip, saying so, a test of a part of the UI this checkout does not have yet (issue 15's
-    sections reach main one by one); a no-op once ``module`` (and its ``name``) is there. A
-    module that is there but fails to import (a missing dependency) is an error, not a skip."""
-    try:
-        found = importlib.import_module(module)
-    except ModuleNotFoundError as error:
-        if error.name != module:
-            raise
-        pytest.skip(f"{module} is not in this checkout yet (issue 15, another helper's section)")
-    if name is not None and not hasattr(found, name):
-        pytest.skip(
-            f"{module}.{name} is not in this checkout yet (issue 15, the dashboard's charts)"
-        )
 
 
 def wait_until(condition: Callable[[], T | None], what: str, timeout: float = WAIT) -> T:
