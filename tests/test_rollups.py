@@ -470,6 +470,50 @@ async def test_service_keeps_going_after_errors(
     assert any("working again" in t for t in texts)
 
 
+class Slow(Store):
+    """A store whose roll_up takes ``took`` seconds of the clock."""
+
+    def __init__(self, engine: IDatabaseEngine, clock: Clock, took: float) -> None:
+        super().__init__(engine, clock)
+        self.test_clock = clock
+        self.took = took
+
+    async def roll_up(self, horizon: float, limit: int) -> int:
+        counted = await super().roll_up(horizon, limit)
+        self.test_clock.advance(self.took)
+        return counted
+
+
+@pytest_twisted.ensureDeferred
+async def test_service_reports_each_pass_time(
+    engine: IDatabaseEngine, clock: Clock, logged: list[LogEvent]
+) -> None:
+    """Each pass's events and duration are logged (debug) and summed in ``busy``: what
+    bench/relay.py --rollup-cost reads."""
+    store = Slow(engine, clock, 0.25)
+    await store.record_engagement(RecipientRef(1, "q1", "a@x.example", "s"), opened(False))
+    clock.advance(ROLLUP_LAG + 1)
+    service = RollupService(clock, store, interval=10)
+    service.startService()
+    try:
+        await run_due(service, clock)
+        clock.advance(10)
+        await run_due(service, clock)
+    finally:
+        await service.stopService()
+    assert service.passes == 2 and service.busy == pytest.approx(0.5)
+    passes = [
+        e
+        for e in logged
+        if e.get("log_namespace") == "smartrelay.retention.rollup"
+        and "roll-up pass" in str(e.get("log_format", ""))
+    ]
+    assert [(e["counted"], e["took"], e["log_level"].name) for e in passes] == [
+        (1, pytest.approx(0.25), "debug"),
+        (0, pytest.approx(0.25), "debug"),
+    ]
+
+
 class Waiting(Store):
     """A store whose roll_up waits for the test."""
 
