@@ -13,7 +13,7 @@ import pytest_twisted
 from twisted.internet import task
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 from smartrelay.events import (
@@ -512,6 +512,8 @@ async def test_service_reports_each_pass_time(
         (1, pytest.approx(0.25), "debug"),
         (0, pytest.approx(0.25), "debug"),
     ]
+    # The line bench/relay.py --rollup-cost parses (its _ROLLUP_PASS).
+    assert formatEvent(passes[0]) == "roll-up pass: 1 events in 0.2500 s"
 
 
 class Waiting(Store):
