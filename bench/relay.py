@@ -72,17 +72,18 @@ machine's other work fall on both). Idle without a switch in the product: the sc
 PostgreSQL, in a write transaction on SQLite); the service's passes still run every 10 s, read
 no event and leave the position alone, which is what a caught-up roll-up costs on an idle relay.
 Working: just before the phase, the position is put a minute (ROLLUP_LAG) behind the clock,
-where it would be had the roll-up run all along, so during the phase it counts the load's
-events of 60 s before, a steady stream at the load's own rate (a lead-in, phase (a)'s messages
-sent again and not measured, makes sure a minute of load lies behind the first working phase);
-that is the relay's steady state under a constant load, the lag changing only which events a
-pass reads, not how many. The events the roll-up counted against those the phase wrote shows
-that it was so (about 100 %). The events outside the working phases are never counted: this
-database's roll-ups are not correct, which no figure here needs. Per phase: accepted and end
-to end msg/s, the relay's CPU per 1,000 messages (+ the PostgreSQL server's), the events
-written, the roll-up's passes (from its debug log lines "roll-up pass: N events in S s": the
-passes' wall time, waits for the database and the thread pool included) and the longest; then
-working against idle, medians over the rounds.
+where it would be had the roll-up run all along, so during the phase it counts the load's events
+of 60 s before, a steady stream at the load's own rate (a lead-in, phase (a)'s messages sent
+again and not measured, makes sure a minute of load lies behind the first working phase); that
+is the relay's steady state under a constant load, the lag changing only which events a pass
+reads, not how many. The events the roll-up counted against those the phase wrote shows that it
+was so: near 100 %, less by up to the 10 s the last pass of a phase leaves to the next one (so
+60-90 % for phases of 20-30 s; longer phases bring it nearer). The events outside the working
+phases are never counted: this database's roll-ups are not correct, which no figure here needs.
+Per phase: accepted and end to end msg/s, the relay's CPU per 1,000 messages (+ the PostgreSQL
+server's), the events written, the roll-up's passes (from its debug log lines "roll-up pass: N
+events in S s": the passes' wall time, waits for the database and the thread pool included) and
+the longest; then working against idle, medians over the rounds.
 
 The queue run (`--queue-run`) shows SmartRelay's memory against its queue size: SmartRelay on
 SQLite, its route pointing at a closed port (connection refused; `--queue-next-hop defer`: a

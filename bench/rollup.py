@@ -3,14 +3,14 @@
     .venv/bin/python bench/rollup.py [--events 200000] [--batch 5000] [--engine sqlite]
         [--seed 1] [--mix full|delivery] [--load RATE,EVENTS_PER_MESSAGE,RELAY_CPU_MS]
 
-Generates ``--events`` events of messages that are all different (each has its own sender
-domain out of 2,000, recipient domain out of 5,000 and zero to three tags out of 300), the
-mix of a transactional relay: received, then delivered (some deferred first), bounced (hard
-and soft, several categories) or suppressed, and for a part of the delivered, machine and
-human opens and clicks, spread over 48 hours. They are written straight into a fresh database
-(SQLite by default; ``--engine postgresql`` starts a throwaway server from
-tests/support/postgres.py, and the database is vacuumed and analysed after the fill, so that
-autovacuum's catching up with it is not in the server's CPU). Then it runs ``store.roll_up(horizon, --batch)`` as the service
+Generates ``--events`` events of messages that are all different (each has its own sender domain
+out of 2,000, recipient domain out of 5,000 and zero to three tags out of 300), the mix of a
+transactional relay: received, then delivered (some deferred first), bounced (hard and soft,
+several categories) or suppressed, and for a part of the delivered, machine and human opens and
+clicks, spread over 48 hours. They are written straight into a fresh database (SQLite by
+default; ``--engine postgresql`` starts a throwaway server from tests/support/postgres.py, and
+the database is vacuumed and analysed after the fill, so that autovacuum's catching up with it
+is not in the server's CPU). Then it runs ``store.roll_up(horizon, --batch)`` as the service
 does until the backlog is counted, and prints events per second, the CPU seconds per 1,000
 events (this process's, which runs SQLite's queries, plus, on PostgreSQL, the server's), the
 slowest batch (the time its transaction holds SQLite's write lock) and the rows written. It
