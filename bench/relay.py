@@ -6,7 +6,8 @@
         [--sessions 20] [--latency-messages 2000] [--latency-sessions 50] [--pg-fsync on|off]
         [--seed 1] [--identical] [--queue-run] [--queue-messages 100000]
         [--queue-next-hop refuse|defer] [--purge-backlog EVENTS [--purge-backlog-kind full|events]
-        [--purge-kept-bodies 20000] [--purge-rounds 2]] [--quick] [--keep]
+        [--purge-kept-bodies 20000] [--purge-rounds 2]] [--rollup-cost [--rounds 3]]
+        [--quick] [--keep]
 
 Everything runs on loopback, one system at a time, each relaying to its own Postfix
 `smtp-sink -c` (whose running counter this script reads from a pipe: the same count for every
@@ -62,6 +63,27 @@ phases with it in all, each followed by one without (the same relay and database
 interleaved so that drift and the machine's other work fall on both). The lines say what the
 purge removed (`purge --dry-run` before and after), its CPU from its first batch, each phase's
 rates, and the end-to-end rate with the purge against without, overall and phase by phase.
+
+The roll-up's cost (`--rollup-cost`, e.g. `--systems sqlite,postgresql --messages 2000`): after
+phase (a), phase (a) is repeated with other messages of the load, the relay's roll-up idle, then
+working, --rounds times (the same relay and database; interleaved so that drift and the
+machine's other work fall on both). Idle without a switch in the product: the script moves
+`rollup_progress` ten years ahead (as a second node would: under the roll-up's advisory lock on
+PostgreSQL, in a write transaction on SQLite); the service's passes still run every 10 s, read
+no event and leave the position alone, which is what a caught-up roll-up costs on an idle relay.
+Working: just before the phase, the position is put a minute (ROLLUP_LAG) behind the clock,
+where it would be had the roll-up run all along, so during the phase it counts the load's events
+of 60 s before, a steady stream at the load's own rate (a lead-in, phase (a)'s messages sent
+again and not measured, makes sure a minute of load lies behind the first working phase); that
+is the relay's steady state under a constant load, the lag changing only which events a pass
+reads, not how many. The events the roll-up counted against those the phase wrote shows that it
+was so: near 100 %, less by up to the 10 s the last pass of a phase leaves to the next one (so
+60-90 % for phases of 20-30 s; longer phases bring it nearer). The events outside the working
+phases are never counted: this database's roll-ups are not correct, which no figure here needs.
+Per phase: accepted and end to end msg/s, the relay's CPU per 1,000 messages (+ the PostgreSQL
+server's), the events written, the roll-up's passes (from its debug log lines "roll-up pass: N
+events in S s": the passes' wall time, waits for the database and the thread pool included) and
+the longest; then working against idle, medians over the rounds.
 
 The queue run (`--queue-run`) shows SmartRelay's memory against its queue size: SmartRelay on
 SQLite, its route pointing at a closed port (connection refused; `--queue-next-hop defer`: a
@@ -120,6 +142,7 @@ from load import (  # noqa: E402
 )
 
 from smartrelay import __version__ as smartrelay_version  # noqa: E402
+from smartrelay.retention.rollup import ROLLUP_LAG  # noqa: E402
 from smartrelay.rewrap.dkim import generate_key  # noqa: E402
 from tests.support.postgres import (  # noqa: E402
     PostgresServer,
@@ -589,6 +612,8 @@ class Result:
     notes: list[str] = field(default_factory=list)
     #: --purge-backlog: what the purge removed during phase (a), one line.
     purge: str | None = None
+    #: --rollup-cost: the roll-up working against idle, one line.
+    rollup: str | None = None
 
 
 @dataclass
@@ -614,6 +639,8 @@ class Settings:
     latency_load: list[Outgoing] = field(default_factory=list)
     #: --purge-backlog: phase (a) without the purge, before and after the one with it.
     control_loads: list[list[Outgoing]] = field(default_factory=list)
+    #: --rollup-cost: phase (a) again, the roll-up idle, then working, --rounds times.
+    rollup_loads: list[list[Outgoing]] = field(default_factory=list)
 
 
 class System(abc.ABC):
@@ -824,6 +851,8 @@ class RelaySystem(System):
         self.started_ms = 0
         #: Config appended for the relay only (smartrelay-ctl reads the config without it).
         self.relay_only_config = ""
+        #: Messages sent besides the settings' loads (--rollup-cost's lead-in).
+        self.extra_sent = 0
 
     def config(self) -> str:
         key_path, _ = generate_key("example.com", "bench", "rsa", str(self.tmp / "dkim"))
@@ -1044,6 +1073,194 @@ def purge_rounds(
     return without, with_purge
 
 
+# -- --rollup-cost: the roll-up working or idle, alternately -----------------------------------
+
+#: rollup_progress's position while the roll-up is idle: ten years ahead (its passes then read
+#: no event, and never move the position back: smartrelay/storage/rollups.py).
+IDLE_AHEAD_MS = 10 * 365 * 86_400_000
+_ROLLUP_PASS = re.compile(r"roll-up pass: (\d+) events in ([0-9.]+) s")
+
+
+def set_rollup_position(database: str, time_ms: int) -> None:
+    """Move ``rollup_progress`` to (``time_ms``, 0) as a second node's pass would: on
+    PostgreSQL under the roll-up's advisory lock, on SQLite in a write transaction (so a pass
+    under way finishes first and the next one reads the new position)."""
+    upsert = (
+        "INSERT INTO rollup_progress (name, time_ms, last_id) VALUES ('rollups', {0}, 0)"
+        " ON CONFLICT (name) DO UPDATE SET time_ms = excluded.time_ms, last_id = 0"
+    )
+    if database.startswith("sqlite:"):
+        db = sqlite3.connect(database.removeprefix("sqlite:"), 60, isolation_level=None)
+        with contextlib.closing(db):
+            db.execute("BEGIN IMMEDIATE")
+            db.execute(upsert.format("?"), (time_ms,))
+            db.execute("COMMIT")
+        return
+    with contextlib.closing(psycopg2.connect(database)) as connection, connection:
+        cursor = connection.cursor()  # one transaction: the lock is held until it commits
+        cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("smartrelay:rollup",))
+        cursor.execute(upsert.format("%s"), (time_ms,))
+
+
+def count_all_events(database: str, since_ms: int, until_ms: int) -> int:
+    query = "SELECT COUNT(*) FROM events WHERE time >= %s AND time < %s"
+    if database.startswith("sqlite:"):
+        with contextlib.closing(sqlite3.connect(database.removeprefix("sqlite:"), 30)) as db:
+            row = db.execute(query.replace("%s", "?"), (since_ms, until_ms)).fetchone()
+            return int(row[0])
+    with contextlib.closing(psycopg2.connect(database)) as connection:
+        cursor = connection.cursor()
+        cursor.execute(query, (since_ms, until_ms))
+        found = cursor.fetchone()
+        return int(found[0]) if found else 0
+
+
+class LogTail:
+    """The lines a log file gains from now on, across twistd's rotations (relay.log is renamed
+    relay.log.1 at 1 MB): the file is followed by its inode."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        stat = path.stat()
+        self._inode, self._offset = stat.st_ino, stat.st_size
+
+    def _by_inode(self, inode: int) -> Path | None:
+        for candidate in sorted(self.path.parent.glob(self.path.name + "*")):
+            with contextlib.suppress(OSError):
+                if candidate.stat().st_ino == inode:
+                    return candidate
+        return None
+
+    def read(self) -> list[str]:
+        """The new lines (whole ones) since the last call."""
+        lines: list[str] = []
+        while True:
+            current = self._by_inode(self._inode)
+            if current is not None:
+                with open(current, "rb") as log:
+                    log.seek(self._offset)
+                    data = log.read()
+                whole = data[: data.rfind(b"\n") + 1]
+                self._offset += len(whole)
+                lines += whole.decode(errors="replace").splitlines()
+            now = self.path.stat().st_ino
+            if now == self._inode:
+                return lines
+            self._inode, self._offset = now, 0  # rotated: the rest of the old file was read
+
+
+@dataclass(frozen=True)
+class RollupPhase:
+    """One --rollup-cost phase: the load's figures and the roll-up's passes meanwhile."""
+
+    on: bool
+    phase: Phase
+    seconds: float  # the phase's wall time, the client's start until the sink had them all
+    messages: int
+    events: int  # events the relay wrote with a time inside the phase
+    passes: int
+    counted: int  # events the roll-up counted during the phase
+    busy_s: float  # the passes' durations, summed
+    longest_s: float
+
+    def cpu_ms(self) -> float:
+        """Relay CPU (plus the PostgreSQL server's) per message, ms."""
+        return (self.phase.cpu_s + self.phase.db_cpu_s) * 1000 / self.messages
+
+
+def rollup_phase(
+    system: RelaySystem,
+    sink: CountingSink,
+    settings: Settings,
+    messages: Sequence[Outgoing],
+    on: bool,
+    tail: LogTail,
+) -> RollupPhase:
+    """Phase (a) with other messages, the roll-up working (its position put where it would be
+    had it run all along: ROLLUP_LAG before now) or idle (its position ten years ahead)."""
+    now_ms = int(time.time() * 1000)
+    lag_ms = int(ROLLUP_LAG * 1000)
+    set_rollup_position(system.database, now_ms - lag_ms if on else now_ms + IDLE_AHEAD_MS)
+    tail.read()  # the passes before the phase are not its own
+    began_ms = int(time.time() * 1000)
+    phase = timed_phase(system, sink, settings, messages)  # it pauses 0.5 s first
+    seconds = len(messages) / phase.e2e  # the client's start until the sink had them all
+    ended_ms = int(time.time() * 1000)
+    passes = [
+        (int(match[1]), float(match[2]))
+        for line in tail.read()
+        if (match := _ROLLUP_PASS.search(line)) is not None
+    ]
+    time.sleep(1)  # the phase's last outcomes are committed
+    return RollupPhase(
+        on=on,
+        phase=phase,
+        seconds=seconds,
+        messages=len(messages),
+        events=count_all_events(system.database, began_ms, ended_ms),
+        passes=len(passes),
+        counted=sum(counted for counted, _ in passes),
+        busy_s=sum(took for _, took in passes),
+        longest_s=max((took for _, took in passes), default=0.0),
+    )
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def rollup_rounds(
+    system: RelaySystem, sink: CountingSink, settings: Settings, phase_a_started: float
+) -> str:
+    """--rollup-cost after phase (a): the roll-up idle, then working, --rounds times; a lead-in
+    first (phase (a)'s messages again, not measured) so that the first working phase has a
+    minute of the load behind it. Returns the summary line."""
+    tail = LogTail(system.log)
+    set_rollup_position(system.database, int(time.time() * 1000) + IDLE_AHEAD_MS)
+    phases: list[RollupPhase] = []
+    for index, messages in enumerate(settings.rollup_loads):
+        on = index % 2 == 1
+        while on and time.perf_counter() - phase_a_started < ROLLUP_LAG + 5:
+            # The lead-in: the roll-up, once working, reads the events of a minute ago.
+            print(f"  {system.name}: lead-in (not measured), so that a minute of load is behind")
+            base = sink.count
+            send_load(system.port, settings.throughput_load, settings.sessions)
+            sink.wait_for(base + len(settings.throughput_load), settings.timeout)
+            system.extra_sent += len(settings.throughput_load)
+        phase = rollup_phase(system, sink, settings, messages, on, tail)
+        phases.append(phase)
+        p = phase.phase
+        print(
+            f"  {system.name}: round {index // 2 + 1}, roll-up {'WORKING' if on else 'idle'}:"
+            f" accepted {p.accepted:,.0f} msg/s, end to end {p.e2e:,.0f} msg/s,"
+            f" CPU {p.cpu_s * 1000 / phase.messages:.2f} s per 1,000 messages"
+            + (f" (+{p.db_cpu_s * 1000 / phase.messages:.2f} server)" if system.db_roots() else "")
+            + f"; {phase.events:,} events written ({phase.events / phase.messages:.2f} a message);"
+            f" the roll-up: {phase.passes} passes, {phase.counted:,} events,"
+            f" {phase.busy_s:.2f} s ({phase.busy_s / phase.seconds:.1%} of the phase),"
+            f" longest {phase.longest_s * 1000:.0f} ms; {p.usage}"
+        )
+    on = [p for p in phases if p.on]
+    off = [p for p in phases if not p.on]
+
+    def diff(key: Callable[[RollupPhase], float]) -> str:
+        with_it, without = _median([key(p) for p in on]), _median([key(p) for p in off])
+        return f"{with_it:,.2f} vs {without:,.2f} ({with_it / without - 1:+.1%})"
+
+    return (
+        f"roll-up working vs idle, medians over {len(on)} rounds: accepted msg/s"
+        f" {diff(lambda p: p.phase.accepted)}, end to end msg/s {diff(lambda p: p.phase.e2e)},"
+        f" CPU ms a message{' (relay + server)' if system.db_roots() else ''}"
+        f" {diff(RollupPhase.cpu_ms)}; while working, the roll-up counted"
+        f" {sum(p.counted for p in on) / max(1, sum(p.events for p in on)):.0%} as many events"
+        f" as the phases wrote, its passes took {_median([p.busy_s / p.seconds for p in on]):.1%}"
+        f" of the time (longest {max(p.longest_s for p in on) * 1000:.0f} ms);"
+        f" {_median([p.events / p.messages for p in phases]):.2f} events a message"
+    )
+
+
 def measure(
     system: System,
     sink: CountingSink,
@@ -1122,6 +1339,9 @@ def measure(
             f" {', '.join(f'{r:+.1%}' for r in ratios)}"
         )
         print(f"  {system.name}: {result.purge}")
+    if settings.rollup_loads and isinstance(system, RelaySystem):
+        result.rollup = rollup_rounds(system, sink, settings, started)
+        print(f"  {system.name}: {result.rollup}")
 
     # (b) latency
     time.sleep(0.5)
@@ -1317,6 +1537,7 @@ def run_relay(
             assert isinstance(system, RelaySystem)
             expected = settings.warmup + settings.messages + settings.latency_messages
             expected += sum(len(load) for load in settings.control_loads)
+            expected += sum(len(load) for load in settings.rollup_loads) + system.extra_sent
             deadline = time.monotonic() + 30  # outcomes are committed after the sink's 250
             delivered = system.delivered()
             while delivered < expected and time.monotonic() < deadline:
@@ -1576,6 +1797,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=20_000,
         help="with --purge-backlog: recent finished messages still holding their bodies",
     )
+    parser.add_argument(
+        "--rollup-cost",
+        action="store_true",
+        help="after phase (a), phase (a) again with the roll-up idle, then working, --rounds"
+        " times (SmartRelay only)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="with --rollup-cost: idle/working pairs (default 3)"
+    )
     parser.add_argument("--queue-run", action="store_true", help="also the queue-size run")
     parser.add_argument("--queue-messages", type=int, help="default 100000")
     parser.add_argument(
@@ -1605,6 +1835,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown system(s): {', '.join(sorted(unknown))}")
     args.systems = systems
     return args
+
+
+ROLLUP_LINE = (
+    "roll-up: after phase (a), phase (a) again with other messages, the roll-up idle (its"
+    " position ten years ahead), then working (its position put a minute behind the clock, where"
+    " it would be had it run all along), {rounds} times; the roll-up's passes from its debug log"
+    " lines (their wall time, waits for the database included)"
+)
 
 
 def purge_line(events: int, args: argparse.Namespace) -> str:
@@ -1664,6 +1902,8 @@ def main() -> int:
     )
     if args.purge_backlog:
         print(purge_line(args.purge_backlog, args))
+    if args.rollup_cost:
+        print(ROLLUP_LINE.format(rounds=args.rounds))
     print()
     results: list[Result] = []
     queue_lines: list[str] = []
@@ -1692,6 +1932,15 @@ def main() -> int:
                 args.identical,
             )
             for i in range(2 * args.purge_rounds - 1 if args.purge_backlog else 0)
+        ],
+        rollup_loads=[
+            make_load(
+                args.warmup + args.messages + args.latency_messages + (100 + i) * args.messages,
+                args.messages,
+                args.seed,
+                args.identical,
+            )
+            for i in range(2 * args.rounds if args.rollup_cost else 0)
         ],
     )
     pg_settings = ""
@@ -1736,6 +1985,8 @@ def main() -> int:
         for r in results:
             if r.purge:
                 print(f"{r.system}: {r.purge}")
+            if r.rollup:
+                print(f"{r.system}: {r.rollup}")
         print(
             "accepted: N / the client's wall time; e2e: N / (client start -> sink has all N);"
             " p50/p99: DATA-dot -> 250; peak RSS/PSS: summed over the system's processes"

@@ -13,7 +13,7 @@ import pytest_twisted
 from twisted.internet import task
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 from smartrelay.events import (
@@ -468,6 +468,52 @@ async def test_service_keeps_going_after_errors(
     failures = [e["log_failure"] for e in ours if "log_failure" in e]
     assert any(f.check(RuntimeError) for f in failures)
     assert any("working again" in t for t in texts)
+
+
+class Slow(Store):
+    """A store whose roll_up takes ``took`` seconds of the clock."""
+
+    def __init__(self, engine: IDatabaseEngine, clock: Clock, took: float) -> None:
+        super().__init__(engine, clock)
+        self.test_clock = clock
+        self.took = took
+
+    async def roll_up(self, horizon: float, limit: int) -> int:
+        counted = await super().roll_up(horizon, limit)
+        self.test_clock.advance(self.took)
+        return counted
+
+
+@pytest_twisted.ensureDeferred
+async def test_service_reports_each_pass_time(
+    engine: IDatabaseEngine, clock: Clock, logged: list[LogEvent]
+) -> None:
+    """Each pass's events and duration are logged (debug) and summed in ``busy``: what
+    bench/relay.py --rollup-cost reads."""
+    store = Slow(engine, clock, 0.25)
+    await store.record_engagement(RecipientRef(1, "q1", "a@x.example", "s"), opened(False))
+    clock.advance(ROLLUP_LAG + 1)
+    service = RollupService(clock, store, interval=10)
+    service.startService()
+    try:
+        await run_due(service, clock)
+        clock.advance(10)
+        await run_due(service, clock)
+    finally:
+        await service.stopService()
+    assert service.passes == 2 and service.busy == pytest.approx(0.5)
+    passes = [
+        e
+        for e in logged
+        if e.get("log_namespace") == "smartrelay.retention.rollup"
+        and "roll-up pass" in str(e.get("log_format", ""))
+    ]
+    assert [(e["counted"], e["took"], e["log_level"].name) for e in passes] == [
+        (1, pytest.approx(0.25), "debug"),
+        (0, pytest.approx(0.25), "debug"),
+    ]
+    # The line bench/relay.py --rollup-cost parses (its _ROLLUP_PASS).
+    assert formatEvent(passes[0]) == "roll-up pass: 1 events in 0.2500 s"
 
 
 class Waiting(Store):
