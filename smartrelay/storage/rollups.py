@@ -257,19 +257,25 @@ async def _read_events(
         f" WHERE e.time < ?{after} ORDER BY e.time, e.id LIMIT ?",
         (horizon_ms, *args, limit),
     )
-    return [
-        (
-            int(r[0]),
-            int(r[1]),
-            str(r[2]),
-            None if r[3] is None else str(r[3]),
-            None if r[4] is None else str(r[4]),
-            None if r[5] is None else str(r[5]),
-            None if r[6] is None else str(r[6]),
-            None if r[7] is None else str(r[7]),
-        )
-        for r in cursor.fetchall()
-    ]
+    return [_event_of(r) for r in cursor.fetchall()]
+
+
+def _event_of(row: Sequence[Any]) -> _Event:
+    """An events-join-messages row (time, id, type, queue_id, recipient, data, sender, tags)."""
+
+    def text(value: object) -> str | None:
+        return None if value is None else str(value)
+
+    return (
+        int(row[0]),
+        int(row[1]),
+        str(row[2]),
+        text(row[3]),
+        text(row[4]),
+        text(row[5]),
+        text(row[6]),
+        text(row[7]),
+    )
 
 
 async def _aggregate(
@@ -423,19 +429,7 @@ async def backfill_url_rollups(cursor: ICursor) -> None:
             " ORDER BY e.time, e.id LIMIT 5000",
             (*after, *position),
         )
-        events = [
-            (
-                int(r[0]),
-                int(r[1]),
-                str(r[2]),
-                None if r[3] is None else str(r[3]),
-                None if r[4] is None else str(r[4]),
-                None if r[5] is None else str(r[5]),
-                None if r[6] is None else str(r[6]),
-                None if r[7] is None else str(r[7]),
-            )
-            for r in cursor.fetchall()
-        ]
+        events = [_event_of(r) for r in cursor.fetchall()]
         if not events:
             return
         await _upsert_urls(cursor, _url_counts(events))

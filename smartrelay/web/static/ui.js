@@ -1,5 +1,6 @@
-// SmartRelay reports UI. The pages work without this file; it only shows every
-// <time datetime="..."> in the viewer's time zone, keeping the UTC time on hover (title).
+// SmartRelay reports UI. The pages work without this file; it shows every
+// <time datetime="..."> in the viewer's time zone, keeping the UTC time on hover (title),
+// and reloads a page the browser restores from its back-forward cache.
 "use strict";
 (function () {
   var format = new Intl.DateTimeFormat(undefined, {
@@ -16,4 +17,9 @@
     }
   }
   document.addEventListener("DOMContentLoaded", function () { localise(document); });
+  // A page restored from the back-forward cache was not asked of the server: ask again, so
+  // that after a logout the back button shows the login page, not private data.
+  window.addEventListener("pageshow", function (event) {
+    if (event.persisted) { window.location.reload(); }
+  });
 })();
