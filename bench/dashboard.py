@@ -171,10 +171,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--keep", help="SQLite: the database file, kept and reused")
+    parser.add_argument("--url", help="an existing database (e.g. PostgreSQL), reused if filled")
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
         key_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="dashboard-bench-"))
-        if args.engine == "postgresql":
+        if args.url:
+            url = args.url
+        elif args.engine == "postgresql":
             from tests.support.postgres import running_postgres
 
             url = stack.enter_context(running_postgres()).create_database()

@@ -617,17 +617,24 @@ async def bench(reactor: Any, url: str, args: argparse.Namespace) -> None:
     try:
         await migrate(engine, 0)
         store = Store(engine, reactor)
-        made = await generate(store, args.messages, args.events, args.seed)
-        print(
-            f"{engine.name}: generated {made.messages:,} messages, {made.recipients:,} recipients,"
-            f" {made.events:,} events, {made.feedback_reports:,} feedback reports in"
-            f" {made.seconds:.1f} s, rolled them up in {made.rollup_seconds:.1f} s"
-        )
+        have = await sample(store, "SELECT COUNT(*) FROM events")
+        if have:
+            print(f"{engine.name}: reusing {have:,} events")
+            end_ms = int(await sample(store, "SELECT MAX(time) FROM events"))
+        else:
+            made = await generate(store, args.messages, args.events, args.seed)
+            end_ms = made.end_ms
+            print(
+                f"{engine.name}: generated {made.messages:,} messages,"
+                f" {made.recipients:,} recipients, {made.events:,} events,"
+                f" {made.feedback_reports:,} feedback reports in {made.seconds:.1f} s,"
+                f" rolled them up in {made.rollup_seconds:.1f} s"
+            )
         for table in ("rollups", "rollup_urls", "message_terms"):
             print(f"  {table}: {await sample(store, f'SELECT COUNT(*) FROM {table}'):,} rows")
         if engine.name == "postgresql":
             await sample(store, "ANALYZE")
-        end = made.end_ms / 1000
+        end = end_ms / 1000
         print(f"| query | {engine.name} median ms | max ms |")
         print("| --- | ---: | ---: |")
         for name, query in await queries(store, end):
@@ -688,13 +695,16 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--keep", help="SQLite: write the database here and keep it")
+    parser.add_argument("--keep", help="SQLite: the database file, kept and reused")
+    parser.add_argument("--url", help="an existing database (e.g. PostgreSQL), reused if filled")
     parser.add_argument("--accept-cost", action="store_true")
     parser.add_argument("--explain", action="store_true", help="print the search plans")
     parser.add_argument("--accept-messages", type=int, default=10_000)
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
-        if args.engine == "postgresql":
+        if args.url:
+            url = args.url
+        elif args.engine == "postgresql":
             from tests.support.postgres import running_postgres
 
             url = stack.enter_context(running_postgres()).create_database()
