@@ -82,7 +82,8 @@ was so: near 100 %, less by up to the 10 s the last pass of a phase leaves to th
 phases are never counted: this database's roll-ups are not correct, which no figure here needs.
 Per phase: accepted and end to end msg/s, the relay's CPU per 1,000 messages (+ the PostgreSQL
 server's), the events written, the roll-up's passes (from its debug log lines "roll-up pass: N
-events in S s": the passes' wall time, waits for the database and the thread pool included) and
+events in S s", written for passes that counted something: the passes' wall time, waits for
+the database and the thread pool included; an idle pass, reading nothing, is not logged) and
 the longest; then working against idle, medians over the rounds.
 
 The queue run (`--queue-run`) shows SmartRelay's memory against its queue size: SmartRelay on

@@ -144,12 +144,14 @@ class RollupService(Service):
         self.counted += counted
         self._took = max(self._clock.seconds() - started, 0.0)
         self.busy += self._took
-        # One line per pass at debug level: bench/relay.py --rollup-cost sums these.
-        log.debug(
-            "roll-up pass: {counted} events in {took:.4f} s",
-            counted=counted,
-            took=self._took,
-        )
+        # One line per pass that counted something, at debug level (an idle relay's log stays
+        # quiet): bench/relay.py --rollup-cost sums these; ``busy`` has every pass.
+        if counted:
+            log.debug(
+                "roll-up pass: {counted} events in {took:.4f} s",
+                counted=counted,
+                took=self._took,
+            )
         return counted >= self._batch
 
     def _pass_done(self, full: bool) -> None:
