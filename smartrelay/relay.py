@@ -137,6 +137,7 @@ class RelayService(MultiService):
         if serving and (config.smtp.listen or config.inbound.listen):
             self._add_smtp_listeners()
         signer = DkimSigner(config.dkim_keys, now=reactor.seconds)
+        self._signer = signer
         settings = RewrapSettings(
             hostname=config.server.hostname,
             base_url=config.web.base_url.rstrip("/"),
@@ -365,6 +366,7 @@ class RelayService(MultiService):
                 self._reactor,
                 config,
                 feedback_processor=self._feedback_processor(),
+                dkim_keys=self._signer.keys,
             )
             self._site.resource = WebRoot(tracking, reports).resource()
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from twisted.internet.defer import Deferred
@@ -13,7 +13,7 @@ from smartrelay.deliverability import DeliverabilitySettings, DnsChecker
 from smartrelay.delivery.mx import make_system_resolver
 from smartrelay.feedback.processor import FeedbackProcessor
 from smartrelay.reactor import IRelayReactor
-from smartrelay.rewrap.dkim import load_key
+from smartrelay.rewrap.dkim import LoadedKey, load_key
 from smartrelay.storage.store import Store
 from smartrelay.web.templating import Templates
 from smartrelay.web.ui.app import ReportsUI, Section
@@ -37,10 +37,12 @@ def build_reports_ui(
     config: Config,
     templates: Templates | None = None,
     feedback_processor: FeedbackProcessor | None = None,
+    dkim_keys: Sequence[LoadedKey] | None = None,
 ) -> ReportsUI:
     """The reports UI of this config; its templates are compiled now (a broken one raises
     :class:`~smartrelay.web.templating.TemplateError`). ``feedback_processor`` (the relay's)
-    lets the feedback page reprocess a report."""
+    lets the feedback page reprocess a report; ``dkim_keys``, the relay's signer's keys
+    (loaded once; read from the config's files when not given)."""
 
     def in_thread(work: Callable[[], T]) -> Deferred[T]:
         return deferToThreadPool(reactor, reactor.getThreadPool(), work)
@@ -62,9 +64,10 @@ def build_reports_ui(
     # system's DNS, as delivery does, its resolver made at the first lookup (this runs after
     # twistd dropped privileges: nothing more is imported now). A key that cannot be read
     # stops the relay earlier.
+    keys = [load_key(spec) for spec in config.dkim_keys] if dkim_keys is None else dkim_keys
     deliverability = Deliverability(
         ui,
-        DeliverabilitySettings.of(config, [load_key(spec) for spec in config.dkim_keys]),
+        DeliverabilitySettings.of(config, list(keys)),
         DnsChecker(lambda: make_system_resolver(reactor), reactor),
     )
     sections: dict[str, Section] = {
