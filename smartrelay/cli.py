@@ -251,7 +251,7 @@ async def cmd_queue_retry(args: argparse.Namespace, store: Store) -> None:
 
 
 async def cmd_queue_drop(args: argparse.Namespace, store: Store) -> None:
-    dropped = await store.drop_message(args.queue_id)
+    dropped = await store.drop_message(args.queue_id, by="queue drop")
     if not dropped:
         raise CliError(f"no waiting recipient for queue id {args.queue_id}")
     print(f"dropped {len(dropped)} recipient(s) of {args.queue_id}")

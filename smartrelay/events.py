@@ -7,9 +7,9 @@ the common fields (id, type, time, queue id, sender, recipient, tags, metadata) 
 the type's fields (:func:`event_object`, :func:`csv_row`). The CLI's ``events export`` and the
 coming webhooks and API use these forms; nothing else spells an event type or its fields.
 
-Not produced yet, so not here: ``delivered.sandbox`` and ``dropped.by`` (SPEC lists them; the
-stored rows have never held them) and the ``alert`` type. Added to SPEC's list: ``dropped``
-(with no field yet) and ``warning`` (content warnings, docs/deliverability.md).
+Not produced yet, so not here: ``delivered.sandbox`` (sandbox credentials, issue 18). Added
+to SPEC's list: ``warning`` (content warnings, docs/deliverability.md). ``dropped`` rows
+written before ``by`` existed have no ``by`` (exported without it).
 """
 
 from __future__ import annotations
@@ -111,6 +111,7 @@ class DroppedEvent:
     """The operator dropped the message (``queue drop``) before it was delivered."""
 
     type: ClassVar[str] = "dropped"
+    by: str  # who: "queue drop" (the CLI), "ui:USERNAME" (the reports UI)
 
 
 @frozen
@@ -120,6 +121,20 @@ class WarningEvent:
 
     type: ClassVar[str] = "warning"
     warnings: tuple[dict[str, str], ...]  # {"kind", "detail"}, at most one per kind
+
+
+@frozen
+class AlertEvent:
+    """Something the operator should look at, about no one message (its queue id and
+    recipient empty). ``credential-volume``: an SMTP credential sent far more than its
+    baseline (docs/smtp.md, "Volume alerts"); ``action`` is what the relay did."""
+
+    type: ClassVar[str] = "alert"
+    kind: str  # credential-volume
+    credential: str
+    rate: int  # messages in the last window
+    baseline: float  # messages per window, exponentially weighted
+    action: str  # warn, hold
 
 
 EventData = (
@@ -135,6 +150,7 @@ EventData = (
     | UnsubscribedEvent
     | DroppedEvent
     | WarningEvent
+    | AlertEvent
 )
 
 #: Every event class, in lifecycle order.
@@ -151,6 +167,7 @@ EVENT_CLASSES: tuple[type[EventData], ...] = (
     UnsubscribedEvent,
     DroppedEvent,
     WarningEvent,
+    AlertEvent,
 )
 #: The type's own fields, by type name.
 FIELDS: dict[str, tuple[str, ...]] = {
@@ -158,8 +175,8 @@ FIELDS: dict[str, tuple[str, ...]] = {
 }
 #: Every type, in lifecycle order (``events export --type``).
 ALL_TYPES: tuple[str, ...] = tuple(FIELDS)
-#: The types of a message's and a recipient's lifecycle, which webhooks subscribe to (all but
-#: the operator's ``dropped`` and the relay's own content ``warning``).
+#: The types webhooks may subscribe to: a message's and a recipient's lifecycle and the
+#: relay's ``alert`` (all but the operator's ``dropped`` and the content ``warning``).
 EVENT_TYPES: tuple[str, ...] = tuple(
     t for t in ALL_TYPES if t not in (DroppedEvent.type, WarningEvent.type)
 )

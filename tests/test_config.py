@@ -297,40 +297,10 @@ def test_full_example(tmp_path: Path) -> None:
     )
 
 
-UNIMPLEMENTED = [
-    pytest.param(
-        '[[webhooks]]\nurl = "https://crm.example.com/h"\nsecret = "s"\n', "webhooks", id="webhooks"
-    ),
-]
-
-
-@pytest.mark.parametrize(("text", "key"), UNIMPLEMENTED)
-def test_unimplemented_sections_are_refused_with_one_line(
-    tmp_path: Path, text: str, key: str
-) -> None:
-    path = write(tmp_path, text)
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert str(info.value) == (
-        f"{path}: {key}: not implemented yet in this version (remove the [[{key}]] tables)"
-    )
-    parse_config(tomllib.loads(text), str(path))  # still parsed and validated, for later
-
-
-def test_unimplemented_sections_are_still_validated(tmp_path: Path) -> None:
-    path = write(tmp_path, '[[webhooks]]\nurl = "https://crm.example.com/h"\n')
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert info.value.key == "webhooks[0].secret"  # a bad entry is reported as such first
-
-
-def test_full_example_is_refused_until_webhooks_exist(tmp_path: Path) -> None:
+def test_full_example_loads(tmp_path: Path) -> None:
     cert, key, dkim = pem(tmp_path, "c.pem"), pem(tmp_path, "k.pem"), pem(tmp_path, "d.pem")
     path = write(tmp_path, FULL_EXAMPLE.format(cert=cert, key=key, dkim=dkim))
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert info.value.key == "webhooks"
-    assert "not implemented yet in this version" in info.value.problem
+    assert len(load_config(path).webhooks) == 2
 
 
 def test_feedback_mailboxes_are_accepted(tmp_path: Path) -> None:
@@ -732,9 +702,39 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
         "at least one",
     ),
     (
-        {"webhooks": [{"url": "https://h", "secret": "s"}, {"url": "https://h"}]},
+        {"webhooks": [{"url": "https://h", "secret": "s"}, {"url": "https://h/2"}]},
         "webhooks[1].secret",
         "required",
+    ),
+    (
+        {"webhooks": [{"url": "https://h", "secret": "s"}, {"url": "https://h", "secret": "t"}]},
+        "webhooks[1].url",
+        "the same url twice",
+    ),
+    (
+        {"webhooks": [{"url": "https://h", "secret": "s", "batch_size": 0}]},
+        "webhooks[0].batch_size",
+        "from 1 to 1000",
+    ),
+    (
+        {"smtp": {"on_volume_alert": "block"}},
+        "smtp.on_volume_alert",
+        "invalid value",
+    ),
+    (
+        {"smtp": {"volume_alert_factor": 1}},
+        "smtp.volume_alert_factor",
+        "above 1",
+    ),
+    (
+        {"api": {"metrics": "yes"}},
+        "api.metrics",
+        "boolean",
+    ),
+    (
+        {"api": {"metrics_networks": ["10.0.0.1/8"]}},
+        "api.metrics_networks[0]",
+        "host bits",
     ),
 ]
 
@@ -1105,7 +1105,7 @@ def test_webhook_events_default_and_dedup() -> None:
     ).webhooks
     assert webhooks[0].events == EVENT_TYPES
     assert webhooks[1].events == ("opened", "clicked")
-    assert len(EVENT_TYPES) == 10
+    assert len(EVENT_TYPES) == 11
 
 
 def test_config_is_frozen() -> None:
@@ -1136,7 +1136,7 @@ def test_every_name_imported_from_smartrelay_config_is_still_there() -> None:
         "Config", "ConfigError", "DatabaseConfig", "DeliveryConfig", "DkimAlgorithm", "DkimKey",
         "FeedbackMailbox", "InboundConfig", "RewrapConfig", "Route", "ServerConfig",
         "SmtpConfig", "SoftBouncePolicy", "SuppressionConfig", "Throttle", "WebConfig",
-        "Webhook", "default_config_path", "load_config", "parse_config", "refuse_unimplemented",
+        "Webhook", "default_config_path", "load_config", "parse_config", "ApiConfig",
     }  # fmt: skip
     assert names <= set(smartrelay.config.__all__)
     for name in names:

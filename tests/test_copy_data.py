@@ -68,7 +68,9 @@ async def content(engine: IDatabaseEngine) -> dict[str, list[Row]]:
     found: dict[str, list[Row]] = {}
     for table in TABLES:
         names = sorted(await copying._columns(engine, table.name))
-        rows = await sql(engine, f"SELECT {', '.join(names)} FROM {table.name}")
+        # events.txid: an xid8 on PostgreSQL (read as text), 0 on SQLite and when copied.
+        selected = ["CAST(txid AS TEXT)" if n == "txid" else n for n in names]
+        rows = await sql(engine, f"SELECT {', '.join(selected)} FROM {table.name}")
         key_at = [names.index(k) for k in table.key]
         found[table.name] = sorted(rows, key=lambda row: tuple(row[i] for i in key_at))
     return found
@@ -206,6 +208,37 @@ async def seed(engine: IDatabaseEngine, now_ms: int) -> None:
             f"INSERT INTO {table} (name, password_hash, created_at) VALUES (?, ?, ?)",
             [("one", "$scrypt$ln=15,r=8,p=1$aaa$bbb", T0), ("two", "$scrypt$x$y$z", T0 + 5)],
         )
+    await many(
+        engine,
+        "INSERT INTO credential_volume (credential, baseline, windows, updated_at, alerted_at,"
+        " held_at, hold_reason) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [
+            ("one", 12.5, 30, T0, T0 + 1, T0 + 2, "2400 messages \u2191"),
+            ("two", None, 0, T0, None, None, None),
+        ],
+    )
+    await many(
+        engine,
+        "INSERT INTO api_tokens (name, token_hash, created_at, last_used_at) VALUES (?, ?, ?, ?)",
+        [("crm", "c" * 64, T0, None), ("bi\u00e9", "d" * 64, T0, T0 + 3)],
+    )
+    await many(
+        engine,
+        "INSERT INTO webhook_endpoints (url, position_txid, position_id, state, disabled_at,"
+        " disabled_reason, failing_since, attempts, next_attempt_at, last_error, created_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            ("https://crm.example/h", 0, 17, "active", None, None, T0, 3, T0 + 60, "500", T0),
+            ("https://b.example/\u00e9", 0, 0, "disabled", T0, "410 Gone", None, 0, None, None, T0),
+        ],
+    )
+    await many(
+        engine,
+        "INSERT INTO webhook_dead_letters (url, after_txid, after_id, upto_txid, upto_id, events,"
+        " first_event_at, last_event_at, created_at, attempts, last_error)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [("https://crm.example/h", 0, 3, 0, 9, 6, T0, T0 + 5, T0 + 9, 12, "timeout")],
+    )
     await many(
         engine,
         "INSERT INTO web_sessions (token_hash, username, csrf, created_at, idle_until,"
@@ -595,6 +628,10 @@ def test_cli_copy_data_end_to_end(tmp_path: Path, postgres_server: PostgresServe
     assert counts(result.lines) == {
         "suppressions": 1,
         "smtp_credentials": 0,
+        "credential_volume": 0,
+        "api_tokens": 0,
+        "webhook_endpoints": 0,
+        "webhook_dead_letters": 0,
         "web_users": 1,
         "web_sessions": 0,
         "web_login_failures": 0,

@@ -8,6 +8,7 @@ import json
 
 from smartrelay import config, events
 from smartrelay.events import (
+    AlertEvent,
     BouncedEvent,
     ClickedEvent,
     ComplainedEvent,
@@ -60,10 +61,15 @@ STORED: list[tuple[EventData, str]] = [
         '{"ip": "192.0.2.1", "machine": true, "url": "https://example.com/", "user_agent": null}',
     ),
     (UnsubscribedEvent("one-click"), '{"method": "one-click"}'),
-    (DroppedEvent(), "{}"),
+    (DroppedEvent("queue drop"), '{"by": "queue drop"}'),
     (
         WarningEvent(({"kind": "no-dkim-key", "detail": "no key"},)),
         '{"warnings": [{"detail": "no key", "kind": "no-dkim-key"}]}',
+    ),
+    (
+        AlertEvent("credential-volume", "app", 2400, 120.5, "hold"),
+        '{"action": "hold", "baseline": 120.5, "credential": "app", "kind": "credential-volume",'
+        ' "rate": 2400}',
     ),
 ]
 
@@ -75,7 +81,10 @@ def test_stored_data_keeps_the_shape_of_existing_rows() -> None:
 
 
 def test_one_source_of_types() -> None:
-    assert (*events.EVENT_TYPES, "dropped", "warning") == events.ALL_TYPES
+    assert (
+        tuple(t for t in events.ALL_TYPES if t not in ("dropped", "warning")) == events.EVENT_TYPES
+    )
+    assert events.EVENT_TYPES[-1] == "alert"
     assert config.EVENT_TYPES is events.EVENT_TYPES  # what [webhook] events accepts
     assert events.EVENT_TYPES[:3] == ("received", "suppressed", "delivered")
     assert {cls.type for cls in events.EVENT_CLASSES} == set(events.ALL_TYPES)
@@ -87,7 +96,8 @@ def test_csv_header_is_the_common_fields_then_each_types_own() -> None:
         *events.COMMON_FIELDS,
         "size", "client_ip", "credential", "reason", "mx", "reply", "tls", "attempt",
         "next_attempt", "category", "hard", "status", "source", "attempts", "feedback_type",
-        "user_agent", "ip", "machine", "url", "method", "warnings",
+        "user_agent", "ip", "machine", "url", "method", "by", "warnings", "kind", "rate",
+        "baseline", "action",
     )  # fmt: skip
 
 

@@ -472,27 +472,6 @@ def test_sqlite_file_in_the_data_dir_creates_it(tmp_path: Path) -> None:
         assert server.stop(signal.SIGTERM) == 0, server.output
 
 
-# -- config accepted but doing nothing (issue 11, item 16) ------------------------------------
-UNIMPLEMENTED = [
-    pytest.param(
-        '[[webhooks]]\nurl = "https://crm.example.com/h"\nsecret = "s"\n', "webhooks", id="webhooks"
-    ),
-]
-
-
-@pytest.mark.parametrize(("extra", "key"), UNIMPLEMENTED)
-def test_unimplemented_sections_stop_twistd_and_the_cli_with_one_line(
-    tmp_path: Path, extra: str, key: str
-) -> None:
-    config = write_relay_config(tmp_path, f"sqlite:{tmp_path / 'relay.db'}", extra)
-    expected = f"{config}: {key}: not implemented yet in this version (remove the [[{key}]] tables)"
-    result = run_twistd(config, tmp_path)
-    assert result.returncode == 1, result.describe()
-    assert result.lines == [f"smartrelay: {expected}"], result.describe()
-    assert_cli_error(ctl(config, "migrate"), expected)
-    assert not (tmp_path / "relay.db").exists()
-
-
 def test_a_dead_feedback_mailbox_is_one_line_and_retried_while_the_relay_runs(
     tmp_path: Path,
 ) -> None:

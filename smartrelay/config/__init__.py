@@ -7,6 +7,7 @@ checks: domains, URLs, endpoint strings). Import from here: ``from smartrelay.co
 """
 
 from smartrelay.config.model import (
+    ApiConfig,
     Config,
     DatabaseConfig,
     DatabaseEngine,
@@ -38,7 +39,6 @@ from smartrelay.config.reader import (
     load_config,
     parse_config,
     parse_config_file,
-    refuse_unimplemented,
 )
 from smartrelay.events import EVENT_TYPES  # what [[webhooks]] events accepts
 
@@ -47,6 +47,7 @@ __all__ = [
     "EVENT_TYPES",
     "INSTALLED_CONFIG",
     "MAX_DELIVERY_PROCESSES",
+    "ApiConfig",
     "Config",
     "ConfigError",
     "DatabaseConfig",
@@ -73,5 +74,4 @@ __all__ = [
     "load_config",
     "parse_config",
     "parse_config_file",
-    "refuse_unimplemented",
 ]

@@ -17,6 +17,7 @@ from smartrelay.config.checks import MAILBOX_DEFAULT_PORTS, ROUTE_DEFAULT_PORTS,
 from smartrelay.events import EVENT_TYPES  # webhooks' [webhook] events
 
 __all__ = [
+    "ApiConfig",
     "Config",
     "DatabaseConfig",
     "DatabaseEngine",
@@ -111,6 +112,16 @@ class SmtpConfig:
     tls_handshake_timeout: float = 30.0
     #: Seconds for the whole DATA phase of one message.
     data_timeout: float = 600.0
+    #: What a credential's volume alert does (docs/smtp.md, "Volume alerts"): ``warn`` (an
+    #: ``alert`` event), ``hold`` (also 451 4.7.1 to its new mail until released), ``off``
+    #: (addition: no baseline kept, no alert).
+    on_volume_alert: str = "warn"
+    #: Additions: the alert fires when a credential's messages in the last
+    #: ``volume_alert_window`` exceed ``volume_alert_factor`` times its baseline (messages
+    #: per window, exponentially weighted) and at least ``volume_alert_minimum``.
+    volume_alert_factor: float = 10.0
+    volume_alert_minimum: int = 100
+    volume_alert_window: float = 600.0
 
 
 @frozen
@@ -366,6 +377,27 @@ class Webhook:
     #: Event types of SPEC section 5 (all of them if not configured).
     events: tuple[str, ...] = EVENT_TYPES
     secret: str = ""
+    #: Additions (docs/webhooks.md): events per POST at most; how long a partial batch waits
+    #: for more; one POST's time limit; how long a failing batch is retried before it goes
+    #: to the dead-letter list.
+    batch_size: int = 100
+    batch_wait: float = 2.0
+    timeout: float = 10.0
+    retry_for: float = 86400.0
+
+
+@frozen
+class ApiConfig:
+    """``[api]``: the HTTP event export and the metrics, on the ``[web] listen`` listener."""
+
+    #: ``GET /metrics`` (Prometheus text format).
+    metrics: bool = True
+    #: Addition (docs/metrics.md): clients that may read ``/metrics`` without an API token
+    #: (after ``[web] trusted_proxies``); with a token (``Authorization: Bearer``) from anywhere.
+    metrics_networks: tuple[IPNetwork, ...] = (
+        ipaddress.IPv4Network("127.0.0.0/8"),
+        ipaddress.IPv6Network("::1/128"),
+    )
 
 
 @frozen
@@ -386,6 +418,7 @@ class Config:
     suppression: SuppressionConfig = field(factory=SuppressionConfig)
     retention: RetentionConfig = field(factory=RetentionConfig)
     webhooks: tuple[Webhook, ...] = ()
+    api: ApiConfig = field(factory=ApiConfig)
 
 
 # --------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from smartrelay.config.checks import (
     split_url,
 )
 from smartrelay.config.model import (
+    ApiConfig,
     Config,
     DatabaseConfig,
     DeliveryConfig,
@@ -68,7 +69,6 @@ __all__ = [
     "load_config",
     "parse_config",
     "parse_config_file",
-    "refuse_unimplemented",
 ]
 
 
@@ -113,17 +113,13 @@ def default_config_path() -> str:
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate the config file at ``path``; refuse what is not implemented yet
-    (:func:`refuse_unimplemented`). Raises :class:`ConfigError`."""
-    config = parse_config_file(path)
-    refuse_unimplemented(config)
-    return config
+    """Read and validate the config file at ``path``. Raises :class:`ConfigError`."""
+    return parse_config_file(path)
 
 
 def parse_config_file(path: str | os.PathLike[str]) -> Config:
-    """Read and validate the config file at ``path`` (what :func:`load_config` does, without
-    refusing unimplemented sections: for tools that only read part of it). Raises
-    :class:`ConfigError`."""
+    """Read and validate the config file at ``path`` (the same as :func:`load_config`).
+    Raises :class:`ConfigError`."""
     name = os.fspath(path)
     try:
         with open(name, "rb") as f:
@@ -139,20 +135,6 @@ def parse_config_file(path: str | os.PathLike[str]) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(name, "", f"invalid TOML: {e}") from e
     return parse_config(data, name)
-
-
-def refuse_unimplemented(config: Config) -> None:
-    """Raise :class:`ConfigError` for a section that parses but whose feature is not built
-    yet (``[[webhooks]]``): accepting it would promise events that never come.
-    :func:`parse_config` still validates it for later."""
-    unimplemented = (("webhooks", config.webhooks),)
-    for key, entries in unimplemented:
-        if entries:
-            raise ConfigError(
-                config.path,
-                key,
-                f"not implemented yet in this version (remove the [[{key}]] tables)",
-            )
 
 
 def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
@@ -176,6 +158,7 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
         suppression=_parse_suppression(root.table("suppression", _SUPPRESSION_KEYS)),
         retention=_parse_retention(root.table("retention", _RETENTION_KEYS)),
         webhooks=_parse_webhooks(root),
+        api=_parse_api(root.table("api", ("metrics", "metrics_networks"))),
     )
 
 
@@ -192,6 +175,7 @@ _TOP_LEVEL_KEYS = (
     "suppression",
     "retention",
     "webhooks",
+    "api",
 )
 _RETENTION_KEYS = ("message_bodies", "events", "feedback_reports")
 _SMTP_KEYS = (
@@ -208,6 +192,10 @@ _SMTP_KEYS = (
     "idle_timeout",
     "tls_handshake_timeout",
     "data_timeout",
+    "on_volume_alert",
+    "volume_alert_factor",
+    "volume_alert_minimum",
+    "volume_alert_window",
 )
 _WEB_KEYS = ("listen", "base_url", "max_connections", "idle_timeout", "trusted_proxies")
 _REWRAP_KEYS = (
@@ -284,7 +272,23 @@ def _parse_smtp(t: _Table) -> SmtpConfig:
         idle_timeout=t.duration("idle_timeout", d.idle_timeout),
         tls_handshake_timeout=t.duration("tls_handshake_timeout", d.tls_handshake_timeout),
         data_timeout=t.duration("data_timeout", d.data_timeout),
+        on_volume_alert=t.choice("on_volume_alert", ("warn", "hold", "off"), d.on_volume_alert),
+        volume_alert_factor=_factor(t, "volume_alert_factor", d.volume_alert_factor),
+        volume_alert_minimum=t.count("volume_alert_minimum", d.volume_alert_minimum),
+        volume_alert_window=t.duration("volume_alert_window", d.volume_alert_window),
     )
+
+
+def _factor(t: _Table, name: str, default: float) -> float:
+    """A number above 1 (integer or float)."""
+    value = t.get(name)
+    if value is _MISSING:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise t.error(name, f"expected a number above 1, got {_describe(value)}")
+    if not 1 < value <= 1_000_000:
+        raise t.error(name, f"expected a number above 1 (and at most 1000000), got {value}")
+    return float(value)
 
 
 def _parse_network(t: _Table, key: str, text: str) -> IPNetwork:
@@ -526,13 +530,20 @@ def _parse_retention(t: _Table) -> RetentionConfig:
 
 
 def _parse_webhooks(root: _Table) -> tuple[Webhook, ...]:
-    entries = root.table_array("webhooks", ("url", "events", "secret"))
+    entries = root.table_array(
+        "webhooks",
+        ("url", "events", "secret", "batch_size", "batch_wait", "timeout", "retry_for"),
+    )
     webhooks: list[Webhook] = []
+    seen: set[str] = set()
     for t in entries or ():
         url = t.required_string("url")
         _parts, problem = split_url(url, ("http", "https"))
+        if problem is None and url in seen:
+            problem = "the same url twice: an endpoint's progress is kept per url"
         if problem is not None:
             raise t.error("url", problem)
+        seen.add(url)
         events_raw = t.array("events", str)
         if events_raw is None:
             events = EVENT_TYPES
@@ -549,8 +560,30 @@ def _parse_webhooks(root: _Table) -> tuple[Webhook, ...]:
         secret = t.required_string("secret")
         if not secret:
             raise t.error("secret", "must not be empty")
-        webhooks.append(Webhook(url=url, events=events, secret=secret))
+        d = Webhook(url=url)
+        webhooks.append(
+            Webhook(
+                url=url,
+                events=events,
+                secret=secret,
+                batch_size=t.integer_in("batch_size", d.batch_size, 1, 1000),
+                batch_wait=t.duration("batch_wait", d.batch_wait),
+                timeout=t.duration("timeout", d.timeout),
+                retry_for=t.duration("retry_for", d.retry_for),
+            )
+        )
     return tuple(webhooks)
+
+
+def _parse_api(t: _Table) -> ApiConfig:
+    d = ApiConfig()
+    networks_raw = t.array("metrics_networks", str)
+    networks = (
+        d.metrics_networks
+        if networks_raw is None
+        else tuple(_parse_network(t, k, v) for k, v in networks_raw)
+    )
+    return ApiConfig(metrics=t.boolean("metrics", d.metrics), metrics_networks=networks)
 
 
 def _parse_listen_array(t: _Table, name: str, default: tuple[str, ...]) -> tuple[str, ...]:

@@ -53,6 +53,10 @@ class Table:
     blob: str | None = None
     identity: str | None = None
     queue: bool = False
+    #: Columns written as 0 whatever the source holds: ``events.txid`` (copied history comes
+    #: first, in id order, docs/storage.md "Event positions"; a source's transaction ids mean
+    #: nothing in the target).
+    zeroed: tuple[str, ...] = ()
 
 
 #: Every data table, in copy order (messages before the recipients that reference them).
@@ -60,6 +64,10 @@ class Table:
 TABLES = (
     Table("suppressions", ("address",)),
     Table("smtp_credentials", ("name",)),
+    Table("credential_volume", ("credential",)),
+    Table("api_tokens", ("name",)),
+    Table("webhook_endpoints", ("url",)),
+    Table("webhook_dead_letters", ("id",), identity="id"),
     Table("web_users", ("name",)),
     Table("web_sessions", ("token_hash",)),
     Table("web_login_failures", ("key",)),
@@ -71,7 +79,7 @@ TABLES = (
     Table("rollup_urls_by_day", ("tag", "day", "url")),
     Table("rollups_by_tag", ("tag", "hour", "type", "detail")),
     Table("rollups_by_domain_day", ("tag", "day", "recipient_domain", "type")),
-    Table("events", ("id",), identity="id"),
+    Table("events", ("id",), identity="id", zeroed=("txid",)),
     Table("messages", ("queue_id",), queue=True),
     Table("message_bodies", ("queue_id",), blob="raw", queue=True),
     Table("message_terms", ("term", "received_at", "queue_id"), queue=True),
@@ -267,6 +275,7 @@ class _TableCopy:
         self._select = f"SELECT {names} FROM {table.name}"
         self._insert = f"INSERT INTO {table.name} ({names}) VALUES ({marks(len(columns))})"
         self._order = " ORDER BY " + ", ".join(table.key)
+        self._zeroed_at = tuple(columns.index(column) for column in table.zeroed)
 
     def _range(self, after: Row | None, upto: Row) -> tuple[str, tuple[Any, ...]]:
         where = _key_sql(self.table.key, "<=")
@@ -276,6 +285,12 @@ class _TableCopy:
 
     def key_of(self, row: Row) -> Row:
         return tuple(row[i] for i in self._key_at)
+
+    def _zero(self, row: Row) -> Row:
+        values = list(row)
+        for i in self._zeroed_at:
+            values[i] = "0"
+        return tuple(values)
 
     async def read(self, after: Row | None) -> _Batch:
         if self.table.blob is None:
@@ -329,8 +344,12 @@ class _TableCopy:
 
     async def write(self, batch: _Batch) -> None:
         if batch.big is None:
+            rows = batch.rows
+            if self._zeroed_at:
+                # As text: PostgreSQL takes '0' for an xid8, SQLite stores it as an integer.
+                rows = [self._zero(row) for row in rows]
             await self.target.run_interaction(
-                f"copy_write_{self.table.name}", lambda c: c.executemany(self._insert, batch.rows)
+                f"copy_write_{self.table.name}", lambda c: c.executemany(self._insert, rows)
             )
             return
         blob = self.table.blob

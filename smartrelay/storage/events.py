@@ -57,19 +57,22 @@ class EventStore(StoreBase):
                 sql += f" AND e.type IN ({marks(len(types))})"
                 args.extend(types)
             await cursor.execute(sql + " ORDER BY e.id LIMIT ?", (*args, limit))
-            return [
-                ExportedEvent(
-                    id=int(r[0]),
-                    type=str(r[1]),
-                    time=int(r[2]) / 1000,
-                    queue_id=None if r[3] is None else str(r[3]),
-                    recipient=None if r[4] is None else str(r[4]),
-                    data=json.loads(r[5]),
-                    sender=None if r[6] is None else str(r[6]),
-                    tags=tuple(json.loads(r[7])) if r[7] is not None else (),
-                    metadata=json.loads(r[8]) if r[8] is not None else {},
-                )
-                for r in cursor.fetchall()
-            ]
+            return [exported_event(r) for r in cursor.fetchall()]
 
         return await self.run("export_events", txn, readonly=True)
+
+
+def exported_event(r: Sequence[Any]) -> ExportedEvent:
+    """An :class:`ExportedEvent` of a row ``(id, type, time, queue_id, recipient, data,
+    sender, tags, metadata)`` (the event joined with its message)."""
+    return ExportedEvent(
+        id=int(r[0]),
+        type=str(r[1]),
+        time=int(r[2]) / 1000,
+        queue_id=None if r[3] is None else str(r[3]),
+        recipient=None if r[4] is None else str(r[4]),
+        data=json.loads(r[5]),
+        sender=None if r[6] is None else str(r[6]),
+        tags=tuple(json.loads(r[7])) if r[7] is not None else (),
+        metadata=json.loads(r[8]) if r[8] is not None else {},
+    )

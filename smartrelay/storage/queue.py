@@ -504,11 +504,11 @@ class QueueStore(StoreBase):
 
         return await self.run("retry_now", txn)
 
-    async def drop_message(self, queue_id: str, by: str = "the operator") -> list[str]:
+    async def drop_message(self, queue_id: str, by: str = "queue drop") -> list[str]:
         """Stop delivering a message: its recipients not yet in a final state (``queued``,
-        ``deferred``, ``delivering``) become ``dropped`` (one ``dropped`` event each), their
-        ``last_reply`` saying who (``dropped by {by}``: the CLI's "the operator", the UI's
-        ``ui:USERNAME``).
+        ``deferred``, ``delivering``) become ``dropped`` (one ``dropped`` event each, its
+        ``by`` saying who: the CLI's ``queue drop``, the UI's ``ui:USERNAME``), their
+        ``last_reply`` too (``dropped by {by}``).
 
         A ``delivering`` row loses its lease owner, so whatever outcome a node working on it
         records later is ignored and the row stays ``dropped`` (a copy already on the wire
@@ -526,7 +526,9 @@ class QueueStore(StoreBase):
             dropped = [str(r[0]) for r in cursor.fetchall()]
             if dropped:
                 await mark_finished(cursor, now_ms, [queue_id])
-            await insert_events(cursor, now_ms, ((queue_id, r, DroppedEvent()) for r in dropped))
+            await insert_events(
+                cursor, now_ms, ((queue_id, r, DroppedEvent(by=by)) for r in dropped)
+            )
             return dropped
 
         return await self.run("drop_message", txn)

@@ -638,7 +638,7 @@ class ReportsStore(StoreBase):
             )
             dropped = [(str(r[0]), str(r[1])) for r in cursor.fetchall()]
             await mark_finished(cursor, now_ms, {q for q, _ in dropped})
-            await insert_events(cursor, now_ms, ((q, a, DroppedEvent()) for q, a in dropped))
+            await insert_events(cursor, now_ms, ((q, a, DroppedEvent(by=by)) for q, a in dropped))
             return len(dropped)
 
         return await self.run("drop_destination", txn)

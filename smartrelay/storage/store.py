@@ -2,7 +2,8 @@
 
 Each topic is its own module, with its values and queries: :mod:`~smartrelay.storage.queue`
 (messages, recipients, claims, outcomes), :mod:`~smartrelay.storage.suppressions`,
-:mod:`~smartrelay.storage.events`, :mod:`~smartrelay.storage.feedback`,
+:mod:`~smartrelay.storage.events`, :mod:`~smartrelay.storage.event_positions`,
+:mod:`~smartrelay.storage.feedback`,
 :mod:`~smartrelay.storage.logins`, :mod:`~smartrelay.storage.tracking`,
 :mod:`~smartrelay.storage.mailboxes`, :mod:`~smartrelay.storage.rollups`,
 :mod:`~smartrelay.storage.websessions`, :mod:`~smartrelay.storage.warnings`,
@@ -17,6 +18,14 @@ from __future__ import annotations
 
 from smartrelay.events import ExportedEvent
 from smartrelay.storage.base import domain_of, from_ms, to_ms
+from smartrelay.storage.event_positions import (
+    START,
+    EventPage,
+    EventPosition,
+    EventPositionStore,
+    decode_cursor,
+    encode_cursor,
+)
 from smartrelay.storage.events import EventStore, insert_events
 from smartrelay.storage.feedback import FEEDBACK_CHANNEL, FeedbackStore, NewFeedback
 from smartrelay.storage.logins import DuplicateName, Login, LoginStore, LoginTable
@@ -51,9 +60,12 @@ __all__ = [
     "FEEDBACK_CHANNEL",
     "IDEMPOTENCY_WINDOW",
     "QUEUE_CHANNEL",
+    "START",
     "SUPPRESSION_REASONS",
     "ClaimedRecipient",
     "DuplicateName",
+    "EventPage",
+    "EventPosition",
     "ExportedEvent",
     "Login",
     "LoginTable",
@@ -71,7 +83,9 @@ __all__ = [
     "StoredMessage",
     "Suppression",
     "WebSession",
+    "decode_cursor",
     "domain_of",
+    "encode_cursor",
     "from_ms",
     "insert_events",
     "to_ms",
@@ -82,6 +96,7 @@ class Store(
     QueueStore,
     SuppressionStore,
     EventStore,
+    EventPositionStore,
     FeedbackStore,
     TrackingStore,
     LoginStore,

@@ -327,6 +327,8 @@ class SqliteEngine(PooledEngine[SqliteConnection]):
             text.replace("$ID_PK", "INTEGER PRIMARY KEY AUTOINCREMENT")
             .replace("$BLOB", "BLOB")
             .replace("$WITHOUT_ROWID", "WITHOUT ROWID")
+            .replace("$EVENT_TXID_INDEX", "")
+            .replace("$EVENT_TXID", "INTEGER NOT NULL DEFAULT 0")
         )
 
     def lock_statement(self) -> str | None:

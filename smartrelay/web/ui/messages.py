@@ -505,8 +505,8 @@ class Messages:
     async def _drop(self, request: IRequest, queue_id: str) -> bytes:
         await self._detail(queue_id)
         store = await self.ui.store()
-        dropped = await store.drop_message(queue_id)
         user = ui_session(request).username
+        dropped = await store.drop_message(queue_id, by=f"ui:{user}")
         log.info("web ui: {user} dropped {queue_id} ({n} recipients)", user=user,
                  queue_id=queue_id, n=len(dropped))  # fmt: skip
         done = "dropped" if dropped else "drop-none"
