@@ -57,6 +57,7 @@ from smartrelay.feedback.processor import (
     configured_classifier,
 )
 from smartrelay.listening import ListeningService
+from smartrelay.metrics import RelayMetrics
 from smartrelay.reactor import IRelayReactor
 from smartrelay.retention.purge import PurgeService
 from smartrelay.retention.rollup import RollupService
@@ -117,6 +118,8 @@ class RelayService(MultiService):
         self.role = role
         self._reactor = reactor
         self.failed_reason: str | None = None
+        #: This process's metrics (docs/metrics.md), exposed at ``/metrics``.
+        self.metrics = RelayMetrics()
         self.storage = StorageService(
             reactor,
             config.database.url,

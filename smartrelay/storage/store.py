@@ -17,6 +17,7 @@ values from here.
 from __future__ import annotations
 
 from smartrelay.events import ExportedEvent
+from smartrelay.storage.api_tokens import ApiToken, ApiTokenStore
 from smartrelay.storage.base import domain_of, from_ms, to_ms
 from smartrelay.storage.event_positions import (
     START,
@@ -62,6 +63,7 @@ __all__ = [
     "QUEUE_CHANNEL",
     "START",
     "SUPPRESSION_REASONS",
+    "ApiToken",
     "ClaimedRecipient",
     "DuplicateName",
     "EventPage",
@@ -106,5 +108,6 @@ class Store(
     WebSessionStore,
     ReportsStore,
     WarningStore,
+    ApiTokenStore,
 ):
     """Every query SmartRelay runs; each public method is one transaction."""
