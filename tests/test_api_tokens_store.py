@@ -25,7 +25,7 @@ async def test_tokens(store: Store, clock: Clock) -> None:
             await cursor.execute("SELECT name, token_hash FROM api_tokens")  # type: ignore[attr-defined]
             return list(cursor.fetchall())  # type: ignore[attr-defined]
 
-        return await store.run("t", txn)  # type: ignore[arg-type]
+        return await store.run("t", txn)
 
     assert await stored() == [("crm", token_hash(token))]  # never the token itself
     assert [t.last_used_at for t in await store.list_api_tokens()] == [None]

@@ -102,7 +102,7 @@ async def test_filters(store: Store) -> None:
     head = await store.event_head()
 
     async def all_of(**filters: object) -> list[tuple[str, str | None, float]]:
-        out = []
+        out: list[tuple[str, str | None, float]] = []
         after = START
         while True:
             page = await store.events_after(after, head, 3, **filters)  # type: ignore[arg-type]
