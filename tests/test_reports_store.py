@@ -498,9 +498,9 @@ async def test_queue_by_destination(store: Store, clock: Clock) -> None:
         " ORDER BY queue_id, recipient",
     )
     assert rows == [
-        (q1, "a@Gmail.com", "{}"),
-        (q1, "b@gmail.com", "{}"),
-        (q2, "d@gmail.com", "{}"),
+        (q1, "a@Gmail.com", '{"by": "web user ann"}'),
+        (q1, "b@gmail.com", '{"by": "web user ann"}'),
+        (q2, "d@gmail.com", '{"by": "web user ann"}'),
     ]
     detail = await store.message_detail(q1)
     assert detail is not None
@@ -788,7 +788,7 @@ async def test_migration_fills_terms_and_url_counts_of_what_is_stored(
 
         await engine.run_interaction("old", old_data)
         monkeypatch.setattr(migrations, "load_deltas", lambda: every)
-        assert await migrate(engine, 0) == [10]
+        assert (await migrate(engine, 0))[0] == 10
         store = Store(engine, Clock())
         assert await everything(store, MessageFilters(tag="all")) == ["Q2", "Q1", "Q0"]
         assert await everything(store, MessageFilters(recipient="u1@gmail.com")) == ["Q1"]
