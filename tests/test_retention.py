@@ -23,6 +23,7 @@ from smartrelay.config import RetentionConfig
 from smartrelay.events import DeliveredEvent
 from smartrelay.retention.purge import PurgePacing, Purger, PurgeReport, PurgeService
 from smartrelay.storage.engines import create_engine
+from smartrelay.storage.engines.sqlite import schema_sql as sqlite_schema_sql
 from smartrelay.storage.interfaces import ICursor, IDatabaseEngine
 from smartrelay.storage.migrations import load_deltas, migrate, split_statements
 from smartrelay.storage.pool import DatabaseUnavailable
@@ -432,9 +433,7 @@ def sqlite_at_version(path: Path, version: int) -> sqlite3.Connection:
     db.execute("PRAGMA auto_vacuum=INCREMENTAL")
     deltas = load_deltas()[:version]
     for delta in deltas:
-        sql = delta.sql.replace("$ID_PK", "INTEGER PRIMARY KEY AUTOINCREMENT")
-        sql = sql.replace("$BLOB", "BLOB").replace("$WITHOUT_ROWID", "WITHOUT ROWID")
-        for statement in split_statements(sql):
+        for statement in split_statements(sqlite_schema_sql(delta.sql)):
             db.execute(statement)
     db.execute(
         "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, name TEXT NOT NULL,"

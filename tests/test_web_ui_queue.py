@@ -226,7 +226,7 @@ async def test_destination_page_with_retry_and_drop_per_message(site: Site) -> N
 async def test_the_cli_still_records_the_operator(store: Store, clock: Clock) -> None:
     q = await queue(store, clock, "a@example.com")
     assert await store.drop_message(q) == ["a@example.com"]
-    assert (await recipients(store))["a@example.com"][2] == "dropped by the operator"
+    assert (await recipients(store))["a@example.com"][2] == "dropped by queue drop"
 
 
 @pytest_twisted.ensureDeferred

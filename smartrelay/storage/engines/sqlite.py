@@ -323,16 +323,21 @@ class SqliteEngine(PooledEngine[SqliteConnection]):
         return succeed(None)
 
     def schema_sql(self, text: str) -> str:
-        return (
-            text.replace("$ID_PK", "INTEGER PRIMARY KEY AUTOINCREMENT")
-            .replace("$BLOB", "BLOB")
-            .replace("$WITHOUT_ROWID", "WITHOUT ROWID")
-            .replace("$EVENT_TXID_INDEX", "")
-            .replace("$EVENT_TXID", "INTEGER NOT NULL DEFAULT 0")
-        )
+        return schema_sql(text)
 
     def lock_statement(self) -> str | None:
         return None  # BEGIN IMMEDIATE already serialises every writer
 
     def version(self) -> str:
         return f"SQLite {sqlite3.sqlite_version}"
+
+
+def schema_sql(text: str) -> str:
+    """A schema delta's portable SQL as SQLite runs it (its ``$`` tokens replaced)."""
+    return (
+        text.replace("$ID_PK", "INTEGER PRIMARY KEY AUTOINCREMENT")
+        .replace("$BLOB", "BLOB")
+        .replace("$WITHOUT_ROWID", "WITHOUT ROWID")
+        .replace("$EVENT_TXID_INDEX", "")
+        .replace("$EVENT_TXID", "INTEGER NOT NULL DEFAULT 0")
+    )
