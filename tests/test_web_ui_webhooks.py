@@ -187,6 +187,14 @@ async def test_dead_letters_replay(site: Site) -> None:
                 "POST", "/ui/queue/webhooks/replay", {"csrf": token, **form}
             )
             assert code == 403
+    # The right token from another origin (a cross-site form): refused too.
+    code, _, _ = await browser.request(
+        "POST",
+        "/ui/queue/webhooks/replay",
+        {"csrf": csrf, "all": "1"},
+        Origin="https://evil.example",
+    )
+    assert code == 403
     assert await requested(store) == {first: False, second: False, third: False}
 
     page = await post(browser, "/ui/queue/webhooks/replay", {"csrf": csrf, "id": str(first)})
