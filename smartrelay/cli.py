@@ -337,8 +337,7 @@ def configured_webhooks(config: Config) -> dict[str, tuple[str, ...]]:
 
 async def known_webhook_urls(store: Store, config: Config) -> set[str]:
     """The urls of the config, of the dispatcher's rows and of the dead letters."""
-    status = await store.webhook_endpoints_status(configured_webhooks(config))
-    return {s.url for s in status} | {d.url for d in await store.list_dead_letters()}
+    return set(configured_webhooks(config)) | await store.webhook_urls()
 
 
 def _when(seconds: float | None, never: str = "never") -> str:
@@ -385,7 +384,8 @@ async def _set_webhook_state(
 
 async def cmd_webhooks_enable(args: argparse.Namespace, store: Store) -> None:
     in_config = await _set_webhook_state(args, store, "active", "")
-    print(f"webhook endpoint {args.url} enabled: the running relay sends to it again at once")
+    url = printable(args.url)
+    print(f"webhook endpoint {url} enabled: the running relay sends to it again at once")
     if not in_config:
         print("(it is not in the config: nothing sends to it until it is added back)")
 
@@ -394,7 +394,7 @@ async def cmd_webhooks_disable(args: argparse.Namespace, store: Store) -> None:
     reason = args.reason.strip() or "disabled with smartrelay-ctl"
     await _set_webhook_state(args, store, "disabled", reason[:500])
     print(
-        f"webhook endpoint {args.url} disabled: nothing is sent to it until"
+        f"webhook endpoint {printable(args.url)} disabled: nothing is sent to it until"
         " `webhooks enable`; its events wait (its backlog grows)"
     )
 

@@ -162,6 +162,8 @@ async def test_dead_letters_and_replay_requests(store: Store, clock: Clock) -> N
     assert [d.id for d in await store.list_dead_letters(B)] == [second, third]
     assert [d.id for d in await store.list_dead_letters(B, limit=1)] == [second]
     assert await store.list_dead_letters("https://other.example/") == []
+    await endpoint(store, GONE, START)
+    assert await store.webhook_urls() == {A, B, GONE}
 
     clock.advance(10)
     assert await store.request_replay(second) == 1

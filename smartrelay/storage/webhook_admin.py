@@ -205,6 +205,17 @@ class WebhookAdminStore(EventPositionStore):
                 )
         return [found[url] for url in sorted(found)]
 
+    async def webhook_urls(self) -> set[str]:
+        """Every url the dispatcher has a row or a dead letter for."""
+
+        async def txn(cursor: ICursor) -> set[str]:
+            await cursor.execute(
+                "SELECT url FROM webhook_endpoints UNION SELECT url FROM webhook_dead_letters"
+            )
+            return {str(r[0]) for r in cursor.fetchall()}
+
+        return await self.run("webhook_urls", txn, readonly=True)
+
     async def set_webhook_state(
         self,
         url: str,
