@@ -20,11 +20,11 @@ import sqlite3
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import NoReturn, TextIO
+from typing import Literal, NoReturn, TextIO
 
 import psycopg2
 from twisted.internet.defer import succeed
-from twisted.internet.task import react
+from twisted.internet.task import deferLater, react
 
 from smartrelay import __version__
 from smartrelay.config import (
@@ -320,6 +320,187 @@ async def cmd_feedback_reprocess(args: argparse.Namespace, store: Store) -> None
 
 
 REPROCESS_PAGE = 100
+
+
+# -- webhooks (docs/webhooks-operations.md) -------------------------------------------------
+#: ``webhooks dead replay --wait``: how often the dead letters are looked at, and the longest
+#: wait (``--wait`` without a value waits this long).
+REPLAY_POLL = 1.0
+REPLAY_WAIT = 600.0
+REPLAY_WAIT_MAX = 7 * 86400.0
+
+
+def configured_webhooks(config: Config) -> dict[str, tuple[str, ...]]:
+    """Each ``[[webhooks]]`` url and its event types."""
+    return {webhook.url: webhook.events for webhook in config.webhooks}
+
+
+async def known_webhook_urls(store: Store, config: Config) -> set[str]:
+    """The urls of the config, of the dispatcher's rows and of the dead letters."""
+    return set(configured_webhooks(config)) | await store.webhook_urls()
+
+
+def _when(seconds: float | None, never: str = "never") -> str:
+    return never if seconds is None else rfc3339(seconds)
+
+
+async def cmd_webhooks_list(args: argparse.Namespace, store: Store) -> None:
+    statuses = await store.webhook_endpoints_status(configured_webhooks(args.loaded_config))
+    for s in statuses:
+        state = "failing" if s.state == "active" and s.failing_since is not None else s.state
+        fields = [
+            printable(s.url),
+            state,
+            f"backlog={s.backlog_text}",
+            f"last_success={_when(s.last_success_at)}",
+            f"failures={s.failures}",
+            f"dead_letters={s.dead_letters} ({s.dead_events} events)",
+        ]
+        if not s.in_config:
+            fields.append("not in the config")
+        if s.state == "disabled":
+            fields.append(f"disabled={_when(s.disabled_at, '-')}")
+            fields.append(f"reason={printable(s.disabled_reason or '-')}")
+        if s.failing_since is not None:
+            fields.append(f"failing_since={rfc3339(s.failing_since)}")
+            fields.append(f"next_attempt={_when(s.next_attempt_at, 'now')}")
+        if s.last_error:
+            fields.append(f"last_error={printable(s.last_error)}")
+        print("\t".join(fields))
+    if not statuses:
+        print("no webhook endpoint: none in the config, and none was ever sent to")
+
+
+async def _set_webhook_state(
+    args: argparse.Namespace, store: Store, state: Literal["active", "disabled"], reason: str
+) -> bool:
+    """The state set; whether the url is in the config. Unknown urls are a :class:`CliError`."""
+    configured = configured_webhooks(args.loaded_config)
+    in_config = args.url in configured
+    if not await store.set_webhook_state(args.url, state, reason, create=in_config):
+        raise CliError(f"no webhook endpoint {printable(args.url)!r} (in the config or sent to)")
+    return in_config
+
+
+async def cmd_webhooks_enable(args: argparse.Namespace, store: Store) -> None:
+    in_config = await _set_webhook_state(args, store, "active", "")
+    url = printable(args.url)
+    print(f"webhook endpoint {url} enabled: the running relay sends to it again at once")
+    if not in_config:
+        print("(it is not in the config: nothing sends to it until it is added back)")
+
+
+async def cmd_webhooks_disable(args: argparse.Namespace, store: Store) -> None:
+    reason = args.reason.strip() or "disabled with smartrelay-ctl"
+    await _set_webhook_state(args, store, "disabled", reason[:500])
+    print(
+        f"webhook endpoint {printable(args.url)} disabled: nothing is sent to it until"
+        " `webhooks enable`; its events wait (its backlog grows)"
+    )
+
+
+async def _check_webhook_url(args: argparse.Namespace, store: Store) -> None:
+    if args.url is not None and args.url not in await known_webhook_urls(store, args.loaded_config):
+        raise CliError(f"no webhook endpoint {printable(args.url)!r} (in the config or sent to)")
+
+
+async def cmd_webhooks_dead_list(args: argparse.Namespace, store: Store) -> None:
+    if args.limit < 1:
+        raise CliError("--limit must be at least 1")
+    await _check_webhook_url(args, store)
+    dead = await store.list_dead_letters(args.url, limit=args.limit)
+    for d in dead:
+        replay = "no"
+        if d.replay_requested_at is not None:
+            replay = f"requested {rfc3339(d.replay_requested_at)}"
+            replay += " (under way)" if d.replay_started else ""
+        fields = [
+            str(d.id),
+            printable(d.url),
+            f"events={d.events}",
+            f"first={_when(d.first_event_at, '-')}",
+            f"last={_when(d.last_event_at, '-')}",
+            f"dead_since={rfc3339(d.created_at)}",
+            f"attempts={d.attempts}",
+            f"replay={replay}",
+            f"last_error={printable(d.last_error)}",
+        ]
+        print("\t".join(fields))
+    if not dead:
+        print("no dead letter" if args.url is None else f"no dead letter for {args.url}")
+
+
+def replay_wait(text: str) -> float:
+    """``--wait``'s value: seconds, or a duration (``10m``)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            seconds = parse_duration(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    if not 0 < seconds <= REPLAY_WAIT_MAX:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most {REPLAY_WAIT_MAX:.0f}")
+    return seconds
+
+
+async def cmd_webhooks_dead_replay(args: argparse.Namespace, store: Store) -> None:
+    if (args.dead_id is None) == (not args.all):
+        raise CliError("say which dead letter to replay: its ID, or --all")
+    dead_id = None
+    if args.dead_id is not None:
+        try:
+            dead_id = int(args.dead_id)
+        except ValueError:
+            raise CliError(f"not a dead-letter id: {printable(args.dead_id)!r}") from None
+        if not 0 < dead_id < 2**63:
+            raise CliError(f"no dead letter {dead_id}")
+    await _check_webhook_url(args, store)
+    ids = await store.request_replay_ids(dead_id, args.url)
+    if dead_id is not None and not ids:
+        where = "" if args.url is None else f" for {args.url}"
+        raise CliError(f"no dead letter {dead_id}{where}")
+    if not ids:
+        print("no dead letter to replay" + ("" if args.url is None else f" for {args.url}"))
+        return
+    print(
+        f"{len(ids)} dead letter(s) queued for replay: the running relay sends them"
+        " (`webhooks dead list` shows those still to go)"
+    )
+    if args.wait is not None:
+        await _wait_for_replay(store, ids, args.wait)
+
+
+async def _wait_for_replay(store: Store, ids: list[int], limit: float) -> None:
+    """Until every dead letter of ``ids`` is sent (gone) or failed again, at most ``limit``
+    seconds; a progress line at each change."""
+    clock = store.clock
+    deadline = clock.seconds() + limit
+    shown = ""
+    while True:
+        states = await store.dead_letter_states(ids)
+        sent = sum(s.state == "sent" for s in states)
+        failed = [s for s in states if s.state == "failed"]
+        waiting = len(states) - sent - len(failed)
+        line = f"replay: {sent} sent, {len(failed)} failed again, {waiting} waiting"
+        if line != shown:
+            print(line, flush=True)
+            shown = line
+        if waiting == 0:
+            break
+        if clock.seconds() >= deadline:
+            raise CliError(
+                f"still waiting after {limit:g}s: {waiting} dead letter(s) not sent yet"
+                " (is the relay running? the replay goes on without this command)"
+            )
+        await deferLater(clock, REPLAY_POLL, lambda: None)
+    if failed:
+        first = failed[0]
+        raise CliError(
+            f"{len(failed)} dead letter(s) failed again (they stay in the list); dead letter"
+            f" {first.id}: {printable(first.last_error or '')}"
+        )
+    print(f"all {sent} dead letter(s) replayed")
 
 
 def parse_time(text: str | None, now: float, option: str) -> float | None:
@@ -636,6 +817,40 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("report_id", nargs="?", default=None, metavar="ID")
     which.add_argument("--all-unmatched", action="store_true", help="every unmatched report")
     p.set_defaults(run=cmd_feedback_reprocess)
+
+    webhooks = commands.add_parser("webhooks", help="webhook endpoints and their dead letters")
+    webhook_cmds = webhooks.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = webhook_cmds.add_parser(
+        "list", help="each endpoint: state, backlog, last success, failures, dead letters"
+    )
+    p.set_defaults(run=cmd_webhooks_list)
+    p = webhook_cmds.add_parser("enable", help="send to an endpoint again (tried at once)")
+    p.add_argument("url", metavar="URL")
+    p.set_defaults(run=cmd_webhooks_enable)
+    p = webhook_cmds.add_parser("disable", help="stop sending to an endpoint (its events wait)")
+    p.add_argument("url", metavar="URL")
+    p.add_argument("--reason", default="", help="why (shown by `webhooks list` and the UI)")
+    p.set_defaults(run=cmd_webhooks_disable)
+    dead = webhook_cmds.add_parser("dead", help="batches that exhausted their retries")
+    dead_cmds = dead.add_subparsers(dest="dead_action", required=True, metavar="ACTION")
+    p = dead_cmds.add_parser("list", help="the dead letters, oldest first (tab-separated)")
+    p.add_argument("--url", metavar="URL", help="only this endpoint's")
+    p.add_argument("--limit", type=int, default=1000)
+    p.set_defaults(run=cmd_webhooks_dead_list)
+    p = dead_cmds.add_parser("replay", help="send dead letters again (the running relay does)")
+    p.add_argument("dead_id", nargs="?", default=None, metavar="ID")
+    p.add_argument("--all", action="store_true", help="every dead letter (of --url)")
+    p.add_argument("--url", metavar="URL", help="only this endpoint's")
+    p.add_argument(
+        "--wait",
+        nargs="?",
+        const=REPLAY_WAIT,
+        default=None,
+        type=replay_wait,
+        metavar="SECONDS",
+        help=f"wait until they are sent or failed again (at most SECONDS, {REPLAY_WAIT:.0f})",
+    )
+    p.set_defaults(run=cmd_webhooks_dead_replay)
 
     p = commands.add_parser(
         "classify",

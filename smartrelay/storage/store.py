@@ -7,7 +7,8 @@ Each topic is its own module, with its values and queries: :mod:`~smartrelay.sto
 :mod:`~smartrelay.storage.logins`, :mod:`~smartrelay.storage.tracking`,
 :mod:`~smartrelay.storage.mailboxes`, :mod:`~smartrelay.storage.rollups`,
 :mod:`~smartrelay.storage.websessions`, :mod:`~smartrelay.storage.warnings`,
-:mod:`~smartrelay.storage.retention` and :mod:`~smartrelay.storage.reports`. They share the
+:mod:`~smartrelay.storage.retention`, :mod:`~smartrelay.storage.reports` and
+:mod:`~smartrelay.storage.webhook_admin`. They share the
 engine, the clock and one way of running a query (:class:`~smartrelay.storage.base.StoreBase`).
 Callers hold a ``Store`` and call its methods (``store.claim_due(...)``,
 ``store.smtp_credentials.add``); the names below are re-exported so that they can import the
@@ -54,6 +55,12 @@ from smartrelay.storage.suppressions import (
 )
 from smartrelay.storage.tracking import RecipientRef, TrackingStore
 from smartrelay.storage.warnings import WarningStore
+from smartrelay.storage.webhook_admin import (
+    DeadLetter,
+    DeadLetterState,
+    WebhookAdminStore,
+    WebhookEndpointStatus,
+)
 from smartrelay.storage.websessions import SessionTimes, WebSession, WebSessionStore
 
 __all__ = [
@@ -65,6 +72,8 @@ __all__ = [
     "SUPPRESSION_REASONS",
     "ApiToken",
     "ClaimedRecipient",
+    "DeadLetter",
+    "DeadLetterState",
     "DuplicateName",
     "EventPage",
     "EventPosition",
@@ -85,6 +94,7 @@ __all__ = [
     "StoredMessage",
     "Suppression",
     "WebSession",
+    "WebhookEndpointStatus",
     "decode_cursor",
     "domain_of",
     "encode_cursor",
@@ -98,6 +108,7 @@ class Store(
     QueueStore,
     SuppressionStore,
     EventStore,
+    WebhookAdminStore,  # before EventPositionStore, its base
     EventPositionStore,
     FeedbackStore,
     TrackingStore,

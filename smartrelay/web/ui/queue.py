@@ -7,10 +7,16 @@ delivered right now keeps its lease). A drop is ``queue drop``'s: the recipients
 (``dropped by ui:USERNAME``). Dropping is final, so its buttons look dangerous and say how
 much they drop; there is no confirmation dialog (no script), the form itself is the second
 step.
+
+The page's "Webhooks" card (docs/webhooks-operations.md) shows each webhook endpoint's status
+and dead letters, with Enable / Disable per endpoint and Replay per dead letter, per endpoint
+and for all: what ``smartrelay-ctl webhooks ...`` does. The relay's dispatcher acts on them
+(it sends an enabled endpoint at once, and every dead letter whose replay was asked for).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from urllib.parse import quote
 
 from klein import Klein
@@ -18,16 +24,20 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
+from smartrelay.config import Config
+from smartrelay.storage.webhook_admin import DeadLetter
 from smartrelay.web.ui.context import UiContext, UiError, add_error_pages, arg, ui_session
 from smartrelay.web.ui.notices import NoticeText, notice_arg, read_notice
 
-__all__ = ["DESTINATIONS", "PAGE", "Queue"]
+__all__ = ["DEAD_LETTERS", "DESTINATIONS", "PAGE", "Queue"]
 
 log = Logger()
 
 #: Destinations shown (the biggest first), and recipients per page of a destination.
 DESTINATIONS = 200
 PAGE = 50
+#: Dead letters listed on the page at most (oldest first); ``webhooks dead list`` has all.
+DEAD_LETTERS = 200
 
 NOTICES: dict[str, NoticeText] = {
     "retried": NoticeText("{count} recipient(s) to {domain} are due now."),
@@ -44,6 +54,24 @@ NOTICES: dict[str, NoticeText] = {
         " or is being delivered right now.",
         problem=True,
     ),
+    "webhook_enabled": NoticeText(
+        "Webhook endpoint {url} enabled: the relay sends to it again at once."
+    ),
+    "webhook_disabled": NoticeText(
+        "Webhook endpoint {url} disabled: its events wait until it is enabled again."
+    ),
+    "webhook_unknown": NoticeText(
+        "There is no webhook endpoint {url}: it is not in the config and was never sent to.",
+        problem=True,
+    ),
+    "replay_one": NoticeText("Dead letter {id} is queued for replay: the relay sends it shortly."),
+    "replay_many": NoticeText(
+        "{count} dead letter(s) are queued for replay: the relay sends them shortly."
+    ),
+    "replay_gone": NoticeText(
+        "There is no dead letter {id}: it was replayed or removed meanwhile.", problem=True
+    ),
+    "replay_nothing": NoticeText("There was no dead letter to replay.", problem=True),
 }
 
 
@@ -84,10 +112,33 @@ class Queue:
     def drop_message(self, request: IRequest) -> Deferred[bytes]:
         return self.ui.serve(request, "message drop", lambda: self._drop_message(request))
 
+    @app.route("/webhooks/enable", methods=["POST"])
+    def enable_webhook(self, request: IRequest) -> Deferred[bytes]:
+        return self.ui.serve(request, "webhook enable", lambda: self._webhook_state(request, True))
+
+    @app.route("/webhooks/disable", methods=["POST"])
+    def disable_webhook(self, request: IRequest) -> Deferred[bytes]:
+        return self.ui.serve(
+            request, "webhook disable", lambda: self._webhook_state(request, False)
+        )
+
+    @app.route("/webhooks/replay", methods=["POST"])
+    def replay(self, request: IRequest) -> Deferred[bytes]:
+        return self.ui.serve(request, "dead letter replay", lambda: self._replay(request))
+
+    def configured_webhooks(self) -> dict[str, tuple[str, ...]]:
+        """Each ``[[webhooks]]`` url of the relay's config and its event types."""
+        config = self.ui.extra.get("config")
+        if not isinstance(config, Config):
+            return {}
+        return {webhook.url: webhook.events for webhook in config.webhooks}
+
     # -- pages --------------------------------------------------------------------------
     async def _show(self, request: IRequest) -> bytes:
         store = await self.ui.store()
         groups = await store.deferred_by_destination(limit=DESTINATIONS)
+        webhooks = await store.webhook_endpoints_status(self.configured_webhooks())
+        dead_letters = await store.list_dead_letters(limit=DEAD_LETTERS)
         return self.ui.page(
             request,
             "ui/queue.html",
@@ -96,6 +147,10 @@ class Queue:
             groups=groups,
             shown=DESTINATIONS,
             destination_url=self.destination_url,
+            webhooks=webhooks,
+            dead_letters=_by_url(dead_letters),
+            dead_shown=DEAD_LETTERS,
+            dead_total=sum(w.dead_letters for w in webhooks),
             notice=read_notice(request, ui_session(request), NOTICES),
         )
 
@@ -190,6 +245,74 @@ class Queue:
         if not dropped:
             return self._back(request, back, "message_nothing", queue_id=queue_id)
         return self._back(request, back, "message_dropped", queue_id=queue_id, count=len(dropped))
+
+    async def _webhook_state(self, request: IRequest, enable: bool) -> bytes:
+        url = _webhook_url(arg(request, "url", limit=MAX_URL))
+        user = ui_session(request).username
+        note = arg(request, "reason", limit=200)
+        reason = f"by ui:{user}" + (f": {note}" if note else "")
+        store = await self.ui.store()
+        changed = await store.set_webhook_state(
+            url,
+            "active" if enable else "disabled",
+            "" if enable else reason,
+            create=url in self.configured_webhooks(),
+        )
+        if not changed:
+            return self._back(request, "", "webhook_unknown", url=url)
+        log.info(
+            "web ui: {user} {what} webhook endpoint {url}",
+            user=user,
+            what="enabled" if enable else "disabled",
+            url=url,
+        )
+        return self._back(request, "", "webhook_enabled" if enable else "webhook_disabled", url=url)
+
+    async def _replay(self, request: IRequest) -> bytes:
+        raw_id = arg(request, "id", limit=20)
+        url = arg(request, "url", limit=MAX_URL) or None
+        if url is not None:
+            url = _webhook_url(url)
+        dead_id = None
+        if raw_id:
+            if not raw_id.isdigit() or not 0 < int(raw_id) < 2**63:
+                raise UiError(400, "Which dead letter? The form did not say.")
+            dead_id = int(raw_id)
+        elif arg(request, "all", limit=10) != "1":
+            raise UiError(400, "Which dead letter? The form did not say.")
+        store = await self.ui.store()
+        ids = await store.request_replay_ids(dead_id, url)
+        user = ui_session(request).username
+        log.info(
+            "web ui: {user} asked to replay {count} dead letter(s) {ids}",
+            user=user,
+            count=len(ids),
+            ids=ids[:20],
+        )
+        if dead_id is not None:
+            if not ids:
+                return self._back(request, "", "replay_gone", id=dead_id)
+            return self._back(request, "", "replay_one", id=dead_id)
+        if not ids:
+            return self._back(request, "", "replay_nothing")
+        return self._back(request, "", "replay_many", count=len(ids))
+
+
+#: The longest webhook url a form may name.
+MAX_URL = 2000
+
+
+def _by_url(dead: Sequence[DeadLetter]) -> Mapping[str, list[DeadLetter]]:
+    grouped: dict[str, list[DeadLetter]] = {}
+    for d in dead:
+        grouped.setdefault(d.url, []).append(d)
+    return grouped
+
+
+def _webhook_url(text: str) -> str:
+    if not text or "\x00" in text:
+        raise UiError(400, "Which webhook endpoint? The form did not say.")
+    return text
 
 
 def _domain(text: str) -> str:
