@@ -54,6 +54,7 @@ from smartrelay.storage.suppressions import (
 )
 from smartrelay.storage.tracking import RecipientRef, TrackingStore
 from smartrelay.storage.warnings import WarningStore
+from smartrelay.storage.webhooks import DeadLetter, WebhookEndpoint, WebhookStore
 from smartrelay.storage.websessions import SessionTimes, WebSession, WebSessionStore
 
 __all__ = [
@@ -65,6 +66,7 @@ __all__ = [
     "SUPPRESSION_REASONS",
     "ApiToken",
     "ClaimedRecipient",
+    "DeadLetter",
     "DuplicateName",
     "EventPage",
     "EventPosition",
@@ -85,6 +87,7 @@ __all__ = [
     "StoredMessage",
     "Suppression",
     "WebSession",
+    "WebhookEndpoint",
     "decode_cursor",
     "domain_of",
     "encode_cursor",
@@ -109,5 +112,6 @@ class Store(
     ReportsStore,
     WarningStore,
     ApiTokenStore,
+    WebhookStore,
 ):
     """Every query SmartRelay runs; each public method is one transaction."""
