@@ -22,7 +22,7 @@ from attrs import frozen
 from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, gatherResults
-from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -408,11 +408,13 @@ class EndpointSender:
                 unbuffered=True,
                 reactor=self._reactor,  # type: ignore[arg-type]
             )
-        except CancelledError:
-            raise
+        except (CancelledError, ConnectingCancelledError):
+            raise CancelledError() from None
         except (ConnectError, DNSLookupError) as error:
             return "failed", one_line(f"cannot connect: {error}")
         except ResponseFailed as error:
+            if any(r.check(CancelledError) for r in error.reasons):
+                raise CancelledError() from None  # the timeout, or the service stopping
             reasons = "; ".join(r.getErrorMessage() for r in error.reasons)
             return "failed", one_line(f"no valid reply: {reasons or error}")
         except Exception as error:
