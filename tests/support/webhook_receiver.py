@@ -68,9 +68,16 @@ class Receiver:
     """A twisted.web receiver at ``url``. ``answers``: statuses for the next POSTs, in order,
     then ``status`` (``None``: never answer, keeping the connection open)."""
 
-    def __init__(self, reactor: IRelayReactor, secret: str = SECRET) -> None:
+    def __init__(
+        self,
+        reactor: IRelayReactor,
+        secret: str = SECRET,
+        verify: Callable[[str, bytes, str, float], bool] = verify_signature,
+    ) -> None:
+        """``verify(header, body, secret, now)`` decides each POST's ``signed``."""
         self.reactor = reactor
         self.secret = secret
+        self.verify = verify
         self.posts: list[Post] = []
         self.answers: list[int] = []
         self.status: int | None = 200
@@ -104,7 +111,7 @@ class Receiver:
             k.decode().lower(): v[0].decode() for k, v in request.requestHeaders.getAllRawHeaders()
         }
         headers[":path"] = request.path.decode()
-        signed = verify_signature(
+        signed = self.verify(
             headers.get("x-smartrelay-signature", ""), body, self.secret, self.reactor.seconds()
         )
         status = self.answers.pop(0) if self.answers else self.status
