@@ -17,7 +17,7 @@ from attrs import frozen
 
 from smartrelay.storage.base import StoreBase, from_ms, marks, to_ms
 from smartrelay.storage.event_positions import EventPosition, _range
-from smartrelay.storage.interfaces import ICursor
+from smartrelay.storage.interfaces import ICursor, Row
 
 __all__ = ["DeadLetter", "WebhookEndpoint", "WebhookStore"]
 
@@ -57,17 +57,17 @@ class DeadLetter:
     attempts: int
 
 
-def _endpoint(row: Sequence[object], held: bool) -> WebhookEndpoint:
+def _endpoint(row: Row, held: bool) -> WebhookEndpoint:
     return WebhookEndpoint(
         url=str(row[0]),
-        position=EventPosition(int(row[1]), int(row[2])),  # type: ignore[call-overload]
+        position=EventPosition(int(row[1]), int(row[2])),
         state=str(row[3]),
-        failing_since=from_ms(row[4]),  # type: ignore[arg-type]
-        attempts=int(row[5]),  # type: ignore[call-overload]
-        next_attempt_at=from_ms(row[6]),  # type: ignore[arg-type]
+        failing_since=from_ms(row[4]),
+        attempts=int(row[5]),
+        next_attempt_at=from_ms(row[6]),
         last_error=None if row[7] is None else str(row[7]),
         lease_owner=None if row[8] is None else str(row[8]),
-        lease_until=from_ms(row[9]),  # type: ignore[arg-type]
+        lease_until=from_ms(row[9]),
         held=held,
     )
 
@@ -100,23 +100,36 @@ class WebhookStore(StoreBase):
     ) -> WebhookEndpoint | None:
         """The endpoint's row; its lease taken for ``owner`` (until now + ``lease_for``) when
         it is free, expired, or ``owner``'s with less than ``renew_within`` seconds left.
-        ``held`` says whether ``owner`` holds it. None when the row is gone."""
+        ``held`` says whether ``owner`` holds it. None when the row is gone. A look that
+        changes nothing is a read only (cheap to repeat every second)."""
         now_ms = self.now_ms()
         until_ms = now_ms + to_ms(lease_for)
         renew_ms = now_ms + to_ms(renew_within)
+        select = f"SELECT {_ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE url = ?"
 
-        async def txn(cursor: ICursor) -> WebhookEndpoint | None:
-            select = f"SELECT {_ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE url = ?"
+        def settled(row: Row) -> WebhookEndpoint | None:
+            """The row as it stands when no write is needed, else None."""
+            holder, until = row[8], row[9]
+            if holder == owner and until is not None and int(until) > renew_ms:
+                return _endpoint(row, True)
+            if holder not in (None, owner) and until is not None and int(until) > now_ms:
+                return _endpoint(row, False)
+            return None
+
+        async def look(cursor: ICursor) -> tuple[bool, WebhookEndpoint | None]:
             await cursor.execute(select, (url,))
             row = cursor.fetchone()
             if row is None:
-                return None
-            owner_now, until_now = row[8], row[9]
-            if owner_now == owner and until_now is not None and int(until_now) > renew_ms:
-                return _endpoint(row, True)
-            if owner_now not in (None, owner) and until_now is not None and int(until_now) > now_ms:
-                return _endpoint(row, False)
-            # Conditional again: another node may have taken it since the read.
+                return True, None
+            endpoint = settled(row)
+            return endpoint is not None, endpoint
+
+        done, endpoint = await self.run("webhook_lease_look", look, readonly=True)
+        if done:
+            return endpoint
+
+        async def take(cursor: ICursor) -> WebhookEndpoint | None:
+            # Conditional again: another node may have taken it since the look.
             await cursor.execute(
                 "UPDATE webhook_endpoints SET lease_owner = ?, lease_until = ? WHERE url = ?"
                 " AND (lease_owner IS NULL OR lease_owner = ? OR lease_until IS NULL"
@@ -128,7 +141,7 @@ class WebhookStore(StoreBase):
             row = cursor.fetchone()
             return None if row is None else _endpoint(row, taken)
 
-        return await self.run("webhook_lease", txn)
+        return await self.run("webhook_lease", take)
 
     async def release_webhook_lease(self, url: str, owner: str) -> None:
         """Give the lease up (a clean stop: another node may take over at once)."""
@@ -306,10 +319,11 @@ class WebhookStore(StoreBase):
                 )
             if int(cursor.rowcount) == 0:
                 return False
-            if sent:
+            if sent:  # the receiver took them: a run of failures ends here too
                 await cursor.execute(
                     "UPDATE webhook_endpoints SET sent_events = sent_events + ?,"
-                    f" last_success_at = ? WHERE {_HOLDING}",
+                    " last_success_at = ?, failing_since = NULL, attempts = 0,"
+                    f" next_attempt_at = NULL, last_error = NULL WHERE {_HOLDING}",
                     (sent, now_ms, dead.url, owner),
                 )
             return True
