@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred
 
 from smartrelay.config.model import Webhook
 from smartrelay.events import DeliveredEvent, OpenedEvent
@@ -500,3 +501,19 @@ async def test_two_nodes_on_one_postgresql_send_each_event_once_and_take_over(
         await two.stop()
         for engine in engines:
             await engine.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stop_before_the_store_opens_does_not_wait_for_it(reactor: IRelayReactor) -> None:
+    """The storage stops after the webhooks (and only then fails its waiters)."""
+    never: Deferred[Store] = Deferred()
+    service = WebhookService(
+        reactor, lambda: never, [hook("http://127.0.0.1:9/")], "n", RelayMetrics(), FAST
+    )
+    service.startService()
+    t0 = reactor.seconds()
+    stopped = service.stopService()
+    stopped.addTimeout(5, reactor)
+    await stopped
+    assert reactor.seconds() - t0 < 2.0
+    never.errback(RuntimeError("storage is shut down"))

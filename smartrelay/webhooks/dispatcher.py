@@ -158,6 +158,7 @@ class EndpointSender:
         self._posting: Deferred[tuple[Outcome, str]] | None = None
         self._done: Deferred[None] | None = None
         self._held = False
+        self._has_store = False
         #: The first event of the partial batch waiting for more, and since when.
         self._pending: tuple[int, float] | None = None
         self._db_failing = False
@@ -177,7 +178,9 @@ class EndpointSender:
         for pending in (self._waiting, self._posting):
             if pending is not None and not pending.called:
                 pending.cancel()
-        if self._done is not None:
+        # Before the store is open, nothing needs waiting for (and the storage, stopped
+        # after this service, is what would end that wait): the loop ends when it opens.
+        if self._done is not None and self._has_store:
             await self._done
         await self._pool.closeCachedConnections()  # type: ignore[no-untyped-call]
 
@@ -187,6 +190,7 @@ class EndpointSender:
         except Exception as error:  # the storage reports its own failure
             log.debug("webhook {url}: no store: {error}", url=self._shown, error=str(error))
             return
+        self._has_store = True
         created = False
         while not self._stopping:
             delay = self._tunables.poll
