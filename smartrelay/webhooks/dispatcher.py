@@ -303,7 +303,8 @@ class EndpointSender:
             await self._disable(store)
             return poll
         backoff = self._backoff(row.attempts + 1)
-        failed = await store.webhook_failed(url, node, error, now + backoff)
+        retry_at = self._reactor.seconds() + backoff  # after the POST (up to `timeout` long)
+        failed = await store.webhook_failed(url, node, error, retry_at)
         if failed is None:  # the lease was lost meanwhile
             return poll
         if row.failing_since is None:
