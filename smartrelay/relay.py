@@ -77,6 +77,7 @@ from smartrelay.web.service import web_listener, web_site
 from smartrelay.web.site import WebRoot
 from smartrelay.web.tracking import Tracking
 from smartrelay.web.ui import build_reports_ui
+from smartrelay.webhooks.dispatcher import WebhookService
 
 __all__ = [
     "RelayService",
@@ -210,6 +211,13 @@ class RelayService(MultiService):
         if serving:  # one purger per node (not one per delivery process)
             self.purge = PurgeService(self.storage.when_ready, reactor, config.retention)
             self.purge.setServiceParent(self)  # type: ignore[no-untyped-call]
+        #: The ``[[webhooks]]`` senders (main process only; docs/webhooks.md).
+        self.webhooks: WebhookService | None = None
+        if serving and config.webhooks:
+            self.webhooks = WebhookService(
+                reactor, self.storage.when_ready, config.webhooks, node_id, self.metrics
+            )
+            self.webhooks.setServiceParent(self)  # type: ignore[no-untyped-call]
         #: The feedback processor's service: the inbound listener's reports, processed after
         #: their commit and at start-up (main process only, like the listener).
         self.feedback: FeedbackService | None = None

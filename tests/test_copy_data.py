@@ -584,6 +584,72 @@ async def test_history_copy_while_the_relay_writes(
         assert len((await content(source))["events"]) == 130 + 18
 
 
+@pytest.mark.parametrize("target_engine", ["sqlite", "postgresql"])
+@pytest_twisted.ensureDeferred
+async def test_webhook_positions_from_postgresql_pass_over_no_event(
+    target_engine: str, tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    """PostgreSQL positions (txid, id) are made txid-0 positions among the copied events: an
+    endpoint resumes before every event it had not acknowledged (some again, none lost), and a
+    dead letter's range keeps every event it had."""
+    target_url = (
+        f"sqlite:{tmp_path / 't.db'}"
+        if target_engine == "sqlite"
+        else postgres_server.create_database()
+    )
+    async with (
+        opened(postgres_server.create_database()) as source,
+        opened(target_url, migrated=False) as target,
+    ):
+        # Ids given in one order, committed in another: position order 1, 2, 4, 3, 5, 6.
+        txids = {1: 100, 2: 100, 3: 102, 4: 101, 5: 103, 6: 103}
+        await many(
+            source,
+            "INSERT INTO events (id, txid, type, time, data)"
+            " VALUES (?, CAST(? AS xid8), 'opened', ?, '{}')",
+            [(i, str(t), T0 + i) for i, t in txids.items()],
+        )
+        await many(
+            source,
+            "INSERT INTO webhook_endpoints (url, position_txid, position_id, created_at)"
+            " VALUES (?, ?, ?, ?)",
+            [("https://mid/", 101, 4, T0), ("https://end/", 103, 6, T0),
+             ("https://start/", 0, 0, T0), ("https://between/", 102, 0, T0)],
+        )  # fmt: skip
+        await many(
+            source,
+            "INSERT INTO webhook_dead_letters (url, after_txid, after_id, upto_txid, upto_id,"
+            " events, created_at, attempts, last_error, replay_requested_at, replay_txid,"
+            " replay_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [("https://mid/", 100, 2, 102, 3, 2, T0, 5, "500", None, None, None),
+             ("https://mid/", 100, 1, 103, 5, 4, T0, 5, "500", T0, 101, 4)],
+        )  # fmt: skip
+        await copy_data(source, target, real_reactor(), with_queue=False)
+        endpoints = dict(
+            (str(u), (int(t), int(i)))
+            for u, t, i in await sql(
+                target, "SELECT url, position_txid, position_id FROM webhook_endpoints"
+            )
+        )
+        # Not yet acknowledged after (101, 4): 3, 5, 6. From (0, 2): 3, 4 (again), 5, 6.
+        assert endpoints == {
+            "https://mid/": (0, 2),
+            "https://end/": (0, 6),
+            "https://start/": (0, 0),
+            "https://between/": (0, 2),  # 3 is after it
+        }
+        dead = await sql(
+            target,
+            "SELECT after_txid, after_id, upto_txid, upto_id, replay_txid, replay_id"
+            " FROM webhook_dead_letters ORDER BY id",
+        )
+        # (after (100,2), upto (102,3)] held 4 and 3: ids (2, 4] hold both.
+        assert [tuple(int(v) if v is not None else None for v in r) for r in dead] == [
+            (0, 2, 0, 4, None, None),
+            (0, 1, 0, 5, 0, 2),
+        ]
+
+
 def test_tables_are_every_table_of_the_schema(tmp_path: Path) -> None:
     """A table added by a later schema delta must be added to copying.TABLES (or copy-data
     would leave its rows behind)."""

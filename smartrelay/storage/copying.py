@@ -438,6 +438,9 @@ async def copy_data(
                 progress(table.name, 0, 0)
             copied.append((table, upto, rows))
 
+    if source.name != "sqlite":
+        await _convert_webhook_positions(source, target)
+
     for table in tables:
         if table.identity is not None:
             next_id = await _next_id(source, table.name, table.identity)
@@ -485,3 +488,76 @@ async def _copy_table(copy: _TableCopy, total: int, progress: Progress | None) -
     if progress is not None and rows < total:
         progress(copy.table.name, rows, total)
     return rows
+
+
+async def _convert_webhook_positions(source: IDatabaseEngine, target: IDatabaseEngine) -> None:
+    """Webhook positions from a PostgreSQL source, made positions among the copied events
+    (which all have txid 0 in the target, in id order).
+
+    A position up to which events are done (an endpoint's, a dead letter's ``after`` and its
+    replay progress) ``(x, i)`` becomes ``(0, j)``, ``j`` the smallest id among the source's
+    events after ``(x, i)``, less one (the source's largest id when there is none): no event
+    after it is passed over; some before it may be sent again. A dead letter's ``upto`` (the
+    end of a range to send) becomes the largest id among the events at or before it, so that
+    its range keeps every event it had (and maybe more)."""
+
+    async def done_upto(cursor: ICursor, txid: int, event_id: int) -> int:
+        await cursor.execute(
+            "SELECT MIN(id) FROM events WHERE (txid, id) > (CAST(? AS xid8), ?)",
+            (str(txid), event_id),
+        )
+        row = cursor.fetchone()
+        if row is not None and row[0] is not None:
+            return int(row[0]) - 1
+        await cursor.execute("SELECT MAX(id) FROM events")
+        row = cursor.fetchone()
+        return int(row[0]) if row is not None and row[0] is not None else 0
+
+    async def range_end(cursor: ICursor, txid: int, event_id: int) -> int:
+        await cursor.execute(
+            "SELECT MAX(id) FROM events WHERE (txid, id) <= (CAST(? AS xid8), ?)",
+            (str(txid), event_id),
+        )
+        row = cursor.fetchone()
+        return int(row[0]) if row is not None and row[0] is not None else 0
+
+    async def read(cursor: ICursor) -> tuple[list[Row], list[Row]]:
+        await cursor.execute("SELECT url, position_txid, position_id FROM webhook_endpoints")
+        endpoints = cursor.fetchall()
+        await cursor.execute(
+            "SELECT id, after_txid, after_id, upto_txid, upto_id, replay_txid, replay_id"
+            " FROM webhook_dead_letters"
+        )
+        return endpoints, cursor.fetchall()
+
+    async def convert(cursor: ICursor) -> tuple[list[Row], list[Row]]:
+        endpoints, dead = await read(cursor)
+        new_endpoints: list[Row] = []
+        for url, txid, event_id in endpoints:
+            new_endpoints.append((await done_upto(cursor, int(txid), int(event_id)), url))
+        new_dead: list[Row] = []
+        for dead_id, after_txid, after_id, upto_txid, upto_id, replay_txid, replay_id in dead:
+            after = await done_upto(cursor, int(after_txid), int(after_id))
+            upto = max(after, await range_end(cursor, int(upto_txid), int(upto_id)))
+            replay = None
+            if replay_txid is not None and replay_id is not None:
+                replay = await done_upto(cursor, int(replay_txid), int(replay_id))
+            new_dead.append((after, upto, None if replay is None else 0, replay, dead_id))
+        return new_endpoints, new_dead
+
+    endpoints, dead = await source.run_interaction("copy_webhook_positions", convert, readonly=True)
+
+    async def write(cursor: ICursor) -> None:
+        if endpoints:
+            await cursor.executemany(
+                "UPDATE webhook_endpoints SET position_txid = 0, position_id = ? WHERE url = ?",
+                endpoints,
+            )
+        if dead:
+            await cursor.executemany(
+                "UPDATE webhook_dead_letters SET after_txid = 0, after_id = ?, upto_txid = 0,"
+                " upto_id = ?, replay_txid = ?, replay_id = ? WHERE id = ?",
+                dead,
+            )
+
+    await target.run_interaction("copy_webhook_positions", write)

@@ -61,6 +61,7 @@ from smartrelay.storage.webhook_admin import (
     WebhookAdminStore,
     WebhookEndpointStatus,
 )
+from smartrelay.storage.webhooks import ReplayRange, WebhookEndpoint, WebhookStore
 from smartrelay.storage.websessions import SessionTimes, WebSession, WebSessionStore
 
 __all__ = [
@@ -89,11 +90,13 @@ __all__ = [
     "QueuedMessage",
     "RecipientOutcome",
     "RecipientRef",
+    "ReplayRange",
     "SessionTimes",
     "Store",
     "StoredMessage",
     "Suppression",
     "WebSession",
+    "WebhookEndpoint",
     "WebhookEndpointStatus",
     "decode_cursor",
     "domain_of",
@@ -120,5 +123,6 @@ class Store(
     ReportsStore,
     WarningStore,
     ApiTokenStore,
+    WebhookStore,
 ):
     """Every query SmartRelay runs; each public method is one transaction."""
