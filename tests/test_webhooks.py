@@ -230,10 +230,9 @@ async def test_410_disables_until_enabled_again(
         await add_events(live, 5)
         await _pause(reactor, 1.0)
         assert len(receiver.posts) == 1  # nothing after the 410
-        # An operator enables it (the admin side sets the state back): sending resumes.
+        # An operator enables it (`webhooks enable`, the UI): sending resumes.
         receiver.status = 200
-        await sql(live, "UPDATE webhook_endpoints SET state = 'active' WHERE url = ?",
-                  (receiver.url,))  # fmt: skip
+        assert await live.set_webhook_state(receiver.url, "active") is True
         await wait_for(reactor, lambda: len(receiver.acknowledged()) == 10, "the events")
     finally:
         await service.stopService()
@@ -288,9 +287,8 @@ async def test_down_past_retry_for_dead_letters_then_replay_delivers_exactly_tho
         receiver.status = 200
         await _pause(reactor, 1.0)
         assert receiver.acknowledged() == []
-        # A replay asked for (the admin side's CLI sets this column).
-        await sql(live, "UPDATE webhook_dead_letters SET replay_requested_at = ? WHERE id = ?",
-                  (to_ms(reactor.seconds()), dead_id))  # fmt: skip
+        # A replay asked for (`webhooks dead replay`, the UI).
+        assert await live.request_replay(int(str(dead_id))) == 1
         await wait_for_async(
             reactor,
             lambda: _none_left(live),
