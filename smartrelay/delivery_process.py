@@ -77,8 +77,11 @@ class MetricsReporter:
         line = metrics_line(self._metrics)
         if line != self._last:
             self._last = line
-            self._out.write(line)
-            self._out.flush()
+            try:
+                self._out.write(line)
+                self._out.flush()
+            except (OSError, ValueError):  # the main process is gone (a closed pipe)
+                pass
 
 
 def format_line(event: LogEvent) -> str | None:
