@@ -51,6 +51,7 @@ def config_for(
         database_url,
         f'[server]\nhostname = "relay.test"\ndata_dir = {json.dumps(str(var))}\n'
         f'[smtp]\nlisten = ["tcp:{smtp_port}:interface={HOST}"]\n'
+        f'[inbound]\nlisten = ["tcp:0:interface={HOST}"]\n'
         f"[rewrap]\nsecret_file = {json.dumps(str(var / 'secret.key'))}\n"
         f'[web]\nlisten = "tcp:{web_port}:interface={HOST}"\n'
         f"[delivery]\nprocesses = {processes}\n"
@@ -147,6 +148,10 @@ def test_the_counters_match_the_events_table(
             relay.wait_for("smtp: listening on", timeout=60)
             if processes:
                 relay.wait_for("delivery[0] delivery: node", timeout=60)
+            with smtplib.SMTP(HOST, smtp_port, timeout=30) as idle:
+                idle.ehlo()
+                open_now = scrape(web_port)
+                assert open_now["smartrelay_smtp_sessions_open", (("listener", "smtp"),)] == 1
             for recipients in BATCHES:
                 send(smtp_port, recipients)
             wait_for_outcomes(database_url, delivered=4, bounced=3, deferred=2)

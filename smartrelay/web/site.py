@@ -7,7 +7,7 @@ path                   app
 ``/u/``, anything      the answer to every path no other app claims: its own 404 page,
 else                   never a traceback
 ``/ui/``               :class:`~smartrelay.web.ui.app.ReportsUI` (login, dashboard, ...)
-``/api/``               (later) the HTTP API
+``/api/``              (later) the HTTP API
 ``/metrics``           :class:`~smartrelay.web.metrics.MetricsEndpoint` (docs/metrics.md;
                        with ``[api] metrics = false``, tracking's 404)
 =====================  ==========================================================
