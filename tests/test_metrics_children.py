@@ -4,12 +4,24 @@ added to its own at scrape time, kept when a child ends, malformed input ignored
 from __future__ import annotations
 
 import json
+from typing import cast
 
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
 
-from smartrelay.delivery.processes import METRICS_PREFIX, metrics_line
+from smartrelay.delivery.processes import (
+    METRICS_PREFIX,
+    DeliveryProcesses,
+    _Child,
+    metrics_line,
+)
 from smartrelay.metrics import RelayMetrics
+from smartrelay.reactor import IRelayReactor
 
 
 def child_rows(delivered: int, latencies: list[float], bounced: int = 0) -> object:
@@ -79,3 +91,32 @@ def test_malformed_snapshots_change_nothing() -> None:
     assert value("smartrelay_recipients_expired_total") == 0
     assert value("smartrelay_recipients_deferred_total") == 0
     assert value("unknown_family_total") is None
+
+
+def test_the_main_process_reads_metrics_lines_and_keeps_them_when_a_child_ends() -> None:
+    main = RelayMetrics()
+    owner = DeliveryProcesses(
+        cast(IRelayReactor, MemoryReactorClock()), 1, lambda i: ["true"], lambda: Deferred(), main
+    )
+    child = _Child(owner, 0)
+    first = metrics_line(_child_with(delivered=2)).encode()
+    # A line may come in pieces; a log line between is logged, not taken as metrics.
+    child.childDataReceived(1, first[:10])
+    child.childDataReceived(1, first[10:] + b"info a log line\n")
+    assert main.registry.get_sample_value("smartrelay_recipients_delivered_total") == 2
+    # Killed while writing its next line: that fragment is dropped, what it sent stays.
+    with capturedLogs() as logged:
+        child.childDataReceived(1, metrics_line(_child_with(delivered=5)).encode()[:-20])
+        child.processEnded(Failure(ProcessTerminated(signal=9)))  # type: ignore[no-untyped-call]
+    assert main.registry.get_sample_value("smartrelay_recipients_delivered_total") == 2
+    assert not [e for e in logged if "malformed" in str(e.get("log_format"))]
+    # The next run counts on top.
+    again = _Child(owner, 0)
+    again.childDataReceived(1, metrics_line(_child_with(delivered=1)).encode())
+    assert main.registry.get_sample_value("smartrelay_recipients_delivered_total") == 3
+
+
+def _child_with(delivered: int) -> RelayMetrics:
+    child = RelayMetrics()
+    child.delivered.inc(delivered)
+    return child

@@ -111,7 +111,8 @@ class _Child(ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:
         for fd, rest in self._partial.items():
-            if rest:
+            # A metrics line without its end was cut off (kill -9): its figures are lost.
+            if rest and not (fd == 1 and rest.startswith(METRICS_PREFIX.encode())):
                 self._log_line(rest, fd)
         self.owner._ended(self, reason)
         self.ended.callback(None)
