@@ -16,14 +16,19 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import IO
 
 from twisted.internet import error as net_error
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.task import LoopingCall
 from twisted.logger import FileLogObserver, LogEvent, eventAsText, globalLogBeginner
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smartrelay.config import ConfigError, load_config
+from smartrelay.delivery.processes import METRICS_INTERVAL, metrics_line
+from smartrelay.metrics import RelayMetrics
 from smartrelay.rewrap.dkim import DkimError
 from smartrelay.smtp.tls import TlsError
 
@@ -58,6 +63,25 @@ class WakePipe:
 
     def logPrefix(self) -> str:
         return "wake-pipe"
+
+
+class MetricsReporter:
+    """Writes the process's figures (a ``metrics {json}`` line) when they changed."""
+
+    def __init__(self, metrics: RelayMetrics, out: IO[str]) -> None:
+        self._metrics = metrics
+        self._out = out
+        self._last = ""
+
+    def send(self) -> None:
+        line = metrics_line(self._metrics)
+        if line != self._last:
+            self._last = line
+            try:
+                self._out.write(line)
+                self._out.flush()
+            except (OSError, ValueError):  # the main process is gone (a closed pipe)
+                pass
 
 
 def format_line(event: LogEvent) -> str | None:
@@ -105,8 +129,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     # SIGTERM: a second signal must not try to stop the reactor again.
     handle_stop_signals(relay_reactor)
     relay_reactor.addReader(WakePipe(0, wake, parent_gone))
+    reporter = MetricsReporter(relay.metrics, sys.stdout)
+    sending = LoopingCall(reporter.send)
+    sending.clock = relay_reactor
+
+    def stop() -> Deferred[None]:
+        if sending.running:
+            sending.stop()
+        # The last figures once the delivery manager has recorded its last outcomes.
+        return relay.stopService().addBoth(lambda _: reporter.send())
+
     relay_reactor.callWhenRunning(relay.startService)
-    relay_reactor.addSystemEventTrigger("before", "shutdown", relay.stopService)
+    relay_reactor.callWhenRunning(sending.start, METRICS_INTERVAL, now=False)
+    relay_reactor.addSystemEventTrigger("before", "shutdown", stop)
     relay_reactor.run()
 
 

@@ -72,6 +72,7 @@ from smartrelay.storage.engines.sqlite import create_data_dir_for
 from smartrelay.storage.service import StorageService
 from smartrelay.threads import WorkerThreads
 from smartrelay.tokens import SecretFileError, TokenCodec, load_keyring
+from smartrelay.web.metrics import MetricsEndpoint
 from smartrelay.web.pages import TemplateError
 from smartrelay.web.service import web_listener, web_site
 from smartrelay.web.site import WebRoot
@@ -179,6 +180,7 @@ class RelayService(MultiService):
                 ),
                 tunables=delivery_tunables,
                 node_id=f"{node_id}-d{worker_index}" if role == "delivery" else node_id,
+                metrics=self.metrics,
             )
         else:
             config_path = os.path.abspath(config.path)
@@ -187,6 +189,7 @@ class RelayService(MultiService):
                 config.delivery.processes,
                 lambda index: worker_command(config_path, index),
                 self.storage.when_ready,
+                self.metrics,
             )
         self.web: ListeningService | None = None
         if serving:
@@ -254,6 +257,7 @@ class RelayService(MultiService):
             self.config,
             configured_classifier(self.config),
             in_thread=in_thread,
+            metrics=self.metrics,
         )
 
     async def _process_feedback(self, report_id: str) -> None:
@@ -311,6 +315,7 @@ class RelayService(MultiService):
             reactor,
             tls,
             name="smtp",
+            metrics=self.metrics,
         )
         self._add_listeners(listener_services(reactor, smtp.listen, self.submission, self.fatal))
         inbound = evolve(
@@ -328,6 +333,7 @@ class RelayService(MultiService):
             reactor,
             tls,
             name="inbound",
+            metrics=self.metrics,
         )
         self._add_listeners(
             listener_services(reactor, config.inbound.listen, self.inbound, self.fatal)
@@ -370,7 +376,11 @@ class RelayService(MultiService):
                 factory.tls = tls
         if self.web is not None:
             tracking = Tracking(
-                self.storage.when_ready, self.codec, self._reactor, config.suppression
+                self.storage.when_ready,
+                self.codec,
+                self._reactor,
+                config.suppression,
+                metrics=self.metrics,
             )
             reports = build_reports_ui(
                 self.storage.when_ready,
@@ -379,7 +389,12 @@ class RelayService(MultiService):
                 feedback_processor=self._feedback_processor(),
                 dkim_keys=self._signer.keys,
             )
-            self._site.resource = WebRoot(tracking, reports).resource()
+            metrics = None
+            if config.api.metrics:
+                metrics = MetricsEndpoint(
+                    self.metrics, self.storage.when_ready, self._reactor, config
+                )
+            self._site.resource = WebRoot(tracking, reports, metrics).resource()
 
     def privilegedStartService(self) -> None:
         """twistd calls this, as root when started as root, before ``startService`` (an

@@ -86,7 +86,7 @@ class Simulation:
                 }
             }
         ).delivery
-        for name in ("claim_due", "message_sizes", "load_messages", "record_outcomes"):
+        for name in ("claim_due", "message_sizes", "load_messages", "record_outcomes_of"):
             setattr(store, name, self._counted(name, getattr(store, name)))
         self.manager = DeliveryManager(
             clock,

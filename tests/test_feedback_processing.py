@@ -34,6 +34,7 @@ from smartrelay.feedback.processor import (
     FeedbackService,
     UnknownReport,
 )
+from smartrelay.metrics import RelayMetrics
 from smartrelay.storage.interfaces import ICursor
 from smartrelay.storage.pool import DatabaseUnavailable
 from smartrelay.storage.store import NewFeedback, NewMessage, Store, insert_events
@@ -738,3 +739,32 @@ async def test_two_reports_of_one_bounce_at_once_have_one_effect(
     assert len(outcomes) == 2, results
     assert sorted(o.events for o in outcomes) == [0, 1]
     assert len(await events(store)) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_recorded_feedback_is_counted_once(
+    store: Store, codec: TokenCodec, classify: Classifier
+) -> None:
+    metrics = RelayMetrics()
+    processor = processor_for(store, codec, classify, metrics=metrics)
+    queue_id, ids = await queue(store, "a@example.net", "b@example.net", "c@example.net")
+    await delivered(store, queue_id, "a@example.net")
+    dsn = classify.add(b"dsn m", bounce("a@example.net"))
+    for _ in range(2):  # a resent DSN records nothing more
+        await processor.process(await receive(store, dsn, verp(codec, ids["a@example.net"])))
+    complaint = Complaint("abuse", "FBL", "b@example.net")
+    arf = classify.add(b"arf m", Report("complaint", complaint=complaint))
+    await processor.process(await receive(store, arf, verp(codec, ids["b@example.net"])))
+    to = f"u+{codec.unsubscribe_mailto_token(ids['c@example.net'])}@{DOMAIN}"
+    for _ in range(2):  # already unsubscribed: not counted again
+        await processor.process(await receive(store, b"Subject: stop\r\n\r\n", to))
+    value = metrics.registry.get_sample_value
+    bounced = {"category": "invalid-recipient", "hard": "true", "source": "dsn"}
+    assert value("smartrelay_recipients_bounced_total", bounced) == 1
+    assert value("smartrelay_complaints_total") == 1
+    assert value("smartrelay_unsubscribes_total", {"method": "mailto"}) == 1
+    assert sorted(e.type for e in await events(store)) == [
+        "bounced",
+        "complained",
+        "unsubscribed",
+    ]

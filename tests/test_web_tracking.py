@@ -22,6 +22,7 @@ from twisted.web.resource import IResource
 from smartrelay.config import SuppressionConfig
 from smartrelay.events import DeliveredEvent
 from smartrelay.listening import ListeningService
+from smartrelay.metrics import RelayMetrics
 from smartrelay.storage.interfaces import ICursor
 from smartrelay.storage.store import NewMessage, Store, insert_events, to_ms
 from smartrelay.tokens import TokenCodec, load_keyring
@@ -91,8 +92,11 @@ async def serve(codec: TokenCodec, clock: Clock) -> AsyncIterator[Serve]:
     async def start(
         store_ready: Callable[[], Deferred[Store]],
         suppression: SuppressionConfig | None = None,
+        metrics: RelayMetrics | None = None,
     ) -> Server:
-        tracking = Tracking(store_ready, codec, clock, suppression or SuppressionConfig())
+        tracking = Tracking(
+            store_ready, codec, clock, suppression or SuppressionConfig(), metrics=metrics
+        )
         resource = WebRoot(tracking).resource()
         fatal: list[str] = []
         service = web_service(real_reactor(), "tcp:0:interface=127.0.0.1", resource, fatal.append)
@@ -920,3 +924,36 @@ async def test_open_and_click_after_a_purge(
             ("opened", queue_id, "reader@example.net"),
             ("clicked", queue_id, "reader@example.net"),
         ] * 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_opens_clicks_and_unsubscribes_are_counted(
+    serve: Serve, store: Store, codec: TokenCodec, http: HTTPClient
+) -> None:
+    metrics = RelayMetrics()
+    web = await serve(lambda: succeed(store), metrics=metrics)
+    ids = await queue(store, "reader@example.net")
+    rid = ids["reader@example.net"]
+    for agent in (BROWSER, GMAIL_PROXY, BROWSER):
+        response = await http.get(
+            web.url(f"/o/{codec.open_token(rid)}.gif"), headers=hdrs({"User-Agent": agent})
+        )
+        await response.content()
+    response = await http.get(web.url("/o/not-a-token.gif"))  # records nothing
+    await response.content()
+    store.clock.advance(3600)  # type: ignore[attr-defined]
+    click = web.url(f"/c/{codec.click_token(rid, 'https://example.com/')}")
+    response = await http.get(click, headers=hdrs({"User-Agent": BROWSER}), allow_redirects=False)
+    assert response.code == 302
+    await response.content()
+    unsubscribe = web.url(f"/u/{codec.unsubscribe_token(rid)}")
+    for _ in range(2):  # the second records nothing: not counted
+        response = await http.post(unsubscribe, data={"List-Unsubscribe": "One-Click"})
+        assert response.code == 200
+        await response.content()
+    value = metrics.registry.get_sample_value
+    assert value("smartrelay_opens_total", {"machine": "false"}) == 2
+    assert value("smartrelay_opens_total", {"machine": "true"}) == 1
+    assert value("smartrelay_clicks_total", {"machine": "false"}) == 1
+    assert value("smartrelay_unsubscribes_total", {"method": "one-click"}) == 1
+    assert len(await events(store, "opened")) == 3

@@ -52,6 +52,7 @@ from smartrelay.events import (
     SuppressedEvent,
 )
 from smartrelay.feedback.smtp_replies import classify_reply
+from smartrelay.metrics import RelayMetrics
 from smartrelay.rewrap.chain import RewrapChain
 from smartrelay.rewrap.headers import split_header_block
 from smartrelay.storage.pool import DatabaseUnavailable
@@ -187,10 +188,13 @@ class DeliveryManager(Service):
         tunables: DeliveryTunables = DEFAULT_TUNABLES,
         node_id: str | None = None,
         rng: random.Random | None = None,
+        metrics: RelayMetrics | None = None,
     ) -> None:
         """``connector`` opens a session with a next hop (:class:`SmtpConnector` in
-        production); ``chain_factory`` builds the re-wrap chain once the store is ready."""
+        production); ``chain_factory`` builds the re-wrap chain once the store is ready;
+        ``metrics``: where recorded outcomes are counted (docs/metrics.md)."""
         self._clock = clock
+        self._metrics = metrics
         self._config = config
         self.tunables = tunables
         self._store_ready = store_ready
@@ -834,7 +838,9 @@ class DeliveryManager(Service):
             # Every recipient of the job gets an outcome: none left claimed with no reply.
             reply = result.reply if result is not None else _local_reply("no reply", "4.3.0")
             outcomes.append(self._outcome(job, recipient, reply, mx, tls, now))
-        await self._store.record_outcomes(self.node_id, outcomes)
+        recorded = await self._store.record_outcomes_of(self.node_id, outcomes)
+        if self._metrics is not None:
+            self._count(job, [o for o in outcomes if o.recipient_id in recorded], now)
         retries = [o.next_attempt_at for o in outcomes if o.next_attempt_at is not None]
         if retries:
             self._wake_at(min(retries))
@@ -847,6 +853,17 @@ class DeliveryManager(Service):
                 state=outcome.state,
                 reply=outcome.reply,
             )
+
+    def _count(self, job: Job, recorded: Sequence[RecipientOutcome], now: float) -> None:
+        """Count the outcomes committed (those of rows still ours): their events, and each
+        delivery's latency from the message's acceptance."""
+        metrics = self._metrics
+        assert metrics is not None
+        latency = max(0.0, now - job.message.received_at)
+        for outcome in recorded:
+            metrics.count_events(outcome.events)
+            if outcome.state == "delivered":
+                metrics.delivery_latency.observe(latency)
 
     def _outcome(
         self,

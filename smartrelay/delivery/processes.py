@@ -11,8 +11,13 @@ so nothing is delivered twice. Each child's standard input is a pipe from the ma
 - its end (the main process is gone, even after ``kill -9``) makes the child stop.
 
 A child's log lines come back on its standard output and are logged here, prefixed with
-``delivery[N]``, so one log shows everything. A child that exits while the relay runs is
-started again (after 1 s, doubling to at most a minute while it keeps failing at once).
+``delivery[N]``, so one log shows everything. So do its metrics: a ``metrics {json}`` line
+(:func:`metrics_line`) every :data:`METRICS_INTERVAL` seconds while they change and once when
+it stops, taken into :attr:`RelayMetrics.children <smartrelay.metrics.RelayMetrics.children>`
+(kept when the child ends, so the totals survive its restart).
+
+A child that exits while the relay runs is started again (after 1 s, doubling to at most a
+minute while it keeps failing at once).
 On shutdown the children get SIGTERM and are waited for (SIGKILL after ``STOP_TIMEOUT``):
 they finish or cut off what is on the wire like the in-process delivery manager does.
 """
@@ -20,6 +25,7 @@ they finish or cut off what is on the wire like the in-process delivery manager 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -32,6 +38,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from smartrelay.metrics import RelayMetrics
 from smartrelay.reactor import IRelayReactor
 from smartrelay.storage.store import QUEUE_CHANNEL, Store
 
@@ -44,7 +51,17 @@ RESTART_DELAY = 1.0
 MAX_RESTART_DELAY = 60.0
 STABLE_AFTER = 30.0  # a child that ran this long resets the restart delay
 WAKE = b"w"
+#: A child sends its metrics this often (seconds) while they change, and when it stops.
+METRICS_INTERVAL = 2.0
+METRICS_PREFIX = "metrics "
+#: A longer metrics line is not parsed (the figures of one process are a few kilobytes).
+MAX_METRICS_LINE = 4 * 1024 * 1024
 _LEVELS = {level.name: level for level in LogLevel.iterconstants()}
+
+
+def metrics_line(metrics: RelayMetrics) -> str:
+    """What a child writes on its standard output to send its figures to the main process."""
+    return METRICS_PREFIX + json.dumps(metrics.snapshot(), separators=(",", ":")) + "\n"
 
 
 def worker_command(config_path: str, index: int) -> list[str]:
@@ -83,6 +100,9 @@ class _Child(ProcessProtocol):
         text = raw.decode("utf-8", "replace").rstrip("\r")
         if not text:
             return
+        if fd == 1 and text.startswith(METRICS_PREFIX):
+            self.owner._child_metrics(self.index, text[len(METRICS_PREFIX) :])
+            return
         level_name, _, rest = text.partition(" ")
         level = _LEVELS.get(level_name)
         if level is None:  # not a log line (e.g. an interpreter message on stderr)
@@ -91,7 +111,8 @@ class _Child(ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:
         for fd, rest in self._partial.items():
-            if rest:
+            # A metrics line without its end was cut off (kill -9): its figures are lost.
+            if rest and not (fd == 1 and rest.startswith(METRICS_PREFIX.encode())):
                 self._log_line(rest, fd)
         self.owner._ended(self, reason)
         self.ended.callback(None)
@@ -106,8 +127,12 @@ class DeliveryProcesses(Service):
         count: int,
         command: Callable[[int], list[str]],
         store_ready: Callable[[], Deferred[Store]],
+        metrics: RelayMetrics | None = None,
     ) -> None:
+        """``metrics``: the main process's, which the children's figures are added to."""
         self.reactor = reactor
+        self._metrics = metrics
+        self._families = {} if metrics is None else metrics.families()
         self._count = count
         self._command = command
         self._store_ready = store_ready
@@ -157,7 +182,21 @@ class DeliveryProcesses(Service):
             if process is not None:
                 process.write(WAKE)
 
+    def _child_metrics(self, index: int, text: str) -> None:
+        if self._metrics is None:
+            return
+        rows: object = None
+        if len(text) <= MAX_METRICS_LINE:
+            try:
+                rows = json.loads(text)
+            except ValueError:
+                rows = None
+        if not self._metrics.children.update(index, rows, self._families):
+            log.warn("delivery[{index}]: a malformed metrics line was ignored", index=index)
+
     def _ended(self, child: _Child, reason: Failure) -> None:
+        if self._metrics is not None:
+            self._metrics.children.retire(child.index)
         if self.children.get(child.index) is child:
             del self.children[child.index]
         if not self.running:

@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 
 from smartrelay import suppression as policy
 from smartrelay.config import Config
-from smartrelay.events import BouncedEvent, ComplainedEvent, UnsubscribedEvent
+from smartrelay.events import BouncedEvent, ComplainedEvent, EventData, UnsubscribedEvent
 from smartrelay.feedback.classify import MAX_REPORT_SIZE, classify_message
 from smartrelay.feedback.matching import (
     Match,
@@ -33,6 +33,7 @@ from smartrelay.feedback.matching import (
     refs_by_id,
 )
 from smartrelay.feedback.model import ClassifiedRecipient, FailedRecipient, Report
+from smartrelay.metrics import RelayMetrics
 from smartrelay.smtp.session import printable
 from smartrelay.storage.events import insert_events
 from smartrelay.storage.feedback import (
@@ -90,8 +91,10 @@ class _Raced(Exception):
 
 
 #: What to record for a report, run inside the transaction that records it: the verdict, and
-#: how many events it wrote.
-_Plan = Callable[[ICursor, int, IDatabaseEngine], Awaitable[tuple[FeedbackVerdict, int]]]
+#: the events it wrote.
+_Plan = Callable[
+    [ICursor, int, IDatabaseEngine], Awaitable[tuple[FeedbackVerdict, list[EventData]]]
+]
 
 
 class FeedbackProcessor:
@@ -110,8 +113,12 @@ class FeedbackProcessor:
         classify: Classifier,
         in_thread: Callable[[Callable[[], Report]], Deferred[Report]] | None = None,
         max_size: int = MAX_REPORT_SIZE,
+        metrics: RelayMetrics | None = None,
     ) -> None:
+        """``metrics``: where the events recorded are counted (the relay's; None in the
+        CLI)."""
         self._max_size = max_size
+        self._metrics = metrics
         self._store_ready = store_ready
         self._codec = codec
         self._config = config
@@ -133,7 +140,7 @@ class FeedbackProcessor:
         plan = await self._plan(stored)
         now_ms = store.now_ms()
 
-        async def txn(cursor: ICursor) -> FeedbackOutcome:
+        async def txn(cursor: ICursor) -> tuple[FeedbackOutcome, list[EventData]]:
             verdict, events = await plan(cursor, now_ms, store.engine)
             if not await finish_report(cursor, report_id, stored.state, verdict, now_ms):
                 raise _Raced()
@@ -145,13 +152,15 @@ class FeedbackProcessor:
                 verdict.matched_by,
                 verdict.queue_id,
                 verdict.recipient,
-                events,
-            )
+                len(events),
+            ), events
 
         try:
-            outcome = await store.run("process_feedback", txn)
+            outcome, recorded = await store.run("process_feedback", txn)
         except _Raced:
             return await self._current(store, report_id, "processed meanwhile elsewhere")
+        if self._metrics is not None:
+            self._metrics.count_events(recorded)
         log.info(
             "{report_id}: feedback {state}: {kind} {reason}{match}",
             report_id=report_id,
@@ -221,20 +230,21 @@ class FeedbackProcessor:
 
         async def plan(
             cursor: ICursor, now_ms: int, engine: IDatabaseEngine
-        ) -> tuple[FeedbackVerdict, int]:
+        ) -> tuple[FeedbackVerdict, list[EventData]]:
             refs, gone = await refs_by_id(cursor, tokens.mailto)
             if not refs:
                 reason = f"recipient {gone[0]} of the mailto token is gone (purged)"
-                return FeedbackVerdict("unmatched", reason, "unsubscribe"), 0
-            events = 0
+                return FeedbackVerdict("unmatched", reason, "unsubscribe"), []
+            events: list[EventData] = []
             for ref in refs:
                 entry = policy.unsubscribe(
                     config, ref.address, now_ms / 1000, "mailto", ref.queue_id
                 )
                 event = UnsubscribedEvent("mailto")
-                events += await write_opt_out(
+                if await write_opt_out(
                     cursor, engine, now_ms, ref.address, ref.queue_id, entry, event
-                )
+                ):
+                    events.append(event)
             reason = "mailto unsubscribe" if events else "duplicate: already unsubscribed"
             return _processed(reason, "unsubscribe", Match("mailto", ()), refs[0]), events
 
@@ -249,20 +259,21 @@ class FeedbackProcessor:
 
         async def plan(
             cursor: ICursor, now_ms: int, engine: IDatabaseEngine
-        ) -> tuple[FeedbackVerdict, int]:
+        ) -> tuple[FeedbackVerdict, list[EventData]]:
             match = await match_complaint(cursor, tokens, report, hostname, now_ms)
             if not match.matched:
-                return FeedbackVerdict("unmatched", match.reason, "complaint"), 0
-            events = 0
+                return FeedbackVerdict("unmatched", match.reason, "complaint"), []
+            events: list[EventData] = []
             for matched in match.matched:
                 ref = matched.ref
                 entry = policy.complaint(
                     config, ref.address, now_ms / 1000, feedback_type, source, ref.queue_id
                 )
                 event = ComplainedEvent(feedback_type, source)
-                events += await write_opt_out(
+                if await write_opt_out(
                     cursor, engine, now_ms, ref.address, ref.queue_id, entry, event
-                )
+                ):
+                    events.append(event)
             reason = f"{feedback_type} complaint" if events else "duplicate: already complained"
             return _processed(reason, "complaint", match, match.matched[0].ref), events
 
@@ -283,12 +294,12 @@ class FeedbackProcessor:
 
         async def plan(
             cursor: ICursor, now_ms: int, engine: IDatabaseEngine
-        ) -> tuple[FeedbackVerdict, int]:
+        ) -> tuple[FeedbackVerdict, list[EventData]]:
             match = await match_bounce(cursor, tokens, report, failed, hostname, now_ms)
             if not match.matched:
-                return FeedbackVerdict("unmatched", match.reason, "bounce"), 0
+                return FeedbackVerdict("unmatched", match.reason, "bounce"), []
             now = now_ms / 1000
-            events = 0
+            events: list[EventData] = []
             described: list[str] = []
             # In address order: two reports locking the same addresses never deadlock.
             for matched in sorted(match.matched, key=lambda m: m.ref.address.lower()):
@@ -312,7 +323,7 @@ class FeedbackProcessor:
                     source="dsn",
                 )
                 await insert_events(cursor, now_ms, [(ref.queue_id, ref.address, event)])
-                events += 1
+                events.append(event)
                 hardness = "hard" if classified.hard else "soft"
                 described.append(f"{classified.category} ({hardness}) for {ref.address}")
                 decision: policy.Suppress | policy.CountSoftBounces | None = policy.after_bounce(
@@ -340,8 +351,8 @@ def _fixed(verdict: FeedbackVerdict) -> _Plan:
 
     async def plan(
         cursor: ICursor, now_ms: int, engine: IDatabaseEngine
-    ) -> tuple[FeedbackVerdict, int]:
-        return verdict, 0
+    ) -> tuple[FeedbackVerdict, list[EventData]]:
+        return verdict, []
 
     return plan
 

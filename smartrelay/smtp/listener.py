@@ -20,6 +20,7 @@ from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from smartrelay.listening import ListenError, ListeningService, split_fields, unescape
+from smartrelay.metrics import RelayMetrics
 from smartrelay.reactor import IRelayReactor
 from smartrelay.smtp import replies as R
 from smartrelay.smtp.protocol import SmtpServerProtocol
@@ -45,7 +46,9 @@ class SmtpFactory(ServerFactory):
         clock: IReactorTime,
         tls: IOpenSSLServerConnectionCreator | None,
         name: str = "smtp",
+        metrics: RelayMetrics | None = None,
     ) -> None:
+        """``metrics``: where accepted messages and open sessions are counted, by ``name``."""
         self.settings = settings
         self.backend = backend
         self.clock = clock
@@ -54,10 +57,21 @@ class SmtpFactory(ServerFactory):
         self.auth_limiter = AuthFailureLimiter(clock)
         self.connections: set[SmtpServerProtocol] = set()
         self.per_client: Counter[str] = Counter()
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.smtp_sessions_open.labels(listener=name).set_function(
+                lambda: len(self.connections)
+            )
 
     def buildProtocol(self, addr: IAddress | None) -> SmtpServerProtocol:
         protocol = SmtpServerProtocol(
-            self.settings, self.backend, self.clock, self.tls, self.auth_limiter, self._closed
+            self.settings,
+            self.backend,
+            self.clock,
+            self.tls,
+            self.auth_limiter,
+            self._closed,
+            self._accepted,
         )
         protocol.factory = self
         host = str(getattr(addr, "host", ""))
@@ -92,6 +106,11 @@ class SmtpFactory(ServerFactory):
         """Tell every open session that we are going away (421 4.3.0)."""
         for protocol in list(self.connections):
             protocol.shutdown()
+
+    def _accepted(self, recipients: int) -> None:
+        if self.metrics is not None:
+            self.metrics.messages_received.labels(listener=self.name).inc()
+            self.metrics.recipients_received.labels(listener=self.name).inc(recipients)
 
     def _closed(self, protocol: SmtpServerProtocol) -> None:
         if protocol in self.connections:

@@ -113,13 +113,16 @@ class SmtpServerProtocol(Protocol):
         tls: IOpenSSLServerConnectionCreator | None,
         auth_limiter: AuthFailureLimiter,
         on_close: Callable[[SmtpServerProtocol], None] = lambda p: None,
+        on_accepted: Callable[[int], None] = lambda recipients: None,
     ) -> None:
+        """``on_accepted(recipients)``: a message was accepted (2xx after DATA)."""
         self.settings = settings
         self.backend = backend
         self.clock = clock
         self.tls = tls
         self.auth_limiter = auth_limiter
         self._on_close = on_close
+        self._on_accepted = on_accepted
         self.session = Session("", 0)
         #: Set by the factory when this connection is to be refused at the greeting.
         self.refusal: Reply | None = None
@@ -772,14 +775,16 @@ class SmtpServerProtocol(Protocol):
             # The backend is done with the file once its Deferred fires, whatever the outcome.
             d.addBoth(_discarding, body)
         d.addErrback(self._deliver_failed)
-        d.addCallback(self._delivered)
+        d.addCallback(self._delivered, len(envelope.recipients))
         self._wait(d)
 
     def _deliver_failed(self, failure: Failure) -> Reply:
         log.failure("storing a message failed", failure)
         return R.STORAGE_FAILED
 
-    def _delivered(self, reply: Reply) -> None:
+    def _delivered(self, reply: Reply, recipients: int) -> None:
+        if 200 <= reply.code < 300:
+            self._on_accepted(recipients)
         if not self._closing:
             self.send(reply)
 

@@ -137,9 +137,9 @@ class QueueStore(StoreBase):
         )
         # Outcomes: one commit at a time on both engines, so that outcomes wait in bigger
         # groups (a delivery process has a few dozen connections finishing at once).
-        self._outcome_committer: GroupCommitter[tuple[str, tuple[RecipientOutcome, ...]], int] = (
-            GroupCommitter(self._record_outcome_batch, max_batch=200)
-        )
+        self._outcome_committer: GroupCommitter[
+            tuple[str, tuple[RecipientOutcome, ...]], frozenset[int]
+        ] = GroupCommitter(self._record_outcome_batch, max_batch=200)
 
     async def queue_message(self, message: NewMessage) -> QueuedMessage:
         """Store a message, its recipients and their ``received`` events durably.
@@ -354,18 +354,28 @@ class QueueStore(StoreBase):
         will deliver it again (at least once, never zero times). Outcomes recorded while
         another commit is under way share the next transaction (group commit).
         """
+        return len(await self.record_outcomes_of(owner, outcomes))
+
+    async def record_outcomes_of(
+        self, owner: str, outcomes: Sequence[RecipientOutcome]
+    ) -> frozenset[int]:
+        """:meth:`record_outcomes`, returning the recipient ids whose outcome was recorded
+        (the rows still ours), e.g. to count exactly the events committed."""
         return await self._outcome_committer.submit((owner, tuple(outcomes)))
 
     async def _record_outcome_batch(
         self, batch: Sequence[tuple[str, tuple[RecipientOutcome, ...]]]
-    ) -> list[int]:
+    ) -> list[frozenset[int]]:
         now_ms = self.now_ms()
 
-        async def txn(cursor: ICursor) -> list[int]:
+        async def txn(cursor: ICursor) -> list[frozenset[int]]:
             ours = await self._record_in_txn(
                 cursor, now_ms, [(owner, o) for owner, outcomes in batch for o in outcomes]
             )
-            return [sum(o.recipient_id in ours for o in outcomes) for _, outcomes in batch]
+            return [
+                frozenset(o.recipient_id for o in outcomes if o.recipient_id in ours)
+                for _, outcomes in batch
+            ]
 
         return await self.run("record_outcomes", txn)
 

@@ -7,7 +7,8 @@ Each topic is its own module, with its values and queries: :mod:`~smartrelay.sto
 :mod:`~smartrelay.storage.logins`, :mod:`~smartrelay.storage.tracking`,
 :mod:`~smartrelay.storage.mailboxes`, :mod:`~smartrelay.storage.rollups`,
 :mod:`~smartrelay.storage.websessions`, :mod:`~smartrelay.storage.warnings`,
-:mod:`~smartrelay.storage.retention`, :mod:`~smartrelay.storage.reports` and
+:mod:`~smartrelay.storage.metrics_queries`, :mod:`~smartrelay.storage.retention`,
+:mod:`~smartrelay.storage.reports`, :mod:`~smartrelay.storage.webhooks` and
 :mod:`~smartrelay.storage.webhook_admin`. They share the
 engine, the clock and one way of running a query (:class:`~smartrelay.storage.base.StoreBase`).
 Callers hold a ``Store`` and call its methods (``store.claim_due(...)``,
@@ -32,6 +33,7 @@ from smartrelay.storage.events import EventStore, insert_events
 from smartrelay.storage.feedback import FEEDBACK_CHANNEL, FeedbackStore, NewFeedback
 from smartrelay.storage.logins import DuplicateName, Login, LoginStore, LoginTable
 from smartrelay.storage.mailboxes import MailboxStore
+from smartrelay.storage.metrics_queries import MetricsStore
 from smartrelay.storage.queue import (
     BIG_MESSAGE,
     IDEMPOTENCY_WINDOW,
@@ -124,5 +126,6 @@ class Store(
     WarningStore,
     ApiTokenStore,
     WebhookStore,
+    MetricsStore,
 ):
     """Every query SmartRelay runs; each public method is one transaction."""

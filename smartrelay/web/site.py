@@ -7,8 +7,9 @@ path                   app
 ``/u/``, anything      the answer to every path no other app claims: its own 404 page,
 else                   never a traceback
 ``/ui/``               :class:`~smartrelay.web.ui.app.ReportsUI` (login, dashboard, ...)
-``/api/``,             (later) the HTTP API and the Prometheus metrics
-``/metrics``
+``/api/``              (later) the HTTP API
+``/metrics``           :class:`~smartrelay.web.metrics.MetricsEndpoint` (docs/metrics.md;
+                       with ``[api] metrics = false``, tracking's 404)
 =====================  ==========================================================
 
 Tracking's routes carry their whole paths (``/o/<token>.gif``), so it is mounted on the
@@ -27,9 +28,11 @@ The site itself (no ``Server`` header, no tracebacks, the access log, connection
 from __future__ import annotations
 
 from klein import Klein
+from twisted.internet.defer import Deferred
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
+from smartrelay.web.metrics import MetricsEndpoint
 from smartrelay.web.tracking import Tracking
 from smartrelay.web.ui.app import ReportsUI
 
@@ -41,9 +44,15 @@ class WebRoot:
 
     app = Klein()
 
-    def __init__(self, tracking: Tracking, reports: ReportsUI | None = None) -> None:
+    def __init__(
+        self,
+        tracking: Tracking,
+        reports: ReportsUI | None = None,
+        metrics: MetricsEndpoint | None = None,
+    ) -> None:
         self._tracking = tracking.app.resource()
         self._reports = None if reports is None else reports.app.resource()
+        self._metrics = metrics
 
     def resource(self) -> IResource:
         return self.app.resource()
@@ -57,3 +66,10 @@ class WebRoot:
     def reports(self, request: IRequest) -> IResource:
         """The reports UI (``/ui`` without its slash is redirected here by Klein)."""
         return self._tracking if self._reports is None else self._reports
+
+    @app.route("/metrics", methods=["GET", "HEAD"])
+    def metrics(self, request: IRequest) -> IResource | Deferred[bytes]:
+        """Prometheus metrics (``[api] metrics``; else tracking's 404)."""
+        if self._metrics is None:
+            return self._tracking
+        return self._metrics.serve(request)

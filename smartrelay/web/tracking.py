@@ -59,6 +59,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from smartrelay.config import SuppressionConfig
 from smartrelay.events import ClickedEvent, OpenedEvent
+from smartrelay.metrics import RelayMetrics
 from smartrelay.storage.store import Store
 from smartrelay.tokens import TokenCodec, TokenError
 from smartrelay.web.pages import Pages
@@ -305,8 +306,11 @@ class Tracking:
         *,
         click_delay: float = CLICK_DELAY,
         pages: Pages | None = None,
+        metrics: RelayMetrics | None = None,
     ) -> None:
+        """``metrics``: where opens, clicks and unsubscribes are counted."""
         self._pages = Pages.load() if pages is None else pages
+        self._metrics = metrics
         self._store_ready = store_ready
         self._codec = codec
         self._clock = clock
@@ -401,6 +405,8 @@ class Tracking:
         if await store.unsubscribe_address(
             target.address, target.queue_id, method, self._suppression
         ):
+            if self._metrics is not None:
+                self._metrics.unsubscribed.labels(method=method).inc()
             log.info(
                 "web: a recipient of {queue_id} unsubscribed ({method})",
                 queue_id=target.queue_id or "a purged message",
@@ -455,6 +461,8 @@ class Tracking:
             else ClickedEvent(user_agent, ip, machine, url)
         )
         await store.record_engagement(ref, event)
+        if self._metrics is not None:
+            self._metrics.count_events((event,))
 
     def _serve(
         self, request: IRequest, what: str, handler: Callable[[], Awaitable[bytes]]
