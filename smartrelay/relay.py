@@ -72,6 +72,7 @@ from smartrelay.storage.engines.sqlite import create_data_dir_for
 from smartrelay.storage.service import StorageService
 from smartrelay.threads import WorkerThreads
 from smartrelay.tokens import SecretFileError, TokenCodec, load_keyring
+from smartrelay.web.api import EventApi
 from smartrelay.web.pages import TemplateError
 from smartrelay.web.service import web_listener, web_site
 from smartrelay.web.site import WebRoot
@@ -371,7 +372,10 @@ class RelayService(MultiService):
                 feedback_processor=self._feedback_processor(),
                 dkim_keys=self._signer.keys,
             )
-            self._site.resource = WebRoot(tracking, reports).resource()
+            api = EventApi(
+                self.storage.when_ready, self._reactor, idle_timeout=config.web.idle_timeout
+            )
+            self._site.resource = WebRoot(tracking, reports, api).resource()
 
     def privilegedStartService(self) -> None:
         """twistd calls this, as root when started as root, before ``startService`` (an

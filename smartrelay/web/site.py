@@ -7,8 +7,9 @@ path                   app
 ``/u/``, anything      the answer to every path no other app claims: its own 404 page,
 else                   never a traceback
 ``/ui/``               :class:`~smartrelay.web.ui.app.ReportsUI` (login, dashboard, ...)
-``/api/``,             (later) the HTTP API and the Prometheus metrics
-``/metrics``
+``/api/``               :class:`~smartrelay.web.api.EventApi` (``GET /api/events``,
+                       docs/api.md)
+``/metrics``           (later) the Prometheus metrics
 =====================  ==========================================================
 
 Tracking's routes carry their whole paths (``/o/<token>.gif``), so it is mounted on the
@@ -30,6 +31,7 @@ from klein import Klein
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
+from smartrelay.web.api import EventApi
 from smartrelay.web.tracking import Tracking
 from smartrelay.web.ui.app import ReportsUI
 
@@ -41,9 +43,12 @@ class WebRoot:
 
     app = Klein()
 
-    def __init__(self, tracking: Tracking, reports: ReportsUI | None = None) -> None:
+    def __init__(
+        self, tracking: Tracking, reports: ReportsUI | None = None, api: EventApi | None = None
+    ) -> None:
         self._tracking = tracking.app.resource()
         self._reports = None if reports is None else reports.app.resource()
+        self._api = None if api is None else api.app.resource()
 
     def resource(self) -> IResource:
         return self.app.resource()
@@ -57,3 +62,8 @@ class WebRoot:
     def reports(self, request: IRequest) -> IResource:
         """The reports UI (``/ui`` without its slash is redirected here by Klein)."""
         return self._tracking if self._reports is None else self._reports
+
+    @app.route("/api/", branch=True)
+    def api(self, request: IRequest) -> IResource:
+        """The event export (docs/api.md)."""
+        return self._tracking if self._api is None else self._api
