@@ -31,7 +31,7 @@ def parse_time_value(text: str, now: float) -> float:
     ``1764979200.5``), or an RFC 3339 time or date (``2026-12-05T10:00:00Z``,
     ``2026-12-05``; without an offset, UTC). ``ValueError`` with a short text otherwise."""
     shown = text if len(text) <= _MAX_TIME_TEXT else text[:_MAX_TIME_TEXT] + "..."
-    problem = f"{shown!r} is neither an RFC 3339 time, unix seconds nor a duration"
+    problem = f"{shown!r} is neither an RFC 3339 time nor a duration nor unix seconds"
     if len(text) > _MAX_TIME_TEXT or not text.isascii() or not text.isprintable():
         raise ValueError(problem)
     try:
