@@ -352,10 +352,12 @@ class EventApi:
                 return await self._export(request)
             except Exception:
                 log.failure("web: api: an export failed")
+                if _gone(request):
+                    return None
                 if request.startedWriting:  # type: ignore[attr-defined]
                     # Too late for an error status: cut the response short, so the client
                     # sees an incomplete one (no last chunk), never a complete-looking one.
-                    _transport_of(request).abortConnection()
+                    _abort(request)
                     return None
                 return _text(request, 500, "Internal error.")
 
@@ -410,6 +412,8 @@ class EventApi:
         """Write the export; False when the client has gone before its end."""
         head = await store.event_head()
         after = await start_position(store, query.cursor, query.filters.since)
+        if _gone(request):
+            return False
         resume = head if query.cursor is None else max(head, query.cursor)
         request.setResponseCode(200)  # type: ignore[no-untyped-call]
         for header, value in (
@@ -450,11 +454,19 @@ class EventApi:
             name=name,
             timeout=self._idle_timeout,
         )
-        _transport_of(request).abortConnection()
+        _abort(request)
 
 
-def _transport_of(request: IRequest) -> ITCPTransport:
-    return request.channel.transport  # type: ignore[attr-defined, no-any-return]
+def _gone(request: IRequest) -> bool:
+    """Whether the request's connection is lost (Twisted drops its channel then)."""
+    return getattr(request, "channel", None) is None
+
+
+def _abort(request: IRequest) -> None:
+    channel = getattr(request, "channel", None)
+    transport: ITCPTransport | None = getattr(channel, "transport", None)
+    if transport is not None:
+        transport.abortConnection()
 
 
 def _set_header(request: IRequest, name: bytes, value: bytes) -> None:
