@@ -525,3 +525,26 @@ def test_time_forms(since: str) -> None:
 
     query = parse_query({b"since": [since.encode()]}, 1_800_000_000.0)
     assert query.cursor is None and query.filters.since is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_database_failure_in_the_middle_cuts_the_response(
+    tmp_path: Path, store: Store
+) -> None:
+    service, site = await serve(tmp_path, store, page_size=100)
+    try:
+        await fill(store, 6_000, blob=2000)
+        sock = await deferToThread(_raw_get, site.port, site.token, 8192)
+        await wait_until(lambda: site.api.pages_read > 0)
+
+        async def txn(cursor: Any) -> None:
+            await cursor.execute("ALTER TABLE events RENAME TO events_gone")
+
+        await store.run("test_break", txn)  # the next page's query fails
+        data, complete = await deferToThread(_read_all, sock)
+        sock.close()
+        assert data.startswith(b"HTTP/1.1 200 ") and not complete  # no last chunk
+        assert b"Traceback" not in data and data.count(b'"type":') < 6_000
+        await wait_until(lambda: not site.api.running)
+    finally:
+        await service.stopService()  # type: ignore[misc]
