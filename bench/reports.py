@@ -244,9 +244,11 @@ async def generate(
     seed: int = 1,
     end: float | None = None,
     reactor: IReactorTime | None = None,
+    roll_up: bool = True,
 ) -> Generated:
     """Fill a database with ``messages`` messages and exactly ``events`` events over the 30
-    days before ``end`` (default: the store's clock, or the time now), then roll them up.
+    days before ``end`` (default: the store's clock, or the time now), then roll them up
+    (unless ``roll_up`` is false: a bench that only reads events skips that).
 
     ``store_or_url``: a started, migrated :class:`Store`, or a database URL (the engine is
     started, the schema migrated, and closed at the end; pass the ``reactor``)."""
@@ -260,7 +262,9 @@ async def generate(
         await engine.start()
         try:
             await migrate(engine, 0)
-            return await generate(Store(engine, reactor), messages, events, seed, end)
+            return await generate(
+                Store(engine, reactor), messages, events, seed, end, roll_up=roll_up
+            )
         finally:
             await engine.close()
     store = store_or_url
@@ -324,7 +328,7 @@ async def generate(
     assert written[1] == events, (written[1], events)
     written_at = time.perf_counter()
     # Counted as the relay's roll-up service does, up to a minute before the end.
-    while await store.roll_up(end_ms / 1000 - 60, 20_000) == 20_000:
+    while roll_up and await store.roll_up(end_ms / 1000 - 60, 20_000) == 20_000:
         pass
     return Generated(
         messages,
@@ -388,7 +392,7 @@ def _rows(
                 reply = "dropped by the operator"
                 evs.append((t + 60_000, DeferredEvent(mx, "451 later", 1, "")))
                 outcome_at = t + 120_000
-                evs.append((outcome_at, DroppedEvent()))
+                evs.append((outcome_at, DroppedEvent("queue drop")))
             elif fate == "pending":
                 state = "deferred"
                 evs.append((t + 60_000, DeferredEvent(mx, "421 4.7.0 try again later", 2, "")))

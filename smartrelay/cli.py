@@ -37,6 +37,7 @@ from smartrelay.config import (
 )
 from smartrelay.config.checks import database_url_problem, redact_url
 from smartrelay.events import ALL_TYPES, csv_row, csv_writer, write_jsonl
+from smartrelay.export import EventFilters, event_pages, start_position
 from smartrelay.feedback.classify import MAX_REPORT_SIZE, classify_message
 from smartrelay.feedback.model import Report
 from smartrelay.feedback.processor import (
@@ -50,6 +51,7 @@ from smartrelay.retention.purge import Purger
 from smartrelay.retention.rollup import ROLLUP_BATCH, ROLLUP_LAG
 from smartrelay.rewrap.dkim import DkimError, generate_key, txt_record_name, zone_file_entry
 from smartrelay.smtp.session import printable
+from smartrelay.storage.api_tokens import generate_api_token
 from smartrelay.storage.copying import CopyError, ProgressLines, copy_data
 from smartrelay.storage.engines import create_engine
 from smartrelay.storage.engines.sqlite import create_data_dir_for
@@ -70,7 +72,7 @@ from smartrelay.suppression_csv import (
     export_row,
     parse_suppression_csv,
 )
-from smartrelay.timefmt import parse_rfc3339, rfc3339
+from smartrelay.timefmt import parse_time_value, rfc3339
 from smartrelay.tokens import SecretFileError, TokenCodec, add_key, load_keyring
 from smartrelay.units import parse_duration
 
@@ -129,12 +131,53 @@ async def cmd_web_user_password(args: argparse.Namespace, store: Store) -> None:
 
 
 async def _add_login(table: LoginTable, kind: str, name: str, password: str) -> None:
-    if not name.strip() or any(c.isspace() for c in name):
-        raise CliError(f"{kind} name must be non-empty and without spaces: {name!r}")
+    check_name(kind, name)
     try:
         await table.add(name, hash_password(password))
     except DuplicateName:
         raise CliError(f"{kind} {name!r} exists already") from None
+
+
+def check_name(kind: str, name: str) -> None:
+    if not name.strip() or any(c.isspace() for c in name):
+        raise CliError(f"{kind} name must be non-empty and without spaces: {name!r}")
+
+
+async def cmd_api_token_add(args: argparse.Namespace, store: Store) -> None:
+    check_name("API token", args.name)
+    if len(args.name) > MAX_API_TOKEN_NAME or not args.name.isprintable():
+        raise CliError(
+            f"API token name must be printable, at most {MAX_API_TOKEN_NAME} characters:"
+            f" {args.name[:MAX_API_TOKEN_NAME]!r}"
+        )
+    token = generate_api_token()
+    try:
+        await store.add_api_token(args.name, token)
+    except DuplicateName:
+        raise CliError(f"API token {args.name!r} exists already") from None
+    print(f"API token {args.name!r} added; the token (shown only this once):")
+    print(token)
+    config: Config = args.loaded_config
+    print(
+        f"use it as: curl -H 'Authorization: Bearer {token}'"
+        f" '{config.web.base_url.rstrip('/')}/api/events'"
+    )
+
+
+async def cmd_api_token_list(args: argparse.Namespace, store: Store) -> None:
+    for token in await store.list_api_tokens():
+        used = "never" if token.last_used_at is None else rfc3339(token.last_used_at)
+        print(f"{token.name}\t{rfc3339(token.created_at)}\t{used}")
+
+
+async def cmd_api_token_remove(args: argparse.Namespace, store: Store) -> None:
+    if not await store.remove_api_token(args.name):
+        raise CliError(f"no API token named {args.name!r}")
+    print(f"API token {args.name!r} removed")
+
+
+#: API token names are shown in logs and lists: one short line.
+MAX_API_TOKEN_NAME = 100
 
 
 async def _remove_login(table: LoginTable, kind: str, name: str) -> None:
@@ -257,24 +300,22 @@ async def cmd_queue_drop(args: argparse.Namespace, store: Store) -> None:
     print(f"dropped {len(dropped)} recipient(s) of {args.queue_id}")
 
 
-EXPORT_PAGE = 1000
-
-
 async def cmd_events_export(args: argparse.Namespace, store: Store) -> None:
     now = store.clock.seconds()
     since = parse_time(args.since, now, "--since")
-    until = parse_time(args.until, now, "--until")
+    filters = EventFilters(
+        types=tuple(dict.fromkeys(args.type)),
+        tags=tuple(dict.fromkeys(args.tag)),
+        since=since,
+        until=parse_time(args.until, now, "--until"),
+    )
     writer = csv_writer(sys.stdout) if args.format == "csv" else None
-    after = 0
-    while True:
-        page = await store.export_events(after, EXPORT_PAGE, since, until, args.type)
+    head = await store.event_head()
+    async for page in event_pages(store, await start_position(store, None, since), head, filters):
         if writer is not None:
-            writer.writerows(csv_row(event) for event in page)
+            writer.writerows(csv_row(event) for event in page.events)
         else:
-            write_jsonl(page, sys.stdout)
-        if len(page) < EXPORT_PAGE:
-            break
-        after = page[-1].id
+            write_jsonl(page.events, sys.stdout)
 
 
 async def cmd_feedback_list(args: argparse.Namespace, store: Store) -> None:
@@ -504,17 +545,13 @@ async def _wait_for_replay(store: Store, ids: list[int], limit: float) -> None:
 
 
 def parse_time(text: str | None, now: float, option: str) -> float | None:
-    """An RFC 3339 time, or a duration meaning that long ago (``24h``)."""
+    """An RFC 3339 time or date, unix seconds, or a duration meaning that long ago (``24h``)."""
     if text is None:
         return None
     try:
-        return now - parse_duration(text)
-    except ValueError:
-        pass
-    try:
-        return parse_rfc3339(text)
-    except ValueError:
-        raise CliError(f"{option}: {text!r} is neither an RFC 3339 time nor a duration") from None
+        return parse_time_value(text, now)
+    except ValueError as error:
+        raise CliError(f"{option}: {error}") from None
 
 
 async def cmd_purge(args: argparse.Namespace, store: Store) -> None:
@@ -726,6 +763,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.set_defaults(run=cmd_credential_remove)
 
+    api_token = commands.add_parser("api-token", help="tokens for GET /api/events")
+    token_cmds = api_token.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = token_cmds.add_parser("add", help="add one; prints the token once")
+    p.add_argument("name")
+    p.set_defaults(run=cmd_api_token_add)
+    token_cmds.add_parser("list", help="name, created, last used (tab-separated)").set_defaults(
+        run=cmd_api_token_list
+    )
+    p = token_cmds.add_parser("remove", help="remove one (its token stops working at once)")
+    p.add_argument("name")
+    p.set_defaults(run=cmd_api_token_remove)
+
     user = commands.add_parser("web-user", help="logins for the reports UI")
     user_cmds = user.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, run, text in (
@@ -862,14 +911,20 @@ def build_parser() -> argparse.ArgumentParser:
     events = commands.add_parser("events", help="the event log")
     event_cmds = events.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = event_cmds.add_parser("export", help="events to stdout, oldest first")
-    p.add_argument("--since", help="RFC 3339 time, or a duration ago (24h)")
-    p.add_argument("--until", help="RFC 3339 time, or a duration ago")
+    p.add_argument("--since", help="RFC 3339 time or date, unix seconds, or a duration ago (24h)")
+    p.add_argument("--until", help="RFC 3339 time or date, unix seconds, or a duration ago")
     p.add_argument(
         "--type",
         action="append",
         default=[],
         choices=ALL_TYPES,
         help="only this type (repeatable)",
+    )
+    p.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        help="only events of messages with this tag (repeatable: any of them)",
     )
     p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     p.set_defaults(run=cmd_events_export)

@@ -72,6 +72,7 @@ from smartrelay.storage.engines.sqlite import create_data_dir_for
 from smartrelay.storage.service import StorageService
 from smartrelay.threads import WorkerThreads
 from smartrelay.tokens import SecretFileError, TokenCodec, load_keyring
+from smartrelay.web.api import EventApi
 from smartrelay.web.metrics import MetricsEndpoint
 from smartrelay.web.pages import TemplateError
 from smartrelay.web.service import web_listener, web_site
@@ -394,7 +395,10 @@ class RelayService(MultiService):
                 metrics = MetricsEndpoint(
                     self.metrics, self.storage.when_ready, self._reactor, config
                 )
-            self._site.resource = WebRoot(tracking, reports, metrics).resource()
+            api = EventApi(
+                self.storage.when_ready, self._reactor, idle_timeout=config.web.idle_timeout
+            )
+            self._site.resource = WebRoot(tracking, reports, metrics, api).resource()
 
     def privilegedStartService(self) -> None:
         """twistd calls this, as root when started as root, before ``startService`` (an

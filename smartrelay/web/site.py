@@ -7,7 +7,8 @@ path                   app
 ``/u/``, anything      the answer to every path no other app claims: its own 404 page,
 else                   never a traceback
 ``/ui/``               :class:`~smartrelay.web.ui.app.ReportsUI` (login, dashboard, ...)
-``/api/``              (later) the HTTP API
+``/api/``              :class:`~smartrelay.web.api.EventApi` (``GET /api/events``,
+                       docs/api.md)
 ``/metrics``           :class:`~smartrelay.web.metrics.MetricsEndpoint` (docs/metrics.md;
                        with ``[api] metrics = false``, tracking's 404)
 =====================  ==========================================================
@@ -32,6 +33,7 @@ from twisted.internet.defer import Deferred
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
+from smartrelay.web.api import EventApi
 from smartrelay.web.metrics import MetricsEndpoint
 from smartrelay.web.tracking import Tracking
 from smartrelay.web.ui.app import ReportsUI
@@ -49,10 +51,12 @@ class WebRoot:
         tracking: Tracking,
         reports: ReportsUI | None = None,
         metrics: MetricsEndpoint | None = None,
+        api: EventApi | None = None,
     ) -> None:
         self._tracking = tracking.app.resource()
         self._reports = None if reports is None else reports.app.resource()
         self._metrics = metrics
+        self._api = None if api is None else api.app.resource()
 
     def resource(self) -> IResource:
         return self.app.resource()
@@ -73,3 +77,8 @@ class WebRoot:
         if self._metrics is None:
             return self._tracking
         return self._metrics.serve(request)
+
+    @app.route("/api/", branch=True)
+    def api(self, request: IRequest) -> IResource:
+        """The event export (docs/api.md)."""
+        return self._tracking if self._api is None else self._api
