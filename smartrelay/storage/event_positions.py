@@ -113,16 +113,28 @@ class EventPositionStore(StoreBase):
         return await self.run("event_head", txn, readonly=True)
 
     async def position_before_time(self, since: float) -> EventPosition:
-        """A position before every event with ``time >= since`` (where a read of the events
-        since a time starts, instead of at :data:`START`)."""
+        """A position before every event with ``time >= since``, committed or still to
+        commit (where a read of the events since a time starts, instead of at :data:`START`):
+        the head when there is none yet."""
 
         async def txn(cursor: ICursor) -> EventPosition:
             if self.engine.name == "sqlite":
-                await cursor.execute("SELECT MIN(id) FROM events WHERE time >= ?", (to_ms(since),))
+                await cursor.execute(
+                    "SELECT MIN(id), (SELECT MAX(id) FROM events) FROM events WHERE time >= ?",
+                    (to_ms(since),),
+                )
                 row = cursor.fetchone()
-                if row is None or row[0] is None:
+                if row is None or row[1] is None:
                     return START
+                if row[0] is None:
+                    return EventPosition(0, int(row[1]))
                 return EventPosition(0, int(row[0]) - 1)
+            # A transaction still running may write such an event below the earliest one
+            # committed: never start past the head.
+            await cursor.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
+            row = cursor.fetchone()
+            assert row is not None
+            head = EventPosition(int(row[0]), 0)
             # The events since then by their time index, the earliest position among them.
             await cursor.execute(
                 "WITH r AS MATERIALIZED (SELECT txid, id FROM events WHERE time >= ?)"
@@ -131,8 +143,8 @@ class EventPositionStore(StoreBase):
             )
             row = cursor.fetchone()
             if row is None:
-                return START
-            return EventPosition(int(row[0]), int(row[1]) - 1)
+                return head
+            return min(head, EventPosition(int(row[0]), int(row[1]) - 1))
 
         return await self.run("position_before_time", txn, readonly=True)
 
