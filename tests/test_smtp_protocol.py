@@ -39,6 +39,9 @@ class RecordingBackend:
         self.credentials = {"app": "secret"}
         self.refuse_domain = "refused.test"
 
+    def check_sender(self, session: Session) -> Reply | None:
+        return None
+
     def check_recipient(self, session: Session, address: str) -> Reply | None:
         if address.endswith("@" + self.refuse_domain):
             return Reply(550, "5.1.1", "No such recipient here")

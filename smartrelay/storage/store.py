@@ -7,7 +7,8 @@ Each topic is its own module, with its values and queries: :mod:`~smartrelay.sto
 :mod:`~smartrelay.storage.logins`, :mod:`~smartrelay.storage.tracking`,
 :mod:`~smartrelay.storage.mailboxes`, :mod:`~smartrelay.storage.rollups`,
 :mod:`~smartrelay.storage.websessions`, :mod:`~smartrelay.storage.warnings`,
-:mod:`~smartrelay.storage.retention` and :mod:`~smartrelay.storage.reports`. They share the
+:mod:`~smartrelay.storage.retention`, :mod:`~smartrelay.storage.reports` and
+:mod:`~smartrelay.storage.credential_volume`. They share the
 engine, the clock and one way of running a query (:class:`~smartrelay.storage.base.StoreBase`).
 Callers hold a ``Store`` and call its methods (``store.claim_due(...)``,
 ``store.smtp_credentials.add``); the names below are re-exported so that they can import the
@@ -19,6 +20,7 @@ from __future__ import annotations
 from smartrelay.events import ExportedEvent
 from smartrelay.storage.api_tokens import ApiToken, ApiTokenStore
 from smartrelay.storage.base import domain_of, from_ms, to_ms
+from smartrelay.storage.credential_volume import CredentialVolumeStore
 from smartrelay.storage.event_positions import (
     START,
     EventPage,
@@ -109,5 +111,6 @@ class Store(
     ReportsStore,
     WarningStore,
     ApiTokenStore,
+    CredentialVolumeStore,
 ):
     """Every query SmartRelay runs; each public method is one transaction."""
