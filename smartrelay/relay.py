@@ -383,6 +383,7 @@ class RelayService(MultiService):
                 config,
                 feedback_processor=self._feedback_processor(),
                 dkim_keys=self._signer.keys,
+                volume=self.volume,
             )
             self._site.resource = WebRoot(tracking, reports).resource()
 
