@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest_twisted
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
 from smartrelay.events import AlertEvent
@@ -206,4 +206,28 @@ async def test_watch_hold_and_release(store: Store, clock: Clock) -> None:
     clock.advance(5)
     await watch.settled()
     assert watch.check_sender("other") == HELD_REPLY
+    await watch.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_watch_starts_without_the_database(store: Store, clock: Clock) -> None:
+    """The database unreachable at start: the watch still runs its polls, and picks the
+    held set up once it answers."""
+    await store.smtp_credentials.add("app", HASH)
+    await store.record_volume_alert(AlertEvent("credential-volume", "app", 99, 4.0, "hold"), "x")
+    calls: list[int] = []
+
+    def flaky() -> Deferred[CredentialVolumeStore]:
+        calls.append(1)
+        if len(calls) == 1:
+            return fail(ConnectionError("database down"))
+        return succeed(store)
+
+    watch = VolumeWatch(clock, hold_settings(), flaky, poll_interval=5)
+    watch.startService()
+    await watch.settled()
+    assert watch.check_sender("app") is None  # not read yet
+    clock.advance(5)
+    await watch.settled()
+    assert watch.check_sender("app") == HELD_REPLY
     await watch.stopService()

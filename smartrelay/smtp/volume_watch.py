@@ -92,9 +92,6 @@ class VolumeWatch(Service):
         self._busy: set[Deferred[None]] = set()
 
     # -- what the SMTP side asks ----------------------------------------------------------
-    def held(self, credential: str) -> bool:
-        return credential in self._held
-
     def check_sender(self, credential: str | None) -> Reply | None:
         """The reply to MAIL FROM in a session authenticated as ``credential``, None to go on."""
         if credential is not None and credential in self._held:
@@ -126,11 +123,16 @@ class VolumeWatch(Service):
         self._starting.addErrback(self._log_failure, "volume watch start")
 
     async def _start(self) -> None:
-        store = await self._store_ready()
-        now = self._clock.seconds()
-        for row in await store.credential_baselines(self.meter.max_tracked):
-            self.meter.load(row.credential, row.baseline, row.windows, now)
-        await self._read_held(store)
+        try:
+            store = await self._store_ready()
+            now = self._clock.seconds()
+            for row in await store.credential_baselines(self.meter.max_tracked):
+                self.meter.load(row.credential, row.baseline, row.windows, now)
+            await self._read_held(store)
+        except Exception:
+            # The database is not reachable: credentials learn anew, and the polls read
+            # the held set once it is back.
+            log.failure("volume watch: reading the baselines and holds failed")
         if not self.running:
             return
         tick = max(self.settings.window / 10, 0.1)
