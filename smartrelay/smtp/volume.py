@@ -48,7 +48,7 @@ ALPHA = 0.05
 LEARNING_WINDOWS = 6
 #: Buckets per window for the sliding count (1 minute each with a 10-minute window).
 BUCKETS = 10
-#: Credentials kept in memory at most (about 300 bytes each).
+#: Credentials kept in memory at most (about 400 bytes each: bench/volume_meter.py).
 MAX_TRACKED = 10_000
 #: ``windows`` stops counting here (it only says "learned enough").
 MAX_WINDOWS = 1_000_000
