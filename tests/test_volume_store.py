@@ -79,8 +79,11 @@ async def test_alert_hold_and_release(store: Store, clock: Clock) -> None:
         "baseline": 20.0,
         "action": "hold",
     }
-    [(alerted_at, held_at)] = await rows(store, "SELECT alerted_at, held_at FROM credential_volume")
+    [(alerted_at, held_at, baseline, windows)] = await rows(
+        store, "SELECT alerted_at, held_at, baseline, windows FROM credential_volume"
+    )
     assert alerted_at == held_at == round(clock.seconds() * 1000)
+    assert (baseline, windows) == (20.0, 0)
     recent = await store.recent_volume_alerts(clock.seconds() - 86400, 10)
     assert [(a.credential, a.rate, a.baseline, a.action) for a in recent] == [
         ("app", 400, 20.0, "hold")
@@ -91,9 +94,11 @@ async def test_alert_hold_and_release(store: Store, clock: Clock) -> None:
     assert await store.release_credential("nobody") == "unknown"
     # A warning alert keeps no hold; a removed credential's alert is not written.
     clock.advance(5)
-    warn = AlertEvent("credential-volume", "app", 500, 20.0, "warn")
-    assert await store.record_volume_alert(warn, None) is True
+    warn = AlertEvent("credential-volume", "app", 500, 21.5, "warn")
+    assert await store.record_volume_alert(warn, None, windows=33) is True
     assert await store.held_credentials() == []
+    [saved] = await store.credential_baselines(10)
+    assert (saved.baseline, saved.windows, saved.updated_at) == (21.5, 33, clock.seconds())
     assert (
         await store.record_volume_alert(AlertEvent("credential-volume", "x", 1, 0, "warn"), None)
         is False

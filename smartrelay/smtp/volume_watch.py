@@ -235,7 +235,12 @@ class VolumeWatch(Service):
         )
         try:
             store = await self._store_ready()
-            written = await store.record_volume_alert(event, reason, at=self._clock.seconds())
+            written = await store.record_volume_alert(
+                event,
+                reason,
+                at=self._clock.seconds(),
+                windows=self.meter.baseline(spike.credential)[1],
+            )
             if hold and written:
                 self._held_here_at[spike.credential] = self._clock.seconds()
             elif hold:  # the credential is gone: nothing to hold

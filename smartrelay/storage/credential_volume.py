@@ -100,10 +100,15 @@ class CredentialVolumeStore(StoreBase):
             await self.run("save_baselines", txn)
 
     async def record_volume_alert(
-        self, alert: AlertEvent, hold_reason: str | None, at: float | None = None
+        self,
+        alert: AlertEvent,
+        hold_reason: str | None,
+        at: float | None = None,
+        windows: int = 0,
     ) -> bool:
         """The ``alert`` event and ``alerted_at`` (and, with a ``hold_reason``, the hold), in
-        one transaction. False (nothing written) when the credential no longer exists."""
+        one transaction, with the baseline (``alert.baseline`` learned over ``windows``
+        windows). False (nothing written) when the credential no longer exists."""
         now_ms = self.now_ms() if at is None else to_ms(at)
         held_ms = None if hold_reason is None else now_ms
 
@@ -115,11 +120,13 @@ class CredentialVolumeStore(StoreBase):
                 return False
             await cursor.execute(
                 "INSERT INTO credential_volume (credential, baseline, windows, updated_at,"
-                " alerted_at, held_at, hold_reason) VALUES (?, ?, 0, ?, ?, ?, ?)"
+                " alerted_at, held_at, hold_reason) VALUES (?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (credential) DO UPDATE SET alerted_at = excluded.alerted_at,"
+                " baseline = excluded.baseline, windows = excluded.windows,"
+                " updated_at = excluded.updated_at,"
                 " held_at = COALESCE(excluded.held_at, credential_volume.held_at),"
                 " hold_reason = COALESCE(excluded.hold_reason, credential_volume.hold_reason)",
-                (alert.credential, alert.baseline, now_ms, now_ms, held_ms, hold_reason),
+                (alert.credential, alert.baseline, windows, now_ms, now_ms, held_ms, hold_reason),
             )
             await insert_events(cursor, now_ms, [(None, None, alert)])
             return True
