@@ -9,7 +9,7 @@ import pytest_twisted
 from hypothesis import given
 from hypothesis import strategies as st
 
-from smartrelay.events import DeliveredEvent, OpenedEvent, ReceivedEvent
+from smartrelay.events import DeliveredEvent, OpenedEvent
 from smartrelay.storage.store import (
     START,
     EventPosition,
