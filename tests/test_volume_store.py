@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest_twisted
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock
 
 from smartrelay.events import AlertEvent
@@ -19,7 +19,13 @@ from smartrelay.metrics import RelayMetrics
 from smartrelay.passwords import hash_password
 from smartrelay.smtp.volume import LEARNING_WINDOWS, VolumeSettings
 from smartrelay.smtp.volume_watch import HELD_REPLY, VolumeWatch
-from smartrelay.storage.credential_volume import CredentialBaseline, CredentialVolumeStore
+from smartrelay.storage.credential_volume import (
+    CredentialBaseline,
+    CredentialVolumeStore,
+    HeldCredential,
+)
+from smartrelay.storage.pool import DatabaseUnavailable
+from smartrelay.storage.service import StorageStopped
 from smartrelay.storage.store import Store
 
 WINDOW = 60.0
@@ -214,25 +220,60 @@ async def test_watch_hold_and_release(store: Store, clock: Clock) -> None:
     await watch.stopService()
 
 
+class Flaky:
+    """The store, whose first ``n`` reads of the held set and baselines find the database
+    unavailable."""
+
+    def __init__(self, store: Store, n: int) -> None:
+        self.store = store
+        self.n = n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def _down(self) -> None:
+        if self.n > 0:
+            self.n -= 1
+            raise DatabaseUnavailable("connection refused")
+
+    async def credential_baselines(self, limit: int) -> list[CredentialBaseline]:
+        self._down()
+        return await self.store.credential_baselines(limit)
+
+    async def held_credentials(self) -> list[HeldCredential]:
+        self._down()
+        return await self.store.held_credentials()
+
+
 @pytest_twisted.ensureDeferred
 async def test_watch_starts_without_the_database(store: Store, clock: Clock) -> None:
-    """The database unreachable at start: the watch still runs its polls, and picks the
-    held set up once it answers."""
+    """The database unavailable at start (and at the first poll): the watch still runs its
+    polls, and picks the held set up once it answers; one-line warnings, no traceback."""
     await store.smtp_credentials.add("app", HASH)
     await store.record_volume_alert(AlertEvent("credential-volume", "app", 99, 4.0, "hold"), "x")
-    calls: list[int] = []
-
-    def flaky() -> Deferred[CredentialVolumeStore]:
-        calls.append(1)
-        if len(calls) == 1:
-            return fail(ConnectionError("database down"))
-        return succeed(store)
-
-    watch = VolumeWatch(clock, hold_settings(), flaky, poll_interval=5)
+    flaky = Flaky(store, 2)
+    watch = VolumeWatch(
+        clock, hold_settings(), lambda: succeed(cast(Store, flaky)), poll_interval=5
+    )
     watch.startService()
     await watch.settled()
     assert watch.check_sender("app") is None  # not read yet
+    clock.advance(5)  # the first poll: still down
+    await watch.settled()
+    assert watch.check_sender("app") is None and flaky.n == 0
     clock.advance(5)
     await watch.settled()
     assert watch.check_sender("app") == HELD_REPLY
+    await watch.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_watch_without_a_store_does_nothing(clock: Clock) -> None:
+    """The storage never opened (fatal, reported by the storage service): no polls."""
+    watch = VolumeWatch(clock, hold_settings(), lambda: fail(StorageStopped("shut down")))
+    watch.startService()
+    await watch.settled()
+    clock.advance(60)
+    await watch.settled()
+    assert watch.check_sender("app") is None
     await watch.stopService()

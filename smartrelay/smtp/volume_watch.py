@@ -27,6 +27,8 @@ from smartrelay.events import AlertEvent
 from smartrelay.smtp.replies import Reply
 from smartrelay.smtp.volume import MAX_TRACKED, VolumeMeter, VolumeSettings, VolumeSpike
 from smartrelay.storage.credential_volume import CredentialBaseline, CredentialVolumeStore
+from smartrelay.storage.pool import DatabaseUnavailable
+from smartrelay.storage.service import StorageStopped
 from smartrelay.units import format_duration
 
 __all__ = ["HELD_REPLY", "VolumeWatch", "volume_settings"]
@@ -125,14 +127,18 @@ class VolumeWatch(Service):
     async def _start(self) -> None:
         try:
             store = await self._store_ready()
+        except Exception as error:
+            # The storage did not open (it reports that itself, as fatal) or stopped first.
+            log.debug("volume watch: no store: {error}", error=error)
+            return
+        try:
             now = self._clock.seconds()
             for row in await store.credential_baselines(self.meter.max_tracked):
                 self.meter.load(row.credential, row.baseline, row.windows, now)
             await self._read_held(store)
-        except Exception:
-            # The database is not reachable: credentials learn anew, and the polls read
-            # the held set once it is back.
-            log.failure("volume watch: reading the baselines and holds failed")
+        except DatabaseUnavailable as error:
+            # Credentials learn anew; the polls read the held set once the database is back.
+            log.warn("volume watch: database unavailable at start ({error})", error=error)
         if not self.running:
             return
         tick = max(self.settings.window / 10, 0.1)
@@ -266,7 +272,10 @@ class VolumeWatch(Service):
         d.addBoth(done)
 
     def _log_failure(self, failure: Failure, what: str) -> None:
-        log.failure("{what} failed", failure, what=what)
+        if failure.check(DatabaseUnavailable, StorageStopped):
+            log.warn("{what}: {error}; trying again later", what=what, error=failure.value)
+        else:
+            log.failure("{what} failed", failure, what=what)
 
 
 async def _awaiting(work: Awaitable[None]) -> None:
