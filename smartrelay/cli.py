@@ -51,6 +51,7 @@ from smartrelay.retention.purge import Purger
 from smartrelay.retention.rollup import ROLLUP_BATCH, ROLLUP_LAG
 from smartrelay.rewrap.dkim import DkimError, generate_key, txt_record_name, zone_file_entry
 from smartrelay.smtp.session import printable
+from smartrelay.smtp.volume_watch import POLL_INTERVAL
 from smartrelay.storage.api_tokens import generate_api_token
 from smartrelay.storage.copying import CopyError, ProgressLines, copy_data
 from smartrelay.storage.engines import create_engine
@@ -103,8 +104,25 @@ async def cmd_credential_add(args: argparse.Namespace, store: Store) -> None:
 
 
 async def cmd_credential_list(args: argparse.Namespace, store: Store) -> None:
+    held = {h.credential: h for h in await store.held_credentials()}
     for login in await store.smtp_credentials.list():
-        print(f"{login.name}\t{rfc3339(login.created_at)}")
+        line = f"{login.name}\t{rfc3339(login.created_at)}"
+        hold = held.get(login.name)
+        if hold is not None:  # a third column, only for a held credential
+            line += f"\theld since {rfc3339(hold.held_at)}: {printable(hold.reason)}"
+        print(line)
+
+
+async def cmd_credential_release(args: argparse.Namespace, store: Store) -> None:
+    result = await store.release_credential(args.name)
+    if result == "unknown":
+        raise CliError(f"no SMTP credential named {args.name!r}")
+    if result == "not-held":
+        raise CliError(f"SMTP credential {args.name!r} is not held")
+    print(
+        f"SMTP credential {args.name!r} released: the relay accepts its mail again within"
+        f" {POLL_INTERVAL:g} seconds"
+    )
 
 
 async def cmd_credential_remove(args: argparse.Namespace, store: Store) -> None:
@@ -758,10 +776,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = credential_cmds.add_parser("add", help="add one; prints its generated password once")
     p.add_argument("name")
     p.set_defaults(run=cmd_credential_add)
-    credential_cmds.add_parser("list", help="list the names").set_defaults(run=cmd_credential_list)
+    credential_cmds.add_parser(
+        "list", help="names, creation times, and holds (volume alerts)"
+    ).set_defaults(run=cmd_credential_list)
     p = credential_cmds.add_parser("remove", help="remove one")
     p.add_argument("name")
     p.set_defaults(run=cmd_credential_remove)
+    p = credential_cmds.add_parser(
+        "release", help="accept the mail of one held by a volume alert again"
+    )
+    p.add_argument("name")
+    p.set_defaults(run=cmd_credential_release)
 
     api_token = commands.add_parser("api-token", help="tokens for GET /api/events")
     token_cmds = api_token.add_subparsers(dest="action", required=True, metavar="ACTION")

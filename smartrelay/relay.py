@@ -67,6 +67,7 @@ from smartrelay.smtp.backends import InboundBackend, SubmissionBackend
 from smartrelay.smtp.listener import SmtpFactory, listener_services
 from smartrelay.smtp.session import ListenerSettings
 from smartrelay.smtp.tls import TlsError, ensure_certificate, server_context_factory
+from smartrelay.smtp.volume_watch import VolumeWatch, volume_settings
 from smartrelay.spool import Spool
 from smartrelay.storage.engines.sqlite import create_data_dir_for
 from smartrelay.storage.service import StorageService
@@ -140,6 +141,16 @@ class RelayService(MultiService):
         self._spool: Spool | None = None
         self._site = web_site(Resource(), reactor, config.web.idle_timeout)  # type: ignore[no-untyped-call]
         serving = role == "all"
+        #: The per-credential volume watch (docs/smtp.md, "Volume alerts"): main process,
+        #: with a submission listener, unless ``on_volume_alert = "off"``. Before the
+        #: listeners: it stops after them, and saves the baselines before the database closes.
+        self.volume: VolumeWatch | None = None
+        watching = volume_settings(config.smtp)
+        if serving and config.smtp.listen and watching is not None:
+            self.volume = VolumeWatch(
+                reactor, watching, self.storage.when_ready, self.metrics.alerts
+            )
+            self.volume.setServiceParent(self)  # type: ignore[no-untyped-call]
         if serving and (config.smtp.listen or config.inbound.listen):
             self._add_smtp_listeners()
         signer = DkimSigner(config.dkim_keys, now=reactor.seconds)
@@ -312,7 +323,9 @@ class RelayService(MultiService):
         )
         self.submission = SmtpFactory(
             submission,
-            SubmissionBackend(reactor, config.server.hostname, self.storage.when_ready, spool),
+            SubmissionBackend(
+                reactor, config.server.hostname, self.storage.when_ready, spool, self.volume
+            ),
             reactor,
             tls,
             name="smtp",
@@ -389,6 +402,7 @@ class RelayService(MultiService):
                 config,
                 feedback_processor=self._feedback_processor(),
                 dkim_keys=self._signer.keys,
+                volume=self.volume,
             )
             metrics = None
             if config.api.metrics:

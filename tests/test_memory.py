@@ -84,6 +84,9 @@ class SpoolingBackend:
         self.pending: Deferred[Reply] | None = None
         self.fail = False
 
+    def check_sender(self, session: Session) -> Reply | None:
+        return None
+
     def check_recipient(self, session: Session, address: str) -> Reply | None:
         return None
 

@@ -21,6 +21,7 @@ from smartrelay.smtp.listener import SmtpFactory
 from smartrelay.smtp.protocol import MAX_PENDING_INPUT, SmtpServerProtocol
 from smartrelay.smtp.replies import Reply
 from smartrelay.smtp.session import Envelope, ISmtpBackend, ListenerSettings, Session
+from smartrelay.smtp.volume_watch import HELD_REPLY
 from smartrelay.spool import SpooledBody
 
 SETTINGS = ListenerSettings(hostname="relay.test", max_message_size=10_000, max_recipients=3)
@@ -38,6 +39,12 @@ class RecordingBackend:
         self.fail_next = False
         self.credentials = {"app": "secret"}
         self.refuse_domain = "refused.test"
+        self.held: set[str] = set()  # credentials held by a volume alert
+
+    def check_sender(self, session: Session) -> Reply | None:
+        if session.credential in self.held:
+            return HELD_REPLY
+        return None
 
     def check_recipient(self, session: Session, address: str) -> Reply | None:
         if address.endswith("@" + self.refuse_domain):
@@ -243,6 +250,26 @@ def test_auth_login_and_plain_with_challenge() -> None:
     assert other.send(b"AUTH PLAIN\r\n") == ["334 "]
     assert other.send(b"not base64!\r\n") == ["501 5.5.2 Cannot decode the response (base64)"]
     assert other.send(b"AUTH PLAIN\r\n*\r\n") == ["334 ", "501 5.0.0 Authentication cancelled"]
+
+
+def test_a_held_credential_gets_451_at_mail_from() -> None:
+    """A hold decided while a transaction is under way refuses the session's next MAIL."""
+    client = Client()
+    client.send(b"EHLO c\r\n")
+    client.fake_tls()
+    plain = base64.b64encode(b"\0app\0secret")
+    assert client.codes(b"AUTH PLAIN " + plain + b"\r\n") == ["235 2.7.0 Authentication successful"]
+    assert client.codes(b"MAIL FROM:<app@example.com>\r\nRCPT TO:<a@example.net>\r\n") == [
+        "250 2.1.0 Sender ok",
+        "250 2.1.5 Recipient ok",
+    ]
+    client.backend.held.add("app")
+    assert client.codes(b"DATA\r\nSubject: x\r\n\r\nx\r\n.\r\n")[-1].startswith("250 ")
+    [held] = client.codes(b"MAIL FROM:<app@example.com>\r\n")
+    assert held.startswith("451 4.7.1 ") and "volume alert" in held
+    assert client.codes(b"RCPT TO:<a@example.net>\r\n") == ["503 5.5.1 Send MAIL first"]
+    client.backend.held.clear()  # released
+    assert client.codes(b"MAIL FROM:<app@example.com>\r\n") == ["250 2.1.0 Sender ok"]
 
 
 def test_failed_auth_is_slowed_then_cut_off() -> None:

@@ -25,6 +25,7 @@ from smartrelay.smtp.session import (
     printable,
     received_header,
 )
+from smartrelay.smtp.volume_watch import VolumeWatch
 from smartrelay.spool import Spool, SpooledBody
 from smartrelay.storage.store import NewFeedback, NewMessage, Store
 
@@ -54,12 +55,20 @@ class SubmissionBackend:
         hostname: str,
         store_ready: StoreReady,
         spool: Spool | None = None,
+        volume: VolumeWatch | None = None,
     ) -> None:
         self._reactor = reactor
         self._hostname = hostname
         self._store_ready = store_ready
         #: Big bodies arrive in files here (None: every body in memory).
         self.spool = spool
+        #: The per-credential volume watch (None: ``on_volume_alert = "off"``).
+        self.volume = volume
+
+    def check_sender(self, session: Session) -> Reply | None:
+        if self.volume is None:
+            return None
+        return self.volume.check_sender(session.credential)
 
     def check_recipient(self, session: Session, address: str) -> Reply | None:
         return None
@@ -122,6 +131,8 @@ class SubmissionBackend:
             queued = await store.queue_message(new)  # the fast path: no budget to take
         else:
             queued = await _handed_over(self.spool, new.size, lambda: store.queue_message(new))
+        if self.volume is not None and session.credential is not None and not queued.duplicate:
+            self.volume.message_accepted(session.credential)
         log.info(
             "{queue_id}: accepted from={sender} rcpts={count} size={size} ip={ip}{dup}",
             queue_id=queued.queue_id,
@@ -151,6 +162,9 @@ class InboundBackend:
         self._domain = return_path_domain.lower()
         self._store_ready = store_ready
         self.spool = spool
+
+    def check_sender(self, session: Session) -> Reply | None:
+        return None
 
     def check_recipient(self, session: Session, address: str) -> Reply | None:
         if address_domain(address) != self._domain:

@@ -623,6 +623,10 @@ class SmtpServerProtocol(Protocol):
         if envelope.size_hint is not None and envelope.size_hint > self.settings.max_message_size:
             self.send(R.MESSAGE_TOO_BIG)
             return
+        refusal = self.backend.check_sender(self.session)
+        if refusal is not None:
+            self.send(refusal)
+            return
         self.session.envelope = envelope
         self.send(R.SENDER_OK)
 

@@ -110,6 +110,10 @@ class ISmtpBackend(Interface):
 
     offers_auth = Attribute("True when AUTH may be offered (after STARTTLS).")
 
+    def check_sender(session: Session) -> Reply | None:
+        """None to go on with MAIL FROM (checked, and valid), else the rejection (a
+        credential held by a volume alert)."""
+
     def check_recipient(session: Session, address: str) -> Reply | None:
         """None to accept RCPT TO:<address>, else the rejection."""
 

@@ -8,8 +8,9 @@ Each topic is its own module, with its values and queries: :mod:`~smartrelay.sto
 :mod:`~smartrelay.storage.mailboxes`, :mod:`~smartrelay.storage.rollups`,
 :mod:`~smartrelay.storage.websessions`, :mod:`~smartrelay.storage.warnings`,
 :mod:`~smartrelay.storage.metrics_queries`, :mod:`~smartrelay.storage.retention`,
-:mod:`~smartrelay.storage.reports`, :mod:`~smartrelay.storage.webhooks` and
-:mod:`~smartrelay.storage.webhook_admin`. They share the
+:mod:`~smartrelay.storage.reports`, :mod:`~smartrelay.storage.webhooks`,
+:mod:`~smartrelay.storage.webhook_admin` and :mod:`~smartrelay.storage.credential_volume`.
+They share the
 engine, the clock and one way of running a query (:class:`~smartrelay.storage.base.StoreBase`).
 Callers hold a ``Store`` and call its methods (``store.claim_due(...)``,
 ``store.smtp_credentials.add``); the names below are re-exported so that they can import the
@@ -21,6 +22,7 @@ from __future__ import annotations
 from smartrelay.events import ExportedEvent
 from smartrelay.storage.api_tokens import ApiToken, ApiTokenStore
 from smartrelay.storage.base import domain_of, from_ms, to_ms
+from smartrelay.storage.credential_volume import CredentialVolumeStore
 from smartrelay.storage.event_positions import (
     START,
     EventPage,
@@ -127,5 +129,6 @@ class Store(
     ApiTokenStore,
     WebhookStore,
     MetricsStore,
+    CredentialVolumeStore,
 ):
     """Every query SmartRelay runs; each public method is one transaction."""

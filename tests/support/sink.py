@@ -43,6 +43,9 @@ class SinkBackend:
     credentials: dict[str, str] = field(factory=dict)
     connection_ids: dict[int, int] = field(factory=dict)
 
+    def check_sender(self, session: Session) -> Reply | None:
+        return None
+
     def check_recipient(self, session: Session, address: str) -> Reply | None:
         return self.rcpt_script(session, address)
 

@@ -14,8 +14,10 @@ from smartrelay.delivery.mx import make_system_resolver
 from smartrelay.feedback.processor import FeedbackProcessor
 from smartrelay.reactor import IRelayReactor
 from smartrelay.rewrap.dkim import LoadedKey, load_key
+from smartrelay.smtp.volume_watch import VolumeWatch
 from smartrelay.storage.store import Store
 from smartrelay.web.templating import Templates
+from smartrelay.web.ui.alerts import Alerts
 from smartrelay.web.ui.app import ReportsUI, Section
 from smartrelay.web.ui.auth import Authenticator
 from smartrelay.web.ui.context import UiContext
@@ -38,11 +40,13 @@ def build_reports_ui(
     templates: Templates | None = None,
     feedback_processor: FeedbackProcessor | None = None,
     dkim_keys: Sequence[LoadedKey] | None = None,
+    volume: VolumeWatch | None = None,
 ) -> ReportsUI:
     """The reports UI of this config; its templates are compiled now (a broken one raises
     :class:`~smartrelay.web.templating.TemplateError`). ``feedback_processor`` (the relay's)
     lets the feedback page reprocess a report; ``dkim_keys``, the relay's signer's keys
-    (loaded once; read from the config's files when not given)."""
+    (loaded once; read from the config's files when not given); ``volume``, the relay's
+    volume watch (a release from the UI takes effect on this node at once)."""
 
     def in_thread(work: Callable[[], T]) -> Deferred[T]:
         return deferToThreadPool(reactor, reactor.getThreadPool(), work)
@@ -77,5 +81,6 @@ def build_reports_ui(
         "suppressions": Suppressions(ui),
         "queue": Queue(ui),
         "feedback": Feedback(ui),
+        "alerts": Alerts(ui, volume),
     }
     return ReportsUI(ui, Authenticator(ui, in_thread), sections)

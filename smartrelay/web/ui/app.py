@@ -102,6 +102,10 @@ class ReportsUI:
     def deliverability(self, request: IRequest) -> Deferred[IResource | bytes]:
         return self._guard(request, "deliverability")
 
+    @app.route("/alerts", branch=True)
+    def alerts(self, request: IRequest) -> Deferred[IResource | bytes]:
+        return self._guard(request, "alerts")
+
     def _guard(self, request: IRequest, name: str) -> Deferred[IResource | bytes]:
         async def check() -> IResource | bytes:
             try:

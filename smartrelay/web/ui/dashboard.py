@@ -9,6 +9,9 @@ about a minute (the roll-up's lag); the page says up to when it counts.
 Every figure and chart row links to the list it counts where one exists (the message search
 with the same period and filters, or the feedback list), and every link keeps the period and
 the filters, so a dashboard view is a URL.
+
+Above them, when there is any, a card of volume alerts (docs/smtp.md): the credentials held,
+each with a Release button (web/ui/alerts.py), and the alerts of the last 24 hours.
 """
 
 from __future__ import annotations
@@ -35,7 +38,10 @@ from smartrelay.web.charts import (
     stacked_bars,
 )
 from smartrelay.web.templating import percent
-from smartrelay.web.ui.context import UiContext, UiError, add_error_pages, arg
+from smartrelay.web.ui.alerts import NOTICES as ALERT_NOTICES
+from smartrelay.web.ui.alerts import RECENT_ALERTS
+from smartrelay.web.ui.context import UiContext, UiError, add_error_pages, arg, ui_session
+from smartrelay.web.ui.notices import read_notice
 
 __all__ = ["Dashboard", "Filters", "Period", "period_of", "total"]
 
@@ -257,6 +263,9 @@ class Dashboard:
                 if read is not None:
                     read.addErrback(lambda _: None)
         position = await store.rollup_position()
+        # Volume alerts (docs/smtp.md): the card on top, read from the tables, not roll-ups.
+        held = await store.held_credentials()
+        volume_alerts = await store.recent_volume_alerts(now - DAY, RECENT_ALERTS)
         links = _Links(self.ui, period, filters)
         return self.ui.page(
             request,
@@ -280,6 +289,9 @@ class Dashboard:
             permalink=links.dashboard(),
             clear_link=links.dashboard(tag=None, sender_domain=None, recipient_domain=None),
             urls_link=links.dashboard(sender_domain=None, recipient_domain=None),
+            held=held,
+            volume_alerts=volume_alerts,
+            notice=read_notice(request, ui_session(request), ALERT_NOTICES),
         )
 
     def _charts(
