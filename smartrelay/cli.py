@@ -381,7 +381,7 @@ async def cmd_feedback_reprocess(args: argparse.Namespace, store: Store) -> None
 REPROCESS_PAGE = 100
 
 
-# -- webhooks (docs/webhooks-operations.md) -------------------------------------------------
+# -- webhooks (docs/webhooks.md, "Operations") ------------------------------------------
 #: ``webhooks dead replay --wait``: how often the dead letters are looked at, and the longest
 #: wait (``--wait`` without a value waits this long).
 REPLAY_POLL = 1.0

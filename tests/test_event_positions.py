@@ -3,13 +3,18 @@ become visible, with filters, on both engines; PostgreSQL's late commits are not
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import psycopg2
 import pytest
 import pytest_twisted
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet.task import Clock
 
 from smartrelay.events import DeliveredEvent, OpenedEvent
+from smartrelay.storage.engines import create_engine
+from smartrelay.storage.migrations import migrate
 from smartrelay.storage.store import (
     START,
     EventPosition,
@@ -20,6 +25,8 @@ from smartrelay.storage.store import (
     insert_events,
     to_ms,
 )
+from tests.conftest import real_reactor
+from tests.support.postgres import PostgresServer
 
 
 def test_cursor_round_trip_and_tampering() -> None:
@@ -130,12 +137,26 @@ async def test_filters(store: Store) -> None:
     assert await store.position_before_time(3e9) == head
 
 
+@pytest_twisted.async_yield_fixture
+async def pg_store(postgres_server: PostgresServer) -> AsyncIterator[tuple[Store, str]]:
+    """A store on a fresh PostgreSQL database, and its URL (only PostgreSQL commits a later
+    id first: SQLite has one writer at a time)."""
+    url = postgres_server.create_database()
+    engine = create_engine(real_reactor(), url)
+    await engine.start()
+    await migrate(engine, 0)
+    clock = Clock()
+    clock.advance(1_700_000_000)
+    yield Store(engine, clock), url
+    await engine.close()
+    postgres_server.drop_database(url)
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_late_commit_is_read_after_it_commits_never_skipped(
-    store: Store, database_url: str
+    pg_store: tuple[Store, str],
 ) -> None:
-    if not database_url.startswith("postgresql"):
-        pytest.skip("SQLite has one writer at a time: a later id never commits first")
+    store, database_url = pg_store
     await _event(store, None, OpenedEvent(None, None, False), 1.0)
     early = await store.event_head()
     # A transaction that takes its id first and commits last.

@@ -1,4 +1,4 @@
-"""The operator's side of the webhooks (docs/webhooks-operations.md): each endpoint's status,
+"""The operator's side of the webhooks (docs/webhooks.md, "Operations"): each endpoint's status,
 enable / disable, the dead-letter list and replays, for ``smartrelay-ctl webhooks`` and the
 reports UI's queue page.
 

@@ -8,7 +8,7 @@ delivered right now keeps its lease). A drop is ``queue drop``'s: the recipients
 much they drop; there is no confirmation dialog (no script), the form itself is the second
 step.
 
-The page's "Webhooks" card (docs/webhooks-operations.md) shows each webhook endpoint's status
+The page's "Webhooks" card (docs/webhooks.md, "Operations") shows each webhook endpoint's status
 and dead letters, with Enable / Disable per endpoint and Replay per dead letter, per endpoint
 and for all: what ``smartrelay-ctl webhooks ...`` does. The relay's dispatcher acts on them
 (it sends an enabled endpoint at once, and every dead letter whose replay was asked for).
