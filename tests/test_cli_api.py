@@ -25,6 +25,7 @@ def config(tmp_path: Path, database_url: str) -> Path:
     )
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_api_tokens_add_list_remove(config: Path, database_url: str) -> None:
     added = assert_ok(ctl(config, "api-token", "add", "crm"))
     assert len(added.lines) == 3 and "'crm'" in added.lines[0]

@@ -19,6 +19,7 @@ def migrated(tmp_path: Path, database_url: str, engine: IDatabaseEngine) -> Path
     return write_config(tmp_path, database_url)
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_release_and_list(migrated: Path, database_url: str) -> None:
     for name in ("app-one", "app-two"):
         assert_ok(ctl(migrated, "smtp-credential", "add", name))

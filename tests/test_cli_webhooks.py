@@ -9,6 +9,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
@@ -63,6 +64,7 @@ async def wait_until(check: Callable[[], Awaitable[bool]], within: float = 60.0)
         await deferLater(reactor, 0.1, lambda: None)
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 @pytest_twisted.ensureDeferred
 async def test_list_enable_disable(
     store: Store, clock: Clock, database_url: str, tmp_path: Path
@@ -150,6 +152,7 @@ async def test_list_enable_disable(
         ]
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 @pytest_twisted.ensureDeferred
 async def test_dead_letters_list_and_replay(
     store: Store, clock: Clock, database_url: str, tmp_path: Path

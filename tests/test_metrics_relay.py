@@ -136,7 +136,11 @@ BATCHES = [
 ]
 
 
-@pytest.mark.parametrize("processes", [0, 1])
+@pytest.mark.parametrize(
+    ("database_url", "processes"),
+    [("sqlite", 0), ("sqlite", 1), ("postgresql", 1)],  # the engines' side is in test_metrics_store
+    indirect=["database_url"],
+)
 def test_the_counters_match_the_events_table(
     tmp_path: Path, database_url: str, processes: int
 ) -> None:
