@@ -38,8 +38,12 @@ __all__ = [
 ]
 
 #: Rows one page looks at, at most, when filters (types, times, tags) may skip most of them:
-#: a filtered read of a long range is many short queries, never one long one.
+#: a filtered read of a long range is many short queries, never one long one. A page of
+#: ``limit`` events looks at ``SCAN_PER_EVENT * limit`` rows (at least ``MIN_SCAN``), so a small
+#: page (a webhook batch) does not walk 10,000 index entries to find its end.
 SCAN_CHUNK = 10_000
+MIN_SCAN = 1_000
+SCAN_PER_EVENT = 4
 _CURSOR_PREFIX = "c1"
 _CURSOR = struct.Struct(">QQ")
 
@@ -162,7 +166,7 @@ class EventPositionStore(StoreBase):
         message's sender, tags and metadata; only those of ``types``, with one of ``tags``,
         and with ``since <= time < until`` (each when given). ``upto`` should be an
         :meth:`event_head`. One page looks at :data:`SCAN_CHUNK` rows at most when filters
-        apply, so it may hold fewer than ``limit`` events without the range being done:
+        apply (fewer for a small ``limit``), so it may hold fewer than ``limit`` events without the range being done:
         read on from ``page.end`` until ``page.exhausted``."""
         sqlite = self.engine.name == "sqlite"
 
@@ -172,7 +176,8 @@ class EventPositionStore(StoreBase):
             bound, exhausted = upto, True
             filtered = bool(types or tags or since is not None or until is not None)
             if filtered:
-                found = await _nth_position(cursor, sqlite, after, upto, SCAN_CHUNK)
+                scan = min(SCAN_CHUNK, max(MIN_SCAN, SCAN_PER_EVENT * limit))
+                found = await _nth_position(cursor, sqlite, after, upto, scan)
                 if found is not None:
                     bound, exhausted = found, found == upto
             where, args = _range(sqlite, after, bound)
