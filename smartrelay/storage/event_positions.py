@@ -166,8 +166,8 @@ class EventPositionStore(StoreBase):
         message's sender, tags and metadata; only those of ``types``, with one of ``tags``,
         and with ``since <= time < until`` (each when given). ``upto`` should be an
         :meth:`event_head`. One page looks at :data:`SCAN_CHUNK` rows at most when filters
-        apply (fewer for a small ``limit``), so it may hold fewer than ``limit`` events without the range being done:
-        read on from ``page.end`` until ``page.exhausted``."""
+        apply (fewer for a small ``limit``), so it may hold fewer than ``limit`` events
+        without the range being done: read on from ``page.end`` until ``page.exhausted``."""
         sqlite = self.engine.name == "sqlite"
 
         async def txn(cursor: ICursor) -> EventPage:
