@@ -51,6 +51,7 @@ from smartrelay.export import (
 from smartrelay.storage.event_positions import EventPosition, decode_cursor, encode_cursor
 from smartrelay.storage.store import Store
 from smartrelay.timefmt import parse_time_value
+from smartrelay.web.service import plain_text, set_header
 
 __all__ = [
     "FAILURE_DELAY",
@@ -327,18 +328,18 @@ class EventApi:
     @app.route("/events")
     def events(self, request: IRequest) -> bytes | Deferred[bytes]:
         if request.method != b"GET":
-            _set_header(request, b"Allow", b"GET")
-            return _text(request, 405, "Only GET is allowed here.")
+            set_header(request, b"Allow", b"GET")
+            return plain_text(request, 405, "Only GET is allowed here.")
         return self._guarded(request)
 
     @app.route("/", branch=True)
     def other(self, request: IRequest) -> bytes:
-        return _text(request, 404, "No such API path.")
+        return plain_text(request, 404, "No such API path.")
 
     @app.handle_errors(Exception)
     def errors(self, request: IRequest, failure: Failure) -> bytes:
         log.failure("web: api: unexpected error", failure)
-        return _text(request, 500, "Internal error.")
+        return plain_text(request, 500, "Internal error.")
 
     def _guarded(self, request: IRequest) -> Deferred[bytes]:
         """Run the export to its end, whatever happens to the client.
@@ -359,7 +360,7 @@ class EventApi:
                     # sees an incomplete one (no last chunk), never a complete-looking one.
                     _abort(request)
                     return None
-                return _text(request, 500, "Internal error.")
+                return plain_text(request, 500, "Internal error.")
 
         outer: Deferred[bytes] = Deferred(lambda d: None)
 
@@ -375,12 +376,14 @@ class EventApi:
         None when the client has gone."""
         token = _bearer(request)
         if token is None:
-            _set_header(request, b"WWW-Authenticate", b'Bearer realm="smartrelay"')
-            return _text(request, 401, "A token is required: Authorization: Bearer TOKEN.")
+            set_header(request, b"WWW-Authenticate", b'Bearer realm="smartrelay"')
+            return plain_text(request, 401, "A token is required: Authorization: Bearer TOKEN.")
         client = _client_key(request)
         if self._failures.blocked(client):
-            _set_header(request, b"Retry-After", b"%d" % int(self._failures.window))
-            return _text(request, 429, "Too many wrong tokens from this address: wait a minute.")
+            set_header(request, b"Retry-After", b"%d" % int(self._failures.window))
+            return plain_text(
+                request, 429, "Too many wrong tokens from this address: wait a minute."
+            )
         store = await self._store_ready()
         name = await store.api_token_name(token) if token else None
         if name is None:
@@ -388,15 +391,15 @@ class EventApi:
             log.info("web: api: a wrong token from {client}", client=client)
             if self._failure_delay > 0:
                 await deferLater(self._clock, self._failure_delay, lambda: None)
-            _set_header(request, b"WWW-Authenticate", _INVALID_TOKEN)
-            return _text(request, 401, "The token is not valid.")
+            set_header(request, b"WWW-Authenticate", _INVALID_TOKEN)
+            return plain_text(request, 401, "The token is not valid.")
         try:
             query = parse_query(request.args, self._clock.seconds())
         except BadQuery as error:
-            return _text(request, 400, str(error))
+            return plain_text(request, 400, str(error))
         if self.running.get(name, 0) >= self._max_exports:
-            _set_header(request, b"Retry-After", b"10")
-            return _text(
+            set_header(request, b"Retry-After", b"10")
+            return plain_text(
                 request, 429, f"{self._max_exports} exports with this token are running already."
             )
         self.running[name] = self.running.get(name, 0) + 1
@@ -422,7 +425,7 @@ class EventApi:
             (b"X-Content-Type-Options", b"nosniff"),
             (b"X-SmartRelay-Cursor", encode_cursor(resume).encode("ascii")),
         ):
-            _set_header(request, header, value)
+            set_header(request, header, value)
         flow = _Flow(self._clock, self._idle_timeout, lambda: self._cut(request, name))
         request.notifyFinish().addBoth(lambda _: flow.stopProducing())  # type: ignore[attr-defined]
         request.registerProducer(flow, True)  # type: ignore[attr-defined]
@@ -467,16 +470,3 @@ def _abort(request: IRequest) -> None:
     transport: ITCPTransport | None = getattr(channel, "transport", None)
     if transport is not None:
         transport.abortConnection()
-
-
-def _set_header(request: IRequest, name: bytes, value: bytes) -> None:
-    request.responseHeaders.setRawHeaders(name, [value])
-
-
-def _text(request: IRequest, code: int, line: str) -> bytes:
-    """A short plain-text answer."""
-    request.setResponseCode(code)  # type: ignore[no-untyped-call]
-    _set_header(request, b"Content-Type", b"text/plain; charset=utf-8")
-    _set_header(request, b"Cache-Control", b"no-store")
-    _set_header(request, b"X-Content-Type-Options", b"nosniff")
-    return (line + "\n").encode("utf-8")

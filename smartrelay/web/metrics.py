@@ -26,6 +26,7 @@ from smartrelay.config.model import IPNetwork
 from smartrelay.metrics import RelayMetrics
 from smartrelay.storage.pool import DatabaseUnavailable
 from smartrelay.storage.store import Store
+from smartrelay.web.service import plain_text, set_header
 from smartrelay.web.ui.context import client_address
 
 __all__ = ["GAUGES_TTL", "MetricsEndpoint"]
@@ -75,25 +76,25 @@ class MetricsEndpoint:
             return await self._serve(request)
         except Exception:
             log.failure("web: /metrics failed")
-            return _text(request, 500, "Internal error.\n")
+            return plain_text(request, 500, "Internal error.\n")
 
     async def _serve(self, request: IRequest) -> bytes:
         if not self._by_network(request):
             token = _bearer(request)
             if token is None:
-                return _text(request, 403, "Forbidden: not from [api] metrics_networks.\n")
+                return plain_text(request, 403, "Forbidden: not from [api] metrics_networks.\n")
             try:
                 store = await self._store_ready()
                 name = await store.api_token_name(token)
             except DatabaseUnavailable:
-                return _text(request, 503, "Database unavailable.\n")
+                return plain_text(request, 503, "Database unavailable.\n")
             if name is None:
-                return _text(request, 403, "Forbidden: unknown API token.\n")
+                return plain_text(request, 403, "Forbidden: unknown API token.\n")
         if not await self._gauges_read():
-            return _text(request, 503, "Database unavailable.\n")
+            return plain_text(request, 503, "Database unavailable.\n")
         body = generate_latest(self._metrics.registry)
-        _set_header(request, b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
-        _set_header(request, b"Cache-Control", b"no-store")
+        set_header(request, b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+        set_header(request, b"Cache-Control", b"no-store")
         return body
 
     def _by_network(self, request: IRequest) -> bool:
@@ -149,14 +150,3 @@ def _in(address: str, networks: Sequence[IPNetwork]) -> bool:
     if ip.version == 6 and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return any(ip in network for network in networks)
-
-
-def _set_header(request: IRequest, name: bytes, value: bytes) -> None:
-    request.responseHeaders.setRawHeaders(name, [value])
-
-
-def _text(request: IRequest, code: int, text: str) -> bytes:
-    request.setResponseCode(code)  # type: ignore[no-untyped-call]
-    _set_header(request, b"Content-Type", b"text/plain; charset=utf-8")
-    _set_header(request, b"Cache-Control", b"no-store")
-    return text.encode("utf-8")

@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web.http import Request
+from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from twisted.web.server import Request as ServerRequest
 from twisted.web.server import Site
@@ -210,3 +211,18 @@ def web_service(
     string ``listen``; ``on_fatal`` gets one line if it cannot listen."""
     site = web_site(resource, reactor, idle_timeout)
     return web_listener(reactor, listen, site, on_fatal, max_connections=max_connections)
+
+
+def set_header(request: IRequest, name: bytes, value: bytes) -> None:
+    """Set (replace) one response header."""
+    request.responseHeaders.setRawHeaders(name, [value])
+
+
+def plain_text(request: IRequest, code: int, line: str) -> bytes:
+    """A short plain-text answer of the machine endpoints (``/api/``, ``/metrics``): one line,
+    never cached, never sniffed as anything else."""
+    request.setResponseCode(code)  # type: ignore[no-untyped-call]
+    set_header(request, b"Content-Type", b"text/plain; charset=utf-8")
+    set_header(request, b"Cache-Control", b"no-store")
+    set_header(request, b"X-Content-Type-Options", b"nosniff")
+    return (line.rstrip("\n") + "\n").encode("utf-8")
