@@ -155,6 +155,13 @@ async def test_retries_until_acknowledged_every_event_in_order(
         await wait_for(
             reactor, lambda: len(receiver.acknowledged()) >= 45, "every event acknowledged"
         )
+        # The receiver has answered the last POST; the sender records it a moment later (a
+        # stop before that would send the last batch again at the next start: at least once).
+        await wait_for_async(
+            reactor,
+            lambda: _row_if(live, receiver.url, sent_events=45),
+            "the last acknowledgement recorded",
+        )
     finally:
         await service.stopService()
     assert receiver.acknowledged() == expected  # each once at least, in position order
