@@ -15,15 +15,13 @@ from typing import cast
 
 from smartrelay.metrics import DatabaseFigures, DestinationFigures, WebhookFigures
 from smartrelay.storage.base import StoreBase, marks
-from smartrelay.storage.event_positions import EventPosition, EventPositionStore
 from smartrelay.storage.interfaces import ICursor
+from smartrelay.storage.webhook_admin import WebhookAdminStore
 
-__all__ = ["BACKLOG_CAP", "TOP_DESTINATIONS", "MetricsStore"]
+__all__ = ["TOP_DESTINATIONS", "MetricsStore"]
 
 #: Destinations with a gauge of their own; the rest are summed as ``other``.
 TOP_DESTINATIONS = 50
-#: A webhook backlog is counted up to this many events (cheap however far behind it is).
-BACKLOG_CAP = 100_000
 
 
 class MetricsStore(StoreBase):
@@ -36,12 +34,7 @@ class MetricsStore(StoreBase):
 
         async def txn(
             cursor: ICursor,
-        ) -> tuple[
-            tuple[DestinationFigures, ...],
-            tuple[tuple[str, int], ...],
-            int,
-            list[tuple[str, bool, int, int, int, EventPosition]],
-        ]:
+        ) -> tuple[tuple[DestinationFigures, ...], tuple[tuple[str, int], ...], int]:
             queue = await _queue(cursor, now_ms)
             await cursor.execute(
                 "SELECT state, COUNT(*) FROM feedback_reports GROUP BY state ORDER BY state"
@@ -50,46 +43,28 @@ class MetricsStore(StoreBase):
             await cursor.execute("SELECT COUNT(*) FROM credential_volume WHERE held_at IS NOT NULL")
             row = cursor.fetchone()
             held = int(row[0]) if row else 0
-            await cursor.execute("SELECT url, COUNT(*) FROM webhook_dead_letters GROUP BY url")
-            dead = {str(r[0]): int(r[1]) for r in cursor.fetchall()}
-            await cursor.execute(
-                "SELECT url, state, failures, sent_events, position_txid, position_id"
-                " FROM webhook_endpoints ORDER BY url"
-            )
-            endpoints = [
-                (
-                    str(r[0]),
-                    str(r[1]) == "disabled",
-                    int(r[2]),
-                    int(r[3]),
-                    dead.get(str(r[0]), 0),
-                    EventPosition(int(r[4]), int(r[5])),
-                )
-                for r in cursor.fetchall()
-            ]
-            return queue, reports, held, endpoints
+            return queue, reports, held
 
-        queue, reports, held, endpoints = await self.run("metrics_figures", txn, readonly=True)
-        # Store mixes both in (EventPositionStore before this one, as its MRO needs).
-        positions = cast(EventPositionStore, self)
-        types = dict(webhooks)
-        figures: list[WebhookFigures] = []
-        head: EventPosition | None = None
-        for url, disabled, failures, sent, dead_letters, position in endpoints:
-            backlog: int | None = None
-            if url in types:
-                if head is None:
-                    head = await positions.event_head()
-                backlog = await positions.count_events_between(
-                    position, head, tuple(types[url]), cap=BACKLOG_CAP
-                )
-            figures.append(WebhookFigures(url, disabled, failures, sent, dead_letters, backlog))
+        queue, reports, held = await self.run("metrics_figures", txn, readonly=True)
+        # The endpoints as the operator sees them (Store mixes WebhookAdminStore in too).
+        statuses = await cast(WebhookAdminStore, self).webhook_endpoints_status(dict(webhooks))
         return DatabaseFigures(
             read_at=now_ms / 1000,
             queue=queue,
             feedback_reports=reports,
             credentials_held=held,
-            webhooks=tuple(figures),
+            webhooks=tuple(
+                WebhookFigures(
+                    s.url,
+                    s.state == "disabled",
+                    s.failures,
+                    s.sent_events,
+                    s.dead_letters,
+                    s.backlog,
+                )
+                for s in statuses
+                if s.position is not None  # a configured url no relay has a row for yet
+            ),
         )
 
 
