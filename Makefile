@@ -22,7 +22,7 @@ else
 RUN_WITH := $(RUN_CONFIG)
 endif
 
-.PHONY: run run-config check lint typecheck test venv clean bench bench-queue
+.PHONY: run run-config check lint typecheck test venv clean bench bench-queue deb deb-check
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -31,14 +31,15 @@ $(BIN)/python:
 	  { echo "error: could not create $(VENV); on Debian run: apt-get install python3-venv" >&2; exit 1; }
 	$(PIP_INSTALL) --upgrade pip setuptools wheel
 
-$(VENV)/.run-installed: $(BIN)/python setup.cfg pyproject.toml
-	$(PIP_INSTALL) -e .
+# requirements.txt pins what the Debian package ships; the venv gets the same versions.
+$(VENV)/.run-installed: $(BIN)/python setup.cfg pyproject.toml requirements.txt
+	$(PIP_INSTALL) -c requirements.txt -e .
 	$(BIN)/python -c 'import os, site; open(os.path.join(site.getsitepackages()[0], \
 	  "smartrelay-checkout.pth"), "w").write(os.getcwd() + "\n")'
 	@touch $@
 
 $(VENV)/.test-installed: $(VENV)/.run-installed
-	$(PIP_INSTALL) -e '.[test]'
+	$(PIP_INSTALL) -c requirements.txt -e '.[test]'
 	@touch $@
 
 venv: $(VENV)/.run-installed
@@ -88,5 +89,27 @@ bench: $(VENV)/.run-installed
 bench-queue: $(VENV)/.run-installed
 	$(BIN)/python bench/relay.py --systems none --queue-run $(BENCH_ARGS)
 
+# The Debian package (docs/install.md): dist/smartrelay_VERSION_ARCH.deb, built with
+# dpkg-buildpackage from a copy of this checkout's files (tracked and new ones, not ignored
+# ones, so `var/` and `.venv/` stay out), then checked by lintian. Build dependencies:
+# apt-get install dh-virtualenv build-essential debhelper devscripts python3-venv lintian
+DEB_BUILD := build/deb
+deb:
+	@command -v dpkg-buildpackage >/dev/null && dpkg -s dh-virtualenv >/dev/null 2>&1 || \
+	  { echo "error: to build the package: apt-get install dh-virtualenv build-essential" \
+	    "debhelper devscripts python3-venv lintian" >&2; exit 1; }
+	rm -rf $(DEB_BUILD) && mkdir -p $(DEB_BUILD)/smartrelay dist
+	git ls-files -z --cached --others --exclude-standard | \
+	  tar --null -T - --ignore-failed-read -cf - | tar -xf - -C $(DEB_BUILD)/smartrelay
+	cd $(DEB_BUILD)/smartrelay && dpkg-buildpackage -us -uc -b
+	rm -f dist/smartrelay_*.deb && cp $(DEB_BUILD)/smartrelay_*.deb dist/
+	lintian --fail-on error dist/smartrelay_*.deb
+	@ls -l dist/smartrelay_*.deb
+
+# Installs dist/smartrelay_*.deb on THIS machine (as root), runs the service's exact command
+# line, sends mail through it, then purges the package (.ci/run does this after `make check`).
+deb-check: $(VENV)/.test-installed
+	SMARTRELAY_DEB=$$(ls dist/smartrelay_*.deb) $(BIN)/pytest -p no:xdist tests/deb
+
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

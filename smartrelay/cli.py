@@ -3,7 +3,8 @@
 Every command loads the config, opens the database (bringing its schema up to date, as the
 server does at start), does one job and exits; a few need no database (``dkim keygen``,
 ``secret rotate``) and ``classify`` not even a config file. Problems are one line on stderr
-and exit 1.
+and exit 1. Run as root, a command that reads the config acts as the owner of ``data_dir``
+(the ``smartrelay`` user of the Debian package; smartrelay/privileges.py).
 Standard output closed early (``smartrelay-ctl events export | head -1``) is not a problem:
 the command stops quietly with exit status 141 (128 + SIGPIPE), as ``cat`` or ``grep`` would
 in a shell.
@@ -46,6 +47,7 @@ from smartrelay.feedback.processor import (
     configured_classifier,
 )
 from smartrelay.passwords import generate_password, hash_password
+from smartrelay.privileges import act_as_data_dir_owner
 from smartrelay.reactor import IRelayReactor, as_relay_reactor
 from smartrelay.retention.purge import Purger
 from smartrelay.retention.rollup import ROLLUP_BATCH, ROLLUP_LAG
@@ -1017,6 +1019,10 @@ def _main(argv: Sequence[str] | None) -> None:
         config = load_config(args.config or default_config_path())
     except ConfigError as error:
         fail(str(error))
+    try:
+        act_as_data_dir_owner(config.server.data_dir)
+    except OSError as error:
+        fail(f"cannot switch to the owner of {config.server.data_dir}: {error.strerror or error}")
     offline = getattr(args, "run_offline", None)
     if offline is not None:  # commands that need no database
         offline(args, config)

@@ -108,8 +108,11 @@ INSTALLED_CONFIG = "/etc/smartrelay/smartrelay.toml"
 
 
 def default_config_path() -> str:
-    """``etc/smartrelay.toml`` when run from a checkout, else the installed location."""
-    return CHECKOUT_CONFIG if os.path.exists(CHECKOUT_CONFIG) else INSTALLED_CONFIG
+    """``etc/smartrelay.toml`` when run from a checkout (the working directory holds it and
+    ``setup.cfg``: from ``/``, ``etc/smartrelay.toml`` would be a stray ``/etc`` file), else
+    the installed location."""
+    in_checkout = os.path.isfile(CHECKOUT_CONFIG) and os.path.isfile("setup.cfg")
+    return CHECKOUT_CONFIG if in_checkout else INSTALLED_CONFIG
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
