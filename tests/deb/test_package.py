@@ -254,6 +254,12 @@ def test_the_service_command_line_relays_mail_as_smartrelay(sink: PostfixSink) -
     [web_port] = free_ports(1)
     configure_for_loopback(sink.port, web_port)
     password = Path("/run/smartrelay-deb-test.password").read_text()
+    for port in (25, 587):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError as error:
+                raise AssertionError(f"port {port} is taken on this machine: {error}") from None
     process = start_service()
     output = ""
     try:
