@@ -92,12 +92,12 @@ bench-queue: $(VENV)/.run-installed
 # The Debian package (docs/install.md): dist/smartrelay_VERSION_ARCH.deb, built with
 # dpkg-buildpackage from a copy of this checkout's files (tracked and new ones, not ignored
 # ones, so `var/` and `.venv/` stay out), then checked by lintian. Build dependencies:
-# apt-get install dh-virtualenv build-essential debhelper devscripts python3-venv lintian
+# apt-get install dh-virtualenv build-essential debhelper devscripts help2man python3-venv lintian
 DEB_BUILD := build/deb
 deb:
 	@command -v dpkg-buildpackage >/dev/null && dpkg -s dh-virtualenv >/dev/null 2>&1 || \
 	  { echo "error: to build the package: apt-get install dh-virtualenv build-essential" \
-	    "debhelper devscripts python3-venv lintian" >&2; exit 1; }
+	    "debhelper devscripts help2man python3-venv lintian" >&2; exit 1; }
 	rm -rf $(DEB_BUILD) && mkdir -p $(DEB_BUILD)/smartrelay dist
 	git ls-files -z --cached --others --exclude-standard | \
 	  tar --null -T - --ignore-failed-read -cf - | tar -xf - -C $(DEB_BUILD)/smartrelay

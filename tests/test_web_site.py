@@ -14,6 +14,7 @@ import markupsafe
 import pytest
 import pytest_twisted
 import treq
+from setuptools import find_namespace_packages  # type: ignore[import-untyped]
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -176,23 +177,28 @@ def setup_list(value: str) -> list[str]:
 
 
 def test_every_package_and_data_file_is_in_setup_cfg() -> None:
-    """Each folder of smartrelay/ with Python modules is a listed package, and every
-    non-Python file in it (templates, SQL) matches its package_data."""
+    """Each folder of smartrelay/ is a package setuptools finds (``find_namespace:`` with
+    setup.cfg's include patterns), and every non-Python file in it (templates, SQL) matches the
+    package_data of its package or of a package above it."""
     setup = configparser.ConfigParser()
     setup.read(REPO / "setup.cfg")
-    packages = set(setup_list(setup["options"]["packages"]))
+    assert setup["options"]["packages"].strip() == "find_namespace:"
+    include = setup_list(setup["options.packages.find"]["include"])
+    packages = set(find_namespace_packages(where=str(REPO), include=include))
+    assert "twisted.plugins" in packages and "twisted" not in packages
     data = {name: setup_list(value) for name, value in setup["options.package_data"].items()}
     root = REPO / "smartrelay"
-    for init in root.rglob("__init__.py"):
-        package = ".".join(init.parent.relative_to(REPO).parts)
-        assert package in packages, f"{package} is not in setup.cfg packages"
+    for folder in [root, *root.rglob("*")]:
+        if folder.is_dir() and folder.name != "__pycache__":
+            package = ".".join(folder.relative_to(REPO).parts)
+            assert package in packages, f"{package} is not found as a package"
     for file in root.rglob("*"):
         if not file.is_file() or file.suffix in (".py", ".pyc") or "__pycache__" in file.parts:
             continue
-        owner = file.parent
-        while not (owner / "__init__.py").exists():
-            owner = owner.parent
-        package = ".".join(owner.relative_to(REPO).parts)
-        relative = file.relative_to(owner).as_posix()
-        patterns = data.get(package, [])
-        assert any(fnmatch(relative, p) for p in patterns), f"{file} is not package data"
+        owners = [file.parent, *file.parent.parents]
+        assert any(
+            fnmatch(file.relative_to(owner).as_posix(), pattern)
+            for owner in owners
+            if owner.is_relative_to(root)
+            for pattern in data.get(".".join(owner.relative_to(REPO).parts), [])
+        ), f"{file} is not package data"
