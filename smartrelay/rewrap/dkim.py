@@ -216,12 +216,20 @@ class DkimSigner:
     """
 
     def __init__(self, keys: Sequence[DkimKey], now: Callable[[], float] = time.time) -> None:
-        self.keys: tuple[LoadedKey, ...] = tuple(load_key(spec) for spec in keys)
         self._now = now
+        self.keys: tuple[LoadedKey, ...] = ()
+        self._by_domain: dict[str, tuple[LoadedKey, ...]] = {}
+        self.reload(keys)
+
+    def reload(self, keys: Sequence[DkimKey]) -> None:
+        """Read ``keys`` (their files again, even when the entries did not change) and sign
+        with them from now on. Raises :class:`DkimError` and keeps the current keys when one
+        cannot be used. A signature being made keeps the keys it started with."""
+        loaded = tuple(load_key(spec) for spec in keys)
         by_domain: dict[str, list[LoadedKey]] = {}
-        for key in self.keys:
+        for key in loaded:
             by_domain.setdefault(key.domain, []).append(key)
-        self._by_domain = {domain: tuple(keys) for domain, keys in by_domain.items()}
+        self.keys, self._by_domain = loaded, {d: tuple(k) for d, k in by_domain.items()}
 
     def keys_for(self, from_domain: str) -> tuple[LoadedKey, ...]:
         """The keys of ``from_domain``, else of its closest parent domain that has any."""
