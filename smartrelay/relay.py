@@ -33,6 +33,7 @@ from twisted.web.resource import Resource
 from smartrelay import __version__
 from smartrelay.config import Config, ConfigError, load_config
 from smartrelay.config.changes import config_changes
+from smartrelay.deliverability import DeliverabilitySettings
 from smartrelay.delivery.client import SmtpConnector
 from smartrelay.delivery.manager import (
     DEFAULT_TUNABLES,
@@ -81,6 +82,8 @@ from smartrelay.web.service import web_listener, web_site
 from smartrelay.web.site import WebRoot
 from smartrelay.web.tracking import Tracking
 from smartrelay.web.ui import build_reports_ui
+from smartrelay.web.ui.app import ReportsUI
+from smartrelay.web.ui.deliverability import Deliverability
 from smartrelay.webhooks.dispatcher import WebhookService
 
 __all__ = [
@@ -147,6 +150,8 @@ class RelayService(MultiService):
         #: The token codec, once :meth:`startService` has read (or created) the secret file.
         self.codec: TokenCodec | None = None
         self._spool: Spool | None = None
+        #: The reports UI, once :meth:`startService` has built it (main process).
+        self.reports: ReportsUI | None = None
         self._site = web_site(Resource(), reactor, config.web.idle_timeout)  # type: ignore[no-untyped-call]
         serving = role == "all"
         #: The per-credential volume watch (docs/smtp.md, "Volume alerts"): main process,
@@ -410,7 +415,7 @@ class RelayService(MultiService):
                 config.suppression,
                 metrics=self.metrics,
             )
-            reports = build_reports_ui(
+            reports = self.reports = build_reports_ui(
                 self.storage.when_ready,
                 self._reactor,
                 config,
@@ -481,6 +486,9 @@ class RelayService(MultiService):
         else:
             running = evolve(running, dkim_keys=new.dkim_keys)
             reloaded.append(f"{len(new.dkim_keys)} DKIM key(s)")
+            page = None if self.reports is None else self.reports.sections.get("deliverability")
+            if isinstance(page, Deliverability):  # the records it tells the admin to publish
+                page.settings = DeliverabilitySettings.of(running, self._signer.keys)
         self.config = running
         if self.role == "all":
             changed = config_changes(running, new)

@@ -15,19 +15,22 @@ import os
 import shutil
 import signal
 import smtplib
+import socket
 import ssl
 import time
 from pathlib import Path
 
 import pytest
+import pytest_twisted
 
-from smartrelay.config import Config, DatabaseConfig, DkimKey, SmtpConfig, WebConfig
+from smartrelay.config import Config, DatabaseConfig, DkimKey, SmtpConfig, WebConfig, load_config
 from smartrelay.config.changes import config_changes
 from smartrelay.rewrap.dkim import DkimError, DkimSigner, generate_key, txt_record_name
 from smartrelay.smtp.tls import ReloadableTls, TlsError, TlsMaterial, ensure_certificate
-from tests.conftest import PerlVerify
+from smartrelay.web.ui.deliverability import Deliverability
+from tests.conftest import PerlVerify, real_reactor
 from tests.support.postfix import PostfixSink
-from tests.support.relay import HOST, free_ports
+from tests.support.relay import HOST, free_ports, start_in_process
 from tests.support.run import Twistd, write_config
 from tests.support.traffic import wait_until
 
@@ -71,6 +74,18 @@ def peer_certificate(client: smtplib.SMTP) -> bytes:
     return der
 
 
+def implicit_certificate(port: int) -> bytes:
+    """The certificate a new connection to the implicit-TLS (``ssl:``) ``port`` gets (DER)."""
+    with (
+        socket.create_connection((HOST, port), timeout=30) as raw,
+        unverified().wrap_socket(raw) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+        assert tls.recv(3) == b"220"
+    assert der is not None
+    return der
+
+
 def served_certificate(port: int) -> bytes:
     """The certificate a new STARTTLS session on ``port`` gets (DER)."""
     client = starttls(port)
@@ -96,8 +111,18 @@ def reload(relay: Twistd, expected: str, count: int) -> None:
     assert relay.process.poll() is None, relay.output
 
 
-def relay_config(directory: Path, smtp_port: int, inbound_port: int, extra: str = "") -> Path:
+def relay_config(
+    directory: Path, smtp_port: int, inbound_port: int, extra: str = "", implicit_port: int = 0
+) -> Path:
+    """``implicit_port``: an inbound ``ssl:`` listener too, with files of its own
+    (``implicit.crt``, ``implicit.key``)."""
     var = directory / "var"
+    inbound = [f"tcp:{inbound_port}:interface={HOST}"]
+    if implicit_port:
+        inbound.append(
+            f"ssl:{implicit_port}:interface={HOST}:privateKey={directory / 'implicit.key'}"
+            f":certKey={directory / 'implicit.crt'}"
+        )
     return write_config(
         directory,
         f"sqlite:{directory / 'smartrelay.db'}",
@@ -105,7 +130,7 @@ def relay_config(directory: Path, smtp_port: int, inbound_port: int, extra: str 
         f'[smtp]\nlisten = ["tcp:{smtp_port}:interface={HOST}"]\n'
         f"tls_certificate = {json.dumps(str(directory / 'smtp.crt'))}\n"
         f"tls_key = {json.dumps(str(directory / 'smtp.key'))}\n"
-        f'[inbound]\nlisten = ["tcp:{inbound_port}:interface={HOST}"]\n'
+        f"[inbound]\nlisten = {json.dumps(inbound)}\n"
         f"[rewrap]\nsecret_file = {json.dumps(str(var / 'secret.key'))}\n"
         f'[web]\nlisten = "tcp:0:interface={HOST}"\n{extra}',
     )
@@ -132,25 +157,35 @@ def send(port: int, sender: str = "app@example.com", to: str = "fan@example.net"
 def test_sighup_serves_a_certificate_renewed_in_place_to_new_sessions(tmp_path: Path) -> None:
     first_cert, first_key = certificate_pair(tmp_path / "first", "relay.test")
     second_cert, second_key = certificate_pair(tmp_path / "second", "relay.test")
+    own_cert, own_key = certificate_pair(tmp_path / "own", "relay.test")
+    own_renewed_cert, own_renewed_key = certificate_pair(tmp_path / "own2", "relay.test")
     (tmp_path / "smtp.crt").write_bytes(first_cert)
     (tmp_path / "smtp.key").write_bytes(first_key)
-    smtp_port, inbound_port = free_ports(2)
-    relay = Twistd(relay_config(tmp_path, smtp_port, inbound_port), tmp_path)
+    (tmp_path / "implicit.crt").write_bytes(own_cert)
+    (tmp_path / "implicit.key").write_bytes(own_key)
+    smtp_port, inbound_port, implicit_port = free_ports(3)
+    config = relay_config(tmp_path, smtp_port, inbound_port, implicit_port=implicit_port)
+    relay = Twistd(config, tmp_path)
     try:
         relay.wait_for("smtp: listening on")
-        relay.wait_for("inbound: listening on")
+        relay.wait_for(f"inbound: listening on ssl:{implicit_port}")
         pid = relay.process.pid
         assert served_certificate(smtp_port) == der_of(first_cert)
+        assert implicit_certificate(implicit_port) == der_of(own_cert)
         kept = starttls(smtp_port)
         try:
             # Renewed in place (same paths), as certbot does; then systemctl reload.
             (tmp_path / "smtp.key").write_bytes(second_key)
             (tmp_path / "smtp.crt").write_bytes(second_cert)
+            (tmp_path / "implicit.key").write_bytes(own_renewed_key)
+            (tmp_path / "implicit.crt").write_bytes(own_renewed_cert)
             reload(relay, "reloaded ", 1)
             line = relay.wait_for("reloaded ")
             assert f"TLS certificate {tmp_path / 'smtp.crt'}" in line
+            assert f"TLS certificate {tmp_path / 'implicit.crt'}" in line
             assert served_certificate(smtp_port) == der_of(second_cert)
             assert served_certificate(inbound_port) == der_of(second_cert)
+            assert implicit_certificate(implicit_port) == der_of(own_renewed_cert)
             # The session opened before the reload goes on with its own certificate.
             assert kept.noop()[0] == 250
             assert peer_certificate(kept) == der_of(first_cert)
@@ -364,3 +399,41 @@ def test_dkim_signer_reload_all_or_nothing(tmp_path: Path) -> None:
     signer.reload([DkimKey("example.org", "two", two, "ed25519-sha256")])
     assert signer.keys_for("example.com") == ()
     assert [k.selector for k in signer.keys_for("example.org")] == ["two"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_updates_the_deliverability_page_keys(tmp_path: Path) -> None:
+    """A new selector after a reload is what the deliverability page tells the admin to
+    publish (and signs); the relay runs in-process, reloaded as SIGHUP would."""
+    first, _ = generate_key("example.com", "s1", "ed25519", str(tmp_path / "keys"))
+    second, _ = generate_key("example.com", "s2", "ed25519", str(tmp_path / "keys"))
+    path = tmp_path / "smartrelay.toml"
+
+    def dkim(selector: str, key: str) -> str:
+        return (
+            "[[dkim.keys]]\n"
+            f'domain = "example.com"\nselector = "{selector}"\nprivate_key = {json.dumps(key)}\n'
+            'algorithm = "ed25519-sha256"\n'
+        )
+
+    def make_config(smtp_port: int, inbound_port: int) -> Config:
+        relay_config(tmp_path, smtp_port, inbound_port, dkim("s1", first))
+        return load_config(path)
+
+    cert, key = certificate_pair(tmp_path / "tls", "relay.test")
+    (tmp_path / "smtp.crt").write_bytes(cert)
+    (tmp_path / "smtp.key").write_bytes(key)
+    relay = await start_in_process(real_reactor(), make_config)
+    try:
+        reports = relay.service.reports
+        assert reports is not None
+        page = reports.sections["deliverability"]
+        assert isinstance(page, Deliverability)
+        assert [k.selector for k in page.settings.keys] == ["s1"]
+        text = path.read_text()
+        path.write_text(text.replace(dkim("s1", first), dkim("s2", second)))
+        relay.service.reload()
+        assert [k.selector for k in page.settings.keys] == ["s2"]
+        assert relay.service.config.dkim_keys == load_config(path).dkim_keys
+    finally:
+        await relay.stop()
