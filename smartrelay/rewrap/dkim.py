@@ -1,9 +1,10 @@
 """DKIM signing of outgoing messages (RFC 6376; ``ed25519-sha256`` per RFC 8463).
 
-The keys of the ``[[dkim.keys]]`` config entries (SPEC section 2) are loaded once, at start-up,
-by :class:`DkimSigner`; :meth:`DkimSigner.sign` then prepends a ``DKIM-Signature`` to a message
-whose From domain is a key's domain or one of its subdomains (the closest configured parent
-domain wins). Canonicalisation is relaxed/relaxed, ``t=`` is set, ``x=`` and ``l=`` are not.
+The keys of the ``[[dkim.keys]]`` config entries (SPEC section 2) are loaded at start-up, and
+again on a reload (:meth:`DkimSigner.reload`), by :class:`DkimSigner`; :meth:`DkimSigner.sign`
+then prepends a ``DKIM-Signature`` to a message whose From domain is a key's domain or one of
+its subdomains (the closest configured parent domain wins). Canonicalisation is
+relaxed/relaxed, ``t=`` is set, ``x=`` and ``l=`` are not.
 
 The header field is built exactly as dkimpy's own ``DKIM.sign()`` builds it (with its parser
 and folding), but the signing primitive is the ``cryptography`` library's: dkimpy's RSA is

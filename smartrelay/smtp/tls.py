@@ -1,4 +1,5 @@
-"""TLS for the SMTP listeners: the certificate, and the server context built from it once.
+"""TLS for the SMTP listeners: the certificate, and the server context built from it once (and
+again on a reload: :class:`ReloadableTls`).
 
 ``[smtp] tls_certificate`` / ``tls_key`` name PEM files. When both are empty a self-signed
 certificate is used: ``{data_dir}/tls/selfsigned.crt`` and ``selfsigned.key``, generated on
