@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import IO
@@ -95,6 +96,9 @@ def format_line(event: LogEvent) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    # A reload signal (SIGHUP) may come while this process starts: ignored until
+    # handle_stop_signals below makes it a reload, rather than killing the process.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     parser = argparse.ArgumentParser(prog="smartrelay delivery process")
     parser.add_argument("--config", required=True)
     parser.add_argument("--index", type=int, required=True)
