@@ -590,23 +590,32 @@ def handle_stop_signals(
     """
     stopping: list[str] = []
 
+    def stop(name: str) -> None:
+        log.info("Received {signal}, shutting down.", signal=name)
+        stop_reactor(reactor)
+
     def received(signum: int, frame: FrameType | None) -> None:
+        # The handlers only wake the reactor up: a log line written from a handler could
+        # interrupt one being written (a reentrant write on standard output, after which
+        # Twisted drops the observer: the process would log nothing more).
         name = signal.Signals(signum).name
         if stopping:
-            log.info("Received {signal} while shutting down.", signal=name)
+            reactor.callFromThread(log.info, "Received {signal} while shutting down.", signal=name)
             return
         stopping.append(name)
-        log.info("Received {signal}, shutting down.", signal=name)
-        reactor.callFromThread(stop_reactor, reactor)
+        reactor.callFromThread(stop, name)
 
-    def hangup(signum: int, frame: FrameType | None) -> None:
-        if callable(previous):
-            previous(signum, frame)
+    def reload() -> None:
         if stopping:
             return
         log.info("Received SIGHUP, reloading.")
         if on_reload is not None:
-            reactor.callFromThread(on_reload)
+            on_reload()
+
+    def hangup(signum: int, frame: FrameType | None) -> None:
+        if callable(previous):
+            previous(signum, frame)
+        reactor.callFromThread(reload)
 
     def install() -> None:
         signal.signal(signal.SIGINT, received)
