@@ -3,8 +3,8 @@
 Started by the main process when ``[delivery] processes`` is set (see
 :mod:`smartrelay.delivery.processes`), never by hand. It runs the storage and one delivery
 manager (node id: the main node id plus ``-dN``), logs one line per event on standard output
-(``LEVEL text``), wakes up when a byte arrives on standard input and stops, as on SIGTERM,
-when standard input is closed.
+(``LEVEL text``), wakes up when a byte arrives on standard input, re-reads its DKIM keys on
+SIGHUP, and stops, as on SIGTERM, when standard input is closed.
 
 Like the twistd plugin (``tap.py``), an entry point (a composition root): it sits at the top of the
 package, so that no module under it imports upwards.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import IO
@@ -95,6 +96,9 @@ def format_line(event: LogEvent) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    # A reload signal (SIGHUP) may come while this process starts: ignored until
+    # handle_stop_signals below makes it a reload, rather than killing the process.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     parser = argparse.ArgumentParser(prog="smartrelay delivery process")
     parser.add_argument("--config", required=True)
     parser.add_argument("--index", type=int, required=True)
@@ -126,8 +130,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         stop_reactor(relay_reactor)
 
     # Ctrl-C in a terminal reaches this process as well as its parent, which then sends
-    # SIGTERM: a second signal must not try to stop the reactor again.
-    handle_stop_signals(relay_reactor)
+    # SIGTERM: a second signal must not try to stop the reactor again. SIGHUP (from the
+    # parent's reload, or a terminal's hangup) re-reads the DKIM keys and never stops it.
+    handle_stop_signals(relay_reactor, on_reload=relay.reload)
     relay_reactor.addReader(WakePipe(0, wake, parent_gone))
     reporter = MetricsReporter(relay.metrics, sys.stdout)
     sending = LoopingCall(reporter.send)

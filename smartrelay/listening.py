@@ -64,7 +64,10 @@ class ListeningService(Service):
         self.description = description
         self.shown = shown if shown is not None else description
         self.factory = factory
-        self.name = name
+        #: What the log lines and errors call it ("smtp"); the service's name (unique in
+        #: the relay's MultiService) adds the endpoint: a listener may have several.
+        self.label = name
+        self.name = f"{name} {self.shown}"
         self._on_fatal = on_fatal
         self._on_stop = on_stop
         self._waiting: Deferred[IListeningPort] | None = None
@@ -111,14 +114,14 @@ class ListeningService(Service):
             port.stopListening()
             return
         self._port = port
-        log.info("{name}: listening on {where}", name=self.name, where=self.shown)
+        log.info("{name}: listening on {where}", name=self.label, where=self.shown)
 
     def _failed(self, failure: Failure) -> None:
         if not failure.check(CancelledError):
             self._on_fatal(self._reason(failure.getErrorMessage()))
 
     def _reason(self, error: str) -> str:
-        return f"{self.name}: cannot listen on {self.shown}: {' '.join(error.split())}"
+        return f"{self.label}: cannot listen on {self.shown}: {' '.join(error.split())}"
 
     def stopService(self) -> Deferred[None] | None:
         """Stop listening (or cancel an endpoint still starting); None if nothing listened."""

@@ -31,7 +31,9 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 
 from smartrelay import __version__
-from smartrelay.config import Config
+from smartrelay.config import Config, ConfigError, load_config
+from smartrelay.config.changes import config_changes
+from smartrelay.deliverability import DeliverabilitySettings
 from smartrelay.delivery.client import SmtpConnector
 from smartrelay.delivery.manager import (
     DEFAULT_TUNABLES,
@@ -62,11 +64,11 @@ from smartrelay.reactor import IRelayReactor
 from smartrelay.retention.purge import PurgeService
 from smartrelay.retention.rollup import RollupService
 from smartrelay.rewrap.chain import RewrapChain, RewrapSettings
-from smartrelay.rewrap.dkim import DkimSigner
+from smartrelay.rewrap.dkim import DkimError, DkimSigner
 from smartrelay.smtp.backends import InboundBackend, SubmissionBackend
 from smartrelay.smtp.listener import SmtpFactory, listener_services
 from smartrelay.smtp.session import ListenerSettings
-from smartrelay.smtp.tls import TlsError, ensure_certificate, server_context_factory
+from smartrelay.smtp.tls import ReloadableTls, TlsError, ensure_certificate
 from smartrelay.smtp.volume_watch import VolumeWatch, volume_settings
 from smartrelay.spool import Spool
 from smartrelay.storage.engines.sqlite import create_data_dir_for
@@ -80,6 +82,8 @@ from smartrelay.web.service import web_listener, web_site
 from smartrelay.web.site import WebRoot
 from smartrelay.web.tracking import Tracking
 from smartrelay.web.ui import build_reports_ui
+from smartrelay.web.ui.app import ReportsUI
+from smartrelay.web.ui.deliverability import Deliverability
 from smartrelay.webhooks.dispatcher import WebhookService
 
 __all__ = [
@@ -134,11 +138,20 @@ class RelayService(MultiService):
         self.storage.setServiceParent(self)  # type: ignore[no-untyped-call]
         self.submission: SmtpFactory | None = None
         self.inbound: SmtpFactory | None = None
+        #: The submission and inbound listeners' TLS (``[smtp] tls_certificate``, or the
+        #: self-signed pair), and that of each ``ssl:`` endpoint with its own files: what a
+        #: reload re-reads.
+        self._smtp_tls: ReloadableTls | None = None
+        self._implicit_tls: list[ReloadableTls] = []
+        #: The config file re-read by :meth:`reload` (twistd may change directory later).
+        self._config_path = os.path.abspath(config.path)
         #: Every listening service (SMTP, inbound, web), for :meth:`check_listeners`.
         self.listeners: list[ListeningService] = []
         #: The token codec, once :meth:`startService` has read (or created) the secret file.
         self.codec: TokenCodec | None = None
         self._spool: Spool | None = None
+        #: The reports UI, once :meth:`startService` has built it (main process).
+        self.reports: ReportsUI | None = None
         self._site = web_site(Resource(), reactor, config.web.idle_timeout)  # type: ignore[no-untyped-call]
         serving = role == "all"
         #: The per-credential volume watch (docs/smtp.md, "Volume alerts"): main process,
@@ -169,6 +182,8 @@ class RelayService(MultiService):
             reactor, min(SIGNING_THREADS, os.cpu_count() or 1), name="dkim-sign"
         )
         self.delivery: DeliveryManager | None = None
+        #: The delivery processes (``[delivery] processes`` >= 1, main process).
+        self.delivery_processes: DeliveryProcesses | None = None
         delivery_service: IService
         if role == "delivery" or config.delivery.processes == 0:
             self.delivery = delivery_service = DeliveryManager(
@@ -195,8 +210,8 @@ class RelayService(MultiService):
                 metrics=self.metrics,
             )
         else:
-            config_path = os.path.abspath(config.path)
-            delivery_service = DeliveryProcesses(
+            config_path = self._config_path
+            self.delivery_processes = delivery_service = DeliveryProcesses(
                 reactor,
                 config.delivery.processes,
                 lambda index: worker_command(config_path, index),
@@ -295,7 +310,7 @@ class RelayService(MultiService):
         if smtp.tls_certificate or smtp.tls_key:
             # The operator's files are read now (as root under twistd); a self-signed pair
             # is made (written) in startService instead.
-            tls = server_context_factory(
+            tls = self._smtp_tls = ReloadableTls(
                 ensure_certificate(
                     smtp.tls_certificate,
                     smtp.tls_key,
@@ -331,7 +346,9 @@ class RelayService(MultiService):
             name="smtp",
             metrics=self.metrics,
         )
-        self._add_listeners(listener_services(reactor, smtp.listen, self.submission, self.fatal))
+        self._add_listeners(
+            listener_services(reactor, smtp.listen, self.submission, self.fatal, self._implicit_tls)
+        )
         inbound = evolve(
             submission,
             require_tls=False,
@@ -350,7 +367,9 @@ class RelayService(MultiService):
             metrics=self.metrics,
         )
         self._add_listeners(
-            listener_services(reactor, config.inbound.listen, self.inbound, self.fatal)
+            listener_services(
+                reactor, config.inbound.listen, self.inbound, self.fatal, self._implicit_tls
+            )
         )
 
     def _add_listeners(self, services: list[ListeningService]) -> None:
@@ -385,7 +404,7 @@ class RelayService(MultiService):
                 "no TLS certificate configured: using a self-signed one, {path}",
                 path=material.certificate_path,
             )
-            tls = server_context_factory(material)
+            tls = self._smtp_tls = ReloadableTls(material)
             for factory in factories:
                 factory.tls = tls
         if self.web is not None:
@@ -396,7 +415,7 @@ class RelayService(MultiService):
                 config.suppression,
                 metrics=self.metrics,
             )
-            reports = build_reports_ui(
+            reports = self.reports = build_reports_ui(
                 self.storage.when_ready,
                 self._reactor,
                 config,
@@ -417,8 +436,74 @@ class RelayService(MultiService):
     def privilegedStartService(self) -> None:
         """twistd calls this, as root when started as root, before ``startService`` (an
         in-process relay in tests does not): the process's signals, and the listeners bind."""
-        handle_stop_signals(self._reactor)
+        handle_stop_signals(self._reactor, on_reload=self.reload)
         super().privilegedStartService()  # type: ignore[no-untyped-call]
+
+    def reload(self) -> None:
+        """SIGHUP (``systemctl reload``): re-read the config file and apply what can be
+        applied live: the listeners' TLS certificates and the DKIM keys, read again even when
+        their paths did not change (docs/configuration.md, "Reloading"). An invalid config
+        changes nothing; anything else that changed is logged as needing a restart. The
+        delivery processes get the signal in turn."""
+        try:
+            new = load_config(self._config_path)
+        except ConfigError as error:
+            log.error("reload failed: {error}", error=error)
+            return
+        running = self.config
+        reloaded: list[str] = []
+        if self._smtp_tls is not None:
+            smtp = new.smtp
+            try:
+                material = ensure_certificate(
+                    smtp.tls_certificate,
+                    smtp.tls_key,
+                    running.server.data_dir,
+                    running.server.hostname,
+                )
+                self._smtp_tls.reload(material)
+            except TlsError as error:
+                log.error("reload: the TLS certificate is kept: {error}", error=error)
+            else:
+                running = evolve(
+                    running,
+                    smtp=evolve(
+                        running.smtp, tls_certificate=smtp.tls_certificate, tls_key=smtp.tls_key
+                    ),
+                )
+                reloaded.append(f"TLS certificate {material.certificate_path}")
+        for implicit in self._implicit_tls:
+            try:
+                implicit.reload(implicit.material)
+            except TlsError as error:
+                log.error("reload: the TLS certificate is kept: {error}", error=error)
+            else:
+                reloaded.append(f"TLS certificate {implicit.material.certificate_path}")
+        try:
+            self._signer.reload(new.dkim_keys)
+        except DkimError as error:
+            log.error("reload: the DKIM keys are kept: {error}", error=error)
+        else:
+            running = evolve(running, dkim_keys=new.dkim_keys)
+            reloaded.append(f"{len(new.dkim_keys)} DKIM key(s)")
+            page = None if self.reports is None else self.reports.sections.get("deliverability")
+            if isinstance(page, Deliverability):  # the records it tells the admin to publish
+                page.settings = DeliverabilitySettings.of(running, self._signer.keys)
+        self.config = running
+        if self.role == "all":
+            changed = config_changes(running, new)
+            if changed:
+                log.warn(
+                    "reload: {changed} changed: takes effect after a restart",
+                    changed=", ".join(changed),
+                )
+        log.info(
+            "reloaded {path}: {what}",
+            path=self._config_path,
+            what=", ".join(reloaded) or "nothing to re-read",
+        )
+        if self.delivery_processes is not None:
+            self.delivery_processes.reload()
 
     def startService(self) -> None:
         log.info(
@@ -487,30 +572,58 @@ def _exit_status_1() -> None:
     os._exit(1)
 
 
-def handle_stop_signals(reactor: IRelayReactor) -> None:
-    """SIGINT and SIGTERM stop the relay once, and a clean stop exits with status 0.
+def handle_stop_signals(
+    reactor: IRelayReactor, on_reload: Callable[[], object] | None = None
+) -> None:
+    """SIGINT and SIGTERM stop the relay once, and a clean stop exits with status 0; SIGHUP
+    calls ``on_reload`` (in the reactor thread) and never stops the process.
 
     Twisted's own handlers call ``reactor.stop()`` for every signal and make twistd kill
     itself with the signal at the end. A second signal while stopping then logs a critical
     ``ReactorNotRunning`` traceback: Ctrl-C on ``make run`` reaches the delivery processes
     from the terminal, and their parent sends them SIGTERM as it stops. These handlers
     replace Twisted's once the reactor runs (it installs its own as it starts).
+
+    Without a handler SIGHUP would kill the process (``systemctl reload``, or a terminal's
+    hangup reaching the whole process group): its handler is installed at once. One found
+    there (a log rotation's) is still called first.
     """
     stopping: list[str] = []
 
+    def stop(name: str) -> None:
+        log.info("Received {signal}, shutting down.", signal=name)
+        stop_reactor(reactor)
+
     def received(signum: int, frame: FrameType | None) -> None:
+        # The handlers only wake the reactor up: a log line written from a handler could
+        # interrupt one being written (a reentrant write on standard output, after which
+        # Twisted drops the observer: the process would log nothing more).
         name = signal.Signals(signum).name
         if stopping:
-            log.info("Received {signal} while shutting down.", signal=name)
+            reactor.callFromThread(log.info, "Received {signal} while shutting down.", signal=name)
             return
         stopping.append(name)
-        log.info("Received {signal}, shutting down.", signal=name)
-        reactor.callFromThread(stop_reactor, reactor)
+        reactor.callFromThread(stop, name)
+
+    def reload() -> None:
+        if stopping:
+            return
+        log.info("Received SIGHUP, reloading.")
+        if on_reload is not None:
+            on_reload()
+
+    def hangup(signum: int, frame: FrameType | None) -> None:
+        if callable(previous):
+            previous(signum, frame)
+        reactor.callFromThread(reload)
 
     def install() -> None:
         signal.signal(signal.SIGINT, received)
         signal.signal(signal.SIGTERM, received)
 
+    # At once (Twisted leaves SIGHUP alone): a reload while the relay starts is done once the
+    # reactor runs, rather than killing it.
+    previous = signal.signal(signal.SIGHUP, hangup)
     reactor.callWhenRunning(install)
 
 

@@ -18,7 +18,8 @@ it stops, taken into :attr:`RelayMetrics.children <smartrelay.metrics.RelayMetri
 
 A child that exits while the relay runs is started again (after 1 s, doubling to at most a
 minute while it keeps failing at once).
-On shutdown the children get SIGTERM and are waited for (SIGKILL after ``STOP_TIMEOUT``):
+A reload of the relay (SIGHUP) is passed on to the children (SIGHUP), which re-read their
+DKIM keys. On shutdown the children get SIGTERM and are waited for (SIGKILL after ``STOP_TIMEOUT``):
 they finish or cut off what is on the wire like the in-process delivery manager does.
 """
 
@@ -181,6 +182,12 @@ class DeliveryProcesses(Service):
             process = child.process
             if process is not None:
                 process.write(WAKE)
+
+    def reload(self) -> None:
+        """The relay was told to reload (SIGHUP): so is every child (it re-reads its DKIM
+        keys, which it signs with; smartrelay.delivery_process)."""
+        for child in self.children.values():
+            self._signal(child, "HUP")
 
     def _child_metrics(self, index: int, text: str) -> None:
         if self._metrics is None:

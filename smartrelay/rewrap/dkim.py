@@ -1,9 +1,10 @@
 """DKIM signing of outgoing messages (RFC 6376; ``ed25519-sha256`` per RFC 8463).
 
-The keys of the ``[[dkim.keys]]`` config entries (SPEC section 2) are loaded once, at start-up,
-by :class:`DkimSigner`; :meth:`DkimSigner.sign` then prepends a ``DKIM-Signature`` to a message
-whose From domain is a key's domain or one of its subdomains (the closest configured parent
-domain wins). Canonicalisation is relaxed/relaxed, ``t=`` is set, ``x=`` and ``l=`` are not.
+The keys of the ``[[dkim.keys]]`` config entries (SPEC section 2) are loaded at start-up, and
+again on a reload (:meth:`DkimSigner.reload`), by :class:`DkimSigner`; :meth:`DkimSigner.sign`
+then prepends a ``DKIM-Signature`` to a message whose From domain is a key's domain or one of
+its subdomains (the closest configured parent domain wins). Canonicalisation is
+relaxed/relaxed, ``t=`` is set, ``x=`` and ``l=`` are not.
 
 The header field is built exactly as dkimpy's own ``DKIM.sign()`` builds it (with its parser
 and folding), but the signing primitive is the ``cryptography`` library's: dkimpy's RSA is
@@ -216,12 +217,20 @@ class DkimSigner:
     """
 
     def __init__(self, keys: Sequence[DkimKey], now: Callable[[], float] = time.time) -> None:
-        self.keys: tuple[LoadedKey, ...] = tuple(load_key(spec) for spec in keys)
         self._now = now
+        self.keys: tuple[LoadedKey, ...] = ()
+        self._by_domain: dict[str, tuple[LoadedKey, ...]] = {}
+        self.reload(keys)
+
+    def reload(self, keys: Sequence[DkimKey]) -> None:
+        """Read ``keys`` (their files again, even when the entries did not change) and sign
+        with them from now on. Raises :class:`DkimError` and keeps the current keys when one
+        cannot be used. A signature being made keeps the keys it started with."""
+        loaded = tuple(load_key(spec) for spec in keys)
         by_domain: dict[str, list[LoadedKey]] = {}
-        for key in self.keys:
+        for key in loaded:
             by_domain.setdefault(key.domain, []).append(key)
-        self._by_domain = {domain: tuple(keys) for domain, keys in by_domain.items()}
+        self.keys, self._by_domain = loaded, {d: tuple(k) for d, k in by_domain.items()}
 
     def keys_for(self, from_domain: str) -> tuple[LoadedKey, ...]:
         """The keys of ``from_domain``, else of its closest parent domain that has any."""

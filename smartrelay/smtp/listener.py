@@ -27,7 +27,7 @@ from smartrelay.smtp.protocol import SmtpServerProtocol
 from smartrelay.smtp.ratelimit import AuthFailureLimiter
 from smartrelay.smtp.replies import Reply
 from smartrelay.smtp.session import ISmtpBackend, ListenerSettings
-from smartrelay.smtp.tls import TlsError, TlsMaterial, server_context_factory
+from smartrelay.smtp.tls import ReloadableTls, TlsError, TlsMaterial
 
 __all__ = ["ListenError", "SmtpFactory", "implicit_tls", "listener_services"]
 
@@ -134,7 +134,7 @@ class _ImplicitTlsFactory(TLSMemoryBIOFactory):
 _TLS_OPTIONS = ("privatekey", "certkey", "extracertchain", "sslmethod", "dhparameters")
 
 
-def implicit_tls(description: str) -> tuple[str, IOpenSSLServerConnectionCreator] | None:
+def implicit_tls(description: str) -> tuple[str, ReloadableTls] | None:
     """For an ``ssl:`` endpoint: the ``tcp:`` endpoint under it and the TLS options to wrap
     it in; None for any other endpoint.
 
@@ -163,7 +163,7 @@ def implicit_tls(description: str) -> tuple[str, IOpenSSLServerConnectionCreator
         )
     key = options.get("privatekey", "server.pem")
     material = TlsMaterial(options.get("certkey", key), key, generated=False)
-    return ":".join(kept), server_context_factory(material)
+    return ":".join(kept), ReloadableTls(material)
 
 
 def listener_services(
@@ -171,20 +171,24 @@ def listener_services(
     endpoints: tuple[str, ...],
     factory: SmtpFactory,
     on_fatal: Callable[[str], object],
+    implicit: list[ReloadableTls] | None = None,
 ) -> list[ListeningService]:
     """One listening service per endpoint string, all serving ``factory``; an ``ssl:``
-    endpoint is listened on as ``tcp:`` wrapped in our TLS layer (:func:`implicit_tls`).
+    endpoint is listened on as ``tcp:`` wrapped in our TLS layer (:func:`implicit_tls`),
+    whose TLS options are appended to ``implicit`` (to re-read them on a reload).
     Raises :class:`ListenError` for TLS options that cannot be used."""
     services = []
     for shown in endpoints:
         description, wrapped = shown, cast(Factory[Any], factory)
         try:
-            implicit = implicit_tls(shown)
+            implicit_options = implicit_tls(shown)
         except TlsError as e:
             raise ListenError(f"{factory.name}: cannot listen on {shown}: {e}") from e
-        if implicit is not None:
-            description, creator = implicit
+        if implicit_options is not None:
+            description, creator = implicit_options
             wrapped = _ImplicitTlsFactory(creator, False, factory)
+            if implicit is not None:
+                implicit.append(creator)
         services.append(
             ListeningService(
                 reactor,

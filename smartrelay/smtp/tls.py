@@ -1,4 +1,5 @@
-"""TLS for the SMTP listeners: the certificate, and the server context built from it once.
+"""TLS for the SMTP listeners: the certificate, and the server context built from it once (and
+again on a reload: :class:`ReloadableTls`).
 
 ``[smtp] tls_certificate`` / ``tls_key`` name PEM files. When both are empty a self-signed
 certificate is used: ``{data_dir}/tls/selfsigned.crt`` and ``selfsigned.key``, generated on
@@ -26,14 +27,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from zope.interface import implementer
 
 __all__ = [
     "SELF_SIGNED_CERTIFICATE",
     "SELF_SIGNED_KEY",
     "SELF_SIGNED_VALIDITY",
     "TLS12_CIPHERS",
+    "ReloadableTls",
     "TlsError",
     "TlsMaterial",
     "ensure_certificate",
@@ -155,6 +160,27 @@ def server_context_factory(material: TlsMaterial) -> CertificateOptions:
             f" with key {material.key_path!r}: {_reason(e)}"
         ) from e
     return options
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ReloadableTls:
+    """A listener's TLS server options whose certificate can be re-read while it runs
+    (``systemctl reload``, docs/configuration.md): each new TLS connection (STARTTLS or
+    implicit TLS) takes the options current when it starts; open sessions keep theirs."""
+
+    def __init__(self, material: TlsMaterial) -> None:
+        """Reads the files now (:func:`server_context_factory`; :class:`TlsError`)."""
+        self.material = material
+        self._options = server_context_factory(material)
+
+    def reload(self, material: TlsMaterial) -> None:
+        """Read ``material`` (the same paths or others) and use it for new connections.
+        Raises :class:`TlsError` and keeps the current certificate when it cannot be used."""
+        options = server_context_factory(material)
+        self.material, self._options = material, options
+
+    def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        return self._options.serverConnectionForTLS(tlsProtocol)
 
 
 # --------------------------------------------------------------------------------------

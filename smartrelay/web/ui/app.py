@@ -53,6 +53,8 @@ class ReportsUI:
     def __init__(self, ui: UiContext, auth: Authenticator, sections: Mapping[str, Section]) -> None:
         self.ui = ui
         self.auth = auth
+        #: The sections by name (the relay updates the deliverability one's keys on a reload).
+        self.sections = dict(sections)
         self._sections = {name: section.app.resource() for name, section in sections.items()}
         self._static = {name: STATIC.joinpath(name).read_bytes() for name in _STATIC_TYPES}
 
