@@ -671,7 +671,7 @@ def cmd_dkim_keygen(args: argparse.Namespace, config: Config) -> None:
     print()
     print(zone_file_entry(domain, args.selector, record))
     print()
-    print("Then add to the config file and restart:")
+    print("Then add to the config file and reload the relay (systemctl reload smartrelay):")
     print()
     print("[[dkim.keys]]")
     print(f'domain = "{domain}"')
