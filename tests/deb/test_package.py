@@ -9,6 +9,7 @@ as an operator would; a failure part-way still purges the package at the end.
 from __future__ import annotations
 
 import grp
+import gzip
 import os
 import pwd
 import re
@@ -107,6 +108,8 @@ def test_files_user_and_permissions() -> None:
         plugins / "smartrelay_plugin.py"
     ).stat().st_mtime
     assert (DOC / "docs/install.md").is_file() and (DOC / "copyright").is_file()
+    manual = gzip.decompress(Path("/usr/share/man/man1/smartrelay-ctl.1.gz").read_bytes())
+    assert b".SH NAME\nsmartrelay-ctl \\- administer a SmartRelay installation" in manual
     # Every file the package installed belongs to root and none is world-writable.
     for line in run("dpkg", "-L", "smartrelay").stdout.splitlines():
         path = Path(line)
