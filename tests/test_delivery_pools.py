@@ -14,11 +14,13 @@ import itertools
 import smtplib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import pytest
 import pytest_twisted
 from attrs import define, field
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.threads import deferToThread
 from zope.interface import implementer
 
@@ -30,6 +32,7 @@ from smartrelay.delivery.pools import (
     sender_domain,
 )
 from smartrelay.passwords import hash_password
+from smartrelay.reactor import IRelayReactor
 from smartrelay.smtp.listener import SmtpFactory
 from smartrelay.smtp.replies import Reply
 from smartrelay.smtp.session import Envelope, ISmtpBackend, ListenerSettings, Session
@@ -43,6 +46,7 @@ from tests.support.delivery_relay import (
     DeliveryRelays,
     Sinks,
     TrackingSinkBackend,
+    events,
     eventually,
     smtp_route,
     wait_for_events,
@@ -135,6 +139,30 @@ def pool(
         "selection": selection,
         **matching,
     }
+
+
+def listen_v6(
+    reactor: IRelayReactor, backend: SourceRecordingBackend
+) -> tuple[SmtpFactory, IListeningPort]:
+    """A sink on ``[::1]`` (tests/support/sink.py's listen on 127.0.0.1 only)."""
+    settings = ListenerSettings(
+        hostname="sink6.test",
+        max_message_size=1_000_000,
+        max_recipients=100,
+        max_connections=100,
+        max_connections_per_client=100,
+    )
+    factory = SmtpFactory(settings, backend, reactor, None, name="sink6")
+    return factory, reactor.listenTCP(0, factory, interface="::1")
+
+
+async def stop_v6(factory: SmtpFactory, port: IListeningPort) -> None:
+    for protocol in list(factory.connections):
+        if protocol.transport is not None:
+            protocol.transport.loseConnection()
+    stopped = port.stopListening()
+    if stopped is not None:
+        await stopped
 
 
 async def arrivals(backend: SourceRecordingBackend, count: int) -> list[Arrival]:
@@ -273,15 +301,7 @@ async def test_ipv6_source_reaches_only_ipv6_next_hops(
     never leaves from an IPv4 address."""
     reactor = real_reactor()
     backend = SourceRecordingBackend()
-    settings = ListenerSettings(
-        hostname="sink6.test",
-        max_message_size=1_000_000,
-        max_recipients=100,
-        max_connections=100,
-        max_connections_per_client=100,
-    )
-    factory = SmtpFactory(settings, backend, reactor, None, name="sink6")
-    port = reactor.listenTCP(0, factory, interface="::1")
+    factory, port = listen_v6(reactor, backend)
     v4_backend = SourceRecordingBackend()
     _, v4_port = await sinks.start(v4_backend)
     v6_port = port.getHost().port  # type: ignore[attr-defined]
@@ -305,12 +325,41 @@ async def test_ipv6_source_reaches_only_ipv6_next_hops(
         assert "no IPv6 address" in deferred[0].data["reply"], deferred[0].data
         assert v4_backend.arrivals == []
     finally:
-        for protocol in list(factory.connections):
-            if protocol.transport is not None:
-                protocol.transport.loseConnection()
-        stopped = port.stopListening()
-        if stopped is not None:
-            await stopped
+        await stop_v6(factory, port)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pool_of_both_families_reaches_each_next_hop_from_its_family(
+    relays: DeliveryRelays, sinks: Sinks, database_url: str
+) -> None:
+    """A pool with an IPv6 and an IPv4 address: whichever the hash picks first for a
+    destination, mail to an IPv6-only next hop leaves from ``::1`` and mail to an IPv4-only
+    one from 127.0.0.2. Three next hops of each family: the hash picks the wrong family
+    first for some of them (all six right by chance: 1 in 64)."""
+    reactor = real_reactor()
+    v6 = [listen_v6(reactor, SourceRecordingBackend()) for _ in range(3)]
+    v4 = [SourceRecordingBackend() for _ in range(3)]
+    routes: dict[str, str] = {}
+    for i, backend in enumerate(v4):
+        _, v4_port = await sinks.start(backend)
+        routes[f"v4-{i}.test"] = f"smtp://127.0.0.1:{v4_port}"
+    for i, (_, port) in enumerate(v6):
+        routes[f"v6-{i}.test"] = f"smtp://[::1]:{port.getHost().port}"  # type: ignore[attr-defined]
+    try:
+        addresses = [("::1", "mta6.pools.test"), ("127.0.0.2", "mta2.pools.test")]
+        pools = [pool("both", addresses, senders=["both.test"])]
+        relay = await relays.start(database_url, {"routes": routes, "pools": pools})
+        await send(relay.smtp_port, [mail("app@both.test", d, to=f"r@{d}") for d in routes])
+        for factory, _ in v6:
+            got = await arrivals(cast(SourceRecordingBackend, factory.backend), 1)
+            assert [(a.client_ip, a.helo) for a in got] == [("::1", "mta6.pools.test")]
+        for backend in v4:
+            got = await arrivals(backend, 1)
+            assert [(a.client_ip, a.helo) for a in got] == [("127.0.0.2", "mta2.pools.test")]
+        assert await events(relay.store, "deferred") == []
+    finally:
+        for factory, port in v6:
+            await stop_v6(factory, port)
 
 
 # -- start-up ------------------------------------------------------------------------------------
@@ -413,3 +462,16 @@ def test_round_robin_takes_each_address_in_turn() -> None:
     chooser = PoolChooser([turns])
     picked = [chooser.source_for(turns, "mx.dest.test") for _ in range(6)]
     assert picked == [*addresses, *addresses]
+
+
+def test_a_pool_of_both_families_offers_one_address_of_each() -> None:
+    v4 = tuple(SourceAddress(f"127.0.0.{i}", f"m{i}.pools.test") for i in range(2, 4))
+    v6 = (SourceAddress("::1", "m6.pools.test"),)
+    both = Pool("b", (*v6, *v4), senders=("b.test",))
+    chooser = PoolChooser([both])
+    for destination in (f"mx{i}.dest.test" for i in range(20)):
+        first, other = chooser.sources_for(both, destination)
+        assert first == chooser.source_for(both, destination)
+        assert {first.version, other.version} == {4, 6}
+    only_v4 = Pool("4", v4, senders=("b.test",))
+    assert len(chooser.sources_for(only_v4, "mx.dest.test")) == 1

@@ -40,7 +40,7 @@ from smartrelay.delivery.client import (
     SmtpClientError,
 )
 from smartrelay.delivery.mx import MxResolver, PermanentRoutingError, TemporaryRoutingError
-from smartrelay.delivery.pools import PoolChooser
+from smartrelay.delivery.pools import PoolChooser, first_that_reaches
 from smartrelay.delivery.retry import schedule_retry
 from smartrelay.delivery.routing import NextHop, ResolvedRoute, Router
 from smartrelay.delivery.throttle import Throttles
@@ -740,8 +740,8 @@ class DeliveryManager(Service):
         connector = self._connector
         if destination.pool is not None:
             assert self._source_connector is not None  # checked in __init__
-            source = self._pools.source_for(destination.pool, destination.pick)
-            connector = self._source_connector(source)
+            sources = self._pools.sources_for(destination.pool, destination.pick)
+            connector = first_that_reaches([self._source_connector(s) for s in sources])
         for hop in hops:
             try:
                 connection, refusal = await connector(hop)

@@ -21,6 +21,7 @@ import hashlib
 import ipaddress
 import socket
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
@@ -36,15 +37,19 @@ from twisted.internet.interfaces import (
 from zope.interface import implementer
 
 from smartrelay.config import Pool, SourceAddress
-from smartrelay.delivery.routing import domain_key
+from smartrelay.delivery.routing import NextHop, domain_key
 from smartrelay.reactor import IRelayReactor
 from smartrelay.storage.queue import StoredMessage
+
+if TYPE_CHECKING:
+    from smartrelay.delivery.client import Connector, OutboundSession, ServerReply
 
 __all__ = [
     "PoolChooser",
     "SourceAddressError",
     "SourceBoundEndpoint",
     "check_source_addresses",
+    "first_that_reaches",
     "sender_domain",
 ]
 
@@ -115,8 +120,35 @@ class PoolChooser:
             turn = self._turns.get(pool.name, 0)
             self._turns[pool.name] = turn + 1
             return sources[turn % len(sources)]
-        digest = hashlib.sha256(f"{pool.name}\0{destination}".encode()).digest()
-        return sources[int.from_bytes(digest[:8], "big") % len(sources)]
+        return _hashed(pool.name, destination, sources)
+
+    def sources_for(self, pool: Pool, destination: str) -> list[SourceAddress]:
+        """:meth:`source_for`, then, if the pool has addresses of the other family (IPv4 or
+        IPv6), one of those (by hash): for a next hop with no address of the first one's."""
+        first = self.source_for(pool, destination)
+        others = [s for s in pool.source_addresses if s.version != first.version]
+        return [first, _hashed(pool.name, destination, others)] if others else [first]
+
+
+def _hashed(name: str, destination: str, sources: Sequence[SourceAddress]) -> SourceAddress:
+    digest = hashlib.sha256(f"{name}\0{destination}".encode()).digest()
+    return sources[int.from_bytes(digest[:8], "big") % len(sources)]
+
+
+def first_that_reaches(connectors: Sequence[Connector]) -> Connector:
+    """A connector trying ``connectors`` in order, going on to the next only when a next hop
+    has no address of the previous one's source family (any other failure is the answer)."""
+
+    async def connect(hop: NextHop) -> tuple[OutboundSession | None, ServerReply | None]:
+        for connector in connectors[:-1]:
+            try:
+                return await connector(hop)
+            except Exception as error:
+                if not isinstance(error.__cause__, NoAddressOfFamily):
+                    raise
+        return await connectors[-1](hop)
+
+    return connect
 
 
 def _domain_and_parents(domain: str) -> list[str]:
