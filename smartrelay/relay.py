@@ -42,6 +42,7 @@ from smartrelay.delivery.manager import (
     node_id_for,
 )
 from smartrelay.delivery.mx import MxResolver, make_system_resolver
+from smartrelay.delivery.pools import check_source_addresses
 from smartrelay.delivery.processes import DeliveryProcesses, worker_command
 from smartrelay.feedback.mailboxes import (
     DEFAULT_TUNABLES as MAILBOX_TUNABLES,
@@ -186,17 +187,18 @@ class RelayService(MultiService):
         self.delivery_processes: DeliveryProcesses | None = None
         delivery_service: IService
         if role == "delivery" or config.delivery.processes == 0:
+            connector = SmtpConnector(
+                reactor,
+                config.server.hostname,
+                config.delivery.connect_timeout,
+                config.delivery.tls,
+            )
             self.delivery = delivery_service = DeliveryManager(
                 reactor,
                 config.delivery,
                 self.storage.when_ready,
                 MxResolver(make_system_resolver(reactor), reactor),
-                SmtpConnector(
-                    reactor,
-                    config.server.hostname,
-                    config.delivery.connect_timeout,
-                    config.delivery.tls,
-                ),
+                connector,
                 lambda store: RewrapChain(
                     settings,
                     self._started_codec(),
@@ -208,6 +210,7 @@ class RelayService(MultiService):
                 tunables=delivery_tunables,
                 node_id=f"{node_id}-d{worker_index}" if role == "delivery" else node_id,
                 metrics=self.metrics,
+                source_connector=connector.from_source,
             )
         else:
             config_path = self._config_path
@@ -379,11 +382,14 @@ class RelayService(MultiService):
 
     def check_listeners(self) -> None:
         """Raise :class:`ListenError` (one line) if a listener's port is taken, without
-        listening. twistd's ``makeService`` calls this, before twistd daemonises and writes
-        its pid file, so that a port in use is one line and exit status 1 in daemon mode too
-        (the listeners bind later, in ``privilegedStartService``)."""
+        listening, and ``SourceAddressError`` if a pool's source address cannot be bound.
+        twistd's ``makeService`` calls this, before twistd daemonises and writes its pid
+        file, so that a port in use is one line and exit status 1 in daemon mode too (the
+        listeners bind later, in ``privilegedStartService``)."""
         for listener in self.listeners:
             listener.check()
+        # The pools' source addresses too (docs/delivery.md, "Source-address pools").
+        check_source_addresses(self.config.delivery.pools)
 
     def _create_files(self) -> None:
         """What the relay writes before it serves: the data directory (for an SQLite file in

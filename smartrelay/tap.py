@@ -21,6 +21,7 @@ from smartrelay.config import (
     default_config_path,
     load_config,
 )
+from smartrelay.delivery.pools import SourceAddressError
 from smartrelay.listening import ListenError
 from smartrelay.reactor import as_relay_reactor
 from smartrelay.relay import RelayService, raise_open_files_limit
@@ -48,7 +49,7 @@ def makeService(options: Options) -> IService:
         raise_open_files_limit()
         relay = RelayService(config, as_relay_reactor(reactor))
         relay.check_listeners()
-    except (ConfigError, TlsError, DkimError, ListenError) as error:
+    except (ConfigError, TlsError, DkimError, ListenError, SourceAddressError) as error:
         raise SystemExit(f"smartrelay: {error}") from None
     except OSError as error:
         raise SystemExit(f"smartrelay: {error.strerror or error}: {error.filename}") from None

@@ -29,12 +29,15 @@ __all__ = [
     "FeedbackRule",
     "IPNetwork",
     "InboundConfig",
+    "Pool",
+    "PoolSelection",
     "RetentionConfig",
     "RewrapConfig",
     "Route",
     "ServerConfig",
     "SmtpConfig",
     "SoftBouncePolicy",
+    "SourceAddress",
     "SuppressionConfig",
     "Throttle",
     "WebConfig",
@@ -224,6 +227,42 @@ class Throttle:
     max_rate_per_second: float = 1000 / 60
 
 
+@frozen
+class SourceAddress:
+    """One source address of a ``[[delivery.pools]]`` entry and the HELO name said from it."""
+
+    #: An IPv4 or IPv6 address, in its canonical form (``ipaddress``).
+    address: str
+    helo: str
+
+    @property
+    def version(self) -> int:
+        """4 or 6."""
+        return 6 if ":" in self.address else 4
+
+
+PoolSelection = Literal["hash", "round-robin"]
+
+
+@frozen
+class Pool:
+    """One ``[[delivery.pools]]`` entry (docs/delivery.md, "Source-address pools").
+
+    Mail belongs to the first pool, in file order, whose ``senders`` (envelope sender domain,
+    or a parent of it), ``tags`` or ``credentials`` match it.
+    """
+
+    name: str
+    source_addresses: tuple[SourceAddress, ...]
+    #: Sender domains, lower-cased.
+    senders: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    credentials: tuple[str, ...] = ()
+    #: Which address a connection leaves from: by a hash of the destination (a provider keeps
+    #: seeing the same address), or in turn. An addition to SPEC section 2.
+    selection: PoolSelection = "hash"
+
+
 def default_routes() -> tuple[Route, ...]:
     return (Route("*", "mx"),)
 
@@ -257,6 +296,8 @@ class DeliveryConfig:
     routes: tuple[Route, ...] = field(factory=default_routes)
     #: In file order; always contains a ``*`` throttle (the defaults unless configured).
     throttles: tuple[Throttle, ...] = field(factory=default_throttles)
+    #: ``[[delivery.pools]]`` in file order (the first that matches a message wins).
+    pools: tuple[Pool, ...] = ()
 
 
 @frozen

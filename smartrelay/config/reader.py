@@ -44,12 +44,15 @@ from smartrelay.config.model import (
     FeedbackRule,
     InboundConfig,
     IPNetwork,
+    Pool,
+    PoolSelection,
     RetentionConfig,
     RewrapConfig,
     Route,
     ServerConfig,
     SmtpConfig,
     SoftBouncePolicy,
+    SourceAddress,
     SuppressionConfig,
     Throttle,
     WebConfig,
@@ -217,7 +220,9 @@ _DELIVERY_KEYS = (
     "processes",
     "routes",
     "throttle",
+    "pools",
 )
+_POOL_KEYS = ("name", "source_addresses", "senders", "tags", "credentials", "selection")
 _THROTTLE_KEYS = ("match", "max_connections", "max_messages_per_connection", "max_rate")
 _SUPPRESSION_KEYS = ("hard_bounce", "soft_bounce", "complaint", "unsubscribe")
 
@@ -371,6 +376,7 @@ def _parse_delivery(t: _Table) -> DeliveryConfig:
         processes=t.integer_in("processes", d.processes, 0, MAX_DELIVERY_PROCESSES),
         routes=_parse_routes(t),
         throttles=_parse_throttles(t),
+        pools=_parse_pools(t),
     )
 
 
@@ -446,6 +452,82 @@ def _parse_throttles(delivery: _Table) -> tuple[Throttle, ...]:
     if "*" not in seen:
         throttles.extend(default_throttles())
     return tuple(throttles)
+
+
+def _parse_pools(delivery: _Table) -> tuple[Pool, ...]:
+    """``[[delivery.pools]]`` (docs/configuration.md): unique names, at least one source
+    address (IPv4 or IPv6, each once in all pools) with a HELO name, and at least one of
+    ``senders``/``tags``/``credentials``. Whether an address can be bound is checked at
+    start-up (:func:`smartrelay.delivery.pools.check_source_addresses`)."""
+    pools: list[Pool] = []
+    names: dict[str, str] = {}
+    addresses: dict[str, str] = {}
+    for t in delivery.table_array("pools", _POOL_KEYS) or ():
+        name = t.required_string("name")
+        if not name or not name.isprintable() or len(name) > 100 or name != name.strip():
+            raise t.error("name", f"invalid pool name {name!r} (1 to 100 printable characters)")
+        if name in names:
+            raise t.error("name", f"duplicate pool name {name!r} (also {names[name]})")
+        names[name] = t.key
+        sources: list[SourceAddress] = []
+        entries = t.table_array("source_addresses", ("address", "helo"))
+        if not entries:
+            raise t.error("source_addresses", "at least one { address = ..., helo = ... }")
+        for entry in entries:
+            text = entry.required_string("address")
+            try:
+                ip = ipaddress.ip_address(text)
+            except ValueError:
+                raise entry.error(
+                    "address", f"invalid IP address {text!r} (an IPv4 or IPv6 address)"
+                ) from None
+            if ip.is_unspecified or ip.is_multicast:
+                raise entry.error("address", f"{text!r} cannot be a source address")
+            address = str(ip)
+            if address in addresses:
+                raise entry.error(
+                    "address", f"duplicate source address {address!r} (also {addresses[address]})"
+                )
+            addresses[address] = entry.key
+            helo = entry.required_string("helo").lower().removesuffix(".")
+            if not is_domain(helo) or "." not in helo:
+                raise entry.error(
+                    "helo", f"invalid HELO name {helo!r} (a fully qualified host name)"
+                )
+            sources.append(SourceAddress(address=address, helo=helo))
+        senders: list[str] = []
+        for key, sender in t.array("senders", str) or ():
+            domain = sender.lower().removeprefix("@").removesuffix(".")
+            if not is_domain(domain):
+                raise t.error_at(key, f"invalid sender domain {sender!r}")
+            senders.append(domain)
+        tags = tuple(_pool_names(t, "tags", "tag"))
+        credentials = tuple(_pool_names(t, "credentials", "credential name"))
+        if not (senders or tags or credentials):
+            raise t.error_at(
+                t.key, f"pool {name!r} matches no mail: give senders, tags or credentials"
+            )
+        selection = cast(PoolSelection, t.choice("selection", ("hash", "round-robin"), "hash"))
+        pools.append(
+            Pool(
+                name=name,
+                source_addresses=tuple(sources),
+                senders=tuple(senders),
+                tags=tags,
+                credentials=credentials,
+                selection=selection,
+            )
+        )
+    return tuple(pools)
+
+
+def _pool_names(t: _Table, name: str, what: str) -> list[str]:
+    values: list[str] = []
+    for key, value in t.array(name, str) or ():
+        if not value or not value.isprintable() or len(value) > 100:
+            raise t.error_at(key, f"invalid {what} {value!r} (1 to 100 printable characters)")
+        values.append(value)
+    return values
 
 
 def _parse_dkim(dkim: _Table) -> tuple[DkimKey, ...]:

@@ -13,17 +13,25 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Protocol
 
-from attrs import frozen
+from attrs import evolve, frozen
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITransport
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    IStreamClientEndpoint,
+    ITransport,
+)
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from smartrelay.config import SourceAddress
+from smartrelay.delivery.pools import SourceBoundEndpoint
 from smartrelay.delivery.routing import NextHop
 from smartrelay.reactor import IRelayReactor
 
@@ -458,11 +466,18 @@ async def connect(
     hop: NextHop,
     helo_name: str,
     connect_timeout: float,
+    source: SourceAddress | None = None,
 ) -> tuple[SmtpConnection, _ReplyReader]:
-    """Open a TCP (or implicit TLS) connection to ``hop``."""
-    endpoint = HostnameEndpoint(reactor, hop.host, hop.port, timeout=connect_timeout)
+    """Open a TCP (or implicit TLS) connection to ``hop``; from ``source``'s address (a
+    pool's, which also gives the HELO name) if given."""
+    endpoint: IStreamClientEndpoint
+    if source is None:
+        endpoint = HostnameEndpoint(reactor, hop.host, hop.port, timeout=connect_timeout)
+    else:
+        endpoint = SourceBoundEndpoint(reactor, hop.host, hop.port, source, connect_timeout)
+        helo_name = source.helo
     if hop.implicit_tls:
-        endpoint = wrapClientTLS(_client_tls_options(), endpoint)  # type: ignore[assignment]
+        endpoint = wrapClientTLS(_client_tls_options(), endpoint)
     reader = _ReplyReader()
     factory = Factory.forProtocol(lambda: reader)
     factory.noisy = False
@@ -509,10 +524,19 @@ class SmtpConnector:
     connect_timeout: float
     tls_policy: str
 
+    #: A pool's source address (and HELO name) the connections leave from; None: the
+    #: system's default address and ``helo_name``.
+    source: SourceAddress | None = None
+
     async def __call__(self, hop: NextHop) -> tuple[OutboundSession | None, ServerReply | None]:
         return await open_session(
-            self.reactor, hop, self.helo_name, self.connect_timeout, self.tls_policy
+            self.reactor, hop, self.helo_name, self.connect_timeout, self.tls_policy, self.source
         )
+
+    def from_source(self, source: SourceAddress) -> SmtpConnector:
+        """This connector, dialling from ``source`` (docs/delivery.md, "Source-address
+        pools")."""
+        return evolve(self, source=source)
 
 
 async def open_session(
@@ -521,6 +545,7 @@ async def open_session(
     helo_name: str,
     connect_timeout: float,
     tls_policy: str,
+    source: SourceAddress | None = None,
 ) -> tuple[SmtpConnection | None, ServerReply | None]:
     """A ready session, or the refusal that applies to every recipient.
 
@@ -529,7 +554,7 @@ async def open_session(
     """
     require_tls = tls_policy == "required" or hop.require_tls
     for starttls in (True, False):
-        connection, _ = await connect(reactor, hop, helo_name, connect_timeout)
+        connection, _ = await connect(reactor, hop, helo_name, connect_timeout, source)
         try:
             refusal = await connection.start(starttls=starttls, require_tls=require_tls)
         except TlsFailed:

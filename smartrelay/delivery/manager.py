@@ -31,7 +31,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from smartrelay.config import DeliveryConfig, Throttle
+from smartrelay.config import DeliveryConfig, Pool, SourceAddress, Throttle
 from smartrelay.delivery.client import (
     Connector,
     OutboundSession,
@@ -40,6 +40,7 @@ from smartrelay.delivery.client import (
     SmtpClientError,
 )
 from smartrelay.delivery.mx import MxResolver, PermanentRoutingError, TemporaryRoutingError
+from smartrelay.delivery.pools import PoolChooser, first_that_reaches
 from smartrelay.delivery.retry import schedule_retry
 from smartrelay.delivery.routing import NextHop, ResolvedRoute, Router
 from smartrelay.delivery.throttle import Throttles
@@ -138,11 +139,24 @@ class ClaimedJob:
 class Destination:
     """A queue of jobs sharing next hops and a throttle (a domain, or a smarthost)."""
 
-    def __init__(self, key: str, route: ResolvedRoute, throttle_key: str, settings: Throttle):
+    def __init__(
+        self,
+        key: str,
+        route: ResolvedRoute,
+        throttle_key: str,
+        settings: Throttle,
+        pool: Pool | None = None,
+        pick: str = "",
+    ):
         self.key = key
         self.route = route
         self.throttle_key = throttle_key
         self.settings = settings
+        #: The source-address pool of its mail (docs/delivery.md): a pool's mail has queues
+        #: (and connections) of its own; None: the default address.
+        self.pool = pool
+        #: What a pool's ``hash`` selection hashes (the preferred MX host, or the key).
+        self.pick = pick or key
         self.jobs: deque[Job] = deque()
         self.workers = 0
         self.wake_call: IDelayedCall | None = None
@@ -189,10 +203,17 @@ class DeliveryManager(Service):
         node_id: str | None = None,
         rng: random.Random | None = None,
         metrics: RelayMetrics | None = None,
+        source_connector: Callable[[SourceAddress], Connector] | None = None,
     ) -> None:
         """``connector`` opens a session with a next hop (:class:`SmtpConnector` in
         production); ``chain_factory`` builds the re-wrap chain once the store is ready;
-        ``metrics``: where recorded outcomes are counted (docs/metrics.md)."""
+        ``metrics``: where recorded outcomes are counted (docs/metrics.md);
+        ``source_connector``: the connector dialling from a pool's source address
+        (``SmtpConnector.from_source``), required when ``config.pools`` has pools."""
+        if config.pools and source_connector is None:
+            raise ValueError("[[delivery.pools]] need a source_connector")
+        self._source_connector = source_connector
+        self._pools = PoolChooser(config.pools)
         self._clock = clock
         self._metrics = metrics
         self._config = config
@@ -468,7 +489,11 @@ class DeliveryManager(Service):
             # The window counts what was loaded (the size column is the same, normally).
             self._in_memory_bytes += len(job.message.raw) - claimed_job.size
             route = self.router.route_for(domain)
-            key = self.router.destination_key(route)
+            key = route_key = self.router.destination_key(route)
+            pool = self._pools.pool_for(job.message)
+            if pool is not None:
+                # A pool's mail never shares a queue (so a connection) with other mail.
+                key = f"{route_key} pool={pool.name}"
             destination = self._destinations.get(key)
             if destination is None:
                 mx_host = await self._first_mx(route, domain)
@@ -479,6 +504,8 @@ class DeliveryManager(Service):
                     route,
                     self.throttles.key_for(domain, mx_host),
                     self.throttles.settings_for(domain, mx_host),
+                    pool,
+                    mx_host or route_key,
                 )
             destination.jobs.append(job)
             touched.append(destination)
@@ -710,9 +737,14 @@ class DeliveryManager(Service):
                 log.failure("{key}: looking up the next hops failed", key=destination.key)
                 return None, _local_reply("internal error looking up the next hops", "4.3.0")
         last: ServerReply = _local_reply("no next hop")
+        connector = self._connector
+        if destination.pool is not None:
+            assert self._source_connector is not None  # checked in __init__
+            sources = self._pools.sources_for(destination.pool, destination.pick)
+            connector = first_that_reaches([self._source_connector(s) for s in sources])
         for hop in hops:
             try:
-                connection, refusal = await self._connector(hop)
+                connection, refusal = await connector(hop)
             except (SmtpClientError, DeferredTimeout) as error:
                 last = _local_reply(str(error) or "timeout")
                 log.info("{key}: {host}: {error}", key=destination.key, host=hop.host, error=error)

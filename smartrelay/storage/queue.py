@@ -80,6 +80,8 @@ class StoredMessage:
     raw: bytes
     #: Its content warnings are recorded already (``messages.warnings_checked_at``).
     warnings_checked: bool = False
+    #: The SMTP credential it was submitted with (``messages.credential``), if any.
+    credential: str | None = None
 
 
 @frozen
@@ -319,7 +321,7 @@ class QueueStore(StoreBase):
             await cursor.execute(
                 "SELECT m.queue_id, m.received_at, m.sender, m.tags, m.metadata, m.options,"
                 " CASE WHEN m.size <= ? THEN b.raw END, b.queue_id IS NOT NULL,"
-                " m.warnings_checked_at IS NOT NULL"
+                " m.warnings_checked_at IS NOT NULL, m.credential"
                 " FROM messages m LEFT JOIN message_bodies b ON b.queue_id = m.queue_id"
                 f" WHERE m.queue_id IN ({marks})",
                 [BIG_MESSAGE, *wanted],
@@ -342,6 +344,7 @@ class QueueStore(StoreBase):
                     options=json.loads(r[5]),
                     raw=bytes(raw),
                     warnings_checked=bool(r[8]),
+                    credential=None if r[9] is None else str(r[9]),
                 )
             return loaded
 
