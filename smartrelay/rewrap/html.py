@@ -5,6 +5,12 @@ starts and gives its raw text; the new href values and the pixel are spliced int
 string at those offsets. Nothing is re-serialised, so comments (Outlook's ``<!--[if mso]>``
 included), scripts, styles, entities, whitespace, attribute order and broken markup come out
 exactly as they went in.
+
+Links are the hrefs of ``<a>``, ``<area>`` (image maps) and VML elements (``<v:roundrect>``,
+``<v:rect>``, any ``v:*``: Outlook's bulletproof buttons), in the document and inside
+downlevel-hidden conditional comments (``<!--[if mso]> ... <![endif]-->``), which Outlook
+renders as HTML while every other client sees a comment. The inside of such a comment is read
+by :func:`_conditional_links`, a forward-only scanner (linear time on any input).
 """
 
 from __future__ import annotations
@@ -49,6 +55,31 @@ _MARKED_SECTION_NAMES = frozenset(
     {"temp", "cdata", "ignore", "include", "rcdata", "if", "else", "endif"}
 )
 
+# The opening of a downlevel-hidden conditional comment, as the comment's data starts.
+_CONDITIONAL_OPENING = r"\[if(?=[\t\n\f\r (!])[^\]>]{0,200}\]>"
+_CONDITIONAL = re.compile(_CONDITIONAL_OPENING, re.IGNORECASE)
+# Inside one: a start tag's name, or a (nested) comment opening, conditional or not.
+_INNER = re.compile(
+    rf"<(?:(?P<name>[a-zA-Z][^\t\n\f\r />\x00]*)|!--(?P<conditional>{_CONDITIONAL_OPENING})?)",
+    re.IGNORECASE,
+)
+_TAG_STOP = re.compile(r"[>=]")
+_VALUE_START = re.compile(r"[\t\n\f\r ]*(?:(?P<quote>['\"])|[^\t\n\f\r >]*)")
+# Elements whose content is text, not markup, up to their end tag.
+_RAW_TEXT_END = {
+    name: re.compile(rf"</{name}(?=[\t\n\f\r />])", re.IGNORECASE)
+    for name in (
+        "script",
+        "style",
+        "title",
+        "textarea",
+        "xmp",
+        "iframe",
+        "noembed",
+        "noframes",
+    )
+}
+
 _TRACKED_SCHEMES = ("http://", "https://")
 _PLACEHOLDER_MARKS = ("{{", "}}", "{%", "%}", "*|", "|*", "[[", "]]", "<%")
 # A character reference as html.unescape finds them.
@@ -86,7 +117,8 @@ class _Edit:
 def rewrite_html(
     html: str, rewrite_url: Callable[[str], str] | None, pixel_url: str | None
 ) -> HtmlRewrite:
-    """Rewrite the http(s) links of ``<a href>`` with ``rewrite_url`` and add the open pixel
+    """Rewrite the http(s) links of ``<a href>``, ``<area href>`` and VML ``<v:* href>`` (also
+    inside Outlook's conditional comments) with ``rewrite_url`` and add the open pixel
     ``pixel_url`` before the last ``</body>``; ``None`` turns either off. The
     ``data-smartrelay-notrack`` attribute is removed in every case (SPEC section 3).
 
@@ -98,10 +130,23 @@ def rewrite_html(
     line_starts = _line_starts(html)
     edits: list[_Edit] = []
     links: list[str] = []
+    tags: list[tuple[int, str]] = []
     for (line, column), tag_text in scanner.anchors:
         offset = line_starts[line - 1] + column if line - 1 < len(line_starts) else -1
         if offset < 0 or not html.startswith(tag_text, offset):
             continue  # the tokenizer lost track of offsets here: leave this tag alone
+        tags.append((offset, tag_text))
+    for (line, column), data in scanner.conditionals:
+        offset = line_starts[line - 1] + column if line - 1 < len(line_starts) else -1
+        if (
+            offset < 0
+            or not html.startswith(data, offset + 4)
+            or html[offset : offset + 4] != "<!--"
+        ):
+            continue
+        tags.extend((offset + 4 + start, text) for start, text in _conditional_links(data))
+    tags.sort(key=lambda tag: tag[0])  # document order, for ``links``
+    for offset, tag_text in tags:
         for edit, link in _rewrite_anchor(tag_text, rewrite_url):
             edits.append(_Edit(offset + edit.start, offset + edit.end, edit.text))
             if link is not None:
@@ -127,11 +172,13 @@ def pixel_tag(pixel_url: str) -> str:
 
 
 class _Scanner(HTMLParser):
-    """Collects where ``<a>`` start tags (with their raw text) and ``</body>`` end tags are."""
+    """Collects where link start tags (``<a>``, ``<area>``, ``<v:*>``, with their raw text),
+    downlevel-hidden conditional comments (with their data) and ``</body>`` end tags are."""
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
         self.anchors: list[tuple[tuple[int, int], str]] = []
+        self.conditionals: list[tuple[tuple[int, int], str]] = []
         self.body_ends: list[tuple[int, int]] = []
 
     def scan(self, html: str) -> None:
@@ -142,10 +189,14 @@ class _Scanner(HTMLParser):
             pass
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag == "a":
+        if _is_link_tag(tag):
             text = self.get_starttag_text()
             if text is not None:
                 self.anchors.append((self.getpos(), text))
+
+    def handle_comment(self, data: str) -> None:
+        if _CONDITIONAL.match(data):
+            self.conditionals.append((self.getpos(), data))
 
     def handle_endtag(self, tag: str) -> None:
         if tag == "body":
@@ -160,6 +211,74 @@ class _Scanner(HTMLParser):
             ):
                 return self.parse_bogus_comment(i)
         return super().parse_html_declaration(i)
+
+
+def _is_link_tag(name: str) -> bool:
+    """Whether an href on a start tag of this (lower-case) name is a link a reader clicks."""
+    return name in ("a", "area") or (name.startswith("v:") and len(name) > 2)
+
+
+def _conditional_links(data: str) -> Iterator[tuple[int, str]]:
+    """The link start tags (offset in ``data``, raw text) inside the data of a downlevel-hidden
+    conditional comment (what is between ``<!--`` and ``-->``).
+
+    Read as Outlook reads it, as HTML: nested conditional openings (``<!--[if gte mso 9]>``)
+    are skipped over, a plain nested comment, the content of ``<style>`` and the like, and a
+    tag whose quoted value never closes hide the rest. Every step moves forward, so the time is
+    linear in ``data`` whatever it holds.
+    """
+    opening = _CONDITIONAL.match(data)
+    if opening is None:
+        return
+    position = opening.end()
+    while True:
+        found = _INNER.search(data, position)
+        if found is None:
+            return
+        name = found.group("name")
+        if name is None:  # "<!--"
+            if found.group("conditional") is not None:
+                position = found.end()
+                continue
+            close = data.find("-->", found.end())
+            if close < 0:
+                return
+            position = close + 3
+            continue
+        end = _start_tag_end(data, found.end())
+        if end < 0:
+            return
+        name = name.lower()
+        if _is_link_tag(name):
+            yield found.start(), data[found.start() : end]
+        position = end
+        raw_text_end = _RAW_TEXT_END.get(name)
+        if raw_text_end is not None:
+            close_tag = raw_text_end.search(data, position)
+            if close_tag is None:
+                return
+            position = close_tag.start()
+
+
+def _start_tag_end(text: str, position: int) -> int:
+    """Just after the ``>`` that ends the start tag whose attributes begin at ``position``;
+    -1 when it does not end (a quoted value left open runs to the end, as in HTML)."""
+    while True:
+        stop = _TAG_STOP.search(text, position)
+        if stop is None:
+            return -1
+        if stop.group() == ">":
+            return stop.end()
+        value = _VALUE_START.match(text, stop.end())
+        assert value is not None  # the pattern matches the empty string
+        quote = value.group("quote")
+        if quote is None:
+            position = value.end()
+            continue
+        close = text.find(quote, value.end())
+        if close < 0:
+            return -1
+        position = close + 1
 
 
 def _line_starts(text: str) -> list[int]:
