@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest_twisted
 import treq
+from twisted.web.http_headers import Headers
 
 from tests.conftest import real_reactor
 from tests.support.delivery_relay import (
@@ -28,6 +29,9 @@ FIXTURES = Path(__file__).parent / "fixtures" / "vml"
 # As a mail client opens it: percent escapes, a non-ASCII name, a fragment, kept exactly.
 ORIGINAL_URL = "https://shop.example.com/confirm?id=42&lang=fr&q=%20x&name=J%C3%B6rg#top"
 AREA_URL = "https://shop.example.com/map?shop=lyon&ref=banner"
+OUTLOOK = Headers(
+    {"User-Agent": ["Microsoft Office/16.0 (Windows NT 10.0; Microsoft Outlook 16.0)"]}
+)
 
 
 def message(extra_header: str = "") -> bytes:
@@ -112,7 +116,7 @@ async def test_outlook_button_and_image_map_clicks_are_tracked_through_a_real_re
     assert "<![endif]--><a href=" in tracked
 
     # Outlook's click: 302 to the byte-exact original URL, and a clicked event with it.
-    response = await treq.get(vml_link, allow_redirects=False, headers={"User-Agent": "Outlook"})
+    response = await treq.get(vml_link, allow_redirects=False, headers=OUTLOOK)
     assert response.code == 302
     assert response.headers.getRawHeaders("Location") == [ORIGINAL_URL]
     await response.content()
