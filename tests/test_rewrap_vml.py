@@ -188,6 +188,16 @@ def test_the_token_is_written_escaped_for_the_quote_in_use() -> None:
     )
 
 
+def test_a_new_value_cannot_end_the_conditional_comment() -> None:
+    html = '<!--[if mso]><v:rect href="https://x.test/"><![endif]--><a href="https://x.test/">'
+    result = rewrite_html(html, lambda url: "https://t.test/c/a-->b-- >c", None)
+    assert result.html == (
+        '<!--[if mso]><v:rect href="https://t.test/c/a--&gt;b-- &gt;c"><![endif]-->'
+        '<a href="https://t.test/c/a-->b-- >c">'
+    )
+    assert result.links == ("https://x.test/", "https://x.test/")
+
+
 # --- hostile input: linear time, no exceptions ----------------------------------------------
 
 SIZE = 1_000_000

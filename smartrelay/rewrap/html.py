@@ -130,12 +130,12 @@ def rewrite_html(
     line_starts = _line_starts(html)
     edits: list[_Edit] = []
     links: list[str] = []
-    tags: list[tuple[int, str]] = []
+    tags: list[tuple[int, str, bool]] = []  # offset, raw text, inside a comment
     for (line, column), tag_text in scanner.anchors:
         offset = line_starts[line - 1] + column if line - 1 < len(line_starts) else -1
         if offset < 0 or not html.startswith(tag_text, offset):
             continue  # the tokenizer lost track of offsets here: leave this tag alone
-        tags.append((offset, tag_text))
+        tags.append((offset, tag_text, False))
     for (line, column), data in scanner.conditionals:
         offset = line_starts[line - 1] + column if line - 1 < len(line_starts) else -1
         if (
@@ -144,10 +144,10 @@ def rewrite_html(
             or html[offset : offset + 4] != "<!--"
         ):
             continue
-        tags.extend((offset + 4 + start, text) for start, text in _conditional_links(data))
+        tags.extend((offset + 4 + start, text, True) for start, text in _conditional_links(data))
     tags.sort(key=lambda tag: tag[0])  # document order, for ``links``
-    for offset, tag_text in tags:
-        for edit, link in _rewrite_anchor(tag_text, rewrite_url):
+    for offset, tag_text, in_comment in tags:
+        for edit, link in _rewrite_anchor(tag_text, rewrite_url, in_comment):
             edits.append(_Edit(offset + edit.start, offset + edit.end, edit.text))
             if link is not None:
                 links.append(link)
@@ -347,9 +347,10 @@ def href_value(tag_text: str) -> str | None:
 
 
 def _rewrite_anchor(
-    tag_text: str, rewrite_url: Callable[[str], str] | None
+    tag_text: str, rewrite_url: Callable[[str], str] | None, in_comment: bool = False
 ) -> list[tuple[_Edit, str | None]]:
-    """Edits (offsets in ``tag_text``) for one ``<a>`` start tag, each with the link it tracks."""
+    """Edits (offsets in ``tag_text``) for one link start tag, each with the link it tracks.
+    In a comment, a ``>`` of the new value is written ``&gt;`` (``-->`` would end it)."""
     if rewrite_url is None and NOTRACK_ATTRIBUTE not in tag_text.lower():
         return []
     attributes = _attributes(tag_text)
@@ -369,6 +370,8 @@ def _rewrite_anchor(
     if new_url == url:
         return []  # nothing to change: keep the source text exactly as written
     new_value = _escape_attribute(new_url, href.quote)
+    if in_comment:
+        new_value = new_value.replace(">", "&gt;")
     if not href.quote and not new_value:
         new_value = '""'
     return [(_Edit(href.value_start, href.value_end, new_value), url)]
