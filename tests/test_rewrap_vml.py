@@ -188,6 +188,19 @@ def test_the_token_is_written_escaped_for_the_quote_in_use() -> None:
     )
 
 
+def test_the_endif_closing_a_nested_conditional_comment_hides_nothing_after_it() -> None:
+    """``<![endif]-->`` left over by a nested conditional comment is a bogus comment up to its
+    ``>`` (as in browsers): the links after it are found, up to the next ``<![if]>`` and past."""
+    html = (
+        "<!--[if mso]><!--[if gte mso 12]><v:rect href=https://x.test/1><![endif]--><![endif]-->"
+        '<a href="https://x.test/2">x</a>'
+        "<![if !mso]><a href=https://x.test/3>y</a><![endif]><a href=https://x.test/4>"
+    )
+    result, seen = track(html)
+    assert seen == [f"https://x.test/{n}" for n in (1, 2, 3, 4)]
+    assert undo(result.html, [f"https://x.test/{n}" for n in (1, 2, 3, 4)]) == html
+
+
 def test_a_new_value_cannot_end_the_conditional_comment() -> None:
     html = '<!--[if mso]><v:rect href="https://x.test/"><![endif]--><a href="https://x.test/">'
     result = rewrite_html(html, lambda url: "https://t.test/c/a-->b-- >c", None)
@@ -220,6 +233,13 @@ SIZE = 1_000_000
         # one huge attribute, and huge conditional expressions
         "<!--[if mso]><v:rect title='" + "x" * SIZE + "' href=https://x.test/big><![endif]-->",
         "<!--[if " + "m" * SIZE + "]><v:rect href=https://x.test/expr><![endif]-->",
+        # the same outside any comment: unterminated comments and marked sections
+        "<!--" * (SIZE // 4),
+        "<!--[if mso]>" * (SIZE // 13),
+        "<![endif]-->" * (SIZE // 12),
+        "<![CDATA[" * (SIZE // 9),
+        "<![if " * (SIZE // 6),
+        "<!x " * (SIZE // 4),
         # many small buttons
         "<!--[if mso]><v:roundrect href='https://x.test/?a=1&amp;b=2'></v:roundrect><![endif]-->"
         * (SIZE // 84),
@@ -236,6 +256,12 @@ SIZE = 1_000_000
         "broken-openings",
         "huge-attribute",
         "huge-expression",
+        "document-open-comments",
+        "document-open-conditionals",
+        "document-endifs",
+        "document-open-cdata",
+        "document-open-office-sections",
+        "document-bogus-comments",
         "many-buttons",
         "many-areas",
     ],

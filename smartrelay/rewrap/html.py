@@ -80,6 +80,11 @@ _RAW_TEXT_END = {
     )
 }
 
+# Office's downlevel-revealed conditionals, "<![if !mso]>" ... "<![endif]>": read by html.parser
+# as marked sections when closed by "]>" (the name and expression bounded).
+_OFFICE_SECTION_NAMES = frozenset({"if", "else", "endif"})
+_OFFICE_SECTION = re.compile(r"<!\[[a-zA-Z]+(?:[\t\n\f\r ][^\]>]{0,1000})?\][\t\n\f\r ]*>")
+
 _TRACKED_SCHEMES = ("http://", "https://")
 _PLACEHOLDER_MARKS = ("{{", "}}", "{%", "%}", "*|", "|*", "[[", "]]", "<%")
 # A character reference as html.unescape finds them.
@@ -180,10 +185,15 @@ class _Scanner(HTMLParser):
         self.anchors: list[tuple[tuple[int, int], str]] = []
         self.conditionals: list[tuple[tuple[int, int], str]] = []
         self.body_ends: list[tuple[int, int]] = []
+        self._failed_text: str | None = None
+        self._failed_from: dict[str, int] = {}
 
     def scan(self, html: str) -> None:
+        # Only up to the last ">": whatever this scanner records ends with one, and past it
+        # html.parser's close() would search the rest for a ">" at every unterminated "<!--"
+        # or "<![", quadratic time.
         try:
-            self.feed(html)
+            self.feed(html[: html.rfind(">") + 1])
             self.close()
         except Exception:  # what was found before still has exact offsets
             pass
@@ -206,11 +216,49 @@ class _Scanner(HTMLParser):
         rawdata = self.rawdata
         if rawdata.startswith("<![", i) and len(rawdata) > i + 3:
             match = _MARKED_SECTION.match(rawdata, i)
-            if match is None or (
-                match.group(1).lower() not in _MARKED_SECTION_NAMES and match.end() < len(rawdata)
+            name = match.group(1).lower() if match is not None else ""
+            if (
+                match is None
+                or (name not in _MARKED_SECTION_NAMES and match.end() < len(rawdata))
+                or (name in _OFFICE_SECTION_NAMES and not _OFFICE_SECTION.match(rawdata, i))
             ):
+                # also Office's "<![endif]" not closed by "]>": the "<![endif]-->" that ends a
+                # nested conditional comment, which html.parser would run on to the next "]>"
                 return self.parse_bogus_comment(i)
         return super().parse_html_declaration(i)
+
+    # Searches to the end of the text that found nothing are remembered, so that a document
+    # of many unterminated comments ("<!--" or nested "<!--[if mso]>" repeated) or marked
+    # sections is read in linear time: html.parser, at close(), makes the unterminated one
+    # text and tries again at the next "<", searching to the end each time.
+
+    def parse_comment(self, i: int, report: bool = True) -> int:
+        return self._unless_known_to_fail(
+            "-->", i + 4, lambda: super(_Scanner, self).parse_comment(i, report)
+        )
+
+    def parse_marked_section(self, i: int, report: bool = True) -> int:
+        return self._unless_known_to_fail(
+            "]]>", i + 3, lambda: super(_Scanner, self).parse_marked_section(i, report)
+        )
+
+    def parse_bogus_comment(self, i: int, report: bool = True) -> int:
+        return self._unless_known_to_fail(
+            ">", i + 2, lambda: super(_Scanner, self).parse_bogus_comment(i, report)
+        )
+
+    def _unless_known_to_fail(self, end: str, start: int, parse: Callable[[], int]) -> int:
+        """``parse()``, or -1 when a search for ``end`` in the same text from ``start`` or
+        before found nothing (the text is fed once: what is not there later never will be)."""
+        if self._failed_text is not self.rawdata:
+            self._failed_text = self.rawdata
+            self._failed_from = {}
+        if start >= self._failed_from.get(end, len(self.rawdata) + 1):
+            return -1
+        result = parse()
+        if result < 0:
+            self._failed_from[end] = min(start, self._failed_from.get(end, start))
+        return result
 
 
 def _is_link_tag(name: str) -> bool:
