@@ -201,6 +201,15 @@ def test_the_endif_closing_a_nested_conditional_comment_hides_nothing_after_it()
     assert undo(result.html, [f"https://x.test/{n}" for n in (1, 2, 3, 4)]) == html
 
 
+def test_an_unterminated_cdata_section_does_not_hide_office_sections_after_it() -> None:
+    html = (
+        "<![CDATA[ x > <![if !mso]><a href=https://x.test/1><![endif]>"
+        "<!-- <a href=https://x.test/no> --><a href=https://x.test/2>"
+    )
+    _, seen = track(html)
+    assert seen == ["https://x.test/1", "https://x.test/2"]
+
+
 def test_a_new_value_cannot_end_the_conditional_comment() -> None:
     html = '<!--[if mso]><v:rect href="https://x.test/"><![endif]--><a href="https://x.test/">'
     result = rewrite_html(html, lambda url: "https://t.test/c/a-->b-- >c", None)

@@ -238,8 +238,12 @@ class _Scanner(HTMLParser):
         )
 
     def parse_marked_section(self, i: int, report: bool = True) -> int:
-        return self._unless_known_to_fail(
-            "]]>", i + 3, lambda: super(_Scanner, self).parse_marked_section(i, report)
+        name = _MARKED_SECTION.match(self.rawdata, i)
+        office = name is not None and name.group(1).lower() in _OFFICE_SECTION_NAMES
+        return self._unless_known_to_fail(  # Office's end with "]>", the others with "]]>"
+            "]>" if office else "]]>",
+            i + 3,
+            lambda: super(_Scanner, self).parse_marked_section(i, report),
         )
 
     def parse_bogus_comment(self, i: int, report: bool = True) -> int:
