@@ -249,6 +249,8 @@ SIZE = 1_000_000
         "<![CDATA[" * (SIZE // 9),
         "<![if " * (SIZE // 6),
         "<!x " * (SIZE // 4),
+        "<a href='x' " * (SIZE // 12),
+        "<a href='x' " * (SIZE // 12) + ">",
         # many small buttons
         "<!--[if mso]><v:roundrect href='https://x.test/?a=1&amp;b=2'></v:roundrect><![endif]-->"
         * (SIZE // 84),
@@ -271,6 +273,8 @@ SIZE = 1_000_000
         "document-open-cdata",
         "document-open-office-sections",
         "document-bogus-comments",
+        "document-unended-anchors",
+        "document-unended-anchors-then-gt",
         "many-buttons",
         "many-areas",
     ],
