@@ -180,13 +180,16 @@ def test_rewrite_url_returning_the_same_url_changes_nothing() -> None:
         '<a href="">',
         "<a href=>",
         '<a name="x" id="y">',
-        '<area shape="rect" coords="0,0,1,1" href="https://x.test/area">',
+        '<area shape="rect" coords="0,0,1,1" nohref alt="x">',
         '<link rel="stylesheet" href="https://x.test/s.css">',
         '<base href="https://x.test/">',
         '<img src="https://x.test/i.png">',
         '<abbr href="https://x.test/not-a">',
         '<a-b href="https://x.test/custom-element">',
-        '<v:roundrect href="https://x.test/vml">',
+        '<v:fill type="tile" src="https://x.test/bg.png" color="#fff" />',
+        '<v: href="https://x.test/no-local-name">',
+        '<w:anchorlock href="https://x.test/not-vml">',
+        '<vml href="https://x.test/not-vml">',
         '<a href="mailto:someone@x.test?subject=Hi&amp;body=x">',
         '<a href="MAILTO:someone@x.test">',
         '<a href="tel:+15555550100">',
@@ -254,6 +257,7 @@ def test_notrack_only_affects_its_own_link() -> None:
 
 
 def test_links_in_comments_scripts_styles_and_cdata_are_not_rewritten() -> None:
+    """Only conditional comments (Outlook's, issue 18) hold links; see test_rewrap_vml.py."""
     html = (
         '<!-- <a href="https://x.test/comment"> -->'
         '<!--[if mso]><a href="https://x.test/mso">mso</a><![endif]-->'
@@ -264,8 +268,9 @@ def test_links_in_comments_scripts_styles_and_cdata_are_not_rewritten() -> None:
         '<![if !supportLists]>&middot;<![endif]><a href="https://x.test/after">after</a>'
     )
     result, tracker = track(html)
-    assert tracker.seen == ["https://x.test/live", "https://x.test/after"]
-    assert undo(result.html, ["https://x.test/live", "https://x.test/after"]) == html
+    seen = ["https://x.test/mso", "https://x.test/live", "https://x.test/after"]
+    assert tracker.seen == seen
+    assert undo(result.html, seen) == html
 
 
 def test_everything_else_is_byte_identical() -> None:
@@ -392,11 +397,21 @@ def _document(draw: st.DrawFn) -> tuple[str, list[str]]:
             before = draw(st.lists(_OTHER_ATTRIBUTE, max_size=2))
             after = draw(st.lists(_OTHER_ATTRIBUTE, max_size=2))
             sep = draw(st.sampled_from([" ", "\n", "\t "]))
-            tag = draw(st.sampled_from(["a", "A"]))
+            tag = draw(st.sampled_from(["a", "A", "area", "AREA", "v:roundrect", "V:Rect"]))
             end = draw(st.sampled_from([">", " >", "/>"]))
             if end == "/>" and not attribute.endswith(("'", '"')):
                 end = " />"
-            pieces.append(sep.join([f"<{tag}", *before, attribute, *after]) + end)
+            markup = sep.join([f"<{tag}", *before, attribute, *after]) + end
+            wrap = draw(
+                st.sampled_from(
+                    [
+                        "{}",
+                        "<!--[if mso]>{}<![endif]-->",
+                        "<!--[if (gte mso 9)|(IE)]>\n{}\n<![endif]-->",
+                    ]
+                )
+            )
+            pieces.append(wrap.format(markup))
             tracked.append(raw)
         elif kind == 1:
             pieces.append(f"<a {draw(_UNTRACKED_HREF)}>")
@@ -406,12 +421,12 @@ def _document(draw: st.DrawFn) -> tuple[str, list[str]]:
                 st.sampled_from(
                     [
                         "<!-- <a {}> -->",
-                        "<!--[if mso]><a {}><![endif]-->",
+                        "<!--[if mso]><!-- <a {}> --><![endif]-->",
                         "<script>'<a {}>'</script>",
                         "<style>/* <a {}> */</style>",
                         "<![CDATA[<a {}>]]>",
-                        "<area {}>",
                         "<link {}>",
+                        "<w:anchorlock {}/>",
                     ]
                 )
             )

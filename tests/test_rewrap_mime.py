@@ -86,11 +86,13 @@ CASES = [
             "https://shop.example/track?id=1&amp;lang=en",
             "http://shop.example/orders/42#items",
             "https://shop.example/help",
+            "https://shop.example/from-area",  # an image map's area (issue 18)
         ),
         links=(
             "https://shop.example/track?id=1&lang=en",
             "http://shop.example/orders/42#items",
             "https://shop.example/help",
+            "https://shop.example/from-area",
         ),
         restore=(('<a class="quiet" href=', '<a class="quiet" data-smartrelay-notrack href='),),
     ),
@@ -183,11 +185,15 @@ CASES = [
     ),
     Case(
         "outlook",
+        # the VML button and the <a> inside its conditional comment are links too (issue 18)
         hrefs=(
             "https://intranet.example/q1?view=deck&amp;lang=en",
-            "https://intranet.example/rsvp",
+            *["https://intranet.example/rsvp"] * 3,
         ),
-        links=("https://intranet.example/q1?view=deck&lang=en", "https://intranet.example/rsvp"),
+        links=(
+            "https://intranet.example/q1?view=deck&lang=en",
+            *["https://intranet.example/rsvp"] * 3,
+        ),
     ),
 ]
 UNCHANGED = ["no_html", "signed", "smime_encrypted"]

@@ -5,6 +5,12 @@ starts and gives its raw text; the new href values and the pixel are spliced int
 string at those offsets. Nothing is re-serialised, so comments (Outlook's ``<!--[if mso]>``
 included), scripts, styles, entities, whitespace, attribute order and broken markup come out
 exactly as they went in.
+
+Links are the hrefs of ``<a>``, ``<area>`` (image maps) and VML elements (``<v:roundrect>``,
+``<v:rect>``, any ``v:*``: Outlook's bulletproof buttons), in the document and inside
+downlevel-hidden conditional comments (``<!--[if mso]> ... <![endif]-->``), which Outlook
+renders as HTML while every other client sees a comment. The inside of such a comment is read
+by :func:`_conditional_links`, a forward-only scanner (linear time on any input).
 """
 
 from __future__ import annotations
@@ -49,6 +55,36 @@ _MARKED_SECTION_NAMES = frozenset(
     {"temp", "cdata", "ignore", "include", "rcdata", "if", "else", "endif"}
 )
 
+# The opening of a downlevel-hidden conditional comment, as the comment's data starts.
+_CONDITIONAL_OPENING = r"\[if(?=[\t\n\f\r (!])[^\]>]{0,200}\]>"
+_CONDITIONAL = re.compile(_CONDITIONAL_OPENING, re.IGNORECASE)
+# Inside one: a start tag's name, or a (nested) comment opening, conditional or not.
+_INNER = re.compile(
+    rf"<(?:(?P<name>[a-zA-Z][^\t\n\f\r />\x00]*)|!--(?P<conditional>{_CONDITIONAL_OPENING})?)",
+    re.IGNORECASE,
+)
+_TAG_STOP = re.compile(r"[>=]")
+_VALUE_START = re.compile(r"[\t\n\f\r ]*(?:(?P<quote>['\"])|[^\t\n\f\r >]*)")
+# Elements whose content is text, not markup, up to their end tag.
+_RAW_TEXT_END = {
+    name: re.compile(rf"</{name}(?=[\t\n\f\r />])", re.IGNORECASE)
+    for name in (
+        "script",
+        "style",
+        "title",
+        "textarea",
+        "xmp",
+        "iframe",
+        "noembed",
+        "noframes",
+    )
+}
+
+# Office's downlevel-revealed conditionals, "<![if !mso]>" ... "<![endif]>": read by html.parser
+# as marked sections when closed by "]>" (the name and expression bounded).
+_OFFICE_SECTION_NAMES = frozenset({"if", "else", "endif"})
+_OFFICE_SECTION = re.compile(r"<!\[[a-zA-Z]+(?:[\t\n\f\r ][^\]>]{0,1000})?\][\t\n\f\r ]*>")
+
 _TRACKED_SCHEMES = ("http://", "https://")
 _PLACEHOLDER_MARKS = ("{{", "}}", "{%", "%}", "*|", "|*", "[[", "]]", "<%")
 # A character reference as html.unescape finds them.
@@ -86,7 +122,8 @@ class _Edit:
 def rewrite_html(
     html: str, rewrite_url: Callable[[str], str] | None, pixel_url: str | None
 ) -> HtmlRewrite:
-    """Rewrite the http(s) links of ``<a href>`` with ``rewrite_url`` and add the open pixel
+    """Rewrite the http(s) links of ``<a href>``, ``<area href>`` and VML ``<v:* href>`` (also
+    inside Outlook's conditional comments) with ``rewrite_url`` and add the open pixel
     ``pixel_url`` before the last ``</body>``; ``None`` turns either off. The
     ``data-smartrelay-notrack`` attribute is removed in every case (SPEC section 3).
 
@@ -98,11 +135,24 @@ def rewrite_html(
     line_starts = _line_starts(html)
     edits: list[_Edit] = []
     links: list[str] = []
+    tags: list[tuple[int, str, bool]] = []  # offset, raw text, inside a comment
     for (line, column), tag_text in scanner.anchors:
         offset = line_starts[line - 1] + column if line - 1 < len(line_starts) else -1
         if offset < 0 or not html.startswith(tag_text, offset):
             continue  # the tokenizer lost track of offsets here: leave this tag alone
-        for edit, link in _rewrite_anchor(tag_text, rewrite_url):
+        tags.append((offset, tag_text, False))
+    for (line, column), data in scanner.conditionals:
+        offset = line_starts[line - 1] + column if line - 1 < len(line_starts) else -1
+        if (
+            offset < 0
+            or not html.startswith(data, offset + 4)
+            or html[offset : offset + 4] != "<!--"
+        ):
+            continue
+        tags.extend((offset + 4 + start, text, True) for start, text in _conditional_links(data))
+    tags.sort(key=lambda tag: tag[0])  # document order, for ``links``
+    for offset, tag_text, in_comment in tags:
+        for edit, link in _rewrite_anchor(tag_text, rewrite_url, in_comment):
             edits.append(_Edit(offset + edit.start, offset + edit.end, edit.text))
             if link is not None:
                 links.append(link)
@@ -127,25 +177,36 @@ def pixel_tag(pixel_url: str) -> str:
 
 
 class _Scanner(HTMLParser):
-    """Collects where ``<a>`` start tags (with their raw text) and ``</body>`` end tags are."""
+    """Collects where link start tags (``<a>``, ``<area>``, ``<v:*>``, with their raw text),
+    downlevel-hidden conditional comments (with their data) and ``</body>`` end tags are."""
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
         self.anchors: list[tuple[tuple[int, int], str]] = []
+        self.conditionals: list[tuple[tuple[int, int], str]] = []
         self.body_ends: list[tuple[int, int]] = []
+        self._failed_text: str | None = None
+        self._failed_from: dict[str, int] = {}
 
     def scan(self, html: str) -> None:
+        # Only up to the last ">": whatever this scanner records ends with one, and past it
+        # html.parser's close() would search the rest for a ">" at every unterminated "<!--"
+        # or "<![", quadratic time.
         try:
-            self.feed(html)
+            self.feed(html[: html.rfind(">") + 1])
             self.close()
         except Exception:  # what was found before still has exact offsets
             pass
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag == "a":
+        if _is_link_tag(tag):
             text = self.get_starttag_text()
             if text is not None:
                 self.anchors.append((self.getpos(), text))
+
+    def handle_comment(self, data: str) -> None:
+        if _CONDITIONAL.match(data):
+            self.conditionals.append((self.getpos(), data))
 
     def handle_endtag(self, tag: str) -> None:
         if tag == "body":
@@ -155,11 +216,121 @@ class _Scanner(HTMLParser):
         rawdata = self.rawdata
         if rawdata.startswith("<![", i) and len(rawdata) > i + 3:
             match = _MARKED_SECTION.match(rawdata, i)
-            if match is None or (
-                match.group(1).lower() not in _MARKED_SECTION_NAMES and match.end() < len(rawdata)
+            name = match.group(1).lower() if match is not None else ""
+            if (
+                match is None
+                or (name not in _MARKED_SECTION_NAMES and match.end() < len(rawdata))
+                or (name in _OFFICE_SECTION_NAMES and not _OFFICE_SECTION.match(rawdata, i))
             ):
+                # also Office's "<![endif]" not closed by "]>": the "<![endif]-->" that ends a
+                # nested conditional comment, which html.parser would run on to the next "]>"
                 return self.parse_bogus_comment(i)
         return super().parse_html_declaration(i)
+
+    # Searches to the end of the text that found nothing are remembered, so that a document
+    # of many unterminated comments ("<!--" or nested "<!--[if mso]>" repeated) or marked
+    # sections is read in linear time: html.parser, at close(), makes the unterminated one
+    # text and tries again at the next "<", searching to the end each time.
+
+    def parse_comment(self, i: int, report: bool = True) -> int:
+        return self._unless_known_to_fail(
+            "-->", i + 4, lambda: super(_Scanner, self).parse_comment(i, report)
+        )
+
+    def parse_marked_section(self, i: int, report: bool = True) -> int:
+        name = _MARKED_SECTION.match(self.rawdata, i)
+        office = name is not None and name.group(1).lower() in _OFFICE_SECTION_NAMES
+        return self._unless_known_to_fail(  # Office's end with "]>", the others with "]]>"
+            "]>" if office else "]]>",
+            i + 3,
+            lambda: super(_Scanner, self).parse_marked_section(i, report),
+        )
+
+    def parse_bogus_comment(self, i: int, report: bool = True) -> int:
+        return self._unless_known_to_fail(
+            ">", i + 2, lambda: super(_Scanner, self).parse_bogus_comment(i, report)
+        )
+
+    def _unless_known_to_fail(self, end: str, start: int, parse: Callable[[], int]) -> int:
+        """``parse()``, or -1 when a search for ``end`` in the same text from ``start`` or
+        before found nothing (the text is fed once: what is not there later never will be)."""
+        if self._failed_text is not self.rawdata:
+            self._failed_text = self.rawdata
+            self._failed_from = {}
+        if start >= self._failed_from.get(end, len(self.rawdata) + 1):
+            return -1
+        result = parse()
+        if result < 0:
+            self._failed_from[end] = min(start, self._failed_from.get(end, start))
+        return result
+
+
+def _is_link_tag(name: str) -> bool:
+    """Whether an href on a start tag of this (lower-case) name is a link a reader clicks."""
+    return name in ("a", "area") or (name.startswith("v:") and len(name) > 2)
+
+
+def _conditional_links(data: str) -> Iterator[tuple[int, str]]:
+    """The link start tags (offset in ``data``, raw text) inside the data of a downlevel-hidden
+    conditional comment (what is between ``<!--`` and ``-->``).
+
+    Read as Outlook reads it, as HTML: nested conditional openings (``<!--[if gte mso 9]>``)
+    are skipped over, a plain nested comment, the content of ``<style>`` and the like, and a
+    tag whose quoted value never closes hide the rest. Every step moves forward, so the time is
+    linear in ``data`` whatever it holds.
+    """
+    opening = _CONDITIONAL.match(data)
+    if opening is None:
+        return
+    position = opening.end()
+    while True:
+        found = _INNER.search(data, position)
+        if found is None:
+            return
+        name = found.group("name")
+        if name is None:  # "<!--"
+            if found.group("conditional") is not None:
+                position = found.end()
+                continue
+            close = data.find("-->", found.end())
+            if close < 0:
+                return
+            position = close + 3
+            continue
+        end = _start_tag_end(data, found.end())
+        if end < 0:
+            return
+        name = name.lower()
+        if _is_link_tag(name):
+            yield found.start(), data[found.start() : end]
+        position = end
+        raw_text_end = _RAW_TEXT_END.get(name)
+        if raw_text_end is not None:
+            close_tag = raw_text_end.search(data, position)
+            if close_tag is None:
+                return
+            position = close_tag.start()
+
+
+def _start_tag_end(text: str, position: int) -> int:
+    """Just after the ``>`` that ends the start tag whose attributes begin at ``position``;
+    -1 when it does not end (a quoted value left open runs to the end, as in HTML)."""
+    while True:
+        stop = _TAG_STOP.search(text, position)
+        if stop is None:
+            return -1
+        if stop.group() == ">":
+            return stop.end()
+        value = _VALUE_START.match(text, stop.end())
+        assert value is not None  # the pattern matches the empty string
+        quote = value.group("quote")
+        if quote is None:
+            position = value.end()
+            continue
+        close = text.find(quote, value.end())
+        if close < 0:
+            return -1
+        position = close + 1
 
 
 def _line_starts(text: str) -> list[int]:
@@ -228,9 +399,10 @@ def href_value(tag_text: str) -> str | None:
 
 
 def _rewrite_anchor(
-    tag_text: str, rewrite_url: Callable[[str], str] | None
+    tag_text: str, rewrite_url: Callable[[str], str] | None, in_comment: bool = False
 ) -> list[tuple[_Edit, str | None]]:
-    """Edits (offsets in ``tag_text``) for one ``<a>`` start tag, each with the link it tracks."""
+    """Edits (offsets in ``tag_text``) for one link start tag, each with the link it tracks.
+    In a comment, a ``>`` of the new value is written ``&gt;`` (``-->`` would end it)."""
     if rewrite_url is None and NOTRACK_ATTRIBUTE not in tag_text.lower():
         return []
     attributes = _attributes(tag_text)
@@ -250,6 +422,8 @@ def _rewrite_anchor(
     if new_url == url:
         return []  # nothing to change: keep the source text exactly as written
     new_value = _escape_attribute(new_url, href.quote)
+    if in_comment:
+        new_value = new_value.replace(">", "&gt;")
     if not href.quote and not new_value:
         new_value = '""'
     return [(_Edit(href.value_start, href.value_end, new_value), url)]
