@@ -39,6 +39,7 @@ from smartrelay.delivery.manager import (
     DeliveryTunables,
     node_id_for,
 )
+from smartrelay.delivery.mta_sts import MtaSts, PolicyFetcher
 from smartrelay.delivery.mx import MxResolver, make_system_resolver
 from smartrelay.delivery.processes import DeliveryProcesses, worker_command
 from smartrelay.feedback.mailboxes import (
@@ -171,11 +172,12 @@ class RelayService(MultiService):
         self.delivery: DeliveryManager | None = None
         delivery_service: IService
         if role == "delivery" or config.delivery.processes == 0:
+            resolver = make_system_resolver(reactor)  # MX and MTA-STS lookups
             self.delivery = delivery_service = DeliveryManager(
                 reactor,
                 config.delivery,
                 self.storage.when_ready,
-                MxResolver(make_system_resolver(reactor), reactor),
+                MxResolver(resolver, reactor),
                 SmtpConnector(
                     reactor,
                     config.server.hostname,
@@ -193,6 +195,11 @@ class RelayService(MultiService):
                 tunables=delivery_tunables,
                 node_id=f"{node_id}-d{worker_index}" if role == "delivery" else node_id,
                 metrics=self.metrics,
+                mta_sts=(
+                    MtaSts(reactor, resolver, PolicyFetcher(reactor, resolver).fetch)
+                    if config.delivery.mta_sts
+                    else None
+                ),
             )
         else:
             config_path = os.path.abspath(config.path)

@@ -39,6 +39,7 @@ from smartrelay.delivery.client import (
     ServerReply,
     SmtpClientError,
 )
+from smartrelay.delivery.mta_sts import MtaSts, StsGate
 from smartrelay.delivery.mx import MxResolver, PermanentRoutingError, TemporaryRoutingError
 from smartrelay.delivery.retry import schedule_retry
 from smartrelay.delivery.routing import NextHop, ResolvedRoute, Router
@@ -189,10 +190,12 @@ class DeliveryManager(Service):
         node_id: str | None = None,
         rng: random.Random | None = None,
         metrics: RelayMetrics | None = None,
+        mta_sts: MtaSts | None = None,
     ) -> None:
         """``connector`` opens a session with a next hop (:class:`SmtpConnector` in
         production); ``chain_factory`` builds the re-wrap chain once the store is ready;
-        ``metrics``: where recorded outcomes are counted (docs/metrics.md)."""
+        ``metrics``: where recorded outcomes are counted (docs/metrics.md); ``mta_sts``: the
+        recipient domains' MTA-STS policies, applied on ``mx`` routes (None: not looked up)."""
         self._clock = clock
         self._metrics = metrics
         self._config = config
@@ -203,6 +206,7 @@ class DeliveryManager(Service):
         self._chain_factory = chain_factory
         self._chain: RewrapChain | None = None
         self._mx = mx_resolver
+        self._sts = mta_sts
         self.router = Router(config.routes)
         self.throttles = Throttles(clock, config.throttles, config.max_connections)
         self.node_id = node_id or f"{socket.gethostname()}-{secrets.token_hex(4)}"
@@ -709,10 +713,16 @@ class DeliveryManager(Service):
             except Exception:
                 log.failure("{key}: looking up the next hops failed", key=destination.key)
                 return None, _local_reply("internal error looking up the next hops", "4.3.0")
+        gate: StsGate | None = None
+        if route.static_hop is None and self._sts is not None:
+            gate = await self._sts.gate_for(job.domain, self._store)
         last: ServerReply = _local_reply("no next hop")
         for hop in hops:
             try:
-                connection, refusal = await self._connector(hop)
+                if gate is not None:  # MTA-STS: StsRefused when its policy rules the hop out
+                    connection, refusal = await gate.connect(self._connector, hop)
+                else:
+                    connection, refusal = await self._connector(hop)
             except (SmtpClientError, DeferredTimeout) as error:
                 last = _local_reply(str(error) or "timeout")
                 log.info("{key}: {host}: {error}", key=destination.key, host=hop.host, error=error)
