@@ -304,6 +304,8 @@ class DeliveryManager(Service):
                 await worker
             if grace.active():
                 grace.cancel()
+        if self._sts is not None:
+            await self._sts.flush()  # the last sessions' TLS results
 
     def _cut_connections(self) -> None:
         for connection in list(self._connections):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
 import ssl as stdlib_ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -389,8 +390,10 @@ class PolicyFetcher:
             except Exception:  # NXDOMAIN, or no record of this type: try the next
                 continue
             for record in answers:
-                if record.type in (dns.A, dns.AAAA):
+                if record.type == dns.A:
                     return cast(str, record.payload.dottedQuad())
+                if record.type == dns.AAAA:
+                    return socket.inet_ntop(socket.AF_INET6, record.payload.address)
         raise StsError(f"{host} has no address")
 
 
@@ -639,16 +642,22 @@ class MtaSts:
             self._flush_call = self._clock.callLater(RESULTS_FLUSH, self._flush)
 
     def _flush(self) -> None:
+        Deferred.fromCoroutine(self.flush())
+
+    async def flush(self) -> None:
+        """Write the results counted so far (the delivery manager's stop waits for it)."""
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
         results, self._results = self._results, []
         if not results or self._store is None:
             return
-        Deferred.fromCoroutine(self._store.add_tls_results(results)).addErrback(
-            lambda f: log.warn(
-                "MTA-STS: {n} TLS result(s) not recorded ({error})",
-                n=len(results),
-                error=f.getErrorMessage(),
+        try:
+            await self._store.add_tls_results(results)
+        except Exception as error:
+            log.warn(
+                "MTA-STS: {n} TLS result(s) not recorded ({error})", n=len(results), error=error
             )
-        )
 
 
 async def _share(pending: Deferred[StsPolicy | None]) -> StsPolicy | None:
