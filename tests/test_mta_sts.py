@@ -13,6 +13,7 @@ from typing import Any, cast
 import pytest
 import pytest_twisted
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.verification import Store as X509Store
 from twisted.internet.defer import succeed
 from twisted.internet.interfaces import IResolver
 from twisted.names import client
@@ -103,6 +104,7 @@ def test_certificate_checks() -> None:
     roots = [ca.certificate]
     assert check_certificate(der("mx.a.test"), "mx.a.test", roots, now) is None
     assert check_certificate(der("*.a.test"), "mx.a.test", roots, now) is None
+    assert check_certificate(der("mx.a.test"), "mx.a.test", X509Store(roots), now) is None
     mismatch = check_certificate(der("other.test"), "mx.a.test", roots, now)
     assert mismatch == ("certificate-host-mismatch", "it names other.test")
     expired = check_certificate(der("mx.a.test", days=(-10, -1)), "mx.a.test", roots, now)

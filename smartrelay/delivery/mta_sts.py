@@ -28,6 +28,7 @@ import re
 import socket
 import ssl as stdlib_ssl
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal, cast
@@ -220,32 +221,49 @@ _SYSTEM_ROOTS: tuple[x509.Certificate, ...] | None = None
 
 def system_roots() -> tuple[x509.Certificate, ...]:
     """The system's trusted roots (OpenSSL's default file, e.g. ``SSL_CERT_FILE``, or its
-    directory), read once."""
+    directory), read once; a certificate that cannot be read is left out."""
     global _SYSTEM_ROOTS
     if _SYSTEM_ROOTS is None:
         paths = stdlib_ssl.get_default_verify_paths()
-        roots: list[x509.Certificate] = []
+        files: list[str] = []
         for name in (paths.cafile, paths.openssl_cafile):
             if name and os.path.isfile(name):
-                with open(name, "rb") as pem:
-                    roots = x509.load_pem_x509_certificates(pem.read())
+                files = [name]
                 break
         else:
             directory = paths.capath or paths.openssl_capath
             if directory and os.path.isdir(directory):
-                for entry in sorted(os.listdir(directory)):
-                    path = os.path.join(directory, entry)
-                    with contextlib.suppress(OSError, ValueError), open(path, "rb") as pem:
-                        roots.extend(x509.load_pem_x509_certificates(pem.read()))
+                files = [os.path.join(directory, e) for e in sorted(os.listdir(directory))]
+        roots: list[x509.Certificate] = []
+        for name in files:
+            with contextlib.suppress(OSError), open(name, "rb") as pem:
+                roots.extend(_read_pem_certificates(pem.read()))
         _SYSTEM_ROOTS = tuple(roots)
     return _SYSTEM_ROOTS
 
 
+_PEM_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
+
+
+def _read_pem_certificates(data: bytes) -> list[x509.Certificate]:
+    found: list[x509.Certificate] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # old roots with a non-positive serial, say
+        for block in _PEM_BLOCK.findall(data):
+            with contextlib.suppress(ValueError):
+                found.append(x509.load_pem_x509_certificate(block))
+    return found
+
+
 def check_certificate(
-    chain: Sequence[bytes], host: str, roots: Sequence[x509.Certificate], now: float
+    chain: Sequence[bytes],
+    host: str,
+    roots: Sequence[x509.Certificate] | X509Store,
+    now: float,
 ) -> tuple[str, str] | None:
     """None if the chain (DER, the server's first) is valid for ``host`` at ``now`` and leads
-    to one of ``roots``; else ``(RFC 8460 result type, why)``."""
+    to one of ``roots`` (certificates, or a store made of them once: cheaper per call); else
+    ``(RFC 8460 result type, why)``."""
     if not chain:
         return "certificate-not-trusted", "no certificate"
     try:
@@ -267,15 +285,12 @@ def check_certificate(
     if not any(name_matches(name, host) for name in names):
         shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
         return "certificate-host-mismatch", f"it names {shown or 'no host'}"
-    if not roots:
-        return "certificate-not-trusted", "no trusted roots"
+    if not isinstance(roots, X509Store):
+        if not roots:
+            return "certificate-not-trusted", "no trusted roots"
+        roots = X509Store(list(roots))
     try:
-        verifier = (
-            PolicyBuilder()
-            .store(X509Store(list(roots)))
-            .time(when)
-            .build_server_verifier(x509.DNSName(host))
-        )
+        verifier = PolicyBuilder().store(roots).time(when).build_server_verifier(x509.DNSName(host))
         verifier.verify(leaf, certificates[1:])
     except (VerificationError, ValueError) as error:
         return "certificate-not-trusted", " ".join(str(error).split())[:200]
@@ -457,6 +472,7 @@ class MtaSts:
         self._resolver = resolver
         self._fetch = fetch
         self._roots = tuple(roots) if roots is not None else None
+        self._root_store: X509Store | None = None
         self.txt_recheck = txt_recheck
         self.max_domains = max_domains
         self._domains: dict[str, _DomainState] = {}
@@ -471,8 +487,14 @@ class MtaSts:
         return self._clock.seconds()
 
     @property
-    def roots(self) -> tuple[x509.Certificate, ...]:
-        return self._roots if self._roots is not None else system_roots()
+    def roots(self) -> X509Store | tuple[x509.Certificate, ...]:
+        """The trusted roots for SMTP certificates, as a store built once (empty: none)."""
+        if self._root_store is None:
+            roots = self._roots if self._roots is not None else system_roots()
+            if not roots:
+                return ()
+            self._root_store = X509Store(list(roots))
+        return self._root_store
 
     async def gate_for(self, domain: str, store: StsPolicyStore | None) -> StsGate | None:
         """The gate for ``domain``'s policy, or None (no policy, mode ``none``). Never
