@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import getpass
 import json
 import os
@@ -336,6 +337,28 @@ async def cmd_events_export(args: argparse.Namespace, store: Store) -> None:
             writer.writerows(csv_row(event) for event in page.events)
         else:
             write_jsonl(page.events, sys.stdout)
+
+
+async def cmd_tls_report(args: argparse.Namespace, store: Store) -> None:
+    """The TLS results of one UTC day (MTA-STS sessions and policy fetches), for TLS-RPT."""
+    day = args.day or time.strftime("%Y-%m-%d", time.gmtime())
+    try:
+        datetime.date.fromisoformat(day)
+    except ValueError:
+        raise CliError(f"--day {printable(day)!r} is not a date (use e.g. 2026-12-05)") from None
+    if len(day) != 10:
+        raise CliError(f"--day {printable(day)!r} is not a date (use e.g. 2026-12-05)")
+    domain = args.domain.lower().rstrip(".") if args.domain else None
+    rows = await store.tls_results(day, day, domain)
+    for r in rows:
+        detail = f"\t{printable(r.detail)}" if r.detail else ""
+        print(
+            f"{r.day}\t{printable(r.policy_domain)}\tpolicy={printable(r.policy_id) or '-'}"
+            f"\tmode={r.mode or '-'}\t{r.result}\tmx={printable(r.mx_host) or '-'}"
+            f"\tsessions={r.sessions}{detail}"
+        )
+    if not rows:
+        print(f"no TLS results for {day}" + (f" and {printable(domain)}" if domain else ""))
 
 
 async def cmd_feedback_list(args: argparse.Namespace, store: Store) -> None:
@@ -955,6 +978,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     p.set_defaults(run=cmd_events_export)
+
+    p = commands.add_parser(
+        "tls-report", help="TLS results of a day per MTA-STS policy domain (for TLS-RPT)"
+    )
+    p.add_argument("--day", help="UTC date, YYYY-MM-DD (default: today)")
+    p.add_argument("--domain", help="only this policy domain")
+    p.set_defaults(run=cmd_tls_report)
     return parser
 
 

@@ -41,6 +41,7 @@ from smartrelay.delivery.manager import (
     DeliveryTunables,
     node_id_for,
 )
+from smartrelay.delivery.mta_sts import MtaSts, PolicyFetcher
 from smartrelay.delivery.mx import MxResolver, make_system_resolver
 from smartrelay.delivery.pools import check_source_addresses
 from smartrelay.delivery.processes import DeliveryProcesses, worker_command
@@ -187,6 +188,7 @@ class RelayService(MultiService):
         self.delivery_processes: DeliveryProcesses | None = None
         delivery_service: IService
         if role == "delivery" or config.delivery.processes == 0:
+            resolver = make_system_resolver(reactor)  # MX and MTA-STS lookups
             connector = SmtpConnector(
                 reactor,
                 config.server.hostname,
@@ -197,7 +199,7 @@ class RelayService(MultiService):
                 reactor,
                 config.delivery,
                 self.storage.when_ready,
-                MxResolver(make_system_resolver(reactor), reactor),
+                MxResolver(resolver, reactor),
                 connector,
                 lambda store: RewrapChain(
                     settings,
@@ -211,6 +213,11 @@ class RelayService(MultiService):
                 node_id=f"{node_id}-d{worker_index}" if role == "delivery" else node_id,
                 metrics=self.metrics,
                 source_connector=connector.from_source,
+                mta_sts=(
+                    MtaSts(reactor, resolver, PolicyFetcher(reactor, resolver).fetch)
+                    if config.delivery.mta_sts
+                    else None
+                ),
             )
         else:
             config_path = self._config_path

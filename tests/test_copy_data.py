@@ -219,6 +219,25 @@ async def seed(engine: IDatabaseEngine, now_ms: int) -> None:
     )
     await many(
         engine,
+        "INSERT INTO mta_sts_policies (domain, policy_id, mode, mx, max_age, fetched_at,"
+        " expires_at, policy_text) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            ("a.example", "20261205", "enforce", "mx1.a.example\n*.a.example", 86400, T0,
+             T0 + 86_400_000, "version: STSv1\r\nmode: enforce\r\n"),
+            ("b\u00e9.example", "1", "testing", "mx.b.example", 60, T0, T0 + 60_000, ""),
+        ],
+    )  # fmt: skip
+    await many(
+        engine,
+        "INSERT INTO tls_report_results (day, policy_domain, policy_id, mode, result, mx_host,"
+        " sessions, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            ("2026-12-05", "a.example", "20261205", "enforce", "success", "mx1.a.example", 7, ""),
+            ("2026-12-05", "a.example", "", "", "sts-policy-fetch-error", "", 1, "HTTP 500 \u2603"),
+        ],
+    )
+    await many(
+        engine,
         "INSERT INTO api_tokens (name, token_hash, created_at, last_used_at) VALUES (?, ?, ?, ?)",
         [("crm", "c" * 64, T0, None), ("bi\u00e9", "d" * 64, T0, T0 + 3)],
     )
@@ -709,6 +728,8 @@ def test_cli_copy_data_end_to_end(tmp_path: Path, postgres_server: PostgresServe
         "rollup_urls_by_day": 0,
         "rollups_by_tag": 0,
         "rollups_by_domain_day": 0,
+        "mta_sts_policies": 0,
+        "tls_report_results": 0,
         "events": 0,
         "messages": 1,
         "message_bodies": 1,

@@ -289,6 +289,8 @@ class DeliveryConfig:
     max_age: float = 5 * 86400.0
     connect_timeout: float = 30.0
     tls: DeliveryTls = "opportunistic"
+    #: Honour recipient domains' MTA-STS policies (RFC 8461) on ``mx`` routes.
+    mta_sts: bool = True
     #: Separate delivery processes (0: the main process delivers). Re-wrapping and delivery
     #: then run on other cores than the listener; they share the database.
     processes: int = 0

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Protocol
 
 from attrs import evolve, frozen
+from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -262,6 +263,8 @@ class SmtpConnection:
         self._helo_name = helo_name
         self.extensions: dict[str, str] = {}
         self.tls = False
+        #: The server's certificate chain (DER, its own first) once TLS is up (MTA-STS).
+        self.peer_certificates: tuple[bytes, ...] = ()
         self.messages_sent = 0
         self.greeting = ServerReply(0, "")
         self._closed = False
@@ -304,6 +307,7 @@ class SmtpConnection:
                     except SmtpClientError as error:
                         raise TlsFailed(str(error)) from error
                     self.tls = True
+                    self.peer_certificates = _peer_chain(self._reader.transport)
                     if refusal is not None:
                         return refusal
             elif require_tls:
@@ -453,6 +457,15 @@ class SmtpConnection:
         self._closed = True
         if self._reader.transport is not None:
             self._reader.transport.loseConnection()
+
+
+def _peer_chain(transport: object) -> tuple[bytes, ...]:
+    """The certificates the server sent (DER), from the TLS connection under ``transport``."""
+    try:
+        chain = transport.getHandle().get_peer_cert_chain()  # type: ignore[attr-defined]
+    except Exception:
+        return ()
+    return tuple(c.to_cryptography().public_bytes(Encoding.DER) for c in chain or ())
 
 
 def _client_tls_options() -> ssl.CertificateOptions:

@@ -39,6 +39,7 @@ from smartrelay.delivery.client import (
     ServerReply,
     SmtpClientError,
 )
+from smartrelay.delivery.mta_sts import MtaSts, StsGate
 from smartrelay.delivery.mx import MxResolver, PermanentRoutingError, TemporaryRoutingError
 from smartrelay.delivery.pools import PoolChooser, first_that_reaches
 from smartrelay.delivery.retry import schedule_retry
@@ -204,12 +205,15 @@ class DeliveryManager(Service):
         rng: random.Random | None = None,
         metrics: RelayMetrics | None = None,
         source_connector: Callable[[SourceAddress], Connector] | None = None,
+        mta_sts: MtaSts | None = None,
     ) -> None:
         """``connector`` opens a session with a next hop (:class:`SmtpConnector` in
         production); ``chain_factory`` builds the re-wrap chain once the store is ready;
         ``metrics``: where recorded outcomes are counted (docs/metrics.md);
         ``source_connector``: the connector dialling from a pool's source address
-        (``SmtpConnector.from_source``), required when ``config.pools`` has pools."""
+        (``SmtpConnector.from_source``), required when ``config.pools`` has pools;
+        ``mta_sts``: the recipient domains' MTA-STS policies, applied on ``mx`` routes (None:
+        not looked up)."""
         if config.pools and source_connector is None:
             raise ValueError("[[delivery.pools]] need a source_connector")
         self._source_connector = source_connector
@@ -224,6 +228,7 @@ class DeliveryManager(Service):
         self._chain_factory = chain_factory
         self._chain: RewrapChain | None = None
         self._mx = mx_resolver
+        self._sts = mta_sts
         self.router = Router(config.routes)
         self.throttles = Throttles(clock, config.throttles, config.max_connections)
         self.node_id = node_id or f"{socket.gethostname()}-{secrets.token_hex(4)}"
@@ -321,6 +326,8 @@ class DeliveryManager(Service):
                 await worker
             if grace.active():
                 grace.cancel()
+        if self._sts is not None:
+            await self._sts.flush()  # the last sessions' TLS results
 
     def _cut_connections(self) -> None:
         for connection in list(self._connections):
@@ -736,6 +743,9 @@ class DeliveryManager(Service):
             except Exception:
                 log.failure("{key}: looking up the next hops failed", key=destination.key)
                 return None, _local_reply("internal error looking up the next hops", "4.3.0")
+        gate: StsGate | None = None
+        if route.static_hop is None and self._sts is not None:
+            gate = await self._sts.gate_for(job.domain, self._store)
         last: ServerReply = _local_reply("no next hop")
         connector = self._connector
         if destination.pool is not None:
@@ -744,7 +754,10 @@ class DeliveryManager(Service):
             connector = first_that_reaches([self._source_connector(s) for s in sources])
         for hop in hops:
             try:
-                connection, refusal = await connector(hop)
+                if gate is not None:  # MTA-STS: StsRefused when its policy rules the hop out
+                    connection, refusal = await gate.connect(connector, hop)
+                else:
+                    connection, refusal = await connector(hop)
             except (SmtpClientError, DeferredTimeout) as error:
                 last = _local_reply(str(error) or "timeout")
                 log.info("{key}: {host}: {error}", key=destination.key, host=hop.host, error=error)

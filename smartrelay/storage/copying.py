@@ -79,6 +79,8 @@ TABLES = (
     Table("rollup_urls_by_day", ("tag", "day", "url")),
     Table("rollups_by_tag", ("tag", "hour", "type", "detail")),
     Table("rollups_by_domain_day", ("tag", "day", "recipient_domain", "type")),
+    Table("mta_sts_policies", ("domain",)),
+    Table("tls_report_results", ("day", "policy_domain", "policy_id", "result", "mx_host")),
     Table("events", ("id",), identity="id", zeroed=("txid",)),
     Table("messages", ("queue_id",), queue=True),
     Table("message_bodies", ("queue_id",), blob="raw", queue=True),

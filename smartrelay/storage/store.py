@@ -36,6 +36,7 @@ from smartrelay.storage.feedback import FEEDBACK_CHANNEL, FeedbackStore, NewFeed
 from smartrelay.storage.logins import DuplicateName, Login, LoginStore, LoginTable
 from smartrelay.storage.mailboxes import MailboxStore
 from smartrelay.storage.metrics_queries import MetricsStore
+from smartrelay.storage.mta_sts import StsPolicyStore
 from smartrelay.storage.queue import (
     BIG_MESSAGE,
     IDEMPOTENCY_WINDOW,
@@ -130,5 +131,6 @@ class Store(
     WebhookStore,
     MetricsStore,
     CredentialVolumeStore,
+    StsPolicyStore,
 ):
     """Every query SmartRelay runs; each public method is one transaction."""
