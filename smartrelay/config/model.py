@@ -257,6 +257,9 @@ class DeliveryConfig:
     routes: tuple[Route, ...] = field(factory=default_routes)
     #: In file order; always contains a ``*`` throttle (the defaults unless configured).
     throttles: tuple[Throttle, ...] = field(factory=default_throttles)
+    #: ``smtp://host:port`` where sandbox credentials' mail goes (a local catcher); None:
+    #: it is kept in the relay (docs/smtp.md, "Sandbox credentials"; an addition).
+    sandbox_route: str | None = None
 
 
 @frozen

@@ -48,6 +48,8 @@ class NewMessage:
     queue_id: str | None = None
     #: The rest of the message, after ``raw``, when it was too big to keep in memory.
     spooled: SpooledBody | None = None
+    #: Submitted with a sandbox credential: recorded as delivered without leaving the relay.
+    sandbox: bool = False
 
     @property
     def size(self) -> int:
@@ -80,6 +82,8 @@ class StoredMessage:
     raw: bytes
     #: Its content warnings are recorded already (``messages.warnings_checked_at``).
     warnings_checked: bool = False
+    #: Submitted with a sandbox credential (``messages.sandbox``, set at accept).
+    sandbox: bool = False
 
 
 @frozen
@@ -173,8 +177,8 @@ class QueueStore(StoreBase):
             ]
             await cursor.executemany(
                 "INSERT INTO messages (queue_id, received_at, sender, size, client_ip,"
-                " credential, tags, metadata, options, idempotency_key)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " credential, tags, metadata, options, idempotency_key, sandbox)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         queue_id,
@@ -187,6 +191,7 @@ class QueueStore(StoreBase):
                         json.dumps(m.metadata, sort_keys=True),
                         json.dumps(m.options, sort_keys=True),
                         m.idempotency_key,
+                        int(m.sandbox),
                     )
                     for m, queue_id in new
                 ],
@@ -319,7 +324,7 @@ class QueueStore(StoreBase):
             await cursor.execute(
                 "SELECT m.queue_id, m.received_at, m.sender, m.tags, m.metadata, m.options,"
                 " CASE WHEN m.size <= ? THEN b.raw END, b.queue_id IS NOT NULL,"
-                " m.warnings_checked_at IS NOT NULL"
+                " m.warnings_checked_at IS NOT NULL, m.sandbox"
                 " FROM messages m LEFT JOIN message_bodies b ON b.queue_id = m.queue_id"
                 f" WHERE m.queue_id IN ({marks})",
                 [BIG_MESSAGE, *wanted],
@@ -342,6 +347,7 @@ class QueueStore(StoreBase):
                     options=json.loads(r[5]),
                     raw=bytes(raw),
                     warnings_checked=bool(r[8]),
+                    sandbox=bool(r[9]),
                 )
             return loaded
 
