@@ -52,7 +52,9 @@ from tests.support.delivery_relay import (
 from tests.support.postgres import PostgresServer
 from tests.support.relay import RETURN_PATH_DOMAIN, free_ports
 from tests.support.run import assert_cli_error, assert_ok, call, ctl, ctl_all, query, write_config
+from tests.support.webui import ui_site
 from tests.test_copy_data import opened
+from tests.test_web_ui_messages import add_events, logged_in, queue, sections
 
 STAGE, PROD = ("staging-app", "stage-pw-0123456789"), ("prod-app", "prod-pw-0123456789")
 HTML = (
@@ -425,3 +427,27 @@ def test_sandbox_route_config() -> None:
         assert info.value.key == "delivery.sandbox_route", bad
         assert fragment in info.value.problem, (bad, info.value.problem)
         assert "u:p" not in str(info.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_message_page_marks_sandbox_mail(tmp_path: Path, store: Store, clock: Clock) -> None:
+    """The reports UI over real HTTP: a sandbox message's page has the badge and its
+    timeline says it was never sent; a real message's page has neither."""
+    async with ui_site(tmp_path, store, clock, sections=sections) as site:
+        browser = await logged_in(site)
+        staged = await queue(store, clock, "app@x.test", ("r@y.test",), credential="stage",
+                             sandbox=True)  # fmt: skip
+        real = await queue(store, clock, "app@x.test", ("r@y.test",), credential="prod")
+        kept = DeliveredEvent(SANDBOX_MX, "250 2.0.0 sandbox", False, 1, sandbox=True)
+        await add_events(store, clock.seconds(), [(staged, "r@y.test", kept)])
+        sent = DeliveredEvent("mx.y.test", "250 ok", True, 1)
+        await add_events(store, clock.seconds(), [(real, "r@y.test", sent)])
+
+        code, _, page = await browser.request("GET", f"/ui/messages/{staged}")
+        assert code == 200
+        assert 'class="badge sandbox"' in page
+        assert "Sandbox: recorded as delivered, never sent (sandbox credential)" in page
+        code, _, page = await browser.request("GET", f"/ui/messages/{real}")
+        assert code == 200
+        assert 'class="badge sandbox"' not in page and "Sandbox:" not in page
+        assert "Delivered: the receiving server accepted it" in page
