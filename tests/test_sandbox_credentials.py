@@ -11,6 +11,9 @@ import email.policy
 import io
 import json
 import re
+import shutil
+import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +52,21 @@ from tests.support.delivery_relay import (
     submit,
     wait_for_events,
 )
+from tests.support.postfix import PostfixSink
 from tests.support.postgres import PostgresServer
 from tests.support.relay import RETURN_PATH_DOMAIN, free_ports
-from tests.support.run import assert_cli_error, assert_ok, call, ctl, ctl_all, query, write_config
+from tests.support.run import (
+    Twistd,
+    assert_cli_error,
+    assert_ok,
+    call,
+    ctl,
+    ctl_all,
+    query,
+    write_config,
+    write_relay_config,
+)
+from tests.support.traffic import states, wait_until
 from tests.support.webui import ui_site
 from tests.test_copy_data import opened
 from tests.test_web_ui_messages import add_events, logged_in, queue, sections
@@ -451,3 +466,66 @@ async def test_message_page_marks_sandbox_mail(tmp_path: Path, store: Store, clo
         assert code == 200
         assert 'class="badge sandbox"' not in page and "Sandbox:" not in page
         assert "Delivered: the receiving server accepted it" in page
+
+
+# -- as users run it: twistd, a delivery process, smartrelay-ctl, swaks, Postfix's smtp-sink --
+def swaks_as(swaks_path: str, port: int, login: tuple[str, str], to: str) -> str:
+    command = [swaks_path, "--server", f"127.0.0.1:{port}", "--ehlo", "client.test"]
+    command += ["--timeout", "15", "--tls", "--auth", "LOGIN", "--auth-user", login[0]]
+    command += ["--auth-password", login[1], "--from", "app@sender.test", "--to", to]
+    command += ["--header", "Subject: sandbox run"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    transcript = done.stdout + done.stderr
+    assert done.returncode == 0, transcript
+    match = re.search(r"<~  250 2\.0\.0 Ok: queued as (\S+)", transcript)
+    assert match is not None, transcript
+    return match[1]
+
+
+def test_twistd_relay_with_a_delivery_process(
+    tmp_path: Path, database_url: str, postfix_sink: PostfixSink
+) -> None:
+    swaks_path = shutil.which("swaks")
+    assert swaks_path is not None, "swaks is not installed"
+    (smtp_port,) = free_ports(1)
+    config = write_relay_config(
+        tmp_path,
+        database_url,
+        extra=(
+            "[delivery]\nprocesses = 1\n[delivery.routes]\n"
+            f'"*" = "smtp://127.0.0.1:{postfix_sink.port}"\n'
+        ),
+        smtp_listen=f"tcp:{smtp_port}:interface=127.0.0.1",
+    )
+    stage, prod = ctl_all(
+        config,
+        call("smtp-credential", "add", "stage", "--sandbox"),
+        call("smtp-credential", "add", "prod"),
+    )
+    stage_login = ("stage", assert_ok(stage).lines[1])
+    prod_login = ("prod", assert_ok(prod).lines[1])
+    relay = Twistd(config, tmp_path)
+    try:
+        relay.wait_for("smtp: listening on")
+        relay.wait_for("delivery[0] delivery: node")
+        staged = swaks_as(swaks_path, smtp_port, stage_login, "fan@example.net")
+        real = swaks_as(swaks_path, smtp_port, prod_login, "fan@example.net")
+        wait_until(
+            lambda: True if states(database_url)["delivered"] == 2 else None,
+            "both delivered",
+            timeout=60,
+        )
+        assert postfix_sink.wait_for_messages(1) == [real]
+        relay.wait_for(f"{staged}: to=<fan@example.net> dest=sandbox delivered")
+    finally:
+        relay.stop(signal.SIGTERM, timeout=30)
+        relay.kill()
+    rows = query(
+        database_url, "SELECT queue_id, data FROM events WHERE type = 'delivered' ORDER BY id"
+    )
+    data = {str(q): json.loads(d) for q, d in rows}
+    assert data[staged]["sandbox"] is True and data[staged]["mx"] == SANDBOX_MX
+    assert "sandbox" not in data[real]
+    # Nothing of the sandbox mail arrived.
+    assert [m.header("X-SmartRelay-ID") for m in postfix_sink.messages()] == [real]
+    assert "Traceback" not in relay.output
