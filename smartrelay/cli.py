@@ -101,8 +101,13 @@ async def cmd_migrate(args: argparse.Namespace, store: Store) -> None:
 
 async def cmd_credential_add(args: argparse.Namespace, store: Store) -> None:
     password = generate_password()
-    await _add_login(store.smtp_credentials, "SMTP credential", args.name, password)
-    print(f"SMTP credential {args.name!r} added; its password (shown only this once):")
+    check_name("SMTP credential", args.name)
+    try:
+        await store.smtp_credentials.add(args.name, hash_password(password), args.sandbox)
+    except DuplicateName:
+        raise CliError(f"SMTP credential {args.name!r} exists already") from None
+    kind = "sandbox SMTP credential" if args.sandbox else "SMTP credential"
+    print(f"{kind} {args.name!r} added; its password (shown only this once):")
     print(password)
 
 
@@ -113,6 +118,8 @@ async def cmd_credential_list(args: argparse.Namespace, store: Store) -> None:
         hold = held.get(login.name)
         if hold is not None:  # a third column, only for a held credential
             line += f"\theld since {rfc3339(hold.held_at)}: {printable(hold.reason)}"
+        if login.sandbox:  # a fourth, only for a sandbox one (the third empty if not held)
+            line += ("" if hold is not None else "\t") + "\tsandbox"
         print(line)
 
 
@@ -800,9 +807,14 @@ def build_parser() -> argparse.ArgumentParser:
     credential_cmds = credential.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = credential_cmds.add_parser("add", help="add one; prints its generated password once")
     p.add_argument("name")
+    p.add_argument(
+        "--sandbox",
+        action="store_true",
+        help="its mail is recorded as delivered but never leaves the relay (staging)",
+    )
     p.set_defaults(run=cmd_credential_add)
     credential_cmds.add_parser(
-        "list", help="names, creation times, and holds (volume alerts)"
+        "list", help="names, creation times, holds (volume alerts), and sandbox marks"
     ).set_defaults(run=cmd_credential_list)
     p = credential_cmds.add_parser("remove", help="remove one")
     p.add_argument("name")

@@ -7,9 +7,12 @@ the common fields (id, type, time, queue id, sender, recipient, tags, metadata) 
 the type's fields (:func:`event_object`, :func:`csv_row`). The CLI's ``events export`` and the
 coming webhooks and API use these forms; nothing else spells an event type or its fields.
 
-Not produced yet, so not here: ``delivered.sandbox`` (sandbox credentials, issue 18). Added
-to SPEC's list: ``warning`` (content warnings, docs/deliverability.md). ``dropped`` rows
-written before ``by`` existed have no ``by`` (exported without it).
+Added to SPEC's list: ``warning`` (content warnings, docs/deliverability.md). ``dropped`` rows
+written before ``by`` existed have no ``by`` (exported without it). ``delivered.sandbox``
+(sandbox credentials, docs/smtp.md) came later than the other fields: a row without it (written
+before it, or of mail not sandboxed: it is stored only when true) is exported with
+``sandbox: false``, and in CSV its column comes after all the others, so the
+columns before it keep their places (:data:`ADDED_LATER`).
 """
 
 from __future__ import annotations
@@ -42,13 +45,18 @@ class SuppressedEvent:
     reason: str  # hard_bounce, soft_bounce, complaint, unsubscribe, manual
 
 
+#: The ``mx`` of a ``delivered`` event of sandbox mail kept in the relay (docs/smtp.md).
+SANDBOX_MX = "sandbox"
+
+
 @frozen
 class DeliveredEvent:
     type: ClassVar[str] = "delivered"
-    mx: str
+    mx: str  # "sandbox" when a sandbox credential's mail was kept in the relay
     reply: str  # the remote server's reply line
     tls: bool
     attempt: int
+    sandbox: bool = False  # submitted with a sandbox credential (docs/smtp.md)
 
 
 @frozen
@@ -182,15 +190,35 @@ EVENT_TYPES: tuple[str, ...] = tuple(
 )
 #: The fields every exported event has, before its type's own.
 COMMON_FIELDS = ("id", "type", "time", "queue_id", "sender", "recipient", "tags", "metadata")
-#: The CSV header: the common fields, then every type's fields (each once, in type order).
+#: Fields added to a type after its first release, with the value a row written before them
+#: is exported with (by type). Their CSV columns come last, in this order.
+ADDED_LATER: dict[str, dict[str, Any]] = {DeliveredEvent.type: {"sandbox": False}}
+_LATE_COLUMNS = tuple(name for added in ADDED_LATER.values() for name in added)
+#: The CSV header: the common fields, then every type's fields (each once, in type order),
+#: then the fields of :data:`ADDED_LATER`.
 CSV_COLUMNS: tuple[str, ...] = tuple(
-    dict.fromkeys((*COMMON_FIELDS, *(name for names in FIELDS.values() for name in names)))
+    dict.fromkeys(
+        (
+            *COMMON_FIELDS,
+            *(name for names in FIELDS.values() for name in names if name not in _LATE_COLUMNS),
+            *_LATE_COLUMNS,
+        )
+    )
 )
 
 
 def event_data(event: EventData) -> dict[str, Any]:
-    """The type's fields as the ``data`` JSON object stored with the event row."""
-    return {name: getattr(event, name) for name in FIELDS[event.type]}
+    """The type's fields as the ``data`` JSON object stored with the event row. A field of
+    :data:`ADDED_LATER` is left out when it holds its default: such rows keep the shape rows
+    had before it (``delivered`` without ``sandbox``), and export the same."""
+    defaults = ADDED_LATER.get(event.type, {})
+    data = {}
+    for name in FIELDS[event.type]:
+        value = getattr(event, name)
+        if name in defaults and value is defaults[name]:
+            continue
+        data[name] = value
+    return data
 
 
 @frozen
@@ -222,9 +250,12 @@ def event_object(event: ExportedEvent) -> dict[str, Any]:
         "metadata": event.metadata,
     }
     data = event.data
+    defaults = ADDED_LATER.get(event.type, {})
     for key in FIELDS.get(event.type, ()):
         if key in data:
             out[key] = data[key]
+        elif key in defaults:
+            out[key] = defaults[key]
     for key, value in data.items():  # a key this version does not know: kept, after
         out.setdefault(key, value)
     return out

@@ -102,6 +102,11 @@ class RelayMetrics:
         self.delivered = Counter(
             "smartrelay_recipients_delivered", "Recipients delivered.", registry=registry
         )
+        self.sandbox_delivered = Counter(
+            "smartrelay_recipients_sandbox_delivered",
+            "Recipients of sandbox credentials' mail recorded as delivered (not in delivered).",
+            registry=registry,
+        )
         self.deferred = Counter(
             "smartrelay_recipients_deferred",
             "Delivery attempts deferred (a temporary failure).",
@@ -182,7 +187,8 @@ class RelayMetrics:
         message), ``delivered``'s latency by the delivery manager."""
         for event in events:
             if isinstance(event, DeliveredEvent):
-                self.delivered.inc()
+                # Sandbox mail never reached a receiver: kept out of the real deliveries.
+                (self.sandbox_delivered if event.sandbox else self.delivered).inc()
             elif isinstance(event, DeferredEvent):
                 self.deferred.inc()
             elif isinstance(event, BouncedEvent):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from smartrelay.config import RetentionConfig
-from smartrelay.events import FIELDS
+from smartrelay.events import ADDED_LATER, FIELDS
 from smartrelay.retention.purge import PurgePacing, Purger
 from smartrelay.storage.interfaces import ICursor
 from smartrelay.storage.store import Store
@@ -51,7 +51,10 @@ async def test_backlog_is_the_relays_rows_and_one_pass_purges_exactly_it(
     assert types["received"] == filled.messages + 30
     assert {"delivered", "bounced", "opened", "clicked"} <= set(types)
     for event_type, data in await rows(store, "SELECT type, data FROM events"):
-        assert sorted(json.loads(data)) == sorted(FIELDS[event_type])
+        # The relay stores a field of ADDED_LATER only when it differs from its default
+        # (``delivered.sandbox`` only for sandbox mail, which a backlog does not have).
+        stored = [k for k in FIELDS[event_type] if k not in ADDED_LATER.get(event_type, {})]
+        assert sorted(json.loads(data)) == sorted(stored)
     every_row = "SELECT DISTINCT type, time, queue_id, recipient, data FROM events"
     distinct = await rows(store, f"SELECT COUNT(*) FROM ({every_row}) AS e")
     assert distinct == [(filled.events + filled.recent_events,)]

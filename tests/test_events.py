@@ -97,7 +97,7 @@ def test_csv_header_is_the_common_fields_then_each_types_own() -> None:
         "size", "client_ip", "credential", "reason", "mx", "reply", "tls", "attempt",
         "next_attempt", "category", "hard", "status", "source", "attempts", "feedback_type",
         "user_agent", "ip", "machine", "url", "method", "by", "warnings", "kind", "rate",
-        "baseline", "action",
+        "baseline", "action", "sandbox",
     )  # fmt: skip
 
 
@@ -120,7 +120,8 @@ def test_json_and_csv_forms() -> None:
     assert events.event_json(event) == (
         '{"id":7,"type":"delivered","time":"2023-11-14T22:13:20.500Z","queue_id":"Q1",'
         '"sender":"app@example.com","recipient":"ü@example.net","tags":["welcome"],'
-        '"metadata":{"user":"42"},"mx":"mx.example.net","reply":"250 ok","tls":true,"attempt":1}'
+        '"metadata":{"user":"42"},"mx":"mx.example.net","reply":"250 ok","tls":true,"attempt":1,'
+        '"sandbox":false}'
     )
     out = io.StringIO()
     writer = events.csv_writer(out)

@@ -26,7 +26,13 @@ from zope.interface import implementer
 from smartrelay.smtp.protocol import SmtpServerProtocol
 from smartrelay.smtp.ratelimit import AuthFailureLimiter
 from smartrelay.smtp.replies import Reply
-from smartrelay.smtp.session import Envelope, ISmtpBackend, ListenerSettings, Session
+from smartrelay.smtp.session import (
+    Admitted,
+    Envelope,
+    ISmtpBackend,
+    ListenerSettings,
+    Session,
+)
 from smartrelay.spool import SPOOL_THRESHOLD, ByteBudget, Spool, SpooledBody
 from smartrelay.storage.interfaces import ICursor
 from smartrelay.storage.store import NewMessage, Store
@@ -90,7 +96,7 @@ class SpoolingBackend:
     def check_recipient(self, session: Session, address: str) -> Reply | None:
         return None
 
-    def check_credentials(self, name: str, password: str) -> Deferred[bool]:
+    def check_credentials(self, name: str, password: str) -> Deferred[bool | Admitted]:
         return succeed(False)
 
     def deliver(

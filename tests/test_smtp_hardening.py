@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 from smartrelay.config import ConfigError, parse_config
 from smartrelay.smtp.listener import SmtpFactory
 from smartrelay.smtp.ratelimit import AuthFailureLimiter
-from smartrelay.smtp.session import has_control, printable
+from smartrelay.smtp.session import Admitted, has_control, printable
 from tests.test_smtp_protocol import SETTINGS, Client, FakeTlsContext, RecordingBackend
 
 ENVELOPE = b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<r@example.net>\r\n"
@@ -190,10 +190,10 @@ class SlowCheckBackend(RecordingBackend):
 
     def __init__(self) -> None:
         super().__init__()
-        self.checks: list[tuple[str, Deferred[bool]]] = []
+        self.checks: list[tuple[str, Deferred[bool | Admitted]]] = []
 
-    def check_credentials(self, name: str, password: str) -> Deferred[bool]:
-        d: Deferred[bool] = Deferred()
+    def check_credentials(self, name: str, password: str) -> Deferred[bool | Admitted]:
+        d: Deferred[bool | Admitted] = Deferred()
         self.checks.append((password, d))
         return d
 

@@ -21,6 +21,7 @@ import pytest_twisted
 from attrs import evolve
 from twisted.internet.defer import Deferred
 
+from smartrelay.smtp.session import Admitted
 from smartrelay.smtp.tls import ensure_certificate
 from tests.conftest import real_reactor
 from tests.support.relay import HOST, HOSTNAME, Relays, RunningRelay, free_ports
@@ -317,7 +318,7 @@ async def test_parallel_sessions_cannot_bypass_the_auth_lockout(sqlite_relays: R
     checks: list[str] = []
     original = backend.check_credentials
 
-    def counting(name: str, password: str) -> Deferred[bool]:
+    def counting(name: str, password: str) -> Deferred[bool | Admitted]:
         checks.append(password)
         return original(name, password)
 

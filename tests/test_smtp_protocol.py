@@ -20,7 +20,13 @@ from zope.interface import implementer
 from smartrelay.smtp.listener import SmtpFactory
 from smartrelay.smtp.protocol import MAX_PENDING_INPUT, SmtpServerProtocol
 from smartrelay.smtp.replies import Reply
-from smartrelay.smtp.session import Envelope, ISmtpBackend, ListenerSettings, Session
+from smartrelay.smtp.session import (
+    Admitted,
+    Envelope,
+    ISmtpBackend,
+    ListenerSettings,
+    Session,
+)
 from smartrelay.smtp.volume_watch import HELD_REPLY
 from smartrelay.spool import SpooledBody
 
@@ -51,7 +57,7 @@ class RecordingBackend:
             return Reply(550, "5.1.1", "No such recipient here")
         return None
 
-    def check_credentials(self, name: str, password: str) -> Deferred[bool]:
+    def check_credentials(self, name: str, password: str) -> Deferred[bool | Admitted]:
         return succeed(self.credentials.get(name) == password)
 
     def deliver(

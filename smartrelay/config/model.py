@@ -300,6 +300,9 @@ class DeliveryConfig:
     throttles: tuple[Throttle, ...] = field(factory=default_throttles)
     #: ``[[delivery.pools]]`` in file order (the first that matches a message wins).
     pools: tuple[Pool, ...] = ()
+    #: ``smtp://host:port`` where sandbox credentials' mail goes (a local catcher); None:
+    #: it is kept in the relay (docs/smtp.md, "Sandbox credentials"; an addition).
+    sandbox_route: str | None = None
 
 
 @frozen

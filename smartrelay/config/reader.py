@@ -22,6 +22,7 @@ import re
 import tomllib
 from collections.abc import Collection, Mapping
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 from smartrelay import units
 from smartrelay.config.checks import (
@@ -29,6 +30,7 @@ from smartrelay.config.checks import (
     database_url_problem,
     endpoint_problem,
     is_domain,
+    redact_url,
     route_target_problem,
     split_url,
 )
@@ -222,6 +224,7 @@ _DELIVERY_KEYS = (
     "routes",
     "throttle",
     "pools",
+    "sandbox_route",
 )
 _POOL_KEYS = ("name", "source_addresses", "senders", "tags", "credentials", "selection")
 _THROTTLE_KEYS = ("match", "max_connections", "max_messages_per_connection", "max_rate")
@@ -379,7 +382,22 @@ def _parse_delivery(t: _Table) -> DeliveryConfig:
         routes=_parse_routes(t),
         throttles=_parse_throttles(t),
         pools=_parse_pools(t),
+        sandbox_route=_parse_sandbox_route(t),
     )
+
+
+def _parse_sandbox_route(t: _Table) -> str | None:
+    """``sandbox_route``: an ``smtp://host:port`` next hop (a catcher such as Mailpit), where
+    the copies go re-wrapped, as to any receiving server."""
+    if t.get("sandbox_route") is _MISSING:
+        return None
+    target = t.string("sandbox_route", "", empty=False)
+    problem = route_target_problem(target)
+    if problem is None and urlsplit(target).scheme.lower() != "smtp":
+        problem = f"must be an smtp://host:port URL (a local catcher), not {redact_url(target)!r}"
+    if problem is not None:
+        raise t.error("sandbox_route", problem)
+    return target
 
 
 MAX_DELIVERY_PROCESSES = 64

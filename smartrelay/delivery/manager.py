@@ -44,6 +44,7 @@ from smartrelay.delivery.mx import MxResolver, PermanentRoutingError, TemporaryR
 from smartrelay.delivery.pools import PoolChooser, first_that_reaches
 from smartrelay.delivery.retry import schedule_retry
 from smartrelay.delivery.routing import NextHop, ResolvedRoute, Router
+from smartrelay.delivery.sandbox import SANDBOX_THROTTLE, SandboxRouting, SandboxSession
 from smartrelay.delivery.throttle import Throttles
 from smartrelay.events import (
     BouncedEvent,
@@ -230,6 +231,7 @@ class DeliveryManager(Service):
         self._mx = mx_resolver
         self._sts = mta_sts
         self.router = Router(config.routes)
+        self._sandbox = SandboxRouting(config.sandbox_route)
         self.throttles = Throttles(clock, config.throttles, config.max_connections)
         self.node_id = node_id or f"{socket.gethostname()}-{secrets.token_hex(4)}"
         # A stable id (see node_id_for) lets a restarted node take back its own claims.
@@ -495,6 +497,16 @@ class DeliveryManager(Service):
             job = Job(messages[queue_id], domain, claimed_job.recipients)
             # The window counts what was loaded (the size column is the same, normally).
             self._in_memory_bytes += len(job.message.raw) - claimed_job.size
+            if job.message.sandbox:  # a sandbox credential's: a destination of its own
+                key, route = self._sandbox.destination(domain)
+                destination = self._destinations.get(key)
+                if destination is None:
+                    destination = self._destinations[key] = Destination(
+                        key, route, key, SANDBOX_THROTTLE
+                    )
+                destination.jobs.append(job)
+                touched.append(destination)
+                continue
             route = self.router.route_for(domain)
             key = route_key = self.router.destination_key(route)
             pool = self._pools.pool_for(job.message)
@@ -731,6 +743,8 @@ class DeliveryManager(Service):
     ) -> tuple[OutboundSession | None, ServerReply | None]:
         """A session with the first next hop that takes one, or the reply to record."""
         route = destination.route
+        if self._sandbox.keeps(destination.key):
+            return SandboxSession(), None
         if route.static_hop is not None:
             hops = [route.static_hop]
         else:
@@ -907,7 +921,7 @@ class DeliveryManager(Service):
         latency = max(0.0, now - job.message.received_at)
         for outcome in recorded:
             metrics.count_events(outcome.events)
-            if outcome.state == "delivered":
+            if outcome.state == "delivered" and not job.message.sandbox:
                 metrics.delivery_latency.observe(latency)
 
     def _outcome(
@@ -938,7 +952,9 @@ class DeliveryManager(Service):
             return outcome(
                 "delivered",
                 None,
-                DeliveredEvent(mx=mx, reply=line, tls=tls, attempt=attempt),
+                DeliveredEvent(
+                    mx=mx, reply=line, tls=tls, attempt=attempt, sandbox=job.message.sandbox
+                ),
             )
         if reply.code >= 500:
             verdict = classify_reply(reply.code, reply.text)

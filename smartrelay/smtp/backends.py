@@ -18,6 +18,7 @@ from smartrelay.reactor import IRelayReactor
 from smartrelay.smtp.control import ControlHeaderError, header_block, parse_control_headers
 from smartrelay.smtp.replies import Reply
 from smartrelay.smtp.session import (
+    Admitted,
     Envelope,
     ISmtpBackend,
     Session,
@@ -73,21 +74,24 @@ class SubmissionBackend:
     def check_recipient(self, session: Session, address: str) -> Reply | None:
         return None
 
-    def check_credentials(self, name: str, password: str) -> Deferred[bool]:
+    def check_credentials(self, name: str, password: str) -> Deferred[bool | Admitted]:
         return Deferred.fromCoroutine(self._check_credentials(name, password))
 
-    async def _check_credentials(self, name: str, password: str) -> bool:
+    async def _check_credentials(self, name: str, password: str) -> bool | Admitted:
         store = await self._store_ready()
-        stored = await store.smtp_credentials.password_hash(name)
+        # The sandbox flag comes with the hash: the session keeps it for its mail.
+        stored = await store.smtp_credentials.check_record(name)
         # scrypt takes ~50 ms of CPU on purpose: keep it off the reactor thread.
         valid: bool = await deferToThreadPool(
             self._reactor,
             self._reactor.getThreadPool(),
             verify_password,
             password,
-            stored or _DUMMY_HASH,
+            _DUMMY_HASH if stored is None else stored.password_hash,
         )
-        return valid and stored is not None
+        if not valid or stored is None:
+            return False
+        return Admitted(sandbox=stored.sandbox)
 
     def deliver(
         self, session: Session, envelope: Envelope, message: bytes | SpooledBody
@@ -120,6 +124,7 @@ class SubmissionBackend:
             raw=trace + in_memory,
             client_ip=session.client_ip,
             credential=session.credential,
+            sandbox=session.credential is not None and session.sandbox,
             tags=control.tags,
             metadata=dict(control.metadata),
             options=control.options(),
@@ -172,7 +177,7 @@ class InboundBackend:
             return Reply(550, "5.1.1", f"No such recipient here: <{address}>")
         return None
 
-    def check_credentials(self, name: str, password: str) -> Deferred[bool]:
+    def check_credentials(self, name: str, password: str) -> Deferred[bool | Admitted]:
         return succeed(False)
 
     def deliver(

@@ -34,6 +34,7 @@ from smartrelay.smtp import replies as R
 from smartrelay.smtp.ratelimit import AuthFailureLimiter
 from smartrelay.smtp.replies import Reply
 from smartrelay.smtp.session import (
+    Admitted,
     Envelope,
     ISmtpBackend,
     ListenerSettings,
@@ -525,7 +526,7 @@ class SmtpServerProtocol(Protocol):
         d.addCallbacks(self._auth_checked, self._auth_error, callbackArgs=(name,))
         return d
 
-    def _auth_checked(self, valid: bool, name: str) -> Deferred[None] | None:
+    def _auth_checked(self, valid: bool | Admitted, name: str) -> Deferred[None] | None:
         ip = self.session.client_ip
         # Counted even when the client has gone meanwhile: hanging up is no free guess.
         if valid:
@@ -537,6 +538,7 @@ class SmtpServerProtocol(Protocol):
             return None
         if valid:
             self.session.credential = name
+            self.session.sandbox = isinstance(valid, Admitted) and valid.sandbox
             log.info(
                 "{ip}: authenticated as {name}", ip=self.session.client_ip, name=printable(name)
             )

@@ -84,6 +84,14 @@ class Envelope:
     recipients: list[str] = field(factory=list)
 
 
+@frozen
+class Admitted:
+    """A valid SMTP credential, with what AUTH read of it along with its password."""
+
+    #: Its mail is recorded as delivered without leaving the relay (docs/smtp.md).
+    sandbox: bool = False
+
+
 @define
 class Session:
     client_ip: str
@@ -92,6 +100,8 @@ class Session:
     esmtp: bool = False
     tls: bool = False
     credential: str | None = None
+    #: The credential is a sandbox credential (read with its password at AUTH).
+    sandbox: bool = False
     envelope: Envelope | None = None
 
     def reset_transaction(self) -> None:
@@ -102,6 +112,7 @@ class Session:
         self.helo = None
         self.esmtp = False
         self.credential = None
+        self.sandbox = False
         self.envelope = None
 
 
@@ -117,8 +128,9 @@ class ISmtpBackend(Interface):
     def check_recipient(session: Session, address: str) -> Reply | None:
         """None to accept RCPT TO:<address>, else the rejection."""
 
-    def check_credentials(name: str, password: str) -> Deferred[bool]:
-        """Whether the SMTP AUTH name and password are valid."""
+    def check_credentials(name: str, password: str) -> Deferred[bool | Admitted]:
+        """Whether the SMTP AUTH name and password are valid: False, or True or an
+        :class:`Admitted` (what a backend knows of the credential, e.g. sandbox)."""
 
     def deliver(
         session: Session, envelope: Envelope, message: bytes | SpooledBody

@@ -14,6 +14,17 @@ from smartrelay.storage.interfaces import ICursor, IDatabaseEngine, check_identi
 class Login:
     name: str
     created_at: float
+    #: An SMTP credential whose mail never leaves the relay (schema 015; web users: False).
+    sandbox: bool = False
+
+
+@frozen
+class CredentialCheck:
+    """What AUTH needs of an SMTP credential, read in one query: its password hash, and
+    whether it is a sandbox credential."""
+
+    password_hash: str
+    sandbox: bool
 
 
 class DuplicateName(Exception):
@@ -74,6 +85,49 @@ class LoginTable:
         return await self._store.run(f"hash_{self._table}", txn, readonly=True)
 
 
+class CredentialTable(LoginTable):
+    """``smtp_credentials``: a login table whose rows also say whether they are sandbox
+    credentials (docs/smtp.md, "Sandbox credentials")."""
+
+    def __init__(self, store: StoreBase) -> None:
+        super().__init__(store, "smtp_credentials")
+
+    async def add(self, name: str, password_hash: str, sandbox: bool = False) -> None:
+        now_ms = self._store.now_ms()
+
+        async def txn(cursor: ICursor) -> None:
+            await cursor.execute(
+                "INSERT INTO smtp_credentials (name, password_hash, created_at, sandbox)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
+                (name, password_hash, now_ms, int(sandbox)),
+            )
+            if int(cursor.rowcount) == 0:
+                raise DuplicateName(name)
+
+        await self._store.run("add_smtp_credentials", txn)
+
+    async def list(self) -> list[Login]:
+        async def txn(cursor: ICursor) -> list[Login]:
+            await cursor.execute(
+                "SELECT name, created_at, sandbox FROM smtp_credentials ORDER BY name"
+            )
+            return [Login(str(r[0]), int(r[1]) / 1000, bool(r[2])) for r in cursor.fetchall()]
+
+        return await self._store.run("list_smtp_credentials", txn, readonly=True)
+
+    async def check_record(self, name: str) -> CredentialCheck | None:
+        """The credential's password hash and sandbox flag (None: no such credential)."""
+
+        async def txn(cursor: ICursor) -> CredentialCheck | None:
+            await cursor.execute(
+                "SELECT password_hash, sandbox FROM smtp_credentials WHERE name = ?", (name,)
+            )
+            row = cursor.fetchone()
+            return None if row is None else CredentialCheck(str(row[0]), bool(row[1]))
+
+        return await self._store.run("check_smtp_credentials", txn, readonly=True)
+
+
 class LoginStore(StoreBase):
     def __init__(
         self,
@@ -82,5 +136,5 @@ class LoginStore(StoreBase):
         suppression: SuppressionConfig | None = None,
     ) -> None:
         super().__init__(engine, clock, suppression)
-        self.smtp_credentials = LoginTable(self, "smtp_credentials")
+        self.smtp_credentials = CredentialTable(self)
         self.web_users = LoginTable(self, "web_users")

@@ -48,6 +48,8 @@ class NewMessage:
     queue_id: str | None = None
     #: The rest of the message, after ``raw``, when it was too big to keep in memory.
     spooled: SpooledBody | None = None
+    #: Submitted with a sandbox credential: recorded as delivered without leaving the relay.
+    sandbox: bool = False
 
     @property
     def size(self) -> int:
@@ -82,6 +84,8 @@ class StoredMessage:
     warnings_checked: bool = False
     #: The SMTP credential it was submitted with (``messages.credential``), if any.
     credential: str | None = None
+    #: Submitted with a sandbox credential (``messages.sandbox``, set at accept).
+    sandbox: bool = False
 
 
 @frozen
@@ -175,8 +179,8 @@ class QueueStore(StoreBase):
             ]
             await cursor.executemany(
                 "INSERT INTO messages (queue_id, received_at, sender, size, client_ip,"
-                " credential, tags, metadata, options, idempotency_key)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " credential, tags, metadata, options, idempotency_key, sandbox)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         queue_id,
@@ -189,6 +193,7 @@ class QueueStore(StoreBase):
                         json.dumps(m.metadata, sort_keys=True),
                         json.dumps(m.options, sort_keys=True),
                         m.idempotency_key,
+                        int(m.sandbox),
                     )
                     for m, queue_id in new
                 ],
@@ -321,7 +326,7 @@ class QueueStore(StoreBase):
             await cursor.execute(
                 "SELECT m.queue_id, m.received_at, m.sender, m.tags, m.metadata, m.options,"
                 " CASE WHEN m.size <= ? THEN b.raw END, b.queue_id IS NOT NULL,"
-                " m.warnings_checked_at IS NOT NULL, m.credential"
+                " m.warnings_checked_at IS NOT NULL, m.credential, m.sandbox"
                 " FROM messages m LEFT JOIN message_bodies b ON b.queue_id = m.queue_id"
                 f" WHERE m.queue_id IN ({marks})",
                 [BIG_MESSAGE, *wanted],
@@ -345,6 +350,7 @@ class QueueStore(StoreBase):
                     raw=bytes(raw),
                     warnings_checked=bool(r[8]),
                     credential=None if r[9] is None else str(r[9]),
+                    sandbox=bool(r[10]),
                 )
             return loaded
 

@@ -236,6 +236,8 @@ class MessageDetail:
     #: Every event of the message in (time, id) order, at most MAX_TIMELINE of them.
     timeline: tuple[TimelineEvent, ...]
     timeline_truncated: bool = False
+    #: Submitted with a sandbox credential: never sent to its recipients (docs/smtp.md).
+    sandbox: bool = False
 
 
 @frozen
@@ -432,7 +434,7 @@ class ReportsStore(StoreBase):
             await cursor.execute(
                 "SELECT m.received_at, m.sender, m.size, m.client_ip, m.credential, m.tags,"
                 " m.metadata, m.finished_at, m.body_purged_at, substr(b.raw, 1, ?),"
-                " b.queue_id IS NOT NULL"
+                " b.queue_id IS NOT NULL, m.sandbox"
                 " FROM messages m LEFT JOIN message_bodies b ON b.queue_id = m.queue_id"
                 " WHERE m.queue_id = ?",
                 (HEADER_BYTES, queue_id),
@@ -515,6 +517,7 @@ class ReportsStore(StoreBase):
                 recipients=recipients,
                 timeline=timeline,
                 timeline_truncated=truncated,
+                sandbox=bool(message[11]),
             )
 
         return await self.run("message_detail", txn, readonly=True)

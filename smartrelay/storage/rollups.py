@@ -34,6 +34,11 @@ WARNING = "warning"
 #: json.dumps (sort_keys, default separators), and a JSON string cannot hold an unescaped
 #: quote, so a user agent or URL cannot fake it.
 _HUMAN_PATTERN = "%" + json.dumps({"machine": False})[1:-1] + "%"
+#: A ``delivered`` event of sandbox mail (``sandbox`` is stored only when true; the same
+#: reasoning as above) is counted as this type, so that ``delivered`` counts only mail that
+#: reached a receiver (docs/smtp.md, "Sandbox credentials").
+SANDBOX_DELIVERED = "delivered-sandbox"
+_SANDBOX_PATTERN = "%" + json.dumps({"sandbox": True})[1:-1] + "%"
 _ROLLUP_COLUMNS = "hour, tag, sender_domain, recipient_domain, type, detail"
 #: Rows per upsert statement (8 parameters each).
 _UPSERT_ROWS = 250
@@ -250,12 +255,14 @@ async def _read_events(
         after = " AND (e.time, e.id) > (?, ?)"  # a row value: a range of the index
         args = [position[0], position[1]]
     await cursor.execute(
-        "SELECT e.time, e.id, e.type, e.queue_id, e.recipient,"
+        "SELECT e.time, e.id,"
+        f" CASE WHEN e.type = 'delivered' AND e.data LIKE ? THEN '{SANDBOX_DELIVERED}'"
+        " ELSE e.type END, e.queue_id, e.recipient,"
         " CASE WHEN e.type IN ('bounced', 'opened', 'clicked', 'warning') THEN e.data END,"
         " m.sender, m.tags"
         " FROM events e LEFT JOIN messages m ON m.queue_id = e.queue_id"
         f" WHERE e.time < ?{after} ORDER BY e.time, e.id LIMIT ?",
-        (horizon_ms, *args, limit),
+        (_SANDBOX_PATTERN, horizon_ms, *args, limit),
     )
     return [_event_of(r) for r in cursor.fetchall()]
 

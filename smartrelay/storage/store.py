@@ -33,7 +33,14 @@ from smartrelay.storage.event_positions import (
 )
 from smartrelay.storage.events import EventStore, insert_events
 from smartrelay.storage.feedback import FEEDBACK_CHANNEL, FeedbackStore, NewFeedback
-from smartrelay.storage.logins import DuplicateName, Login, LoginStore, LoginTable
+from smartrelay.storage.logins import (
+    CredentialCheck,
+    CredentialTable,
+    DuplicateName,
+    Login,
+    LoginStore,
+    LoginTable,
+)
 from smartrelay.storage.mailboxes import MailboxStore
 from smartrelay.storage.metrics_queries import MetricsStore
 from smartrelay.storage.mta_sts import StsPolicyStore
@@ -78,6 +85,8 @@ __all__ = [
     "SUPPRESSION_REASONS",
     "ApiToken",
     "ClaimedRecipient",
+    "CredentialCheck",
+    "CredentialTable",
     "DeadLetter",
     "DeadLetterState",
     "DuplicateName",

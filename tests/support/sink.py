@@ -18,7 +18,13 @@ from smartrelay.reactor import IRelayReactor
 from smartrelay.smtp.listener import SmtpFactory
 from smartrelay.smtp.protocol import SmtpServerProtocol
 from smartrelay.smtp.replies import Reply
-from smartrelay.smtp.session import Envelope, ISmtpBackend, ListenerSettings, Session
+from smartrelay.smtp.session import (
+    Admitted,
+    Envelope,
+    ISmtpBackend,
+    ListenerSettings,
+    Session,
+)
 from smartrelay.spool import SpooledBody
 
 
@@ -49,7 +55,7 @@ class SinkBackend:
     def check_recipient(self, session: Session, address: str) -> Reply | None:
         return self.rcpt_script(session, address)
 
-    def check_credentials(self, name: str, password: str) -> Deferred[bool]:
+    def check_credentials(self, name: str, password: str) -> Deferred[bool | Admitted]:
         return succeed(self.credentials.get(name) == password)
 
     def deliver(

@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from smartrelay.config import Config
+from smartrelay.events import SANDBOX_MX
 from smartrelay.storage.reports import (
     RECIPIENT_STATES,
     MessageDetail,
@@ -266,12 +267,20 @@ def describe_event(event: TimelineEvent) -> Entry:
         fact("client_ip", "Client", "code")
         fact("credential", "Credential", "code")
     elif kind == "delivered":
-        headline = "Delivered: the receiving server accepted it"
+        sandbox = data.get("sandbox") is True
+        if not sandbox:
+            headline = "Delivered: the receiving server accepted it"
+        elif data.get("mx") == SANDBOX_MX:
+            headline = "Sandbox: recorded as delivered, never sent (sandbox credential)"
+        else:
+            headline = "Sandbox: sent to the sandbox route, not to the recipient"
         fact("mx", "Server (MX)", "code")
         fact("reply", "Remote reply", "code")
         fact("tls", "TLS", value="yes" if data.get("tls") is True else "no, in clear text")
         fact("attempt", "Attempt")
-        fact("sandbox", "Sandbox")
+        if sandbox:
+            fact("sandbox", "Sandbox", value="yes: submitted with a sandbox credential")
+        shown.add("sandbox")
     elif kind == "deferred":
         headline = "Deferred: the receiving server said try later"
         fact("mx", "Server (MX)", "code")
