@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smartrelay.config import ConfigError, load_config
-from smartrelay.delivery.processes import METRICS_INTERVAL, metrics_line
+from smartrelay.delivery.processes import METRICS_INTERVAL, adaptive_line, metrics_line
 from smartrelay.metrics import RelayMetrics
 from smartrelay.rewrap.dkim import DkimError
 from smartrelay.smtp.tls import TlsError
@@ -72,11 +72,17 @@ class MetricsReporter:
         self._metrics = metrics
         self._out = out
         self._last = ""
+        self._last_adaptive = adaptive_line(metrics)
 
     def send(self) -> None:
-        line = metrics_line(self._metrics)
-        if line != self._last:
-            self._last = line
+        """The metrics line, and the adaptive throttles' limits line, each if it changed."""
+        for line, last in (
+            (metrics_line(self._metrics), "_last"),
+            (adaptive_line(self._metrics), "_last_adaptive"),
+        ):
+            if line == getattr(self, last):
+                continue
+            setattr(self, last, line)
             try:
                 self._out.write(line)
                 self._out.flush()
