@@ -173,11 +173,17 @@ class AdaptiveLimits:
 
     def note_domain(self, key: str, domain: str) -> None:
         """Recipient domain ``domain`` is delivered under ``key`` (for the UI's queue page)."""
+        if self._note(key, domain):
+            self._changed()
+
+    def _note(self, key: str, domain: str) -> bool:
         state = self._states.get(key)
-        if state is not None and domain and domain not in state.domains:
-            if len(state.domains) >= MAX_LIMIT_DOMAINS:
-                del state.domains[next(iter(state.domains))]
-            state.domains[domain] = None
+        if state is None or not domain or domain in state.domains:
+            return False
+        if len(state.domains) >= MAX_LIMIT_DOMAINS:
+            del state.domains[next(iter(state.domains))]
+        state.domains[domain] = None
+        return True
 
     # -- changing
     def signal(self, key: str, throttle: Throttle, reason: str, domain: str = "") -> bool:
@@ -203,9 +209,11 @@ class AdaptiveLimits:
             )
             self._states[key] = state
             self._recovered.pop(key, None)
-        self.note_domain(key, domain)
         if now - state.last_cut < s.same_episode:
+            if self._note(key, domain):
+                self._changed()
             return False
+        self._note(key, domain)
         old_rate, old_connections = state.rate, state.connections
         floor_rate = min(s.min_rate, state.ceiling_rate)
         floor_connections = min(s.min_connections, state.ceiling_connections)
