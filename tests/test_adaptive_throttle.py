@@ -95,7 +95,7 @@ def test_the_floor_is_never_above_the_ceiling() -> None:
     controller.stop()
 
 
-def test_after_the_hold_limits_rise_step_by_step_back_to_the_ceiling() -> None:
+def test_after_the_hold_limits_rise_step_by_step_then_faster_back_to_the_ceiling() -> None:
     clock = Clock()
     controller, changes = limits(clock)
     for _ in range(3):  # 100 -> 12.5/s, 20 -> 2 connections
@@ -108,11 +108,14 @@ def test_after_the_hold_limits_rise_step_by_step_back_to_the_ceiling() -> None:
     clock.advance(0.01)  # the hold is over: one step (10% of the ceiling: 10/s, 2 connections)
     assert controller.rate("k", CEILING) == 22.5 and controller.connections("k", CEILING) == 4
     rates = [controller.rate("k", CEILING)]
-    for _ in range(12):
+    connections = [controller.connections("k", CEILING)]
+    for _ in range(10):
         clock.advance(30.0)
         rates.append(controller.rate("k", CEILING))
-    assert rates[:4] == [22.5, 32.5, 42.5, 52.5]
-    assert rates[-1] == 100.0 and controller.connections("k", CEILING) == 20
+        connections.append(controller.connections("k", CEILING))
+    # Additive up to 25/s, where the last cut started; then x1.5 a step (the ceiling caps).
+    assert rates == [22.5, 32.5, 48.75, 73.125] + [100.0] * 7
+    assert connections == [4, 6, 8, 10, 12, 14, 16, 18, 20, 20, 20]
     # Back at the ceiling: no timer left, the figures show it at the ceiling, not cut.
     assert clock.getDelayedCalls() == []
     [recovered] = controller.figures()
@@ -148,6 +151,8 @@ def test_settings_are_checked() -> None:
         AimdSettings(decrease=1.0)
     with pytest.raises(ValueError, match="max_hold"):
         AimdSettings(hold=100.0, max_hold=10.0)
+    with pytest.raises(ValueError, match="probe"):
+        AimdSettings(probe=0.5)
     with pytest.raises(ValueError, match="step_interval"):
         AimdSettings(step_interval=0.0)
 

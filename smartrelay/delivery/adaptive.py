@@ -5,10 +5,11 @@ A throttle entry's ``max_rate`` and ``max_connections`` are its ceiling. When a 
 answers with a rate-limit signal (:func:`is_rate_signal`), :class:`AdaptiveLimits` cuts the
 limits of its throttle key multiplicatively (``decrease``, never below the floor) and holds
 them ``hold`` seconds; another cut while held doubles the hold (up to ``max_hold``). After the
-hold, every ``step_interval`` without a signal raises them additively (``step_fraction`` of the
-ceiling) until they are back at the ceiling. Signals less than ``same_episode`` seconds after
-a cut answer mail sent under the old limits (several connections get the same 421 at once):
-they do not cut again.
+hold, every ``step_interval`` without a signal raises them: additively (``step_fraction`` of
+the ceiling) up to the rate the last cut started from, then faster (times ``probe``: that rate
+was too much once, higher ones were never tried), until they are back at the ceiling. Signals
+less than ``same_episode`` seconds after a cut answer mail sent under the old limits (several
+connections get the same 421 at once): they do not cut again.
 
 The state is per delivery process (as every throttle's is) and per throttle key; an adaptive
 ``*`` or domain entry is keyed by the provider of the domain's preferred MX host
@@ -56,8 +57,10 @@ class AimdSettings:
     same_episode: float = 2.0
     #: After the hold, one step up every this many seconds without a signal ...
     step_interval: float = 30.0
-    #: ... of this fraction of the ceiling (rate and connections; at least one connection).
+    #: ... of this fraction of the ceiling (rate and connections; at least one connection) ...
     step_fraction: float = 0.05
+    #: ... and once the rate is past the one the last cut started from, times this if more.
+    probe: float = 1.5
     #: After a signal, the destination sends nothing for this long (not the 421 back-off).
     pause: float = 5.0
     #: A recipient deferred by a rate-limit signal is tried again after this (+0 to 50%
@@ -69,6 +72,8 @@ class AimdSettings:
             raise ValueError(f"decrease must be between 0 and 1, not {self.decrease!r}")
         if not 0 < self.step_fraction <= 1:
             raise ValueError(f"step_fraction must be in (0, 1], not {self.step_fraction!r}")
+        if not self.probe >= 1:
+            raise ValueError(f"probe must be at least 1, not {self.probe!r}")
         if self.min_connections < 1:
             raise ValueError("min_connections must be at least 1")
         for name in ("min_rate", "hold", "step_interval"):
@@ -127,6 +132,8 @@ class _State:
     hold_until: float
     last_cut: float
     reason: str
+    #: The rate the last cut started from (too much, then).
+    cut_from: float = 0.0
     domains: dict[str, None] = field(factory=dict)
     timer: IDelayedCall | None = None
 
@@ -215,6 +222,7 @@ class AdaptiveLimits:
             return False
         self._note(key, domain)
         old_rate, old_connections = state.rate, state.connections
+        state.cut_from = old_rate
         floor_rate = min(s.min_rate, state.ceiling_rate)
         floor_connections = min(s.min_connections, state.ceiling_connections)
         state.rate = max(floor_rate, state.rate * s.decrease)
@@ -254,7 +262,10 @@ class AdaptiveLimits:
         state.timer = None
         s = self.settings
         old_rate, old_connections = state.rate, state.connections
-        state.rate = min(state.ceiling_rate, state.rate + state.ceiling_rate * s.step_fraction)
+        step = state.ceiling_rate * s.step_fraction
+        if state.rate >= state.cut_from:
+            step = max(step, state.rate * (s.probe - 1))
+        state.rate = min(state.ceiling_rate, state.rate + step)
         step_connections = max(1, math.floor(state.ceiling_connections * s.step_fraction))
         state.connections = min(state.ceiling_connections, state.connections + step_connections)
         quiet = self._clock.seconds() - state.last_cut
