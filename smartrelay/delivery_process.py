@@ -27,7 +27,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smartrelay.config import ConfigError, load_config
-from smartrelay.delivery.processes import METRICS_INTERVAL, adaptive_line, metrics_line
+from smartrelay.delivery.processes import (
+    ADAPTIVE_PREFIX,
+    METRICS_INTERVAL,
+    adaptive_line,
+    metrics_line,
+)
 from smartrelay.metrics import RelayMetrics
 from smartrelay.rewrap.dkim import DkimError
 from smartrelay.smtp.tls import TlsError
@@ -72,7 +77,8 @@ class MetricsReporter:
         self._metrics = metrics
         self._out = out
         self._last = ""
-        self._last_adaptive = adaptive_line(metrics)
+        # No adaptive line until a limit is cut (most relays have no adaptive throttle).
+        self._last_adaptive = ADAPTIVE_PREFIX + "[]\n"
 
     def send(self) -> None:
         """The metrics line, and the adaptive throttles' limits line, each if it changed."""

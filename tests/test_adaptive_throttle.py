@@ -4,12 +4,19 @@ delivery process sends to the main process."""
 
 from __future__ import annotations
 
+import io
 import json
 import random
+from typing import cast
 
 import pytest
 from prometheus_client import generate_latest
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
 
 from smartrelay.config import ConfigError, Throttle, parse_config
 from smartrelay.delivery.adaptive import (
@@ -19,9 +26,11 @@ from smartrelay.delivery.adaptive import (
     provider_key,
     retry_soon,
 )
-from smartrelay.delivery.processes import adaptive_line
+from smartrelay.delivery.processes import DeliveryProcesses, _Child, adaptive_line
 from smartrelay.delivery.throttle import Throttles
+from smartrelay.delivery_process import MetricsReporter
 from smartrelay.metrics import LimitFigures, RelayMetrics
+from smartrelay.reactor import IRelayReactor
 
 CEILING = Throttle("*", max_connections=20, max_rate_per_second=100.0, adaptive=True)
 SETTINGS = AimdSettings(
@@ -354,3 +363,31 @@ def test_a_malformed_figure_from_a_child_is_skipped(row: object) -> None:
     assert metrics.adaptive.update_child(0, [row, good.as_json()])
     assert [f for _, f in metrics.adaptive.all()] == [good]
     assert not metrics.adaptive.update_child(0, {"not": "a list"})
+
+
+def test_the_main_process_reads_adaptive_lines_and_drops_them_when_a_child_ends() -> None:
+    main = RelayMetrics()
+    owner = DeliveryProcesses(
+        cast(IRelayReactor, MemoryReactorClock()), 1, lambda i: ["true"], lambda: Deferred(), main
+    )
+    child = _Child(owner, 2)
+    sent = RelayMetrics()
+    figures = LimitFigures("mx:.provider.test", 5.0, 2, 10.0, 4, True, 60.0, "421", ("a.test",))
+    sent.adaptive.set("main", [figures])
+    # What the child's reporter writes: its adaptive line, only when it changed.
+    out = io.StringIO()
+    reporter = MetricsReporter(sent, out)
+    reporter.send()
+    reporter.send()
+    lines = out.getvalue().splitlines(keepends=True)
+    [line] = [x for x in lines if x.startswith("adaptive ")]
+    # Taken in pieces, beside log lines, which are still logged.
+    with capturedLogs() as logged:
+        child.childDataReceived(1, line.encode()[:7])
+        child.childDataReceived(1, line.encode()[7:] + b"info a log line\n")
+        child.childDataReceived(1, b"adaptive {not json\n")
+    assert main.adaptive.all() == [("d2", figures)]
+    assert [e for e in logged if "malformed adaptive line" in str(e.get("log_format"))]
+    assert [e for e in logged if e.get("line") == "a log line"]
+    child.processEnded(Failure(ProcessTerminated(signal=9)))  # type: ignore[no-untyped-call]
+    assert main.adaptive.all() == []
