@@ -185,12 +185,9 @@ def test_domains_listed_per_key_are_bounded() -> None:
         (421, "4.7.0 Try again later, closing connection.", False, True),
         (451, "4.7.1 Throttled: too many messages", False, True),
         (421, "Too many connections from your IP", False, True),
-        (
-            450,
-            "4.2.1 The user you are trying to contact is receiving mail too quickly",
-            False,
-            True,
-        ),
+        # A mailbox status limits one recipient, not the destination.
+        (450, "4.2.1 The user is receiving mail too quickly", False, False),
+        (450, "The user is receiving mail too quickly", False, True),
         (421, "4.3.2 Service shutting down", True, True),  # any 421 when connecting
         (421, "4.3.2 Service shutting down", False, False),
         (451, "4.4.1 Connection refused", True, False),  # ours: not a rate limit

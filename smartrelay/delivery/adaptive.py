@@ -87,14 +87,17 @@ class AimdSettings:
 
 
 def is_rate_signal(code: int, text: str, *, at_connect: bool = False) -> bool:
-    """A reply that says "slow down": a transient reply the classifier calls ``rate-limited``
-    (``421 4.7.0 Try again later``, ``451 4.7.1`` throttling, "too many connections", Gmail's
-    ``450 4.2.1 ... receiving mail too quickly``), or any 421 when connecting."""
+    """A reply that says "slow down" to the destination: a transient reply the classifier calls
+    ``rate-limited`` (``421 4.7.0 Try again later``, ``451 4.7.1`` throttling, "too many
+    connections"), or any 421 when connecting. A mailbox status (X.2.X: Gmail's ``450 4.2.1
+    ... receiving mail too quickly``) limits one recipient, not the destination: not a signal
+    (that recipient follows the retry schedule)."""
     if not 400 <= code < 500:
         return False
     if at_connect and code == 421:
         return True
-    return classify_reply(code, text).category == "rate-limited"
+    verdict = classify_reply(code, text)
+    return verdict.category == "rate-limited" and not verdict.status.startswith("4.2.")
 
 
 def retry_soon(
