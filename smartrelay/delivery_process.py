@@ -28,7 +28,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smartrelay.config import ConfigError, load_config
-from smartrelay.delivery.processes import METRICS_INTERVAL, metrics_line
+from smartrelay.delivery.processes import (
+    ADAPTIVE_PREFIX,
+    METRICS_INTERVAL,
+    adaptive_line,
+    metrics_line,
+)
 from smartrelay.metrics import RelayMetrics
 from smartrelay.rewrap.dkim import DkimError
 from smartrelay.smtp.tls import TlsError
@@ -73,11 +78,18 @@ class MetricsReporter:
         self._metrics = metrics
         self._out = out
         self._last = ""
+        # No adaptive line until a limit is cut (most relays have no adaptive throttle).
+        self._last_adaptive = ADAPTIVE_PREFIX + "[]\n"
 
     def send(self) -> None:
-        line = metrics_line(self._metrics)
-        if line != self._last:
-            self._last = line
+        """The metrics line, and the adaptive throttles' limits line, each if it changed."""
+        for line, last in (
+            (metrics_line(self._metrics), "_last"),
+            (adaptive_line(self._metrics), "_last_adaptive"),
+        ):
+            if line == getattr(self, last):
+                continue
+            setattr(self, last, line)
             try:
                 self._out.write(line)
                 self._out.flush()

@@ -45,9 +45,11 @@ from smartrelay.events import (
 
 __all__ = [
     "LATENCY_BUCKETS",
+    "AdaptiveGauges",
     "ChildCounts",
     "DatabaseFigures",
     "DestinationFigures",
+    "LimitFigures",
     "RelayMetrics",
     "WebhookFigures",
 ]
@@ -75,6 +77,8 @@ class RelayMetrics:
         self.children = ChildCounts()
         #: The database gauges' last reading (set by the ``/metrics`` resource).
         self.database = DatabaseGauges()
+        #: Adaptive throttles' current limits: this process's and its children's.
+        self.adaptive = AdaptiveGauges()
         #: What ``/metrics`` exposes: this process's values plus its children's, then the
         #: database gauges.
         self.registry = CollectorRegistry(auto_describe=False)
@@ -423,6 +427,7 @@ class _Combined(Collector):
         for family in self._metrics.own_registry.collect():
             added = extra.get(family.name)
             yield family if not added else _merged(family, added)
+        yield from self._metrics.adaptive.collect()
         yield from self._metrics.database.collect()
 
 
@@ -440,3 +445,141 @@ def _merged(
     for (name, labels), value in left.items():
         merged.add_sample(name, dict(labels), value)
     return merged
+
+
+# -- adaptive throttles -----------------------------------------------------------------------
+#: Adaptive destinations kept per process (the cut ones first), and domains listed per one.
+MAX_LIMIT_FIGURES = 1000
+MAX_LIMIT_DOMAINS = 20
+
+
+@frozen
+class LimitFigures:
+    """The current limits of one adaptive throttle key (smartrelay/delivery/adaptive.py)."""
+
+    #: The throttle key: ``mx:.google.com``, or a recipient domain.
+    destination: str
+    rate: float
+    connections: int
+    ceiling_rate: float
+    ceiling_connections: int
+    #: Below the ceiling now.
+    cut: bool
+    #: Clock seconds: the limits are not raised before this.
+    hold_until: float
+    #: The reply of the last cut.
+    reason: str
+    #: Recipient domains seen rate-limited under this key (a few).
+    domains: tuple[str, ...]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "destination": self.destination,
+            "rate": self.rate,
+            "connections": self.connections,
+            "ceiling_rate": self.ceiling_rate,
+            "ceiling_connections": self.ceiling_connections,
+            "cut": self.cut,
+            "hold_until": self.hold_until,
+            "reason": self.reason,
+            "domains": list(self.domains),
+        }
+
+    @classmethod
+    def from_json(cls, value: object) -> LimitFigures | None:
+        """One figure from a delivery process's ``adaptive`` line; None if malformed."""
+        if not isinstance(value, dict):
+            return None
+        numbers = [value.get(k) for k in ("rate", "ceiling_rate", "hold_until")]
+        counts = [value.get(k) for k in ("connections", "ceiling_connections")]
+        texts = [value.get(k) for k in ("destination", "reason")]
+        domains = value.get("domains")
+        if not all(_finite(n) for n in numbers) or not all(
+            isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 2**31 for c in counts
+        ):
+            return None
+        if not all(isinstance(t, str) and len(t) <= 300 for t in texts) or not texts[0]:
+            return None
+        if not isinstance(domains, list) or len(domains) > MAX_LIMIT_DOMAINS:
+            return None
+        if not all(isinstance(d, str) and len(d) <= 255 for d in domains):
+            return None
+        cut = value.get("cut")
+        if not isinstance(cut, bool):
+            return None
+        return cls(
+            str(texts[0]),
+            float(numbers[0]),  # type: ignore[arg-type]
+            int(counts[0]),  # type: ignore[arg-type]
+            float(numbers[1]),  # type: ignore[arg-type]
+            int(counts[1]),  # type: ignore[arg-type]
+            cut,
+            float(numbers[2]),  # type: ignore[arg-type]
+            str(texts[1]),
+            tuple(domains),
+        )
+
+
+def _finite(value: object) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
+
+
+class AdaptiveGauges:
+    """Adaptive throttles' limits by process: ``main`` (this process's delivery manager) and
+    ``d0``, ``d1``... (delivery processes, from their ``adaptive [json]`` lines). Limits are
+    per process, as every throttle's are (docs/delivery.md)."""
+
+    def __init__(self) -> None:
+        self._by_process: dict[str, tuple[LimitFigures, ...]] = {}
+
+    def set(self, process: str, figures: Iterable[LimitFigures]) -> None:
+        self._by_process[process] = tuple(figures)[:MAX_LIMIT_FIGURES]
+
+    def update_child(self, index: int, rows: object) -> bool:
+        """Child ``index``'s figures (parsed JSON); malformed rows are skipped. False if the
+        line is no list."""
+        if not isinstance(rows, list):
+            return False
+        figures = [LimitFigures.from_json(row) for row in rows[:MAX_LIMIT_FIGURES]]
+        self.set(f"d{index}", (f for f in figures if f is not None))
+        return True
+
+    def own(self) -> list[dict[str, Any]]:
+        """This process's figures as JSON-ready dicts (what a delivery process sends)."""
+        return [f.as_json() for f in self._by_process.get("main", ())]
+
+    def retire(self, index: int) -> None:
+        """Child ``index`` ended: its limits went with it (a new run starts at the ceiling)."""
+        self._by_process.pop(f"d{index}", None)
+
+    def all(self) -> list[tuple[str, LimitFigures]]:
+        """(process, figures) of every adaptive key, the cut ones first."""
+        rows = [(p, f) for p, figures in sorted(self._by_process.items()) for f in figures]
+        rows.sort(key=lambda row: (not row[1].cut, row[1].destination, row[0]))
+        return rows
+
+    def cut_for_domain(self, domain: str) -> list[tuple[str, LimitFigures]]:
+        """The cut limits that recipient domain ``domain`` was seen under."""
+        return [(p, f) for p, f in self.all() if f.cut and domain in f.domains]
+
+    def collect(self) -> Iterator[Metric]:
+        rate = GaugeMetricFamily(
+            "smartrelay_throttle_rate_limit",
+            "Adaptive throttles: the messages per second allowed now, by destination and process.",
+            labels=["destination", "process"],
+        )
+        connections = GaugeMetricFamily(
+            "smartrelay_throttle_connection_limit",
+            "Adaptive throttles: the connections allowed now, by destination and process.",
+            labels=["destination", "process"],
+        )
+        for process, figures in self.all():
+            rate.add_metric([figures.destination, process], figures.rate)
+            connections.add_metric([figures.destination, process], figures.connections)
+        yield rate
+        yield connections

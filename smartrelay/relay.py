@@ -435,6 +435,7 @@ class RelayService(MultiService):
                 feedback_processor=self._feedback_processor(),
                 dkim_keys=self._signer.keys,
                 volume=self.volume,
+                throttle_limits=self.metrics.adaptive,
             )
             metrics = None
             if config.api.metrics:

@@ -225,6 +225,9 @@ class Throttle:
     max_messages_per_connection: int = 100
     #: Messages per second (``"1000/min"`` is 16.67).
     max_rate_per_second: float = 1000 / 60
+    #: Cut the limits on rate-limit replies, raise them back step by step (AIMD; the limits
+    #: above are the ceiling): smartrelay/delivery/adaptive.py.
+    adaptive: bool = False
 
 
 @frozen

@@ -227,7 +227,13 @@ _DELIVERY_KEYS = (
     "sandbox_route",
 )
 _POOL_KEYS = ("name", "source_addresses", "senders", "tags", "credentials", "selection")
-_THROTTLE_KEYS = ("match", "max_connections", "max_messages_per_connection", "max_rate")
+_THROTTLE_KEYS = (
+    "match",
+    "max_connections",
+    "max_messages_per_connection",
+    "max_rate",
+    "adaptive",
+)
 _SUPPRESSION_KEYS = ("hard_bounce", "soft_bounce", "complaint", "unsubscribe")
 
 
@@ -467,6 +473,7 @@ def _parse_throttles(delivery: _Table) -> tuple[Throttle, ...]:
                     "max_messages_per_connection", d.max_messages_per_connection
                 ),
                 max_rate_per_second=rate,
+                adaptive=t.boolean("adaptive", d.adaptive),
             )
         )
     if "*" not in seen:

@@ -22,7 +22,7 @@ import socket
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from attrs import frozen
+from attrs import field, frozen
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from smartrelay.config import DeliveryConfig, Pool, SourceAddress, Throttle
+from smartrelay.delivery.adaptive import AimdSettings, is_rate_signal, retry_soon
 from smartrelay.delivery.client import (
     Connector,
     OutboundSession,
@@ -100,6 +101,9 @@ class DeliveryTunables:
     #: the most it grows to (doubling). Claims, and outcomes already known, are tried again so.
     database_retry_min: float = 0.25
     database_retry_max: float = 2.0
+    #: Adaptive throttles' numbers (cut, hold, steps up, the pause and retry after a
+    #: rate-limit reply): smartrelay/delivery/adaptive.py.
+    adaptive: AimdSettings = field(factory=AimdSettings)
 
     def __attrs_post_init__(self) -> None:
         for name in ("claim_batch", "max_in_memory", "max_in_memory_bytes"):
@@ -232,7 +236,13 @@ class DeliveryManager(Service):
         self._sts = mta_sts
         self.router = Router(config.routes)
         self._sandbox = SandboxRouting(config.sandbox_route)
-        self.throttles = Throttles(clock, config.throttles, config.max_connections)
+        self.throttles = Throttles(
+            clock, config.throttles, config.max_connections, adaptive=tunables.adaptive
+        )
+        if metrics is not None:
+            self.throttles.adaptive.on_change = lambda figures: metrics.adaptive.set(
+                "main", figures
+            )
         self.node_id = node_id or f"{socket.gethostname()}-{secrets.token_hex(4)}"
         # A stable id (see node_id_for) lets a restarted node take back its own claims.
         self._rng = rng or random.Random()
@@ -306,6 +316,7 @@ class DeliveryManager(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]
+        self.throttles.adaptive.stop()
         for call in (self._poll_call, self._spaced_wake):
             if call is not None and call.active():
                 call.cancel()
@@ -526,6 +537,7 @@ class DeliveryManager(Service):
                     pool,
                     mx_host or route_key,
                 )
+            self.throttles.adaptive.note_domain(destination.throttle_key, domain)
             destination.jobs.append(job)
             touched.append(destination)
         for destination in touched:
@@ -554,7 +566,7 @@ class DeliveryManager(Service):
             return
         while (
             destination.jobs
-            and destination.workers < settings.max_connections
+            and destination.workers < self.throttles.max_connections_for(key, settings)
             and self.throttles.acquire_connection(key, settings)
         ):
             destination.workers += 1
@@ -630,9 +642,9 @@ class DeliveryManager(Service):
                                 failed,
                                 [RecipientResult(r.address, failure) for r in failed.recipients],
                                 None,
+                                adaptive=settings.adaptive,
                             )
-                        if failure.code == 421:
-                            self.throttles.back_off(key, self.tunables.backoff_on_421)
+                        self._after_refusal(destination, job.domain, [failure], at_connect=True)
                         break
                 try:
                     results, suppressed = await self._deliver_job(destination, connection, job)
@@ -654,12 +666,15 @@ class DeliveryManager(Service):
                     self._connections.discard(connection)
                     connection.close()
                 current = None
-                await self._finish(job, results, connection, suppressed)
+                await self._finish(job, results, connection, suppressed, adaptive=settings.adaptive)
                 if not connection.usable:
                     connection = None
-                if any(r.reply.code == 421 for r in results):
-                    self.throttles.back_off(key, self.tunables.backoff_on_421)
+                if self._after_refusal(destination, job.domain, [r.reply for r in results]):
                     break
+                if self.throttles.connections(key) > self.throttles.max_connections_for(
+                    key, settings
+                ):
+                    break  # an adaptive throttle's connections were cut: this one goes
         except Exception:
             # A bug anywhere above: the job in hand still gets an outcome (a deferral) and
             # gives its place in memory back; the destination's other jobs go on below.
@@ -684,6 +699,29 @@ class DeliveryManager(Service):
             for other in list(self._destinations.values()):
                 if other is not destination and other.jobs and other.throttle_key == key:
                     self._start_workers(other)
+
+    def _after_refusal(
+        self,
+        destination: Destination,
+        domain: str,
+        replies: Sequence[ServerReply],
+        *,
+        at_connect: bool = False,
+    ) -> bool:
+        """A 421 backs the destination off (``backoff_on_421``); on an adaptive throttle a
+        rate-limit reply cuts its limits and pauses it briefly instead (adaptive.py). True
+        if the worker should stop."""
+        key, settings = destination.throttle_key, destination.settings
+        if settings.adaptive:
+            for reply in replies:
+                if is_rate_signal(reply.code, reply.text, at_connect=at_connect):
+                    self.throttles.adaptive.signal(key, settings, reply.line, domain)
+                    self.throttles.back_off(key, self.tunables.adaptive.pause)
+                    return True
+        if any(reply.code == 421 for reply in replies):
+            self.throttles.back_off(key, self.tunables.backoff_on_421)
+            return True
+        return False
 
     async def _deliver_job(
         self, destination: Destination, connection: OutboundSession, job: Job
@@ -803,11 +841,14 @@ class DeliveryManager(Service):
         results: Sequence[RecipientResult],
         connection: OutboundSession | None,
         suppressed: Sequence[tuple[ClaimedRecipient, Suppression]] = (),
+        *,
+        adaptive: bool = False,
     ) -> None:
         """Record ``job``'s outcomes (trying again while the database is unavailable) and
-        give its place in memory back, whatever happens."""
+        give its place in memory back, whatever happens. ``adaptive``: the destination's
+        throttle is, so rate-limited recipients are tried again soon."""
         try:
-            await self._record_durably(job, results, connection, suppressed)
+            await self._record_durably(job, results, connection, suppressed, adaptive)
         except Exception:
             # A bug, or the relay stopping: the rows stay claimed and come back when the
             # lease runs out; the job's place in memory is given back all the same.
@@ -825,6 +866,7 @@ class DeliveryManager(Service):
         results: Sequence[RecipientResult],
         connection: OutboundSession | None,
         suppressed: Sequence[tuple[ClaimedRecipient, Suppression]],
+        adaptive: bool = False,
     ) -> None:
         """:meth:`_record`, tried again while the database is unavailable.
 
@@ -836,7 +878,7 @@ class DeliveryManager(Service):
         failures = 0
         while True:
             try:
-                await self._record(job, results, connection, suppressed)
+                await self._record(job, results, connection, suppressed, adaptive)
             except DatabaseUnavailable as error:
                 if not self.running:
                     log.warn(
@@ -869,6 +911,7 @@ class DeliveryManager(Service):
         results: Sequence[RecipientResult],
         connection: OutboundSession | None,
         suppressed: Sequence[tuple[ClaimedRecipient, Suppression]],
+        adaptive: bool = False,
     ) -> None:
         """Commit the outcomes of ``job`` (recipient states and events), and log them."""
         assert self._store is not None
@@ -896,7 +939,8 @@ class DeliveryManager(Service):
             result = by_address.get(recipient.address)
             # Every recipient of the job gets an outcome: none left claimed with no reply.
             reply = result.reply if result is not None else _local_reply("no reply", "4.3.0")
-            outcomes.append(self._outcome(job, recipient, reply, mx, tls, now))
+            soon = adaptive and is_rate_signal(reply.code, reply.text, at_connect=not mx)
+            outcomes.append(self._outcome(job, recipient, reply, mx, tls, now, soon))
         recorded = await self._store.record_outcomes_of(self.node_id, outcomes)
         if self._metrics is not None:
             self._count(job, [o for o in outcomes if o.recipient_id in recorded], now)
@@ -932,7 +976,10 @@ class DeliveryManager(Service):
         mx: str,
         tls: bool,
         now: float,
+        soon: bool = False,
     ) -> RecipientOutcome:
+        """``soon``: a rate-limit reply to an adaptive throttle, tried again after
+        ``tunables.adaptive.retry_delay`` rather than on the retry schedule."""
         attempt = recipient.attempts + 1
         line = reply.line
 
@@ -969,15 +1016,24 @@ class DeliveryManager(Service):
                     source="smtp",
                 ),
             )
-        next_at = schedule_retry(
-            now=now,
-            first_attempt_at=job.message.received_at,
-            attempt=attempt,
-            schedule=self._config.retry_schedule,
-            max_age=self._config.max_age,
-            reply_text=reply.text,
-            rng=self._rng,
-        )
+        if soon:
+            next_at = retry_soon(
+                now=now,
+                first_attempt_at=job.message.received_at,
+                max_age=self._config.max_age,
+                delay=self.tunables.adaptive.retry_delay,
+                rng=self._rng,
+            )
+        else:
+            next_at = schedule_retry(
+                now=now,
+                first_attempt_at=job.message.received_at,
+                attempt=attempt,
+                schedule=self._config.retry_schedule,
+                max_age=self._config.max_age,
+                reply_text=reply.text,
+                rng=self._rng,
+            )
         if next_at is None:
             return outcome(
                 "expired",

@@ -55,6 +55,8 @@ WAKE = b"w"
 #: A child sends its metrics this often (seconds) while they change, and when it stops.
 METRICS_INTERVAL = 2.0
 METRICS_PREFIX = "metrics "
+#: A child's adaptive throttles' limits (docs/delivery.md, "Adaptive throttles").
+ADAPTIVE_PREFIX = "adaptive "
 #: A longer metrics line is not parsed (the figures of one process are a few kilobytes).
 MAX_METRICS_LINE = 4 * 1024 * 1024
 _LEVELS = {level.name: level for level in LogLevel.iterconstants()}
@@ -63,6 +65,11 @@ _LEVELS = {level.name: level for level in LogLevel.iterconstants()}
 def metrics_line(metrics: RelayMetrics) -> str:
     """What a child writes on its standard output to send its figures to the main process."""
     return METRICS_PREFIX + json.dumps(metrics.snapshot(), separators=(",", ":")) + "\n"
+
+
+def adaptive_line(metrics: RelayMetrics) -> str:
+    """A child's adaptive throttle limits, a line for the main process."""
+    return ADAPTIVE_PREFIX + json.dumps(metrics.adaptive.own(), separators=(",", ":")) + "\n"
 
 
 def worker_command(config_path: str, index: int) -> list[str]:
@@ -104,6 +111,9 @@ class _Child(ProcessProtocol):
         if fd == 1 and text.startswith(METRICS_PREFIX):
             self.owner._child_metrics(self.index, text[len(METRICS_PREFIX) :])
             return
+        if fd == 1 and text.startswith(ADAPTIVE_PREFIX):
+            self.owner._child_adaptive(self.index, text[len(ADAPTIVE_PREFIX) :])
+            return
         level_name, _, rest = text.partition(" ")
         level = _LEVELS.get(level_name)
         if level is None:  # not a log line (e.g. an interpreter message on stderr)
@@ -113,7 +123,8 @@ class _Child(ProcessProtocol):
     def processEnded(self, reason: Failure) -> None:
         for fd, rest in self._partial.items():
             # A metrics line without its end was cut off (kill -9): its figures are lost.
-            if rest and not (fd == 1 and rest.startswith(METRICS_PREFIX.encode())):
+            cut_off = rest.startswith((METRICS_PREFIX.encode(), ADAPTIVE_PREFIX.encode()))
+            if rest and not (fd == 1 and cut_off):
                 self._log_line(rest, fd)
         self.owner._ended(self, reason)
         self.ended.callback(None)
@@ -201,9 +212,22 @@ class DeliveryProcesses(Service):
         if not self._metrics.children.update(index, rows, self._families):
             log.warn("delivery[{index}]: a malformed metrics line was ignored", index=index)
 
+    def _child_adaptive(self, index: int, text: str) -> None:
+        if self._metrics is None:
+            return
+        rows: object = None
+        if len(text) <= MAX_METRICS_LINE:
+            try:
+                rows = json.loads(text)
+            except ValueError:
+                rows = None
+        if not self._metrics.adaptive.update_child(index, rows):
+            log.warn("delivery[{index}]: a malformed adaptive line was ignored", index=index)
+
     def _ended(self, child: _Child, reason: Failure) -> None:
         if self._metrics is not None:
             self._metrics.children.retire(child.index)
+            self._metrics.adaptive.retire(child.index)
         if self.children.get(child.index) is child:
             del self.children[child.index]
         if not self.running:

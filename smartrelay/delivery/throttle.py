@@ -15,7 +15,12 @@ Matching (:meth:`Throttles.settings_for`):
 
 Keys (:meth:`Throttles.key_for`): an ``mx:`` entry is one shared state, named by the entry
 (``mx:.google.com``: every domain hosted at Google counts against the same limits); a domain
-or ``*`` entry gives each recipient domain its own state, named by the domain.
+or ``*`` entry gives each recipient domain its own state, named by the domain, unless it is
+adaptive and the MX host is known: then the key is the MX host's provider
+(:func:`~smartrelay.delivery.adaptive.provider_key`), so a provider's domains share one budget.
+
+Adaptive entries (``adaptive = true``): :attr:`Throttles.adaptive` holds the limits cut by
+rate-limit replies; the entry's numbers are their ceiling.
 
 Everything runs on the clock given; nothing here schedules calls. State that carries no
 information (no connections, a full bucket, no back-off) is dropped now and then, so memory
@@ -30,6 +35,7 @@ from collections.abc import Sequence
 from twisted.internet.interfaces import IReactorTime
 
 from smartrelay.config import Throttle
+from smartrelay.delivery.adaptive import AdaptiveLimits, AimdSettings, provider_key
 from smartrelay.delivery.routing import domain_key
 
 __all__ = ["Throttles", "TokenBucket"]
@@ -112,6 +118,7 @@ class Throttles:
         global_max_connections: int,
         *,
         prune_threshold: int = 1000,
+        adaptive: AimdSettings | None = None,
     ) -> None:
         if global_max_connections < 1:
             raise ValueError(
@@ -144,6 +151,8 @@ class Throttles:
         self._backoff: dict[str, float] = {}
         self._prune_threshold = max(1, prune_threshold)
         self._prune_at = self._prune_threshold
+        #: The limits of adaptive entries' keys, cut by rate-limit replies.
+        self.adaptive = AdaptiveLimits(clock, adaptive)
 
     # -- matching
 
@@ -156,7 +165,13 @@ class Throttles:
         settings = self._match(domain, mx_host)
         if settings.match.startswith("mx:"):
             return settings.match
+        if settings.adaptive and mx_host and mx_host.strip(" ."):
+            return provider_key(mx_host)
         return domain_key(domain)
+
+    def max_connections_for(self, key: str, settings: Throttle) -> int:
+        """The connections ``key`` may have open now (an adaptive entry's may be cut)."""
+        return self.adaptive.connections(key, settings)
 
     def _match(self, domain: str, mx_host: str | None) -> Throttle:
         if mx_host:
@@ -184,7 +199,8 @@ class Throttles:
         if self.backed_off_until(key) is not None:
             return False
         open_now = self._connections.get(key, 0)
-        if open_now >= settings.max_connections or self._total >= self.global_max_connections:
+        limit = self.adaptive.connections(key, settings)
+        if open_now >= limit or self._total >= self.global_max_connections:
             return False
         self._connections[key] = open_now + 1
         self._total += 1
@@ -217,12 +233,13 @@ class Throttles:
         until = self.backed_off_until(key)
         if until is not None:
             return max(until - self._clock.seconds(), MIN_WAIT)
+        rate = self.adaptive.rate(key, settings)
         bucket = self._buckets.get(key)
         if bucket is None:
             self._maybe_prune()
-            bucket = self._buckets[key] = TokenBucket(self._clock, settings.max_rate_per_second)
-        elif bucket.rate != settings.max_rate_per_second:
-            bucket.set_rate(settings.max_rate_per_second)
+            bucket = self._buckets[key] = TokenBucket(self._clock, rate)
+        elif bucket.rate != rate:
+            bucket.set_rate(rate)
         if bucket.try_take():
             return 0.0
         return max(bucket.wait_time(), MIN_WAIT)

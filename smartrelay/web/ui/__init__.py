@@ -12,6 +12,7 @@ from smartrelay.config import Config
 from smartrelay.deliverability import DeliverabilitySettings, DnsChecker
 from smartrelay.delivery.mx import make_system_resolver
 from smartrelay.feedback.processor import FeedbackProcessor
+from smartrelay.metrics import AdaptiveGauges
 from smartrelay.reactor import IRelayReactor
 from smartrelay.rewrap.dkim import LoadedKey, load_key
 from smartrelay.smtp.volume_watch import VolumeWatch
@@ -41,12 +42,14 @@ def build_reports_ui(
     feedback_processor: FeedbackProcessor | None = None,
     dkim_keys: Sequence[LoadedKey] | None = None,
     volume: VolumeWatch | None = None,
+    throttle_limits: AdaptiveGauges | None = None,
 ) -> ReportsUI:
     """The reports UI of this config; its templates are compiled now (a broken one raises
     :class:`~smartrelay.web.templating.TemplateError`). ``feedback_processor`` (the relay's)
     lets the feedback page reprocess a report; ``dkim_keys``, the relay's signer's keys
     (loaded once; read from the config's files when not given); ``volume``, the relay's
-    volume watch (a release from the UI takes effect on this node at once)."""
+    volume watch (a release from the UI takes effect on this node at once);
+    ``throttle_limits``, the adaptive throttles' current limits (the queue page shows them)."""
 
     def in_thread(work: Callable[[], T]) -> Deferred[T]:
         return deferToThreadPool(reactor, reactor.getThreadPool(), work)
@@ -61,6 +64,7 @@ def build_reports_ui(
             "config": config,
             "feedback_processor": feedback_processor,
             "in_thread": in_thread,
+            "throttle_limits": throttle_limits,
         },
     )
 

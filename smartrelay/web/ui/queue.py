@@ -8,6 +8,10 @@ delivered right now keeps its lease). A drop is ``queue drop``'s: the recipients
 much they drop; there is no confirmation dialog (no script), the form itself is the second
 step.
 
+The destinations table's "Throttle" column shows the limits of adaptive throttles
+(docs/delivery.md, "Adaptive throttles") that rate-limit replies have cut, as this node's
+delivery processes report them; the "Adaptive throttles" card lists every cut throttle key.
+
 The page's "Webhooks" card (docs/webhooks.md, "Operations") shows each webhook endpoint's status
 and dead letters, with Enable / Disable per endpoint and Replay per dead letter, per endpoint
 and for all: what ``smartrelay-ctl webhooks ...`` does. The relay's dispatcher acts on them
@@ -25,6 +29,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from smartrelay.config import Config
+from smartrelay.metrics import AdaptiveGauges, LimitFigures
 from smartrelay.storage.webhook_admin import DeadLetter
 from smartrelay.web.ui.context import UiContext, UiError, add_error_pages, arg, ui_session
 from smartrelay.web.ui.notices import NoticeText, notice_arg, read_notice
@@ -126,6 +131,11 @@ class Queue:
     def replay(self, request: IRequest) -> Deferred[bytes]:
         return self.ui.serve(request, "dead letter replay", lambda: self._replay(request))
 
+    def throttle_limits(self) -> list[tuple[str, LimitFigures]]:
+        """Every adaptive throttle key with its limits, by process (the cut ones first)."""
+        limits = self.ui.extra.get("throttle_limits")
+        return limits.all() if isinstance(limits, AdaptiveGauges) else []
+
     def configured_webhooks(self) -> dict[str, tuple[str, ...]]:
         """Each ``[[webhooks]]`` url of the relay's config and its event types."""
         config = self.ui.extra.get("config")
@@ -139,6 +149,7 @@ class Queue:
         groups = await store.deferred_by_destination(limit=DESTINATIONS)
         webhooks = await store.webhook_endpoints_status(self.configured_webhooks())
         dead_letters = await store.list_dead_letters(limit=DEAD_LETTERS)
+        cut = [(process, f) for process, f in self.throttle_limits() if f.cut]
         return self.ui.page(
             request,
             "ui/queue.html",
@@ -152,6 +163,9 @@ class Queue:
             dead_shown=DEAD_LETTERS,
             dead_total=sum(w.dead_letters for w in webhooks),
             notice=read_notice(request, ui_session(request), NOTICES),
+            cut_limits=cut,
+            limits_of=_limits_by_domain(cut),
+            limit_text=limit_text,
         )
 
     async def _destination(self, request: IRequest, domain: str) -> bytes:
@@ -326,3 +340,28 @@ def _queue_id(text: str) -> str:
     if not text or "\x00" in text:
         raise UiError(400, "Which message? The form did not say.")
     return text
+
+
+def limit_text(figures: LimitFigures) -> str:
+    """``2.5/s, 1 connection (of 100/s, 20)``."""
+    return (
+        f"{_rate(figures.rate)}, {figures.connections} connection"
+        f"{'' if figures.connections == 1 else 's'}"
+        f" (of {_rate(figures.ceiling_rate)}, {figures.ceiling_connections})"
+    )
+
+
+def _rate(per_second: float) -> str:
+    if per_second >= 1:
+        return f"{per_second:.3g}/s"
+    return f"{per_second * 60:.3g}/min"
+
+
+def _limits_by_domain(
+    cut: Sequence[tuple[str, LimitFigures]],
+) -> Mapping[str, list[tuple[str, LimitFigures]]]:
+    by_domain: dict[str, list[tuple[str, LimitFigures]]] = {}
+    for process, figures in cut:
+        for domain in figures.domains:
+            by_domain.setdefault(domain, []).append((process, figures))
+    return by_domain
