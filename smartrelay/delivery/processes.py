@@ -203,25 +203,13 @@ class DeliveryProcesses(Service):
     def _child_metrics(self, index: int, text: str) -> None:
         if self._metrics is None:
             return
-        rows: object = None
-        if len(text) <= MAX_METRICS_LINE:
-            try:
-                rows = json.loads(text)
-            except ValueError:
-                rows = None
-        if not self._metrics.children.update(index, rows, self._families):
+        if not self._metrics.children.update(index, _json_line(text), self._families):
             log.warn("delivery[{index}]: a malformed metrics line was ignored", index=index)
 
     def _child_adaptive(self, index: int, text: str) -> None:
         if self._metrics is None:
             return
-        rows: object = None
-        if len(text) <= MAX_METRICS_LINE:
-            try:
-                rows = json.loads(text)
-            except ValueError:
-                rows = None
-        if not self._metrics.adaptive.update_child(index, rows):
+        if not self._metrics.adaptive.update_child(index, _json_line(text)):
             log.warn("delivery[{index}]: a malformed adaptive line was ignored", index=index)
 
     def _ended(self, child: _Child, reason: Failure) -> None:
@@ -279,3 +267,14 @@ class DeliveryProcesses(Service):
             return
         with contextlib.suppress(ProcessExitedAlready):
             process.signalProcess(name)
+
+
+def _json_line(text: str) -> object:
+    """A child's ``metrics`` or ``adaptive`` line decoded; None when too long or not JSON
+    (the receiver then ignores it)."""
+    if len(text) > MAX_METRICS_LINE:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
