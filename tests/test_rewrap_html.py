@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import re
+from _markupbase import ParserBase
 from collections.abc import Callable
+from html.parser import HTMLParser
 
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from smartrelay.rewrap.html import HtmlRewrite, pixel_tag, rewrite_html, unescape_attribute
+from smartrelay.rewrap.html import (
+    HtmlRewrite,
+    _Scanner,
+    pixel_tag,
+    rewrite_html,
+    unescape_attribute,
+)
 
 TOKEN = re.compile(r"https://t\.test/c/(\d{4})")
 PIXEL = "https://t.test/o/TOKEN.gif?m=1&r=2"
@@ -476,3 +484,89 @@ def test_arbitrary_markup_never_raises_and_changes_only_hrefs(html: str) -> None
     result, _ = track(html, PIXEL)
     assert result.html.count("https://t.test/c/") == len(result.links)
     assert PIXEL_TAG in result.html
+
+
+class _FullParse(_Scanner):
+    """The scanner without its shortcuts: html.parser parses every start tag's attributes and
+    counts lines and columns, and the offsets come from ``getpos()`` (what the scanner did
+    before it took offsets from the tokenizer loop and skipped the attributes of tags that
+    are not links)."""
+
+    def scan(self, html: str) -> None:
+        self._line_starts = [0] + [m.end() for m in re.finditer("\n", html)]
+        try:
+            HTMLParser.feed(self, html[: html.rfind(">") + 1])
+            HTMLParser.close(self)
+        except Exception:
+            pass
+
+    def _offset(self) -> int:
+        line, column = self.getpos()
+        return self._line_starts[line - 1] + column
+
+    def updatepos(self, i: int, j: int) -> int:
+        return ParserBase.updatepos(self, i, j)
+
+    def parse_starttag(self, i: int) -> int:
+        self._at = self._offset()
+        return HTMLParser.parse_starttag(self, i)
+
+    def parse_endtag(self, i: int) -> int:
+        self._at = self._offset()
+        return HTMLParser.parse_endtag(self, i)
+
+    def handle_comment(self, data: str) -> None:
+        self._at = self._offset()
+        super().handle_comment(data)
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        HTMLParser.handle_startendtag(self, tag, attrs)
+
+
+_MARKUP = st.sampled_from(
+    [
+        '<a href="http://x.test/1">',
+        "<A HREF=http://y.test/2>",
+        "</a>",
+        '<!--[if mso]><v:roundrect href="https://v.test/3"><![endif]-->',
+        "<!-- c -->",
+        "<script>var a=\"<a href='http://no/4'>\";</script>",
+        "<style>a{}</style>",
+        "<body>",
+        "</body>",
+        "</BODY >",
+        "<body/>",
+        "<br/>",
+        "<img src=x>",
+        '<p class="a>b">',
+        "&amp;",
+        "&nbsp;",
+        "text\n",
+        *"<>\"'=!?/-x\n",
+        "<![if !mso]>",
+        "<![endif]>",
+        "<?x?>",
+        "</",
+        "<!",
+        "<!--",
+        "-->",
+        '<a href="http://z.test/5" data-smartrelay-notrack>',
+        '<area href="https://ar.test/6"/>',
+        '<a\nhref\n=\n"http://nl.test/7"\n>',
+        '<title><a href="http://t/8"></title>',
+        "<textarea>",
+        '<a href="http://u.test/9"',
+        "<v:rect href=http://r.test/10 />",
+    ]
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(_MARKUP, max_size=40).map("".join))
+def test_the_scanner_finds_what_a_full_html_parser_parse_finds(html: str) -> None:
+    fast, full = _Scanner(), _FullParse()
+    fast.scan(html)
+    full.scan(html)
+    assert fast.anchors == full.anchors
+    assert fast.conditionals == full.conditionals
+    assert fast.body_ends == [at for at in full.body_ends if html.startswith("</", at)]

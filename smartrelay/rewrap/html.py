@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from html import unescape
 from html.entities import html5
 from html.parser import HTMLParser
@@ -63,6 +64,8 @@ _INNER = re.compile(
     rf"<(?:(?P<name>[a-zA-Z][^\t\n\f\r />\x00]*)|!--(?P<conditional>{_CONDITIONAL_OPENING})?)",
     re.IGNORECASE,
 )
+# html.parser's tag name rule (its ``tagfind_tolerant``), for start tags it delimits.
+_TAG_NAME_TOLERANT = re.compile(r"([a-zA-Z][^\t\n\r\f />\x00]*)(?:\s|/(?!>))*")
 _TAG_STOP = re.compile(r"[>=]")
 _VALUE_START = re.compile(r"[\t\n\f\r ]*(?:(?P<quote>['\"])|[^\t\n\f\r >]*)")
 # Elements whose content is text, not markup, up to their end tag.
@@ -132,24 +135,17 @@ def rewrite_html(
     """
     scanner = _Scanner()
     scanner.scan(html)
-    line_starts = _line_starts(html)
     edits: list[_Edit] = []
     links: list[str] = []
     tags: list[tuple[int, str, bool]] = []  # offset, raw text, inside a comment
-    for (line, column), tag_text in scanner.anchors:
-        offset = line_starts[line - 1] + column if line - 1 < len(line_starts) else -1
-        if offset < 0 or not html.startswith(tag_text, offset):
-            continue  # the tokenizer lost track of offsets here: leave this tag alone
-        tags.append((offset, tag_text, False))
-    for (line, column), data in scanner.conditionals:
-        offset = line_starts[line - 1] + column if line - 1 < len(line_starts) else -1
-        if (
-            offset < 0
-            or not html.startswith(data, offset + 4)
-            or html[offset : offset + 4] != "<!--"
-        ):
-            continue
-        tags.extend((offset + 4 + start, text, True) for start, text in _conditional_links(data))
+    for offset, tag_text in scanner.anchors:
+        if html.startswith(tag_text, offset):
+            tags.append((offset, tag_text, False))
+    for offset, data in scanner.conditionals:
+        if html.startswith("<!--", offset) and html.startswith(data, offset + 4):
+            tags.extend(
+                (offset + 4 + start, text, True) for start, text in _conditional_links(data)
+            )
     tags.sort(key=lambda tag: tag[0])  # document order, for ``links``
     for offset, tag_text, in_comment in tags:
         for edit, link in _rewrite_anchor(tag_text, rewrite_url, in_comment):
@@ -158,9 +154,8 @@ def rewrite_html(
                 links.append(link)
     if pixel_url is not None:
         where = len(html)
-        for line, column in reversed(scanner.body_ends):
-            offset = line_starts[line - 1] + column if line - 1 < len(line_starts) else -1
-            if offset >= 0 and html.startswith("</", offset):
+        for offset in reversed(scanner.body_ends):
+            if html.startswith("</", offset):
                 where = offset
                 break
         edits.append(_Edit(where, where, pixel_tag(pixel_url)))
@@ -178,39 +173,68 @@ def pixel_tag(pixel_url: str) -> str:
 
 class _Scanner(HTMLParser):
     """Collects where link start tags (``<a>``, ``<area>``, ``<v:*>``, with their raw text),
-    downlevel-hidden conditional comments (with their data) and ``</body>`` end tags are."""
+    downlevel-hidden conditional comments (with their data) and ``</body>`` end tags are.
+
+    The document is given whole to html.parser's tokenizer loop, so the offsets it passes to
+    the ``parse_*`` methods are offsets into the document: they are recorded as the tags are
+    met, and the line and column bookkeeping (``updatepos``) is skipped. Start tags that are
+    neither links nor ``<script>``/``<style>`` (whose content html.parser reads as text) are
+    delimited exactly as html.parser delimits them, without parsing their attributes, which
+    nothing here uses (most of a document's tags; the tokenizer's dearest step).
+    """
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
-        self.anchors: list[tuple[tuple[int, int], str]] = []
-        self.conditionals: list[tuple[tuple[int, int], str]] = []
-        self.body_ends: list[tuple[int, int]] = []
+        self.anchors: list[tuple[int, str]] = []
+        self.conditionals: list[tuple[int, str]] = []
+        self.body_ends: list[int] = []
+        self._at = 0  # where the construct being parsed starts
         self._failed_text: str | None = None
         self._failed_from: dict[str, int] = {}
 
     def scan(self, html: str) -> None:
         # Only up to the last ">": whatever this scanner records ends with one, and past it
-        # html.parser's close() would search the rest for a ">" at every unterminated "<!--"
-        # or "<![", quadratic time.
-        try:
-            self.feed(html[: html.rfind(">") + 1])
-            self.close()
-        except Exception:  # what was found before still has exact offsets
-            pass
+        # html.parser would search the rest for a ">" at every unterminated "<!--" or "<![",
+        # quadratic time. goahead(1) is what feed() then close() do, in one pass.
+        self.rawdata = html[: html.rfind(">") + 1]
+        with suppress(Exception):  # what was found before still has exact offsets
+            self.goahead(True)
+
+    def updatepos(self, i: int, j: int) -> int:
+        return j
+
+    def parse_starttag(self, i: int) -> int:
+        end = self.check_for_whole_start_tag(i)
+        if end < 0:
+            return end
+        name = _TAG_NAME_TOLERANT.match(self.rawdata, i + 1)
+        tag = name.group(1).lower() if name is not None else ""
+        if not _is_link_tag(tag) and tag not in self.CDATA_CONTENT_ELEMENTS:
+            self.lasttag = tag
+            return end
+        self._at = i
+        return super().parse_starttag(i)
+
+    def parse_endtag(self, i: int) -> int:
+        self._at = i
+        return super().parse_endtag(i)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if _is_link_tag(tag):
             text = self.get_starttag_text()
             if text is not None:
-                self.anchors.append((self.getpos(), text))
+                self.anchors.append((self._at, text))
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.handle_starttag(tag, attrs)
 
     def handle_comment(self, data: str) -> None:
         if _CONDITIONAL.match(data):
-            self.conditionals.append((self.getpos(), data))
+            self.conditionals.append((self._at, data))
 
     def handle_endtag(self, tag: str) -> None:
         if tag == "body":
-            self.body_ends.append(self.getpos())
+            self.body_ends.append(self._at)
 
     def parse_html_declaration(self, i: int) -> int:
         rawdata = self.rawdata
@@ -233,6 +257,7 @@ class _Scanner(HTMLParser):
     # text and tries again at the next "<", searching to the end each time.
 
     def parse_comment(self, i: int, report: bool = True) -> int:
+        self._at = i
         return self._unless_known_to_fail(
             "-->", i + 4, lambda: super(_Scanner, self).parse_comment(i, report)
         )
@@ -247,6 +272,7 @@ class _Scanner(HTMLParser):
         )
 
     def parse_bogus_comment(self, i: int, report: bool = True) -> int:
+        self._at = i
         return self._unless_known_to_fail(
             ">", i + 2, lambda: super(_Scanner, self).parse_bogus_comment(i, report)
         )
@@ -331,16 +357,6 @@ def _start_tag_end(text: str, position: int) -> int:
         if close < 0:
             return -1
         position = close + 1
-
-
-def _line_starts(text: str) -> list[int]:
-    """Offsets where the lines HTMLParser counts (it only knows ``\\n``) begin."""
-    starts = [0]
-    position = text.find("\n")
-    while position >= 0:
-        starts.append(position + 1)
-        position = text.find("\n", position + 1)
-    return starts
 
 
 def _attributes(tag_text: str) -> list[_Attribute]:
