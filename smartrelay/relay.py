@@ -44,7 +44,7 @@ from smartrelay.delivery.manager import (
 from smartrelay.delivery.mta_sts import MtaSts, PolicyFetcher
 from smartrelay.delivery.mx import MxResolver, make_system_resolver
 from smartrelay.delivery.pools import check_source_addresses
-from smartrelay.delivery.processes import DeliveryProcesses, worker_command
+from smartrelay.delivery.processes import DeliveryProcesses, share_of_limits, worker_command
 from smartrelay.feedback.mailboxes import (
     DEFAULT_TUNABLES as MAILBOX_TUNABLES,
 )
@@ -124,6 +124,8 @@ class RelayService(MultiService):
         their backoff). ``process_feedback``: what the readers call with each stored report's
         id (default :meth:`_process_feedback`)."""
         super().__init__()  # type: ignore[no-untyped-call]
+        if role == "delivery":  # the node's limits are shared between its delivery processes
+            config = evolve(config, delivery=share_of_limits(config.delivery, worker_index))
         self.config = config
         self.role = role
         self._reactor = reactor

@@ -384,7 +384,7 @@ def _parse_delivery(t: _Table) -> DeliveryConfig:
         connect_timeout=t.duration("connect_timeout", d.connect_timeout),
         tls=tls,
         mta_sts=t.boolean("mta_sts", d.mta_sts),
-        processes=t.integer_in("processes", d.processes, 0, MAX_DELIVERY_PROCESSES),
+        processes=_parse_processes(t, d.processes),
         routes=_parse_routes(t),
         throttles=_parse_throttles(t),
         pools=_parse_pools(t),
@@ -407,6 +407,22 @@ def _parse_sandbox_route(t: _Table) -> str | None:
 
 
 MAX_DELIVERY_PROCESSES = 64
+
+
+def auto_delivery_processes(cpus: int) -> int:
+    """``processes = "auto"``: one delivery process per core this process may run on, less
+    the one the listener (and the database server, on one box) need, and at least one
+    (docs/delivery.md, "Which setting")."""
+    return max(1, min(MAX_DELIVERY_PROCESSES, cpus - 1))
+
+
+def _parse_processes(t: _Table, default: int) -> int:
+    value = t.get("processes")
+    if value == "auto":
+        return auto_delivery_processes(len(os.sched_getaffinity(0)))
+    if isinstance(value, str):
+        raise t.error("processes", f'expected an integer or "auto", got {_describe(value)}')
+    return t.integer_in("processes", default, 0, MAX_DELIVERY_PROCESSES)
 
 
 def _parse_routes(delivery: _Table) -> tuple[Route, ...]:

@@ -31,6 +31,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from attrs import evolve
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
@@ -39,6 +40,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from smartrelay.config.model import DeliveryConfig
 from smartrelay.metrics import RelayMetrics
 from smartrelay.reactor import IRelayReactor
 from smartrelay.storage.store import QUEUE_CHANNEL, Store
@@ -70,6 +72,33 @@ def metrics_line(metrics: RelayMetrics) -> str:
 def adaptive_line(metrics: RelayMetrics) -> str:
     """A child's adaptive throttle limits, a line for the main process."""
     return ADAPTIVE_PREFIX + json.dumps(metrics.adaptive.own(), separators=(",", ":")) + "\n"
+
+
+def share_of_limits(delivery: DeliveryConfig, index: int) -> DeliveryConfig:
+    """Delivery process ``index``'s part of the node's limits: ``max_connections`` and each
+    throttle's connections and rate divided between the ``processes`` children, so that the
+    config's figures hold for the node whatever the number of processes. A connection limit
+    smaller than the number of processes still leaves each one connection (a child could
+    not deliver what it claimed otherwise): the node may then open up to ``processes``."""
+    count = delivery.processes
+    if count <= 1:
+        return delivery
+
+    def share(total: int) -> int:
+        return max(1, total // count + (1 if index < total % count else 0))
+
+    return evolve(
+        delivery,
+        max_connections=share(delivery.max_connections),
+        throttles=tuple(
+            evolve(
+                throttle,
+                max_connections=share(throttle.max_connections),
+                max_rate_per_second=throttle.max_rate_per_second / count,
+            )
+            for throttle in delivery.throttles
+        ),
+    )
 
 
 def worker_command(config_path: str, index: int) -> list[str]:

@@ -1,0 +1,90 @@
+"""``[delivery] processes``: "auto" from the core count, and the node's limits shared between
+the delivery processes (the config's figures hold for the node, whatever the number)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from attrs import evolve
+
+from smartrelay.config import ConfigError, load_config
+from smartrelay.config.model import DeliveryConfig, Throttle
+from smartrelay.config.reader import auto_delivery_processes
+from smartrelay.delivery.processes import share_of_limits
+from smartrelay.relay import RelayService
+from tests.conftest import real_reactor
+from tests.support.relay import relay_config
+
+
+@pytest.mark.parametrize(
+    "cpus, processes", [(1, 1), (2, 1), (3, 2), (4, 3), (8, 7), (16, 15), (200, 64)]
+)
+def test_auto_is_one_process_per_core_but_one(cpus: int, processes: int) -> None:
+    assert auto_delivery_processes(cpus) == processes
+
+
+def _write(tmp_path: Path, processes: str) -> Path:
+    path = tmp_path / "relay.toml"
+    path.write_text(f"[server]\ndata_dir = '{tmp_path}'\n[delivery]\nprocesses = {processes}\n")
+    return path
+
+
+def test_auto_in_the_config_file(tmp_path: Path) -> None:
+    config = load_config(str(_write(tmp_path, '"auto"')))
+    assert config.delivery.processes == auto_delivery_processes(len(os.sched_getaffinity(0)))
+    assert config.delivery.processes >= 1
+
+
+def test_another_string_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r'delivery.processes.*integer or "auto".*fast'):
+        load_config(str(_write(tmp_path, '"fast"')))
+
+
+def _delivery(processes: int) -> DeliveryConfig:
+    return DeliveryConfig(
+        max_connections=200,
+        processes=processes,
+        throttles=(
+            Throttle("gmail.com", max_connections=5, max_rate_per_second=10.0),
+            Throttle("tiny.test", max_connections=2, max_rate_per_second=0.5),
+            Throttle(),
+        ),
+    )
+
+
+@pytest.mark.parametrize("processes", [2, 3, 7])
+def test_limits_are_shared_between_the_processes(processes: int) -> None:
+    delivery = _delivery(processes)
+    shares = [share_of_limits(delivery, index) for index in range(processes)]
+    assert sum(s.max_connections for s in shares) == 200
+    for position, throttle in enumerate(delivery.throttles):
+        mine = [s.throttles[position] for s in shares]
+        assert all(t.match == throttle.match for t in mine)
+        assert sum(t.max_rate_per_second for t in mine) == pytest.approx(
+            throttle.max_rate_per_second
+        )
+        # every process may open one connection, even where the node's limit is smaller
+        assert all(t.max_connections >= 1 for t in mine)
+        assert sum(t.max_connections for t in mine) == max(throttle.max_connections, processes)
+        assert all(
+            t.max_messages_per_connection == throttle.max_messages_per_connection for t in mine
+        )
+
+
+@pytest.mark.parametrize("processes", [0, 1])
+def test_one_delivering_process_keeps_the_whole_limits(processes: int) -> None:
+    delivery = _delivery(processes)
+    assert share_of_limits(delivery, 0) == delivery
+
+
+def test_a_delivery_process_runs_with_its_share(tmp_path: Path) -> None:
+    config = relay_config(tmp_path, f"sqlite:{tmp_path / 'db'}", 1, 2, 3)
+    config = evolve(config, delivery=evolve(_delivery(2), routes=config.delivery.routes))
+    main = RelayService(config, real_reactor())
+    assert main.config.delivery == config.delivery  # the main process keeps the config's
+    child = RelayService(config, real_reactor(), role="delivery", worker_index=1)
+    assert child.config.delivery == share_of_limits(config.delivery, 1)
+    assert child.config.delivery.max_connections == 100
+    assert child.config.delivery.throttles[0].max_rate_per_second == 5.0
