@@ -37,6 +37,7 @@ from smartrelay.delivery.processes import (
 from smartrelay.metrics import RelayMetrics
 from smartrelay.rewrap.dkim import DkimError
 from smartrelay.smtp.tls import TlsError
+from smartrelay.threads import shorten_gil_switch_interval
 
 
 @implementer(IReadDescriptor)
@@ -126,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from smartrelay.relay import RelayService, handle_stop_signals, stop_reactor
 
     relay_reactor = as_relay_reactor(reactor)
+    shorten_gil_switch_interval()
     globalLogBeginner.beginLoggingTo(
         [FileLogObserver(sys.stdout, format_line)], redirectStandardIO=False
     )

@@ -27,6 +27,7 @@ from smartrelay.reactor import as_relay_reactor
 from smartrelay.relay import RelayService, raise_open_files_limit
 from smartrelay.rewrap.dkim import DkimError
 from smartrelay.smtp.tls import TlsError
+from smartrelay.threads import shorten_gil_switch_interval
 
 
 class Options(usage.Options):
@@ -47,6 +48,7 @@ def makeService(options: Options) -> IService:
     try:
         config = load_config(path)
         raise_open_files_limit()
+        shorten_gil_switch_interval()
         relay = RelayService(config, as_relay_reactor(reactor))
         relay.check_listeners()
     except (ConfigError, TlsError, DkimError, ListenError, SourceAddressError) as error:

@@ -9,6 +9,7 @@ this smaller thing instead: a queue, N threads, ``callFromThread`` for the resul
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -20,6 +21,21 @@ from twisted.python.failure import Failure
 T = TypeVar("T")
 
 _Work = tuple[Deferred[Any], Callable[..., Any], tuple[Any, ...]]
+
+#: Seconds a thread may keep the GIL while another waits for it (Python's default: 5 ms).
+GIL_SWITCH_INTERVAL = 0.0005
+
+
+def shorten_gil_switch_interval() -> None:
+    """Make the reactor thread wait at most :data:`GIL_SWITCH_INTERVAL` for the GIL.
+
+    Every C call that lets the GIL go (a socket send, zlib compressing a link's token, a
+    SQLite step) must take it back, and while one of our worker threads runs Python (a
+    SQLite transaction's rows, a DKIM signature's fields) that took up to the default 5 ms:
+    with a busy worker, one 3 µs zlib call cost the reactor thread 2.8 ms, and a message
+    makes a dozen such calls (docs/performance.md, "The GIL"). Called once by each process
+    of the relay, at start-up (a process-wide setting)."""
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
 
 
 class WorkerThreads:
