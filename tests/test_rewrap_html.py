@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from smartrelay.rewrap.html import (
     HtmlRewrite,
+    _is_link_tag,
     _Scanner,
     pixel_tag,
     rewrite_html,
@@ -487,10 +488,9 @@ def test_arbitrary_markup_never_raises_and_changes_only_hrefs(html: str) -> None
 
 
 class _FullParse(_Scanner):
-    """The scanner without its shortcuts: html.parser parses every start tag's attributes and
-    counts lines and columns, and the offsets come from ``getpos()`` (what the scanner did
-    before it took offsets from the tokenizer loop and skipped the attributes of tags that
-    are not links)."""
+    """The scanner without its shortcuts: html.parser's own loop (text unescaped and
+    reported), every start and end tag parsed in full, lines and columns counted, offsets
+    from ``getpos()``: what the scanner did before it took offsets from its own loop."""
 
     def scan(self, html: str) -> None:
         self._line_starts = [0] + [m.end() for m in re.finditer("\n", html)]
@@ -503,6 +503,9 @@ class _FullParse(_Scanner):
     def _offset(self) -> int:
         line, column = self.getpos()
         return self._line_starts[line - 1] + column
+
+    def goahead(self, end: bool) -> None:
+        HTMLParser.goahead(self, end)
 
     def updatepos(self, i: int, j: int) -> int:
         return ParserBase.updatepos(self, i, j)
@@ -519,8 +522,14 @@ class _FullParse(_Scanner):
         self._at = self._offset()
         super().handle_comment(data)
 
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if _is_link_tag(tag):
+            text = self.get_starttag_text()
+            assert text is not None
+            self.anchors.append((self._at, text))
+
     def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        HTMLParser.handle_startendtag(self, tag, attrs)
+        self.handle_starttag(tag, attrs)
 
 
 _MARKUP = st.sampled_from(

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import suppress
 from html import unescape
 from html.entities import html5
-from html.parser import HTMLParser
+from html.parser import HTMLParser, attrfind_tolerant  # type: ignore[attr-defined]
 
 from attrs import frozen
 
@@ -34,6 +34,8 @@ __all__ = [
 ]
 
 NOTRACK_ATTRIBUTE = "data-smartrelay-notrack"
+#: The attributes of a link start tag that tracking reads or changes.
+_ANCHOR_ATTRIBUTES = frozenset({"href", NOTRACK_ATTRIBUTE})
 
 # Attribute syntax of the HTML standard's tokenizer (what mail clients and browsers do); only
 # used inside the raw text of a start tag that HTMLParser has already delimited.
@@ -64,6 +66,8 @@ _INNER = re.compile(
     rf"<(?:(?P<name>[a-zA-Z][^\t\n\f\r />\x00]*)|!--(?P<conditional>{_CONDITIONAL_OPENING})?)",
     re.IGNORECASE,
 )
+_START_TAG_OPEN = re.compile(r"<[a-zA-Z]")
+_END_TAG_OPEN = re.compile(r"</[a-zA-Z]")
 # html.parser's tag name rule (its ``tagfind_tolerant``), for start tags it delimits.
 _TAG_NAME_TOLERANT = re.compile(r"([a-zA-Z][^\t\n\r\f />\x00]*)(?:\s|/(?!>))*")
 _TAG_STOP = re.compile(r"[>=]")
@@ -175,12 +179,13 @@ class _Scanner(HTMLParser):
     """Collects where link start tags (``<a>``, ``<area>``, ``<v:*>``, with their raw text),
     downlevel-hidden conditional comments (with their data) and ``</body>`` end tags are.
 
-    The document is given whole to html.parser's tokenizer loop, so the offsets it passes to
-    the ``parse_*`` methods are offsets into the document: they are recorded as the tags are
-    met, and the line and column bookkeeping (``updatepos``) is skipped. Start tags that are
-    neither links nor ``<script>``/``<style>`` (whose content html.parser reads as text) are
-    delimited exactly as html.parser delimits them, without parsing their attributes, which
-    nothing here uses (most of a document's tags; the tokenizer's dearest step).
+    The document is tokenized whole, by html.parser's loop less its text handling
+    (:meth:`goahead`), so the offsets given to the ``parse_*`` methods are offsets into the
+    document: they are recorded as the tags are met, with no line and column bookkeeping.
+    Start tags that are neither links nor ``<script>``/``<style>`` (whose content html.parser
+    reads as text) are delimited exactly as html.parser delimits them, without parsing their
+    attributes, which nothing here uses (most of a document's tags; the tokenizer's dearest
+    step); so are end tags other than ``</body>``.
     """
 
     def __init__(self) -> None:
@@ -200,33 +205,86 @@ class _Scanner(HTMLParser):
         with suppress(Exception):  # what was found before still has exact offsets
             self.goahead(True)
 
-    def updatepos(self, i: int, j: int) -> int:
-        return j
+    def goahead(self, end: bool) -> None:
+        """html.parser's tokenizer loop, as it runs on a whole document
+        (``convert_charrefs=True``, ``end`` true), less what only reports text: the text
+        between tags is neither unescaped nor passed on (nothing here reads it). The
+        constructs are found and delimited by the same ``parse_*`` methods, in the same order;
+        tests/test_rewrap_html.py checks the result against a full html.parser parse."""
+        rawdata = self.rawdata
+        position = 0
+        size = len(rawdata)
+        while position < size:
+            if self.cdata_elem is None:
+                position = rawdata.find("<", position)
+                if position < 0:
+                    break  # the rest is text
+            else:  # inside <script> or <style>: up to its end tag
+                match = self.interesting.search(rawdata, position)
+                if match is None:
+                    break
+                position = match.start()
+            if _START_TAG_OPEN.match(rawdata, position):
+                parsed = self.parse_starttag(position)
+            elif rawdata.startswith("</", position):
+                parsed = self.parse_endtag(position)
+            elif rawdata.startswith("<!--", position):
+                parsed = self.parse_comment(position)
+            elif rawdata.startswith("<?", position):
+                parsed = self.parse_pi(position)
+            elif rawdata.startswith("<!", position):
+                parsed = self.parse_html_declaration(position)
+            elif position + 1 < size:
+                parsed = position + 1  # a "<" that is text
+            else:
+                break
+            if parsed < 0:  # not closed: as html.parser does at the end, text up to a ">"
+                parsed = rawdata.find(">", position + 1)
+                if parsed < 0:
+                    parsed = rawdata.find("<", position + 1)
+                    if parsed < 0:
+                        parsed = position + 1
+                else:
+                    parsed += 1
+            position = parsed
 
     def parse_starttag(self, i: int) -> int:
         end = self.check_for_whole_start_tag(i)
         if end < 0:
             return end
-        name = _TAG_NAME_TOLERANT.match(self.rawdata, i + 1)
-        tag = name.group(1).lower() if name is not None else ""
-        if not _is_link_tag(tag) and tag not in self.CDATA_CONTENT_ELEMENTS:
-            self.lasttag = tag
-            return end
-        self._at = i
-        return super().parse_starttag(i)
+        rawdata = self.rawdata
+        name = _TAG_NAME_TOLERANT.match(rawdata, i + 1)
+        if name is None:  # never: the loop saw "<" and a letter
+            return super().parse_starttag(i)
+        tag = name.group(1).lower()
+        if tag in self.CDATA_CONTENT_ELEMENTS:
+            return super().parse_starttag(i)  # and its content is text up to its end tag
+        self.lasttag = tag
+        if _is_link_tag(tag):
+            # A tag, as html.parser decides: what follows its attributes is ">" or "/>"
+            # (else the whole is text). The attributes are read later, by _iter_attributes.
+            position = name.end()
+            while position < end:
+                attribute = attrfind_tolerant.match(rawdata, position)
+                if attribute is None:
+                    break
+                position = attribute.end()
+            if rawdata[position:end].strip() in (">", "/>"):
+                self.anchors.append((i, rawdata[i:end]))
+        return end
 
     def parse_endtag(self, i: int) -> int:
+        # "</" and a letter, outside <script>/<style>, not "</body": html.parser ends it at
+        # the first ">" (or finds it unclosed) and reports a name nothing here needs.
+        if (
+            self.cdata_elem is None
+            and _END_TAG_OPEN.match(self.rawdata, i)
+            and self.rawdata[i + 2 : i + 6].lower() != "body"
+        ):
+            close = self.rawdata.find(">", i + 2)
+            return close + 1 if close >= 0 else -1
         self._at = i
         return super().parse_endtag(i)
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if _is_link_tag(tag):
-            text = self.get_starttag_text()
-            if text is not None:
-                self.anchors.append((self._at, text))
-
-    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.handle_starttag(tag, attrs)
 
     def handle_comment(self, data: str) -> None:
         if _CONDITIONAL.match(data):
@@ -359,11 +417,12 @@ def _start_tag_end(text: str, position: int) -> int:
         position = close + 1
 
 
-def _attributes(tag_text: str) -> list[_Attribute]:
-    return list(_iter_attributes(tag_text))
+def _attributes(tag_text: str, names: frozenset[str] | None = None) -> list[_Attribute]:
+    """The start tag's attributes, in order; only those named in ``names`` when given."""
+    return list(_iter_attributes(tag_text, names))
 
 
-def _iter_attributes(tag_text: str) -> Iterator[_Attribute]:
+def _iter_attributes(tag_text: str, names: frozenset[str] | None = None) -> Iterator[_Attribute]:
     match = _TAG_NAME.match(tag_text)
     if match is None:
         return
@@ -372,35 +431,35 @@ def _iter_attributes(tag_text: str) -> Iterator[_Attribute]:
         attribute = _ATTRIBUTE.match(tag_text, position)
         if attribute is None or attribute.end() == position:
             break
+        position = attribute.end()
+        name = attribute.group("name").lower()
+        if names is not None and name not in names:
+            continue
         name_start, name_end = attribute.span("name")
         if attribute.group("assign") is None:
-            yield (
-                _Attribute(
-                    name=attribute.group("name").lower(),
-                    start=name_start,
-                    end=name_end,
-                    value_start=name_end,
-                    value_end=name_end,
-                    quote="",
-                    has_value=False,
-                )
+            yield _Attribute(
+                name=name,
+                start=name_start,
+                end=name_end,
+                value_start=name_end,
+                value_end=name_end,
+                quote="",
+                has_value=False,
             )
         else:
             value_start, value_end = attribute.span("value")
-            raw = attribute.group("value")
-            quote = raw[:1] if raw[:1] in ("'", '"') else ""
-            yield (
-                _Attribute(
-                    name=attribute.group("name").lower(),
-                    start=name_start,
-                    end=value_end,
-                    value_start=value_start + len(quote),
-                    value_end=value_end - len(quote),
-                    quote=quote,
-                    has_value=True,
-                )
+            quote = tag_text[value_start] if value_start < value_end else ""
+            if quote not in ("'", '"'):
+                quote = ""
+            yield _Attribute(
+                name=name,
+                start=name_start,
+                end=value_end,
+                value_start=value_start + len(quote),
+                value_end=value_end - len(quote),
+                quote=quote,
+                has_value=True,
             )
-        position = attribute.end()
 
 
 def href_value(tag_text: str) -> str | None:
@@ -421,7 +480,7 @@ def _rewrite_anchor(
     In a comment, a ``>`` of the new value is written ``&gt;`` (``-->`` would end it)."""
     if rewrite_url is None and NOTRACK_ATTRIBUTE not in tag_text.lower():
         return []
-    attributes = _attributes(tag_text)
+    attributes = _attributes(tag_text, _ANCHOR_ATTRIBUTES)
     notrack = [a for a in attributes if a.name == NOTRACK_ATTRIBUTE]
     if notrack:
         return [(_remove_attribute(tag_text, a), None) for a in notrack]
