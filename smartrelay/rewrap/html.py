@@ -94,6 +94,7 @@ _OFFICE_SECTION = re.compile(r"<!\[[a-zA-Z]+(?:[\t\n\f\r ][^\]>]{0,1000})?\][\t\
 
 _TRACKED_SCHEMES = ("http://", "https://")
 _PLACEHOLDER_MARKS = ("{{", "}}", "{%", "%}", "*|", "|*", "[[", "]]", "<%")
+_PLACEHOLDER = re.compile("|".join(re.escape(mark) for mark in _PLACEHOLDER_MARKS))
 # A character reference as html.unescape finds them.
 _CHARREF = re.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)")
 # Characters that cannot stay literal in an unquoted attribute value.
@@ -532,7 +533,7 @@ def _attribute_charref(match: re.Match[str]) -> str:
 def _trackable(raw: str, url: str) -> bool:
     if not url.lower().startswith(_TRACKED_SCHEMES):
         return False
-    return not any(mark in raw or mark in url for mark in _PLACEHOLDER_MARKS)
+    return _PLACEHOLDER.search(raw) is None and _PLACEHOLDER.search(url) is None
 
 
 def _remove_attribute(tag_text: str, attribute: _Attribute) -> _Edit:
