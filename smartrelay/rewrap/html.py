@@ -519,8 +519,10 @@ def unescape_attribute(value: str) -> str:
 
 def _attribute_charref(match: re.Match[str]) -> str:
     name = match.group(1)
-    if name[0] == "#" or name in html5:
+    if name[0] == "#":
         return unescape(match.group(0))
+    if name in html5:  # what html.unescape gives for the whole name
+        return html5[name]
     for length in range(min(len(name) - 1, 32), 1, -1):
         if name[:length] in html5:  # a legacy name, without its ";"
             after = name[length]
