@@ -6,6 +6,9 @@ lines a second that was a visible share of the main process (docs/performance.md
 :class:`ClassicFormatter` writes the very same text (``TIMESTAMP [SYSTEM] TEXT``, the lines
 of a multi-line text, e.g. a traceback, after a tab), formatting a timestamp once a second.
 
+The event's text is
+formatted by ``str.format_map`` where that gives twisted's text (:func:`_event_text`).
+
 A delivery process formats its own lines the same way (with its level in front, for the main
 process, and ``delivery[N]`` before the text); the main process writes them as they came
 (:data:`PREFORMATTED`), without parsing or formatting them again.
@@ -78,7 +81,7 @@ class ClassicFormatter:
         line = event.get(PREFORMATTED)
         if isinstance(line, str):
             return line + "\n"
-        text = eventAsText(event, includeTimestamp=False, includeSystem=False)
+        text = _event_text(event)
         if not text:
             return None
         level = event.get("log_level")
@@ -97,6 +100,24 @@ class ClassicFormatter:
         if self._level_prefix:
             return f"{getattr(level, 'name', 'info')} {text}"
         return text
+
+
+def _event_text(event: LogEvent) -> str:
+    """``eventAsText(event)`` without timestamp and system: for the usual event (a ``str``
+    format of the event's keys, no failure, no ``{key()}`` call) ``str.format_map``, which
+    gives the same text several times faster than twisted's formatter; else twisted's."""
+    form = event.get("log_format")
+    if (
+        type(form) is str
+        and "log_failure" not in event
+        and "log_flattened" not in event
+        and "()" not in form
+    ):
+        try:
+            return form.format_map(event)
+        except Exception:
+            pass  # twisted says what could not be formatted
+    return eventAsText(event, includeTimestamp=False, includeSystem=False)
 
 
 def relay_log_observer(out: IO[Any], text_prefix: str = "") -> ILogObserver:

@@ -139,10 +139,40 @@ def test_the_text_is_the_old_observers_for_every_kind_of_event(zone: Any) -> Non
         _event(when, log_format=None),  # nothing to say: no line
         {"log_time": when, "message": ("legacy",), "log_system": "-", "log_format": None},
         _event(when, log_level=LogLevel.critical, reply="550 5.1.1 \u00fcnknown"),
+        # What format strings can do, formatted by str.format_map or else by twisted.
+        _event(
+            when,
+            log_format="{n:>6d}|{f:.2f}|{reply!r}|{rcpt!a}|{rcpt!s}|{{braces}}|{n:x}",
+            n=1234,
+            f=2.0 / 3,
+            rcpt="j\u00fcrgen@example.test",
+        ),
+        _event(
+            when,
+            log_format="{thing.real} {table[key]} {items[1]} {thing.imag}",
+            thing=3 + 4j,
+            table={"key": "value"},
+            items=["a", "b"],
+        ),
+        _event(when, log_format="{method()} {thing.conjugate()}", method=lambda: "called"),
+        _event(when, log_format="{method()} then {missing}", method=lambda: "called"),
+        _event(when, log_format="{items[9]}", items=[]),
+        _event(when, log_format=b"bytes {queue_id}"),
+        _event(when, log_format=42),
+        _event(when, log_format="{bad}", bad=_Unformattable()),
+        _event(when, log_format="{bad:>3}", bad=_Unformattable()),
     ]
     formatter = ClassicFormatter()
     for event in events:
         assert formatter(event) == formatEventAsClassicLogText(event), event
+
+
+class _Unformattable:
+    def __format__(self, spec: str) -> str:
+        raise RuntimeError("no text for this")
+
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr either")
 
 
 def _failure() -> Failure:
