@@ -60,8 +60,8 @@ class ClassicFormatter:
         self._text_prefix = text_prefix
         self._level_prefix = level_prefix
         self._format_time = format_time
-        self._second = math.nan
-        self._stamp = ""
+        # (second, its text), one tuple: an observer may be called from several threads.
+        self._cached: tuple[float, str] = (math.nan, "")
 
     def timestamp(self, when: float | None) -> str:
         """``formatTime(when)``, formatted once for all the events of a second."""
@@ -70,12 +70,13 @@ class ClassicFormatter:
         second = math.floor(when)
         if when - second >= _ROUNDS_UP:
             return self._format_time(when)
-        if second != self._second:
+        cached_second, stamp = self._cached
+        if second != cached_second:
             # The offset from UTC only changes on a whole second: the second's text holds
             # for every instant in it.
-            self._stamp = self._format_time(float(second))
-            self._second = second
-        return self._stamp
+            stamp = self._format_time(float(second))
+            self._cached = (second, stamp)
+        return stamp
 
     def __call__(self, event: LogEvent) -> str | None:
         line = event.get(PREFORMATTED)
