@@ -4,10 +4,9 @@ twistd's own observer (``textFileLogObserver``) formats every line's timestamp f
 a local time zone from two ``datetime`` constructions, then ``strftime``. At a few thousand
 lines a second that was a visible share of the main process (docs/performance.md, "Logging").
 :class:`ClassicFormatter` writes the very same text (``TIMESTAMP [SYSTEM] TEXT``, the lines
-of a multi-line text, e.g. a traceback, after a tab), formatting a timestamp once a second.
-
-The event's text is
-formatted by ``str.format_map`` where that gives twisted's text (:func:`_event_text`).
+of a multi-line text, e.g. a traceback, after a tab), formatting a timestamp once a second
+and an event's text with ``str.format_map`` where that gives twisted's text
+(:func:`_event_text`).
 
 A delivery process formats its own lines the same way (with its level in front, for the main
 process, and ``delivery[N]`` before the text); the main process writes them as they came
