@@ -2,9 +2,10 @@
 
 Started by the main process when ``[delivery] processes`` is set (see
 :mod:`smartrelay.delivery.processes`), never by hand. It runs the storage and one delivery
-manager (node id: the main node id plus ``-dN``), logs one line per event on standard output
-(``LEVEL text``), wakes up when a byte arrives on standard input, re-reads its DKIM keys on
-SIGHUP, and stops, as on SIGTERM, when standard input is closed.
+manager (node id: the main node id plus ``-dN``), logs each event on standard output as the
+relay's log shows it, its level in front (``LEVEL TIMESTAMP [SYSTEM] delivery[N] TEXT``,
+:func:`smartrelay.logs.child_log_observer`), wakes up when a byte arrives on standard input,
+re-reads its DKIM keys on SIGHUP, and stops, as on SIGTERM, when standard input is closed.
 
 Like the twistd plugin (``tap.py``), an entry point (a composition root): it sits at the top of the
 package, so that no module under it imports upwards.
@@ -23,7 +24,7 @@ from twisted.internet import error as net_error
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.task import LoopingCall
-from twisted.logger import FileLogObserver, LogEvent, eventAsText, globalLogBeginner
+from twisted.logger import globalLogBeginner
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -34,6 +35,7 @@ from smartrelay.delivery.processes import (
     adaptive_line,
     metrics_line,
 )
+from smartrelay.logs import child_log_observer
 from smartrelay.metrics import RelayMetrics
 from smartrelay.rewrap.dkim import DkimError
 from smartrelay.smtp.tls import TlsError
@@ -98,16 +100,6 @@ class MetricsReporter:
                 pass
 
 
-def format_line(event: LogEvent) -> str | None:
-    """``LEVEL text``, every line of a multi-line text (a traceback) with its level."""
-    text = eventAsText(event, includeTimestamp=False, includeSystem=False)
-    if not text:
-        return None
-    level = event.get("log_level")
-    name = getattr(level, "name", "info")
-    return "".join(f"{name} {line}\n" for line in text.splitlines())
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     # A reload signal (SIGHUP) may come while this process starts: ignored until
     # handle_stop_signals below makes it a reload, rather than killing the process.
@@ -129,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     relay_reactor = as_relay_reactor(reactor)
     shorten_gil_switch_interval()
     globalLogBeginner.beginLoggingTo(
-        [FileLogObserver(sys.stdout, format_line)], redirectStandardIO=False
+        [child_log_observer(sys.stdout, args.index)], redirectStandardIO=False
     )
     try:
         relay = RelayService(config, relay_reactor, role="delivery", worker_index=args.index)

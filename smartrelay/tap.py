@@ -9,10 +9,12 @@ binds ports below 1024 as root and then runs the relay as that user.
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 from twisted.application.service import IService
+from twisted.logger import ILogObserver
 from twisted.python import usage
+from twisted.python.components import Componentized
 
 from smartrelay.config import (
     CHECKOUT_CONFIG,
@@ -23,6 +25,7 @@ from smartrelay.config import (
 )
 from smartrelay.delivery.pools import SourceAddressError
 from smartrelay.listening import ListenError
+from smartrelay.logs import twistd_log_observer
 from smartrelay.reactor import as_relay_reactor
 from smartrelay.relay import RelayService, raise_open_files_limit
 from smartrelay.rewrap.dkim import DkimError
@@ -41,6 +44,23 @@ class Options(usage.Options):
     ]
 
 
+class TwistdRelay(RelayService):
+    """The relay as twistd runs it: it gives twistd's application its log observer
+    (:mod:`smartrelay.logs`), which twistd then logs to instead of its own."""
+
+    log_observer: ILogObserver | None = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        observer = self.log_observer
+        if (
+            observer is not None
+            and isinstance(parent, Componentized)
+            and parent.getComponent(ILogObserver) is None  # type: ignore[no-untyped-call]
+        ):
+            parent.setComponent(ILogObserver, observer)  # type: ignore[no-untyped-call]
+        super().setServiceParent(parent)  # type: ignore[no-untyped-call]
+
+
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor  # the composition root takes the global reactor
 
@@ -49,8 +69,13 @@ def makeService(options: Options) -> IService:
         config = load_config(path)
         raise_open_files_limit()
         shorten_gil_switch_interval()
-        relay = RelayService(config, as_relay_reactor(reactor))
+        relay_reactor = as_relay_reactor(reactor)
+        relay = TwistdRelay(config, relay_reactor)
         relay.check_listeners()
+        # twistd's options (``options.parent``): where twistd would log, and how.
+        relay.log_observer = twistd_log_observer(
+            getattr(options, "parent", None), relay_reactor.callFromThread
+        )
     except (ConfigError, TlsError, DkimError, ListenError, SourceAddressError) as error:
         raise SystemExit(f"smartrelay: {error}") from None
     except OSError as error:

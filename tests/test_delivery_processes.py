@@ -21,6 +21,8 @@ from tests.support.traffic import complete_dumps, states, submit_all, wait_until
 
 MESSAGES = 120
 SESSIONS = 4
+#: twistd's line: a local timestamp, [system], the text.
+CLASSIC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[[^\]]+\] ")
 STARTED = re.compile(r"delivery\[(\d)\] .*delivery: node (\S+) started")
 
 
@@ -109,6 +111,23 @@ def test_two_delivery_processes_deliver_everything_once(
     assert len(delivered_lines) == MESSAGES
     assert all(re.search(r"delivery\[[01]\] ", line) for line in delivered_lines)
     assert "Traceback" not in output
+    # One line per state change, as one process would write it: each message's acceptance
+    # (main process) and its delivery (formatted by the child that delivered it, with its
+    # own timestamp and logger, written by the main process as it came).
+    for queue_id in accepted:
+        mine = [line for line in output.splitlines() if f" {queue_id}: " in line]
+        assert len(mine) == 2, mine
+        assert CLASSIC.match(mine[0]), mine[0]
+        assert f"[smartrelay.smtp.backends#info] {queue_id}: accepted from=" in mine[0]
+        assert CLASSIC.match(mine[1]), mine[1]
+        assert re.search(
+            rf"\[smartrelay\.delivery\.manager#info\] delivery\[[01]\] {queue_id}: to=<r\S*>"
+            rf" dest=\S+ delivered reply='250 ",
+            mine[1],
+        ), mine[1]
+    assert all(CLASSIC.match(line) for line in output.splitlines() if line), [
+        line for line in output.splitlines() if line and not CLASSIC.match(line)
+    ]
 
 
 def test_a_dead_child_is_restarted_and_children_leave_with_the_main_process(

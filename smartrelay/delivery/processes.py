@@ -10,8 +10,11 @@ so nothing is delivered twice. Each child's standard input is a pipe from the ma
   PostgreSQL the children also get the NOTIFY, and a second wake-up costs one empty claim);
 - its end (the main process is gone, even after ``kill -9``) makes the child stop.
 
-A child's log lines come back on its standard output and are logged here, prefixed with
-``delivery[N]``, so one log shows everything. So do its metrics: a ``metrics {json}`` line
+A child's log lines come back on its standard output, already formatted by the child as the
+relay's log shows them (``delivery[N]`` before the text, :mod:`smartrelay.logs`), and are
+written to the log as they came (one event each, :data:`~smartrelay.logs.PREFORMATTED`), so
+one log shows everything; what it writes on its standard error is logged here, prefixed with
+``delivery[N]``. So do its metrics: a ``metrics {json}`` line
 (:func:`metrics_line`) every :data:`METRICS_INTERVAL` seconds while they change and once when
 it stops, taken into :attr:`RelayMetrics.children <smartrelay.metrics.RelayMetrics.children>`
 (kept when the child ends, so the totals survive its restart).
@@ -41,6 +44,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from smartrelay.config.model import DeliveryConfig
+from smartrelay.logs import PREFORMATTED
 from smartrelay.metrics import RelayMetrics
 from smartrelay.reactor import IRelayReactor
 from smartrelay.storage.store import QUEUE_CHANNEL, Store
@@ -130,8 +134,17 @@ class _Child(ProcessProtocol):
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         lines = (self._partial.get(childFD, b"") + data).split(b"\n")
         self._partial[childFD] = lines.pop()
+        # A multi-line event (a traceback: its next lines start with a tab) stays one event.
+        event: list[bytes] = []
         for line in lines:
-            self._log_line(line, childFD)
+            if event and line.startswith(b"\t"):
+                event.append(line)
+                continue
+            if event:
+                self._log_line(b"\n".join(event), childFD)
+            event = [line]
+        if event:
+            self._log_line(b"\n".join(event), childFD)
 
     def _log_line(self, raw: bytes, fd: int) -> None:
         text = raw.decode("utf-8", "replace").rstrip("\r")
@@ -145,9 +158,13 @@ class _Child(ProcessProtocol):
             return
         level_name, _, rest = text.partition(" ")
         level = _LEVELS.get(level_name)
-        if level is None:  # not a log line (e.g. an interpreter message on stderr)
+        if level is None:  # a traceback's next line, or an interpreter message on stderr
             level, rest = (LogLevel.error if fd == 2 else LogLevel.info), text
-        log.emit(level, "delivery[{index}] {line}", index=self.index, line=rest)
+        if fd == 1:
+            # Formatted by the child (smartrelay.logs.child_log_observer): written as it came.
+            log.emit(level, "{line}", index=self.index, line=rest, **{PREFORMATTED: rest})
+        else:
+            log.emit(level, "delivery[{index}] {line}", index=self.index, line=rest)
 
     def processEnded(self, reason: Failure) -> None:
         for fd, rest in self._partial.items():
