@@ -566,11 +566,27 @@ _MARKUP = st.sampled_from(
         "<textarea>",
         '<a href="http://u.test/9"',
         "<v:rect href=http://r.test/10 />",
+        "<abbr>",
+        "<ab x=1>",
+        "<Area/>",
+        "<a\x00 href=http://n.test/14>",
+        "<v:>",
+        "<script/>",
+        "</bodyx>",
+        "</ body>",
+        "</>",
+        "<p/ x>",
+        '<p x=">"',
+        "<p\u2003 href=http://w.test/15>",
+        "<img src=a/>",
+        '<a href="http://s.test/16"/>',
+        "<p x='",
+        "< p>",
     ]
 )
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=3000, deadline=None)
 @given(st.lists(_MARKUP, max_size=40).map("".join))
 def test_the_scanner_finds_what_a_full_html_parser_parse_finds(html: str) -> None:
     fast, full = _Scanner(), _FullParse()

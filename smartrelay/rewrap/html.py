@@ -20,7 +20,11 @@ from collections.abc import Callable, Iterator
 from contextlib import suppress
 from html import unescape
 from html.entities import html5
-from html.parser import HTMLParser, attrfind_tolerant  # type: ignore[attr-defined]
+from html.parser import (  # type: ignore[attr-defined]
+    HTMLParser,
+    attrfind_tolerant,
+    locatestarttagend_tolerant,
+)
 
 from attrs import frozen
 
@@ -67,6 +71,23 @@ _INNER = re.compile(
     re.IGNORECASE,
 )
 _START_TAG_OPEN = re.compile(r"<[a-zA-Z]")
+# A run of what the scanner only steps over, in one match: text, end tags other than
+# "</body" (html.parser ends them at the first ">"), and start tags that are neither links nor
+# script/style, delimited by html.parser's own pattern and ended by ">" or "/>" right after
+# it (the atomic group keeps the pattern's first match, as html.parser's ``.match`` does).
+# Anything else (another ending, "<!", "<?", "</body", a link) stops the run, and the loop
+# hands it to html.parser's method for it.
+_UNREMARKABLE = re.compile(
+    r"""(?:
+      [^<]+
+      | </(?![bB][oO][dD][yY])[a-zA-Z][^>]*>
+      | (?!<(?:(?i:a|area|script|style)(?:[\t\n\r\f />\x00]|\Z)|[vV]:[^\t\n\r\f />\x00]))
+        (?>"""
+    + locatestarttagend_tolerant.pattern
+    + r""")/?>
+    )*+""",
+    re.VERBOSE,
+)
 _END_TAG_OPEN = re.compile(r"</[a-zA-Z]")
 # html.parser's tag name rule (its ``tagfind_tolerant``), for start tags it delimits.
 _TAG_NAME_TOLERANT = re.compile(r"([a-zA-Z][^\t\n\r\f />\x00]*)(?:\s|/(?!>))*")
@@ -217,9 +238,11 @@ class _Scanner(HTMLParser):
         size = len(rawdata)
         while position < size:
             if self.cdata_elem is None:
-                position = rawdata.find("<", position)
-                if position < 0:
-                    break  # the rest is text
+                skipped = _UNREMARKABLE.match(rawdata, position)
+                assert skipped is not None  # it matches the empty string
+                position = skipped.end()
+                if position >= size:
+                    break  # the rest is text and tags nothing here looks at
             else:  # inside <script> or <style>: up to its end tag
                 match = self.interesting.search(rawdata, position)
                 if match is None:
