@@ -81,8 +81,9 @@ check: lint typecheck test
 
 # Postfix vs SmartRelay (SQLite, PostgreSQL) on loopback, as root (a private Postfix instance),
 # with a personalized load (bench/load.py: every message different, the same for every system);
-# BENCH_ARGS=--quick for a smoke run. bench-queue: SmartRelay's memory with 100,000 queued
-# messages (about 6 minutes).
+# BENCH_ARGS=--quick for a smoke run, BENCH_ARGS="--shape newsletter" for the newsletter load.
+# bench-queue: SmartRelay's memory with 100,000 queued messages (about 6 minutes; on
+# PostgreSQL: BENCH_ARGS="--queue-engine postgresql").
 bench: $(VENV)/.run-installed
 	$(BIN)/python bench/relay.py $(BENCH_ARGS)
 

@@ -1,6 +1,7 @@
 """The re-wrap chain alone: CPU per copy on the personalized load, and what its caches do.
 
-The messages are `bench/load.py`'s (every one different, as real transactional mail is),
+The messages are `bench/load.py`'s (every one different, as real mail is; ``--shape
+newsletter``: its 355 KB newsletters, 120 links and a PDF, 300 of them by default),
 stored as the listener stores them (a Received field and a queue id of their own). Each
 message goes to ``--recipients`` recipients spread over ``--domains`` domains: the delivery
 manager runs the chain once per message and domain (a job), so a message to three domains is
@@ -18,8 +19,9 @@ script counts the hits of each and measures the CPU per copy with it and with it
 (each URL's payload, LRU, 4,096 URLs) and counts its hits. The RSA signature runs inline
 and is timed on its own, so the chain's Python cost is the difference.
 
-    .venv/bin/python bench/rewrap_chain.py [--messages 2000] [--recipients 1] [--domains 1]
-        [--identical] [--off plans,templates] [--url-cache] [--seed 1] [--profile] [--warnings]
+    .venv/bin/python bench/rewrap_chain.py [--shape transactional|newsletter] [--messages 2000]
+        [--recipients 1] [--domains 1] [--identical] [--off plans,templates] [--url-cache]
+        [--seed 1] [--profile] [--warnings]
 
 ``--warnings`` turns the content checks on (docs/deliverability.md), as the relay runs them,
 with the events counted instead of stored, to measure their CPU share.
@@ -42,7 +44,7 @@ from twisted.internet.defer import Deferred, succeed
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from load import describe, personalized
+from load import LOADS, describe
 
 import smartrelay.rewrap.chain as chain_module
 from smartrelay.config import DkimKey
@@ -64,12 +66,15 @@ class NoSuppressions:
         return succeed({})
 
 
-def jobs(messages: int, recipients: int, domains: int, identical: bool, seed: int) -> list[Job]:
+def jobs(
+    messages: int, recipients: int, domains: int, identical: bool, seed: int, shape: str
+) -> list[Job]:
     """One stored message per load message, its recipients cut into one job per domain."""
     out: list[Job] = []
     rid = 0
+    make = LOADS[shape]
     for index in range(messages):
-        load = personalized(0 if identical else index, seed)
+        load = make(0 if identical else index, seed)
         body = load.data.replace(b"\n", b"\r\n")
         queue_id = f"Q{index:08d}"
         received = (
@@ -152,7 +157,14 @@ def rate(hits: int, lookups: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--messages", type=int, help="default 2000 (newsletter: 300)")
+    parser.add_argument(
+        "--shape",
+        choices=sorted(LOADS),
+        default="transactional",
+        help="bench/load.py's messages: transactional, or newsletter (60 KB HTML, 120 links,"
+        " a 200 KiB PDF)",
+    )
     parser.add_argument("--recipients", type=int, default=1, help="per message")
     parser.add_argument("--domains", type=int, default=1, help="jobs per message")
     parser.add_argument("--identical", action="store_true", help="the same message every time")
@@ -164,6 +176,8 @@ def main() -> None:
         "--warnings", action="store_true", help="with the content checks (recorded nowhere)"
     )
     args = parser.parse_args()
+    if args.messages is None:
+        args.messages = 2000 if args.shape == "transactional" else 300
     off = [name for name in args.off.split(",") if name]
     if set(off) - set(CACHES):
         parser.error(f"--off takes {', '.join(CACHES)}")
@@ -209,8 +223,11 @@ def measure(
     counters.install(chain)
     # Two different halves of the load: the first warms (imports, the From domain), the
     # second is measured, so that nothing measured was seen in the warm-up.
-    warm = jobs(args.messages, args.recipients, args.domains, args.identical, args.seed + 1000)
-    measured = jobs(args.messages, args.recipients, args.domains, args.identical, args.seed)
+    shape = args.shape
+    warm = jobs(
+        args.messages, args.recipients, args.domains, args.identical, args.seed + 1000, shape
+    )
+    measured = jobs(args.messages, args.recipients, args.domains, args.identical, args.seed, shape)
 
     def one_pass(work: list[Job]) -> list[RewrapResult]:
         results: list[RewrapResult] = []
@@ -235,8 +252,11 @@ def measure(
     rsa_ms = (time.process_time() - started) / 500 * 1000
 
     distinct = {id(message): message for message, _ in measured}
-    sample = [personalized(0 if args.identical else i, args.seed) for i in range(200)]
-    print(f"load: {describe(sample)} (first 200){' - all identical' if args.identical else ''}")
+    sample = [LOADS[shape](0 if args.identical else i, args.seed) for i in range(200)]
+    print(
+        f"load: {shape} shape, {describe(sample)} (first 200)"
+        + (" - all identical" if args.identical else "")
+    )
     print(
         f"{len(distinct):,} messages x {args.recipients} recipient(s) in {args.domains}"
         f" domain(s): {len(measured):,} chain runs, {copies:,} copies;"
@@ -260,7 +280,9 @@ def measure(
         print(f"URL payload cache (across messages) hits: {hits}")
     if args.profile:
         profile = cProfile.Profile()
-        again = jobs(args.messages, args.recipients, args.domains, args.identical, args.seed + 7)
+        again = jobs(
+            args.messages, args.recipients, args.domains, args.identical, args.seed + 7, shape
+        )
         profile.runcall(one_pass, again)
         pstats.Stats(profile).sort_stats("tottime").print_stats(30)
 
