@@ -56,6 +56,35 @@ async def test_migrations_apply_once(engine: IDatabaseEngine) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_message_bodies_are_compressed_with_lz4_on_postgresql(
+    engine: IDatabaseEngine,
+) -> None:
+    """Schema 017: cheaper TOAST compression for bodies where the server has LZ4 (Debian's
+    PostgreSQL 15 has); SQLite has no such setting."""
+    if engine.name != "postgresql":
+        assert engine.name == "sqlite"
+        return
+
+    async def txn(cursor: ICursor) -> tuple[bool, str]:
+        await cursor.execute(
+            "SELECT 'lz4' = ANY (enumvals) FROM pg_settings"
+            " WHERE name = 'default_toast_compression'"
+        )
+        row = cursor.fetchone()
+        await cursor.execute(
+            "SELECT attcompression FROM pg_attribute"
+            " WHERE attrelid = 'message_bodies'::regclass AND attname = 'raw'"
+        )
+        column = cursor.fetchone()
+        assert row is not None and column is not None
+        return bool(row[0]), str(column[0])
+
+    has_lz4, compression = await engine.run_interaction("compression", txn, readonly=True)
+    assert has_lz4  # the server the tests start is Debian's, built with LZ4
+    assert compression == "l"
+
+
+@pytest_twisted.ensureDeferred
 async def test_queue_message_writes_message_recipients_and_events(
     store: Store, engine: IDatabaseEngine
 ) -> None:

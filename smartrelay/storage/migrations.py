@@ -48,12 +48,25 @@ def split_statements(sql: str) -> list[str]:
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
 
 
-def python_steps() -> dict[int, Callable[[ICursor], Awaitable[None]]]:
+def python_steps(engine_name: str) -> dict[int, Callable[[ICursor], Awaitable[None]]]:
     """Steps run after a delta's SQL, in the same transaction, for what portable SQL cannot
-    do (reading JSON columns): version -> step."""
+    do (reading JSON columns, asking the server what it supports): version -> step."""
     from smartrelay.storage.reports import backfill_report_tables
 
-    return {10: backfill_report_tables}
+    steps: dict[int, Callable[[ICursor], Awaitable[None]]] = {10: backfill_report_tables}
+    if engine_name == "postgresql":
+        steps[17] = lz4_body_compression
+    return steps
+
+
+async def lz4_body_compression(cursor: ICursor) -> None:
+    """Schema 017 on PostgreSQL: LZ4 for message bodies where the server has it."""
+    await cursor.execute(
+        "SELECT 1 FROM pg_settings"
+        " WHERE name = 'default_toast_compression' AND 'lz4' = ANY (enumvals)"
+    )
+    if cursor.fetchone() is not None:
+        await cursor.execute("ALTER TABLE message_bodies ALTER COLUMN raw SET COMPRESSION lz4")
 
 
 def latest_version() -> int:
@@ -63,7 +76,7 @@ def latest_version() -> int:
 async def migrate(engine: IDatabaseEngine, now_ms: int) -> list[int]:
     """Apply the pending deltas; returns the versions applied (empty when up to date)."""
     deltas = load_deltas()
-    steps = python_steps()
+    steps = python_steps(engine.name)
 
     async def txn(cursor: ICursor) -> list[int]:
         lock = engine.lock_statement()
