@@ -337,6 +337,15 @@ def tree_cpu_seconds(root: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def own_cpu_seconds(pid: int) -> float:
+    """User + system CPU of ``pid`` alone (not its children: SmartRelay's main process,
+    apart from its delivery processes)."""
+    fields = _stat(pid)
+    if fields is None:
+        return 0.0
+    return sum(int(value) for value in fields[11:13]) / os.sysconf("SC_CLK_TCK")
+
+
 def machine_cpu() -> tuple[int, int, int]:
     """Jiffies since boot over all CPUs: (busy, iowait, total), from /proc/stat."""
     with open("/proc/stat") as stat:
@@ -1309,6 +1318,7 @@ def measure(
         profilers = start_profilers(system)
         base = sink.count
         cpu_before = sum(tree_cpu_seconds(pid) for pid in system.roots())
+        main_before = sum(own_cpu_seconds(pid) for pid in system.roots())
         db_cpu_before = sum(tree_cpu_seconds(pid) for pid in system.db_roots())
         machine_before = machine_cpu()
         own_before = time.process_time()
@@ -1316,6 +1326,7 @@ def measure(
         accepted = send_load(system.port, settings.throughput_load, settings.sessions)
         reached = sink.wait_for(base + settings.messages, settings.timeout)
         result.cpu_s = sum(tree_cpu_seconds(pid) for pid in system.roots()) - cpu_before
+        main_cpu = sum(own_cpu_seconds(pid) for pid in system.roots()) - main_before
         usage = machine_usage(machine_before)
         own = time.process_time() - own_before
         if system.db_roots():
@@ -1332,6 +1343,11 @@ def measure(
         f"  {system.name}: accepted {result.accepted:,.0f} msg/s ({accepted:.2f} s),"
         f" end to end {result.e2e:,.0f} msg/s ({reached - started:.2f} s),"
         f" CPU {result.cpu_s:.1f} s"
+        + (
+            f" (main process {main_cpu:.1f} s, its children {result.cpu_s - main_cpu:.1f} s)"
+            if isinstance(system, RelaySystem)
+            else ""
+        )
         + (f" (+{result.db_cpu_s:.1f} server)" if result.db_cpu_s is not None else "")
         + (f", the purge's {purge_cpu:.1f} s" if purge is not None else "")
         + f"; {usage}; this script {own:.1f} s CPU"
