@@ -1,6 +1,6 @@
 """Run `bench/relay.py` on several commits, one after another, and print their summary rows.
 
-    .venv/bin/python bench/commits.py [--runs 2] COMMIT... -- [bench/relay.py arguments]
+    .venv/bin/python bench/commits.py [--runs 2] [--bench-of COMMIT] COMMIT... -- [relay.py args]
 
 Each commit is checked out into a temporary git worktree and benchmarked from there with this
 checkout's venv (PYTHONPATH and the working directory point at the worktree, so the relay,
@@ -49,6 +49,11 @@ def summary(output: str) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=1, help="runs of each commit")
+    parser.add_argument(
+        "--bench-of",
+        metavar="COMMIT",
+        help="run this commit's bench/ scripts on every commit (for options older ones lack)",
+    )
     parser.add_argument("commits", nargs="+", help="commits, then -- and bench/relay.py args")
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
@@ -59,6 +64,11 @@ def main() -> int:
         try:
             for commit in args.commits:
                 trees[commit] = worktree(commit, Path(base))
+                if args.bench_of:
+                    subprocess.run(
+                        ["git", "-C", str(trees[commit]), "checkout", args.bench_of, "--", "bench"],
+                        check=True,
+                    )
             for run in range(1, args.runs + 1):
                 for commit, tree in trees.items():
                     env = dict(os.environ, PYTHONPATH=str(tree))
