@@ -510,6 +510,8 @@ def test_the_default_tunables_are_todays_numbers() -> None:
     assert DeliveryTunables() == DeliveryTunables(
         claim_batch=500,
         max_in_memory=5000,
+        claim_ahead_per_connection=1,
+        claim_ahead_min=100,
         max_in_memory_bytes=32 * 1024 * 1024,
         lease=900.0,
         poll_interval=5.0,

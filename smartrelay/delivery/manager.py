@@ -82,6 +82,12 @@ class DeliveryTunables:
     claim_batch: int = 500
     #: Recipients held in destination queues (claimed, not yet recorded), at most.
     max_in_memory: int = 5000
+    #: Fair claiming across nodes: recipients claimed ahead per delivery connection
+    #: (``[delivery] max_connections``); a node holds at most that many times its connections
+    #: (never fewer than ``claim_ahead_min``, never more than ``max_in_memory``) and comes
+    #: back for more when half of them are finished (docs/delivery.md, "Claims").
+    claim_ahead_per_connection: int = 1
+    claim_ahead_min: int = 100
     #: Bytes of messages held in destination queues and being delivered, at most (one job is
     #: always admitted, so a message bigger than this still goes, alone).
     max_in_memory_bytes: int = 32 * 1024 * 1024
@@ -106,7 +112,13 @@ class DeliveryTunables:
     adaptive: AimdSettings = field(factory=AimdSettings)
 
     def __attrs_post_init__(self) -> None:
-        for name in ("claim_batch", "max_in_memory", "max_in_memory_bytes"):
+        for name in (
+            "claim_batch",
+            "max_in_memory",
+            "max_in_memory_bytes",
+            "claim_ahead_per_connection",
+            "claim_ahead_min",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
         for name in ("lease", "poll_interval", "database_retry_min"):
@@ -248,6 +260,15 @@ class DeliveryManager(Service):
         self._rng = rng or random.Random()
         self._destinations: dict[str, Destination] = {}
         self._in_memory = 0
+        #: Recipients this node holds claimed at most: what it can start working on soon, so
+        #: that the nodes sharing a database each take a share close to their capacity.
+        self.claim_window = min(
+            tunables.max_in_memory,
+            max(
+                tunables.claim_ahead_min,
+                config.max_connections * tunables.claim_ahead_per_connection,
+            ),
+        )
         #: Bytes of the messages of the jobs admitted (queued or being delivered).
         self._in_memory_bytes = 0
         #: Claimed jobs waiting for room in the byte window, in claim order.
@@ -366,13 +387,25 @@ class DeliveryManager(Service):
             lambda f: log.failure("claiming due work failed", f)
         )
 
+    def _refill(self) -> None:
+        if not self.running or self._store is None:
+            return
+        if self._pumping:
+            self._pump_again = True
+            return
+        if self._spaced_wake is not None and self._spaced_wake.active():
+            self._spaced_wake.cancel()
+        Deferred.fromCoroutine(self._pump()).addErrback(
+            lambda f: log.failure("claiming due work failed", f)
+        )
+
     async def _pump(self) -> None:
         assert self._store is not None
         self._pumping = True
         try:
             while self.running:
                 self._pump_again = False
-                room = self.tunables.max_in_memory - self._in_memory
+                room = self.claim_window - self._in_memory
                 if room <= 0 or self._bytes_full():
                     self._held_back = True  # _finish wakes us when there is room again
                     break
@@ -855,10 +888,12 @@ class DeliveryManager(Service):
             log.failure("{queue_id}: recording outcomes failed", queue_id=job.message.queue_id)
         finally:
             self._release(job)
-        half = self.tunables.max_in_memory // 2
-        if self._held_back and self._in_memory < half and not self._bytes_full():
+        # Half of the claim window finished: claim more at once (not ``claim_spacing`` later,
+        # which paces wake-ups by NOTIFY), so a node alone is not slowed by its small window.
+        half = self.claim_window // 2
+        if self._held_back and self._in_memory <= half and not self._bytes_full():
             self._held_back = False
-            self.wake()
+            self._refill()
 
     async def _record_durably(
         self,
