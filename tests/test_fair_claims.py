@@ -72,7 +72,7 @@ async def test_two_nodes_on_one_postgresql_each_deliver_a_fair_share(
     relays: DeliveryRelays, sinks: Sinks, postgres_server: PostgresServer
 ) -> None:
     """Before: the first node to claim took the whole backlog (up to a 500-recipient batch,
-    within a 5,000 window) and the other found nothing (400 vs 0 here). Now a node claims no
+    within a 5,000 window) and the other little or nothing (500 vs 100 here). Now a node claims no
     more than it can start working on soon and comes back for more as it finishes."""
     reactor = real_reactor()
     url = postgres_server.create_database()
