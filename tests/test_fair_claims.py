@@ -3,6 +3,7 @@ deliver a share of the due work close to their capacity, none twice, none lost."
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from tests.support.delivery_relay import (
     message_bytes,
     select,
     smtp_route,
+    submit_many,
 )
 from tests.support.postgres import PostgresServer
 from tests.support.relay import RunningRelay
@@ -116,3 +118,77 @@ async def test_one_node_comes_back_for_more_than_its_claim_window(
     assert node.service.delivery.claim_window < MESSAGES
     await wait_until_delivered(reactor, node.store)
     assert sorted(received(backend)) == sorted(everyone)
+
+
+#: A destination its throttle lets have one message a second, and its backlog, queued first:
+#: it would take five minutes; the claim window (200 recipients) holds only a part of it.
+SLOW_MESSAGES = 300
+FREE_MESSAGES = 50
+SLOW_THROTTLE = [
+    FAST_THROTTLE,
+    {"match": "slow.test", "max_connections": 1, "max_rate": "1/s"},
+]
+#: Far less than the slow backlog takes (300 s), far more than the free mail needs (< 1 s).
+FREE_WITHIN = 40.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_throttled_backlog_does_not_hold_the_claim_window_from_other_mail(
+    relays: DeliveryRelays, sinks: Sinks, tmp_path: Path
+) -> None:
+    """Before: the node claimed 200 of the slow backlog, its whole claim window, and claimed
+    nothing else until half of them had gone at 1 a second (100 s). Now what its throttle
+    will hold longer than a short while is handed back to the database, due near its turn:
+    the free destination's mail, submitted after, is delivered at once; nothing is lost or
+    sent twice, and the rest of the slow backlog waits in the database, not in memory."""
+    reactor = real_reactor()
+    url = f"sqlite:{tmp_path / 'smartrelay.db'}"
+    engine = create_engine(reactor, url)
+    await engine.start()
+    try:
+        await migrate(engine, 0)
+        store = Store(engine, reactor)
+        for i in range(SLOW_MESSAGES):
+            await store.queue_message(
+                NewMessage(SENDER, (f"s{i}@slow.test",), message_bytes(f"slow {i}"))
+            )
+    finally:
+        await engine.close()
+    slow_sink, free_sink = TrackingSinkBackend(), TrackingSinkBackend()
+    slow_port, free_port = [(await sinks.start(b))[1] for b in (slow_sink, free_sink)]
+    routes = {
+        "slow.test": f"smtp://127.0.0.1:{slow_port}",
+        "*": f"smtp://127.0.0.1:{free_port}",
+    }
+    node = await relays.start(url, {"routes": routes, "throttle": SLOW_THROTTLE})
+
+    async def slow_started() -> bool | None:
+        return True if slow_sink.messages else None
+
+    await eventually(reactor, slow_started, "the slow backlog to start", within=30)
+    free = [f"f{i}@free.test" for i in range(FREE_MESSAGES)]
+    submitted = time.monotonic()
+    await submit_many(node.smtp_port, [([a], message_bytes(a, to=a)) for a in free])
+
+    async def free_delivered() -> bool | None:
+        return True if len(received(free_sink)) >= FREE_MESSAGES else None
+
+    await eventually(reactor, free_delivered, "the free destination's mail", within=FREE_WITHIN)
+    took = time.monotonic() - submitted
+    assert sorted(received(free_sink)) == sorted(free), "free mail lost or sent twice"
+    slow_received = Counter(received(slow_sink))
+    assert max(slow_received.values()) == 1, "a slow recipient was delivered twice"
+    assert len(slow_received) < SLOW_MESSAGES // 2, f"the throttle let {len(slow_received)} go"
+    rows = await select(
+        node.store,
+        "SELECT state, lease_owner IS NULL, count(*) FROM recipients"
+        " WHERE domain = 'slow.test' GROUP BY state, lease_owner IS NULL",
+    )
+    states = {(str(state), bool(free_row)): int(n) for state, free_row, n in rows}
+    assert sum(states.values()) == SLOW_MESSAGES
+    assert set(states) <= {("delivered", True), ("queued", True), ("delivering", False)}, states
+    assert states.get(("delivered", True), 0) == len(slow_received)
+    # Held in memory: no more than its throttle lets start within a short while.
+    assert states.get(("delivering", False), 0) <= 30, states
+    assert states.get(("queued", True), 0) >= SLOW_MESSAGES // 2, states
+    print(f"free mail delivered {took:.1f} s after submission; slow: {states}")

@@ -88,6 +88,13 @@ class DeliveryTunables:
     #: back for more when half of them are finished (docs/delivery.md, "Claims").
     claim_ahead_per_connection: int = 1
     claim_ahead_min: int = 100
+    #: Queued jobs that their throttle (its rate, a back-off) will hold longer than this are
+    #: handed back to the database, due ``throttle_hold / 2`` before their turn, so that a
+    #: throttled destination does not fill the claim window and starve the others.
+    throttle_hold: float = 10.0
+    #: ... due again no later than this after the throttle's back-off (if any) ends: a cut
+    #: adaptive rate may recover sooner than estimated.
+    hand_back_max: float = 60.0
     #: Bytes of messages held in destination queues and being delivered, at most (one job is
     #: always admitted, so a message bigger than this still goes, alone).
     max_in_memory_bytes: int = 32 * 1024 * 1024
@@ -121,7 +128,7 @@ class DeliveryTunables:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
-        for name in ("lease", "poll_interval", "database_retry_min"):
+        for name in ("lease", "poll_interval", "database_retry_min", "throttle_hold"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)!r}")
         for name in ("backoff_on_421", "stop_grace", "idle_connection", "claim_spacing"):
@@ -129,6 +136,8 @@ class DeliveryTunables:
                 raise ValueError(f"{name} must not be negative, not {getattr(self, name)!r}")
         if not self.database_retry_max >= self.database_retry_min:
             raise ValueError("database_retry_max must not be less than database_retry_min")
+        if not self.hand_back_max >= self.throttle_hold:
+            raise ValueError("hand_back_max must not be less than throttle_hold")
 
 
 #: Today's numbers, as the relay runs with them.
@@ -576,6 +585,8 @@ class DeliveryManager(Service):
         for destination in touched:
             destination.wake_idle(True)
             self._start_workers(destination)
+        for key in {destination.throttle_key for destination in touched}:
+            self._hand_back_held(key)
 
     async def _first_mx(self, route: ResolvedRoute, domain: str) -> str | None:
         """The preferred MX host of an ``mx`` route, so ``mx:`` throttles can match it (the
@@ -587,6 +598,76 @@ class DeliveryManager(Service):
         except (PermanentRoutingError, TemporaryRoutingError):
             return None  # the connection attempt will record the failure
         return hops[0].host if hops else None
+
+    # -- handing back what a throttle holds -----------------------------------------------------
+    def _hand_back_held(self, key: str) -> None:
+        """Give the jobs queued under throttle ``key`` that it will not let start within
+        ``throttle_hold`` back to the database, each due ``throttle_hold / 2`` before its
+        estimated turn (at most ``hand_back_max`` after the back-off): they leave the claim
+        window, so mail for other destinations is claimed meanwhile, and any node may take
+        them later.
+
+        The estimate: the key's back-off, then one job per ``1 / rate`` seconds. A job's
+        recipients are handed back together; ones not ours any more are simply forgotten
+        (their lease ran out and another node has them)."""
+        if not self.running:
+            return
+        destinations = [d for d in self._destinations.values() if d.throttle_key == key]
+        queued = [d for d in destinations if d.jobs]
+        if not queued:
+            return
+        now = self._clock.seconds()
+        until = self.throttles.backed_off_until(key)
+        wait = 0.0 if until is None else until - now
+        rate = self.throttles.adaptive.rate(key, queued[0].settings)
+        hold, most = self.tunables.throttle_hold, self.tunables.hand_back_max
+        if wait + (sum(len(d.jobs) for d in queued) - 1) / rate <= hold:
+            return  # all of them start soon enough (the usual case)
+        back: list[tuple[Destination, Job, float]] = []
+        position = 0
+        for destination in queued:
+            kept: deque[Job] = deque()
+            for job in destination.jobs:
+                start = wait + position / rate
+                position += 1
+                if start <= hold:
+                    kept.append(job)
+                    continue
+                ahead = start - hold / 2
+                if ahead > wait + most:  # spread, or they would all come back at once
+                    ahead = wait + most * (0.5 + 0.5 * self._rng.random())
+                back.append((destination, job, now + ahead))
+            destination.jobs = kept
+            if not kept and destination.workers == 0:
+                if destination.wake_call is not None and destination.wake_call.active():
+                    destination.wake_call.cancel()
+                self._destinations.pop(destination.key, None)
+        Deferred.fromCoroutine(self._hand_back(back)).addErrback(
+            lambda f: log.failure("{key}: handing back held recipients failed", f, key=key)
+        )
+
+    async def _hand_back(self, back: Sequence[tuple[Destination, Job, float]]) -> None:
+        """Commit the hand-back (tried again while the database is unavailable: it only
+        touches rows still ours, so again is harmless), then free the jobs' room."""
+        assert self._store is not None
+        due = [(r.id, at) for _, job, at in back for r in job.recipients]
+        failures = 0
+        try:
+            while self.running:
+                try:
+                    await self._store.hand_back(self.node_id, due)
+                    break
+                except DatabaseUnavailable:
+                    # Not known to be committed: never deliver them from memory now (another
+                    # node may have them). Stopping before it is: their lease brings them back.
+                    failures += 1
+                    await self._database_pause(failures)
+        finally:
+            for _, job, _ in back:
+                self._release(job)
+        if due:
+            self._wake_at(min(at for _, at in due))  # not only the poll: it may be far
+        self._refill_if_room()
 
     # -- workers ------------------------------------------------------------------------------
     def _start_workers(self, destination: Destination) -> None:
@@ -750,9 +831,11 @@ class DeliveryManager(Service):
                 if is_rate_signal(reply.code, reply.text, at_connect=at_connect):
                     self.throttles.adaptive.signal(key, settings, reply.line, domain)
                     self.throttles.back_off(key, self.tunables.adaptive.pause)
+                    self._hand_back_held(key)  # the rate was cut: fewer start soon
                     return True
         if any(reply.code == 421 for reply in replies):
             self.throttles.back_off(key, self.tunables.backoff_on_421)
+            self._hand_back_held(key)
             return True
         return False
 
@@ -888,6 +971,9 @@ class DeliveryManager(Service):
             log.failure("{queue_id}: recording outcomes failed", queue_id=job.message.queue_id)
         finally:
             self._release(job)
+        self._refill_if_room()
+
+    def _refill_if_room(self) -> None:
         # Half of the claim window finished: claim more at once (not ``claim_spacing`` later,
         # which paces wake-ups by NOTIFY), so a node alone is not slowed by its small window.
         half = self.claim_window // 2
