@@ -7,6 +7,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 from attrs import evolve
 from twisted.internet.defer import Deferred, gatherResults
@@ -124,21 +125,24 @@ async def test_one_node_comes_back_for_more_than_its_claim_window(
 #: it would take five minutes; the claim window (200 recipients) holds only a part of it.
 SLOW_MESSAGES = 300
 FREE_MESSAGES = 50
-SLOW_THROTTLE = [
-    FAST_THROTTLE,
-    {"match": "slow.test", "max_connections": 1, "max_rate": "1/s"},
-]
+#: Held by its throttle's rate, or by its connection limit and a receiver taking 1 s a message.
+SLOW = {
+    "rate": ({"max_connections": 1, "max_rate": "1/s"}, 0.0),
+    "receiver": ({"max_connections": 1, "max_rate": "100000/s"}, 1.0),
+}
 #: Far less than the slow backlog takes (300 s), far more than the free mail needs (< 1 s).
 FREE_WITHIN = 40.0
 
 
+@pytest.mark.parametrize("slow", sorted(SLOW))
 @pytest_twisted.ensureDeferred
 async def test_a_throttled_backlog_does_not_hold_the_claim_window_from_other_mail(
-    relays: DeliveryRelays, sinks: Sinks, tmp_path: Path
+    relays: DeliveryRelays, sinks: Sinks, tmp_path: Path, slow: str
 ) -> None:
     """Before: the node claimed 200 of the slow backlog, its whole claim window, and claimed
     nothing else until half of them had gone at 1 a second (100 s). Now what its throttle
-    will hold longer than a short while is handed back to the database, due near its turn:
+    (its rate, or its connections at the receiver's measured pace) will hold longer than a
+    short while is handed back to the database, due near its turn:
     the free destination's mail, submitted after, is delivered at once; nothing is lost or
     sent twice, and the rest of the slow backlog waits in the database, not in memory."""
     reactor = real_reactor()
@@ -154,13 +158,16 @@ async def test_a_throttled_backlog_does_not_hold_the_claim_window_from_other_mai
             )
     finally:
         await engine.close()
-    slow_sink, free_sink = TrackingSinkBackend(), TrackingSinkBackend()
+    limits, delay = SLOW[slow]
+    slow_sink = TrackingSinkBackend(delay=delay, clock=reactor)
+    free_sink = TrackingSinkBackend()
     slow_port, free_port = [(await sinks.start(b))[1] for b in (slow_sink, free_sink)]
     routes = {
         "slow.test": f"smtp://127.0.0.1:{slow_port}",
         "*": f"smtp://127.0.0.1:{free_port}",
     }
-    node = await relays.start(url, {"routes": routes, "throttle": SLOW_THROTTLE})
+    throttle = [FAST_THROTTLE, {"match": "slow.test", **limits}]
+    node = await relays.start(url, {"routes": routes, "throttle": throttle})
 
     async def slow_started() -> bool | None:
         return True if slow_sink.messages else None
@@ -187,7 +194,8 @@ async def test_a_throttled_backlog_does_not_hold_the_claim_window_from_other_mai
     states = {(str(state), bool(free_row)): int(n) for state, free_row, n in rows}
     assert sum(states.values()) == SLOW_MESSAGES
     assert set(states) <= {("delivered", True), ("queued", True), ("delivering", False)}, states
-    assert states.get(("delivered", True), 0) == len(slow_received)
+    in_flight = len(slow_received) - states.get(("delivered", True), 0)
+    assert in_flight in (0, 1), states  # one connection: one at the sink, not yet answered
     # Held in memory: no more than its throttle lets start within a short while.
     assert states.get(("delivering", False), 0) <= 30, states
     assert states.get(("queued", True), 0) >= SLOW_MESSAGES // 2, states

@@ -189,6 +189,15 @@ class Destination:
         self.wake_call: IDelayedCall | None = None
         #: Workers with an open connection and nothing to do, waiting for a job (or not).
         self.idle: list[Deferred[bool]] = []
+        #: Seconds a worker takes per job (a moving average; None: none finished yet): with
+        #: the connection limit, how fast its queue goes when the receiver is the bottleneck.
+        self.job_seconds: float | None = None
+
+    def note_job_seconds(self, seconds: float) -> bool:
+        """Count one job's time; True on the first."""
+        first = self.job_seconds is None
+        self.job_seconds = seconds if first else 0.8 * (self.job_seconds or 0.0) + 0.2 * seconds
+        return first
 
     def wait_for_job(self, clock: IReactorTime, seconds: float) -> Deferred[bool]:
         """True when a job is queued within ``seconds``, else False."""
@@ -417,6 +426,7 @@ class DeliveryManager(Service):
                 room = self.claim_window - self._in_memory
                 if room <= 0 or self._bytes_full():
                     self._held_back = True  # _finish wakes us when there is room again
+                    self._hand_back_all()  # unless a throttle holds the room
                     break
                 if self._unqueued:
                     claimed, self._unqueued = self._unqueued, []
@@ -600,6 +610,15 @@ class DeliveryManager(Service):
         return hops[0].host if hops else None
 
     # -- handing back what a throttle holds -----------------------------------------------------
+    def _hand_back_all(self) -> None:
+        """:meth:`_hand_back_held` for every throttle with queued jobs (the window is full)."""
+        by_key: dict[str, list[Destination]] = {}
+        for destination in self._destinations.values():
+            if destination.jobs:
+                by_key.setdefault(destination.throttle_key, []).append(destination)
+        for key, queued in by_key.items():
+            self._hand_back_from(key, queued)
+
     def _hand_back_held(self, key: str) -> None:
         """Give the jobs queued under throttle ``key`` that it will not let start within
         ``throttle_hold`` back to the database, each due ``throttle_hold / 2`` before its
@@ -607,19 +626,23 @@ class DeliveryManager(Service):
         window, so mail for other destinations is claimed meanwhile, and any node may take
         them later.
 
-        The estimate: the key's back-off, then one job per ``1 / rate`` seconds. A job's
-        recipients are handed back together; ones not ours any more are simply forgotten
-        (their lease ran out and another node has them)."""
-        if not self.running:
-            return
-        destinations = [d for d in self._destinations.values() if d.throttle_key == key]
-        queued = [d for d in destinations if d.jobs]
-        if not queued:
+        The estimate: the key's back-off, then one job per ``1 / rate`` seconds, the rate
+        being the throttle's, or what its connections do at the receiver's pace (measured)
+        if that is slower. A job's recipients are handed back together."""
+        queued = [d for d in self._destinations.values() if d.throttle_key == key and d.jobs]
+        self._hand_back_from(key, queued)
+
+    def _hand_back_from(self, key: str, queued: Sequence[Destination]) -> None:
+        if not self.running or not queued:
             return
         now = self._clock.seconds()
         until = self.throttles.backed_off_until(key)
         wait = 0.0 if until is None else until - now
-        rate = self.throttles.adaptive.rate(key, queued[0].settings)
+        settings = queued[0].settings
+        rate = self.throttles.adaptive.rate(key, settings)
+        seconds = max((d.job_seconds or 0.0 for d in queued), default=0.0)
+        if seconds > 0:
+            rate = min(rate, self.throttles.max_connections_for(key, settings) / seconds)
         hold, most = self.tunables.throttle_hold, self.tunables.hand_back_max
         if wait + (sum(len(d.jobs) for d in queued) - 1) / rate <= hold:
             return  # all of them start soon enough (the usual case)
@@ -760,6 +783,7 @@ class DeliveryManager(Service):
                             )
                         self._after_refusal(destination, job.domain, [failure], at_connect=True)
                         break
+                began = self._clock.seconds()  # the receiver's pace (not the connection's set-up)
                 try:
                     results, suppressed = await self._deliver_job(destination, connection, job)
                 except DatabaseUnavailable as error:
@@ -781,6 +805,8 @@ class DeliveryManager(Service):
                     connection.close()
                 current = None
                 await self._finish(job, results, connection, suppressed, adaptive=settings.adaptive)
+                if destination.note_job_seconds(self._clock.seconds() - began):
+                    self._hand_back_held(key)  # how long its queue will take is known now
                 if not connection.usable:
                     connection = None
                 if self._after_refusal(destination, job.domain, [r.reply for r in results]):
