@@ -678,7 +678,16 @@ class DeliveryManager(Service):
         try:
             while self.running:
                 try:
-                    await self._store.hand_back(self.node_id, due)
+                    released = await self._store.hand_back(self.node_id, due)
+                    now = self._clock.seconds()
+                    log.info(
+                        "delivery: {key}: {count} recipient(s) handed back to the queue, due"
+                        " in {first:.0f} to {last:.0f} s (its throttle would hold them)",
+                        key=back[0][0].throttle_key,
+                        count=len(released),
+                        first=min(at for _, at in due) - now,
+                        last=max(at for _, at in due) - now,
+                    )
                     break
                 except DatabaseUnavailable:
                     # Not known to be committed: never deliver them from memory now (another
