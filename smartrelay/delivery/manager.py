@@ -694,6 +694,10 @@ class DeliveryManager(Service):
                     # node may have them). Stopping before it is: their lease brings them back.
                     failures += 1
                     await self._database_pause(failures)
+        except Exception:
+            if self.running:
+                raise
+            return  # stopping (the store too): the rows are left to their lease
         finally:
             for _, job, _ in back:
                 self._release(job)
