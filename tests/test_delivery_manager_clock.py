@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +86,13 @@ class Simulation:
                 }
             }
         ).delivery
-        for name in ("claim_due", "message_sizes", "load_messages", "record_outcomes_of"):
+        for name in (
+            "claim_due",
+            "message_sizes",
+            "load_messages",
+            "record_outcomes_of",
+            "hand_back",
+        ):
             setattr(store, name, self._counted(name, getattr(store, name)))
         self.manager = DeliveryManager(
             clock,
@@ -385,6 +391,49 @@ async def test_a_421_hands_back_what_is_queued_for_the_destination(
         await sim.stop()
     assert [round(t - t0) for t in connector.dials] == [0, 100]
     sent = [r for s in connector.sent[1:] for r in s.recipients]
+    assert sorted(sent) == sorted(everyone), "lost or sent twice"
+    assert set((await recipient_states(store)).values()) == {"delivered"}
+
+
+@pytest.mark.parametrize("committed", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_a_hand_back_the_database_did_not_confirm_is_tried_again_and_nothing_sent_twice(
+    store: Store, clock: Clock, tmp_path: Path, committed: bool
+) -> None:
+    """The database is unavailable for the first two hand-backs, which committed nothing or
+    (``committed``) committed the first before the connection was lost: the jobs are not
+    sent from memory meanwhile, the hand-back is tried again, and every recipient is sent
+    exactly once in the end."""
+    real_hand_back = store.hand_back
+    failures = [2]
+
+    async def flaky(owner: str, due: Sequence[tuple[int, float]]) -> frozenset[int]:
+        if failures[0] > 0:
+            if committed and failures[0] == 2:
+                await real_hand_back(owner, due)
+            failures[0] -= 1
+            raise DatabaseUnavailable("the server is restarting")
+        return await real_hand_back(owner, due)
+
+    store.hand_back = flaky  # type: ignore[method-assign]
+    connector = FakeConnector(clock)
+    slow = [{**FAST_THROTTLE, "max_connections": 1, "max_rate": "1/s"}]
+    sim = Simulation(store, clock, tmp_path, connector, DeliveryTunables(), throttle=slow)
+    everyone = [f"r{i}@example.net" for i in range(30)]
+    for address in everyone:
+        await queue(store, address)
+    t0 = clock.seconds()
+    await sim.start()
+    try:
+        await sim.advance(1.0)  # two pauses (0.25 s, 0.5 s), then the third try
+        assert failures == [0]
+        assert len(await held_back_rows(store)) >= 15
+        assert len(connector.sent) <= 3  # one a second, from what was kept in memory
+        await sim.run_until(lambda: len(connector.sent) == 30, before=t0 + 60)
+        await sim.run_until(lambda: sim.manager._in_memory == 0, before=t0 + 65)
+    finally:
+        await sim.stop()
+    sent = [r for s in connector.sent for r in s.recipients]
     assert sorted(sent) == sorted(everyone), "lost or sent twice"
     assert set((await recipient_states(store)).values()) == {"delivered"}
 
