@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from smartrelay.storage.pool import DatabaseUnavailable
 from smartrelay.storage.store import NewMessage, Store
 from smartrelay.timefmt import rfc3339
 from tests.conftest import real_reactor
-from tests.support.delivery_relay import FAST_THROTTLE, events, recipient_states
+from tests.support.delivery_relay import FAST_THROTTLE, events, recipient_states, select
 from tests.support.manager import RETURN_PATH, FakeConnector, chain_factory
 from tests.test_mx import FixtureResolver
 
@@ -86,7 +86,13 @@ class Simulation:
                 }
             }
         ).delivery
-        for name in ("claim_due", "message_sizes", "load_messages", "record_outcomes_of"):
+        for name in (
+            "claim_due",
+            "message_sizes",
+            "load_messages",
+            "record_outcomes_of",
+            "hand_back",
+        ):
             setattr(store, name, self._counted(name, getattr(store, name)))
         self.manager = DeliveryManager(
             clock,
@@ -309,6 +315,129 @@ async def test_a_refused_session_is_the_answer_for_every_job_queued_for_it(
     assert set((await recipient_states(store)).values()) == {"bounced"}
 
 
+# -- what a throttle holds goes back to the database ----------------------------------------------
+async def held_back_rows(store: Store) -> list[tuple[str, float]]:
+    """(address, due time) of the rows handed back: waiting, no lease owner."""
+    rows = await select(
+        store,
+        "SELECT address, next_attempt_at FROM recipients"
+        " WHERE state IN ('queued', 'deferred') AND lease_owner IS NULL ORDER BY id",
+    )
+    return [(str(a), int(t) / 1000) for a, t in rows]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_throttled_backlog_waits_in_the_database_and_is_delivered_once_at_its_rate(
+    store: Store, clock: Clock, tmp_path: Path
+) -> None:
+    """1 message a second: what would wait more than ``throttle_hold`` (10 s) goes back to the
+    database due 5 s before its turn, found again by the 5-second poll; every recipient is
+    sent exactly once, and the throttle's rate is kept (30 messages in about 30 s)."""
+    connector = FakeConnector(clock)
+    slow = [{**FAST_THROTTLE, "max_connections": 1, "max_rate": "1/s"}]
+    sim = Simulation(store, clock, tmp_path, connector, DeliveryTunables(), throttle=slow)
+    everyone = [f"r{i}@example.net" for i in range(30)]
+    for address in everyone:
+        await queue(store, address)
+    t0 = clock.seconds()
+    await sim.start()
+    try:
+        held = await held_back_rows(store)
+        assert 15 <= len(held) <= 20, held
+        assert sim.manager._in_memory + len(held) + len(connector.sent) == 30
+        # Due 5 s before its turn, one a second, the first of them 6-ish s from now.
+        dues = [at - t0 for _, at in held]
+        assert dues == sorted(dues) and 4 <= dues[0] <= 8 and dues[-1] <= 30, dues
+        await sim.run_until(lambda: len(connector.sent) == 30, before=t0 + 45)
+        await sim.run_until(lambda: sim.manager._in_memory == 0, before=t0 + 50)
+    finally:
+        await sim.stop()
+    sent = [r for s in connector.sent for r in s.recipients]
+    assert sorted(sent) == sorted(everyone), "lost or sent twice"
+    assert connector.sent[-1].at - t0 <= 36, [round(s.at - t0, 1) for s in connector.sent]
+    assert set((await recipient_states(store)).values()) == {"delivered"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_421_hands_back_what_is_queued_for_the_destination(
+    store: Store, clock: Clock, tmp_path: Path
+) -> None:
+    """A 421 backs the destination off for 100 s: the jobs queued behind it are not held in
+    memory meanwhile (the claim window stays free for other mail); they come back before the
+    back-off ends and are all delivered once."""
+    busy = ServerReply(421, "4.3.2 too busy")
+    connector = FakeConnector(clock, answers=[busy])
+    tunables = evolve(DeliveryTunables(), backoff_on_421=100.0)
+    one = [{**FAST_THROTTLE, "max_connections": 1}]
+    sim = Simulation(
+        store, clock, tmp_path, connector, tunables, throttle=one, retry_schedule=["10s"]
+    )
+    everyone = [f"r{i}@example.net" for i in range(20)]
+    for address in everyone:
+        await queue(store, address)
+    t0 = clock.seconds()
+    await sim.start()
+    try:
+        await sim.advance(20)
+        assert len(connector.sent) == 1
+        assert sim.manager._in_memory == 0, "held in memory while backed off"
+        held = await held_back_rows(store)
+        assert len(held) == 20  # the 421'd one (deferred, due at 10 s, claimed, handed back)
+        # Due before the back-off ends, within ``hand_back_max`` after it at the latest.
+        assert all(95 <= at - t0 <= 160 for _, at in held), held
+        await sim.run_until(lambda: len(connector.sent) == 21, before=t0 + 165)
+        await sim.run_until(lambda: sim.manager._in_memory == 0, before=t0 + 170)
+    finally:
+        await sim.stop()
+    assert [round(t - t0) for t in connector.dials] == [0, 100]
+    sent = [r for s in connector.sent[1:] for r in s.recipients]
+    assert sorted(sent) == sorted(everyone), "lost or sent twice"
+    assert set((await recipient_states(store)).values()) == {"delivered"}
+
+
+@pytest.mark.parametrize("committed", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_a_hand_back_the_database_did_not_confirm_is_tried_again_and_nothing_sent_twice(
+    store: Store, clock: Clock, tmp_path: Path, committed: bool
+) -> None:
+    """The database is unavailable for the first two hand-backs, which committed nothing or
+    (``committed``) committed the first before the connection was lost: the jobs are not
+    sent from memory meanwhile, the hand-back is tried again, and every recipient is sent
+    exactly once in the end."""
+    real_hand_back = store.hand_back
+    failures = [2]
+
+    async def flaky(owner: str, due: Sequence[tuple[int, float]]) -> frozenset[int]:
+        if failures[0] > 0:
+            if committed and failures[0] == 2:
+                await real_hand_back(owner, due)
+            failures[0] -= 1
+            raise DatabaseUnavailable("the server is restarting")
+        return await real_hand_back(owner, due)
+
+    store.hand_back = flaky  # type: ignore[method-assign]
+    connector = FakeConnector(clock)
+    slow = [{**FAST_THROTTLE, "max_connections": 1, "max_rate": "1/s"}]
+    sim = Simulation(store, clock, tmp_path, connector, DeliveryTunables(), throttle=slow)
+    everyone = [f"r{i}@example.net" for i in range(30)]
+    for address in everyone:
+        await queue(store, address)
+    t0 = clock.seconds()
+    await sim.start()
+    try:
+        await sim.advance(1.0)  # two pauses (0.25 s, 0.5 s), then the third try
+        assert failures == [0]
+        assert len(await held_back_rows(store)) >= 15
+        assert len(connector.sent) <= 3  # one a second, from what was kept in memory
+        await sim.run_until(lambda: len(connector.sent) == 30, before=t0 + 60)
+        await sim.run_until(lambda: sim.manager._in_memory == 0, before=t0 + 65)
+    finally:
+        await sim.stop()
+    sent = [r for s in connector.sent for r in s.recipients]
+    assert sorted(sent) == sorted(everyone), "lost or sent twice"
+    assert set((await recipient_states(store)).values()) == {"delivered"}
+
+
 # -- claim spacing --------------------------------------------------------------------------------
 @pytest_twisted.ensureDeferred
 async def test_claims_are_spaced_and_a_wake_up_inside_the_spacing_is_not_lost(
@@ -499,6 +628,8 @@ async def test_at_stop_a_send_past_the_grace_is_cut_and_deferred(
         {"lease": float("nan")},
         {"claim_spacing": -0.1},
         {"database_retry_min": 3.0},  # above the default maximum
+        {"throttle_hold": 0.0},
+        {"hand_back_max": 5.0},  # below the default throttle_hold
     ],
 )
 def test_tunables_out_of_range_are_refused(change: dict[str, Any]) -> None:
@@ -510,6 +641,10 @@ def test_the_default_tunables_are_todays_numbers() -> None:
     assert DeliveryTunables() == DeliveryTunables(
         claim_batch=500,
         max_in_memory=5000,
+        claim_ahead_per_connection=1,
+        claim_ahead_min=100,
+        throttle_hold=10.0,
+        hand_back_max=60.0,
         max_in_memory_bytes=32 * 1024 * 1024,
         lease=900.0,
         poll_interval=5.0,

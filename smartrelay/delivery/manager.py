@@ -82,6 +82,19 @@ class DeliveryTunables:
     claim_batch: int = 500
     #: Recipients held in destination queues (claimed, not yet recorded), at most.
     max_in_memory: int = 5000
+    #: Fair claiming across nodes: recipients claimed ahead per delivery connection
+    #: (``[delivery] max_connections``); a node holds at most that many times its connections
+    #: (never fewer than ``claim_ahead_min``, never more than ``max_in_memory``) and comes
+    #: back for more when half of them are finished (docs/delivery.md, "Claims").
+    claim_ahead_per_connection: int = 1
+    claim_ahead_min: int = 100
+    #: Queued jobs that their throttle (its rate, a back-off) will hold longer than this are
+    #: handed back to the database, due ``throttle_hold / 2`` before their turn, so that a
+    #: throttled destination does not fill the claim window and starve the others.
+    throttle_hold: float = 10.0
+    #: ... due again no later than this after the throttle's back-off (if any) ends: a cut
+    #: adaptive rate may recover sooner than estimated.
+    hand_back_max: float = 60.0
     #: Bytes of messages held in destination queues and being delivered, at most (one job is
     #: always admitted, so a message bigger than this still goes, alone).
     max_in_memory_bytes: int = 32 * 1024 * 1024
@@ -106,10 +119,16 @@ class DeliveryTunables:
     adaptive: AimdSettings = field(factory=AimdSettings)
 
     def __attrs_post_init__(self) -> None:
-        for name in ("claim_batch", "max_in_memory", "max_in_memory_bytes"):
+        for name in (
+            "claim_batch",
+            "max_in_memory",
+            "max_in_memory_bytes",
+            "claim_ahead_per_connection",
+            "claim_ahead_min",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
-        for name in ("lease", "poll_interval", "database_retry_min"):
+        for name in ("lease", "poll_interval", "database_retry_min", "throttle_hold"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)!r}")
         for name in ("backoff_on_421", "stop_grace", "idle_connection", "claim_spacing"):
@@ -117,6 +136,8 @@ class DeliveryTunables:
                 raise ValueError(f"{name} must not be negative, not {getattr(self, name)!r}")
         if not self.database_retry_max >= self.database_retry_min:
             raise ValueError("database_retry_max must not be less than database_retry_min")
+        if not self.hand_back_max >= self.throttle_hold:
+            raise ValueError("hand_back_max must not be less than throttle_hold")
 
 
 #: Today's numbers, as the relay runs with them.
@@ -168,6 +189,15 @@ class Destination:
         self.wake_call: IDelayedCall | None = None
         #: Workers with an open connection and nothing to do, waiting for a job (or not).
         self.idle: list[Deferred[bool]] = []
+        #: Seconds a worker takes per job (a moving average; None: none finished yet): with
+        #: the connection limit, how fast its queue goes when the receiver is the bottleneck.
+        self.job_seconds: float | None = None
+
+    def note_job_seconds(self, seconds: float) -> bool:
+        """Count one job's time; True on the first."""
+        first = self.job_seconds is None
+        self.job_seconds = seconds if first else 0.8 * (self.job_seconds or 0.0) + 0.2 * seconds
+        return first
 
     def wait_for_job(self, clock: IReactorTime, seconds: float) -> Deferred[bool]:
         """True when a job is queued within ``seconds``, else False."""
@@ -248,6 +278,15 @@ class DeliveryManager(Service):
         self._rng = rng or random.Random()
         self._destinations: dict[str, Destination] = {}
         self._in_memory = 0
+        #: Recipients this node holds claimed at most: what it can start working on soon, so
+        #: that the nodes sharing a database each take a share close to their capacity.
+        self.claim_window = min(
+            tunables.max_in_memory,
+            max(
+                tunables.claim_ahead_min,
+                config.max_connections * tunables.claim_ahead_per_connection,
+            ),
+        )
         #: Bytes of the messages of the jobs admitted (queued or being delivered).
         self._in_memory_bytes = 0
         #: Claimed jobs waiting for room in the byte window, in claim order.
@@ -366,15 +405,28 @@ class DeliveryManager(Service):
             lambda f: log.failure("claiming due work failed", f)
         )
 
+    def _refill(self) -> None:
+        if not self.running or self._store is None:
+            return
+        if self._pumping:
+            self._pump_again = True
+            return
+        if self._spaced_wake is not None and self._spaced_wake.active():
+            self._spaced_wake.cancel()
+        Deferred.fromCoroutine(self._pump()).addErrback(
+            lambda f: log.failure("claiming due work failed", f)
+        )
+
     async def _pump(self) -> None:
         assert self._store is not None
         self._pumping = True
         try:
             while self.running:
                 self._pump_again = False
-                room = self.tunables.max_in_memory - self._in_memory
+                room = self.claim_window - self._in_memory
                 if room <= 0 or self._bytes_full():
                     self._held_back = True  # _finish wakes us when there is room again
+                    self._hand_back_all()  # unless a throttle holds the room
                     break
                 if self._unqueued:
                     claimed, self._unqueued = self._unqueued, []
@@ -543,6 +595,8 @@ class DeliveryManager(Service):
         for destination in touched:
             destination.wake_idle(True)
             self._start_workers(destination)
+        for key in {destination.throttle_key for destination in touched}:
+            self._hand_back_held(key)
 
     async def _first_mx(self, route: ResolvedRoute, domain: str) -> str | None:
         """The preferred MX host of an ``mx`` route, so ``mx:`` throttles can match it (the
@@ -554,6 +608,102 @@ class DeliveryManager(Service):
         except (PermanentRoutingError, TemporaryRoutingError):
             return None  # the connection attempt will record the failure
         return hops[0].host if hops else None
+
+    # -- handing back what a throttle holds -----------------------------------------------------
+    def _hand_back_all(self) -> None:
+        """:meth:`_hand_back_held` for every throttle with queued jobs (the window is full)."""
+        by_key: dict[str, list[Destination]] = {}
+        for destination in self._destinations.values():
+            if destination.jobs:
+                by_key.setdefault(destination.throttle_key, []).append(destination)
+        for key, queued in by_key.items():
+            self._hand_back_from(key, queued)
+
+    def _hand_back_held(self, key: str) -> None:
+        """Give the jobs queued under throttle ``key`` that it will not let start within
+        ``throttle_hold`` back to the database, each due ``throttle_hold / 2`` before its
+        estimated turn (at most ``hand_back_max`` after the back-off): they leave the claim
+        window, so mail for other destinations is claimed meanwhile, and any node may take
+        them later.
+
+        The estimate: the key's back-off, then one job per ``1 / rate`` seconds, the rate
+        being the throttle's, or what its connections do at the receiver's pace (measured)
+        if that is slower. A job's recipients are handed back together."""
+        queued = [d for d in self._destinations.values() if d.throttle_key == key and d.jobs]
+        self._hand_back_from(key, queued)
+
+    def _hand_back_from(self, key: str, queued: Sequence[Destination]) -> None:
+        if not self.running or not queued:
+            return
+        now = self._clock.seconds()
+        until = self.throttles.backed_off_until(key)
+        wait = 0.0 if until is None else until - now
+        settings = queued[0].settings
+        rate = self.throttles.adaptive.rate(key, settings)
+        seconds = max((d.job_seconds or 0.0 for d in queued), default=0.0)
+        if seconds > 0:
+            rate = min(rate, self.throttles.max_connections_for(key, settings) / seconds)
+        hold, most = self.tunables.throttle_hold, self.tunables.hand_back_max
+        if wait + (sum(len(d.jobs) for d in queued) - 1) / rate <= hold:
+            return  # all of them start soon enough (the usual case)
+        back: list[tuple[Destination, Job, float]] = []
+        position = 0
+        for destination in queued:
+            kept: deque[Job] = deque()
+            for job in destination.jobs:
+                start = wait + position / rate
+                position += 1
+                if start <= hold:
+                    kept.append(job)
+                    continue
+                ahead = start - hold / 2
+                if ahead > wait + most:  # spread, or they would all come back at once
+                    ahead = wait + most * (0.5 + 0.5 * self._rng.random())
+                back.append((destination, job, now + ahead))
+            destination.jobs = kept
+            if not kept and destination.workers == 0:
+                if destination.wake_call is not None and destination.wake_call.active():
+                    destination.wake_call.cancel()
+                self._destinations.pop(destination.key, None)
+        Deferred.fromCoroutine(self._hand_back(back)).addErrback(
+            lambda f: log.failure("{key}: handing back held recipients failed", f, key=key)
+        )
+
+    async def _hand_back(self, back: Sequence[tuple[Destination, Job, float]]) -> None:
+        """Commit the hand-back (tried again while the database is unavailable: it only
+        touches rows still ours, so again is harmless), then free the jobs' room."""
+        assert self._store is not None
+        due = [(r.id, at) for _, job, at in back for r in job.recipients]
+        failures = 0
+        try:
+            while self.running:
+                try:
+                    released = await self._store.hand_back(self.node_id, due)
+                    now = self._clock.seconds()
+                    log.info(
+                        "delivery: {key}: {count} recipient(s) handed back to the queue, due"
+                        " in {first:.0f} to {last:.0f} s (its throttle would hold them)",
+                        key=back[0][0].throttle_key,
+                        count=len(released),
+                        first=min(at for _, at in due) - now,
+                        last=max(at for _, at in due) - now,
+                    )
+                    break
+                except DatabaseUnavailable:
+                    # Not known to be committed: never deliver them from memory now (another
+                    # node may have them). Stopping before it is: their lease brings them back.
+                    failures += 1
+                    await self._database_pause(failures)
+        except Exception:
+            if self.running:
+                raise
+            return  # stopping (the store too): the rows are left to their lease
+        finally:
+            for _, job, _ in back:
+                self._release(job)
+        if due:
+            self._wake_at(min(at for _, at in due))  # not only the poll: it may be far
+        self._refill_if_room()
 
     # -- workers ------------------------------------------------------------------------------
     def _start_workers(self, destination: Destination) -> None:
@@ -646,6 +796,7 @@ class DeliveryManager(Service):
                             )
                         self._after_refusal(destination, job.domain, [failure], at_connect=True)
                         break
+                began = self._clock.seconds()  # the receiver's pace (not the connection's set-up)
                 try:
                     results, suppressed = await self._deliver_job(destination, connection, job)
                 except DatabaseUnavailable as error:
@@ -667,6 +818,8 @@ class DeliveryManager(Service):
                     connection.close()
                 current = None
                 await self._finish(job, results, connection, suppressed, adaptive=settings.adaptive)
+                if destination.note_job_seconds(self._clock.seconds() - began):
+                    self._hand_back_held(key)  # how long its queue will take is known now
                 if not connection.usable:
                     connection = None
                 if self._after_refusal(destination, job.domain, [r.reply for r in results]):
@@ -717,9 +870,11 @@ class DeliveryManager(Service):
                 if is_rate_signal(reply.code, reply.text, at_connect=at_connect):
                     self.throttles.adaptive.signal(key, settings, reply.line, domain)
                     self.throttles.back_off(key, self.tunables.adaptive.pause)
+                    self._hand_back_held(key)  # the rate was cut: fewer start soon
                     return True
         if any(reply.code == 421 for reply in replies):
             self.throttles.back_off(key, self.tunables.backoff_on_421)
+            self._hand_back_held(key)
             return True
         return False
 
@@ -855,10 +1010,15 @@ class DeliveryManager(Service):
             log.failure("{queue_id}: recording outcomes failed", queue_id=job.message.queue_id)
         finally:
             self._release(job)
-        half = self.tunables.max_in_memory // 2
-        if self._held_back and self._in_memory < half and not self._bytes_full():
+        self._refill_if_room()
+
+    def _refill_if_room(self) -> None:
+        # Half of the claim window finished: claim more at once (not ``claim_spacing`` later,
+        # which paces wake-ups by NOTIFY), so a node alone is not slowed by its small window.
+        half = self.claim_window // 2
+        if self._held_back and self._in_memory <= half and not self._bytes_full():
             self._held_back = False
-            self.wake()
+            self._refill()
 
     async def _record_durably(
         self,

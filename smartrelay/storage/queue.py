@@ -297,6 +297,35 @@ class QueueStore(StoreBase):
 
         return await self.run("release_claims", txn)
 
+    async def hand_back(self, owner: str, due: Sequence[tuple[int, float]]) -> frozenset[int]:
+        """Give claimed recipients back to the queue, each due again at its time: (recipient
+        id, clock seconds). Only rows ``owner`` still holds are touched (state back to
+        ``queued``, or ``deferred`` after an attempt; attempts unchanged); their ids are
+        returned. Any node may claim them once due."""
+        now_ms = self.now_ms()
+
+        async def txn(cursor: ICursor) -> frozenset[int]:
+            ours: set[int] = set()
+            for chunk in chunks(due):
+                await cursor.execute(
+                    "UPDATE recipients SET next_attempt_at = CAST(v.column2 AS BIGINT),"
+                    " lease_owner = NULL, updated_at = ?,"
+                    " state = CASE WHEN attempts > 0 THEN 'deferred' ELSE 'queued' END"
+                    f" FROM (VALUES {', '.join(['(?, ?)'] * len(chunk))}) AS v"
+                    " WHERE recipients.id = v.column1 AND recipients.lease_owner = ?"
+                    " AND recipients.state = 'delivering'"
+                    " RETURNING recipients.id",
+                    [
+                        now_ms,
+                        *(value for rid, at in chunk for value in (rid, to_ms(at))),
+                        owner,
+                    ],
+                )
+                ours.update(int(row[0]) for row in cursor.fetchall())
+            return frozenset(ours)
+
+        return await self.run("hand_back", txn)
+
     async def message_sizes(self, queue_ids: Iterable[str]) -> dict[str, int]:
         """The size in bytes of each message (what loading it will take), without loading it."""
         wanted = sorted(set(queue_ids))
