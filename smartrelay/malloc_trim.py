@@ -1,4 +1,4 @@
-"""Giving freed heap memory back to the system (glibc's ``malloc_trim``), once a minute.
+"""Giving freed heap memory back to the system (glibc's ``malloc_trim``), every 30 seconds.
 
 The relay's peaks (a delivery window full of loaded messages, a burst of sessions, a big
 message) are freed, but glibc keeps most of the freed memory in its arenas: only the top of
@@ -26,7 +26,7 @@ from twisted.logger import Logger
 log = Logger()
 
 #: Seconds between two trims.
-TRIM_INTERVAL = 60.0
+TRIM_INTERVAL = 30.0
 
 
 def glibc_malloc_trim() -> Callable[[], object] | None:
@@ -82,3 +82,9 @@ class MallocTrim(Service):
         super().stopService()  # type: ignore[no-untyped-call]
         if self._loop.running:
             self._loop.stop()
+        if self.trims:
+            log.info(
+                "memory: {trims} trim(s) of the heap, the longest {ms:.1f} ms",
+                trims=self.trims,
+                ms=self.longest * 1000,
+            )

@@ -141,7 +141,7 @@ class RelayService(MultiService):
             config.suppression,
         )
         self.storage.setServiceParent(self)  # type: ignore[no-untyped-call]
-        #: Freed heap memory given back to the system once a minute, in every process (the
+        #: Freed heap memory given back to the system every 30 s, in every process (the
         #: delivery processes too): RSS comes down after a peak (issue 19, malloc_trim.py).
         self.malloc_trim = MallocTrim(reactor, glibc_malloc_trim())
         self.malloc_trim.setServiceParent(self)  # type: ignore[no-untyped-call]
