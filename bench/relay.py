@@ -97,8 +97,9 @@ pointing at a closed port (connection refused; `--queue-next-hop defer`: a sink 
 to DATA, which costs a re-wrap per attempt and takes about twice as long), so everything
 stays queued and is retried on the default schedule (1m, 5m, ...). The client
 injects --queue-messages in ten steps; after each, and every 10 s for --queue-settle seconds
-after the last, it prints the relay's VmRSS and VmHWM, the recipients queued and the deferrals
-so far (from the database). BENCH_PYSPY=PREFIX records each SmartRelay process with py-spy
+after the last, it prints the relay's VmRSS and VmHWM (with --delivery-processes N, each
+delivery process's VmRSS too), the recipients queued and the deferrals so far (from the
+database). BENCH_PYSPY=PREFIX records each SmartRelay process with py-spy
 during phase (a).
 
 The relay logs (twistd, Postfix's maillog, PostgreSQL's) are checked for errors after each
@@ -1681,6 +1682,7 @@ def _queue_run(
         f"{'accepted':>9} {'queued':>9} {'deferrals':>9} {'RSS MiB':>8} {'VmHWM MiB':>9}"
         f" {'DB MiB':>7}"
         + (f" {'PG PSS MiB':>10}" if server is not None else "")
+        + (f" {'children RSS MiB':>16}" if settings.delivery_processes else "")
         + f" {'elapsed s':>9}  phase"
     )
 
@@ -1692,10 +1694,15 @@ def _queue_run(
         if server is not None:  # the server's processes, shared memory divided among them
             pss = sum(pss_kib(p) for p in process_tree(postmaster_pid(server)))
             server_pss = f" {pss / 1024:>10.1f}"
+        children = ""
+        if settings.delivery_processes:  # the delivery processes' own RSS, each
+            rss = [status_kib(p, "VmRSS") / 1024 for p in process_tree([pid]) if p != pid]
+            children = f" {' '.join(f'{r:.1f}' for r in rss) or '-':>16}"
         line = (
             f"{accepted:>9,} {queued:>9,} {deferrals:>9,}"
             f" {status_kib(pid, 'VmRSS') / 1024:>8.1f} {status_kib(pid, 'VmHWM') / 1024:>9.1f}"
-            f" {db_bytes / 2**20:>7.0f}{server_pss} {time.perf_counter() - started:>9.1f}"
+            f" {db_bytes / 2**20:>7.0f}{server_pss}{children}"
+            f" {time.perf_counter() - started:>9.1f}"
             f"  {phase}"
         )
         print("  " + line)
@@ -1720,6 +1727,7 @@ def _queue_run(
             f" (personalized, {settings.shape} shape, {settings.sessions} client sessions, ten"
             " steps); retries on the default schedule (1m, 5m, ...); RSS and VmHWM: the relay's"
             " main process"
+            + (", children RSS: each delivery process's" if settings.delivery_processes else "")
         )
         print(title)
         lines.append(title)

@@ -438,6 +438,40 @@ async def test_a_hand_back_the_database_did_not_confirm_is_tried_again_and_nothi
     assert set((await recipient_states(store)).values()) == {"delivered"}
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_refused_destinations_queued_jobs_are_recorded_in_one_transaction(
+    store: Store, clock: Clock, tmp_path: Path
+) -> None:
+    """Issue 19: the jobs that share a refusal used to be recorded one commit each, their
+    messages held in memory meanwhile (thousands, with a next hop down and a long queue).
+    Now one ``record_outcomes_of`` takes them all, and the windows end empty."""
+    connector = FakeConnector(clock, refusals=[TRY_LATER])
+    sim = Simulation(
+        store, clock, tmp_path, connector, throttle=[{**FAST_THROTTLE, "max_connections": 1}]
+    )
+    recorded: list[int] = []
+    record = store.record_outcomes_of
+
+    async def counted(owner: str, outcomes: Any) -> frozenset[int]:
+        recorded.append(len(outcomes))
+        return await record(owner, outcomes)
+
+    store.record_outcomes_of = counted  # type: ignore[method-assign]
+    for i in range(40):
+        await queue(store, f"r{i}@example.net", f"s{i}@example.org")
+    await sim.start()
+    try:
+        await sim.run_until(lambda: sim.manager._in_memory == 0, before=clock.seconds() + 10)
+    finally:
+        await sim.stop()
+    assert len(connector.dials) == 1 and connector.sent == []
+    assert recorded == [80]
+    assert sim.manager._in_memory == 0 and sim.manager._in_memory_bytes == 0
+    states = await recipient_states(store)
+    assert len(states) == 80 and set(states.values()) == {"deferred"}
+    assert len(await events(store, "deferred")) == 80
+
+
 # -- claim spacing --------------------------------------------------------------------------------
 @pytest_twisted.ensureDeferred
 async def test_claims_are_spaced_and_a_wake_up_inside_the_spacing_is_not_lost(

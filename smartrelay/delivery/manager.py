@@ -784,16 +784,27 @@ class DeliveryManager(Service):
                         assert failure is not None
                         # The destination is unreachable or refuses us: every job queued
                         # for it now shares this answer instead of each trying again.
+                        # Their outcomes go in one transaction: recorded one job at a
+                        # time, a refused destination held thousands of loaded messages in
+                        # memory while each waited for its own commit (issue 19).
                         jobs = [job, *destination.jobs]
                         destination.jobs.clear()
                         current = None
-                        for failed in jobs:
-                            await self._finish(
-                                failed,
-                                [RecipientResult(r.address, failure) for r in failed.recipients],
-                                None,
-                                adaptive=settings.adaptive,
-                            )
+                        await self._finish_all(
+                            [
+                                (
+                                    failed,
+                                    [
+                                        RecipientResult(r.address, failure)
+                                        for r in failed.recipients
+                                    ],
+                                    (),
+                                )
+                                for failed in jobs
+                            ],
+                            None,
+                            adaptive=settings.adaptive,
+                        )
                         self._after_refusal(destination, job.domain, [failure], at_connect=True)
                         break
                 began = self._clock.seconds()  # the receiver's pace (not the connection's set-up)
@@ -1002,14 +1013,21 @@ class DeliveryManager(Service):
         """Record ``job``'s outcomes (trying again while the database is unavailable) and
         give its place in memory back, whatever happens. ``adaptive``: the destination's
         throttle is, so rate-limited recipients are tried again soon."""
+        await self._finish_all([(job, results, suppressed)], connection, adaptive=adaptive)
+
+    async def _finish_all(
+        self, finished: Sequence[Finished], connection: OutboundSession | None, *, adaptive: bool
+    ) -> None:
+        """:meth:`_finish` for several jobs at once: their outcomes in one transaction."""
         try:
-            await self._record_durably(job, results, connection, suppressed, adaptive)
+            await self._record_durably(finished, connection, adaptive)
         except Exception:
             # A bug, or the relay stopping: the rows stay claimed and come back when the
-            # lease runs out; the job's place in memory is given back all the same.
-            log.failure("{queue_id}: recording outcomes failed", queue_id=job.message.queue_id)
+            # lease runs out; the jobs' places in memory are given back all the same.
+            log.failure("{queue_id}: recording outcomes failed", queue_id=_label(finished))
         finally:
-            self._release(job)
+            for job, _, _ in finished:
+                self._release(job)
         self._refill_if_room()
 
     def _refill_if_room(self) -> None:
@@ -1022,10 +1040,8 @@ class DeliveryManager(Service):
 
     async def _record_durably(
         self,
-        job: Job,
-        results: Sequence[RecipientResult],
+        finished: Sequence[Finished],
         connection: OutboundSession | None,
-        suppressed: Sequence[tuple[ClaimedRecipient, Suppression]],
         adaptive: bool = False,
     ) -> None:
         """:meth:`_record`, tried again while the database is unavailable.
@@ -1038,20 +1054,20 @@ class DeliveryManager(Service):
         failures = 0
         while True:
             try:
-                await self._record(job, results, connection, suppressed, adaptive)
+                await self._record(finished, connection, adaptive)
             except DatabaseUnavailable as error:
                 if not self.running:
                     log.warn(
                         "{queue_id}: outcome not recorded ({error}); the recipients are"
                         " delivered again when their lease runs out",
-                        queue_id=job.message.queue_id,
+                        queue_id=_label(finished),
                         error=error,
                     )
                     return
                 if failures == 0:
                     log.warn(
                         "{queue_id}: cannot record the outcome yet ({error}); trying again",
-                        queue_id=job.message.queue_id,
+                        queue_id=_label(finished),
                         error=error,
                     )
                 failures += 1
@@ -1060,62 +1076,67 @@ class DeliveryManager(Service):
             if failures:
                 log.info(
                     "{queue_id}: outcome recorded after {failures} retries",
-                    queue_id=job.message.queue_id,
+                    queue_id=_label(finished),
                     failures=failures,
                 )
             return
 
     async def _record(
         self,
-        job: Job,
-        results: Sequence[RecipientResult],
+        finished: Sequence[Finished],
         connection: OutboundSession | None,
-        suppressed: Sequence[tuple[ClaimedRecipient, Suppression]],
         adaptive: bool = False,
     ) -> None:
-        """Commit the outcomes of ``job`` (recipient states and events), and log them."""
+        """Commit the outcomes of the ``finished`` jobs (recipient states and events) in one
+        transaction, and log them."""
         assert self._store is not None
         now = self._clock.seconds()
-        by_address = {r.address: r for r in results}
         mx = connection.hop.host if connection is not None else ""
         tls = connection.tls if connection is not None else False
-        outcomes = [
-            RecipientOutcome(
-                recipient.id,
-                job.message.queue_id,
-                recipient.address,
-                "suppressed",
-                recipient.attempts,
-                None,
-                f"suppressed: {entry.reason}",
-                (SuppressedEvent(entry.reason),),
-            )
-            for recipient, entry in suppressed
-        ]
-        suppressed_ids = {recipient.id for recipient, _ in suppressed}
-        for recipient in job.recipients:
-            if recipient.id in suppressed_ids:
-                continue
-            result = by_address.get(recipient.address)
-            # Every recipient of the job gets an outcome: none left claimed with no reply.
-            reply = result.reply if result is not None else _local_reply("no reply", "4.3.0")
-            soon = adaptive and is_rate_signal(reply.code, reply.text, at_connect=not mx)
-            outcomes.append(self._outcome(job, recipient, reply, mx, tls, now, soon))
-        recorded = await self._store.record_outcomes_of(self.node_id, outcomes)
+        per_job: list[tuple[Job, list[RecipientOutcome]]] = []
+        for job, results, suppressed in finished:
+            by_address = {r.address: r for r in results}
+            outcomes = [
+                RecipientOutcome(
+                    recipient.id,
+                    job.message.queue_id,
+                    recipient.address,
+                    "suppressed",
+                    recipient.attempts,
+                    None,
+                    f"suppressed: {entry.reason}",
+                    (SuppressedEvent(entry.reason),),
+                )
+                for recipient, entry in suppressed
+            ]
+            suppressed_ids = {recipient.id for recipient, _ in suppressed}
+            for recipient in job.recipients:
+                if recipient.id in suppressed_ids:
+                    continue
+                result = by_address.get(recipient.address)
+                # Every recipient of the job gets an outcome: none left claimed with no reply.
+                reply = result.reply if result is not None else _local_reply("no reply", "4.3.0")
+                soon = adaptive and is_rate_signal(reply.code, reply.text, at_connect=not mx)
+                outcomes.append(self._outcome(job, recipient, reply, mx, tls, now, soon))
+            per_job.append((job, outcomes))
+        every = [outcome for _, outcomes in per_job for outcome in outcomes]
+        recorded = await self._store.record_outcomes_of(self.node_id, every)
         if self._metrics is not None:
-            self._count(job, [o for o in outcomes if o.recipient_id in recorded], now)
-        retries = [o.next_attempt_at for o in outcomes if o.next_attempt_at is not None]
+            for job, outcomes in per_job:
+                self._count(job, [o for o in outcomes if o.recipient_id in recorded], now)
+        retries = [o.next_attempt_at for o in every if o.next_attempt_at is not None]
         if retries:
             self._wake_at(min(retries))
-        for outcome in outcomes:
-            log.info(
-                "{queue_id}: to=<{rcpt}> dest={dest} {state} reply={reply!r}",
-                queue_id=outcome.queue_id,
-                rcpt=outcome.address,
-                dest=mx or job.domain,
-                state=outcome.state,
-                reply=outcome.reply,
-            )
+        for job, outcomes in per_job:
+            for outcome in outcomes:
+                log.info(
+                    "{queue_id}: to=<{rcpt}> dest={dest} {state} reply={reply!r}",
+                    queue_id=outcome.queue_id,
+                    rcpt=outcome.address,
+                    dest=mx or job.domain,
+                    state=outcome.state,
+                    reply=outcome.reply,
+                )
 
     def _count(self, job: Job, recorded: Sequence[RecipientOutcome], now: float) -> None:
         """Count the outcomes committed (those of rows still ours): their events, and each
@@ -1208,6 +1229,17 @@ class DeliveryManager(Service):
             next_at,
             DeferredEvent(mx=mx, reply=line, attempt=attempt, next_attempt=rfc3339(next_at)),
         )
+
+
+#: A job whose outcome is known: its replies, and its recipients found on the suppression list.
+Finished = tuple[Job, Sequence[RecipientResult], Sequence[tuple[ClaimedRecipient, Suppression]]]
+
+
+def _label(finished: Sequence[Finished]) -> str:
+    """The jobs' message in a log line: its queue id, or the first's and how many more."""
+    first = finished[0][0].message.queue_id
+    more = len({job.message.queue_id for job, _, _ in finished}) - 1
+    return first if more <= 0 else f"{first} (and {more} more message(s))"
 
 
 class StorageFailed(Exception):
