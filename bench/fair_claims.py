@@ -27,17 +27,13 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred, gatherResults
 
 from smartrelay.reactor import IRelayReactor, as_relay_reactor
-from smartrelay.storage.engines import create_engine
-from smartrelay.storage.migrations import migrate
-from smartrelay.storage.store import NewMessage, Store
 from tests.support.delivery_relay import (
     FAST_THROTTLE,
-    SENDER,
     DeliveryRelays,
     Sinks,
     TrackingSinkBackend,
     eventually,
-    message_bytes,
+    queue_before_start,
     select,
     smtp_route,
 )
@@ -46,17 +42,7 @@ from tests.support.relay import RunningRelay
 
 
 async def queue_backlog(reactor: IRelayReactor, url: str, messages: int) -> None:
-    engine = create_engine(reactor, url)
-    await engine.start()
-    try:
-        await migrate(engine, 0)
-        store = Store(engine, reactor)
-        for i in range(messages):
-            await store.queue_message(
-                NewMessage(SENDER, (f"r{i}@example.net",), message_bytes(f"fair {i}"))
-            )
-    finally:
-        await engine.close()
+    await queue_before_start(reactor, url, messages, "r{}@example.net", "fair {}")
 
 
 async def one_run(

@@ -26,9 +26,7 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred
 
 from smartrelay.reactor import IRelayReactor, as_relay_reactor
-from smartrelay.storage.engines import create_engine
-from smartrelay.storage.migrations import migrate
-from smartrelay.storage.store import NewMessage, Store
+from smartrelay.storage.store import NewMessage
 from tests.support.delivery_relay import (
     FAST_THROTTLE,
     SENDER,
@@ -37,23 +35,14 @@ from tests.support.delivery_relay import (
     TrackingSinkBackend,
     eventually,
     message_bytes,
+    queue_before_start,
     select,
 )
 from tests.support.postgres import running_postgres
 
 
 async def queue_slow(reactor: IRelayReactor, url: str, count: int) -> None:
-    engine = create_engine(reactor, url)
-    await engine.start()
-    try:
-        await migrate(engine, 0)
-        store = Store(engine, reactor)
-        for i in range(count):
-            await store.queue_message(
-                NewMessage(SENDER, (f"s{i}@slow.test",), message_bytes(f"slow {i}"))
-            )
-    finally:
-        await engine.close()
+    await queue_before_start(reactor, url, count, "s{}@slow.test", "slow {}")
 
 
 async def run(reactor: IRelayReactor, url: str, args: argparse.Namespace) -> None:

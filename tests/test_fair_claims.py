@@ -13,18 +13,16 @@ from attrs import evolve
 from twisted.internet.defer import Deferred, gatherResults
 
 from smartrelay.reactor import IRelayReactor
-from smartrelay.storage.engines import create_engine
-from smartrelay.storage.migrations import migrate
-from smartrelay.storage.store import NewMessage, Store
+from smartrelay.storage.store import Store
 from tests.conftest import real_reactor
 from tests.support.delivery_relay import (
     FAST_THROTTLE,
-    SENDER,
     DeliveryRelays,
     Sinks,
     TrackingSinkBackend,
     eventually,
     message_bytes,
+    queue_before_start,
     select,
     smtp_route,
     submit_many,
@@ -45,18 +43,7 @@ THROTTLE = [{**FAST_THROTTLE, "max_connections": 4}]
 async def queue_backlog(reactor: IRelayReactor, url: str) -> set[str]:
     """``MESSAGES`` one-recipient messages due now, queued before any relay runs (a burst,
     or nodes restarting): the case where the first node to claim used to take everything."""
-    engine = create_engine(reactor, url)
-    await engine.start()
-    try:
-        await migrate(engine, 0)
-        store = Store(engine, reactor)
-        for i in range(MESSAGES):
-            await store.queue_message(
-                NewMessage(SENDER, (f"r{i}@example.net",), message_bytes(f"fair {i}"))
-            )
-    finally:
-        await engine.close()
-    return {f"r{i}@example.net" for i in range(MESSAGES)}
+    return set(await queue_before_start(reactor, url, MESSAGES, "r{}@example.net", "fair {}"))
 
 
 async def wait_until_delivered(reactor: IRelayReactor, store: Store) -> None:
@@ -147,17 +134,7 @@ async def test_a_throttled_backlog_does_not_hold_the_claim_window_from_other_mai
     sent twice, and the rest of the slow backlog waits in the database, not in memory."""
     reactor = real_reactor()
     url = f"sqlite:{tmp_path / 'smartrelay.db'}"
-    engine = create_engine(reactor, url)
-    await engine.start()
-    try:
-        await migrate(engine, 0)
-        store = Store(engine, reactor)
-        for i in range(SLOW_MESSAGES):
-            await store.queue_message(
-                NewMessage(SENDER, (f"s{i}@slow.test",), message_bytes(f"slow {i}"))
-            )
-    finally:
-        await engine.close()
+    await queue_before_start(reactor, url, SLOW_MESSAGES, "s{}@slow.test", "slow {}")
     limits, delay = SLOW[slow]
     slow_sink = TrackingSinkBackend(delay=delay, clock=reactor)
     free_sink = TrackingSinkBackend()

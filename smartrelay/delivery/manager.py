@@ -390,10 +390,7 @@ class DeliveryManager(Service):
         """New or due work may be waiting. Claims are ``claim_spacing`` apart at least (unless
         the last one came back full): every commit of accepted mail wakes every delivery
         process, and a claim is a write transaction."""
-        if not self.running or self._store is None:
-            return
-        if self._pumping:
-            self._pump_again = True
+        if not self._may_pump():
             return
         if self._spaced_wake is not None and self._spaced_wake.active():
             return
@@ -401,18 +398,26 @@ class DeliveryManager(Service):
         if wait > 0:
             self._spaced_wake = self._clock.callLater(wait, self.wake)
             return
-        Deferred.fromCoroutine(self._pump()).addErrback(
-            lambda f: log.failure("claiming due work failed", f)
-        )
+        self._start_pump()
 
     def _refill(self) -> None:
-        if not self.running or self._store is None:
-            return
-        if self._pumping:
-            self._pump_again = True
+        """Claim now (half the claim window is free), not ``claim_spacing`` later."""
+        if not self._may_pump():
             return
         if self._spaced_wake is not None and self._spaced_wake.active():
             self._spaced_wake.cancel()
+        self._start_pump()
+
+    def _may_pump(self) -> bool:
+        """Whether a claim may start now; if one is running, it goes round once more."""
+        if not self.running or self._store is None:
+            return False
+        if self._pumping:
+            self._pump_again = True
+            return False
+        return True
+
+    def _start_pump(self) -> None:
         Deferred.fromCoroutine(self._pump()).addErrback(
             lambda f: log.failure("claiming due work failed", f)
         )

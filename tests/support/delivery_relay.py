@@ -30,8 +30,10 @@ from smartrelay.smtp.replies import Reply
 from smartrelay.smtp.session import Envelope, ISmtpBackend, Session
 from smartrelay.smtp.tls import ensure_certificate, server_context_factory
 from smartrelay.spool import SpooledBody
+from smartrelay.storage.engines import create_engine
 from smartrelay.storage.interfaces import ICursor
-from smartrelay.storage.store import Store
+from smartrelay.storage.migrations import migrate
+from smartrelay.storage.store import NewMessage, Store
 from tests.support.relay import (
     HOST,
     HOSTNAME,
@@ -226,6 +228,27 @@ def message_bytes(
 ) -> bytes:
     lines = [f"From: <{SENDER}>", f"To: <{to}>", f"Subject: {subject}", *headers]
     return ("\r\n".join(lines) + "\r\n\r\n" + body).encode()
+
+
+async def queue_before_start(
+    reactor: IRelayReactor, url: str, count: int, address: str, subject: str
+) -> list[str]:
+    """``count`` one-recipient messages due now, queued into the database at ``url`` before
+    any relay runs (a burst, or nodes restarting): recipient ``address.format(i)``, subject
+    ``subject.format(i)``. Returns the recipients."""
+    engine = create_engine(reactor, url)
+    await engine.start()
+    recipients = [address.format(i) for i in range(count)]
+    try:
+        await migrate(engine, 0)
+        store = Store(engine, reactor)
+        for i, recipient in enumerate(recipients):
+            await store.queue_message(
+                NewMessage(SENDER, (recipient,), message_bytes(subject.format(i)))
+            )
+    finally:
+        await engine.close()
+    return recipients
 
 
 def _queue_id(reply: tuple[int, bytes]) -> str:
