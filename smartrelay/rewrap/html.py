@@ -88,7 +88,6 @@ _UNREMARKABLE = re.compile(
     )*+""",
     re.VERBOSE,
 )
-_END_TAG_OPEN = re.compile(r"</[a-zA-Z]")
 # html.parser's tag name rule (its ``tagfind_tolerant``), for start tags it delimits.
 _TAG_NAME_TOLERANT = re.compile(r"([a-zA-Z][^\t\n\r\f />\x00]*)(?:\s|/(?!>))*")
 _TAG_STOP = re.compile(r"[>=]")
@@ -204,10 +203,10 @@ class _Scanner(HTMLParser):
     The document is tokenized whole, by html.parser's loop less its text handling
     (:meth:`goahead`), so the offsets given to the ``parse_*`` methods are offsets into the
     document: they are recorded as the tags are met, with no line and column bookkeeping.
-    Start tags that are neither links nor ``<script>``/``<style>`` (whose content html.parser
-    reads as text) are delimited exactly as html.parser delimits them, without parsing their
-    attributes, which nothing here uses (most of a document's tags; the tokenizer's dearest
-    step); so are end tags other than ``</body>``.
+    Runs of text, of end tags other than ``</body>`` and of start tags that are neither links
+    nor ``<script>``/``<style>`` are stepped over by one regex (:data:`_UNREMARKABLE`, built on
+    html.parser's own start-tag pattern), their attributes never parsed; a link start tag is
+    delimited as html.parser delimits it, its attributes read later.
     """
 
     def __init__(self) -> None:
@@ -273,41 +272,29 @@ class _Scanner(HTMLParser):
             position = parsed
 
     def parse_starttag(self, i: int) -> int:
+        name = _TAG_NAME_TOLERANT.match(self.rawdata, i + 1)
+        if name is None or not _is_link_tag(name.group(1).lower()):
+            # script/style (their content is text), and the tags the loop's regex could not
+            # step over (not ended by ">" or "/>"): html.parser's own way, reporting nothing
+            return super().parse_starttag(i)
         end = self.check_for_whole_start_tag(i)
         if end < 0:
             return end
+        # A tag, as html.parser decides: what follows its attributes is ">" or "/>" (else the
+        # whole is text). The attributes are read later, by _iter_attributes.
         rawdata = self.rawdata
-        name = _TAG_NAME_TOLERANT.match(rawdata, i + 1)
-        if name is None:  # never: the loop saw "<" and a letter
-            return super().parse_starttag(i)
-        tag = name.group(1).lower()
-        if tag in self.CDATA_CONTENT_ELEMENTS:
-            return super().parse_starttag(i)  # and its content is text up to its end tag
-        self.lasttag = tag
-        if _is_link_tag(tag):
-            # A tag, as html.parser decides: what follows its attributes is ">" or "/>"
-            # (else the whole is text). The attributes are read later, by _iter_attributes.
-            position = name.end()
-            while position < end:
-                attribute = attrfind_tolerant.match(rawdata, position)
-                if attribute is None:
-                    break
-                position = attribute.end()
-            if rawdata[position:end].strip() in (">", "/>"):
-                self.anchors.append((i, rawdata[i:end]))
+        position = name.end()
+        while position < end:
+            attribute = attrfind_tolerant.match(rawdata, position)
+            if attribute is None:
+                break
+            position = attribute.end()
+        if rawdata[position:end].strip() in (">", "/>"):
+            self.anchors.append((i, rawdata[i:end]))
         return end
 
     def parse_endtag(self, i: int) -> int:
-        # "</" and a letter, outside <script>/<style>, not "</body": html.parser ends it at
-        # the first ">" (or finds it unclosed) and reports a name nothing here needs.
-        if (
-            self.cdata_elem is None
-            and _END_TAG_OPEN.match(self.rawdata, i)
-            and self.rawdata[i + 2 : i + 6].lower() != "body"
-        ):
-            close = self.rawdata.find(">", i + 2)
-            return close + 1 if close >= 0 else -1
-        self._at = i
+        self._at = i  # for handle_endtag ("</body": the loop's regex steps over the others)
         return super().parse_endtag(i)
 
     def handle_comment(self, data: str) -> None:
