@@ -17,8 +17,8 @@ from typing import TypeVar, cast
 import pytest
 import pytest_twisted
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa, x25519
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.internet import defer, protocol, threads
@@ -35,6 +35,7 @@ from smartrelay.smtp.tls import (
     server_context_factory,
 )
 from tests.conftest import real_reactor
+from tests.support.certificates import Key, make_certificate, new_key
 
 HOSTNAME = "relay.example.test"
 GREETING = b"220 ready\r\n"
@@ -44,58 +45,6 @@ _T = TypeVar("_T")
 
 # --------------------------------------------------------------------------------------
 # Helpers: keys and certificates made with cryptography
-
-
-Key = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
-
-
-def new_key(kind: str = "ec") -> Key:
-    if kind == "rsa":
-        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def make_certificate(
-    key: Key,
-    common_name: str,
-    *,
-    issuer: tuple[x509.Certificate, Key] | None = None,
-    ca: bool = False,
-    dns: tuple[str, ...] = (),
-) -> x509.Certificate:
-    now = datetime.datetime.now(UTC)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    issuer_name, signing_key = (issuer[0].subject, issuer[1]) if issuer else (subject, key)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if ca:
-        builder = builder.add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-    if dns:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(name) for name in dns]), critical=False
-        )
-    return builder.sign(signing_key, hashes.SHA256())
 
 
 def pem(*certificates: x509.Certificate) -> bytes:

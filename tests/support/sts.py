@@ -3,24 +3,17 @@ and a real HTTPS server on 127.0.0.1 serving ``/.well-known/mta-sts.txt``."""
 
 from __future__ import annotations
 
-import datetime
 from typing import Any
 
 from attrs import define, field
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet import ssl
 from twisted.internet.interfaces import IListeningPort
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from smartrelay.reactor import IRelayReactor
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+from tests.support.certificates import Key, make_certificate, new_key
 
 
 class TestCa:
@@ -29,63 +22,14 @@ class TestCa:
     __test__ = False  # not a test class
 
     def __init__(self, name: str = "SmartRelay test CA") -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.UTC)
-        public = self.key.public_key()
-        self.certificate = (
-            x509.CertificateBuilder()
-            .subject_name(_name(name))
-            .issuer_name(_name(name))
-            .public_key(public)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-            .sign(self.key, hashes.SHA256())
-        )
+        self.key = new_key()
+        self.certificate = make_certificate(self.key, name, ca=True)
 
-    def issue(
-        self, *names: str, days: tuple[int, int] = (-1, 30)
-    ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    def issue(self, *names: str, days: tuple[int, int] = (-1, 30)) -> tuple[Key, x509.Certificate]:
         """A server key and certificate for ``names`` (DNS names), valid ``days`` from now."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.UTC)
-        certificate = (
-            x509.CertificateBuilder()
-            .subject_name(_name(names[0]))
-            .issuer_name(self.certificate.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now + datetime.timedelta(days=days[0]))
-            .not_valid_after(now + datetime.timedelta(days=days[1]))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
-                critical=False,
-            )
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-            )
-            .sign(self.key, hashes.SHA256())
-        )
-        return key, certificate
+        key = new_key()
+        issuer = (self.certificate, self.key)
+        return key, make_certificate(key, names[0], issuer=issuer, dns=names, days=days)
 
     def server_options(self, *names: str, days: tuple[int, int] = (-1, 30)) -> Any:
         """Server TLS options presenting a certificate for ``names`` (and this CA's root)."""
