@@ -19,36 +19,13 @@ from smartrelay.rewrap.html import (
     rewrite_html,
     unescape_attribute,
 )
+from tests.support.link_tracking import track, undo
 
-TOKEN = re.compile(r"https://t\.test/c/(\d{4})")
 PIXEL = "https://t.test/o/TOKEN.gif?m=1&r=2"
 PIXEL_TAG = (
     '<img src="https://t.test/o/TOKEN.gif?m=1&amp;r=2" width="1" height="1" alt="" '
     'style="display:block;width:1px;height:1px;border:0" />'
 )
-
-
-class Tracker:
-    """A ``rewrite_url`` that numbers the links it sees: ``https://t.test/c/0001`` ..."""
-
-    def __init__(self) -> None:
-        self.seen: list[str] = []
-
-    def __call__(self, url: str) -> str:
-        self.seen.append(url)
-        return f"https://t.test/c/{len(self.seen):04d}"
-
-
-def track(html: str, pixel_url: str | None = None) -> tuple[HtmlRewrite, Tracker]:
-    tracker = Tracker()
-    result = rewrite_html(html, tracker, pixel_url)
-    assert result.links == tuple(tracker.seen)
-    return result, tracker
-
-
-def undo(html: str, raw_values: list[str]) -> str:
-    """Put the original source text of each rewritten href value back."""
-    return TOKEN.sub(lambda m: raw_values[int(m.group(1)) - 1], html)
 
 
 # --- which URL rewrite_url receives, and what is written back ----------------------------------

@@ -39,23 +39,12 @@ from smartrelay.rewrap.mime import (
     plan_html_parts,
     transform_html_parts,
 )
+from tests.support.link_tracking import TOKEN, Tracker
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mime"
 REGENERATE = os.environ.get("SMARTRELAY_REGENERATE_GOLDEN") == "1"
 PIXEL = "https://t.test/o/P.gif?m=1&r=2"
 PIXEL_TAG = pixel_tag(PIXEL)
-TOKEN = re.compile(r"https://t\.test/c/(\d{4})")
-
-
-class Tracker:
-    """``rewrite_url`` numbering the links of one message: ``https://t.test/c/0001`` ..."""
-
-    def __init__(self) -> None:
-        self.seen: list[str] = []
-
-    def __call__(self, url: str) -> str:
-        self.seen.append(url)
-        return f"https://t.test/c/{len(self.seen):04d}"
 
 
 def track(raw: bytes) -> tuple[bytes, Tracker]:

@@ -10,31 +10,9 @@ from pathlib import Path
 import pytest
 
 from smartrelay.rewrap.html import HtmlRewrite, rewrite_html
+from tests.support.link_tracking import track, undo
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vml"
-TOKEN = re.compile(r"https://t\.test/c/(\d{4})")
-
-
-class Tracker:
-    """A ``rewrite_url`` numbering the links it sees: ``https://t.test/c/0001`` ..."""
-
-    def __init__(self) -> None:
-        self.seen: list[str] = []
-
-    def __call__(self, url: str) -> str:
-        self.seen.append(url)
-        return f"https://t.test/c/{len(self.seen):04d}"
-
-
-def track(html: str) -> tuple[HtmlRewrite, list[str]]:
-    tracker = Tracker()
-    result = rewrite_html(html, tracker, None)
-    assert result.links == tuple(tracker.seen)
-    return result, tracker.seen
-
-
-def undo(html: str, raw_values: list[str]) -> str:
-    return TOKEN.sub(lambda m: raw_values[int(m.group(1)) - 1], html)
 
 
 # Each fixture: the URLs a reader can click (as opened: entities decoded once), in document
@@ -86,7 +64,8 @@ def test_real_world_buttons_and_maps_are_tracked_and_the_rest_is_byte_identical(
     name: str,
 ) -> None:
     html = (FIXTURES / name).read_text(encoding="utf-8")
-    result, seen = track(html)
+    result, tracker = track(html)
+    seen = tracker.seen
     assert seen == OPENED[name]
     # only the href values changed (and the opt-out attribute went, SPEC section 3)
     assert undo(result.html, CASES[name]) == html.replace(" data-smartrelay-notrack", "")
@@ -103,7 +82,8 @@ def test_the_vml_twin_and_the_a_of_one_button_are_both_rewritten() -> None:
 
 def test_skip_rules_and_the_opt_out_apply_inside_conditional_comments() -> None:
     html = (FIXTURES / "litmus_buttons.html").read_text(encoding="utf-8")
-    result, seen = track(html)
+    result, tracker = track(html)
+    seen = tracker.seen
     assert "https://litmus.example.com/keep" not in seen
     for untouched in (
         'href="mailto:help@litmus.example.com?subject=Hi&amp;body=x"',
@@ -167,7 +147,8 @@ def test_with_click_tracking_off_only_the_opt_out_attribute_goes() -> None:
 )
 def test_markup_variants(markup: str, expected: list[str]) -> None:
     html = f"<p>a</p>{markup}<p>b</p>"
-    result, seen = track(html)
+    result, tracker = track(html)
+    seen = tracker.seen
     assert seen == expected
     href = re.compile(
         r"href\s*=\s*(?:[\"']( ?https://x\.test/\d+ ?)[\"']|(https://x\.test/\d+))", re.I
@@ -196,7 +177,8 @@ def test_the_endif_closing_a_nested_conditional_comment_hides_nothing_after_it()
         '<a href="https://x.test/2">x</a>'
         "<![if !mso]><a href=https://x.test/3>y</a><![endif]><a href=https://x.test/4>"
     )
-    result, seen = track(html)
+    result, tracker = track(html)
+    seen = tracker.seen
     assert seen == [f"https://x.test/{n}" for n in (1, 2, 3, 4)]
     assert undo(result.html, [f"https://x.test/{n}" for n in (1, 2, 3, 4)]) == html
 
@@ -206,7 +188,7 @@ def test_an_unterminated_cdata_section_does_not_hide_office_sections_after_it() 
         "<![CDATA[ x > <![if !mso]><a href=https://x.test/1><![endif]>"
         "<!-- <a href=https://x.test/no> --><a href=https://x.test/2>"
     )
-    _, seen = track(html)
+    seen = track(html)[1].seen
     assert seen == ["https://x.test/1", "https://x.test/2"]
 
 
