@@ -103,6 +103,18 @@ def test_kill_9_while_posts_fail_loses_no_event(
                 "every event acknowledged",
                 timeout=60,
             )
+            # The receiver answers before the relay records the acknowledgement: its row
+            # catches up a moment later (killing the relay at once could lose that update).
+            wait_until(
+                lambda: (
+                    True
+                    if int(query(database_url, "SELECT sent_events FROM webhook_endpoints")[0][0])
+                    >= 2 * MESSAGES
+                    else None
+                ),
+                "the acknowledgements recorded",
+                timeout=30,
+            )
         finally:
             second.kill()
     posts = receiver.snapshot()
