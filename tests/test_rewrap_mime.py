@@ -28,8 +28,10 @@ from hypothesis import strategies as st
 from smartrelay.rewrap.html import pixel_tag, rewrite_html
 from smartrelay.rewrap.mime import (
     MimePlan,
+    _b2a_qp_agrees,
     _delimiter_lines,
     _encode_qp,
+    _encode_qp_lines,
     _Fields,
     _plan,
     _read_fields,
@@ -582,6 +584,78 @@ def test_quoted_printable_round_trips_with_short_lines(pieces: list[bytes]) -> N
         assert len(line) <= 76
         assert not line.endswith((b" ", b"\t"))
         assert b"\r" not in line and b"\n" not in line
+
+
+# The encoder's fast path (binascii.b2a_qp) against the line-by-line encoder it stands in for:
+# the same bytes for any input, the line lengths around 75 (where b2a_qp's own rules differ)
+# reached often.
+QP_PIECES = [
+    b"a",
+    b".",
+    b" ",
+    b"\t",
+    b"=",
+    b"\x00",
+    b"\xe9",
+    b"\r\n",
+    b"\r",
+    b"\n",
+    b".\r\n",
+    b" \r\n",
+    *(b"x" * n for n in (8, 70, 71, 72, 73, 74, 75, 76)),
+]
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.sampled_from(QP_PIECES)), st.sampled_from([b"\r\n", b"\n"]))
+def test_quoted_printable_fast_path_is_byte_identical(pieces: list[bytes], newline: bytes) -> None:
+    data = b"".join(pieces)
+    lines = data.split(b"\r\n")
+    fast = b"\r" not in b"".join(lines).replace(b"\n", b"\r") and b"\x00" not in data
+    event(f"newline {newline!r}, {'CRLF only' if fast else 'lone CR or LF, or NUL'}")
+    if newline == b"\r\n" and fast:
+        encoded = binascii.b2a_qp(data + b"\r\n", istext=True)[:-2]
+        agrees = _b2a_qp_agrees(data, lines, encoded)
+        event(f"b2a_qp {'taken' if agrees else 'set aside'}")
+        if agrees:
+            assert encoded == _encode_qp_lines(data, newline)
+    assert _encode_qp(data, newline) == _encode_qp_lines(data, newline)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_quoted_printable_fast_path_on_any_bytes(data: bytes) -> None:
+    assert _encode_qp(data, b"\r\n") == _encode_qp_lines(data, b"\r\n")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"x" * 74 + b" \r\nnext",  # b2a_qp: a 77-character line ending in =20
+        b"x" * 73 + b"\t",  # 76, at the end
+        b".\r\nabc",  # b2a_qp escapes a lone dot at a line start
+        b"abc\r\n.",  # and at the end
+    ],
+)
+def test_quoted_printable_fast_path_steps_aside_where_b2a_qp_differs(data: bytes) -> None:
+    encoded = binascii.b2a_qp(data + b"\r\n", istext=True)[:-2]
+    assert encoded != _encode_qp_lines(data, b"\r\n")
+    assert not _b2a_qp_agrees(data, data.split(b"\r\n"), encoded)
+    assert _encode_qp(data, b"\r\n") == _encode_qp_lines(data, b"\r\n")
+
+
+def test_quoted_printable_fast_path_takes_real_html() -> None:
+    """The HTML parts of the fixtures (as CRLF text) go the fast way, and agree."""
+    taken = 0
+    for name in ALL_FIXTURES:
+        for part in plan_html_parts(fixture(name)).html_parts:
+            data = part.text.encode(part.codec, "surrogateescape")
+            data = b"\r\n".join(data.splitlines())
+            encoded = binascii.b2a_qp(data + b"\r\n", istext=True)[:-2]
+            if _b2a_qp_agrees(data, data.split(b"\r\n"), encoded):
+                taken += 1
+                assert encoded == _encode_qp_lines(data, b"\r\n")
+    assert taken >= 5
 
 
 # --- the fast header reading agrees with the email package ---------------------------------------
