@@ -320,12 +320,36 @@ def _compress_whitespace(data: bytes) -> bytes:
     return data
 
 
+#: Bodies are canonicalised in pieces of about this size, cut after a CRLF.
+_BODY_PIECE = 16384
+
+
 def relaxed_body(body: bytes) -> bytes:
     """The relaxed body canonicalisation (RFC 6376 3.4.4) of a CRLF body, as dkimpy's
     ``Relaxed.canonicalize_body``. Whitespace is compressed first, so what precedes a CRLF is
-    at most one space, the trailing whitespace dkimpy removes."""
-    body = _compress_whitespace(body).replace(b" \r\n", b"\r\n")
+    at most one space, the trailing whitespace dkimpy removes.
+
+    The body goes in pieces cut after a CRLF (no run of whitespace, nor one before a CRLF,
+    spans two), and a piece without a space or tab (base64, say) is left as it is: looking
+    for one (memchr) is some 20 times faster than the regex and replace passes."""
+    if len(body) <= _BODY_PIECE:
+        body = _relaxed_piece(body)
+    else:
+        pieces = []
+        start = 0
+        while start < len(body):
+            end = body.find(b"\r\n", start + _BODY_PIECE)
+            end = len(body) if end < 0 else end + 2
+            pieces.append(_relaxed_piece(body[start:end]))
+            start = end
+        body = b"".join(pieces)
     return correct_empty_body(strip_trailing_lines(body))
+
+
+def _relaxed_piece(piece: bytes) -> bytes:
+    if piece.find(b" ") < 0 and piece.find(b"\t") < 0:
+        return piece
+    return _compress_whitespace(piece).replace(b" \r\n", b"\r\n")
 
 
 def _relaxed_value(value: bytes) -> bytes:
