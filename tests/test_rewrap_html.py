@@ -148,6 +148,28 @@ def test_only_the_first_of_duplicate_hrefs_counts() -> None:
     assert result.html == '<a href="https://t.test/c/0001" HREF="https://x.test/2">'
 
 
+@pytest.mark.parametrize(
+    ("tag", "expected"),
+    [
+        # the opt-out after the href (the usual case reads no attribute after the href)
+        ('<a href="https://x.test/1" data-smartrelay-notrack>', '<a href="https://x.test/1">'),
+        ('<a href="https://x.test/1" DATA-SmartRelay-NoTrack="">', '<a href="https://x.test/1">'),
+        # its name in a value is no attribute: the link is tracked
+        (
+            '<a href="https://x.test/1" title="data-smartrelay-notrack">',
+            '<a href="https://t.test/c/0001" title="data-smartrelay-notrack">',
+        ),
+        (
+            '<a title="x" href="https://x.test/1" href="y">',
+            '<a title="x" href="https://t.test/c/0001" href="y">',
+        ),
+    ],
+)
+def test_attributes_after_the_href(tag: str, expected: str) -> None:
+    result, _ = track(tag)
+    assert result.html == expected
+
+
 def test_rewrite_url_returning_the_same_url_changes_nothing() -> None:
     html = '<a href="https://x.test/?a=1&#38;b=2">'
     result = rewrite_html(html, lambda url: url, None)

@@ -40,6 +40,7 @@ __all__ = [
 NOTRACK_ATTRIBUTE = "data-smartrelay-notrack"
 #: The attributes of a link start tag that tracking reads or changes.
 _ANCHOR_ATTRIBUTES = frozenset({"href", NOTRACK_ATTRIBUTE})
+_HREF = frozenset({"href"})
 
 # Attribute syntax of the HTML standard's tokenizer (what mail clients and browsers do); only
 # used inside the raw text of a start tag that HTMLParser has already delimited.
@@ -489,15 +490,18 @@ def _rewrite_anchor(
 ) -> list[tuple[_Edit, str | None]]:
     """Edits (offsets in ``tag_text``) for one link start tag, each with the link it tracks.
     In a comment, a ``>`` of the new value is written ``&gt;`` (``-->`` would end it)."""
-    if rewrite_url is None and NOTRACK_ATTRIBUTE not in tag_text.lower():
+    if NOTRACK_ATTRIBUTE in tag_text.lower():
+        attributes = _attributes(tag_text, _ANCHOR_ATTRIBUTES)
+        notrack = [a for a in attributes if a.name == NOTRACK_ATTRIBUTE]
+        if notrack:
+            return [(_remove_attribute(tag_text, a), None) for a in notrack]
+        if rewrite_url is None:
+            return []
+        href = next((a for a in attributes if a.name == "href"), None)
+    elif rewrite_url is None:
         return []
-    attributes = _attributes(tag_text, _ANCHOR_ATTRIBUTES)
-    notrack = [a for a in attributes if a.name == NOTRACK_ATTRIBUTE]
-    if notrack:
-        return [(_remove_attribute(tag_text, a), None) for a in notrack]
-    if rewrite_url is None:
-        return []
-    href = next((a for a in attributes if a.name == "href"), None)
+    else:  # the usual case: the attributes after the (first) href are not read
+        href = next(_iter_attributes(tag_text, _HREF), None)
     if href is None or not href.has_value:
         return []
     raw = tag_text[href.value_start : href.value_end]
