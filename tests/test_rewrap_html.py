@@ -584,6 +584,17 @@ _MARKUP = st.sampled_from(
         '<a href="http://s.test/16"/>',
         "<p x='",
         "< p>",
+        # link tags of the plainest form (taken without html.parser's attribute loop), and
+        # near misses that go html.parser's way
+        "<a title='x>y' href=\"https://q.test/17\" target=_blank>",
+        '<a\thref="https://q.test/18"\r\nstyle="color:red" data-x>',
+        "<A HREF='https://q.test/19' / >",
+        '<a href="https://q.test/20"title="y">',
+        '<a href="https://q.test/21" alt="<b>" >',
+        '<v:roundrect xmlns:v="urn:x" href="https://q.test/22" arcsize="10%"/>',
+        '<a href="https://q.test/23"\u00a0class="x">',
+        '<a href="https://q.test/24" class=""/>',
+        "<area shape=rect href='https://q.test/25'>",
     ]
 )
 

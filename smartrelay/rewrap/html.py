@@ -91,6 +91,16 @@ _UNREMARKABLE = re.compile(
 )
 # html.parser's tag name rule (its ``tagfind_tolerant``), for start tags it delimits.
 _TAG_NAME_TOLERANT = re.compile(r"([a-zA-Z][^\t\n\r\f />\x00]*)(?:\s|/(?!>))*")
+# A start tag of the plainest form: ASCII names, values in quotes right after "=", ASCII
+# whitespace between attributes. html.parser delimits it at its ">" (its pattern and its
+# attribute loop both take every attribute, what is left is ">" or "/>"), so a link tag of
+# this form needs neither.
+_PLAIN_START_TAG = re.compile(
+    r"""<[a-zA-Z][-a-zA-Z0-9:]*
+    (?:[\t\n\f\r ]+[a-zA-Z_:][-a-zA-Z0-9_:.]*(?:="[^"]*"|='[^']*')?)*
+    [\t\n\f\r ]*/?>""",
+    re.VERBOSE,
+)
 _TAG_STOP = re.compile(r"[>=]")
 _VALUE_START = re.compile(r"[\t\n\f\r ]*(?:(?P<quote>['\"])|[^\t\n\f\r >]*)")
 # Elements whose content is text, not markup, up to their end tag.
@@ -278,12 +288,17 @@ class _Scanner(HTMLParser):
             # script/style (their content is text), and the tags the loop's regex could not
             # step over (not ended by ">" or "/>"): html.parser's own way, reporting nothing
             return super().parse_starttag(i)
+        rawdata = self.rawdata
+        plain = _PLAIN_START_TAG.match(rawdata, i)
+        if plain is not None:  # the usual link: delimited and read alike by html.parser
+            end = plain.end()
+            self.anchors.append((i, rawdata[i:end]))
+            return end
         end = self.check_for_whole_start_tag(i)
         if end < 0:
             return end
         # A tag, as html.parser decides: what follows its attributes is ">" or "/>" (else the
         # whole is text). The attributes are read later, by _iter_attributes.
-        rawdata = self.rawdata
         position = name.end()
         while position < end:
             attribute = attrfind_tolerant.match(rawdata, position)
