@@ -12,7 +12,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from smartrelay.rewrap.html import (
+    _CHARREF,
     HtmlRewrite,
+    _attribute_charref,
     _is_link_tag,
     _Scanner,
     pixel_tag,
@@ -51,6 +53,17 @@ def test_numeric_and_legacy_references_decode_like_a_browser_in_attributes() -> 
         'https://x.test/?q=<tag>"',
     ]
     assert unescape_attribute("&amp;amp;") == "&amp;"
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(["&amp;", "&", "amp;", "&amp", "&ampx", "&AMP;", "&lt;", "&#38;", "=", "x"])
+    ).map("".join)
+)
+def test_unescaping_query_strings_with_only_amp_is_the_general_rule(value: str) -> None:
+    """Values whose only references are ``&amp;`` take a plain replace: the same result."""
+    assert unescape_attribute(value) == _CHARREF.sub(_attribute_charref, value)
 
 
 def test_percent_escapes_fragments_and_non_ascii_urls_are_passed_as_written() -> None:

@@ -543,6 +543,8 @@ def unescape_attribute(value: str) -> str:
     """
     if "&" not in value:
         return value
+    if value.count("&") == value.count("&amp;"):  # the usual query string: one kind only
+        return value.replace("&amp;", "&")
     return _CHARREF.sub(_attribute_charref, value)
 
 
