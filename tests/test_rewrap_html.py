@@ -8,7 +8,7 @@ from collections.abc import Callable
 from html.parser import HTMLParser
 
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from smartrelay.rewrap.html import (
@@ -16,6 +16,8 @@ from smartrelay.rewrap.html import (
     HtmlRewrite,
     _attribute_charref,
     _is_link_tag,
+    _iter_attributes,
+    _plain_href,
     _Scanner,
     pixel_tag,
     rewrite_html,
@@ -64,6 +66,31 @@ def test_numeric_and_legacy_references_decode_like_a_browser_in_attributes() -> 
 def test_unescaping_query_strings_with_only_amp_is_the_general_rule(value: str) -> None:
     """Values whose only references are ``&amp;`` take a plain replace: the same result."""
     assert unescape_attribute(value) == _CHARREF.sub(_attribute_charref, value)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.sampled_from(["a", "A", "area", "v:rect"]),
+    st.lists(
+        st.tuples(
+            st.sampled_from([" ", " ", " ", "\t", "\r\n", "", "  ", "\u00a0", "/"]),
+            st.sampled_from(["href", "HREF", "hRef", "hreflang", "title", "data-x", "x:y", "h"]),
+            st.sampled_from(
+                ['="x"', '="x"', "='y'", '="a>b"', '="href=1"', "", "=z", '=""', ' = "s"']
+            ),
+        ),
+        max_size=4,
+    ),
+    st.sampled_from([">", "/>", " >", " / >", "\t/>"]),
+)
+def test_the_href_of_a_plain_tag_is_read_as_the_attribute_loop_reads_it(
+    name: str, attributes: list[tuple[str, str, str]], ending: str
+) -> None:
+    tag = f"<{name}" + "".join("".join(a) for a in attributes) + ending
+    fast = _plain_href(tag)
+    event("plain, with an href" if fast is not None else "another tag, or no href")
+    if fast is not None:
+        assert fast == next(_iter_attributes(tag, frozenset({"href"})), None)
 
 
 def test_percent_escapes_fragments_and_non_ascii_urls_are_passed_as_written() -> None:

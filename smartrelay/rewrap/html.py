@@ -101,6 +101,16 @@ _PLAIN_START_TAG = re.compile(
     [\t\n\f\r ]*/?>""",
     re.VERBOSE,
 )
+# The same form, its first href attribute (in any case) and that one's quoted value in groups.
+_PLAIN_ATTRIBUTE = r"""[\t\n\f\r ]+[a-zA-Z_:][-a-zA-Z0-9_:.]*(?:="[^"]*"|='[^']*')?"""
+_PLAIN_HREF_TAG = re.compile(
+    rf"""<[a-zA-Z][-a-zA-Z0-9:]*
+    (?:(?![\t\n\f\r ]+[hH][rR][eE][fF][=\t\n\f\r />]){_PLAIN_ATTRIBUTE})*
+    [\t\n\f\r ]+(?P<href>[hH][rR][eE][fF](?:=(?P<value>"[^"]*"|'[^']*'))?)
+    (?:{_PLAIN_ATTRIBUTE})*
+    [\t\n\f\r ]*/?>""",
+    re.VERBOSE,
+)
 _TAG_STOP = re.compile(r"[>=]")
 _VALUE_START = re.compile(r"[\t\n\f\r ]*(?:(?P<quote>['\"])|[^\t\n\f\r >]*)")
 # Elements whose content is text, not markup, up to their end tag.
@@ -516,7 +526,7 @@ def _rewrite_anchor(
     elif rewrite_url is None:
         return []
     else:  # the usual case: the attributes after the (first) href are not read
-        href = next(_iter_attributes(tag_text, _HREF), None)
+        href = _plain_href(tag_text) or next(_iter_attributes(tag_text, _HREF), None)
     if href is None or not href.has_value:
         return []
     raw = tag_text[href.value_start : href.value_end]
@@ -532,6 +542,20 @@ def _rewrite_anchor(
     if not href.quote and not new_value:
         new_value = '""'
     return [(_Edit(href.value_start, href.value_end, new_value), url)]
+
+
+def _plain_href(tag_text: str) -> _Attribute | None:
+    """The first href of a start tag of :data:`_PLAIN_START_TAG`'s form, as
+    :func:`_iter_attributes` reads it, by one regex; None for another tag, or one without."""
+    match = _PLAIN_HREF_TAG.fullmatch(tag_text)
+    if match is None:
+        return None
+    start, end = match.span("href")
+    value_start, value_end = match.span("value")
+    if value_start < 0:
+        return _Attribute("href", start, end, end, end, "", False)
+    quote = tag_text[value_start]
+    return _Attribute("href", start, value_end, value_start + 1, value_end - 1, quote, True)
 
 
 def unescape_attribute(value: str) -> str:
