@@ -8,6 +8,14 @@ however little is in use, and creeps up as free chunks fragment. ``malloc_trim(0
 every whole free page of every arena back (``madvise(MADV_DONTNEED)``); the pages come back
 on their next use. Measured in docs/performance.md ("Memory at 100,000 queued").
 
+While it runs, the service also sets glibc's thresholds (``mallopt``) so that freed memory
+stays with the process until the next trim: a block of up to :data:`MMAP_THRESHOLD` comes
+from the heap rather than a mapping of its own, and the heap's top is given back only past
+:data:`TRIM_THRESHOLD` (or by the trim). By default glibc maps and unmaps each buffer of a
+few hundred KB, or hands the heap's top back, again and again, and each new page then costs
+a page fault: some 200 a copy of a 355 KB newsletter in the delivery process, about a tenth
+of its CPU (docs/performance.md, "Delivery process CPU (issue 19, second session)").
+
 Elsewhere than glibc (musl, macOS) there is no such call, and the service does nothing.
 """
 
@@ -27,21 +35,49 @@ log = Logger()
 
 #: Seconds between two trims.
 TRIM_INTERVAL = 30.0
+#: Blocks bigger than this get a mapping of their own (glibc's ``M_MMAP_THRESHOLD``; its
+#: default is 128 KiB, raised as mapped blocks are freed, up to 32 MiB).
+MMAP_THRESHOLD = 16 * 1024 * 1024
+#: Free memory at the heap's top kept past this is given back at once (``M_TRIM_THRESHOLD``;
+#: glibc's default: twice the mmap threshold). Below it, the trim gives it back.
+TRIM_THRESHOLD = 64 * 1024 * 1024
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
 
 
-def glibc_malloc_trim() -> Callable[[], object] | None:
+class GlibcTrim:
+    """glibc's ``malloc_trim(0)`` (calling the object), and its thresholds
+    (:meth:`keep_freed_memory`)."""
+
+    def __init__(self, libc: ctypes.CDLL) -> None:
+        self._trim = libc.malloc_trim
+        self._trim.argtypes = [ctypes.c_size_t]
+        self._trim.restype = ctypes.c_int
+        self._mallopt = libc.mallopt
+        self._mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        self._mallopt.restype = ctypes.c_int
+
+    def __call__(self) -> int:
+        return int(self._trim(0))
+
+    def keep_freed_memory(self) -> bool:
+        """Set :data:`MMAP_THRESHOLD` and :data:`TRIM_THRESHOLD` for the whole process;
+        whether glibc took both."""
+        mapped = self._mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        trimmed = self._mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+        return bool(mapped and trimmed)
+
+
+def glibc_malloc_trim() -> GlibcTrim | None:
     """glibc's ``malloc_trim(0)``, or None where the C library has none."""
     name = ctypes.util.find_library("c")
     if name is None:
         return None
     try:
         libc = ctypes.CDLL(name)
-        trim = libc.malloc_trim
+        return GlibcTrim(libc)
     except (OSError, AttributeError):
         return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return lambda: trim(0)
 
 
 class MallocTrim(Service):
@@ -73,6 +109,8 @@ class MallocTrim(Service):
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
+        if isinstance(self._trim, GlibcTrim) and not self._trim.keep_freed_memory():
+            log.warn("memory: glibc did not take the malloc thresholds")
         if self._trim is not None:
             self._loop.start(self._interval, now=False).addErrback(
                 lambda f: log.failure("giving memory back failed", f)
