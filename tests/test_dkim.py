@@ -27,6 +27,7 @@ from twisted.internet.threads import deferToThread
 
 from smartrelay.config import DkimAlgorithm, DkimKey
 from smartrelay.rewrap.dkim import (
+    _BARE_LF,
     OVERSIGNED_HEADERS,
     SIGNED_HEADERS,
     DkimError,
@@ -768,6 +769,13 @@ def test_record_names() -> None:
 def test_relaxed_body_is_dkimpys(body: bytes) -> None:
     """Our relaxed body canonicalisation equals dkimpy's regex one."""
     assert relaxed_body(body) == dkim.canonicalization.Relaxed.canonicalize_body(body)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.binary(max_size=40).map(lambda b: bytes(b"a\r\n"[x % 3] for x in b)))
+def test_bare_lf_search_is_the_count_comparison(data: bytes) -> None:
+    """An LF not after a CR is found exactly when LFs outnumber CRLFs."""
+    assert (_BARE_LF.search(data) is not None) == (data.count(b"\n") != data.count(b"\r\n"))
 
 
 @settings(max_examples=150, deadline=None)
