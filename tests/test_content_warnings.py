@@ -23,6 +23,10 @@ from smartrelay.events import WarningEvent
 from smartrelay.rewrap import chain as chain_module
 from smartrelay.rewrap.chain import RewrapChain, RewrapSettings
 from smartrelay.rewrap.content_checks import (
+    _ANY_MARK,
+    _DOUBLE_ESCAPE,
+    _ENCODED_MARKS,
+    _MARKS,
     MAX_TAGS,
     ContentWarning,
     check_message,
@@ -511,3 +515,21 @@ def test_check_message_takes_anything(raw: bytes) -> None:
     fields, _ = split_header_block(raw)
     for warning in check_message(fields, plan_html_parts(raw), lambda d: d == "example.com"):
         assert len(warning.detail) <= 200 and warning.detail.isprintable()
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(
+            ["x", "{", "}", "%", "7", "B", "b", "2", "5", "*", "|", "&amp;", "amp;", "A", "C", "c"]
+        )
+    ).map("".join)
+)
+def test_one_regex_tells_whether_html_needs_a_closer_look(html: str) -> None:
+    """The regex finds something exactly when one of the substring searches it replaced
+    would have (the double escape, a mark, an encoded mark after a "%7" or "%2")."""
+    double = _DOUBLE_ESCAPE in html
+    marks = any(mark in html for mark in _MARKS) or (
+        ("%7" in html or "%2" in html) and any(mark in html for mark in _ENCODED_MARKS)
+    )
+    assert (_ANY_MARK.search(html) is not None) == (double or marks)

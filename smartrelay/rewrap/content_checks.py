@@ -82,6 +82,9 @@ _ENCODED_MARKS = tuple(
     for mark in ("%7B%7B", "%7B%25", "*%7C", "%2A%7C", "%25%25")
     for variant in dict.fromkeys((mark, mark.lower()))
 )
+# Any of them, or the double escape: whether the HTML needs a closer look at all. One regex
+# over a part is a quarter faster than the eight or so substring searches it stands for.
+_ANY_MARK = re.compile("|".join(map(re.escape, (_DOUBLE_ESCAPE, *_MARKS, *_ENCODED_MARKS))))
 # What the scan stops at: a comment, an <a> start tag (its attributes, quoted values whole),
 # or the start of an element whose content is not visible text.
 _TOKEN = re.compile(
@@ -127,6 +130,8 @@ def find_placeholder(text: str) -> str | None:
 
 def scan_html(html: str) -> HtmlFindings:
     """Double-escaped hrefs and unfilled placeholders (in hrefs and in the visible text)."""
+    if _ANY_MARK.search(html) is None:
+        return HtmlFindings((), ())  # the usual case: one pass at C speed
     double = _DOUBLE_ESCAPE in html
     marks = any(mark in html for mark in _MARKS) or (
         ("%7" in html or "%2" in html) and any(mark in html for mark in _ENCODED_MARKS)
