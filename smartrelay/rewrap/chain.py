@@ -201,11 +201,11 @@ class HtmlTemplate:
     payloads: tuple[bytes, ...]
 
     @classmethod
-    def from_marked(
-        cls, html: str, links: tuple[str, ...], payloads: tuple[bytes, ...]
+    def from_pieces(
+        cls, pieces: list[str], links: tuple[str, ...], payloads: tuple[bytes, ...]
     ) -> HtmlTemplate:
-        """From HTML with ``\ue000N\ue001`` (link N) and ``\ue000P\ue001`` (pixel) marks."""
-        pieces = _SLOT.split(html)
+        """From HTML with ``\ue000N\ue001`` (link N) and ``\ue000P\ue001`` (pixel) marks,
+        cut by ``_SLOT.split``: text, mark name, text, ..., text."""
         slots = tuple(-1 if name == "P" else int(name) for name in pieces[1::2])
         return cls(tuple(pieces[0::2]), slots, links, payloads)
 
@@ -268,9 +268,10 @@ class TrackingStep:
             result = rewrite_html(
                 html, slot if clicks else None, "\ue000P\ue001" if opens else None
             )
-            slots = len(_SLOT.findall(result.html))
+            pieces = _SLOT.split(result.html)
+            slots = len(pieces) // 2
             if slots == len(links) + (1 if opens else 0):  # every slot came out intact
-                template = HtmlTemplate.from_marked(result.html, tuple(links), tuple(payloads))
+                template = HtmlTemplate.from_pieces(pieces, tuple(links), tuple(payloads))
         planned.templates[key] = template
         return template
 
