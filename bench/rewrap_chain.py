@@ -21,10 +21,14 @@ and is timed on its own, so the chain's Python cost is the difference.
 
     .venv/bin/python bench/rewrap_chain.py [--shape transactional|newsletter] [--messages 2000]
         [--recipients 1] [--domains 1] [--identical] [--off plans,templates] [--url-cache]
-        [--seed 1] [--profile] [--warnings]
+        [--seed 1] [--profile] [--warnings] [--glibc-defaults]
 
 ``--warnings`` turns the content checks on (docs/deliverability.md), as the relay runs them,
 with the events counted instead of stored, to measure their CPU share.
+
+glibc's malloc thresholds are set as every relay process sets them
+(smartrelay/malloc_trim.py: freed memory kept until the trim); ``--glibc-defaults`` leaves
+glibc's own, under which each big buffer of a newsletter's copy costs page faults.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from load import LOADS, describe
 import smartrelay.rewrap.chain as chain_module
 from smartrelay.config import DkimKey
 from smartrelay.events import WarningEvent
+from smartrelay.malloc_trim import glibc_malloc_trim
 from smartrelay.rewrap.chain import RewrapChain, RewrapResult, RewrapSettings
 from smartrelay.rewrap.dkim import DkimSigner, generate_key
 from smartrelay.storage.store import ClaimedRecipient, StoredMessage, Suppression
@@ -175,7 +180,15 @@ def main() -> None:
     parser.add_argument(
         "--warnings", action="store_true", help="with the content checks (recorded nowhere)"
     )
+    parser.add_argument(
+        "--glibc-defaults",
+        action="store_true",
+        help="leave glibc's malloc thresholds (the relay sets its own)",
+    )
     args = parser.parse_args()
+    allocator = glibc_malloc_trim()
+    if allocator is not None and not args.glibc_defaults:
+        allocator.keep_freed_memory()
     if args.messages is None:
         args.messages = 2000 if args.shape == "transactional" else 300
     off = [name for name in args.off.split(",") if name]
