@@ -654,6 +654,8 @@ class Settings:
     keep: bool
     identical: bool
     delivery_processes: int = 0
+    #: SmartRelay's [smtp] processes (accepting processes besides the main one).
+    smtp_processes: int = 0
     shape: str = "transactional"  # bench/load.py's LOADS
     #: The queue run's database: "sqlite", or "postgresql" (a throwaway server of its own).
     queue_engine: str = "sqlite"
@@ -866,9 +868,11 @@ class RelaySystem(System):
         tmp: Path,
         db_roots: Callable[[], list[int]] | None = None,
         delivery_processes: int = 0,
+        smtp_processes: int = 0,
     ) -> None:
         self.name = name
         self.delivery_processes = delivery_processes
+        self.smtp_processes = smtp_processes
         self._db_roots = db_roots
         self.tools = tools
         self.sink_port = sink_port
@@ -891,6 +895,7 @@ class RelaySystem(System):
             f'[database]\nurl = "{self.database}"\n'
             f'[smtp]\nlisten = ["tcp:{self.port}:interface={HOST}"]\n'
             "max_connections_per_client = 1000\n"
+            f"processes = {self.smtp_processes}\n"
             '[inbound]\nlisten = []\nreturn_path_domain = "bounces.example.com"\n'
             f'[rewrap]\nsecret_file = "{self.tmp}/secret.key"\n'
             f'[web]\nlisten = "tcp:{web_port}:interface={HOST}"\n'
@@ -1558,7 +1563,14 @@ def run_relay(
 
         def make(sink: CountingSink) -> System:
             system = RelaySystem(
-                name, tools, sink.port, url, tmp, db_roots, settings.delivery_processes
+                name,
+                tools,
+                sink.port,
+                url,
+                tmp,
+                db_roots,
+                settings.delivery_processes,
+                settings.smtp_processes,
             )
             if settings.purge_backlog:
                 # Only smartrelay-ctl purge deletes, when the script says: the relay's own
@@ -1721,6 +1733,7 @@ def _queue_run(
             database,
             tmp,
             delivery_processes=settings.delivery_processes,
+            smtp_processes=settings.smtp_processes,
         )
         title = (
             f"queue run: SmartRelay/{engine}, {total:,} messages, next hop {how}"
@@ -1841,6 +1854,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=0,
         help="SmartRelay's [delivery] processes (default 0: the main process delivers)",
+    )
+    parser.add_argument(
+        "--smtp-processes",
+        type=int,
+        default=0,
+        help="SmartRelay's [smtp] processes (default 0: the main process accepts)",
     )
     parser.add_argument("--pg-fsync", choices=("on", "off"), default="on")
     parser.add_argument(
@@ -2013,6 +2032,7 @@ def main() -> int:
         f" [delivery] processes = {args.delivery_processes}, throttle"
         f" {throttle_connections(args.delivery_processes)} connections to the sink"
         + (" in each" if args.delivery_processes > 1 else "")
+        + f"; [smtp] processes = {args.smtp_processes}"
     )
     if args.purge_backlog:
         print(purge_line(args.purge_backlog, args))
@@ -2032,6 +2052,7 @@ def main() -> int:
         keep=args.keep,
         identical=args.identical,
         delivery_processes=args.delivery_processes,
+        smtp_processes=args.smtp_processes,
         shape=shape,
         queue_engine=args.queue_engine,
         purge_backlog=args.purge_backlog,
