@@ -46,7 +46,7 @@ from tests.support.run import Twistd, write_config, write_relay_config
 from tests.support.traffic import complete_dumps, states, submit_all, wait_until
 from tests.test_delivery_processes import alive, children_of
 
-MESSAGES = 120
+MESSAGES = 60
 SESSIONS = 6
 ACCEPTED = re.compile(r"\] (smtp\[[01]\] )?(\w+): accepted from=")
 
