@@ -301,6 +301,10 @@ def wait_for_port(port: int, seconds: float, alive: Callable[[], bool], what: st
 # -- /proc: processes, CPU, memory -----------------------------------------------------------
 
 
+#: The module an accepting process runs (``[smtp] processes``).
+ACCEPTING_MODULE = "smartrelay.listener_process"
+
+
 def _stat(pid: int) -> list[str] | None:
     """/proc/PID/stat fields after the command name (field 3, the state, is index 0)."""
     try:
@@ -335,6 +339,23 @@ def tree_cpu_seconds(root: int) -> float:
         fields = _stat(pid)
         if fields is not None:
             ticks += sum(int(value) for value in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds(root: int, module: str) -> float:
+    """User + system CPU of ``root``'s live descendants running ``python -m module`` (the
+    accepting or the delivery processes)."""
+    ticks = 0
+    for pid in process_tree([root])[1:]:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                if module.encode() not in cmdline.read().split(b"\0"):
+                    continue
+        except OSError:
+            continue
+        fields = _stat(pid)
+        if fields is not None:
+            ticks += sum(int(value) for value in fields[11:13])
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
@@ -1325,6 +1346,9 @@ def measure(
         base = sink.count
         cpu_before = sum(tree_cpu_seconds(pid) for pid in system.roots())
         main_before = sum(own_cpu_seconds(pid) for pid in system.roots())
+        accepting_before = sum(
+            children_cpu_seconds(pid, ACCEPTING_MODULE) for pid in system.roots()
+        )
         db_cpu_before = sum(tree_cpu_seconds(pid) for pid in system.db_roots())
         machine_before = machine_cpu()
         own_before = time.process_time()
@@ -1333,6 +1357,10 @@ def measure(
         reached = sink.wait_for(base + settings.messages, settings.timeout)
         result.cpu_s = sum(tree_cpu_seconds(pid) for pid in system.roots()) - cpu_before
         main_cpu = sum(own_cpu_seconds(pid) for pid in system.roots()) - main_before
+        accepting_cpu = (
+            sum(children_cpu_seconds(pid, ACCEPTING_MODULE) for pid in system.roots())
+            - accepting_before
+        )
         usage = machine_usage(machine_before)
         own = time.process_time() - own_before
         if system.db_roots():
@@ -1350,7 +1378,13 @@ def measure(
         f" end to end {result.e2e:,.0f} msg/s ({reached - started:.2f} s),"
         f" CPU {result.cpu_s:.1f} s"
         + (
-            f" (main process {main_cpu:.1f} s, its children {result.cpu_s - main_cpu:.1f} s)"
+            f" (main process {main_cpu:.1f} s, its children {result.cpu_s - main_cpu:.1f} s"
+            + (
+                f" of which the accepting processes {accepting_cpu:.1f} s"
+                if isinstance(system, RelaySystem) and system.smtp_processes
+                else ""
+            )
+            + ")"
             if isinstance(system, RelaySystem)
             else ""
         )
