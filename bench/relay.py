@@ -301,6 +301,10 @@ def wait_for_port(port: int, seconds: float, alive: Callable[[], bool], what: st
 # -- /proc: processes, CPU, memory -----------------------------------------------------------
 
 
+#: The module an accepting process runs (``[smtp] processes``).
+ACCEPTING_MODULE = "smartrelay.listener_process"
+
+
 def _stat(pid: int) -> list[str] | None:
     """/proc/PID/stat fields after the command name (field 3, the state, is index 0)."""
     try:
@@ -335,6 +339,23 @@ def tree_cpu_seconds(root: int) -> float:
         fields = _stat(pid)
         if fields is not None:
             ticks += sum(int(value) for value in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds(root: int, module: str) -> float:
+    """User + system CPU of ``root``'s live descendants running ``python -m module`` (the
+    accepting or the delivery processes)."""
+    ticks = 0
+    for pid in process_tree([root])[1:]:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                if module.encode() not in cmdline.read().split(b"\0"):
+                    continue
+        except OSError:
+            continue
+        fields = _stat(pid)
+        if fields is not None:
+            ticks += sum(int(value) for value in fields[11:13])
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
@@ -654,6 +675,8 @@ class Settings:
     keep: bool
     identical: bool
     delivery_processes: int = 0
+    #: SmartRelay's [smtp] processes (accepting processes besides the main one).
+    smtp_processes: int = 0
     shape: str = "transactional"  # bench/load.py's LOADS
     #: The queue run's database: "sqlite", or "postgresql" (a throwaway server of its own).
     queue_engine: str = "sqlite"
@@ -866,9 +889,11 @@ class RelaySystem(System):
         tmp: Path,
         db_roots: Callable[[], list[int]] | None = None,
         delivery_processes: int = 0,
+        smtp_processes: int = 0,
     ) -> None:
         self.name = name
         self.delivery_processes = delivery_processes
+        self.smtp_processes = smtp_processes
         self._db_roots = db_roots
         self.tools = tools
         self.sink_port = sink_port
@@ -891,6 +916,7 @@ class RelaySystem(System):
             f'[database]\nurl = "{self.database}"\n'
             f'[smtp]\nlisten = ["tcp:{self.port}:interface={HOST}"]\n'
             "max_connections_per_client = 1000\n"
+            f"processes = {self.smtp_processes}\n"
             '[inbound]\nlisten = []\nreturn_path_domain = "bounces.example.com"\n'
             f'[rewrap]\nsecret_file = "{self.tmp}/secret.key"\n'
             f'[web]\nlisten = "tcp:{web_port}:interface={HOST}"\n'
@@ -1320,6 +1346,9 @@ def measure(
         base = sink.count
         cpu_before = sum(tree_cpu_seconds(pid) for pid in system.roots())
         main_before = sum(own_cpu_seconds(pid) for pid in system.roots())
+        accepting_before = sum(
+            children_cpu_seconds(pid, ACCEPTING_MODULE) for pid in system.roots()
+        )
         db_cpu_before = sum(tree_cpu_seconds(pid) for pid in system.db_roots())
         machine_before = machine_cpu()
         own_before = time.process_time()
@@ -1328,6 +1357,10 @@ def measure(
         reached = sink.wait_for(base + settings.messages, settings.timeout)
         result.cpu_s = sum(tree_cpu_seconds(pid) for pid in system.roots()) - cpu_before
         main_cpu = sum(own_cpu_seconds(pid) for pid in system.roots()) - main_before
+        accepting_cpu = (
+            sum(children_cpu_seconds(pid, ACCEPTING_MODULE) for pid in system.roots())
+            - accepting_before
+        )
         usage = machine_usage(machine_before)
         own = time.process_time() - own_before
         if system.db_roots():
@@ -1345,7 +1378,13 @@ def measure(
         f" end to end {result.e2e:,.0f} msg/s ({reached - started:.2f} s),"
         f" CPU {result.cpu_s:.1f} s"
         + (
-            f" (main process {main_cpu:.1f} s, its children {result.cpu_s - main_cpu:.1f} s)"
+            f" (main process {main_cpu:.1f} s, its children {result.cpu_s - main_cpu:.1f} s"
+            + (
+                f" of which the accepting processes {accepting_cpu:.1f} s"
+                if isinstance(system, RelaySystem) and system.smtp_processes
+                else ""
+            )
+            + ")"
             if isinstance(system, RelaySystem)
             else ""
         )
@@ -1558,7 +1597,14 @@ def run_relay(
 
         def make(sink: CountingSink) -> System:
             system = RelaySystem(
-                name, tools, sink.port, url, tmp, db_roots, settings.delivery_processes
+                name,
+                tools,
+                sink.port,
+                url,
+                tmp,
+                db_roots,
+                settings.delivery_processes,
+                settings.smtp_processes,
             )
             if settings.purge_backlog:
                 # Only smartrelay-ctl purge deletes, when the script says: the relay's own
@@ -1721,6 +1767,7 @@ def _queue_run(
             database,
             tmp,
             delivery_processes=settings.delivery_processes,
+            smtp_processes=settings.smtp_processes,
         )
         title = (
             f"queue run: SmartRelay/{engine}, {total:,} messages, next hop {how}"
@@ -1841,6 +1888,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=0,
         help="SmartRelay's [delivery] processes (default 0: the main process delivers)",
+    )
+    parser.add_argument(
+        "--smtp-processes",
+        type=int,
+        default=0,
+        help="SmartRelay's [smtp] processes (default 0: the main process accepts)",
     )
     parser.add_argument("--pg-fsync", choices=("on", "off"), default="on")
     parser.add_argument(
@@ -2013,6 +2066,7 @@ def main() -> int:
         f" [delivery] processes = {args.delivery_processes}, throttle"
         f" {throttle_connections(args.delivery_processes)} connections to the sink"
         + (" in each" if args.delivery_processes > 1 else "")
+        + f"; [smtp] processes = {args.smtp_processes}"
     )
     if args.purge_backlog:
         print(purge_line(args.purge_backlog, args))
@@ -2032,6 +2086,7 @@ def main() -> int:
         keep=args.keep,
         identical=args.identical,
         delivery_processes=args.delivery_processes,
+        smtp_processes=args.smtp_processes,
         shape=shape,
         queue_engine=args.queue_engine,
         purge_backlog=args.purge_backlog,

@@ -2,158 +2,21 @@
 
 Started by the main process when ``[delivery] processes`` is set (see
 :mod:`smartrelay.delivery.processes`), never by hand. It runs the storage and one delivery
-manager (node id: the main node id plus ``-dN``), logs each event on standard output as the
-relay's log shows it, its level in front (``LEVEL TIMESTAMP [SYSTEM] delivery[N] TEXT``,
-:func:`smartrelay.logs.child_log_observer`), wakes up when a byte arrives on standard input,
-re-reads its DKIM keys on SIGHUP, and stops, as on SIGTERM, when standard input is closed.
-
-Like the twistd plugin (``tap.py``), an entry point (a composition root): it sits at the top of the
-package, so that no module under it imports upwards.
+manager (node id: the main node id plus ``-dN``), wakes up when a byte arrives on standard
+input, and re-reads its DKIM keys on SIGHUP; the rest is :mod:`smartrelay.child_main`.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import signal
-import sys
-from collections.abc import Callable, Sequence
-from typing import IO
+from collections.abc import Sequence
 
-from twisted.internet import error as net_error
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReadDescriptor
-from twisted.internet.task import LoopingCall
-from twisted.logger import globalLogBeginner
-from twisted.python.failure import Failure
-from zope.interface import implementer
+from smartrelay.child_main import MetricsReporter, WakePipe, run
 
-from smartrelay.config import ConfigError, load_config
-from smartrelay.delivery.processes import (
-    ADAPTIVE_PREFIX,
-    METRICS_INTERVAL,
-    adaptive_line,
-    metrics_line,
-)
-from smartrelay.logs import child_log_observer
-from smartrelay.metrics import RelayMetrics
-from smartrelay.rewrap.dkim import DkimError
-from smartrelay.smtp.tls import TlsError
-from smartrelay.threads import shorten_gil_switch_interval
-
-
-@implementer(IReadDescriptor)
-class WakePipe:
-    """Standard input: each read means "work was queued"; its end means "stop"."""
-
-    def __init__(self, fd: int, on_wake: Callable[[], object], on_end: Callable[[], object]):
-        self._fd = fd
-        self._on_wake = on_wake
-        self._on_end = on_end
-        os.set_blocking(fd, False)
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def doRead(self) -> Failure | None:
-        try:
-            data = os.read(self._fd, 4096)
-        except BlockingIOError:
-            return None
-        except OSError:
-            return Failure(net_error.ConnectionLost())
-        if not data:
-            return Failure(net_error.ConnectionDone())
-        self._on_wake()
-        return None
-
-    def connectionLost(self, reason: Failure) -> None:
-        self._on_end()
-
-    def logPrefix(self) -> str:
-        return "wake-pipe"
-
-
-class MetricsReporter:
-    """Writes the process's figures (a ``metrics {json}`` line) when they changed."""
-
-    def __init__(self, metrics: RelayMetrics, out: IO[str]) -> None:
-        self._metrics = metrics
-        self._out = out
-        self._last = ""
-        # No adaptive line until a limit is cut (most relays have no adaptive throttle).
-        self._last_adaptive = ADAPTIVE_PREFIX + "[]\n"
-
-    def send(self) -> None:
-        """The metrics line, and the adaptive throttles' limits line, each if it changed."""
-        for line, last in (
-            (metrics_line(self._metrics), "_last"),
-            (adaptive_line(self._metrics), "_last_adaptive"),
-        ):
-            if line == getattr(self, last):
-                continue
-            setattr(self, last, line)
-            try:
-                self._out.write(line)
-                self._out.flush()
-            except (OSError, ValueError):  # the main process is gone (a closed pipe)
-                pass
+__all__ = ["MetricsReporter", "WakePipe", "main"]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    # A reload signal (SIGHUP) may come while this process starts: ignored until
-    # handle_stop_signals below makes it a reload, rather than killing the process.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    parser = argparse.ArgumentParser(prog="smartrelay delivery process")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--index", type=int, required=True)
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config)
-    except ConfigError as error:
-        raise SystemExit(f"critical smartrelay: {error}") from None
-
-    from twisted.internet import reactor  # the composition root takes the global reactor
-
-    from smartrelay.reactor import as_relay_reactor
-    from smartrelay.relay import RelayService, handle_stop_signals, stop_reactor
-
-    relay_reactor = as_relay_reactor(reactor)
-    shorten_gil_switch_interval()
-    globalLogBeginner.beginLoggingTo(
-        [child_log_observer(sys.stdout, args.index)], redirectStandardIO=False
-    )
-    try:
-        relay = RelayService(config, relay_reactor, role="delivery", worker_index=args.index)
-    except (TlsError, DkimError) as error:
-        raise SystemExit(f"critical smartrelay: {error}") from None
-
-    def wake() -> None:
-        if relay.delivery is not None:
-            relay.delivery.wake()
-
-    def parent_gone() -> None:
-        stop_reactor(relay_reactor)
-
-    # Ctrl-C in a terminal reaches this process as well as its parent, which then sends
-    # SIGTERM: a second signal must not try to stop the reactor again. SIGHUP (from the
-    # parent's reload, or a terminal's hangup) re-reads the DKIM keys and never stops it.
-    handle_stop_signals(relay_reactor, on_reload=relay.reload)
-    relay_reactor.addReader(WakePipe(0, wake, parent_gone))
-    reporter = MetricsReporter(relay.metrics, sys.stdout)
-    sending = LoopingCall(reporter.send)
-    sending.clock = relay_reactor
-
-    def stop() -> Deferred[None]:
-        if sending.running:
-            sending.stop()
-        # The last figures once the delivery manager has recorded its last outcomes.
-        return relay.stopService().addBoth(lambda _: reporter.send())
-
-    relay_reactor.callWhenRunning(relay.startService)
-    relay_reactor.callWhenRunning(sending.start, METRICS_INTERVAL, now=False)
-    relay_reactor.addSystemEventTrigger("before", "shutdown", stop)
-    relay_reactor.run()
+    run("delivery", argv)
 
 
 if __name__ == "__main__":

@@ -17,22 +17,30 @@ earlier as well, by :meth:`ListeningService.check` from ``makeService``: see
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IListeningPort, IReadDescriptor
+from twisted.internet.protocol import Factory, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from smartrelay.reactor import IRelayReactor
 
-__all__ = ["ListenError", "ListeningService", "check_can_listen", "split_fields", "unescape"]
+__all__ = [
+    "ListenError",
+    "ListeningService",
+    "adopt_listening_socket",
+    "check_can_listen",
+    "split_fields",
+    "unescape",
+]
 
 log = Logger()
 
@@ -59,8 +67,16 @@ class ListeningService(Service):
         name: str,
         shown: str | None = None,
         on_stop: Callable[[], object] | None = None,
+        accepting: bool = True,
+        adopt: int | None = None,
     ) -> None:
+        """``accepting=False``: listen, but accept no connection (the accepting processes
+        of ``[smtp] processes`` share the socket and accept on it); ``adopt``: listen on this
+        file descriptor, a listening socket inherited from the main process, rather than
+        binding ``description``."""
         self._reactor = reactor
+        self.accepting = accepting
+        self.adopt = adopt
         self.description = description
         self.shown = shown if shown is not None else description
         self.factory = factory
@@ -101,8 +117,13 @@ class ListeningService(Service):
 
     def _listen(self) -> None:
         try:
-            endpoint = serverFromString(self._reactor, self.description)
-            self._waiting = endpoint.listen(self.factory)
+            if self.adopt is not None:
+                self._waiting = succeed(
+                    adopt_listening_socket(self._reactor, self.adopt, self.factory)
+                )
+            else:
+                endpoint = serverFromString(self._reactor, self.description)
+                self._waiting = endpoint.listen(self.factory)
         except Exception as error:
             self._waiting = Deferred()
             self._on_fatal(self._reason(str(error)))
@@ -114,6 +135,16 @@ class ListeningService(Service):
             port.stopListening()
             return
         self._port = port
+        if not self.accepting:
+            # The socket stays open (the accepting processes inherit it); this process
+            # leaves its connections to them.
+            self._reactor.removeReader(cast(IReadDescriptor, port))
+            log.info(
+                "{name}: listening on {where} (accepted by the accepting processes)",
+                name=self.label,
+                where=self.shown,
+            )
+            return
         log.info("{name}: listening on {where}", name=self.label, where=self.shown)
 
     def _failed(self, failure: Failure) -> None:
@@ -137,6 +168,25 @@ class ListeningService(Service):
         port, self._port = self._port, None
         stopped: Deferred[None] | None = port.stopListening()
         return stopped
+
+
+def adopt_listening_socket(
+    reactor: IRelayReactor, fd: int, factory: Factory[Any]
+) -> IListeningPort:
+    """Accept connections for ``factory`` on the listening socket ``fd`` (inherited from the
+    main process). Raises OSError if ``fd`` is not a listening stream socket."""
+    with socket.socket(fileno=fd) as inherited:
+        try:
+            if inherited.type != socket.SOCK_STREAM or not inherited.getsockopt(
+                socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+            ):
+                raise OSError(f"file descriptor {fd} is not a listening stream socket")
+            family = inherited.family
+        finally:
+            inherited.detach()  # the fd stays open: the reactor adopts a copy of it
+    port = reactor.adoptStreamPort(fd, family, cast(ServerFactory[Any], factory))
+    os.close(fd)
+    return port
 
 
 def check_can_listen(description: str) -> None:

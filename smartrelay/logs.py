@@ -125,10 +125,10 @@ def relay_log_observer(out: IO[Any], text_prefix: str = "") -> ILogObserver:
     return FileLogObserver(out, ClassicFormatter(text_prefix))
 
 
-def child_log_observer(out: IO[Any], index: int) -> ILogObserver:
-    """A delivery process's observer: ``LEVEL TIMESTAMP [SYSTEM] delivery[N] TEXT`` lines on
+def child_log_observer(out: IO[Any], index: int, kind: str = "delivery") -> ILogObserver:
+    """A child process's observer: ``LEVEL TIMESTAMP [SYSTEM] KIND[N] TEXT`` lines on
     ``out`` (the pipe to the main process), each event in one write."""
-    return FileLogObserver(out, ClassicFormatter(f"delivery[{index}] ", level_prefix=True))
+    return FileLogObserver(out, ClassicFormatter(f"{kind}[{index}] ", level_prefix=True))
 
 
 def twistd_log_observer(

@@ -241,14 +241,15 @@ def _flag(value: bool) -> str:
 
 
 class ChildCounts:
-    """The delivery processes' figures, in the main process: the live children's last
+    """The child processes' figures (delivery processes by index, accepting processes as
+    ``smtpN``), in the main process: the live children's last
     snapshots and what children that ended had counted (so totals survive a restart)."""
 
     def __init__(self) -> None:
-        self._live: dict[int, dict[SampleKey, float]] = {}
+        self._live: dict[int | str, dict[SampleKey, float]] = {}
         self._retired: dict[SampleKey, float] = {}
 
-    def update(self, index: int, rows: object, families: Mapping[str, str]) -> bool:
+    def update(self, index: int | str, rows: object, families: Mapping[str, str]) -> bool:
         """Take child ``index``'s snapshot (parsed JSON of :meth:`RelayMetrics.snapshot`);
         rows of unknown families or malformed ones are skipped. False if it is no list."""
         if not isinstance(rows, list):
@@ -266,7 +267,7 @@ class ChildCounts:
         self._live[index] = figures
         return True
 
-    def retire(self, index: int) -> None:
+    def retire(self, index: int | str) -> None:
         """Child ``index`` ended: its last figures stay counted; its next run starts at 0."""
         for key, value in self._live.pop(index, {}).items():
             self._retired[key] = self._retired.get(key, 0.0) + value

@@ -10,6 +10,7 @@ from twisted.internet.interfaces import (
     IReactorFromThreads,
     IReactorPluggableNameResolver,
     IReactorProcess,
+    IReactorSocket,
     IReactorSSL,
     IReactorTCP,
     IReactorThreads,
@@ -27,6 +28,7 @@ class IRelayReactor(
     IReactorFDSet,
     IReactorPluggableNameResolver,
     IReactorProcess,
+    IReactorSocket,
 ):
     """The union of reactor interfaces SmartRelay relies on."""
 

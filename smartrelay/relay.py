@@ -70,9 +70,22 @@ from smartrelay.rewrap.chain import RewrapChain, RewrapSettings
 from smartrelay.rewrap.dkim import DkimError, DkimSigner
 from smartrelay.smtp.backends import InboundBackend, SubmissionBackend
 from smartrelay.smtp.listener import SmtpFactory, listener_services
+from smartrelay.smtp.processes import (
+    FIRST_FD,
+    ListenerProcesses,
+    QueuedForwarder,
+    listener_command,
+    share_of_connections,
+    volume_line,
+)
 from smartrelay.smtp.session import ListenerSettings
 from smartrelay.smtp.tls import ReloadableTls, TlsError, ensure_certificate
-from smartrelay.smtp.volume_watch import VolumeWatch, volume_settings
+from smartrelay.smtp.volume_watch import (
+    HeldCredentials,
+    VolumeGate,
+    VolumeWatch,
+    volume_settings,
+)
 from smartrelay.spool import Spool
 from smartrelay.storage.engines.sqlite import create_data_dir_for
 from smartrelay.storage.service import StorageService
@@ -112,14 +125,19 @@ class RelayService(MultiService):
         self,
         config: Config,
         reactor: IRelayReactor,
-        role: Literal["all", "delivery"] = "all",
+        role: Literal["all", "delivery", "listener"] = "all",
         worker_index: int = 0,
         delivery_tunables: DeliveryTunables = DEFAULT_TUNABLES,
         mailbox_tunables: ReaderTunables = MAILBOX_TUNABLES,
         process_feedback: ProcessReport | None = None,
+        to_parent: Callable[[str], object] | None = None,
     ) -> None:
         """``role="delivery"``: only the storage and a delivery manager, as the delivery
         process ``worker_index`` of a relay with ``[delivery] processes`` set.
+        ``role="listener"``: only the storage and the submission listeners, on the sockets
+        inherited from the main process, as accepting process ``worker_index`` of a relay
+        with ``[smtp] processes`` set; ``to_parent`` writes a line to the main process
+        (smartrelay.smtp.processes).
         ``delivery_tunables``: for an in-process delivery manager (tests shorten its poll).
         ``mailbox_tunables``: the ``[[feedback.mailboxes]]`` readers' timing (tests shorten
         their backoff). ``process_feedback``: what the readers call with each stored report's
@@ -127,8 +145,11 @@ class RelayService(MultiService):
         super().__init__()  # type: ignore[no-untyped-call]
         if role == "delivery":  # the node's limits are shared between its delivery processes
             config = evolve(config, delivery=share_of_limits(config.delivery, worker_index))
+        if role == "listener":  # and its connection limit between its accepting processes
+            config = evolve(config, smtp=share_of_connections(config.smtp, worker_index))
         self.config = config
         self.role = role
+        self._worker_index = worker_index
         self._reactor = reactor
         self.failed_reason: str | None = None
         #: This process's metrics (docs/metrics.md), exposed at ``/metrics``.
@@ -167,13 +188,28 @@ class RelayService(MultiService):
         #: with a submission listener, unless ``on_volume_alert = "off"``. Before the
         #: listeners: it stops after them, and saves the baselines before the database closes.
         self.volume: VolumeWatch | None = None
+        #: What the submission listener asks about credentials' volume: the watch, or in an
+        #: accepting process the held set it reads (and reports sent to the main process).
+        self._volume_gate: VolumeGate | None = None
         watching = volume_settings(config.smtp)
         if serving and config.smtp.listen and watching is not None:
-            self.volume = VolumeWatch(
+            self.volume = self._volume_gate = VolumeWatch(
                 reactor, watching, self.storage.when_ready, self.metrics.alerts
             )
             self.volume.setServiceParent(self)  # type: ignore[no-untyped-call]
-        if serving and (config.smtp.listen or config.inbound.listen):
+        accepting = role == "listener" and config.smtp.listen
+        if role == "listener" and to_parent is not None:
+            if watching is not None:
+                held = HeldCredentials(
+                    reactor, self.storage.when_ready, lambda name: to_parent(volume_line(name))
+                )
+                held.setServiceParent(self)  # type: ignore[no-untyped-call]
+                self._volume_gate = held
+            forwarder = QueuedForwarder(reactor, self.storage.when_ready, to_parent)
+            forwarder.setServiceParent(self)  # type: ignore[no-untyped-call]
+        #: The accepting processes (``[smtp] processes`` >= 1, main process).
+        self.listener_processes: ListenerProcesses | None = None
+        if (serving and (config.smtp.listen or config.inbound.listen)) or accepting:
             self._add_smtp_listeners()
         signer = DkimSigner(config.dkim_keys, now=reactor.seconds)
         self._signer = signer
@@ -193,8 +229,10 @@ class RelayService(MultiService):
         self.delivery: DeliveryManager | None = None
         #: The delivery processes (``[delivery] processes`` >= 1, main process).
         self.delivery_processes: DeliveryProcesses | None = None
-        delivery_service: IService
-        if role == "delivery" or config.delivery.processes == 0:
+        delivery_service: IService | None = None
+        if role == "listener":
+            pass  # the main process (or its delivery processes) delivers
+        elif role == "delivery" or config.delivery.processes == 0:
             resolver = make_system_resolver(reactor)  # MX and MTA-STS lookups
             connector = SmtpConnector(
                 reactor,
@@ -253,7 +291,8 @@ class RelayService(MultiService):
         if serving:
             self.rollup = RollupService(reactor, self.storage.when_ready)
             self.rollup.setServiceParent(self)  # type: ignore[no-untyped-call]
-        delivery_service.setServiceParent(self)  # type: ignore[no-untyped-call]
+        if delivery_service is not None:
+            delivery_service.setServiceParent(self)
         self.purge: PurgeService | None = None
         if serving:  # one purger per node (not one per delivery process)
             self.purge = PurgeService(self.storage.when_ready, reactor, config.retention)
@@ -335,8 +374,12 @@ class RelayService(MultiService):
                     config.server.hostname,
                 )
             )
-        # Bodies past SPOOL_THRESHOLD are received into files (docs/smtp.md).
-        self._spool = spool = Spool(os.path.join(config.server.data_dir, "spool"))
+        # Bodies past SPOOL_THRESHOLD are received into files (docs/smtp.md); each accepting
+        # process in a directory of its own (it removes what it left there when it starts).
+        spool_dir = os.path.join(config.server.data_dir, "spool")
+        if self.role == "listener":
+            spool_dir = os.path.join(spool_dir, f"smtp{self._worker_index}")
+        self._spool = spool = Spool(spool_dir)
         submission = ListenerSettings(
             hostname=config.server.hostname,
             max_message_size=smtp.max_message_size,
@@ -356,16 +399,54 @@ class RelayService(MultiService):
         self.submission = SmtpFactory(
             submission,
             SubmissionBackend(
-                reactor, config.server.hostname, self.storage.when_ready, spool, self.volume
+                reactor,
+                config.server.hostname,
+                self.storage.when_ready,
+                spool,
+                self._volume_gate,
             ),
             reactor,
             tls,
             name="smtp",
             metrics=self.metrics,
         )
-        self._add_listeners(
-            listener_services(reactor, smtp.listen, self.submission, self.fatal, self._implicit_tls)
+        # With accepting processes the main process listens (it may bind privileged ports)
+        # and they accept, on the sockets they inherit.
+        children = smtp.processes if self.role == "all" else 0
+        submission_listeners = listener_services(
+            reactor,
+            smtp.listen,
+            self.submission,
+            self.fatal,
+            self._implicit_tls,
+            accepting=children == 0,
+            adopt=(
+                range(FIRST_FD, FIRST_FD + len(smtp.listen)) if self.role == "listener" else None
+            ),
         )
+        self._add_listeners(submission_listeners)
+        if children and smtp.listen:
+
+            def sockets() -> list[int] | None:
+                ports = [listener.port for listener in submission_listeners]
+                if any(port is None for port in ports):
+                    return None
+                return [port.fileno() for port in ports if port is not None]  # type: ignore[attr-defined]
+
+            config_path = self._config_path
+            self.listener_processes = ListenerProcesses(
+                reactor,
+                children,
+                lambda index: listener_command(config_path, index),
+                self.storage.when_ready,
+                sockets,
+                self._queued_by_child,
+                None if self.volume is None else self.volume.message_accepted,
+                self.metrics,
+            )
+            self.listener_processes.setServiceParent(self)  # type: ignore[no-untyped-call]
+        if self.role != "all":
+            return
         inbound = evolve(
             submission,
             require_tls=False,
@@ -388,6 +469,13 @@ class RelayService(MultiService):
                 reactor, config.inbound.listen, self.inbound, self.fatal, self._implicit_tls
             )
         )
+
+    def _queued_by_child(self) -> None:
+        """An accepting process committed messages (SQLite): wake the delivery."""
+        if self.delivery_processes is not None:
+            self.delivery_processes.wake()
+        elif self.delivery is not None:
+            self.delivery.wake()
 
     def _add_listeners(self, services: list[ListeningService]) -> None:
         for service in services:
@@ -525,6 +613,8 @@ class RelayService(MultiService):
         )
         if self.delivery_processes is not None:
             self.delivery_processes.reload()
+        if self.listener_processes is not None:
+            self.listener_processes.reload()
 
     def startService(self) -> None:
         log.info(

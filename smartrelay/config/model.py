@@ -125,6 +125,9 @@ class SmtpConfig:
     volume_alert_factor: float = 10.0
     volume_alert_minimum: int = 100
     volume_alert_window: float = 600.0
+    #: Addition: accepting processes besides the main one (0: the main process accepts).
+    #: They share the listening sockets of ``listen`` (docs/smtp.md, "Accepting processes").
+    processes: int = 0
 
 
 @frozen

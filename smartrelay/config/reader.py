@@ -204,6 +204,7 @@ _SMTP_KEYS = (
     "volume_alert_factor",
     "volume_alert_minimum",
     "volume_alert_window",
+    "processes",
 )
 _WEB_KEYS = ("listen", "base_url", "max_connections", "idle_timeout", "trusted_proxies")
 _REWRAP_KEYS = (
@@ -294,6 +295,7 @@ def _parse_smtp(t: _Table) -> SmtpConfig:
         volume_alert_factor=_factor(t, "volume_alert_factor", d.volume_alert_factor),
         volume_alert_minimum=t.count("volume_alert_minimum", d.volume_alert_minimum),
         volume_alert_window=t.duration("volume_alert_window", d.volume_alert_window),
+        processes=t.integer_in("processes", d.processes, 0, MAX_LISTENER_PROCESSES),
     )
 
 
@@ -407,6 +409,7 @@ def _parse_sandbox_route(t: _Table) -> str | None:
 
 
 MAX_DELIVERY_PROCESSES = 64
+MAX_LISTENER_PROCESSES = 64
 
 
 def auto_delivery_processes(cpus: int) -> int:

@@ -26,7 +26,7 @@ from smartrelay.smtp.session import (
     printable,
     received_header,
 )
-from smartrelay.smtp.volume_watch import VolumeWatch
+from smartrelay.smtp.volume_watch import VolumeGate
 from smartrelay.spool import Spool, SpooledBody
 from smartrelay.storage.store import NewFeedback, NewMessage, Store
 
@@ -56,14 +56,15 @@ class SubmissionBackend:
         hostname: str,
         store_ready: StoreReady,
         spool: Spool | None = None,
-        volume: VolumeWatch | None = None,
+        volume: VolumeGate | None = None,
     ) -> None:
         self._reactor = reactor
         self._hostname = hostname
         self._store_ready = store_ready
         #: Big bodies arrive in files here (None: every body in memory).
         self.spool = spool
-        #: The per-credential volume watch (None: ``on_volume_alert = "off"``).
+        #: The per-credential volume watch (None: ``on_volume_alert = "off"``): the
+        #: :class:`VolumeWatch` itself, or in an accepting process :class:`HeldCredentials`.
         self.volume = volume
 
     def check_sender(self, session: Session) -> Reply | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from twisted.internet.interfaces import (
@@ -172,13 +172,18 @@ def listener_services(
     factory: SmtpFactory,
     on_fatal: Callable[[str], object],
     implicit: list[ReloadableTls] | None = None,
+    *,
+    accepting: bool = True,
+    adopt: Sequence[int] | None = None,
 ) -> list[ListeningService]:
     """One listening service per endpoint string, all serving ``factory``; an ``ssl:``
     endpoint is listened on as ``tcp:`` wrapped in our TLS layer (:func:`implicit_tls`),
     whose TLS options are appended to ``implicit`` (to re-read them on a reload).
-    Raises :class:`ListenError` for TLS options that cannot be used."""
+    ``accepting`` and ``adopt`` (one inherited socket per endpoint, in order): see
+    :class:`ListeningService`. Raises :class:`ListenError` for TLS options that cannot be
+    used."""
     services = []
-    for shown in endpoints:
+    for number, shown in enumerate(endpoints):
         description, wrapped = shown, cast(Factory[Any], factory)
         try:
             implicit_options = implicit_tls(shown)
@@ -198,6 +203,8 @@ def listener_services(
                 name=factory.name,
                 shown=shown,
                 on_stop=factory.shutdown,
+                accepting=accepting,
+                adopt=None if adopt is None else adopt[number],
             )
         )
     return services

@@ -13,6 +13,7 @@ here at once, before its transaction commits.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from prometheus_client import Counter
 from twisted.application.service import Service
@@ -31,7 +32,7 @@ from smartrelay.storage.pool import DatabaseUnavailable
 from smartrelay.storage.service import StorageStopped
 from smartrelay.units import format_duration
 
-__all__ = ["HELD_REPLY", "VolumeWatch", "volume_settings"]
+__all__ = ["HELD_REPLY", "HeldCredentials", "VolumeGate", "VolumeWatch", "volume_settings"]
 
 log = Logger()
 
@@ -60,6 +61,73 @@ def volume_settings(smtp: SmtpConfig) -> VolumeSettings | None:
         minimum=smtp.volume_alert_minimum,
         window=smtp.volume_alert_window,
     )
+
+
+class VolumeGate(Protocol):
+    """What the submission backend asks and tells about credentials' volume."""
+
+    def check_sender(self, credential: str | None) -> Reply | None:
+        """The reply to MAIL FROM in a session authenticated as ``credential``, None to go on."""
+
+    def message_accepted(self, credential: str) -> None:
+        """A message was queued under ``credential`` (after its commit)."""
+
+
+class HeldCredentials(Service):
+    """The volume watch as an accepting process (``[smtp] processes``) sees it: the held set
+    is the database's, read at start and every ``poll_interval`` seconds; each message
+    accepted under a credential is passed to ``report`` (a line to the main process, whose
+    :class:`VolumeWatch` counts it and decides the alerts)."""
+
+    name = "volume-watch"
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        store_ready: Callable[[], Awaitable[CredentialVolumeStore]],
+        report: Callable[[str], object],
+        *,
+        poll_interval: float = POLL_INTERVAL,
+    ) -> None:
+        self._clock = clock
+        self._store_ready = store_ready
+        self._report = report
+        self._poll_interval = poll_interval
+        self._held: frozenset[str] = frozenset()
+        self._loop: LoopingCall | None = None
+
+    def check_sender(self, credential: str | None) -> Reply | None:
+        if credential is not None and credential in self._held:
+            return HELD_REPLY
+        return None
+
+    def message_accepted(self, credential: str) -> None:
+        self._report(credential)
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._loop = LoopingCall(self._poll)
+        self._loop.clock = self._clock
+        # _poll never fails (it logs); the loop ends only when stopped.
+        self._loop.start(self._poll_interval, now=True)
+
+    def stopService(self) -> None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def _poll(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._read()).addErrback(self._failed)
+
+    async def _read(self) -> None:
+        store = await self._store_ready()
+        self._held = frozenset(h.credential for h in await store.held_credentials())
+
+    def _failed(self, failure: Failure) -> None:
+        if failure.check(DatabaseUnavailable, StorageStopped):
+            log.warn("volume watch: reading the held set: {error}", error=failure.value)
+        else:
+            log.failure("volume watch: reading the held set failed", failure)
 
 
 class VolumeWatch(Service):
