@@ -15,6 +15,7 @@ import signal
 from pathlib import Path
 
 from tests.support.postfix import PostfixSink
+from tests.support.processes import alive, children_of, kill_and_see_the_children_leave
 from tests.support.relay import HOST, free_ports
 from tests.support.run import Twistd, query, write_relay_config
 from tests.support.traffic import complete_dumps, states, submit_all, wait_until
@@ -24,29 +25,6 @@ SESSIONS = 4
 #: twistd's line: a local timestamp, [system], the text.
 CLASSIC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[[^\]]+\] ")
 STARTED = re.compile(r"delivery\[(\d)\] .*delivery: node (\S+) started")
-
-
-def children_of(pid: int) -> set[int]:
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.add(int(entry))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def config_for(tmp_path: Path, database_url: str, sink: PostfixSink, port: int) -> Path:
@@ -155,15 +133,7 @@ def test_a_dead_child_is_restarted_and_children_leave_with_the_main_process(
             "delivery after the restart",
             timeout=30,
         )
-        children = children_of(relay.process.pid)
-        relay.process.send_signal(signal.SIGKILL)
-        assert relay.wait(10) == -signal.SIGKILL
-        # Orphaned, each child sees its wake-up pipe close and stops by itself.
-        wait_until(
-            lambda: True if not any(alive(child) for child in children) else None,
-            "the children to stop after the main process was killed",
-            timeout=30,
-        )
+        kill_and_see_the_children_leave(relay)
     finally:
         relay.kill()  # any child left then stops by itself: its wake-up pipe closes
     assert set(complete_dumps(postfix_sink)) == set(accepted)

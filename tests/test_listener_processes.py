@@ -41,10 +41,10 @@ from smartrelay.smtp.volume_watch import HELD_REPLY, HeldCredentials
 from smartrelay.storage.store import Store
 from tests.conftest import real_reactor
 from tests.support.postfix import PostfixSink
+from tests.support.processes import alive, children_of, kill_and_see_the_children_leave
 from tests.support.relay import HOST, free_ports
 from tests.support.run import Twistd, write_config, write_relay_config
 from tests.support.traffic import complete_dumps, states, submit_all, wait_until
-from tests.test_delivery_processes import alive, children_of
 
 MESSAGES = 60
 SESSIONS = 6
@@ -174,15 +174,7 @@ def test_a_dead_accepting_process_is_restarted_while_the_other_accepts(
             "delivery of what both took",
             timeout=30,
         )
-        children = children_of(relay.process.pid)
-        relay.process.send_signal(signal.SIGKILL)
-        assert relay.wait(10) == -signal.SIGKILL
-        # Orphaned, each child sees its pipe from the main process close and stops.
-        wait_until(
-            lambda: True if not any(alive(child) for child in children) else None,
-            "the children to stop after the main process was killed",
-            timeout=30,
-        )
+        kill_and_see_the_children_leave(relay)
     finally:
         relay.kill()
     assert set(complete_dumps(postfix_sink)) == set(accepted)

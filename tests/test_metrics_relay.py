@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.processes import children_of
 from tests.support.relay import HOST, free_ports
 from tests.support.run import Twistd, query, write_config
 from tests.support.smtp_peer import scripted_peer
 from tests.support.traffic import wait_until
-from tests.test_delivery_processes import children_of
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

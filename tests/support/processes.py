@@ -1,0 +1,45 @@
+"""A relay's child processes as /proc shows them (delivery and accepting processes)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from tests.support.run import Twistd
+from tests.support.traffic import wait_until
+
+
+def children_of(pid: int) -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def kill_and_see_the_children_leave(relay: Twistd) -> None:
+    """SIGKILL the relay's main process; orphaned, each child sees its pipe from the main
+    process close and stops by itself (within 30 s)."""
+    children = children_of(relay.process.pid)
+    relay.process.send_signal(signal.SIGKILL)
+    assert relay.wait(10) == -signal.SIGKILL
+    wait_until(
+        lambda: True if not any(alive(child) for child in children) else None,
+        "the children to stop after the main process was killed",
+        timeout=30,
+    )
