@@ -41,7 +41,11 @@ from smartrelay.smtp.volume_watch import HELD_REPLY, HeldCredentials
 from smartrelay.storage.store import Store
 from tests.conftest import real_reactor
 from tests.support.postfix import PostfixSink
-from tests.support.processes import alive, children_of, kill_and_see_the_children_leave
+from tests.support.processes import (
+    children_of,
+    kill_and_see_the_children_leave,
+    stop_and_see_the_children_leave,
+)
 from tests.support.relay import HOST, free_ports
 from tests.support.run import Twistd, write_config, write_relay_config
 from tests.support.traffic import complete_dumps, states, submit_all, wait_until
@@ -123,9 +127,7 @@ def test_two_accepting_processes_take_the_mail_and_everything_is_delivered_once(
             if engine == "sqlite":
                 assert time.monotonic() - started < 4.5, "the delivery waited for its poll"
         assert len(accepted) == MESSAGES
-        assert relay.stop(signal.SIGTERM, timeout=30) in (0, -signal.SIGTERM)
-        assert "Server Shut Down." in relay.output
-        assert not any(alive(child) for child in children)
+        stop_and_see_the_children_leave(relay)
     finally:
         relay.kill()
 

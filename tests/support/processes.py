@@ -43,3 +43,12 @@ def kill_and_see_the_children_leave(relay: Twistd) -> None:
         "the children to stop after the main process was killed",
         timeout=30,
     )
+
+
+def stop_and_see_the_children_leave(relay: Twistd) -> None:
+    """SIGTERM the relay: it shuts down cleanly and its children are gone when it has."""
+    children = children_of(relay.process.pid)
+    # twistd re-raises the signal that stopped it after a clean shutdown.
+    assert relay.stop(signal.SIGTERM, timeout=30) in (0, -signal.SIGTERM)
+    assert "Server Shut Down." in relay.output
+    assert not any(alive(child) for child in children)
