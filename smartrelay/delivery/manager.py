@@ -20,7 +20,7 @@ import random
 import secrets
 import socket
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from attrs import field, frozen
 from twisted.application.service import Service
@@ -431,7 +431,7 @@ class DeliveryManager(Service):
                 room = self.claim_window - self._in_memory
                 if room <= 0 or self._bytes_full():
                     self._held_back = True  # _finish wakes us when there is room again
-                    self._hand_back_all()  # unless a throttle holds the room
+                    self._hand_back_held()  # unless a throttle holds the room
                     break
                 if self._unqueued:
                     claimed, self._unqueued = self._unqueued, []
@@ -600,8 +600,7 @@ class DeliveryManager(Service):
         for destination in touched:
             destination.wake_idle(True)
             self._start_workers(destination)
-        for key in {destination.throttle_key for destination in touched}:
-            self._hand_back_held(key)
+        self._hand_back_held({destination.throttle_key for destination in touched})
 
     async def _first_mx(self, route: ResolvedRoute, domain: str) -> str | None:
         """The preferred MX host of an ``mx`` route, so ``mx:`` throttles can match it (the
@@ -615,17 +614,9 @@ class DeliveryManager(Service):
         return hops[0].host if hops else None
 
     # -- handing back what a throttle holds -----------------------------------------------------
-    def _hand_back_all(self) -> None:
-        """:meth:`_hand_back_held` for every throttle with queued jobs (the window is full)."""
-        by_key: dict[str, list[Destination]] = {}
-        for destination in self._destinations.values():
-            if destination.jobs:
-                by_key.setdefault(destination.throttle_key, []).append(destination)
-        for key, queued in by_key.items():
-            self._hand_back_from(key, queued)
-
-    def _hand_back_held(self, key: str) -> None:
-        """Give the jobs queued under throttle ``key`` that it will not let start within
+    def _hand_back_held(self, keys: Collection[str] | None = None) -> None:
+        """Give the jobs queued under the throttles ``keys`` (None: every throttle with
+        queued jobs, the window being full) that the throttle will not let start within
         ``throttle_hold`` back to the database, each due ``throttle_hold / 2`` before its
         estimated turn (at most ``hand_back_max`` after the back-off): they leave the claim
         window, so mail for other destinations is claimed meanwhile, and any node may take
@@ -634,8 +625,12 @@ class DeliveryManager(Service):
         The estimate: the key's back-off, then one job per ``1 / rate`` seconds, the rate
         being the throttle's, or what its connections do at the receiver's pace (measured)
         if that is slower. A job's recipients are handed back together."""
-        queued = [d for d in self._destinations.values() if d.throttle_key == key and d.jobs]
-        self._hand_back_from(key, queued)
+        by_key: dict[str, list[Destination]] = {}
+        for destination in self._destinations.values():
+            if destination.jobs and (keys is None or destination.throttle_key in keys):
+                by_key.setdefault(destination.throttle_key, []).append(destination)
+        for key, queued in by_key.items():
+            self._hand_back_from(key, queued)
 
     def _hand_back_from(self, key: str, queued: Sequence[Destination]) -> None:
         if not self.running or not queued:
@@ -835,7 +830,7 @@ class DeliveryManager(Service):
                 current = None
                 await self._finish(job, results, connection, suppressed, adaptive=settings.adaptive)
                 if destination.note_job_seconds(self._clock.seconds() - began):
-                    self._hand_back_held(key)  # how long its queue will take is known now
+                    self._hand_back_held({key})  # how long its queue will take is known now
                 if not connection.usable:
                     connection = None
                 if self._after_refusal(destination, job.domain, [r.reply for r in results]):
@@ -886,11 +881,11 @@ class DeliveryManager(Service):
                 if is_rate_signal(reply.code, reply.text, at_connect=at_connect):
                     self.throttles.adaptive.signal(key, settings, reply.line, domain)
                     self.throttles.back_off(key, self.tunables.adaptive.pause)
-                    self._hand_back_held(key)  # the rate was cut: fewer start soon
+                    self._hand_back_held({key})  # the rate was cut: fewer start soon
                     return True
         if any(reply.code == 421 for reply in replies):
             self.throttles.back_off(key, self.tunables.backoff_on_421)
-            self._hand_back_held(key)
+            self._hand_back_held({key})
             return True
         return False
 
