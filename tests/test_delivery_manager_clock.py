@@ -27,7 +27,7 @@ from smartrelay.storage.store import NewMessage, Store
 from smartrelay.timefmt import rfc3339
 from tests.conftest import real_reactor
 from tests.support.delivery_relay import FAST_THROTTLE, events, recipient_states, select
-from tests.support.manager import RETURN_PATH, FakeConnector, chain_factory
+from tests.support.manager import RETURN_PATH, FakeConnector, Sent, chain_factory
 from tests.test_mx import FixtureResolver
 
 
@@ -326,6 +326,26 @@ async def held_back_rows(store: Store) -> list[tuple[str, float]]:
     return [(str(a), int(t) / 1000) for a, t in rows]
 
 
+async def slow_backlog(
+    store: Store, clock: Clock, tmp_path: Path, connector: FakeConnector, count: int = 30
+) -> tuple[Simulation, list[str]]:
+    """A destination throttled to 1 message a second, ``count`` recipients queued for it."""
+    slow = [{**FAST_THROTTLE, "max_connections": 1, "max_rate": "1/s"}]
+    sim = Simulation(store, clock, tmp_path, connector, DeliveryTunables(), throttle=slow)
+    everyone = [f"r{i}@example.net" for i in range(count)]
+    for address in everyone:
+        await queue(store, address)
+    return sim, everyone
+
+
+async def assert_each_delivered_once(
+    store: Store, sent: Sequence[Sent], everyone: list[str]
+) -> None:
+    recipients = [r for s in sent for r in s.recipients]
+    assert sorted(recipients) == sorted(everyone), "lost or sent twice"
+    assert set((await recipient_states(store)).values()) == {"delivered"}
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_throttled_backlog_waits_in_the_database_and_is_delivered_once_at_its_rate(
     store: Store, clock: Clock, tmp_path: Path
@@ -334,11 +354,7 @@ async def test_a_throttled_backlog_waits_in_the_database_and_is_delivered_once_a
     database due 5 s before its turn, found again by the 5-second poll; every recipient is
     sent exactly once, and the throttle's rate is kept (30 messages in about 30 s)."""
     connector = FakeConnector(clock)
-    slow = [{**FAST_THROTTLE, "max_connections": 1, "max_rate": "1/s"}]
-    sim = Simulation(store, clock, tmp_path, connector, DeliveryTunables(), throttle=slow)
-    everyone = [f"r{i}@example.net" for i in range(30)]
-    for address in everyone:
-        await queue(store, address)
+    sim, everyone = await slow_backlog(store, clock, tmp_path, connector)
     t0 = clock.seconds()
     await sim.start()
     try:
@@ -352,10 +368,8 @@ async def test_a_throttled_backlog_waits_in_the_database_and_is_delivered_once_a
         await sim.run_until(lambda: sim.manager._in_memory == 0, before=t0 + 50)
     finally:
         await sim.stop()
-    sent = [r for s in connector.sent for r in s.recipients]
-    assert sorted(sent) == sorted(everyone), "lost or sent twice"
+    await assert_each_delivered_once(store, connector.sent, everyone)
     assert connector.sent[-1].at - t0 <= 36, [round(s.at - t0, 1) for s in connector.sent]
-    assert set((await recipient_states(store)).values()) == {"delivered"}
 
 
 @pytest_twisted.ensureDeferred
@@ -390,9 +404,7 @@ async def test_a_421_hands_back_what_is_queued_for_the_destination(
     finally:
         await sim.stop()
     assert [round(t - t0) for t in connector.dials] == [0, 100]
-    sent = [r for s in connector.sent[1:] for r in s.recipients]
-    assert sorted(sent) == sorted(everyone), "lost or sent twice"
-    assert set((await recipient_states(store)).values()) == {"delivered"}
+    await assert_each_delivered_once(store, connector.sent[1:], everyone)
 
 
 @pytest.mark.parametrize("committed", [False, True])
@@ -417,11 +429,7 @@ async def test_a_hand_back_the_database_did_not_confirm_is_tried_again_and_nothi
 
     store.hand_back = flaky  # type: ignore[method-assign]
     connector = FakeConnector(clock)
-    slow = [{**FAST_THROTTLE, "max_connections": 1, "max_rate": "1/s"}]
-    sim = Simulation(store, clock, tmp_path, connector, DeliveryTunables(), throttle=slow)
-    everyone = [f"r{i}@example.net" for i in range(30)]
-    for address in everyone:
-        await queue(store, address)
+    sim, everyone = await slow_backlog(store, clock, tmp_path, connector)
     t0 = clock.seconds()
     await sim.start()
     try:
@@ -433,9 +441,7 @@ async def test_a_hand_back_the_database_did_not_confirm_is_tried_again_and_nothi
         await sim.run_until(lambda: sim.manager._in_memory == 0, before=t0 + 65)
     finally:
         await sim.stop()
-    sent = [r for s in connector.sent for r in s.recipients]
-    assert sorted(sent) == sorted(everyone), "lost or sent twice"
-    assert set((await recipient_states(store)).values()) == {"delivered"}
+    await assert_each_delivered_once(store, connector.sent, everyone)
 
 
 @pytest_twisted.ensureDeferred
