@@ -165,6 +165,17 @@ class Simulation:
         self.clock.advance(end - self.clock.seconds())
         await self.settle()
 
+    async def run_until_idle(self, within: float) -> None:
+        """Start, run until nothing claimed is left in memory (within ``within`` seconds of
+        the clock), stop."""
+        await self.start()
+        try:
+            await self.run_until(
+                lambda: self.manager._in_memory == 0, before=self.clock.seconds() + within
+            )
+        finally:
+            await self.stop()
+
     async def stop(self) -> None:
         stopping: Deferred[None] = self.manager.stopService()
         while not stopping.called:
@@ -306,11 +317,7 @@ async def test_a_refused_session_is_the_answer_for_every_job_queued_for_it(
     )
     for i in range(3):
         await queue(store, f"r{i}@example.net")
-    await sim.start()
-    try:
-        await sim.run_until(lambda: sim.manager._in_memory == 0, before=clock.seconds() + 10)
-    finally:
-        await sim.stop()
+    await sim.run_until_idle(within=10)
     assert len(connector.dials) == 1 and connector.sent == []
     assert set((await recipient_states(store)).values()) == {"bounced"}
 
@@ -465,11 +472,7 @@ async def test_a_refused_destinations_queued_jobs_are_recorded_in_one_transactio
     store.record_outcomes_of = counted  # type: ignore[method-assign]
     for i in range(40):
         await queue(store, f"r{i}@example.net", f"s{i}@example.org")
-    await sim.start()
-    try:
-        await sim.run_until(lambda: sim.manager._in_memory == 0, before=clock.seconds() + 10)
-    finally:
-        await sim.stop()
+    await sim.run_until_idle(within=10)
     assert len(connector.dials) == 1 and connector.sent == []
     assert recorded == [80]
     assert sim.manager._in_memory == 0 and sim.manager._in_memory_bytes == 0
