@@ -19,13 +19,14 @@ import signal
 import sys
 from collections.abc import Callable
 from types import FrameType
-from typing import Literal
+from typing import Literal, cast
 
 import twisted
 from attrs import evolve
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import ReactorNotRunning
+from twisted.internet.interfaces import IFileDescriptor
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.web.resource import Resource
@@ -431,7 +432,8 @@ class RelayService(MultiService):
                 ports = [listener.port for listener in submission_listeners]
                 if any(port is None for port in ports):
                     return None
-                return [port.fileno() for port in ports if port is not None]  # type: ignore[attr-defined]
+                # A stream port is a file descriptor (tcp.Port, unix.Port).
+                return [cast(IFileDescriptor, port).fileno() for port in ports]
 
             config_path = self._config_path
             self.listener_processes = ListenerProcesses(
