@@ -97,14 +97,14 @@ _TAG_NAME_TOLERANT = re.compile(r"([a-zA-Z][^\t\n\r\f />\x00]*)(?:\s|/(?!>))*")
 # whitespace between attributes. html.parser delimits it at its ">" (its pattern and its
 # attribute loop both take every attribute, what is left is ">" or "/>"), so a link tag of
 # this form needs neither.
+_PLAIN_ATTRIBUTE = r"""[\t\n\f\r ]+[a-zA-Z_:][-a-zA-Z0-9_:.]*(?:="[^"]*"|='[^']*')?"""
 _PLAIN_START_TAG = re.compile(
-    r"""<[a-zA-Z][-a-zA-Z0-9:]*
-    (?:[\t\n\f\r ]+[a-zA-Z_:][-a-zA-Z0-9_:.]*(?:="[^"]*"|='[^']*')?)*
+    rf"""<[a-zA-Z][-a-zA-Z0-9:]*
+    (?:{_PLAIN_ATTRIBUTE})*
     [\t\n\f\r ]*/?>""",
     re.VERBOSE,
 )
 # The same form, its first href attribute (in any case) and that one's quoted value in groups.
-_PLAIN_ATTRIBUTE = r"""[\t\n\f\r ]+[a-zA-Z_:][-a-zA-Z0-9_:.]*(?:="[^"]*"|='[^']*')?"""
 _PLAIN_HREF_TAG = re.compile(
     rf"""<[a-zA-Z][-a-zA-Z0-9:]*
     (?:(?![\t\n\f\r ]+[hH][rR][eE][fF][=\t\n\f\r />]){_PLAIN_ATTRIBUTE})*
