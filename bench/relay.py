@@ -4,6 +4,7 @@
     make bench-queue                      # the queue run alone (about 6 minutes)
     .venv/bin/python bench/relay.py [--systems postfix,sqlite,postgresql|none] [--messages 5000]
         [--sessions 20] [--latency-messages 2000] [--latency-sessions 50] [--pg-fsync on|off]
+        [--delivery-processes N] [--smtp-processes N] [--delivery-nice 0-19]
         [--seed 1] [--shape transactional|newsletter] [--identical] [--queue-run]
         [--queue-messages 100000] [--queue-next-hop refuse|defer] [--queue-engine sqlite|postgresql]
         [--purge-backlog EVENTS [--purge-backlog-kind full|events]
@@ -150,6 +151,7 @@ from load import (  # noqa: E402
 )
 
 from smartrelay import __version__ as smartrelay_version  # noqa: E402
+from smartrelay.config.reader import auto_delivery_processes  # noqa: E402
 from smartrelay.retention.rollup import ROLLUP_LAG  # noqa: E402
 from smartrelay.rewrap.dkim import generate_key  # noqa: E402
 from tests.support.postgres import (  # noqa: E402
@@ -677,6 +679,8 @@ class Settings:
     delivery_processes: int = 0
     #: SmartRelay's [smtp] processes (accepting processes besides the main one).
     smtp_processes: int = 0
+    #: SmartRelay's [delivery] nice (None: the relay's default).
+    delivery_nice: int | None = None
     shape: str = "transactional"  # bench/load.py's LOADS
     #: The queue run's database: "sqlite", or "postgresql" (a throwaway server of its own).
     queue_engine: str = "sqlite"
@@ -890,10 +894,12 @@ class RelaySystem(System):
         db_roots: Callable[[], list[int]] | None = None,
         delivery_processes: int = 0,
         smtp_processes: int = 0,
+        delivery_nice: int | None = None,
     ) -> None:
         self.name = name
         self.delivery_processes = delivery_processes
         self.smtp_processes = smtp_processes
+        self.delivery_nice = delivery_nice
         self._db_roots = db_roots
         self.tools = tools
         self.sink_port = sink_port
@@ -922,7 +928,8 @@ class RelaySystem(System):
             f'[web]\nlisten = "tcp:{web_port}:interface={HOST}"\n'
             f'base_url = "http://{HOST}:{web_port}"\n'
             f"[delivery]\nprocesses = {self.delivery_processes}\n"
-            f'[delivery.routes]\n"*" = "smtp://{HOST}:{self.sink_port}"\n'
+            + ("" if self.delivery_nice is None else f"nice = {self.delivery_nice}\n")
+            + f'[delivery.routes]\n"*" = "smtp://{HOST}:{self.sink_port}"\n'
             f'[[delivery.throttle]]\nmatch = "*"\n'
             f"max_connections = {throttle_connections(self.delivery_processes)}\n"
             'max_messages_per_connection = 1000\nmax_rate = "100000/s"\n'
@@ -1605,6 +1612,7 @@ def run_relay(
                 db_roots,
                 settings.delivery_processes,
                 settings.smtp_processes,
+                settings.delivery_nice,
             )
             if settings.purge_backlog:
                 # Only smartrelay-ctl purge deletes, when the script says: the relay's own
@@ -1886,14 +1894,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--delivery-processes",
         type=int,
-        default=0,
-        help="SmartRelay's [delivery] processes (default 0: the main process delivers)",
+        default=auto_delivery_processes(len(os.sched_getaffinity(0))),
+        help=(
+            "SmartRelay's [delivery] processes (default: as etc/production.toml's"
+            ' processes = "auto", one per core less one, at least 1; 0: the main process'
+            " delivers)"
+        ),
     )
     parser.add_argument(
         "--smtp-processes",
         type=int,
         default=0,
         help="SmartRelay's [smtp] processes (default 0: the main process accepts)",
+    )
+    parser.add_argument(
+        "--delivery-nice",
+        type=int,
+        choices=range(20),
+        metavar="0-19",
+        help="SmartRelay's [delivery] nice (default: the relay's, 10)",
     )
     parser.add_argument("--pg-fsync", choices=("on", "off"), default="on")
     parser.add_argument(
@@ -2067,6 +2086,7 @@ def main() -> int:
         f" {throttle_connections(args.delivery_processes)} connections to the sink"
         + (" in each" if args.delivery_processes > 1 else "")
         + f"; [smtp] processes = {args.smtp_processes}"
+        + ("" if args.delivery_nice is None else f"; [delivery] nice = {args.delivery_nice}")
     )
     if args.purge_backlog:
         print(purge_line(args.purge_backlog, args))
@@ -2087,6 +2107,7 @@ def main() -> int:
         identical=args.identical,
         delivery_processes=args.delivery_processes,
         smtp_processes=args.smtp_processes,
+        delivery_nice=args.delivery_nice,
         shape=shape,
         queue_engine=args.queue_engine,
         purge_backlog=args.purge_backlog,
@@ -2152,6 +2173,7 @@ def main() -> int:
     print(
         f"{load_line}messages: {description};"
         f" SmartRelay [delivery] processes={args.delivery_processes}"
+        + ("" if args.delivery_nice is None else f" nice={args.delivery_nice}")
         + (f"; PostgreSQL {pg_settings}" if pg_settings else "")
     )
     if args.purge_backlog:

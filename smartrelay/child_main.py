@@ -116,6 +116,9 @@ def run(role: Literal["delivery", "listener"], argv: Sequence[str] | None = None
         config = load_config(args.config)
     except ConfigError as error:
         raise SystemExit(f"critical smartrelay: {error}") from None
+    if role == "delivery" and config.delivery.nice:
+        # Before any thread starts: threads inherit it (Linux sets it per thread).
+        os.nice(config.delivery.nice)
 
     from twisted.internet import reactor  # the composition root takes the global reactor
 

@@ -113,6 +113,7 @@ def test_empty_file_gives_full_defaults(tmp_path: Path) -> None:
     assert delivery.connect_timeout == 30
     assert delivery.tls == "opportunistic"
     assert delivery.processes == 0
+    assert delivery.nice == 10
     assert delivery.routes == (Route("*", "mx"),)
     assert delivery.throttles == (Throttle("*", 20, 100, 1000 / 60),)
     assert config.dkim_keys == ()
@@ -179,6 +180,7 @@ max_age = "5d"
 connect_timeout = "30s"
 tls = "required"
 processes = 2
+nice = 0
 
 [delivery.routes]
 "*" = "mx"
@@ -266,6 +268,7 @@ def test_full_example(tmp_path: Path) -> None:
     assert delivery.retry_schedule == (60, 300, 900, 1800, 3600, 7200, 14400, 28800)
     assert delivery.tls == "required"
     assert delivery.processes == 2
+    assert delivery.nice == 0
     assert delivery.routes == (
         Route("*", "mx"),
         Route("example.test", "smtp://127.0.0.1:2600"),
@@ -486,6 +489,9 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
     ({"delivery": {"processes": 65}}, "delivery.processes", "from 0 to 64, got 65"),
     ({"delivery": {"processes": "2"}}, "delivery.processes", "expected an integer"),
     ({"delivery": {"processes": True}}, "delivery.processes", "expected an integer"),
+    ({"delivery": {"nice": -1}}, "delivery.nice", "from 0 to 19, got -1"),
+    ({"delivery": {"nice": 20}}, "delivery.nice", "from 0 to 19, got 20"),
+    ({"delivery": {"nice": "10"}}, "delivery.nice", "expected an integer"),
     ({"delivery": {"retry_schedule": "1m"}}, "delivery.retry_schedule", "array of strings"),
     (
         {"delivery": {"retry_schedule": ["1m", "5 m"]}},

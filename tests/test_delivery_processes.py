@@ -63,6 +63,14 @@ def test_two_delivery_processes_deliver_everything_once(
         assert nodes[0].endswith("-d0") and nodes[1].endswith("-d1")
         children = children_of(relay.process.pid)
         assert len(children) == 2, children
+        # They run at a lower priority than the listener ([delivery] nice, 10 by default),
+        # every thread of them.
+        listener_nice = os.getpriority(os.PRIO_PROCESS, relay.process.pid)
+        for child in children:
+            threads = [int(t) for t in os.listdir(f"/proc/{child}/task")]
+            assert {os.getpriority(os.PRIO_PROCESS, t) for t in threads} == {
+                min(19, listener_nice + 10)
+            }, child
 
         accepted = submit_all(smtp_port, MESSAGES, SESSIONS)
         assert len(accepted) == MESSAGES

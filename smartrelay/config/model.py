@@ -300,6 +300,10 @@ class DeliveryConfig:
     #: Separate delivery processes (0: the main process delivers). Re-wrapping and delivery
     #: then run on other cores than the listener; they share the database.
     processes: int = 0
+    #: Addition: added to the delivery processes' nice value (0 to 19), so that on a busy
+    #: machine the listener, whose clients wait for each reply, gets the CPU first; delivery
+    #: takes what is left (docs/delivery.md, "Delivery processes").
+    nice: int = 10
     #: In file order; always contains a ``*`` route (``mx`` unless configured).
     routes: tuple[Route, ...] = field(factory=default_routes)
     #: In file order; always contains a ``*`` throttle (the defaults unless configured).
