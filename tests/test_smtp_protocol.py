@@ -559,3 +559,42 @@ def test_data_parsing_matches_the_line_by_line_model(lines: list[bytes], cuts: l
     assert client.backend.messages[0][1] == expected_message
     if rest == b"NOOP\r\n":  # otherwise a generated ".\r\n" line ended the data early
         assert replies[-2:] == ["250 2.0.0 Ok: queued as Q1", "250 2.0.0 Ok"]
+
+
+raw_line_text = st.binary(max_size=30).map(lambda b: b.replace(b"\n", b""))
+raw_data_line = st.tuples(
+    st.sampled_from([b"", b".", b".."]),
+    st.one_of(raw_line_text, st.sampled_from([b"\r", b"a\rb", b"\0", b"x\r"])),
+    st.sampled_from([b"\r\n", b"\n"]),
+).map(lambda t: t[0] + t[1] + t[2])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lines=st.lists(raw_data_line, max_size=20),
+    cuts=st.lists(st.integers(min_value=0, max_value=1000), max_size=8),
+)
+def test_bare_cr_and_nul_are_refused_as_the_line_model_says(
+    lines: list[bytes], cuts: list[int]
+) -> None:
+    """Lines with CRs and NULs anywhere: the message is refused (NUL first, then a CR not
+    followed by LF once bare LFs are CRLF) exactly when the line-by-line model says so,
+    however the stream is cut into reads."""
+    stream = b"".join(lines) + b"\r\n.\r\nNOOP\r\n"
+    expected_message, _ = reference_data(stream)
+    client = Client(evolve(SETTINGS, max_message_size=1_000_000))
+    client.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n")
+    replies: list[str] = []
+    previous = 0
+    for cut in [*sorted(c for c in cuts if c < len(stream)), len(stream)]:
+        replies += client.send(stream[previous:cut])
+        previous = cut
+    bare_cr = expected_message.replace(b"\r\n", b"").count(b"\r") > 0
+    if b"\0" in expected_message:
+        assert not client.backend.messages
+        assert "550 5.6.0 Message contains NUL bytes" in replies
+    elif bare_cr:
+        assert not client.backend.messages
+        assert "550 5.6.0 Message contains a bare CR (CR not followed by LF)" in replies
+    else:
+        assert client.backend.messages[0][1] == expected_message

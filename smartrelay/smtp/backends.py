@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import functools
+import math
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -40,7 +42,14 @@ _DUMMY_HASH = hash_password("smartrelay-no-such-user")
 
 
 def rfc5322_date(seconds: float) -> str:
-    moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC)
+    """The Received header's date (UTC, to the second)."""
+    return _rfc5322_date_of_second(math.floor(seconds))
+
+
+@functools.lru_cache(maxsize=2)
+def _rfc5322_date_of_second(second: int) -> str:
+    # Formatted once a second, not once a message: a busy listener takes hundreds a second.
+    moment = datetime.datetime.fromtimestamp(second, tz=datetime.UTC)
     return email.utils.format_datetime(moment)
 
 

@@ -134,6 +134,8 @@ class SmtpServerProtocol(Protocol):
         self._transport_paused = False
         self._shutdown_pending = False
         self._timer: IDelayedCall | None = None
+        #: What ``_timer`` calls when it expires.
+        self._timer_expired: Callable[[], None] | None = None
         self._data_deadline: IDelayedCall | None = None
         self._abort_timer: IDelayedCall | None = None
         self._handshaking = False
@@ -234,9 +236,19 @@ class SmtpServerProtocol(Protocol):
 
     # -- timers -------------------------------------------------------------------------------
     def _restart_timer(self, seconds: float, expired: Callable[[], None] | None = None) -> None:
-        self._cancel_timer()
-        if not self._closing:
-            self._timer = self.clock.callLater(seconds, expired or self._timed_out)
+        expired = expired or self._timed_out
+        timer = self._timer
+        if self._closing:
+            self._cancel_timer()
+        elif timer is not None and self._timer_expired == expired and timer.active():
+            # Pushing a pending call later is an assignment (the reactor moves it when its
+            # old time comes); a new call for every command line cost a heap entry and a
+            # cancellation each (docs/performance.md, "The accepting path").
+            timer.reset(seconds)
+        else:
+            self._cancel_timer()
+            self._timer = self.clock.callLater(seconds, expired)
+            self._timer_expired = expired
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -721,11 +733,16 @@ class SmtpServerProtocol(Protocol):
             data = data[1:]
         if b"\n." in data:
             data = data.replace(b"\n.", b"\n")
+        # Three counts tell everything: every LF after a CR and every CR before an LF.
         newlines = data.count(b"\n")
+        returns = data.count(b"\r")
+        line_ends = data.count(b"\r\n") if newlines and returns else 0
         if newlines:
             self._after_crlf = data.endswith(b"\r\n")  # as sent, before normalising
-            if data.count(b"\r\n") != newlines:
+            if line_ends != newlines:
                 data = _BARE_LF.sub(b"\r\n", data)
+                returns += newlines - line_ends  # a CR for each bare LF
+                line_ends = newlines
         self._line_start = data.endswith(b"\n")
         self._size += len(data)
         if self._oversize:
@@ -736,7 +753,7 @@ class SmtpServerProtocol(Protocol):
             return
         if b"\0" in data:
             self._has_nul = True
-        if data.count(b"\r") != data.count(b"\r\n"):
+        if returns != line_ends:
             self._has_bare_cr = True
         if self._body is not None:
             self._body.write(data)
