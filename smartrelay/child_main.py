@@ -32,6 +32,7 @@ from zope.interface import implementer
 from smartrelay.child_processes import METRICS_INTERVAL, metrics_line
 from smartrelay.config import ConfigError, load_config
 from smartrelay.delivery.processes import ADAPTIVE_PREFIX, adaptive_line
+from smartrelay.gc_freeze import freeze_startup_objects
 from smartrelay.logs import child_log_observer
 from smartrelay.metrics import RelayMetrics
 from smartrelay.rewrap.dkim import DkimError
@@ -169,6 +170,7 @@ def run(role: Literal["delivery", "listener"], argv: Sequence[str] | None = None
         return relay.stopService().addBoth(lambda _: reporter.send())
 
     relay_reactor.callWhenRunning(relay.startService)
+    relay_reactor.callWhenRunning(freeze_startup_objects)  # gc_freeze.py
     relay_reactor.callWhenRunning(sending.start, METRICS_INTERVAL, now=False)
     relay_reactor.addSystemEventTrigger("before", "shutdown", stop)
     relay_reactor.run()

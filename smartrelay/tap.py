@@ -24,6 +24,7 @@ from smartrelay.config import (
     load_config,
 )
 from smartrelay.delivery.pools import SourceAddressError
+from smartrelay.gc_freeze import freeze_startup_objects
 from smartrelay.listening import ListenError
 from smartrelay.logs import twistd_log_observer
 from smartrelay.reactor import as_relay_reactor
@@ -72,6 +73,8 @@ def makeService(options: Options) -> IService:
         relay_reactor = as_relay_reactor(reactor)
         relay = TwistdRelay(config, relay_reactor)
         relay.check_listeners()
+        # Start-up's objects out of the full collections' way (p99; gc_freeze.py).
+        relay_reactor.callWhenRunning(freeze_startup_objects)
         # twistd's options (``options.parent``): where twistd would log, and how.
         relay.log_observer = twistd_log_observer(
             getattr(options, "parent", None), relay_reactor.callFromThread

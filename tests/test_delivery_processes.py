@@ -98,6 +98,8 @@ def test_two_delivery_processes_deliver_everything_once(
     assert len(delivered_lines) == MESSAGES
     assert all(re.search(r"delivery\[[01]\] ", line) for line in delivered_lines)
     assert "Traceback" not in output
+    for index in (0, 1):  # each child froze its start-up objects (gc_freeze.py)
+        assert f"delivery[{index}] start-up objects frozen for the garbage collector" in output
     # One line per state change, as one process would write it: each message's acceptance
     # (main process) and its delivery (formatted by the child that delivered it, with its
     # own timestamp and logger, written by the main process as it came).

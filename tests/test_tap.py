@@ -263,6 +263,7 @@ def test_twistd_starts_and_stops_on_a_signal(
     assert clean_exit(returncode, signum), output
     assert f"Received {signum.name}" in output
     assert "database closed" in output.split(f"Received {signum.name}")[1]
+    assert "start-up objects frozen for the garbage collector: " in output  # gc_freeze.py
     assert "Traceback" not in output and "Unhandled" not in output and "fatal" not in output
 
 
