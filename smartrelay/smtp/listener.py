@@ -58,6 +58,15 @@ class SmtpFactory(ServerFactory):
         self.connections: set[SmtpServerProtocol] = set()
         self.per_client: Counter[str] = Counter()
         self.metrics = metrics
+        # This listener's counters, looked up once rather than by label for every message.
+        self._counted = (
+            None
+            if metrics is None
+            else (
+                metrics.messages_received.labels(listener=name),
+                metrics.recipients_received.labels(listener=name),
+            )
+        )
         if metrics is not None:
             metrics.smtp_sessions_open.labels(listener=name).set_function(
                 lambda: len(self.connections)
@@ -108,9 +117,10 @@ class SmtpFactory(ServerFactory):
             protocol.shutdown()
 
     def _accepted(self, recipients: int) -> None:
-        if self.metrics is not None:
-            self.metrics.messages_received.labels(listener=self.name).inc()
-            self.metrics.recipients_received.labels(listener=self.name).inc(recipients)
+        if self._counted is not None:
+            messages, recipients_counter = self._counted
+            messages.inc()
+            recipients_counter.inc(recipients)
 
     def _closed(self, protocol: SmtpServerProtocol) -> None:
         if protocol in self.connections:
