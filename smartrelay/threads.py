@@ -23,7 +23,9 @@ T = TypeVar("T")
 _Work = tuple[Deferred[Any], Callable[..., Any], tuple[Any, ...]]
 
 #: Seconds a thread may keep the GIL while another waits for it (Python's default: 5 ms).
-GIL_SWITCH_INTERVAL = 0.0005
+#: 0.1 ms rather than 0.5: end to end +5% and acceptance p99 41-43 ms against 47-52 in three
+#: alternating rounds (docs/performance.md, "Issue 19, third session"); 0.05 ms no better.
+GIL_SWITCH_INTERVAL = 0.0001
 
 
 def shorten_gil_switch_interval() -> None:
@@ -33,7 +35,7 @@ def shorten_gil_switch_interval() -> None:
     SQLite step) must take it back, and while one of our worker threads runs Python (a
     SQLite transaction's rows, a DKIM signature's fields) that took up to the default 5 ms:
     with a busy worker, one 3 µs zlib call cost the reactor thread 2.8 ms, and a message
-    makes a dozen such calls (docs/performance.md, "The GIL"). Called once by each process
+    makes a dozen such calls (docs/performance.md, "Issue 19, third session"). Called once by each process
     of the relay, at start-up (a process-wide setting)."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
 
