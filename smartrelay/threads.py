@@ -35,8 +35,8 @@ def shorten_gil_switch_interval() -> None:
     SQLite step) must take it back, and while one of our worker threads runs Python (a
     SQLite transaction's rows, a DKIM signature's fields) that took up to the default 5 ms:
     with a busy worker, one 3 µs zlib call cost the reactor thread 2.8 ms, and a message
-    makes a dozen such calls (docs/performance.md, "Issue 19, third session"). Called once by each process
-    of the relay, at start-up (a process-wide setting)."""
+    makes a dozen such calls (docs/performance.md, "Issue 19, third session"). Called once
+    by each process of the relay, at start-up (a process-wide setting)."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
 
 
