@@ -541,3 +541,100 @@ async def test_suppression_lookups_at_the_same_moment_share_a_query(store: Store
     assert [sorted(f) for f in found] == [["x@example.net"], ["y@example.net"], []]
     assert found[1]["y@example.net"].reason == "unsubscribe"
     assert queries == 2  # the first lookup alone, then the two that came while it ran
+
+
+AWKWARD = [
+    "50%s off@example.net",
+    "100% sure@example.net",
+    "o'brien@example.net",
+    "zoë@exämple.net",
+]
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_many_runs_in_order_before_the_next_statement(engine: IDatabaseEngine) -> None:
+    """Rows given to write_many are there for the transaction's next statement, values with
+    placeholders' characters, quotes, non-ASCII text and bytes stored exactly."""
+    body = bytes(range(256)) * 3
+
+    async def txn(cursor: ICursor) -> list[Any]:
+        await cursor.write_many(
+            "INSERT INTO suppressions (address, reason, created_at) VALUES (?, ?, ?)",
+            [(address, "manual", i) for i, address in enumerate(AWKWARD)],
+        )
+        await cursor.write_many(
+            "INSERT INTO messages (queue_id, received_at, sender, size) VALUES (?, 0, ?, 1)",
+            [("Q%s1", "a%b@example.com")],
+        )
+        await cursor.write_many(
+            "INSERT INTO message_bodies (queue_id, raw) VALUES (?, ?)", [("Q%s1", body)]
+        )
+        await cursor.execute("SELECT address FROM suppressions ORDER BY created_at")
+        return [row[0] for row in cursor.fetchall()]
+
+    assert await engine.run_interaction("write_many", txn) == AWKWARD
+
+    async def check(cursor: ICursor) -> tuple[Any, ...]:
+        await cursor.execute(
+            "SELECT m.sender, b.raw FROM messages m JOIN message_bodies b USING (queue_id)"
+            " WHERE queue_id = ?",
+            ("Q%s1",),
+        )
+        row = cursor.fetchone()
+        assert row is not None
+        return tuple(row)
+
+    assert await engine.run_interaction("check", check, readonly=True) == (
+        "a%b@example.com",
+        body,
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_write_many_fails_its_transaction(
+    store: Store, engine: IDatabaseEngine
+) -> None:
+    """An error of a row given to write_many (here a duplicate key, found only when the rows
+    are sent) fails the whole transaction: nothing of it stays, and the engine goes on."""
+
+    async def txn(cursor: ICursor) -> None:
+        await cursor.write_many(
+            "INSERT INTO suppressions (address, reason, created_at) VALUES (?, 'manual', 0)",
+            [("first@example.net",), ("dup@example.net",), ("dup@example.net",)],
+        )
+        await cursor.notify("smartrelay_test")
+
+    with pytest.raises(Exception, match=r"(?i)unique|duplicate"):
+        await engine.run_interaction("duplicate", txn)
+    assert await count(engine, "suppressions") == 0
+    await store.add_suppression("x@y", "manual")
+    assert await count(engine, "suppressions") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_accepting_a_group_is_one_round_trip_on_postgresql(
+    store: Store, engine: IDatabaseEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL a group commit of accepted messages (INSERTs into five tables and a
+    NOTIFY) goes as one query string, BEGIN to COMMIT: one round trip instead of seven."""
+    if engine.name != "postgresql":
+        assert engine.name == "sqlite"  # one trip to the connection's thread anyway
+        return
+    from txpostgres import txpostgres
+
+    sent: list[str] = []
+    execute = txpostgres.Cursor.execute
+
+    def counting(self: Any, query: Any, params: Any = None) -> Any:
+        sent.append(query.decode() if isinstance(query, bytes) else str(query))
+        return execute(self, query, params)
+
+    monkeypatch.setattr(txpostgres.Cursor, "execute", counting)
+    queued = await store.queue_message(message("a@example.net", "b@example.net"))
+    monkeypatch.undo()
+    assert len(sent) == 1, sent
+    [query] = sent
+    assert query.startswith("BEGIN; INSERT INTO messages ") and query.endswith("; COMMIT")
+    assert "NOTIFY " in query and queued.queue_id in query
+    assert await count(engine, "recipients") == 2
+    assert await count(engine, "message_terms") > 0

@@ -22,7 +22,7 @@ async def insert_events(cursor: ICursor, time_ms: int, rows: Iterable[EventRow])
         for queue_id, recipient, event in rows
     ]
     if values:
-        await cursor.executemany(
+        await cursor.write_many(
             "INSERT INTO events (type, time, queue_id, recipient, data) VALUES (?, ?, ?, ?, ?)",
             values,
         )

@@ -33,6 +33,13 @@ class ICursor(Interface):
     def executemany(sql: str, rows: Sequence[Sequence[Any]]) -> Deferred[None]:
         """Run one statement once per parameter row."""
 
+    def write_many(sql: str, rows: Sequence[Sequence[Any]]) -> Deferred[None]:
+        """Like :meth:`executemany`, for writes nothing is read back from (no rows, no
+        ``rowcount``): the engine may send them with the transaction's next statement or its
+        COMMIT, so that on PostgreSQL a run of such writes costs no round trip of its own.
+        An error of theirs then comes from that later statement (the transaction fails as
+        it would have); statements still run in the order they were given."""
+
     def fetchone() -> Row | None:
         """The next result row of the last execute, or None."""
 

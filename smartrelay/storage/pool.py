@@ -236,6 +236,9 @@ class NotifyingCursor(ABC):
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Deferred[None]: ...
 
     @abstractmethod
+    def write_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> Deferred[None]: ...
+
+    @abstractmethod
     def fetchone(self) -> Row | None: ...
 
     @abstractmethod

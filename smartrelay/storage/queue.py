@@ -177,7 +177,7 @@ class QueueStore(StoreBase):
             new = [
                 (m, r.queue_id) for m, r in zip(messages, results, strict=True) if not r.duplicate
             ]
-            await cursor.executemany(
+            await cursor.write_many(
                 "INSERT INTO messages (queue_id, received_at, sender, size, client_ip,"
                 " credential, tags, metadata, options, idempotency_key, sandbox)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -198,7 +198,7 @@ class QueueStore(StoreBase):
                     for m, queue_id in new
                 ],
             )
-            await cursor.executemany(
+            await cursor.write_many(
                 "INSERT INTO message_bodies (queue_id, raw) VALUES (?, ?)",
                 [(queue_id, m.raw if m.spooled is None else b"") for m, queue_id in new],
             )
@@ -207,7 +207,7 @@ class QueueStore(StoreBase):
                     await cursor.write_blob(
                         "message_bodies", "raw", "queue_id", queue_id, m.raw, m.spooled
                     )
-            await cursor.executemany(
+            await cursor.write_many(
                 "INSERT INTO recipients (queue_id, address, domain, state, attempts,"
                 " next_attempt_at, updated_at) VALUES (?, ?, ?, 'queued', 0, ?, ?)",
                 [

@@ -62,7 +62,7 @@ async def insert_terms(cursor: ICursor, rows: Iterable[tuple[str, int, Iterable[
         (term, received_at, queue_id) for queue_id, received_at, terms in rows for term in terms
     ]
     if values:
-        await cursor.executemany(
+        await cursor.write_many(
             "INSERT INTO message_terms (term, received_at, queue_id) VALUES (?, ?, ?)", values
         )
 

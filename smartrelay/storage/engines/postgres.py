@@ -14,7 +14,7 @@ from functools import lru_cache
 from typing import Any, TypeVar
 
 import psycopg2
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
@@ -111,7 +111,15 @@ def _plain_row(row: Row) -> Row:
 @implementer(ICursor)
 class PostgresCursor(NotifyingCursor):
     """``begin``: a statement (BEGIN) sent in front of the first statement, in the same round
-    trip; ``begun`` says whether it was sent."""
+    trip; ``begun`` says whether it was sent.
+
+    Writes given to :meth:`write_many`, and NOTIFY, are bound here at once (psycopg2 binds
+    parameters on our side anyway) and wait in ``_unsent``: they go in front of the next
+    statement, or of COMMIT (:meth:`commit`), in one query string. PostgreSQL runs the
+    statements of a string in order and stops at the first error. A transaction of writes
+    alone (a group commit of accepted messages: five INSERTs and a NOTIFY) is then one round
+    trip, BEGIN to COMMIT, instead of seven, each of which waited for the busy reactor.
+    """
 
     def __init__(self, cursor: Cursor, begin: str | None = None) -> None:
         super().__init__()
@@ -120,9 +128,32 @@ class PostgresCursor(NotifyingCursor):
         self._begin = begin
         self.begun = False
         self.rowcount = -1
+        self._unsent: list[bytes] = []
+
+    @property
+    def has_unsent(self) -> bool:
+        return bool(self._unsent)
+
+    def _with_unsent(self, statement: bytes | None) -> bytes:
+        """``statement`` after the unsent writes (and BEGIN, if not sent yet), as one string."""
+        parts, self._unsent = self._unsent, []
+        if self._begin is not None:
+            parts.insert(0, self._begin.encode("ascii"))
+            self._begin, self.begun = None, True
+        if statement is not None:
+            parts.append(statement)
+        return b"; ".join(parts)
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Deferred[None]:
         query = to_pyformat(sql)
+        if self._unsent:
+            try:
+                # Bound here, so the string goes without parameters: a "%" in a bound value
+                # is then never taken for a placeholder.
+                text = self._with_unsent(self._cursor.mogrify(query, tuple(args)))
+            except Exception:
+                return fail()
+            return self._cursor.execute(text).addCallback(self._executed)
         if self._begin is not None:
             # psycopg2 sends one query string (parameters are bound on our side), and
             # PostgreSQL runs its statements in order: BEGIN costs no round trip of its own.
@@ -152,6 +183,34 @@ class PostgresCursor(NotifyingCursor):
         self._has_rows = False
         self.rowcount = total
 
+    def write_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> Deferred[None]:
+        try:
+            match = _INSERT_VALUES.match(sql)
+            if match is None:
+                query = to_pyformat(sql)
+                self._unsent.extend(self._cursor.mogrify(query, tuple(row)) for row in rows)
+            else:
+                head, group = match[1], match[2]
+                for start in range(0, len(rows), _ROWS_PER_INSERT):
+                    chunk = rows[start : start + _ROWS_PER_INSERT]
+                    flat = [value for row in chunk for value in row]
+                    query = to_pyformat(head + ", ".join([group] * len(chunk)))
+                    self._unsent.append(self._cursor.mogrify(query, flat))
+        except Exception:
+            return fail()
+        self._has_rows = False
+        self.rowcount = -1
+        return succeed(None)
+
+    def flush(self) -> Deferred[None]:
+        """Send the unsent writes (and BEGIN, if not sent yet) now."""
+        return self._cursor.execute(self._with_unsent(None)).addCallback(self._executed)
+
+    def commit(self) -> Deferred[None]:
+        """COMMIT, after the unsent writes (and BEGIN, when nothing was sent before: the
+        whole transaction), in one round trip."""
+        return self._cursor.execute(self._with_unsent(b"COMMIT")).addCallback(self._executed)
+
     def _executed(self, _: object) -> None:
         self._has_rows = self._cursor.description is not None
         self.rowcount = self._cursor.rowcount
@@ -170,7 +229,8 @@ class PostgresCursor(NotifyingCursor):
     def notify(self, channel: str) -> Deferred[None]:
         if not _CHANNEL.match(channel):
             raise ValueError(f"bad notification channel {channel!r}")
-        return self.execute(f"NOTIFY {channel}")
+        self._unsent.append(f"NOTIFY {channel}".encode("ascii"))  # sent with COMMIT at the latest
+        return succeed(None)
 
     def read_blob(self, table: str, column: str, key_column: str, key: str) -> Deferred[bytes]:
         return Deferred.fromCoroutine(
@@ -290,7 +350,10 @@ class PostgresEngine(PooledEngine[Connection]):
             # as its statements run on their own: no BEGIN and COMMIT round trips.
             cursor = PostgresCursor(connection.cursor())
             try:
-                return await txn(cursor), cursor.pending_notifications
+                result = await txn(cursor)
+                if cursor.has_unsent:  # writes in a read-only transaction: sent as they are
+                    await cursor.flush()
+                return result, cursor.pending_notifications
             except Exception as error:
                 if is_disconnect(connection, error):
                     raise DatabaseUnavailable(f"{name}: {_text(error)}") from error
@@ -299,11 +362,11 @@ class PostgresEngine(PooledEngine[Connection]):
         committing = False
         try:
             result = await txn(cursor)
-            if cursor.begun:
+            if cursor.begun or cursor.has_unsent:
                 if connection.closed:
                     raise DatabaseUnavailable(f"{name}: connection closed before COMMIT")
                 committing = True
-                await connection.cursor().execute("COMMIT")
+                await cursor.commit()
         except BaseException as error:
             if isinstance(error, DatabaseUnavailable):
                 raise

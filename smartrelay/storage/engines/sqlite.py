@@ -224,6 +224,10 @@ class SqliteCursor(NotifyingCursor):
         self._rows, self.rowcount, self._position = [], cursor.rowcount, 0
         return succeed(None)
 
+    def write_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> Deferred[None]:
+        # A transaction runs whole on the connection's thread: no round trip to save.
+        return self.executemany(sql, rows)
+
     def fetchone(self) -> Row | None:
         if self._position >= len(self._rows):
             return None
