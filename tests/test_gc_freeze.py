@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import gc
 
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from zope.interface import provider
 
 from smartrelay.gc_freeze import freeze_startup_objects
 
@@ -16,7 +17,12 @@ class Cycle:
 
 def test_startup_objects_are_frozen_and_later_garbage_is_still_collected() -> None:
     events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
+
+    @provider(ILogObserver)
+    def observe(event: LogEvent) -> None:
+        events.append(event)
+
+    globalLogPublisher.addObserver(observe)
     try:
         kept = Cycle()
         frozen = freeze_startup_objects()
@@ -28,6 +34,6 @@ def test_startup_objects_are_frozen_and_later_garbage_is_still_collected() -> No
         assert gc.collect() >= 1
     finally:
         gc.unfreeze()
-        globalLogPublisher.removeObserver(events.append)
+        globalLogPublisher.removeObserver(observe)
     assert any(o is kept for o in gc.get_objects())
     assert [e["count"] for e in events if "frozen" in e.get("log_format", "")] == [frozen]
