@@ -119,12 +119,12 @@ async def mark_finished(cursor: ICursor, now_ms: int, queue_ids: Iterable[str]) 
     state (retention counts from there); inside the transaction that finished them."""
     wanted = sorted(set(queue_ids))
     for chunk in chunks(wanted):
-        await cursor.execute(
+        await cursor.write_many(
             "UPDATE messages SET finished_at = ?"
             f" WHERE queue_id IN ({marks(len(chunk))}) AND finished_at IS NULL"
             " AND NOT EXISTS (SELECT 1 FROM recipients r"
             "  WHERE r.queue_id = messages.queue_id AND r.next_attempt_at IS NOT NULL)",
-            (now_ms, *chunk),
+            [(now_ms, *chunk)],
         )
 
 

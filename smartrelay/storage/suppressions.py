@@ -83,10 +83,10 @@ async def clear_soft_bounces(cursor: ICursor, addresses: Iterable[str]) -> None:
     """Remove the soft-bounce entries of ``addresses`` (lower-cased already)."""
     wanted = sorted(set(addresses))
     for chunk in chunks(wanted):
-        await cursor.execute(
+        await cursor.write_many(
             "DELETE FROM suppressions WHERE reason = 'soft_bounce'"
             f" AND address IN ({marks(len(chunk))})",
-            chunk,
+            [chunk],
         )
 
 
