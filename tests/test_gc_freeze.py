@@ -26,7 +26,8 @@ def test_startup_objects_are_frozen_and_later_garbage_is_still_collected() -> No
     try:
         kept = Cycle()
         frozen = freeze_startup_objects()
-        assert frozen == gc.get_freeze_count() > 0
+        # (Frozen objects may still be freed by their reference count: the count can drop.)
+        assert 0 < gc.get_freeze_count() <= frozen
         # What was alive is out of the generations a full collection walks.
         assert not any(o is kept for o in gc.get_objects())
         # A cycle made afterwards is garbage the collector still finds.
