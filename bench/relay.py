@@ -25,7 +25,9 @@ system, and smtp-sink takes 12-27k msg/s here, far above what is measured):
 * SmartRelay: `twistd smartrelay` with a temp config routing `*` to the sink, the full re-wrap
   chain (VERP, List-Unsubscribe, open and click tracking, DKIM RSA-2048 for example.com), on
   SQLite (WAL, synchronous=FULL), then on a throwaway PostgreSQL server (fsync on by default,
-  as PostgreSQL ships; `--pg-fsync off` for the test suite's setting).
+  as PostgreSQL ships; `--pg-fsync off` for the test suite's setting). `[delivery] processes`
+  as etc/production.toml's "auto" (one per core less one) unless --delivery-processes says,
+  `[delivery] nice` the relay's default unless --delivery-nice says.
 
 The load is personalized, as real transactional mail is: every message different (its own
 recipient, name, order number, amounts, URLs with ids and tokens; receipts, password resets,

@@ -136,8 +136,10 @@ class QueueStore(StoreBase):
         suppression: SuppressionConfig | None = None,
     ) -> None:
         super().__init__(engine, clock, suppression)
-        # SQLite has one writer at a time anyway; PostgreSQL overlaps a few commits.
-        in_flight = 1 if engine.name == "sqlite" else 3
+        # SQLite has one writer at a time anyway; PostgreSQL overlaps two commits (three
+        # gave more, smaller transactions: 15% more server CPU, no better p99, since a
+        # group commit became one round trip; docs/performance.md, third session).
+        in_flight = 1 if engine.name == "sqlite" else 2
         self._queue_committer: GroupCommitter[NewMessage, QueuedMessage] = GroupCommitter(
             self._queue_batch, max_batch=200, max_in_flight=in_flight
         )
