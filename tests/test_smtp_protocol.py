@@ -531,6 +531,18 @@ def reference_data(stream: bytes) -> tuple[bytes, bytes]:
         out.append(line[:-2] + b"\r\n" if after_crlf else line[:-1] + b"\r\n")
 
 
+def send_data_in_pieces(stream: bytes, cuts: list[int]) -> tuple[Client, list[str]]:
+    """A client in DATA sends ``stream`` in reads cut at ``cuts``; it and the replies."""
+    client = Client(evolve(SETTINGS, max_message_size=1_000_000))
+    client.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n")
+    replies: list[str] = []
+    previous = 0
+    for cut in [*sorted(c for c in cuts if c < len(stream)), len(stream)]:
+        replies += client.send(stream[previous:cut])
+        previous = cut
+    return client, replies
+
+
 line_text = st.binary(max_size=30).map(
     lambda b: b.replace(b"\r", b"").replace(b"\n", b"").replace(b"\0", b"")
 )
@@ -547,13 +559,7 @@ data_line = st.tuples(
 def test_data_parsing_matches_the_line_by_line_model(lines: list[bytes], cuts: list[int]) -> None:
     stream = b"".join(lines) + b"\r\n.\r\nNOOP\r\n"
     expected_message, rest = reference_data(stream)
-    client = Client(evolve(SETTINGS, max_message_size=1_000_000))
-    client.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n")
-    replies: list[str] = []
-    previous = 0
-    for cut in [*sorted(c for c in cuts if c < len(stream)), len(stream)]:
-        replies += client.send(stream[previous:cut])
-        previous = cut
+    client, replies = send_data_in_pieces(stream, cuts)
     # The CRLF before the dot guarantees the end is seen after a CRLF line.
     assert client.backend.messages, replies
     assert client.backend.messages[0][1] == expected_message
@@ -582,13 +588,7 @@ def test_bare_cr_and_nul_are_refused_as_the_line_model_says(
     however the stream is cut into reads."""
     stream = b"".join(lines) + b"\r\n.\r\nNOOP\r\n"
     expected_message, _ = reference_data(stream)
-    client = Client(evolve(SETTINGS, max_message_size=1_000_000))
-    client.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n")
-    replies: list[str] = []
-    previous = 0
-    for cut in [*sorted(c for c in cuts if c < len(stream)), len(stream)]:
-        replies += client.send(stream[previous:cut])
-        previous = cut
+    client, replies = send_data_in_pieces(stream, cuts)
     bare_cr = expected_message.replace(b"\r\n", b"").count(b"\r") > 0
     if b"\0" in expected_message:
         assert not client.backend.messages

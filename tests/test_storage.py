@@ -151,8 +151,16 @@ async def test_sql_error_rolls_back_and_engine_stays_usable(
         )
         await cursor.execute("INSERT INTO no_such_table VALUES (1)")
 
-    with pytest.raises(Exception, match="no_such_table"):
-        await engine.run_interaction("bad", txn)
+    await assert_rolled_back_and_usable(store, engine, txn, "no_such_table")
+
+
+async def assert_rolled_back_and_usable(
+    store: Store, engine: IDatabaseEngine, txn: Callable[[ICursor], Any], error: str
+) -> None:
+    """``txn`` (which writes suppressions) fails with ``error``, leaves none, and the engine
+    stores the next one."""
+    with pytest.raises(Exception, match=error):
+        await engine.run_interaction("failing", txn)
     assert await count(engine, "suppressions") == 0
     await store.add_suppression("x@y", "manual")
     assert await count(engine, "suppressions") == 1
@@ -607,11 +615,7 @@ async def test_a_failing_write_many_fails_its_transaction(
         )
         await cursor.notify("smartrelay_test")
 
-    with pytest.raises(Exception, match=r"(?i)unique|duplicate"):
-        await engine.run_interaction("duplicate", txn)
-    assert await count(engine, "suppressions") == 0
-    await store.add_suppression("x@y", "manual")
-    assert await count(engine, "suppressions") == 1
+    await assert_rolled_back_and_usable(store, engine, txn, r"(?i)unique|duplicate")
 
 
 @pytest_twisted.ensureDeferred
