@@ -189,16 +189,19 @@ async def test_a_commit_lost_on_the_way_is_never_run_again(pg_engine: PostgresEn
         await pg_engine.run_interaction("dies_at_commit", txn)
     assert runs == 1
 
-    # Group commit (three transactions in flight on PostgreSQL): the first three messages
-    # go one per transaction, the next two share one that dies at COMMIT; neither of them is
-    # then stored on its own.
+    # Group commit (N transactions in flight on PostgreSQL): the first N messages go one per
+    # transaction, the next two share one that dies at COMMIT; neither of them is then
+    # stored on its own.
     store = Store(pg_engine, real_reactor())
+    in_flight = store._queue_committer.max_in_flight
+    assert in_flight >= 2
 
     def new(sender: str) -> NewMessage:
         return NewMessage(sender=sender, recipients=("r@example.net",), raw=b"Subject: x\r\n\r\n")
 
     firsts = [
-        Deferred.fromCoroutine(store.queue_message(new(f"a{i}@example.com"))) for i in range(3)
+        Deferred.fromCoroutine(store.queue_message(new(f"a{i}@example.com")))
+        for i in range(in_flight)
     ]
     doomed = Deferred.fromCoroutine(store.queue_message(new("die@example.com")))
     innocent = Deferred.fromCoroutine(store.queue_message(new("b@example.com")))
@@ -213,7 +216,7 @@ async def test_a_commit_lost_on_the_way_is_never_run_again(pg_engine: PostgresEn
         return [str(row[0]) for row in cursor.fetchall()]
 
     stored = await pg_engine.run_interaction("senders", senders, readonly=True)
-    assert stored == ["a0@example.com", "a1@example.com", "a2@example.com"]
+    assert stored == [f"a{i}@example.com" for i in range(in_flight)]
 
 
 # -- delivery ---------------------------------------------------------------------------------

@@ -40,8 +40,8 @@ class GroupCommitter(Generic[Item, Result]):
     ) -> None:
         self._run_batch = run_batch
         self._max_batch = max_batch
-        self._max_in_flight = max_in_flight
         self._pending: list[tuple[Item, Deferred[Result]]] = []
+        self.max_in_flight = max_in_flight
         self._in_flight = 0
         self.batches = 0  # committed transactions, for tests and metrics
 
@@ -52,7 +52,7 @@ class GroupCommitter(Generic[Item, Result]):
         return result
 
     def _maybe_start(self) -> None:
-        while self._pending and self._in_flight < self._max_in_flight:
+        while self._pending and self._in_flight < self.max_in_flight:
             batch = self._pending[: self._max_batch]
             del self._pending[: self._max_batch]
             self._in_flight += 1
