@@ -4,8 +4,8 @@ A relay process holds some hundreds of thousands of objects from its start-up (m
 classes, functions, the libraries' tables) that live as long as it does. CPython's full
 (generation 2) collection walks every one of them each time, and does so every few seconds
 under load: 30-57 ms each in a listener measured at 1,500 msg/s, during which no session is
-answered, so each one went straight into the acceptance p99 (docs/performance.md, "Garbage
-collection pauses"). Frozen once the reactor runs, they are never walked again; what the
+answered, so each one went straight into the acceptance p99 (docs/performance.md, "Issue 19,
+third session"). Frozen once the reactor runs, they are never walked again; what the
 relay allocates afterwards is collected as before. An object frozen that later becomes
 garbage only through a reference cycle stays allocated: start-up makes few of those.
 

@@ -243,7 +243,7 @@ class SmtpServerProtocol(Protocol):
         elif timer is not None and self._timer_expired == expired and timer.active():
             # Pushing a pending call later is an assignment (the reactor moves it when its
             # old time comes); a new call for every command line cost a heap entry and a
-            # cancellation each (docs/performance.md, "The accepting path").
+            # cancellation each (docs/performance.md, "Issue 19, third session").
             timer.reset(seconds)
         else:
             self._cancel_timer()
