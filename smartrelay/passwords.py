@@ -48,5 +48,11 @@ def verify_password(password: str, stored: str) -> bool:
 
 
 def generate_password() -> str:
-    """A random password for ``smtp-credential add`` (printed once, never stored)."""
-    return secrets.token_urlsafe(18)
+    """A random password for ``smtp-credential add`` (printed once, never stored), 24
+    characters of the URL-safe base64 alphabet, never starting with ``-``: a command-line
+    tool given it as an argument (``swaks --auth-password PASSWORD``) takes such a word for
+    an option of its own (1 password in 32 did)."""
+    while True:
+        password = secrets.token_urlsafe(18)
+        if not password.startswith("-"):
+            return password
