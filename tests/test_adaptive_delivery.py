@@ -147,6 +147,11 @@ class RateLimitingSink(TrackingSinkBackend):
         return None
 
 
+# SQLite only: the adaptive limits live in the delivery process's memory, and the store only
+# queues and records here as everywhere else (both engines: test_adaptive_delivery's clock
+# tests above, test_delivery_e2e). The scenario takes ~45 s of real time: once is enough
+# for a suite that must stay under 10 minutes.
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 @pytest_twisted.ensureDeferred
 async def test_real_sockets_converge_near_the_sinks_rate_bounce_nothing_and_recover(
     engine: IDatabaseEngine, sinks: Sinks, tmp_path: Path
