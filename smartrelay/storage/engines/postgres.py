@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
 from typing import Any, TypeVar
 
@@ -100,6 +100,20 @@ def to_pyformat(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
 
 
+def _statements(sql: str, rows: Sequence[Sequence[Any]]) -> Iterator[tuple[str, list[Any]]]:
+    """The statements running ``sql`` once per row: an INSERT ... VALUES (...) as one
+    multi-row INSERT per chunk of rows, anything else row by row."""
+    match = _INSERT_VALUES.match(sql)
+    if match is None:
+        for row in rows:
+            yield sql, list(row)
+        return
+    head, group = match[1], match[2]
+    for start in range(0, len(rows), _ROWS_PER_INSERT):
+        chunk = rows[start : start + _ROWS_PER_INSERT]
+        yield head + ", ".join([group] * len(chunk)), [value for row in chunk for value in row]
+
+
 def _plain(value: Any) -> Any:
     return bytes(value) if isinstance(value, memoryview) else value
 
@@ -146,20 +160,17 @@ class PostgresCursor(NotifyingCursor):
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Deferred[None]:
         query = to_pyformat(sql)
-        if self._unsent:
+        if self._unsent or self._begin is not None:
+            # One query string: PostgreSQL runs its statements in order, so BEGIN and the
+            # unsent writes cost no round trip of their own. Bound here (psycopg2 binds on
+            # our side anyway), so the string goes without parameters: a "%" in a bound
+            # value is then never taken for a placeholder.
             try:
-                # Bound here, so the string goes without parameters: a "%" in a bound value
-                # is then never taken for a placeholder.
                 text = self._with_unsent(self._cursor.mogrify(query, tuple(args)))
             except Exception:
                 return fail()
             return self._cursor.execute(text).addCallback(self._executed)
-        if self._begin is not None:
-            # psycopg2 sends one query string (parameters are bound on our side), and
-            # PostgreSQL runs its statements in order: BEGIN costs no round trip of its own.
-            query, self._begin, self.begun = f"{self._begin}; {query}", None, True
-        d = self._cursor.execute(query, tuple(args))
-        return d.addCallback(self._executed)
+        return self._cursor.execute(query, tuple(args)).addCallback(self._executed)
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Deferred[None]:
         return Deferred.fromCoroutine(self._executemany(sql, rows))
@@ -167,35 +178,17 @@ class PostgresCursor(NotifyingCursor):
     async def _executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         # psycopg2's async mode has no executemany. An INSERT ... VALUES (...) becomes one
         # multi-row INSERT per chunk (one round trip); anything else runs row by row.
-        match = _INSERT_VALUES.match(sql)
         total = 0
-        if match is None:
-            for row in rows:
-                await self.execute(sql, row)
-                total += max(self.rowcount, 0)
-        else:
-            head, group = match[1], match[2]
-            for start in range(0, len(rows), _ROWS_PER_INSERT):
-                chunk = rows[start : start + _ROWS_PER_INSERT]
-                flat = [value for row in chunk for value in row]
-                await self.execute(head + ", ".join([group] * len(chunk)), flat)
-                total += max(self.rowcount, 0)
+        for statement, args in _statements(sql, rows):
+            await self.execute(statement, args)
+            total += max(self.rowcount, 0)
         self._has_rows = False
         self.rowcount = total
 
     def write_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> Deferred[None]:
         try:
-            match = _INSERT_VALUES.match(sql)
-            if match is None:
-                query = to_pyformat(sql)
-                self._unsent.extend(self._cursor.mogrify(query, tuple(row)) for row in rows)
-            else:
-                head, group = match[1], match[2]
-                for start in range(0, len(rows), _ROWS_PER_INSERT):
-                    chunk = rows[start : start + _ROWS_PER_INSERT]
-                    flat = [value for row in chunk for value in row]
-                    query = to_pyformat(head + ", ".join([group] * len(chunk)))
-                    self._unsent.append(self._cursor.mogrify(query, flat))
+            for statement, args in _statements(sql, rows):
+                self._unsent.append(self._cursor.mogrify(to_pyformat(statement), args))
         except Exception:
             return fail()
         self._has_rows = False
