@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 from pathlib import Path
 
 from tests.support.postfix import PostfixSink
 from tests.support.processes import (
     children_of,
     kill_and_see_the_children_leave,
+    kill_one_child,
+    see_it_started_again,
     stop_and_see_the_children_leave,
 )
 from tests.support.relay import HOST, free_ports
@@ -127,16 +128,8 @@ def test_a_dead_child_is_restarted_and_children_leave_with_the_main_process(
     try:
         relay.wait_for("2 delivery process(es) started")
         relay.wait_for("delivery[1] delivery: node")
-        children = children_of(relay.process.pid)
-        assert len(children) == 2
-        victim = min(children)
-        os.kill(victim, signal.SIGKILL)
-        relay.wait_for("starting it again in 1 s")
-        wait_until(
-            lambda: True if len(children_of(relay.process.pid) - {victim}) == 2 else None,
-            "the child started again",
-            timeout=15,
-        )
+        victim = kill_one_child(relay, 2)
+        see_it_started_again(relay, victim, 2, timeout=15)
         # The restarted child works: mail still gets delivered.
         accepted = submit_all(smtp_port, 10, 2)
         wait_until(

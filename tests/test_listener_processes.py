@@ -11,9 +11,7 @@ accepting process reads) are tested on their own below.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import smtplib
 import time
 from pathlib import Path
@@ -44,6 +42,8 @@ from tests.support.postfix import PostfixSink
 from tests.support.processes import (
     children_of,
     kill_and_see_the_children_leave,
+    kill_one_child,
+    see_it_started_again,
     stop_and_see_the_children_leave,
 )
 from tests.support.relay import HOST, free_ports
@@ -157,19 +157,11 @@ def test_a_dead_accepting_process_is_restarted_while_the_other_accepts(
     try:
         relay.wait_for("smtp[0] smtp: listening on")
         relay.wait_for("smtp[1] smtp: listening on")
-        children = children_of(relay.process.pid)
-        assert len(children) == 2
-        victim = min(children)
-        os.kill(victim, signal.SIGKILL)
+        victim = kill_one_child(relay, 2)
         # While it is down (1 s before its restart), the other one takes every connection.
         accepted = submit_all(smtp_port, 10, 2)
         assert len(accepted) == 10
-        relay.wait_for("starting it again in 1 s")
-        wait_until(
-            lambda: True if len(children_of(relay.process.pid) - {victim}) == 2 else None,
-            "the accepting process started again",
-            timeout=20,
-        )
+        see_it_started_again(relay, victim, 2, timeout=20)
         accepted.update(submit_all(smtp_port, 10, 2))
         wait_until(
             lambda: True if states(url)["delivered"] == len(accepted) else None,

@@ -52,3 +52,22 @@ def stop_and_see_the_children_leave(relay: Twistd) -> None:
     assert relay.stop(signal.SIGTERM, timeout=30) in (0, -signal.SIGTERM)
     assert "Server Shut Down." in relay.output
     assert not any(alive(child) for child in children)
+
+
+def kill_one_child(relay: Twistd, count: int) -> int:
+    """SIGKILL one of the relay's ``count`` children; its pid."""
+    children = children_of(relay.process.pid)
+    assert len(children) == count, children
+    victim = min(children)
+    os.kill(victim, signal.SIGKILL)
+    return victim
+
+
+def see_it_started_again(relay: Twistd, victim: int, count: int, timeout: float) -> None:
+    """The relay says it restarts the killed child, and has ``count`` children again."""
+    relay.wait_for("starting it again in 1 s")
+    wait_until(
+        lambda: True if len(children_of(relay.process.pid) - {victim}) == count else None,
+        "the child started again",
+        timeout=timeout,
+    )
