@@ -247,23 +247,18 @@ async def test_an_accepting_process_reads_the_held_set_and_reports_what_it_accep
     held = HeldCredentials(clock, lambda: succeed(store), reported.append, poll_interval=5.0)
     held.startService()
     try:
+        await _poll_done(held)  # the first read, at start
         assert held.check_sender("app") is None
         alert = AlertEvent("credential-volume", "app", 400, 20.0, "hold")
         assert await store.record_volume_alert(alert, "volume alert") is True
         assert held.check_sender("app") is None  # until the next read
         clock.advance(5.0)
-        for _ in range(50):  # the read runs on the engine's thread
-            if held.check_sender("app") is not None:
-                break
-            await _tick()
+        await _poll_done(held)
         assert held.check_sender("app") == HELD_REPLY
         assert held.check_sender(None) is None and held.check_sender("other") is None
         assert await store.release_credential("app") == "released"
         clock.advance(5.0)
-        for _ in range(50):
-            if held.check_sender("app") is None:
-                break
-            await _tick()
+        await _poll_done(held)
         assert held.check_sender("app") is None
         held.message_accepted("app")
         assert reported == ["app"]
@@ -271,5 +266,14 @@ async def test_an_accepting_process_reads_the_held_set_and_reports_what_it_accep
         held.stopService()
 
 
-async def _tick() -> None:
-    await deferLater(real_reactor(), 0.02, lambda: None)
+async def _poll_done(held: HeldCredentials) -> None:
+    """Wait (real time: the read runs on the engine's thread) until the read the clock
+    started has ended: the loop has then scheduled its next call. Advancing the clock while
+    a read is still running would not start another, and the test would wait on nothing."""
+    loop = held._loop
+    assert loop is not None
+    for _ in range(1000):
+        if loop.call is not None:
+            return
+        await deferLater(real_reactor(), 0.01, lambda: None)
+    raise AssertionError("the held set's read did not end in 10 s")
