@@ -24,6 +24,12 @@ endif
 
 .PHONY: run run-config check lint typecheck test venv clean bench bench-queue deb deb-check
 
+# Byte-compile the checkout: with PYTHONDONTWRITEBYTECODE set (as in some CI and container
+# environments) Python would otherwise compile every module from source in every process it
+# starts: each twistd, delivery process and smartrelay-ctl the tests run took 0.15 s more.
+# compileall writes the .pyc files anyway and skips those already up to date.
+COMPILE := $(BIN)/python -m compileall -q -j 0 smartrelay twisted/plugins tests bench
+
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 	  { echo "error: Python 3.11 or newer is needed as '$(PYTHON)'" >&2; exit 1; }
@@ -47,6 +53,7 @@ venv: $(VENV)/.run-installed
 run: $(VENV)/.run-installed
 	@mkdir -p var
 	@if [ "$(RUN_WITH)" != "$(CONFIG)" ]; then $(MAKE) --no-print-directory run-config; fi
+	@$(COMPILE)
 	$(BIN)/twistd --nodaemon --pidfile= smartrelay --config $(RUN_WITH)
 
 # Each port of the shipped config (tcp:2525:, tcp:2526:, tcp:8080: and base_url's
@@ -75,6 +82,7 @@ typecheck: $(VENV)/.test-installed
 # suite in one process.
 PYTEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 test: $(VENV)/.test-installed
+	@$(COMPILE)
 	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 check: lint typecheck test
