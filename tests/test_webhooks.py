@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 
 from smartrelay.config.model import Webhook
 from smartrelay.events import DeliveredEvent, OpenedEvent
@@ -67,16 +68,28 @@ async def add_events(store: Store, n: int, kind: str = "delivered") -> None:
 
 
 async def all_ids(store: Store, types: tuple[str, ...] = ()) -> list[int]:
-    """Every event's id in position order (of ``types``)."""
-    head = await store.event_head()
-    out: list[int] = []
-    after = START
+    """Every committed event's id in position order (of ``types``).
+
+    On PostgreSQL the head (:meth:`Store.event_head`) stays behind an event while any
+    transaction older than it is still open (the sender's own, say), so a read is made again
+    until it holds every event the table has: the callers add none meanwhile.
+    """
     while True:
-        page = await store.events_after(after, head, 1000, types)
-        out.extend(e.id for e in page.events)
-        after = page.end
-        if page.exhausted:
+        [(count,)] = await sql(store, "SELECT COUNT(*) FROM events")
+        head = await store.event_head()
+        out: list[int] = []
+        everything = 0
+        after = START
+        while True:
+            page = await store.events_after(after, head, 1000, ())
+            everything += len(page.events)
+            out.extend(e.id for e in page.events if not types or e.type in types)
+            after = page.end
+            if page.exhausted:
+                break
+        if everything >= int(str(count)):
             return out
+        await deferLater(real_reactor(), 0.05)
 
 
 async def endpoint_row(store: Store, url: str) -> dict[str, object] | None:
