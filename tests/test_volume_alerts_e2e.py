@@ -2,7 +2,7 @@
 alerts"): a steady baseline over smtplib with STARTTLS and AUTH, then a burst 20 times it.
 Exactly one ``alert`` event; with ``hold`` the credential's next MAIL FROM gets 451 4.7.1
 while another credential's mail is accepted; ``smartrelay-ctl smtp-credential release``
-lets its mail in again. A 3-second window keeps the test short; margins are generous (a
+lets its mail in again. A 2-second window keeps the test short; margins are generous (a
 window with one message more or less changes nothing)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from tests.support.relay import HOST, free_ports
 from tests.support.run import Twistd, assert_ok, ctl, query, write_config
 from tests.support.traffic import wait_until
 
-WINDOW = 3.0
+WINDOW = 2.0
 STEADY = 2  # messages per window while learning
 SENDER = "app@sender.test"
 
