@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 
@@ -143,8 +144,13 @@ async def test_list_enable_disable(
     assert enabled.returncode == 0
     assert "it is not in the config" in enabled.stdout
 
-    for action in ("enable", "disable"):
-        unknown = await run(config, "webhooks", action, "https://unknown.example/")
+    both = await gatherResults(
+        [
+            Deferred.fromCoroutine(run(config, "webhooks", action, "https://unknown.example/"))
+            for action in ("enable", "disable")
+        ]
+    )
+    for unknown in both:
         assert unknown.returncode == 1 and unknown.stdout == ""
         assert unknown.stderr.splitlines() == [
             "smartrelay-ctl: error: no webhook endpoint 'https://unknown.example/'"
@@ -216,8 +222,14 @@ async def test_dead_letters_list_and_replay(
             "no webhook endpoint 'https://x.example/' (in the config or sent to)"
         ),
     }
-    for args, message in errors.items():
-        failed = await run(config, "webhooks", "dead", "replay", *args)
+    # Each refused, changing nothing: run at once (each costs a CLI start-up).
+    results = await gatherResults(
+        [
+            Deferred.fromCoroutine(run(config, "webhooks", "dead", "replay", *args))
+            for args in errors
+        ]
+    )
+    for (args, message), failed in zip(errors.items(), results, strict=True):
         assert failed.returncode == 1, args
         assert failed.stderr.splitlines() == [f"smartrelay-ctl: error: {message}"], args
     bad_url = await run(config, "webhooks", "dead", "list", "--url", "https://x.example/")
