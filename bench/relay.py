@@ -103,7 +103,7 @@ injects --queue-messages in ten steps; after each, and every 10 s for --queue-se
 after the last, it prints the relay's VmRSS and VmHWM (with --delivery-processes N, each
 delivery process's VmRSS too), the recipients queued and the deferrals so far (from the
 database). BENCH_PYSPY=PREFIX records each SmartRelay process with py-spy
-during phase (a).
+during phase (a) (BENCH_PYSPY_ARGS="--gil" or "--idle": py-spy's options to add).
 
 The relay logs (twistd, Postfix's maillog, PostgreSQL's) are checked for errors after each
 system; `--keep` keeps them (and everything else) in the temp dir. Ctrl-C stops everything.
@@ -1449,7 +1449,8 @@ def measure(
 
 def start_profilers(system: System) -> list[subprocess.Popen[bytes]]:
     """With BENCH_PYSPY=PREFIX, py-spy records each SmartRelay process during phase (a) into
-    PREFIX.<engine>.<pid> (raw format, for flamegraph.pl or speedscope)."""
+    PREFIX.<engine>.<pid> (raw format, for flamegraph.pl or speedscope); BENCH_PYSPY_ARGS
+    adds options (``--gil``: only the thread holding the GIL; ``--idle``: waiting too)."""
     prefix = os.environ.get("BENCH_PYSPY")
     if not prefix or not isinstance(system, RelaySystem) or not system.roots():
         return []
@@ -1474,6 +1475,7 @@ def start_profilers(system: System) -> list[subprocess.Popen[bytes]]:
                     "200",
                     "-o",
                     output,
+                    *os.environ.get("BENCH_PYSPY_ARGS", "").split(),
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
