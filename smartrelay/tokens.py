@@ -123,6 +123,13 @@ _VERP = b"v"
 
 _FLAG_PLAIN = 0
 _FLAG_DEFLATE = 1
+#: URLs shorter than this (UTF-8 bytes) go in a click token as they are, not deflated: raw
+#: DEFLATE of so few bytes is hardly ever shorter (of ~1,600 such URLs of bench/load.py's
+#: loads, 2 were, by 8 bytes in all; from 72 bytes on most are), and trying costs ~3.5 us a
+#: link on the delivery process's reactor thread, with two GIL hand-overs (zlib lets go of
+#: it). A short URL that would deflate (a long run of one character) only makes its token a
+#: few characters longer.
+_DEFLATE_FROM = 64
 
 _MAX_VARINT = 10  # bytes of a varint below 2**64
 _MIN_RAW = 1 + 1  # key id and a one-byte varint, before the tag
@@ -532,8 +539,9 @@ def click_url_fits(url: str) -> bool:
 
 
 def click_payload(url: str) -> bytes:
-    """A click token's URL part: a flag and the UTF-8, deflated when that is shorter;
-    ValueError when a token cannot carry ``url`` (see :func:`click_url_fits`). Not cached
+    """A click token's URL part: a flag and the UTF-8, deflated when that is shorter (tried
+    from :data:`_DEFLATE_FROM` bytes on); ValueError when a token cannot carry ``url`` (see
+    :func:`click_url_fits`). Not cached
     here: the re-wrap chain keeps a message's payloads for its recipients, and personalized
     mail has few links in common between messages (a cache across messages measured no
     gain on such a load, docs/performance.md)."""
@@ -543,9 +551,10 @@ def click_payload(url: str) -> bytes:
         raise ValueError(f"the URL is not valid Unicode (position {e.start})") from None
     if len(data) > MAX_URL_BYTES:
         raise ValueError(f"the URL is longer than {MAX_URL_BYTES} bytes ({len(data)})")
-    deflated = _deflate(data)
-    if len(deflated) < len(data):
-        return bytes([_FLAG_DEFLATE]) + deflated
+    if len(data) >= _DEFLATE_FROM:
+        deflated = _deflate(data)
+        if len(deflated) < len(data):
+            return bytes([_FLAG_DEFLATE]) + deflated
     return bytes([_FLAG_PLAIN]) + data
 
 

@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smartrelay.tokens import (
+    _DEFLATE_FROM,
     _DOMAIN,
     KEY_BYTES,
     MAX_ADDRESS_BYTES,
@@ -169,6 +170,22 @@ def test_url_payloads_of_every_window_size_round_trip_and_stay_short(
         assert len(payload) - 1 <= limit
     else:
         assert with_defaults >= length
+
+
+@pytest.mark.parametrize("length", [12, 40, 63, 64, 65, 200])
+def test_short_urls_go_as_they_are_longer_ones_deflate_when_shorter(
+    codec: TokenCodec, length: int
+) -> None:
+    """Under _DEFLATE_FROM bytes a URL is not deflated even when it would be shorter (a run
+    of one character); from it on it is; each kind of token parses back."""
+    url = ("https://e.test/" + "a" * length)[:length]
+    payload = click_payload(url)
+    assert payload[0] == (0 if length < _DEFLATE_FROM else 1)
+    if length < _DEFLATE_FROM:
+        assert payload[1:] == url.encode()
+    else:
+        assert len(payload) < length
+    assert codec.parse_click(codec.click_token(3, url)) == (3, url)
 
 
 def test_incompressible_url_of_the_maximum_length(codec: TokenCodec) -> None:
