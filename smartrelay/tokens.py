@@ -541,10 +541,9 @@ def click_url_fits(url: str) -> bool:
 def click_payload(url: str) -> bytes:
     """A click token's URL part: a flag and the UTF-8, deflated when that is shorter (tried
     from :data:`_DEFLATE_FROM` bytes on); ValueError when a token cannot carry ``url`` (see
-    :func:`click_url_fits`). Not cached
-    here: the re-wrap chain keeps a message's payloads for its recipients, and personalized
-    mail has few links in common between messages (a cache across messages measured no
-    gain on such a load, docs/performance.md)."""
+    :func:`click_url_fits`). Not cached here: the re-wrap chain keeps a message's payloads
+    for its recipients, and personalized mail has few links in common between messages (a
+    cache across messages measured no gain on such a load, docs/performance.md)."""
     try:
         data = url.encode("utf-8")
     except UnicodeEncodeError as e:

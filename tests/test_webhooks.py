@@ -72,9 +72,10 @@ async def all_ids(store: Store, types: tuple[str, ...] = ()) -> list[int]:
 
     On PostgreSQL the head (:meth:`Store.event_head`) stays behind an event while any
     transaction older than it is still open (the sender's own, say), so a read is made again
-    until it holds every event the table has: the callers add none meanwhile.
+    until it holds every event the table has (for 20 s at most): the callers add none
+    meanwhile.
     """
-    while True:
+    for _ in range(400):
         [(count,)] = await sql(store, "SELECT COUNT(*) FROM events")
         head = await store.event_head()
         out: list[int] = []
@@ -90,6 +91,7 @@ async def all_ids(store: Store, types: tuple[str, ...] = ()) -> list[int]:
         if everything >= int(str(count)):
             return out
         await deferLater(real_reactor(), 0.05)
+    raise AssertionError("the event head stayed behind the committed events for 20 s")
 
 
 async def endpoint_row(store: Store, url: str) -> dict[str, object] | None:
