@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -371,3 +372,16 @@ async def test_closed_stdout_is_quiet_exit_141(
             continue
         assert status == STDOUT_CLOSED, (args, reader, status)
         assert out.count("\n") == (1 if reader == "head -1" else 0), (args, out)
+
+
+def test_commands_start_without_the_classifier_and_dkim_modules() -> None:
+    """Only `classify`, `feedback reprocess` and `dkim keygen` need the feedback classifier and
+    the DKIM modules (~0.1 s of imports): the CLI imports them in those commands only."""
+    probe = (
+        "import sys, smartrelay.cli; print(sorted(m for m in sys.modules if m in"
+        " {'smartrelay.feedback.classify', 'smartrelay.feedback.processor',"
+        " 'smartrelay.rewrap.dkim', 'dkim', 'flufl.bounce'}))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[]\n"
