@@ -27,8 +27,9 @@ endif
 # Byte-compile the checkout: with PYTHONDONTWRITEBYTECODE set (as in some CI and container
 # environments) Python would otherwise compile every module from source in every process it
 # starts: each twistd, delivery process and smartrelay-ctl the tests run took 0.15 s more.
-# compileall writes the .pyc files anyway and skips those already up to date.
-COMPILE := $(BIN)/python -m compileall -q -j 0 smartrelay twisted/plugins tests bench
+# compileall writes the .pyc files anyway and skips those already up to date. `make run`
+# compiles the relay's code only; `make test` also what the tests start (tests/, bench/).
+COMPILE := $(BIN)/python -m compileall -q -j 0 smartrelay twisted/plugins
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -82,7 +83,7 @@ typecheck: $(VENV)/.test-installed
 # suite in one process.
 PYTEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 test: $(VENV)/.test-installed
-	@$(COMPILE)
+	@$(COMPILE) tests bench
 	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 check: lint typecheck test
