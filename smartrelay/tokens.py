@@ -123,13 +123,13 @@ _VERP = b"v"
 
 _FLAG_PLAIN = 0
 _FLAG_DEFLATE = 1
-#: URLs shorter than this (UTF-8 bytes) go in a click token as they are, not deflated: raw
-#: DEFLATE of so few bytes is hardly ever shorter (of ~1,600 such URLs of bench/load.py's
-#: loads, 2 were, by 8 bytes in all; from 72 bytes on most are), and trying costs ~3.5 us a
-#: link on the delivery process's reactor thread, with two GIL hand-overs (zlib lets go of
-#: it). A short URL that would deflate (a long run of one character) only makes its token a
-#: few characters longer.
-_DEFLATE_FROM = 64
+#: URLs shorter than this (UTF-8 bytes) go in a click token as they are, not deflated. Raw
+#: DEFLATE of a single URL only gains from repeats inside it, and each try costs 5-7 us on
+#: the delivery process's reactor thread with two GIL hand-overs (zlib lets go of it): over
+#: bench/load.py's URLs it saved 0% under 64 bytes, 4% from 64 to 95, 8-12% from 96 to 127
+#: and 17-19% from 128 on (docs/performance.md). So a URL of 64 to 95 bytes makes its token
+#: some 4 characters longer, and ~45% of a transactional message's links are not tried.
+_DEFLATE_FROM = 96
 
 _MAX_VARINT = 10  # bytes of a varint below 2**64
 _MIN_RAW = 1 + 1  # key id and a one-byte varint, before the tag

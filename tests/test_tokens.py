@@ -172,7 +172,7 @@ def test_url_payloads_of_every_window_size_round_trip_and_stay_short(
         assert with_defaults >= length
 
 
-@pytest.mark.parametrize("length", [12, 40, 63, 64, 65, 200])
+@pytest.mark.parametrize("length", [12, 40, 63, 64, 95, 96, 97, 200])
 def test_short_urls_go_as_they_are_longer_ones_deflate_when_shorter(
     codec: TokenCodec, length: int
 ) -> None:
