@@ -639,6 +639,24 @@ _MARKUP = st.sampled_from(
         '<a href="https://q.test/23"\u00a0class="x">',
         '<a href="https://q.test/24" class=""/>',
         "<area shape=rect href='https://q.test/25'>",
+        # other start tags of the plain form (the scanner's first branch steps over them),
+        # and near misses that go html.parser's pattern's way
+        '<td style="a" nowrap>',
+        "<td nowrap class='x'>",
+        '<table width="600" border=0>',
+        '<td nowrap ="x">',
+        '<h1 class="t">',
+        "<o:p>",
+        '<td style="a"class="b">',
+        '<img src="x" />',
+        '<td\u00a0style="x">',
+        '<td\x0bstyle="x">',
+        '<td style="a>b">',
+        "<p title='a\"b'>",
+        '<td data-x="1"/>',
+        '<td x="1" / >',
+        "<td =x>",
+        '<scripts x="1">',
     ]
 )
 
