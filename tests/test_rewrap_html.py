@@ -668,6 +668,10 @@ def test_the_scanner_finds_what_a_full_html_parser_parse_finds(html: str) -> Non
     fast.scan(html)
     full.scan(html)
     assert fast.anchors == full.anchors
+    # The href the scanner read with the tag is the one _plain_href reads in its text.
+    assert fast.plain_hrefs == {
+        offset: href for offset, text in fast.anchors if (href := _plain_href(text))
+    }
     assert fast.conditionals == full.conditionals
     assert fast.body_ends == [at for at in full.body_ends if html.startswith("</", at)]
 

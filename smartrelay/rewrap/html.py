@@ -198,18 +198,20 @@ def rewrite_html(
     scanner.scan(html)
     edits: list[_Edit] = []
     links: list[str] = []
-    tags: list[tuple[int, str, bool]] = []  # offset, raw text, inside a comment
+    # offset, raw text, inside a comment, its href if the scanner read it
+    tags: list[tuple[int, str, bool, _Attribute | None]] = []
+    hrefs = scanner.plain_hrefs
     for offset, tag_text in scanner.anchors:
         if html.startswith(tag_text, offset):
-            tags.append((offset, tag_text, False))
+            tags.append((offset, tag_text, False, hrefs.get(offset)))
     for offset, data in scanner.conditionals:
         if html.startswith("<!--", offset) and html.startswith(data, offset + 4):
             tags.extend(
-                (offset + 4 + start, text, True) for start, text in _conditional_links(data)
+                (offset + 4 + start, text, True, None) for start, text in _conditional_links(data)
             )
     tags.sort(key=lambda tag: tag[0])  # document order, for ``links``
-    for offset, tag_text, in_comment in tags:
-        for edit, link in _rewrite_anchor(tag_text, rewrite_url, in_comment):
+    for offset, tag_text, in_comment, href in tags:
+        for edit, link in _rewrite_anchor(tag_text, rewrite_url, in_comment, href):
             edits.append(_Edit(offset + edit.start, offset + edit.end, edit.text))
             if link is not None:
                 links.append(link)
@@ -248,6 +250,9 @@ class _Scanner(HTMLParser):
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
         self.anchors: list[tuple[int, str]] = []
+        #: The first href of the anchors of the plainest form (:data:`_PLAIN_HREF_TAG`), by
+        #: the anchor's offset, offsets in the tag as :func:`_plain_href` gives them.
+        self.plain_hrefs: dict[int, _Attribute] = {}
         self.conditionals: list[tuple[int, str]] = []
         self.body_ends: list[int] = []
         self._at = 0  # where the construct being parsed starts
@@ -314,8 +319,17 @@ class _Scanner(HTMLParser):
             # step over (not ended by ">" or "/>"): html.parser's own way, reporting nothing
             return super().parse_starttag(i)
         rawdata = self.rawdata
+        # The usual link: delimited and read alike by html.parser. With an href, one regex
+        # both delimits it (where _PLAIN_START_TAG would: the first ">" outside a quoted
+        # value) and finds the href, which is kept for rewrite_html.
+        plain = _PLAIN_HREF_TAG.match(rawdata, i)
+        if plain is not None:
+            end = plain.end()
+            self.anchors.append((i, rawdata[i:end]))
+            self.plain_hrefs[i] = _href_of(plain, i)
+            return end
         plain = _PLAIN_START_TAG.match(rawdata, i)
-        if plain is not None:  # the usual link: delimited and read alike by html.parser
+        if plain is not None:
             end = plain.end()
             self.anchors.append((i, rawdata[i:end]))
             return end
@@ -526,10 +540,14 @@ def href_value(tag_text: str) -> str | None:
 
 
 def _rewrite_anchor(
-    tag_text: str, rewrite_url: Callable[[str], str] | None, in_comment: bool = False
+    tag_text: str,
+    rewrite_url: Callable[[str], str] | None,
+    in_comment: bool = False,
+    plain_href: _Attribute | None = None,
 ) -> list[tuple[_Edit, str | None]]:
     """Edits (offsets in ``tag_text``) for one link start tag, each with the link it tracks.
-    In a comment, a ``>`` of the new value is written ``&gt;`` (``-->`` would end it)."""
+    In a comment, a ``>`` of the new value is written ``&gt;`` (``-->`` would end it).
+    ``plain_href``: :func:`_plain_href` of the tag, when the caller has it."""
     if NOTRACK_ATTRIBUTE in tag_text.lower():
         attributes = _attributes(tag_text, _ANCHOR_ATTRIBUTES)
         notrack = [a for a in attributes if a.name == NOTRACK_ATTRIBUTE]
@@ -541,7 +559,7 @@ def _rewrite_anchor(
     elif rewrite_url is None:
         return []
     else:  # the usual case: the attributes after the (first) href are not read
-        href = _plain_href(tag_text) or next(_iter_attributes(tag_text, _HREF), None)
+        href = plain_href or _plain_href(tag_text) or next(_iter_attributes(tag_text, _HREF), None)
     if href is None or not href.has_value:
         return []
     raw = tag_text[href.value_start : href.value_end]
@@ -563,13 +581,18 @@ def _plain_href(tag_text: str) -> _Attribute | None:
     """The first href of a start tag of :data:`_PLAIN_START_TAG`'s form, as
     :func:`_iter_attributes` reads it, by one regex; None for another tag, or one without."""
     match = _PLAIN_HREF_TAG.fullmatch(tag_text)
-    if match is None:
-        return None
+    return None if match is None else _href_of(match, 0)
+
+
+def _href_of(match: re.Match[str], tag_start: int) -> _Attribute:
+    """The href of a :data:`_PLAIN_HREF_TAG` match of a tag starting at ``tag_start``."""
     start, end = match.span("href")
     value_start, value_end = match.span("value")
+    start, end = start - tag_start, end - tag_start
     if value_start < 0:
         return _Attribute("href", start, end, end, end, "", False)
-    quote = tag_text[value_start]
+    quote = match.string[value_start]
+    value_start, value_end = value_start - tag_start, value_end - tag_start
     return _Attribute("href", start, value_end, value_start + 1, value_end - 1, quote, True)
 
 
