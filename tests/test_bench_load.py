@@ -17,6 +17,8 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
+from smartrelay.rewrap.dkim import generate_key
+from smartrelay.tokens import load_keyring
 from tests.conftest import service_missing
 from tests.support.postfix import find_postfix_tool
 from tests.support.postgres import PostgresUnavailable, find_bindir
@@ -182,6 +184,29 @@ def test_rewrap_chain_bench_runs_on_newsletters() -> None:
     assert "load: newsletter shape, 200 personalized messages" in result.stdout
     assert "3 messages x 1 recipient(s) in 1 domain(s): 3 chain runs, 3 copies" in result.stdout
     assert re.search(r"chain: [0-9.]+ ms CPU per copy", result.stdout)
+
+
+def test_chain_instructions_bench_runs_the_chain_it_counts(tmp_path: Path) -> None:
+    """bench/chain_instructions.py's run under valgrind, without valgrind (which the suite
+    does not install): the chain re-wraps the messages it is told to (it fails otherwise)."""
+    generate_key("example.com", "bench", "rsa", str(tmp_path))
+    load_keyring(str(tmp_path / "secret.key"))
+    result = subprocess.run(
+        [sys.executable, "chain_instructions.py", "--inner", str(tmp_path), "--from", "2"],
+        cwd=BENCH,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    broken = subprocess.run(
+        [sys.executable, "chain_instructions.py", "--inner", str(tmp_path / "missing")],
+        cwd=BENCH,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert broken.returncode != 0
 
 
 def test_queue_run_on_postgresql() -> None:
