@@ -29,17 +29,17 @@ import subprocess
 import sys
 import tempfile
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from load import LOADS
-from rewrap_chain import NoSuppressions, jobs
+from rewrap_chain import bench_chain, jobs
 
 from smartrelay.config import DkimKey
 from smartrelay.events import WarningEvent
 from smartrelay.rewrap import dkim
-from smartrelay.rewrap.chain import RewrapChain, RewrapResult, RewrapSettings
+from smartrelay.rewrap.chain import RewrapResult
 from smartrelay.tokens import TokenCodec, load_keyring
 
 _COLLECTED = re.compile(r"Collected : (\d+)")
@@ -51,23 +51,11 @@ def run_chain(directory: str, shape: str, generated: int, wrapped: int) -> None:
     signer = dkim.DkimSigner([DkimKey("example.com", "bench", key_path)])
     setattr(dkim.LoadedKey, "sign_digest", lambda self, digest: bytes(256))  # noqa: B010
     codec = TokenCodec(load_keyring(os.path.join(directory, "secret.key")))
-    settings = RewrapSettings(
-        hostname="relay.example.org",
-        base_url="https://t.example.org",
-        return_path_domain="bounces.example.org",
-    )
 
     async def record_warnings(queue_id: str, event: WarningEvent) -> bool:
         return True
 
-    chain = RewrapChain(
-        settings,
-        codec,
-        signer,
-        NoSuppressions(),  # type: ignore[arg-type]
-        in_thread=lambda work: succeed(work()),
-        record_warnings=record_warnings,
-    )
+    chain = bench_chain(signer, codec, record_warnings)
     work = jobs(generated, 1, 1, False, 1, shape)[:wrapped]
     results: list[RewrapResult] = []
     for message, recipients in work:

@@ -54,13 +54,32 @@ import smartrelay.rewrap.chain as chain_module
 from smartrelay.config import DkimKey
 from smartrelay.events import WarningEvent
 from smartrelay.malloc_trim import glibc_malloc_trim
-from smartrelay.rewrap.chain import RewrapChain, RewrapResult, RewrapSettings
+from smartrelay.rewrap.chain import RewrapChain, RewrapResult, RewrapSettings, WarningRecorder
 from smartrelay.rewrap.dkim import DkimSigner, generate_key
 from smartrelay.storage.store import ClaimedRecipient, StoredMessage, Suppression
 from smartrelay.tokens import TokenCodec, click_payload, load_keyring
 
 CACHES = ("plans", "templates")
 Job = tuple[StoredMessage, tuple[ClaimedRecipient, ...]]
+
+
+def bench_chain(
+    signer: DkimSigner, codec: TokenCodec, record_warnings: WarningRecorder | None
+) -> RewrapChain:
+    """The chain as the benchmarks run it: no suppression list, the key operation inline."""
+    settings = RewrapSettings(
+        hostname="relay.example.org",
+        base_url="https://t.example.org",
+        return_path_domain="bounces.example.org",
+    )
+    return RewrapChain(
+        settings,
+        codec,
+        signer,
+        NoSuppressions(),  # type: ignore[arg-type]
+        in_thread=lambda work: succeed(work()),
+        record_warnings=record_warnings,
+    )
 
 
 class NoSuppressions:
@@ -213,25 +232,13 @@ def measure(
     key_path, _ = generate_key("example.com", "bench", "rsa", directory)
     signer = DkimSigner([DkimKey("example.com", "bench", key_path)])
     codec = TokenCodec(load_keyring(os.path.join(directory, "secret.key")))
-    settings = RewrapSettings(
-        hostname="relay.example.org",
-        base_url="https://t.example.org",
-        return_path_domain="bounces.example.org",
-    )
     warned: list[WarningEvent] = []
 
     async def record_warnings(queue_id: str, event: WarningEvent) -> bool:
         warned.append(event)
         return True
 
-    chain = RewrapChain(
-        settings,
-        codec,
-        signer,
-        NoSuppressions(),  # type: ignore[arg-type]
-        in_thread=lambda work: succeed(work()),
-        record_warnings=record_warnings if args.warnings else None,
-    )
+    chain = bench_chain(signer, codec, record_warnings if args.warnings else None)
     counters = Counters()
     counters.install(chain)
     # Two different halves of the load: the first warms (imports, the From domain), the
