@@ -127,8 +127,8 @@ _FLAG_DEFLATE = 1
 #: DEFLATE of a single URL only gains from repeats inside it, and each try costs 5-7 us on
 #: the delivery process's reactor thread with two GIL hand-overs (zlib lets go of it): over
 #: bench/load.py's URLs it saved 0% under 64 bytes, 4% from 64 to 95, 8-12% from 96 to 127
-#: and 17-19% from 128 on (docs/performance.md). So a URL of 64 to 95 bytes makes its token
-#: some 4 characters longer, and ~45% of a transactional message's links are not tried.
+#: and 17-19% from 128 on (docs/performance.md). So a URL of 64 to 95 bytes (~45% of a
+#: transactional message's links) is no longer tried, its token some 4 characters longer.
 _DEFLATE_FROM = 96
 
 _MAX_VARINT = 10  # bytes of a varint below 2**64
