@@ -211,10 +211,7 @@ def rewrite_html(
             )
     tags.sort(key=lambda tag: tag[0])  # document order, for ``links``
     for offset, tag_text, in_comment, href in tags:
-        for edit, link in _rewrite_anchor(tag_text, rewrite_url, in_comment, href):
-            edits.append(_Edit(offset + edit.start, offset + edit.end, edit.text))
-            if link is not None:
-                links.append(link)
+        _rewrite_anchor(tag_text, offset, rewrite_url, in_comment, href, edits, links)
     if pixel_url is not None:
         where = len(html)
         for offset in reversed(scanner.body_ends):
@@ -541,40 +538,48 @@ def href_value(tag_text: str) -> str | None:
 
 def _rewrite_anchor(
     tag_text: str,
+    offset: int,
     rewrite_url: Callable[[str], str] | None,
-    in_comment: bool = False,
-    plain_href: _Attribute | None = None,
-) -> list[tuple[_Edit, str | None]]:
-    """Edits (offsets in ``tag_text``) for one link start tag, each with the link it tracks.
-    In a comment, a ``>`` of the new value is written ``&gt;`` (``-->`` would end it).
-    ``plain_href``: :func:`_plain_href` of the tag, when the caller has it."""
+    in_comment: bool,
+    plain_href: _Attribute | None,
+    edits: list[_Edit],
+    links: list[str],
+) -> None:
+    """The edits for one link start tag at ``offset`` in the document, appended to ``edits``,
+    and the link it tracks to ``links``. In a comment, a ``>`` of the new value is written
+    ``&gt;`` (``-->`` would end it). ``plain_href``: :func:`_plain_href` of the tag, when the
+    caller has it."""
     if NOTRACK_ATTRIBUTE in tag_text.lower():
         attributes = _attributes(tag_text, _ANCHOR_ATTRIBUTES)
         notrack = [a for a in attributes if a.name == NOTRACK_ATTRIBUTE]
         if notrack:
-            return [(_remove_attribute(tag_text, a), None) for a in notrack]
+            for attribute in notrack:
+                start, end, text = _remove_attribute(tag_text, attribute)
+                edits.append(_Edit(offset + start, offset + end, text))
+            return
         if rewrite_url is None:
-            return []
+            return
         href = next((a for a in attributes if a.name == "href"), None)
     elif rewrite_url is None:
-        return []
+        return
     else:  # the usual case: the attributes after the (first) href are not read
         href = plain_href or _plain_href(tag_text) or next(_iter_attributes(tag_text, _HREF), None)
     if href is None or not href.has_value:
-        return []
+        return
     raw = tag_text[href.value_start : href.value_end]
     url = unescape_attribute(raw).strip(_HTML_SPACE)
     if not _trackable(raw, url):
-        return []
+        return
     new_url = rewrite_url(url)
     if new_url == url:
-        return []  # nothing to change: keep the source text exactly as written
+        return  # nothing to change: keep the source text exactly as written
     new_value = _escape_attribute(new_url, href.quote)
     if in_comment:
         new_value = new_value.replace(">", "&gt;")
     if not href.quote and not new_value:
         new_value = '""'
-    return [(_Edit(href.value_start, href.value_end, new_value), url)]
+    edits.append(_Edit(offset + href.value_start, offset + href.value_end, new_value))
+    links.append(url)
 
 
 def _plain_href(tag_text: str) -> _Attribute | None:
