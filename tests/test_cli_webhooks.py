@@ -253,19 +253,35 @@ async def test_replay_wait_follows_the_dispatcher(
         )
         return bool(rows) and rows[0][0] is not None
 
-    # The dispatcher sends both: the rows go, one after the other.
-    waiting = deferToThread(ctl, config, "webhooks", "dead", "replay", "--all", "--wait", "60")
-    await wait_until(lambda: requested(second))
-    await execute(store, "DELETE FROM webhook_dead_letters WHERE id = ?", (first,))
-    await deferLater(real_reactor(), 1.5, lambda: None)
-    await execute(store, "DELETE FROM webhook_dead_letters WHERE id = ?", (second,))
-    done: subprocess.CompletedProcess[str] = await waiting
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
-    assert lines[0].startswith("2 dead letter(s) queued for replay")
-    assert lines[1] == "replay: 0 sent, 0 failed again, 2 waiting"
-    assert lines[-2] == "replay: 2 sent, 0 failed again, 0 waiting"
-    assert lines[-1] == "all 2 dead letter(s) replayed"
+    # The dispatcher sends both: the rows go, one after the other, each once the command has
+    # shown the state before (it prints a line when what it reads changes).
+    command: subprocess.Popen[str] = await deferToThread(
+        subprocess.Popen,
+        [str(CTL), "--config", str(config), "webhooks", "dead", "replay", "--all", "--wait", "60"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert command.stdout is not None
+        lines = [await deferToThread(command.stdout.readline) for _ in range(2)]
+        assert lines[0].startswith("2 dead letter(s) queued for replay")
+        assert lines[1] == "replay: 0 sent, 0 failed again, 2 waiting\n"
+        assert await requested(first) and await requested(second)
+        await execute(store, "DELETE FROM webhook_dead_letters WHERE id = ?", (first,))
+        line = await deferToThread(command.stdout.readline)
+        assert line == "replay: 1 sent, 0 failed again, 1 waiting\n"
+        await execute(store, "DELETE FROM webhook_dead_letters WHERE id = ?", (second,))
+        rest, errors = await deferToThread(command.communicate, timeout=60)
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.wait()
+    assert command.returncode == 0, errors
+    assert rest.splitlines() == [
+        "replay: 2 sent, 0 failed again, 0 waiting",
+        "all 2 dead letter(s) replayed",
+    ]
 
     # The receiver is still down: the dispatcher clears the request and notes the error.
     third = await dead_letter(store, A, 4)
