@@ -114,13 +114,15 @@ _PLAIN_START_TAG = re.compile(
     re.VERBOSE,
 )
 # The same form, its first href attribute (in any case) and that one's quoted value in groups.
-_PLAIN_HREF_TAG = re.compile(
-    rf"""<[a-zA-Z][-a-zA-Z0-9:]*
+_PLAIN_HREF_ATTRIBUTES = rf"""
     (?:(?![\t\n\f\r ]+[hH][rR][eE][fF][=\t\n\f\r />]){_PLAIN_ATTRIBUTE})*
     [\t\n\f\r ]+(?P<href>[hH][rR][eE][fF](?:=(?P<value>"[^"]*"|'[^']*'))?)
     (?:{_PLAIN_ATTRIBUTE})*
-    [\t\n\f\r ]*/?>""",
-    re.VERBOSE,
+    [\t\n\f\r ]*/?>"""
+_PLAIN_HREF_TAG = re.compile(r"<[a-zA-Z][-a-zA-Z0-9:]*" + _PLAIN_HREF_ATTRIBUTES, re.VERBOSE)
+# The same, only for the names of link tags (_is_link_tag's): a, area, v:* (any case).
+_PLAIN_LINK_TAG = re.compile(
+    r"<(?:[aA](?:[rR][eE][aA])?|[vV]:[-a-zA-Z0-9:]+)" + _PLAIN_HREF_ATTRIBUTES, re.VERBOSE
 )
 _TAG_STOP = re.compile(r"[>=]")
 _VALUE_START = re.compile(r"[\t\n\f\r ]*(?:(?P<quote>['\"])|[^\t\n\f\r >]*)")
@@ -163,7 +165,8 @@ class HtmlRewrite:
 
 class _Attribute(NamedTuple):
     """One attribute of a start tag; offsets are into the tag's raw text. A tuple, made for
-    every link (attrs' frozen classes cost ~1 us more to make)."""
+    every link (attrs' frozen classes cost ~1 us more to make; on the hot path it is made by
+    ``tuple.__new__``, a third of what the named tuple's own ``__new__`` costs)."""
 
     name: str  # lower case
     start: int  # the name's first character
@@ -174,13 +177,9 @@ class _Attribute(NamedTuple):
     has_value: bool
 
 
-class _Edit(NamedTuple):
-    """A replacement of ``text[start:end]``; a tuple, made twice per link (attrs' frozen
-    classes cost more to make)."""
-
-    start: int
-    end: int
-    text: str
+#: A replacement of ``text[start:end]``: (start, end, new text). A plain tuple, made for every
+#: link (a named tuple costs ten times more to make).
+_Edit = tuple[int, int, str]
 
 
 def rewrite_html(
@@ -198,27 +197,32 @@ def rewrite_html(
     scanner.scan(html)
     edits: list[_Edit] = []
     links: list[str] = []
-    # offset, raw text, inside a comment, its href if the scanner read it
-    tags: list[tuple[int, str, bool, _Attribute | None]] = []
     hrefs = scanner.plain_hrefs
-    for offset, tag_text in scanner.anchors:
-        if html.startswith(tag_text, offset):
-            tags.append((offset, tag_text, False, hrefs.get(offset)))
-    for offset, data in scanner.conditionals:
-        if html.startswith("<!--", offset) and html.startswith(data, offset + 4):
-            tags.extend(
-                (offset + 4 + start, text, True, None) for start, text in _conditional_links(data)
-            )
-    tags.sort(key=lambda tag: tag[0])  # document order, for ``links``
-    for offset, tag_text, in_comment, href in tags:
-        _rewrite_anchor(tag_text, offset, rewrite_url, in_comment, href, edits, links)
+    # The anchors' offsets are into the scanner's text, a prefix of ``html``.
+    if not scanner.conditionals:  # the usual case: the anchors, in document order
+        for offset, tag_text in scanner.anchors:
+            _rewrite_anchor(tag_text, offset, rewrite_url, False, hrefs.get(offset), edits, links)
+    else:
+        # offset, raw text, inside a comment, its href if the scanner read it
+        tags: list[tuple[int, str, bool, _Attribute | None]] = [
+            (offset, tag_text, False, hrefs.get(offset)) for offset, tag_text in scanner.anchors
+        ]
+        for offset, data in scanner.conditionals:
+            if html.startswith("<!--", offset) and html.startswith(data, offset + 4):
+                tags.extend(
+                    (offset + 4 + start, text, True, None)
+                    for start, text in _conditional_links(data)
+                )
+        tags.sort(key=lambda tag: tag[0])  # document order, for ``links``
+        for offset, tag_text, in_comment, href in tags:
+            _rewrite_anchor(tag_text, offset, rewrite_url, in_comment, href, edits, links)
     if pixel_url is not None:
         where = len(html)
         for offset in reversed(scanner.body_ends):
             if html.startswith("</", offset):
                 where = offset
                 break
-        edits.append(_Edit(where, where, pixel_tag(pixel_url)))
+        edits.append((where, where, pixel_tag(pixel_url)))
     return HtmlRewrite(html=_splice(html, edits), links=tuple(links))
 
 
@@ -268,11 +272,15 @@ class _Scanner(HTMLParser):
         """html.parser's tokenizer loop, as it runs on a whole document
         (``convert_charrefs=True``, ``end`` true), less what only reports text: the text
         between tags is neither unescaped nor passed on (nothing here reads it). The
-        constructs are found and delimited by the same ``parse_*`` methods, in the same order;
-        tests/test_rewrap_html.py checks the result against a full html.parser parse."""
+        constructs are found and delimited by the same ``parse_*`` methods, in the same order,
+        but for a link tag of the plainest form (:data:`_PLAIN_LINK_TAG`), which the loop
+        takes itself as :meth:`parse_starttag` would (one regex, no method calls: most links
+        are such); tests/test_rewrap_html.py checks the result against a full html.parser
+        parse."""
         rawdata = self.rawdata
         position = 0
         size = len(rawdata)
+        anchors, plain_hrefs = self.anchors, self.plain_hrefs
         while position < size:
             if self.cdata_elem is None:
                 skipped = _UNREMARKABLE.match(rawdata, position)
@@ -280,6 +288,13 @@ class _Scanner(HTMLParser):
                 position = skipped.end()
                 if position >= size:
                     break  # the rest is text and tags nothing here looks at
+                link = _PLAIN_LINK_TAG.match(rawdata, position)
+                if link is not None:  # the usual link, as parse_starttag's first branch takes it
+                    tag_end = link.end()
+                    anchors.append((position, rawdata[position:tag_end]))
+                    plain_hrefs[position] = _href_of(link, position)
+                    position = tag_end
+                    continue
             else:  # inside <script> or <style>: up to its end tag
                 match = self.interesting.search(rawdata, position)
                 if match is None:
@@ -316,15 +331,10 @@ class _Scanner(HTMLParser):
             # step over (not ended by ">" or "/>"): html.parser's own way, reporting nothing
             return super().parse_starttag(i)
         rawdata = self.rawdata
-        # The usual link: delimited and read alike by html.parser. With an href, one regex
-        # both delimits it (where _PLAIN_START_TAG would: the first ">" outside a quoted
-        # value) and finds the href, which is kept for rewrite_html.
-        plain = _PLAIN_HREF_TAG.match(rawdata, i)
-        if plain is not None:
-            end = plain.end()
-            self.anchors.append((i, rawdata[i:end]))
-            self.plain_hrefs[i] = _href_of(plain, i)
-            return end
+        # A link of the plainest form with an href never comes here: goahead takes it, one
+        # regex (_PLAIN_LINK_TAG) both delimiting it (where _PLAIN_START_TAG would: the first
+        # ">" outside a quoted value) and finding the href, kept for rewrite_html. Without
+        # an href, it is delimited and read alike by html.parser.
         plain = _PLAIN_START_TAG.match(rawdata, i)
         if plain is not None:
             end = plain.end()
@@ -555,7 +565,7 @@ def _rewrite_anchor(
         if notrack:
             for attribute in notrack:
                 start, end, text = _remove_attribute(tag_text, attribute)
-                edits.append(_Edit(offset + start, offset + end, text))
+                edits.append((offset + start, offset + end, text))
             return
         if rewrite_url is None:
             return
@@ -578,7 +588,7 @@ def _rewrite_anchor(
         new_value = new_value.replace(">", "&gt;")
     if not href.quote and not new_value:
         new_value = '""'
-    edits.append(_Edit(offset + href.value_start, offset + href.value_end, new_value))
+    edits.append((offset + href.value_start, offset + href.value_end, new_value))
     links.append(url)
 
 
@@ -595,10 +605,12 @@ def _href_of(match: re.Match[str], tag_start: int) -> _Attribute:
     value_start, value_end = match.span("value")
     start, end = start - tag_start, end - tag_start
     if value_start < 0:
-        return _Attribute("href", start, end, end, end, "", False)
+        return tuple.__new__(_Attribute, ("href", start, end, end, end, "", False))
     quote = match.string[value_start]
     value_start, value_end = value_start - tag_start, value_end - tag_start
-    return _Attribute("href", start, value_end, value_start + 1, value_end - 1, quote, True)
+    return tuple.__new__(
+        _Attribute, ("href", start, value_end, value_start + 1, value_end - 1, quote, True)
+    )
 
 
 def unescape_attribute(value: str) -> str:
@@ -631,7 +643,7 @@ def _attribute_charref(match: re.Match[str]) -> str:
 
 
 def _trackable(raw: str, url: str) -> bool:
-    if not url.lower().startswith(_TRACKED_SCHEMES):
+    if not url[:8].lower().startswith(_TRACKED_SCHEMES):  # not the whole URL lowered
         return False
     if _PLACEHOLDER_CHARACTER.search(raw) is None and (
         url is raw or _PLACEHOLDER_CHARACTER.search(url) is None
@@ -647,7 +659,7 @@ def _remove_attribute(tag_text: str, attribute: _Attribute) -> _Edit:
         start -= 1
     elif end < len(tag_text) and tag_text[end] in _HTML_SPACE:
         end += 1
-    return _Edit(start, end, "")
+    return start, end, ""
 
 
 def _escape_attribute(value: str, quote: str) -> str:
@@ -668,11 +680,11 @@ def _splice(text: str, edits: list[_Edit]) -> str:
         return text
     pieces: list[str] = []
     position = 0
-    for edit in sorted(edits, key=_POSITION):
-        if edit.start < position:
+    for start, end, new_text in sorted(edits, key=_POSITION):
+        if start < position:
             continue  # overlapping edits cannot come from distinct tags; be safe anyway
-        pieces.append(text[position : edit.start])
-        pieces.append(edit.text)
-        position = edit.end
+        pieces.append(text[position:start])
+        pieces.append(new_text)
+        position = end
     pieces.append(text[position:])
     return "".join(pieces)
