@@ -194,6 +194,37 @@ def test_tracking_template_gives_the_same_bytes_as_rewriting_each_copy(tmp_path:
     assert changed > 0  # some fixtures have HTML to track
 
 
+@pytest.mark.parametrize("mark", ["\x00", "\x01", "\ue000", "\x00P\x01", "\x000\x01"])
+def test_html_holding_a_slot_mark_is_tracked_the_direct_way(tmp_path: Path, mark: str) -> None:
+    """The template's slot marks are NUL and SOH: a part that holds one (hostile or broken
+    HTML) is rewritten the direct way, with the same result, its own text kept."""
+    from smartrelay.rewrap.chain import OutgoingCopy, TrackingStep
+    from smartrelay.storage.store import ClaimedRecipient, StoredMessage
+
+    html = f'<html><body><p>a{mark}b</p><a href="https://shop.example.com/x">x</a></body></html>'
+    raw = (
+        b"From: a@example.com\r\nTo: r@example.net\r\nSubject: s\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+        + html.encode("utf-8")
+        + b"\r\n"
+    )
+    codec = TokenCodec(load_keyring(str(tmp_path / "secret.key")))
+    settings = RewrapSettings("relay.test", "https://t.example.com", "bounces.example.com")
+    templated, direct = TrackingStep(codec, settings), TrackingStep(codec, settings)
+    direct._templating = False
+    message = StoredMessage("Q1", 0.0, "a@example.com", (), {}, {}, raw)
+    recipient = ClaimedRecipient(7, "Q1", "r@example.net", "example.net", 0)
+    outputs = []
+    for step in (templated, direct):
+        copy = OutgoingCopy.of(message, recipient, "a@example.com", raw)
+        step.apply(copy)
+        outputs.append(copy.data)
+    assert outputs[0] == outputs[1]
+    assert b'href="https://t.example.com/c/' in outputs[0]
+    assert f"<p>a{mark}b</p>".encode() in outputs[0]
+    assert b"shop.example.com/x" not in outputs[0]
+
+
 def test_tracking_cuts_each_message_once_whatever_its_recipient_count(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
