@@ -346,3 +346,32 @@ def test_top_level_7bit_html_whose_line_outgrows_smtp_becomes_quoted_printable(
     html = parsed.get_content()
     assert "https://t.example.com/c/" in html and "y" * 940 in html
     assert "https://shop.example.com/" not in html  # rewritten
+
+
+@pytest.mark.parametrize(
+    "signature",
+    [
+        [b"DKIM-Signature: v=1; a=rsa-sha256;\r\n b=AAAA\r\n"],
+        [b"DKIM-Signature: v=1; b=AAAA\r\n", b"DKIM-Signature: v=1; b=BBBB\r\n"],
+        [b"DKIM-Signature: v=1; a=rsa-sha256;\n b=AAAA\n"],  # LF: a message of one bare line
+        [],
+    ],
+)
+def test_the_signature_fields_go_on_top_as_the_joined_bytes_cut_would(
+    signature: list[bytes],
+) -> None:
+    """The DKIM step puts the signer's fields on top as they are, cut as split_header_block
+    would cut their join (a lone LF becomes a space)."""
+    from smartrelay.rewrap.chain import DkimStep, OutgoingCopy
+    from smartrelay.storage.store import ClaimedRecipient, StoredMessage
+
+    raw = b"From: a@example.com\r\nSubject: s\r\n\r\nbody\r\n"
+    message = StoredMessage("Q1", 0.0, "a@example.com", (), {}, {}, raw)
+    recipient = ClaimedRecipient(1, "Q1", "r@example.net", "example.net", 0)
+    put = OutgoingCopy.of(message, recipient, "a@example.com", raw)
+    added = OutgoingCopy.of(message, recipient, "a@example.com", raw)
+    DkimStep._put(put, list(signature))
+    DkimStep._add(added, b"".join(signature))
+    assert put.fields == added.fields
+    for field in put.fields:  # CRLF line ends only
+        assert field.endswith(b"\r\n") and b"\n" not in field.replace(b"\r\n", b"")

@@ -371,10 +371,10 @@ class DkimStep:
             return succeed(copy)  # nothing to sign with: no copy of the whole message
         if self._in_thread is None:
             return succeed(self._add(copy, self._signer.signature_fields(copy.data)))
-        signing = self._signer.signature_fields_off_thread(
+        signing = self._signer.signature_field_list_off_thread(
             copy.data, self._in_thread, (copy.fields, copy.body)
         )
-        return Deferred.fromCoroutine(signing).addCallback(lambda fields: self._add(copy, fields))
+        return Deferred.fromCoroutine(signing).addCallback(lambda fields: self._put(copy, fields))
 
     @staticmethod
     def _add(copy: OutgoingCopy, signature_fields: bytes) -> OutgoingCopy:
@@ -382,6 +382,16 @@ class DkimStep:
             fields, _ = split_header_block(signature_fields + b"\r\n")
             copy.fields[0:0] = fields
         return copy
+
+    @staticmethod
+    def _put(copy: OutgoingCopy, signature_fields: list[bytes]) -> OutgoingCopy:
+        """The fields on top, as they are when they end with CRLF (the signer takes the line
+        end of the copy's data, whose fields are cut at CRLF: always, but for a header
+        section of one line without a line end), else cut as :meth:`_add` cuts them."""
+        if not signature_fields or signature_fields[0].endswith(b"\r\n"):  # one for all
+            copy.fields[0:0] = signature_fields
+            return copy
+        return DkimStep._add(copy, b"".join(signature_fields))
 
 
 @frozen

@@ -273,12 +273,22 @@ class DkimSigner:
         the reactor's thread pool): the ``cryptography`` library releases the GIL for them,
         so they use another core while the reactor goes on. ``split``: ``message`` as
         (header fields, the rest from the empty line on), if the caller has it."""
+        return b"".join(await self.signature_field_list_off_thread(message, in_thread, split))
+
+    async def signature_field_list_off_thread(
+        self,
+        message: bytes,
+        in_thread: Callable[[Callable[[], bytes]], Deferred[bytes]],
+        split: tuple[Sequence[bytes], bytes] | None = None,
+    ) -> list[bytes]:
+        """:meth:`signature_fields_off_thread`, a field each (with its line end), as the
+        re-wrap chain keeps a copy's header fields: not joined to be split again."""
         prepared = self._prepare(message, split)
         if prepared is None:
-            return b""
+            return []
         pending, linesep = prepared
         signatures = [await in_thread(partial(p.key.sign_digest, p.digest)) for p in pending]
-        return _assemble(pending, signatures, linesep)
+        return _assembled_fields(pending, signatures, linesep)
 
     def _prepare(
         self, message: bytes, split: tuple[Sequence[bytes], bytes] | None = None
@@ -478,6 +488,13 @@ def _without_b_value(folded: bytes, domain: bytes, selector: bytes) -> bytes:
 def _assemble(
     pending: Sequence[_PendingSignature], signatures: Sequence[bytes], linesep: bytes
 ) -> bytes:
+    return b"".join(_assembled_fields(pending, signatures, linesep))
+
+
+def _assembled_fields(
+    pending: Sequence[_PendingSignature], signatures: Sequence[bytes], linesep: bytes
+) -> list[bytes]:
+    """The DKIM-Signature fields, one per signature, each ending with ``linesep``."""
     fields_out: list[bytes] = []
     for item, signature in zip(pending, signatures, strict=True):
         tags = [*item.tags[:-1], (b"b", base64.b64encode(signature))]
@@ -485,7 +502,7 @@ def _assemble(
         fields_out.append(
             _HEADER_NAME + b": " + dkim.fold(value, namelen=len(_HEADER_NAME), linesep=linesep)
         )
-    return b"".join(fields_out)
+    return fields_out
 
 
 def signed_header_names(headers: Sequence[Sequence[bytes]]) -> list[bytes]:
