@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 
 from attrs import Factory, define, frozen
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
@@ -117,8 +117,10 @@ class OutgoingCopy:
 class IRewrapStep(Interface):
     """One concern of the chain, applied to one recipient's copy."""
 
-    def apply(copy: OutgoingCopy) -> Deferred[OutgoingCopy]:
-        """The copy with this step's change made."""
+    def apply(copy: OutgoingCopy) -> OutgoingCopy | Deferred[OutgoingCopy]:
+        """The copy with this step's change made: a Deferred of it when the step waits for
+        something (the DKIM step's signing thread), else the copy itself (no Deferred made
+        and awaited for each step of each copy)."""
 
 
 @implementer(IRewrapStep)
@@ -129,9 +131,9 @@ class VerpStep:
         self._codec = codec
         self._domain = return_path_domain
 
-    def apply(self, copy: OutgoingCopy) -> Deferred[OutgoingCopy]:
+    def apply(self, copy: OutgoingCopy) -> OutgoingCopy | Deferred[OutgoingCopy]:
         copy.sender = f"b+{self._codec.verp_token(copy.recipient.id)}@{self._domain}"
-        return succeed(copy)
+        return copy
 
 
 @implementer(IRewrapStep)
@@ -142,14 +144,14 @@ class IdentityStep:
     def __init__(self, hostname: str) -> None:
         self._hostname = hostname
 
-    def apply(self, copy: OutgoingCopy) -> Deferred[OutgoingCopy]:
+    def apply(self, copy: OutgoingCopy) -> OutgoingCopy | Deferred[OutgoingCopy]:
         queue_id = copy.message.queue_id
         copy.fields = [f for f in copy.fields if field_name(f) != b"x-smartrelay-id"]
         fields = [f"X-SmartRelay-ID: {queue_id}\r\n".encode()]
         if not copy.has_field(b"message-id"):
             fields.append(f"Message-ID: <{queue_id}@{self._hostname}>\r\n".encode())
         copy.insert_fields(fields)
-        return succeed(copy)
+        return copy
 
 
 @implementer(IRewrapStep)
@@ -160,11 +162,11 @@ class ListUnsubscribeStep:
         self._codec = codec
         self._settings = settings
 
-    def apply(self, copy: OutgoingCopy) -> Deferred[OutgoingCopy]:
+    def apply(self, copy: OutgoingCopy) -> OutgoingCopy | Deferred[OutgoingCopy]:
         if not copy.option("unsubscribe", self._settings.list_unsubscribe):
-            return succeed(copy)
+            return copy
         if copy.has_field(b"list-unsubscribe"):
-            return succeed(copy)  # the application manages its own
+            return copy  # the application manages its own
         recipient_id, address = copy.recipient.id, copy.recipient.address
         try:  # the address in the link: it still unsubscribes once the row is purged
             web_token = self._codec.unsubscribe_token(recipient_id, address)
@@ -181,7 +183,7 @@ class ListUnsubscribeStep:
                 b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n",
             ],
         )
-        return succeed(copy)
+        return copy
 
 
 # The marks of a template's slots: control characters no HTML part holds (one that does is
@@ -305,7 +307,7 @@ class TrackingStep:
             self._plans.popitem(last=False)
         return planned
 
-    def apply(self, copy: OutgoingCopy) -> Deferred[OutgoingCopy]:
+    def apply(self, copy: OutgoingCopy) -> OutgoingCopy | Deferred[OutgoingCopy]:
         opens = copy.option("track_opens", self._settings.track_opens)
         clicks = copy.option("track_clicks", self._settings.track_clicks)
         recipient_id = copy.recipient.id
@@ -334,24 +336,24 @@ class TrackingStep:
         planned = self._plan(copy.message)
         plan = planned.plan
         if plan is None or not plan.html_parts:
-            return succeed(copy)
+            return copy
         copy.body, top_to_qp = plan.render_body(fill)
         if top_to_qp:
             copy.set_field(b"Content-Transfer-Encoding", b"quoted-printable")
-        return succeed(copy)
+        return copy
 
 
 @implementer(IRewrapStep)
 class ControlHeaderRemovalStep:
     """Drop every ``X-SmartRelay-*`` header but ``X-SmartRelay-ID`` (SPEC section 3)."""
 
-    def apply(self, copy: OutgoingCopy) -> Deferred[OutgoingCopy]:
+    def apply(self, copy: OutgoingCopy) -> OutgoingCopy | Deferred[OutgoingCopy]:
         copy.fields = [
             f
             for f in copy.fields
             if not field_name(f).startswith(CONTROL_PREFIX) or field_name(f) == b"x-smartrelay-id"
         ]
-        return succeed(copy)
+        return copy
 
 
 @implementer(IRewrapStep)
@@ -366,11 +368,11 @@ class DkimStep:
         self._signer = signer
         self._in_thread = in_thread
 
-    def apply(self, copy: OutgoingCopy) -> Deferred[OutgoingCopy]:
+    def apply(self, copy: OutgoingCopy) -> OutgoingCopy | Deferred[OutgoingCopy]:
         if not self._signer.keys:
-            return succeed(copy)  # nothing to sign with: no copy of the whole message
+            return copy  # nothing to sign with: no copy of the whole message
         if self._in_thread is None:
-            return succeed(self._add(copy, self._signer.signature_fields(copy.data)))
+            return self._add(copy, self._signer.signature_fields(copy.data))
         signing = self._signer.signature_field_list_off_thread(
             copy.data, self._in_thread, (copy.fields, copy.body)
         )
@@ -518,7 +520,8 @@ class RewrapChain:
     ) -> OutgoingCopy:
         copy = OutgoingCopy(message, recipient, message.sender, list(fields), body)
         for step in steps:
-            copy = await step.apply(copy)
+            applied = step.apply(copy)
+            copy = await applied if isinstance(applied, Deferred) else applied
         return copy
 
 
