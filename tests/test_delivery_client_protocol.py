@@ -521,6 +521,37 @@ def test_a_pipelined_reply_that_never_comes_times_out() -> None:
     assert isinstance(failure_of(sent), DeferredTimeout)
 
 
+def test_each_pipelined_reply_has_the_command_timeout_from_the_one_before() -> None:
+    """One timer for the group, pushed back at each reply: slow replies that each come
+    within the timeout of the previous one are waited for, and a reply that does not come
+    leaves nothing unhandled or scheduled behind it."""
+    session = Session()
+    ready(session)
+    sent = run(session.connection.send("app@example.com", ["a@example.net", "b@example.net"], b"x"))
+    for reply in ("250 Ok", "250 Ok", "250 Ok"):  # MAIL, RCPT, RCPT: each just in time
+        session.clock.advance(COMMAND_TIMEOUT - 1)
+        session.server(reply)
+        assert not sent.called
+    session.clock.advance(COMMAND_TIMEOUT - 1)  # and no reply to DATA
+    assert not sent.called
+    session.clock.advance(1)
+    error = failure_of(sent)
+    assert isinstance(error, DeferredTimeout)
+    assert "no reply within" in str(error)
+    assert session.clock.getDelayedCalls() == []
+
+
+def test_a_pipelined_group_answered_in_time_leaves_no_timer() -> None:
+    session = Session()
+    ready(session)
+    sent = run(session.connection.send("app@example.com", ["a@example.net"], b"x\r\n"))
+    session.server("250 Ok", "250 Ok", "354 go ahead")
+    session.transport.take()
+    session.server("250 queued")
+    assert [r.reply.code for r in result_of(sent)] == [250]
+    assert session.clock.getDelayedCalls() == []
+
+
 def test_the_reply_to_the_final_dot_may_take_ten_minutes() -> None:
     session = Session()
     ready(session)
