@@ -289,7 +289,7 @@ class _Scanner(HTMLParser):
                 if position >= size:
                     break  # the rest is text and tags nothing here looks at
                 link = _PLAIN_LINK_TAG.match(rawdata, position)
-                if link is not None:  # the usual link, as parse_starttag's first branch takes it
+                if link is not None:  # the usual link: delimited where html.parser would
                     tag_end = link.end()
                     anchors.append((position, rawdata[position:tag_end]))
                     plain_hrefs[position] = _href_of(link, position)
