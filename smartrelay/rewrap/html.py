@@ -577,27 +577,16 @@ def _rewrite_anchor(
     if href is None or not href.has_value:
         return
     raw = tag_text[href.value_start : href.value_end]
-    # The helpers' usual cases inline (no "&", no mark character, double quotes): this runs
-    # for every link of every copy.
-    url = (unescape_attribute(raw) if "&" in raw else raw).strip(_HTML_SPACE)
-    if not url[:8].lower().startswith(_TRACKED_SCHEMES):
-        return
-    if (
-        _PLACEHOLDER_CHARACTER.search(raw) is not None
-        or (url is not raw and _PLACEHOLDER_CHARACTER.search(url) is not None)
-    ) and not _trackable(raw, url):
+    url = unescape_attribute(raw).strip(_HTML_SPACE)
+    if not _trackable(raw, url):
         return
     new_url = rewrite_url(url)
     if new_url == url:
         return  # nothing to change: keep the source text exactly as written
-    quote = href.quote
-    if quote == '"':
-        new_value = new_url.replace("&", "&amp;").replace('"', "&quot;")
-    else:
-        new_value = _escape_attribute(new_url, quote)
+    new_value = _escape_attribute(new_url, href.quote)
     if in_comment:
         new_value = new_value.replace(">", "&gt;")
-    if not quote and not new_value:
+    if not href.quote and not new_value:
         new_value = '""'
     edits.append((offset + href.value_start, offset + href.value_end, new_value))
     links.append(url)
@@ -655,7 +644,7 @@ def _attribute_charref(match: re.Match[str]) -> str:
 
 def _trackable(raw: str, url: str) -> bool:
     """Whether a link (its raw value, its URL) is tracked: http(s), and no placeholder mark in
-    either (a template's link left unfilled). _rewrite_anchor has its usual case inline."""
+    either (a template's link left unfilled)."""
     if not url[:8].lower().startswith(_TRACKED_SCHEMES):  # not the whole URL lowered
         return False
     if _PLACEHOLDER_CHARACTER.search(raw) is None and (
