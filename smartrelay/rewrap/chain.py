@@ -373,7 +373,7 @@ class DkimStep:
             return copy  # nothing to sign with: no copy of the whole message
         if self._in_thread is None:
             return self._add(copy, self._signer.signature_fields(copy.data))
-        signing = self._signer.signature_field_list_off_thread(
+        signing = self._signer.signature_fields_off_thread(
             copy.data, self._in_thread, (copy.fields, copy.body)
         )
         return Deferred.fromCoroutine(signing).addCallback(lambda fields: self._put(copy, fields))

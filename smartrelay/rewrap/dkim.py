@@ -268,21 +268,13 @@ class DkimSigner:
         message: bytes,
         in_thread: Callable[[Callable[[], bytes]], Deferred[bytes]],
         split: tuple[Sequence[bytes], bytes] | None = None,
-    ) -> bytes:
-        """:meth:`signature_fields`, the private-key operations run by ``in_thread`` (e.g. in
-        the reactor's thread pool): the ``cryptography`` library releases the GIL for them,
-        so they use another core while the reactor goes on. ``split``: ``message`` as
-        (header fields, the rest from the empty line on), if the caller has it."""
-        return b"".join(await self.signature_field_list_off_thread(message, in_thread, split))
-
-    async def signature_field_list_off_thread(
-        self,
-        message: bytes,
-        in_thread: Callable[[Callable[[], bytes]], Deferred[bytes]],
-        split: tuple[Sequence[bytes], bytes] | None = None,
     ) -> list[bytes]:
-        """:meth:`signature_fields_off_thread`, a field each (with its line end), as the
-        re-wrap chain keeps a copy's header fields: not joined to be split again."""
+        """:meth:`signature_fields`, a field each (with its line end, as the re-wrap chain
+        keeps a copy's header fields: joined, they are what :meth:`signature_fields` gives),
+        the private-key operations run by ``in_thread`` (e.g. in the reactor's thread pool):
+        the ``cryptography`` library releases the GIL for them, so they use another core
+        while the reactor goes on. ``split``: ``message`` as (header fields, the rest from the
+        empty line on), if the caller has it."""
         prepared = self._prepare(message, split)
         if prepared is None:
             return []
