@@ -37,8 +37,10 @@ def database_url(tmp_path: Path) -> str:
     return f"sqlite:{tmp_path / 'smartrelay.db'}"
 
 
-#: No timer but the ones a test is about: the safety-net poll is an hour away.
-QUIET = DeliveryTunables(poll_interval=3600.0)
+#: No timer but the ones a test is about: the safety-net poll is an hour away, and the
+#: store's batched transactions start at once (they run on the real reactor, the manager's
+#: gather timer would be on the test's clock).
+QUIET = DeliveryTunables(poll_interval=3600.0, batch_gather=0.0)
 TRY_LATER = ServerReply(451, "4.3.0 try later")
 OK = ServerReply(250, "2.0.0 Ok")
 
@@ -338,7 +340,9 @@ async def slow_backlog(
 ) -> tuple[Simulation, list[str]]:
     """A destination throttled to 1 message a second, ``count`` recipients queued for it."""
     slow = [{**FAST_THROTTLE, "max_connections": 1, "max_rate": "1/s"}]
-    sim = Simulation(store, clock, tmp_path, connector, DeliveryTunables(), throttle=slow)
+    sim = Simulation(
+        store, clock, tmp_path, connector, DeliveryTunables(batch_gather=0.0), throttle=slow
+    )
     everyone = [f"r{i}@example.net" for i in range(count)]
     for address in everyone:
         await queue(store, address)
@@ -388,7 +392,7 @@ async def test_a_421_hands_back_what_is_queued_for_the_destination(
     back-off ends and are all delivered once."""
     busy = ServerReply(421, "4.3.2 too busy")
     connector = FakeConnector(clock, answers=[busy])
-    tunables = evolve(DeliveryTunables(), backoff_on_421=100.0)
+    tunables = evolve(DeliveryTunables(batch_gather=0.0), backoff_on_421=100.0)
     one = [{**FAST_THROTTLE, "max_connections": 1}]
     sim = Simulation(
         store, clock, tmp_path, connector, tunables, throttle=one, retry_schedule=["10s"]
@@ -673,6 +677,8 @@ async def test_at_stop_a_send_past_the_grace_is_cut_and_deferred(
         {"database_retry_min": 3.0},  # above the default maximum
         {"throttle_hold": 0.0},
         {"hand_back_max": 5.0},  # below the default throttle_hold
+        {"batch_gather": -0.001},
+        {"batch_gather": float("nan")},
     ],
 )
 def test_tunables_out_of_range_are_refused(change: dict[str, Any]) -> None:
@@ -695,6 +701,7 @@ def test_the_default_tunables_are_todays_numbers() -> None:
         stop_grace=10.0,
         idle_connection=2.0,
         claim_spacing=0.1,
+        batch_gather=0.002,
         database_retry_min=0.25,
         database_retry_max=2.0,
     )

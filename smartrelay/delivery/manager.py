@@ -110,6 +110,9 @@ class DeliveryTunables:
     idle_connection: float = 2.0
     #: Between claims that find less than a full batch, at least.
     claim_spacing: float = 0.1
+    #: The suppression lookups before jobs and the outcomes after them wait this long for
+    #: other jobs' to share their transaction (Store.gather_delivery_batches); 0: not at all.
+    batch_gather: float = 0.002
     #: While the database is unavailable (a restart): first pause before trying again, and
     #: the most it grows to (doubling). Claims, and outcomes already known, are tried again so.
     database_retry_min: float = 0.25
@@ -131,7 +134,13 @@ class DeliveryTunables:
         for name in ("lease", "poll_interval", "database_retry_min", "throttle_hold"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)!r}")
-        for name in ("backoff_on_421", "stop_grace", "idle_connection", "claim_spacing"):
+        for name in (
+            "backoff_on_421",
+            "stop_grace",
+            "idle_connection",
+            "claim_spacing",
+            "batch_gather",
+        ):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must not be negative, not {getattr(self, name)!r}")
         if not self.database_retry_max >= self.database_retry_min:
@@ -344,6 +353,7 @@ class DeliveryManager(Service):
                 failures += 1
         if not self.running:
             return
+        store.gather_delivery_batches(self.tunables.batch_gather, self._clock)
         self._chain = self._chain_factory(store)
         self._store = store
         log.info(

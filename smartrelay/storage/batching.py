@@ -4,6 +4,11 @@ One fsync (SQLite) or one round of commit latency (PostgreSQL) then serves many 
 and no caller hears back before the transaction holding its request has committed. Reads that
 many callers make at once (the suppression lookup before each delivery) are batched the same
 way: one query for all, started after each caller asked.
+
+A committer that is idle starts a batch at once, for a single item if need be. Where a few
+milliseconds more per item cost nothing and each transaction costs CPU, it may instead wait
+:attr:`GroupCommitter.gather` seconds from its oldest item's arrival (see
+:meth:`~smartrelay.storage.queue.QueueStore.gather_delivery_batches`).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -44,19 +50,44 @@ class GroupCommitter(Generic[Item, Result]):
         self.max_in_flight = max_in_flight
         self._in_flight = 0
         self.batches = 0  # committed transactions, for tests and metrics
+        self._gather = 0.0
+        self._clock: IReactorTime | None = None
+        self._oldest_at = 0.0  # when the oldest pending item came (with gather only)
+        self._gathering: IDelayedCall | None = None
+
+    def gather(self, seconds: float, clock: IReactorTime) -> None:
+        """Start a batch ``seconds`` after its oldest item came, not at once (0: at once).
+
+        Never later: a batch already full (``max_batch`` items) starts at once, and items
+        that waited for a batch in flight start when it ends if they are that old."""
+        self._gather = seconds
+        self._clock = clock
 
     def submit(self, item: Item) -> Deferred[Result]:
         result: Deferred[Result] = Deferred()
+        if not self._pending and self._clock is not None:
+            self._oldest_at = self._clock.seconds()
         self._pending.append((item, result))
         self._maybe_start()
         return result
 
     def _maybe_start(self) -> None:
         while self._pending and self._in_flight < self.max_in_flight:
+            if self._gather > 0 and len(self._pending) < self._max_batch:
+                assert self._clock is not None  # set with the gather time
+                wait = self._oldest_at + self._gather - self._clock.seconds()
+                if wait > 0:
+                    if self._gathering is None:
+                        self._gathering = self._clock.callLater(wait, self._gathered)
+                    return
             batch = self._pending[: self._max_batch]
             del self._pending[: self._max_batch]
             self._in_flight += 1
             Deferred.fromCoroutine(self._run(batch))
+
+    def _gathered(self) -> None:
+        self._gathering = None
+        self._maybe_start()
 
     async def _run(self, batch: list[tuple[Item, Deferred[Result]]]) -> None:
         try:

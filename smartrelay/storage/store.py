@@ -19,6 +19,8 @@ values from here.
 
 from __future__ import annotations
 
+from twisted.internet.interfaces import IReactorTime
+
 from smartrelay.events import ExportedEvent
 from smartrelay.storage.api_tokens import ApiToken, ApiTokenStore
 from smartrelay.storage.base import domain_of, from_ms, to_ms
@@ -143,3 +145,11 @@ class Store(
     StsPolicyStore,
 ):
     """Every query SmartRelay runs; each public method is one transaction."""
+
+    def gather_delivery_batches(self, seconds: float, clock: IReactorTime) -> None:
+        """Let delivery's batched transactions (the suppression lookup before each job, the
+        outcomes after it) wait ``seconds`` for more jobs to share them. A delivery process
+        that ran them at once for one or two jobs each spent a fifth of its CPU on the
+        transactions themselves (docs/performance.md, "Issue 19, seventh session")."""
+        self._outcome_committer.gather(seconds, clock)
+        self._suppression_reader.gather(seconds, clock)
