@@ -257,6 +257,15 @@ async def test_connections_are_reused_up_to_max_messages_per_connection(
     assert sum(used.values()) == count
     assert factory.total_connections < count, f"{factory.total_connections} connections"
     assert factory.total_connections >= count // per_connection
+    # No job is left counted as in hand (the store's batches wait for such jobs' items).
+    manager = relay.service.delivery
+    assert manager is not None
+
+    async def idle() -> bool | None:
+        return True if not manager._workers else None
+
+    await eventually(reactor, idle, "the delivery workers to finish")
+    assert manager._jobs_in_hand == 0
 
 
 @pytest_twisted.ensureDeferred

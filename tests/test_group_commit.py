@@ -118,3 +118,27 @@ def test_gather_zero_is_at_once_again() -> None:
     committer.submit(1)
     assert batches.started == [(0.0, [1])]
     assert clock.getDelayedCalls() == []
+
+
+def test_no_wait_while_no_other_item_may_come() -> None:
+    """``others_may_join`` (given the items pending) says whether waiting can pay: a lone
+    delivery connection's lookup and outcome start at once."""
+    clock = Clock()
+    batches = Batches(clock)
+    committer = GroupCommitter(batches.run)
+    in_hand = [2]  # two jobs that may each submit one item
+    committer.gather(0.002, clock, lambda pending: in_hand[0] > pending)
+    first = committer.submit(1)
+    assert batches.started == []  # the other job may come: wait
+    clock.advance(0.001)
+    second = committer.submit(2)  # the other job came: nobody else may
+    assert batches.started == [(0.001, [1, 2])]
+    batches.finish()
+    in_hand[0] = 1
+    third = committer.submit(3)
+    assert batches.started[1] == (0.001, [3])
+    batches.finish()
+    assert results([first, second, third]) == [10, 20, 30]
+    clock.advance(0.002)  # the first wait's timer, now idle, starts nothing
+    assert len(batches.started) == 2
+    assert clock.getDelayedCalls() == []

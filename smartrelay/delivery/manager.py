@@ -287,6 +287,9 @@ class DeliveryManager(Service):
         self._rng = rng or random.Random()
         self._destinations: dict[str, Destination] = {}
         self._in_memory = 0
+        #: Jobs taken from a destination's queue whose outcome is not yet handed to the store:
+        #: the store's batched transactions wait for others only while there are some.
+        self._jobs_in_hand = 0
         #: Recipients this node holds claimed at most: what it can start working on soon, so
         #: that the nodes sharing a database each take a share close to their capacity.
         self.claim_window = min(
@@ -353,7 +356,9 @@ class DeliveryManager(Service):
                 failures += 1
         if not self.running:
             return
-        store.gather_delivery_batches(self.tunables.batch_gather, self._clock)
+        store.gather_delivery_batches(
+            self.tunables.batch_gather, self._clock, lambda: self._jobs_in_hand
+        )
         self._chain = self._chain_factory(store)
         self._store = store
         log.info(
@@ -779,6 +784,7 @@ class DeliveryManager(Service):
                     await deferLater(self._clock, wait, lambda: None)
                     continue
                 current = destination.jobs.popleft()
+                self._jobs_in_hand += 1
                 if connection is not None and (
                     not connection.usable
                     or connection.messages_sent >= settings.max_messages_per_connection
@@ -800,6 +806,7 @@ class DeliveryManager(Service):
                         jobs = [job, *destination.jobs]
                         destination.jobs.clear()
                         current = None
+                        self._jobs_in_hand -= 1
                         await self._finish_all(
                             [
                                 (
@@ -824,6 +831,7 @@ class DeliveryManager(Service):
                     # The chain's suppression lookup, before anything was sent: keep the job.
                     destination.jobs.appendleft(job)
                     current = None
+                    self._jobs_in_hand -= 1
                     unavailable += 1
                     if unavailable == 1:
                         log.warn(
@@ -838,6 +846,7 @@ class DeliveryManager(Service):
                     self._connections.discard(connection)
                     connection.close()
                 current = None
+                self._jobs_in_hand -= 1
                 await self._finish(job, results, connection, suppressed, adaptive=settings.adaptive)
                 if destination.note_job_seconds(self._clock.seconds() - began):
                     self._hand_back_held({key})  # how long its queue will take is known now
@@ -854,6 +863,7 @@ class DeliveryManager(Service):
             # gives its place in memory back; the destination's other jobs go on below.
             log.failure("{key}: delivery worker failed", key=destination.key)
             if current is not None:
+                self._jobs_in_hand -= 1
                 failure = _local_reply("internal error in delivery", "4.3.0")
                 await self._finish(
                     current, [RecipientResult(r.address, failure) for r in current.recipients], None

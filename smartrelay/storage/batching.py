@@ -52,16 +52,25 @@ class GroupCommitter(Generic[Item, Result]):
         self.batches = 0  # committed transactions, for tests and metrics
         self._gather = 0.0
         self._clock: IReactorTime | None = None
+        self._others_may_join: Callable[[int], bool] = lambda pending: True
         self._oldest_at = 0.0  # when the oldest pending item came (with gather only)
         self._gathering: IDelayedCall | None = None
 
-    def gather(self, seconds: float, clock: IReactorTime) -> None:
-        """Start a batch ``seconds`` after its oldest item came, not at once (0: at once).
+    def gather(
+        self,
+        seconds: float,
+        clock: IReactorTime,
+        others_may_join: Callable[[int], bool] | None = None,
+    ) -> None:
+        """Start a batch up to ``seconds`` after its oldest item came, not at once (0: at
+        once), while ``others_may_join(items pending)`` says more items may come.
 
         Never later: a batch already full (``max_batch`` items) starts at once, and items
         that waited for a batch in flight start when it ends if they are that old."""
         self._gather = seconds
         self._clock = clock
+        if others_may_join is not None:
+            self._others_may_join = others_may_join
 
     def submit(self, item: Item) -> Deferred[Result]:
         result: Deferred[Result] = Deferred()
@@ -73,7 +82,8 @@ class GroupCommitter(Generic[Item, Result]):
 
     def _maybe_start(self) -> None:
         while self._pending and self._in_flight < self.max_in_flight:
-            if self._gather > 0 and len(self._pending) < self._max_batch:
+            waiting = len(self._pending)
+            if self._gather > 0 and waiting < self._max_batch and self._others_may_join(waiting):
                 assert self._clock is not None  # set with the gather time
                 wait = self._oldest_at + self._gather - self._clock.seconds()
                 if wait > 0:

@@ -19,6 +19,8 @@ values from here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from twisted.internet.interfaces import IReactorTime
 
 from smartrelay.events import ExportedEvent
@@ -146,10 +148,14 @@ class Store(
 ):
     """Every query SmartRelay runs; each public method is one transaction."""
 
-    def gather_delivery_batches(self, seconds: float, clock: IReactorTime) -> None:
+    def gather_delivery_batches(
+        self, seconds: float, clock: IReactorTime, jobs_in_hand: Callable[[], int]
+    ) -> None:
         """Let delivery's batched transactions (the suppression lookup before each job, the
-        outcomes after it) wait ``seconds`` for more jobs to share them. A delivery process
-        that ran them at once for one or two jobs each spent a fifth of its CPU on the
-        transactions themselves (docs/performance.md, "Issue 19, seventh session")."""
-        self._outcome_committer.gather(seconds, clock)
-        self._suppression_reader.gather(seconds, clock)
+        outcomes after it) wait up to ``seconds`` for other jobs to share them, while other
+        jobs could: ``jobs_in_hand`` counts those taken from a queue whose outcome is not yet
+        submitted (a lookup's own job among them). A lone connection never waits. Run at once
+        for one or two jobs each, these transactions cost a delivery process a sixth of its
+        CPU (docs/performance.md, "Issue 19, seventh session")."""
+        self._outcome_committer.gather(seconds, clock, lambda pending: jobs_in_hand() > 0)
+        self._suppression_reader.gather(seconds, clock, lambda pending: jobs_in_hand() > pending)
