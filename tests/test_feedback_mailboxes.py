@@ -42,7 +42,7 @@ from smartrelay.feedback.mailboxes import (
 from smartrelay.storage.engines import create_engine
 from smartrelay.storage.interfaces import ICursor
 from smartrelay.storage.migrations import migrate
-from smartrelay.storage.store import NewFeedback, Store
+from smartrelay.storage.store import FEEDBACK_CHANNEL, NewFeedback, Store
 from tests.conftest import real_reactor, service_missing
 from tests.support.dovecot import PASSWORD, Dovecot, DovecotUnavailable, running_dovecot
 from tests.support.relay import InProcessRelay
@@ -845,3 +845,18 @@ def test_a_command_after_the_connection_is_lost_fails_at_once() -> None:
         assert len(failures) == 1
         assert isinstance(failures[0].value, MailboxError), failures[0]
         assert describe(failures[0]) == "the connection was closed before the command was sent"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reader_stores_without_waking_the_feedback_service(store: Store) -> None:
+    """A mailbox reader processes what it stores itself: its store notifies nobody (the
+    feedback service's pass would take the report up as well); the inbound listener's does.
+    PostgreSQL delivers notifications in commit order: once the second store's has come, the
+    first's would have."""
+    woken: list[None] = []
+    await store.engine.listen(FEEDBACK_CHANNEL, lambda: woken.append(None))
+    await store.store_feedback(NewFeedback("", ("b@example.net",), b"read"), notify=False)
+    await store.store_feedback(NewFeedback("", ("b@example.net",), b"received"))
+    await wait_for(lambda: woken, "the listener's notification")
+    await sleep(0.2)
+    assert len(woken) == 1

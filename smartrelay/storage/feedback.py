@@ -30,9 +30,10 @@ class NewFeedback:
 
 
 class FeedbackStore(StoreBase):
-    async def store_feedback(self, report: NewFeedback) -> str:
+    async def store_feedback(self, report: NewFeedback, notify: bool = True) -> str:
         """Keep a message that arrived at the inbound MX (a bounce, a complaint, a reply) for
-        the feedback processor; returns its id."""
+        the feedback processor; returns its id. ``notify``: wake the feedback service to
+        process it (a mailbox reader, which processes what it stores itself, does not)."""
         now_ms = self.now_ms()
         report_id = report.report_id or "R" + new_queue_id(now_ms / 1000)
 
@@ -53,7 +54,8 @@ class FeedbackStore(StoreBase):
                 await cursor.write_blob(
                     "feedback_reports", "raw", "report_id", report_id, report.raw, report.spooled
                 )
-            await cursor.notify(FEEDBACK_CHANNEL)
+            if notify:
+                await cursor.notify(FEEDBACK_CHANNEL)
             return report_id
 
         return await self.run("store_feedback", txn)

@@ -182,7 +182,10 @@ class Intake:
                 await self._store_ignored(store, report, reason)
                 return Fetched(report_id, stored=True)
             try:
-                await store.store_feedback(report)
+                # Not notified: processed just below. A notification would start the
+                # feedback service's pass on it as well (the report is processed once either
+                # way, the second finding it done, but the work was done twice).
+                await store.store_feedback(report, notify=False)
             except Exception:
                 # A duplicate id: another session stored it first (it processes it too).
                 if await store.feedback_report_state(report_id) is None:
