@@ -1,10 +1,12 @@
 """GroupCommitter's batches on a ``task.Clock``: at once by default, or gathered for a while
-(``gather``), never later than that, and never past ``max_batch``."""
+(``gather``: from the oldest item or the last batch's end), never past ``max_batch``, and
+not at all while no other item may come."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
@@ -33,6 +35,20 @@ class Batches:
         done.callback([i * 10 for i in items])
 
 
+def committer(
+    gather: float | None = None,
+    max_batch: int = 200,
+    others_may_join: Callable[[int], bool] | None = None,
+) -> tuple[Clock, Batches, GroupCommitter[int, int]]:
+    """A committer over :class:`Batches` on a fresh clock, gathering for ``gather`` s."""
+    clock = Clock()
+    batches = Batches(clock)
+    made: GroupCommitter[int, int] = GroupCommitter(batches.run, max_batch=max_batch)
+    if gather is not None:
+        made.gather(gather, clock, others_may_join)
+    return clock, batches, made
+
+
 def results(waiters: Sequence[Deferred[int]]) -> list[int | None]:
     got: list[int | None] = []
     for waiter in waiters:
@@ -41,12 +57,10 @@ def results(waiters: Sequence[Deferred[int]]) -> list[int | None]:
 
 
 def test_without_gather_a_batch_starts_at_once() -> None:
-    clock = Clock()
-    batches = Batches(clock)
-    committer = GroupCommitter(batches.run)
-    first = committer.submit(1)
+    clock, batches, commits = committer()
+    first = commits.submit(1)
     assert batches.started == [(0.0, [1])]
-    second, third = committer.submit(2), committer.submit(3)  # while the first is in flight
+    second, third = commits.submit(2), commits.submit(3)  # while the first is in flight
     batches.finish()
     assert batches.started == [(0.0, [1]), (0.0, [2, 3])]
     batches.finish()
@@ -55,13 +69,10 @@ def test_without_gather_a_batch_starts_at_once() -> None:
 
 
 def test_gathered_items_share_a_batch_started_after_the_oldest_waited() -> None:
-    clock = Clock()
-    batches = Batches(clock)
-    committer = GroupCommitter(batches.run)
-    committer.gather(0.002, clock)
-    first = committer.submit(1)
+    clock, batches, commits = committer(0.002)
+    first = commits.submit(1)
     clock.advance(0.001)
-    second = committer.submit(2)
+    second = commits.submit(2)
     clock.advance(0.0009)
     assert batches.started == []  # the oldest has waited 1.9 ms
     clock.advance(0.0001)
@@ -69,15 +80,12 @@ def test_gathered_items_share_a_batch_started_after_the_oldest_waited() -> None:
     batches.finish()
     assert results([first, second]) == [10, 20]
     assert batches.clock.getDelayedCalls() == []
-    assert committer.batches == 1
+    assert commits.batches == 1
 
 
 def test_a_full_batch_does_not_wait() -> None:
-    clock = Clock()
-    batches = Batches(clock)
-    committer = GroupCommitter(batches.run, max_batch=3)
-    committer.gather(0.002, clock)
-    waiters = [committer.submit(i) for i in range(4)]
+    clock, batches, commits = committer(0.002, max_batch=3)
+    waiters = [commits.submit(i) for i in range(4)]
     assert batches.started == [(0.0, [0, 1, 2])]
     batches.finish()
     # The fourth came with the others: it has not waited its 2 ms yet.
@@ -88,34 +96,36 @@ def test_a_full_batch_does_not_wait() -> None:
     assert results(waiters) == [0, 10, 20, 30]
 
 
-def test_items_that_waited_for_a_batch_in_flight_go_when_it_ends() -> None:
-    clock = Clock()
-    batches = Batches(clock)
-    committer = GroupCommitter(batches.run)
-    committer.gather(0.002, clock)
-    committer.submit(1)
+def test_a_busy_committer_runs_a_batch_per_gather_time_at_most() -> None:
+    """Items that came while a batch was in flight start ``gather`` after it ended: under
+    load, one transaction per 2 ms and a commit's time at most."""
+    clock, batches, commits = committer(0.002)
+    commits.submit(1)
     clock.advance(0.002)
     assert batches.started == [(0.002, [1])]
-    committer.submit(2)  # at 2 ms, while the first batch is in flight
-    clock.advance(0.003)  # a slow commit: 2 has waited 3 ms when it ends
-    batches.finish()
-    assert batches.started[1] == (0.005, [2])  # at once, not 2 ms more
-    committer.submit(3)  # at 5 ms, the second batch in flight
-    clock.advance(0.001)
-    batches.finish()  # 3 has waited 1 ms: 1 ms more
+    commits.submit(2)  # at 2 ms, while the first batch is in flight
+    clock.advance(0.003)
+    batches.finish()  # at 5 ms
+    commits.submit(3)
+    clock.advance(0.0019)
+    assert len(batches.started) == 1  # 2 and 3 wait 2 ms from the first batch's end
+    clock.advance(0.0001)
     assert len(batches.started) == 2
-    clock.advance(0.001)
-    assert batches.started[2] == (0.007, [3])
+    assert batches.started[1][0] == pytest.approx(0.007)
+    assert batches.started[1][1] == [2, 3]
+    batches.finish()
+    clock.advance(0.01)  # idle a while: the next item waits 2 ms from its arrival
+    commits.submit(4)
+    clock.advance(0.002)
+    assert batches.started[2][0] == pytest.approx(0.019)
+    assert batches.started[2][1] == [4]
     batches.finish()
     assert clock.getDelayedCalls() == []
 
 
 def test_gather_zero_is_at_once_again() -> None:
-    clock = Clock()
-    batches = Batches(clock)
-    committer = GroupCommitter(batches.run)
-    committer.gather(0.0, clock)
-    committer.submit(1)
+    clock, batches, commits = committer(0.0)
+    commits.submit(1)
     assert batches.started == [(0.0, [1])]
     assert clock.getDelayedCalls() == []
 
@@ -123,19 +133,16 @@ def test_gather_zero_is_at_once_again() -> None:
 def test_no_wait_while_no_other_item_may_come() -> None:
     """``others_may_join`` (given the items pending) says whether waiting can pay: a lone
     delivery connection's lookup and outcome start at once."""
-    clock = Clock()
-    batches = Batches(clock)
-    committer = GroupCommitter(batches.run)
     in_hand = [2]  # two jobs that may each submit one item
-    committer.gather(0.002, clock, lambda pending: in_hand[0] > pending)
-    first = committer.submit(1)
+    clock, batches, commits = committer(0.002, others_may_join=lambda n: in_hand[0] > n)
+    first = commits.submit(1)
     assert batches.started == []  # the other job may come: wait
     clock.advance(0.001)
-    second = committer.submit(2)  # the other job came: nobody else may
+    second = commits.submit(2)  # the other job came: nobody else may
     assert batches.started == [(0.001, [1, 2])]
     batches.finish()
     in_hand[0] = 1
-    third = committer.submit(3)
+    third = commits.submit(3)
     assert batches.started[1] == (0.001, [3])
     batches.finish()
     assert results([first, second, third]) == [10, 20, 30]

@@ -6,9 +6,9 @@ many callers make at once (the suppression lookup before each delivery) are batc
 way: one query for all, started after each caller asked.
 
 A committer that is idle starts a batch at once, for a single item if need be. Where a few
-milliseconds more per item cost nothing and each transaction costs CPU, it may instead wait
-:attr:`GroupCommitter.gather` seconds from its oldest item's arrival (see
-:meth:`~smartrelay.storage.queue.QueueStore.gather_delivery_batches`).
+milliseconds more per item cost nothing and each transaction costs CPU, it may instead
+gather items for a while (:meth:`GroupCommitter.gather`; the delivery's, see
+:meth:`~smartrelay.storage.store.Store.gather_delivery_batches`).
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ class GroupCommitter(Generic[Item, Result]):
         self._clock: IReactorTime | None = None
         self._others_may_join: Callable[[int], bool] = lambda pending: True
         self._oldest_at = 0.0  # when the oldest pending item came (with gather only)
+        self._last_done = 0.0  # when the last batch ended (with gather only)
         self._gathering: IDelayedCall | None = None
 
     def gather(
@@ -62,11 +63,12 @@ class GroupCommitter(Generic[Item, Result]):
         clock: IReactorTime,
         others_may_join: Callable[[int], bool] | None = None,
     ) -> None:
-        """Start a batch up to ``seconds`` after its oldest item came, not at once (0: at
-        once), while ``others_may_join(items pending)`` says more items may come.
-
-        Never later: a batch already full (``max_batch`` items) starts at once, and items
-        that waited for a batch in flight start when it ends if they are that old."""
+        """Start a batch ``seconds`` after its oldest item came or the last batch ended,
+        whichever is later, not at once (0: at once), while ``others_may_join(items
+        pending)`` says more items may come; a batch already full (``max_batch`` items)
+        starts at once. So a busy committer runs at most one batch per ``seconds`` plus a
+        commit's time, and an item waits at most for the batch in flight, ``seconds``, and
+        its own batch."""
         self._gather = seconds
         self._clock = clock
         if others_may_join is not None:
@@ -85,7 +87,8 @@ class GroupCommitter(Generic[Item, Result]):
             waiting = len(self._pending)
             if self._gather > 0 and waiting < self._max_batch and self._others_may_join(waiting):
                 assert self._clock is not None  # set with the gather time
-                wait = self._oldest_at + self._gather - self._clock.seconds()
+                since = max(self._oldest_at, self._last_done)
+                wait = since + self._gather - self._clock.seconds()
                 if wait > 0:
                     if self._gathering is None:
                         self._gathering = self._clock.callLater(wait, self._gathered)
@@ -104,6 +107,8 @@ class GroupCommitter(Generic[Item, Result]):
             await self._commit(batch)
         finally:
             self._in_flight -= 1
+            if self._clock is not None:
+                self._last_done = self._clock.seconds()
             self._maybe_start()
 
     async def _commit(self, batch: list[tuple[Item, Deferred[Result]]]) -> None:

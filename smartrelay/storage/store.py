@@ -152,10 +152,12 @@ class Store(
         self, seconds: float, clock: IReactorTime, jobs_in_hand: Callable[[], int]
     ) -> None:
         """Let delivery's batched transactions (the suppression lookup before each job, the
-        outcomes after it) wait up to ``seconds`` for other jobs to share them, while other
-        jobs could: ``jobs_in_hand`` counts those taken from a queue whose outcome is not yet
-        submitted (a lookup's own job among them). A lone connection never waits. Run at once
-        for one or two jobs each, these transactions cost a delivery process a sixth of its
-        CPU (docs/performance.md, "Issue 19, seventh session")."""
+        outcomes after it) wait ``seconds`` for other jobs to share them (from the oldest
+        request, or from the end of the batch before: one such transaction per ``seconds``
+        and a commit at most), while other jobs could: ``jobs_in_hand`` counts those taken
+        from a queue whose outcome is not yet submitted (a lookup's own job among them). A
+        lone connection never waits. Run at once for one or two jobs each, these transactions
+        cost a delivery process a fifth of its CPU (docs/performance.md, "Issue 19, seventh
+        session")."""
         self._outcome_committer.gather(seconds, clock, lambda pending: jobs_in_hand() > 0)
         self._suppression_reader.gather(seconds, clock, lambda pending: jobs_in_hand() > pending)
