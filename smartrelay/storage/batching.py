@@ -93,6 +93,9 @@ class GroupCommitter(Generic[Item, Result]):
                     if self._gathering is None:
                         self._gathering = self._clock.callLater(wait, self._gathered)
                     return
+            if self._gathering is not None:  # started sooner (full, or nobody else to wait for)
+                self._gathering.cancel()
+                self._gathering = None
             batch = self._pending[: self._max_batch]
             del self._pending[: self._max_batch]
             self._in_flight += 1
