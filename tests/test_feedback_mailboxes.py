@@ -30,6 +30,7 @@ from zope.interface import provider
 from smartrelay.config import FeedbackMailbox, parse_config
 from smartrelay.feedback.mailboxes import (
     MAX_MESSAGE_SIZE,
+    Intake,
     MailboxError,
     MailboxService,
     ReaderTunables,
@@ -855,7 +856,14 @@ async def test_a_reader_stores_without_waking_the_feedback_service(store: Store)
     first's would have."""
     woken: list[None] = []
     await store.engine.listen(FEEDBACK_CHANNEL, lambda: woken.append(None))
-    await store.store_feedback(NewFeedback("", ("b@example.net",), b"read"), notify=False)
+    processed: list[str] = []
+
+    async def process(report_id: str) -> None:
+        processed.append(report_id)
+
+    intake = Intake("imaps://u@imap.example.com/INBOX", store_ready(store), process)
+    await intake.take("1:1", bounce(0))
+    assert processed == [intake.report_id("1:1")]
     await store.store_feedback(NewFeedback("", ("b@example.net",), b"received"))
     await wait_for(lambda: woken, "the listener's notification")
     await sleep(0.2)
