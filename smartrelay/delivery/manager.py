@@ -356,8 +356,13 @@ class DeliveryManager(Service):
                 failures += 1
         if not self.running:
             return
+        # Waiting pays only while other jobs in hand may still ask: a lookup's own job is
+        # one of them, an outcome's is not (a lone connection never waits).
         store.gather_delivery_batches(
-            self.tunables.batch_gather, self._clock, lambda: self._jobs_in_hand
+            self.tunables.batch_gather,
+            self._clock,
+            lookups_may_join=lambda waiting: self._jobs_in_hand > waiting,
+            outcomes_may_join=lambda waiting: self._jobs_in_hand > 0,
         )
         self._chain = self._chain_factory(store)
         self._store = store
@@ -763,6 +768,13 @@ class DeliveryManager(Service):
         settings, key = destination.settings, destination.throttle_key
         current: Job | None = None  # taken from the queue, its outcome not yet recorded
         unavailable = 0  # the database, in a row (see below)
+
+        def put_down() -> None:
+            """The job in hand is finished or given back (``_jobs_in_hand`` counts them)."""
+            nonlocal current
+            current = None
+            self._jobs_in_hand -= 1
+
         try:
             while self.running:
                 if not destination.jobs:
@@ -805,8 +817,7 @@ class DeliveryManager(Service):
                         # memory while each waited for its own commit (issue 19).
                         jobs = [job, *destination.jobs]
                         destination.jobs.clear()
-                        current = None
-                        self._jobs_in_hand -= 1
+                        put_down()
                         await self._finish_all(
                             [
                                 (
@@ -830,8 +841,7 @@ class DeliveryManager(Service):
                 except DatabaseUnavailable as error:
                     # The chain's suppression lookup, before anything was sent: keep the job.
                     destination.jobs.appendleft(job)
-                    current = None
-                    self._jobs_in_hand -= 1
+                    put_down()
                     unavailable += 1
                     if unavailable == 1:
                         log.warn(
@@ -845,8 +855,7 @@ class DeliveryManager(Service):
                 if not connection.usable:
                     self._connections.discard(connection)
                     connection.close()
-                current = None
-                self._jobs_in_hand -= 1
+                put_down()
                 await self._finish(job, results, connection, suppressed, adaptive=settings.adaptive)
                 if destination.note_job_seconds(self._clock.seconds() - began):
                     self._hand_back_held({key})  # how long its queue will take is known now
@@ -863,10 +872,11 @@ class DeliveryManager(Service):
             # gives its place in memory back; the destination's other jobs go on below.
             log.failure("{key}: delivery worker failed", key=destination.key)
             if current is not None:
-                self._jobs_in_hand -= 1
+                failed = current
+                put_down()
                 failure = _local_reply("internal error in delivery", "4.3.0")
                 await self._finish(
-                    current, [RecipientResult(r.address, failure) for r in current.recipients], None
+                    failed, [RecipientResult(r.address, failure) for r in failed.recipients], None
                 )
         finally:
             if connection is not None:
