@@ -319,6 +319,8 @@ class DeliveryManager(Service):
         self._poll_call: IDelayedCall | None = None
         self._starting: Deferred[None] | None = None
         self._workers: set[Deferred[None]] = set()
+        #: Outcomes being recorded while their workers went on to the next job.
+        self._recording: set[Deferred[None]] = set()
         self._connections: set[OutboundSession] = set()
 
     # -- service ------------------------------------------------------------------------------
@@ -398,6 +400,8 @@ class DeliveryManager(Service):
                 await worker
             if grace.active():
                 grace.cancel()
+        while self._recording:  # the outcomes the workers handed over before they ended
+            await next(iter(self._recording))
         if self._sts is not None:
             await self._sts.flush()  # the last sessions' TLS results
 
@@ -856,7 +860,12 @@ class DeliveryManager(Service):
                     self._connections.discard(connection)
                     connection.close()
                 put_down()
-                await self._finish(job, results, connection, suppressed, adaptive=settings.adaptive)
+                # The outcome is committed while this connection goes on to the next job:
+                # waiting for it made every job's turn on the connection one commit longer
+                # and kept each commit small (a worker has one job in hand at a time).
+                self._finish_in_background(
+                    job, results, connection, suppressed, adaptive=settings.adaptive
+                )
                 if destination.note_job_seconds(self._clock.seconds() - began):
                     self._hand_back_held({key})  # how long its queue will take is known now
                 if not connection.usable:
@@ -1044,6 +1053,30 @@ class DeliveryManager(Service):
         give its place in memory back, whatever happens. ``adaptive``: the destination's
         throttle is, so rate-limited recipients are tried again soon."""
         await self._finish_all([(job, results, suppressed)], connection, adaptive=adaptive)
+
+    def _finish_in_background(
+        self,
+        job: Job,
+        results: Sequence[RecipientResult],
+        connection: OutboundSession | None,
+        suppressed: Sequence[tuple[ClaimedRecipient, Suppression]],
+        *,
+        adaptive: bool,
+    ) -> None:
+        """:meth:`_finish`, not waited for: :meth:`_stop` waits for it. Memory stays bounded
+        without a wait: the job keeps its place in the claim and byte windows until its
+        outcome is recorded, so claiming stops while outcomes pile up (database down)."""
+        recording = Deferred.fromCoroutine(
+            self._finish(job, results, connection, suppressed, adaptive=adaptive)
+        )
+        self._recording.add(recording)  # done() takes it out again (at once if it is done)
+
+        def done(result: object) -> None:
+            self._recording.discard(recording)
+            if isinstance(result, Failure):  # _finish_all logs the store's errors itself
+                log.failure("{queue_id}: finishing failed", result, queue_id=job.message.queue_id)
+
+        recording.addBoth(done)
 
     async def _finish_all(
         self, finished: Sequence[Finished], connection: OutboundSession | None, *, adaptive: bool
