@@ -627,6 +627,49 @@ async def test_every_recipient_gets_its_own_copy_through_the_chain(
     assert all(s.closed for s in connector.sessions)
 
 
+# -- outcomes committed while the connection goes on ---------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_a_connection_goes_on_while_its_last_outcome_is_committed(
+    store: Store, clock: Clock, tmp_path: Path
+) -> None:
+    connector = FakeConnector(clock)
+    sim = Simulation(store, clock, tmp_path, connector)
+    held: list[Deferred[None]] = []  # outcome commits waiting for the test
+    record = store.record_outcomes_of
+
+    async def held_record(*args: Any, **kwargs: Any) -> Any:
+        gate: Deferred[None] = Deferred()
+        held.append(gate)
+        await gate
+        return await record(*args, **kwargs)
+
+    store.record_outcomes_of = held_record  # type: ignore[method-assign]
+    await queue(store, "first@example.net")
+    await sim.start()
+    await sim.advance(0.5)
+    assert len(connector.sent) == 1 and len(held) == 1
+    await queue(store, "second@example.net")  # its commit wakes the manager
+    await sim.run_until(lambda: len(connector.sent) == 2, before=clock.seconds() + 1)
+    # The first outcome is still being committed; its connection took the second job.
+    assert len(connector.sessions) == 1
+    assert len(held) == 2
+    assert await recipient_states(store) == {
+        "first@example.net": "delivering",
+        "second@example.net": "delivering",
+    }
+    stopping: Deferred[None] = sim.manager.stopService()
+    await sim.advance(60)
+    assert not stopping.called  # the stop waits for the outcomes handed over
+    for gate in held:
+        gate.callback(None)
+    await sim.stop()
+    assert stopping.called
+    assert await recipient_states(store) == {
+        "first@example.net": "delivered",
+        "second@example.net": "delivered",
+    }
+
+
 # -- idle connections and the stop grace ----------------------------------------------------------
 @pytest.mark.parametrize(("later", "sessions"), [(1.5, 1), (2.5, 2)])
 @pytest_twisted.ensureDeferred
