@@ -91,7 +91,7 @@ class Simulation:
         for name in (
             "claim_due",
             "message_sizes",
-            "load_messages",
+            "load_for_delivery",
             "record_outcomes_of",
             "hand_back",
         ):
@@ -576,7 +576,7 @@ async def test_messages_that_cannot_be_loaded_wait_in_the_window_and_are_loaded_
     the next claim round, and the windows leaked until delivery stopped)."""
     connector = FakeConnector(clock)
     sim = Simulation(store, clock, tmp_path, connector)
-    load = store.load_messages
+    load = store.load_for_delivery
     failures = 2
 
     async def flaky_load(*args: Any, **kwargs: Any) -> Any:
@@ -586,7 +586,7 @@ async def test_messages_that_cannot_be_loaded_wait_in_the_window_and_are_loaded_
             raise DatabaseUnavailable("the server is restarting")
         return await load(*args, **kwargs)
 
-    store.load_messages = flaky_load  # type: ignore[method-assign]
+    store.load_for_delivery = flaky_load  # type: ignore[method-assign]
     for i in range(3):
         await queue(store, f"r{i}@example.net", data=message(f"m {i}"))
     await sim.start()
@@ -667,6 +667,46 @@ async def test_a_connection_goes_on_while_its_last_outcome_is_committed(
     assert await recipient_states(store) == {
         "first@example.net": "delivered",
         "second@example.net": "delivered",
+    }
+
+
+# -- the suppression entries loaded with the messages --------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_a_job_that_waited_looks_its_recipients_up_again(
+    store: Store, clock: Clock, tmp_path: Path
+) -> None:
+    """The entries read with a claimed batch's messages answer the chain's lookup for jobs
+    that start at once (no read a job); a job that waited longer than
+    ``suppressions_fresh_for`` (here 5 s for its throttle's turn) asks again, and an entry
+    added in the meantime keeps its copy from going out."""
+    connector = FakeConnector(clock)
+    one_per_5s = {"match": "*", "max_connections": 1, "max_rate": "12/min"}
+    sim = Simulation(store, clock, tmp_path, connector, throttle=[one_per_5s])
+    lookups: list[list[str]] = []
+    lookup = store.active_suppressions
+
+    async def counted(addresses: Any) -> Any:
+        addresses = list(addresses)
+        lookups.append(addresses)
+        return await lookup(addresses)
+
+    store.active_suppressions = counted  # type: ignore[method-assign]
+    await queue(store, "first@example.net")
+    await queue(store, "second@example.net")
+    await sim.start()
+    await sim.advance(0.5)
+    assert [s.recipients for s in connector.sent] == [("first@example.net",)]
+    assert lookups == []  # answered by the read that loaded the message
+    await store.add_suppression("second@example.net", "complaint")
+    try:
+        await sim.run_until(lambda: sim.manager._in_memory == 0, before=clock.seconds() + 30)
+    finally:
+        await sim.stop()
+    assert lookups == [["second@example.net"]]
+    assert len(connector.sent) == 1
+    assert await recipient_states(store) == {
+        "first@example.net": "delivered",
+        "second@example.net": "suppressed",
     }
 
 

@@ -175,10 +175,10 @@ async def test_a_chain_that_fails_for_the_whole_message_defers_it(
     )
     real_run = chain_module.RewrapChain.run
 
-    async def run_with_a_bug(self: Any, message: Any, recipients: Any) -> Any:
+    async def run_with_a_bug(self: Any, message: Any, recipients: Any, *more: Any) -> Any:
         if b"Subject: explodes" in message.raw:
             raise ConnectionError("the suppression look-up failed")
-        return await real_run(self, message, recipients)
+        return await real_run(self, message, recipients, *more)
 
     monkeypatch.setattr(chain_module.RewrapChain, "run", run_with_a_bug)
 

@@ -266,6 +266,30 @@ async def test_notify_wakes_listener_after_commit_only(
 
 
 @pytest_twisted.ensureDeferred
+async def test_claimed_messages_load_with_their_recipients_suppressions(
+    store: Store, clock: Clock
+) -> None:
+    """One read gives the delivery manager a claimed batch's messages and the entries in
+    force for its recipients (any case; expired ones left out)."""
+    first = await store.queue_message(message("Kept@Example.net", "gone@example.net"))
+    second = await store.queue_message(message())
+    await store.add_suppression("kept@example.NET", "complaint")
+    await store.add_suppression("gone@example.net", "soft_bounce", expires_at=clock.seconds() + 5)
+    await store.add_suppression("other@example.net", "hard_bounce")
+    clock.advance(6)
+    loaded = await store.load_for_delivery(
+        [first.queue_id, second.queue_id],
+        ["Kept@Example.net", "gone@example.net", "a@example.net"],
+    )
+    assert set(loaded.messages) == {first.queue_id, second.queue_id}
+    assert loaded.messages[first.queue_id].raw == message().raw
+    assert set(loaded.suppressions) == {"kept@example.net"}
+    assert loaded.suppressions["kept@example.net"].reason == "complaint"
+    nothing = await store.load_for_delivery([], ["kept@example.net"])
+    assert (nothing.messages, nothing.suppressions) == ({}, {})
+
+
+@pytest_twisted.ensureDeferred
 async def test_suppressions(store: Store, clock: Clock) -> None:
     await store.add_suppression("User@Example.com", "hard_bounce", note="5.1.1")
     await store.add_suppression("temp@example.com", "soft_bounce", expires_at=clock.seconds() + 100)

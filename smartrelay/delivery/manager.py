@@ -20,7 +20,7 @@ import random
 import secrets
 import socket
 from collections import deque
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 from attrs import field, frozen
 from twisted.application.service import Service
@@ -113,6 +113,10 @@ class DeliveryTunables:
     #: The suppression lookups before jobs and the outcomes after them wait this long for
     #: other jobs' to share their transaction (Store.gather_delivery_batches); 0: not at all.
     batch_gather: float = 0.002
+    #: The suppression entries read with a job's message (one read a loaded batch) answer
+    #: the re-wrap chain's lookup if the job starts within this many seconds of that read;
+    #: a job that waited longer (a throttled destination) looks its recipients up again.
+    suppressions_fresh_for: float = 1.0
     #: While the database is unavailable (a restart): first pause before trying again, and
     #: the most it grows to (doubling). Claims, and outcomes already known, are tried again so.
     database_retry_min: float = 0.25
@@ -140,6 +144,7 @@ class DeliveryTunables:
             "idle_connection",
             "claim_spacing",
             "batch_gather",
+            "suppressions_fresh_for",
         ):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must not be negative, not {getattr(self, name)!r}")
@@ -160,6 +165,10 @@ class Job:
     message: StoredMessage
     domain: str
     recipients: tuple[ClaimedRecipient, ...]
+    #: The suppression entries in force for the recipients when the message was loaded (by
+    #: lower-cased address), and the clock's time then.
+    suppressions: Mapping[str, Suppression] = field(factory=dict)
+    loaded_at: float = float("-inf")
 
 
 @frozen
@@ -582,11 +591,20 @@ class DeliveryManager(Service):
 
     async def _load_and_queue(self, claimed: Sequence[ClaimedJob]) -> None:
         assert self._store is not None
-        messages = await self._store.load_messages(c.queue_id for c in claimed)
+        loaded_at = self._clock.seconds()  # the suppressions are read after this
+        loaded = await self._store.load_for_delivery(
+            (c.queue_id for c in claimed), (r.address for c in claimed for r in c.recipients)
+        )
         touched: list[Destination] = []
         for claimed_job in claimed:
             queue_id, domain = claimed_job.queue_id, claimed_job.domain
-            job = Job(messages[queue_id], domain, claimed_job.recipients)
+            job = Job(
+                loaded.messages[queue_id],
+                domain,
+                claimed_job.recipients,
+                loaded.suppressions,
+                loaded_at,
+            )
             # The window counts what was loaded (the size column is the same, normally).
             self._in_memory_bytes += len(job.message.raw) - claimed_job.size
             if job.message.sandbox:  # a sandbox credential's: a destination of its own
@@ -949,7 +967,12 @@ class DeliveryManager(Service):
                 data = b"".join(fields) + rest
                 sends = [(job.message.sender, [r.address for r in job.recipients], data)]
             else:
-                wrapped = await self._chain.run(job.message, job.recipients)
+                fresh = (
+                    self._clock.seconds() - job.loaded_at <= self.tunables.suppressions_fresh_for
+                )
+                wrapped = await self._chain.run(
+                    job.message, job.recipients, job.suppressions if fresh else None
+                )
                 sends = [(c.sender, [c.recipient.address], c.data) for c in wrapped.copies]
                 suppressed = wrapped.suppressed
                 results += [

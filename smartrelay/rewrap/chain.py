@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from attrs import Factory, define, frozen
 from twisted.internet.defer import Deferred
@@ -433,9 +433,19 @@ class RewrapChain:
         self.safe_steps = tuple(s for s in self.steps if not isinstance(s, TrackingStep))
 
     async def run(
-        self, message: StoredMessage, recipients: Sequence[ClaimedRecipient]
+        self,
+        message: StoredMessage,
+        recipients: Sequence[ClaimedRecipient],
+        suppressions: Mapping[str, Suppression] | None = None,
     ) -> RewrapResult:
-        active = await self._store.active_suppressions(r.address for r in recipients)
+        """``suppressions``: the entries in force for the recipients (by lower-cased
+        address), looked up by the caller a moment ago; None: looked up here."""
+        if suppressions is None:
+            active: Mapping[str, Suppression] = await self._store.active_suppressions(
+                r.address for r in recipients
+            )
+        else:
+            active = suppressions
         suppressed = tuple(
             (r, active[r.address.lower()]) for r in recipients if r.address.lower() in active
         )

@@ -20,6 +20,8 @@ from smartrelay.storage.events import insert_events
 from smartrelay.storage.interfaces import ICursor, IDatabaseEngine
 from smartrelay.storage.search_terms import insert_terms, message_terms
 from smartrelay.storage.suppressions import (
+    Suppression,
+    active_suppressions_in,
     clear_soft_bounces,
     count_soft_bounces,
     write_suppressions,
@@ -86,6 +88,13 @@ class StoredMessage:
     credential: str | None = None
     #: Submitted with a sandbox credential (``messages.sandbox``, set at accept).
     sandbox: bool = False
+
+
+@frozen
+class LoadedForDelivery:
+    messages: dict[str, StoredMessage]
+    #: The suppression entries in force when the messages were loaded, by lower-cased address.
+    suppressions: dict[str, Suppression]
 
 
 @frozen
@@ -347,43 +356,25 @@ class QueueStore(StoreBase):
         return await self.run("message_sizes", txn, readonly=True)
 
     async def load_messages(self, queue_ids: Iterable[str]) -> dict[str, StoredMessage]:
-        wanted = sorted(set(queue_ids))
-        if not wanted:
-            return {}
+        return (await self.load_for_delivery(queue_ids, ())).messages
 
-        async def txn(cursor: ICursor) -> dict[str, StoredMessage]:
-            marks = ", ".join("?" for _ in wanted)
-            # Big messages are read on their own, piece by piece (ICursor.read_blob).
-            await cursor.execute(
-                "SELECT m.queue_id, m.received_at, m.sender, m.tags, m.metadata, m.options,"
-                " CASE WHEN m.size <= ? THEN b.raw END, b.queue_id IS NOT NULL,"
-                " m.warnings_checked_at IS NOT NULL, m.credential, m.sandbox"
-                " FROM messages m LEFT JOIN message_bodies b ON b.queue_id = m.queue_id"
-                f" WHERE m.queue_id IN ({marks})",
-                [BIG_MESSAGE, *wanted],
-            )
-            rows = cursor.fetchall()
-            loaded = {}
-            for r in rows:
-                queue_id = str(r[0])
-                raw = r[6]
-                if not r[7]:  # the body is gone (retention): only a finished message's
-                    raw = b""
-                elif raw is None:
-                    raw = await cursor.read_blob("message_bodies", "raw", "queue_id", queue_id)
-                loaded[queue_id] = StoredMessage(
-                    queue_id=queue_id,
-                    received_at=int(r[1]) / 1000,
-                    sender=str(r[2]),
-                    tags=tuple(json.loads(r[3])),
-                    metadata=json.loads(r[4]),
-                    options=json.loads(r[5]),
-                    raw=bytes(raw),
-                    warnings_checked=bool(r[8]),
-                    credential=None if r[9] is None else str(r[9]),
-                    sandbox=bool(r[10]),
-                )
-            return loaded
+    async def load_for_delivery(
+        self, queue_ids: Iterable[str], recipients: Iterable[str]
+    ) -> LoadedForDelivery:
+        """The messages of ``queue_ids``, and the suppression entries in force for any of
+        ``recipients``, in one transaction: the delivery manager loads claimed jobs with the
+        answer to the re-wrap chain's suppression lookup (one read a claimed batch, not one
+        a job)."""
+        wanted = sorted(set(queue_ids))
+        addresses = frozenset(a.lower() for a in recipients)
+        now_ms = self.now_ms()
+        if not wanted:
+            return LoadedForDelivery({}, {})
+
+        async def txn(cursor: ICursor) -> LoadedForDelivery:
+            messages = await _messages_in(cursor, wanted)
+            active = await active_suppressions_in(cursor, addresses, now_ms) if addresses else {}
+            return LoadedForDelivery(messages, active)
 
         return await self.run("load_messages", txn, readonly=True)
 
@@ -593,3 +584,37 @@ class QueueStore(StoreBase):
             return int(row[0]) if row else 0
 
         return await self.run("count_recipients", txn, readonly=True)
+
+
+async def _messages_in(cursor: ICursor, wanted: Sequence[str]) -> dict[str, StoredMessage]:
+    # Big messages are read on their own, piece by piece (ICursor.read_blob).
+    await cursor.execute(
+        "SELECT m.queue_id, m.received_at, m.sender, m.tags, m.metadata, m.options,"
+        " CASE WHEN m.size <= ? THEN b.raw END, b.queue_id IS NOT NULL,"
+        " m.warnings_checked_at IS NOT NULL, m.credential, m.sandbox"
+        " FROM messages m LEFT JOIN message_bodies b ON b.queue_id = m.queue_id"
+        f" WHERE m.queue_id IN ({marks(len(wanted))})",
+        [BIG_MESSAGE, *wanted],
+    )
+    rows = cursor.fetchall()
+    loaded = {}
+    for r in rows:
+        queue_id = str(r[0])
+        raw = r[6]
+        if not r[7]:  # the body is gone (retention): only a finished message's
+            raw = b""
+        elif raw is None:
+            raw = await cursor.read_blob("message_bodies", "raw", "queue_id", queue_id)
+        loaded[queue_id] = StoredMessage(
+            queue_id=queue_id,
+            received_at=int(r[1]) / 1000,
+            sender=str(r[2]),
+            tags=tuple(json.loads(r[3])),
+            metadata=json.loads(r[4]),
+            options=json.loads(r[5]),
+            raw=bytes(raw),
+            warnings_checked=bool(r[8]),
+            credential=None if r[9] is None else str(r[9]),
+            sandbox=bool(r[10]),
+        )
+    return loaded

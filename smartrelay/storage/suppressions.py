@@ -246,8 +246,10 @@ class SuppressionStore(StoreBase):
     async def active_suppressions(self, addresses: Iterable[str]) -> dict[str, Suppression]:
         """The entries in force now for any of ``addresses``, keyed by lower-cased address.
 
-        Lookups made while another is under way share the next query (every delivery job
-        asks, just before it sends); each still sees every entry committed before it asked.
+        Lookups made while another is under way share the next query (a delivery job asks
+        just before it sends when the entries read with its message are over
+        ``DeliveryTunables.suppressions_fresh_for`` old); each still sees every entry
+        committed before it asked.
         """
         wanted = frozenset(a.lower() for a in addresses)
         if not wanted:
@@ -257,22 +259,30 @@ class SuppressionStore(StoreBase):
     async def _active_suppressions_batch(
         self, batch: Sequence[frozenset[str]]
     ) -> list[dict[str, Suppression]]:
-        wanted = sorted(frozenset().union(*batch))
+        wanted = frozenset().union(*batch)
         now_ms = self.now_ms()
 
         async def txn(cursor: ICursor) -> dict[str, Suppression]:
-            found: dict[str, Suppression] = {}
-            for chunk in chunks(wanted):
-                await cursor.execute(
-                    f"{_COLUMNS} WHERE address IN ({marks(len(chunk))})"
-                    " AND (expires_at IS NULL OR expires_at > ?)",
-                    (*chunk, now_ms),
-                )
-                found.update((str(row[0]), _suppression(row)) for row in cursor.fetchall())
-            return found
+            return await active_suppressions_in(cursor, wanted, now_ms)
 
         found = await self.run("active_suppressions", txn, readonly=True)
         return [{a: found[a] for a in addresses if a in found} for addresses in batch]
+
+
+async def active_suppressions_in(
+    cursor: ICursor, addresses: Iterable[str], now_ms: int
+) -> dict[str, Suppression]:
+    """The entries in force at ``now_ms`` for any of ``addresses`` (lower-cased already),
+    keyed by address: a part of another topic's transaction (loading jobs' messages)."""
+    found: dict[str, Suppression] = {}
+    for chunk in chunks(sorted(set(addresses))):
+        await cursor.execute(
+            f"{_COLUMNS} WHERE address IN ({marks(len(chunk))})"
+            " AND (expires_at IS NULL OR expires_at > ?)",
+            (*chunk, now_ms),
+        )
+        found.update((str(row[0]), _suppression(row)) for row in cursor.fetchall())
+    return found
 
 
 def _suppression(row: Sequence[Any]) -> Suppression:
