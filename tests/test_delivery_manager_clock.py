@@ -89,8 +89,7 @@ class Simulation:
             }
         ).delivery
         for name in (
-            "claim_due",
-            "message_sizes",
+            "claim_due_with_sizes",
             "load_for_delivery",
             "record_outcomes_of",
             "hand_back",
@@ -109,7 +108,7 @@ class Simulation:
 
     def _counted(self, name: str, method: Callable[..., Any]) -> Callable[..., Any]:
         async def counted(*args: Any, **kwargs: Any) -> Any:
-            if name == "claim_due":
+            if name == "claim_due_with_sizes":
                 self.claims.append(self.clock.seconds())
             self.in_flight += 1
             try:

@@ -14,7 +14,8 @@ from smartrelay.config import parse_config
 from smartrelay.delivery.client import SmtpConnector
 from smartrelay.delivery.manager import DeliveryManager, DeliveryTunables
 from smartrelay.delivery.mx import MxResolver
-from smartrelay.storage.store import ClaimedRecipient, NewMessage, Store
+from smartrelay.storage.queue import Claim
+from smartrelay.storage.store import NewMessage, Store
 from tests.conftest import real_reactor
 from tests.support.delivery_relay import Sinks, TrackingSinkBackend, count_events, eventually
 from tests.support.manager import chain_factory
@@ -87,13 +88,13 @@ async def test_claims_are_spaced_when_wake_ups_come_fast(
         tunables=DeliveryTunables(claim_spacing=0.5),
     )
     claims: list[float] = []
-    claim_due = store.claim_due
+    claim_due = store.claim_due_with_sizes
 
-    async def counting_claim_due(owner: str, limit: int, lease: float) -> list[ClaimedRecipient]:
+    async def counting_claim_due(owner: str, limit: int, lease: float) -> Claim:
         claims.append(reactor.seconds())
         return await claim_due(owner, limit, lease)
 
-    monkeypatch.setattr(store, "claim_due", counting_claim_due)
+    monkeypatch.setattr(store, "claim_due_with_sizes", counting_claim_due)
     manager.startService()
     try:
 

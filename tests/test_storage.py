@@ -198,6 +198,25 @@ async def test_claim_due_respects_limit_time_and_lease(store: Store, clock: Cloc
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_claim_reads_its_messages_sizes_in_the_same_transaction(
+    store: Store, clock: Clock
+) -> None:
+    small = await store.queue_message(message("a@example.net", "b@example.net"))
+    big = NewMessage("app@example.com", ("c@example.net",), b"Subject: big\r\n\r\n" + b"x" * 5000)
+    queued_big = await store.queue_message(big)
+    claim = await store.claim_due_with_sizes("node-a", limit=10, lease=60)
+    assert [c.address for c in claim.recipients] == [
+        "a@example.net",
+        "b@example.net",
+        "c@example.net",
+    ]
+    assert claim.sizes == {small.queue_id: len(message().raw), queued_big.queue_id: len(big.raw)}
+    assert await store.count_recipients("delivering") == 3
+    empty = await store.claim_due_with_sizes("node-b", limit=10, lease=60)
+    assert (empty.recipients, empty.sizes) == ((), {})
+
+
+@pytest_twisted.ensureDeferred
 async def test_concurrent_transactions_all_commit(store: Store, engine: IDatabaseEngine) -> None:
     from twisted.internet.defer import Deferred, gatherResults
 

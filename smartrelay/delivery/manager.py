@@ -320,9 +320,6 @@ class DeliveryManager(Service):
         self._pump_again = False
         self._last_claim = float("-inf")
         self._spaced_wake: IDelayedCall | None = None
-        #: Claimed, but their message sizes could not be read (database unavailable): queued
-        #: by the next claim round instead of waiting for their lease to run out.
-        self._unqueued: list[ClaimedRecipient] = []
         self._claim_failures = 0
         self._load_failures = 0  # loading admitted jobs' messages, in a row
         self._poll_call: IDelayedCall | None = None
@@ -466,21 +463,15 @@ class DeliveryManager(Service):
                     self._held_back = True  # _finish wakes us when there is room again
                     self._hand_back_held()  # unless a throttle holds the room
                     break
-                if self._unqueued:
-                    claimed, self._unqueued = self._unqueued, []
-                else:
-                    self._last_claim = self._clock.seconds()
-                    claimed = await self._store.claim_due(
-                        self.node_id,
-                        limit=min(self.tunables.claim_batch, room),
-                        lease=self.tunables.lease,
-                    )
+                self._last_claim = self._clock.seconds()
+                claim = await self._store.claim_due_with_sizes(
+                    self.node_id,
+                    limit=min(self.tunables.claim_batch, room),
+                    lease=self.tunables.lease,
+                )
+                claimed = claim.recipients
                 if claimed:
-                    try:
-                        await self._enqueue(claimed)
-                    except DatabaseUnavailable:
-                        self._unqueued = list(claimed)
-                        raise
+                    await self._enqueue(claimed, claim.sizes)
                 if self._claim_failures:
                     log.info("delivery: claiming works again")
                     self._claim_failures = 0
@@ -520,11 +511,10 @@ class DeliveryManager(Service):
             bool(self._claimed_jobs) or self._in_memory_bytes >= self.tunables.max_in_memory_bytes
         )
 
-    async def _enqueue(self, claimed: Sequence[ClaimedRecipient]) -> None:
+    async def _enqueue(self, claimed: Sequence[ClaimedRecipient], sizes: Mapping[str, int]) -> None:
         """Group claimed recipients into jobs; load and queue those the byte window admits
-        (the others wait, claimed, for :meth:`_release` to make room)."""
-        assert self._store is not None
-        sizes = await self._store.message_sizes(c.queue_id for c in claimed)
+        (the others wait, claimed, for :meth:`_release` to make room). ``sizes``: their
+        messages' sizes, read with the claim."""
         groups: dict[tuple[str, str], list[ClaimedRecipient]] = {}
         for recipient in claimed:
             groups.setdefault((recipient.queue_id, recipient.domain), []).append(recipient)
