@@ -5,9 +5,12 @@
 Each commit is checked out into a temporary git worktree and benchmarked from there with this
 checkout's venv (PYTHONPATH and the working directory point at the worktree, so the relay,
 its delivery processes and the benchmark script are that commit's code). Runs alternate
-between the commits (A B C, A B C, ...) so that a change of the machine's load spreads over
-all of them rather than favouring one. What a commit's row says comes from its own
-bench/relay.py summary; docs/performance.md's tables are made from this output.
+between the commits, every other round in reverse (A B C, C B A, A B C, ...), so that a
+change of the machine's speed during the runs (this VM's drifts by half within an hour)
+spreads over all of them rather than favouring the commit that always runs later. What a
+commit's rows say comes from its own bench/relay.py output: the summary table, and each
+SmartRelay's phase (a) line with its CPU split (main process, delivery processes);
+docs/performance.md's tables are made from this output.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ def summary(output: str) -> list[str]:
                     break
                 rows.append(row)
             ratios = [row for row in lines if row.startswith("ratio")]
-            return rows + ratios
+            cpu = [row.strip() for row in lines if "accepted" in row and "main process" in row]
+            return rows + ratios + cpu
     return ["(no summary: the run failed)", *lines[-15:]]
 
 
@@ -70,7 +74,8 @@ def main() -> int:
                         check=True,
                     )
             for run in range(1, args.runs + 1):
-                for commit, tree in trees.items():
+                order = list(trees.items())
+                for commit, tree in order if run % 2 else reversed(order):
                     env = dict(os.environ, PYTHONPATH=str(tree))
                     done = subprocess.run(
                         [sys.executable, str(tree / "bench" / "relay.py"), *bench_args],
