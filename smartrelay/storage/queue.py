@@ -100,6 +100,8 @@ class Claim:
 
 @frozen
 class LoadedForDelivery:
+    """Claimed jobs' messages by queue id, read with their recipients' suppression entries."""
+
     messages: dict[str, StoredMessage]
     #: The suppression entries in force when the messages were loaded, by lower-cased address.
     suppressions: dict[str, Suppression]
