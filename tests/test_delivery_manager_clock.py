@@ -669,6 +669,51 @@ async def test_a_connection_goes_on_while_its_last_outcome_is_committed(
     }
 
 
+@pytest_twisted.ensureDeferred
+async def test_outcomes_not_yet_committed_keep_their_jobs_place_in_the_byte_window(
+    store: Store, clock: Clock, tmp_path: Path
+) -> None:
+    """While the outcome commits are held up (a database that stopped answering), the
+    workers go on only as far as the byte window lets them: a job keeps its bytes until its
+    outcome is committed, so nothing more is loaded or sent until the commits come through."""
+    size = 100_000
+    connector = FakeConnector(clock)
+    tunables = evolve(QUIET, max_in_memory_bytes=int(size * 2.5))
+    sim = Simulation(store, clock, tmp_path, connector, tunables)
+    held: list[Deferred[None]] = []
+    record = store.record_outcomes_of
+
+    async def held_record(*args: Any, **kwargs: Any) -> Any:
+        gate: Deferred[None] = Deferred()
+        held.append(gate)
+        await gate
+        return await record(*args, **kwargs)
+
+    store.record_outcomes_of = held_record  # type: ignore[method-assign]
+    for i in range(6):
+        await queue(store, f"r{i}@example.net", data=message(f"big {i}", size))
+    await sim.start()
+    try:
+        await sim.advance(30)
+        assert len(connector.sent) == 2  # the two jobs the window holds, sent
+        assert len(held) == 2  # their outcomes waiting
+        assert sim.manager._in_memory_bytes <= int(size * 2.5)
+        for _ in range(20):
+            while held:
+                held.pop(0).callback(None)
+            await sim.advance(1)
+            if len(connector.sent) == 6 and sim.manager._in_memory == 0:
+                break
+    finally:
+        while held:
+            held.pop(0).callback(None)
+        await sim.stop()
+    assert sorted(r for s in connector.sent for r in s.recipients) == [
+        f"r{i}@example.net" for i in range(6)
+    ]
+    assert set((await recipient_states(store)).values()) == {"delivered"}
+
+
 # -- the suppression entries loaded with the messages --------------------------------------------
 @pytest_twisted.ensureDeferred
 async def test_a_job_that_waited_looks_its_recipients_up_again(
