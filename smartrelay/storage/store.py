@@ -155,10 +155,11 @@ class Store(
         lookups_may_join: Callable[[int], bool],
         outcomes_may_join: Callable[[int], bool],
     ) -> None:
-        """Let delivery's batched transactions (the suppression lookup before each job, the
-        outcomes after it) wait ``seconds`` for other jobs to share them (from the oldest
-        request, or from the end of the batch before: one such transaction per ``seconds``
-        and a commit at most), while the delivery says more may come (given how many wait:
+        """Let delivery's batched transactions (the suppression lookup before a job whose
+        loaded entries went stale, the outcomes after each job) wait ``seconds`` for other
+        jobs to share them (from the oldest request, or from the end of the batch before:
+        one such transaction per ``seconds`` and a commit at most), while the delivery says
+        more may come (given how many wait:
         :meth:`GroupCommitter.gather <smartrelay.storage.batching.GroupCommitter.gather>`).
         Under load: 0.26 such transactions a message instead of 0.37, 5% less CPU for a
         delivery process (docs/performance.md, "Issue 19, seventh session")."""
