@@ -626,14 +626,11 @@ async def test_every_recipient_gets_its_own_copy_through_the_chain(
     assert all(s.closed for s in connector.sessions)
 
 
-# -- outcomes committed while the connection goes on ---------------------------------------------
-@pytest_twisted.ensureDeferred
-async def test_a_connection_goes_on_while_its_last_outcome_is_committed(
-    store: Store, clock: Clock, tmp_path: Path
-) -> None:
-    connector = FakeConnector(clock)
-    sim = Simulation(store, clock, tmp_path, connector)
-    held: list[Deferred[None]] = []  # outcome commits waiting for the test
+def hold_outcome_commits(store: Store) -> list[Deferred[None]]:
+    """Make each outcome commit wait for its gate, appended to the list returned (outside
+    the Simulation's count of store calls, so that a held commit does not keep it from
+    settling)."""
+    held: list[Deferred[None]] = []
     record = store.record_outcomes_of
 
     async def held_record(*args: Any, **kwargs: Any) -> Any:
@@ -643,6 +640,17 @@ async def test_a_connection_goes_on_while_its_last_outcome_is_committed(
         return await record(*args, **kwargs)
 
     store.record_outcomes_of = held_record  # type: ignore[method-assign]
+    return held
+
+
+# -- outcomes committed while the connection goes on ---------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_a_connection_goes_on_while_its_last_outcome_is_committed(
+    store: Store, clock: Clock, tmp_path: Path
+) -> None:
+    connector = FakeConnector(clock)
+    sim = Simulation(store, clock, tmp_path, connector)
+    held = hold_outcome_commits(store)
     await queue(store, "first@example.net")
     await sim.start()
     await sim.advance(0.5)
@@ -680,16 +688,7 @@ async def test_outcomes_not_yet_committed_keep_their_jobs_place_in_the_byte_wind
     connector = FakeConnector(clock)
     tunables = evolve(QUIET, max_in_memory_bytes=int(size * 2.5))
     sim = Simulation(store, clock, tmp_path, connector, tunables)
-    held: list[Deferred[None]] = []
-    record = store.record_outcomes_of
-
-    async def held_record(*args: Any, **kwargs: Any) -> Any:
-        gate: Deferred[None] = Deferred()
-        held.append(gate)
-        await gate
-        return await record(*args, **kwargs)
-
-    store.record_outcomes_of = held_record  # type: ignore[method-assign]
+    held = hold_outcome_commits(store)
     for i in range(6):
         await queue(store, f"r{i}@example.net", data=message(f"big {i}", size))
     await sim.start()
