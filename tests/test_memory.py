@@ -681,7 +681,7 @@ async def test_spooled_body_stored_and_loaded_byte_identical(store: Store, tmp_p
     loaded = await store.load_messages([big.queue_id, small.queue_id])
     assert loaded[big.queue_id].raw == head + body
     assert loaded[small.queue_id].raw == b"Subject: s\r\n\r\nhi\r\n"
-    sizes = await store.message_sizes([big.queue_id, small.queue_id])
+    sizes = (await store.claim_due_with_sizes("node", limit=10, lease=60)).sizes
     assert sizes == {
         big.queue_id: len(head + body),
         small.queue_id: len(b"Subject: s\r\n\r\nhi\r\n"),

@@ -167,8 +167,8 @@ class Job:
     recipients: tuple[ClaimedRecipient, ...]
     #: The suppression entries in force for the recipients when the message was loaded (by
     #: lower-cased address), and the clock's time then.
-    suppressions: Mapping[str, Suppression] = field(factory=dict)
-    loaded_at: float = float("-inf")
+    suppressions: Mapping[str, Suppression]
+    loaded_at: float
 
 
 @frozen

@@ -440,12 +440,9 @@ class RewrapChain:
     ) -> RewrapResult:
         """``suppressions``: the entries in force for the recipients (by lower-cased
         address), looked up by the caller a moment ago; None: looked up here."""
-        if suppressions is None:
-            active: Mapping[str, Suppression] = await self._store.active_suppressions(
-                r.address for r in recipients
-            )
-        else:
-            active = suppressions
+        active = suppressions
+        if active is None:
+            active = await self._store.active_suppressions(r.address for r in recipients)
         suppressed = tuple(
             (r, active[r.address.lower()]) for r in recipients if r.address.lower() in active
         )

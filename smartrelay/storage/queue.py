@@ -279,45 +279,41 @@ class QueueStore(StoreBase):
         they come due again by themselves. On PostgreSQL, ``SKIP LOCKED`` lets several nodes
         claim at once without waiting on, or ever getting, each other's rows.
         """
-        now_ms = self.now_ms()
-
-        async def txn(cursor: ICursor) -> list[ClaimedRecipient]:
-            return await self._claim_in(cursor, owner, limit, lease, now_ms)
-
-        return await self.run("claim_due", txn)
+        return list((await self.claim_due_with_sizes(owner, limit, lease)).recipients)
 
     async def claim_due_with_sizes(self, owner: str, limit: int, lease: float) -> Claim:
         """:meth:`claim_due`, and the size of each claimed recipient's message (what loading
         it will take: the delivery manager's byte window) in the same transaction."""
         now_ms = self.now_ms()
+        skip_locked = " FOR UPDATE SKIP LOCKED" if self.engine.supports_skip_locked else ""
 
         async def txn(cursor: ICursor) -> Claim:
-            claimed = await self._claim_in(cursor, owner, limit, lease, now_ms)
-            sizes = await _sizes_in(cursor, sorted({c.queue_id for c in claimed}))
+            await cursor.execute(
+                "UPDATE recipients SET state = 'delivering', lease_owner = ?,"
+                " next_attempt_at = ?, updated_at = ?"
+                " WHERE id IN (SELECT id FROM recipients"
+                "  WHERE next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?"
+                f"{skip_locked})"
+                " RETURNING id, queue_id, address, domain, attempts",
+                (owner, now_ms + to_ms(lease), now_ms, now_ms, limit),
+            )
+            claimed = sorted(
+                (
+                    ClaimedRecipient(int(r[0]), str(r[1]), str(r[2]), str(r[3]), int(r[4]))
+                    for r in cursor.fetchall()
+                ),
+                key=lambda c: c.id,
+            )
+            sizes: dict[str, int] = {}
+            for chunk in chunks(sorted({c.queue_id for c in claimed})):
+                await cursor.execute(
+                    f"SELECT queue_id, size FROM messages WHERE queue_id IN ({marks(len(chunk))})",
+                    chunk,
+                )
+                sizes.update((str(r[0]), int(r[1])) for r in cursor.fetchall())
             return Claim(tuple(claimed), sizes)
 
         return await self.run("claim_due", txn)
-
-    async def _claim_in(
-        self, cursor: ICursor, owner: str, limit: int, lease: float, now_ms: int
-    ) -> list[ClaimedRecipient]:
-        skip_locked = " FOR UPDATE SKIP LOCKED" if self.engine.supports_skip_locked else ""
-        await cursor.execute(
-            "UPDATE recipients SET state = 'delivering', lease_owner = ?,"
-            " next_attempt_at = ?, updated_at = ?"
-            " WHERE id IN (SELECT id FROM recipients"
-            "  WHERE next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?"
-            f"{skip_locked})"
-            " RETURNING id, queue_id, address, domain, attempts",
-            (owner, now_ms + to_ms(lease), now_ms, now_ms, limit),
-        )
-        return sorted(
-            (
-                ClaimedRecipient(int(r[0]), str(r[1]), str(r[2]), str(r[3]), int(r[4]))
-                for r in cursor.fetchall()
-            ),
-            key=lambda c: c.id,
-        )
 
     async def release_claims(self, owner: str) -> int:
         """Make recipients claimed by ``owner`` due now: a restarted node takes back at once
@@ -363,17 +359,6 @@ class QueueStore(StoreBase):
             return frozenset(ours)
 
         return await self.run("hand_back", txn)
-
-    async def message_sizes(self, queue_ids: Iterable[str]) -> dict[str, int]:
-        """The size in bytes of each message (what loading it will take), without loading it."""
-        wanted = sorted(set(queue_ids))
-        if not wanted:
-            return {}
-
-        async def txn(cursor: ICursor) -> dict[str, int]:
-            return await _sizes_in(cursor, wanted)
-
-        return await self.run("message_sizes", txn, readonly=True)
 
     async def load_messages(self, queue_ids: Iterable[str]) -> dict[str, StoredMessage]:
         return (await self.load_for_delivery(queue_ids, ())).messages
@@ -638,14 +623,3 @@ async def _messages_in(cursor: ICursor, wanted: Sequence[str]) -> dict[str, Stor
             sandbox=bool(r[10]),
         )
     return loaded
-
-
-async def _sizes_in(cursor: ICursor, queue_ids: Sequence[str]) -> dict[str, int]:
-    sizes: dict[str, int] = {}
-    for chunk in chunks(queue_ids):
-        await cursor.execute(
-            f"SELECT queue_id, size FROM messages WHERE queue_id IN ({marks(len(chunk))})",
-            chunk,
-        )
-        sizes.update((str(r[0]), int(r[1])) for r in cursor.fetchall())
-    return sizes
