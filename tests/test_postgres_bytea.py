@@ -98,6 +98,10 @@ def test_the_escape_format_is_used_where_it_means_what_it_says(
             cursor.execute(b"SELECT " + literal + b" = " + hex_literal)
             assert cursor.fetchone() == (True,)
         assert _escaped_bytea((1, "text"), connection) == (1, "text")  # nothing to quote
+        # Mostly binary data is shorter in hex (four bytes a byte in the escape format)
+        binary = bytes(range(256)) * 4
+        assert _escaped_bytea((binary, body), connection)[0] == binary  # psycopg2's hex
+        assert isinstance(_escaped_bytea((binary, body), connection)[1], _QuotedBytea)
 
         with connection.cursor() as cursor:
             cursor.execute("SET standard_conforming_strings = off")

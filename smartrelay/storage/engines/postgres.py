@@ -122,6 +122,10 @@ _ESCAPE_PROBE = b"\\'\x00\r\xff a"
 _ESCAPED_PROBE = b"'\\\\''\\000\\015\\377 a'::bytea"
 
 
+#: A hex bytea literal is two bytes a byte and this many more: ``'\x`` and ``'::bytea``.
+_HEX_LITERAL_EXTRA = 11
+
+
 class _QuotedBytea:
     """A bytea value already quoted: psycopg2 puts :meth:`getquoted` into the query."""
 
@@ -158,15 +162,23 @@ def _escape_format_usable(connection: Any) -> bool:
 
 def _escaped_bytea(args: Sequence[Any], connection: Any) -> tuple[Any, ...]:
     """``args`` with each ``bytes`` value quoted in the escape format when the connection
-    allows it (:func:`_escape_format_usable`), else as they are."""
+    allows it (:func:`_escape_format_usable`) and that is the shorter literal, else as they
+    are (psycopg2 quotes them in hex)."""
     if not any(type(value) is bytes for value in args):
         return tuple(args)
     if not _escape_format_usable(connection):
         return tuple(args)
-    return tuple(
-        _QuotedBytea(psycopg2.Binary(value).getquoted()) if type(value) is bytes else value
-        for value in args
-    )
+    return tuple(_shorter_literal(value) if type(value) is bytes else value for value in args)
+
+
+def _shorter_literal(value: bytes) -> _QuotedBytea | bytes:
+    """The escape format spends four bytes on each byte that is not printable ASCII: mostly
+    binary data (not mail, but anything a hostile client sends) is shorter in hex, two
+    bytes each, and is left to psycopg2 for that."""
+    quoted = psycopg2.Binary(value).getquoted()
+    if len(quoted) > 2 * len(value) + _HEX_LITERAL_EXTRA:
+        return value
+    return _QuotedBytea(quoted)
 
 
 def _plain(value: Any) -> Any:
