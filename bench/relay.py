@@ -172,9 +172,23 @@ SAMPLE_INTERVAL = 1.0  # a sample of Postfix's ~130 processes takes ~30 ms of CP
 THROTTLE_CONNECTIONS = 20  # SmartRelay's per-destination connections; Postfix's default is 20
 
 
+def spare_argument(value: str) -> str:
+    """--spare-processes: "auto" or a count."""
+    if value != "auto" and not value.isdigit():
+        raise argparse.ArgumentTypeError(f'"auto" or a number, not {value!r}')
+    return value
+
+
+def spare_value(value: str) -> str:
+    """The config file's spelling of a --spare-processes value."""
+    return '"auto"' if value == "auto" else value
+
+
 def throttle_connections(delivery_processes: int) -> int:
-    """Per process: throttles apply in each delivery process, the total stays 20."""
-    return max(1, THROTTLE_CONNECTIONS // max(1, delivery_processes))
+    """The node's: the relay divides a throttle's connections between its delivery
+    processes (smartrelay/delivery/processes.py, share_of_limits), so the total is 20
+    whatever their number."""
+    return THROTTLE_CONNECTIONS
 
 
 class BenchError(Exception):
@@ -683,6 +697,8 @@ class Settings:
     smtp_processes: int = 0
     #: SmartRelay's [delivery] nice (None: the relay's default).
     delivery_nice: int | None = None
+    #: SmartRelay's [delivery] spare_processes: a number, or "auto" (etc/production.toml's).
+    spare_processes: str = "auto"
     shape: str = "transactional"  # bench/load.py's LOADS
     #: The queue run's database: "sqlite", or "postgresql" (a throwaway server of its own).
     queue_engine: str = "sqlite"
@@ -897,11 +913,13 @@ class RelaySystem(System):
         delivery_processes: int = 0,
         smtp_processes: int = 0,
         delivery_nice: int | None = None,
+        spare_processes: str = "0",
     ) -> None:
         self.name = name
         self.delivery_processes = delivery_processes
         self.smtp_processes = smtp_processes
         self.delivery_nice = delivery_nice
+        self.spare_processes = spare_processes
         self._db_roots = db_roots
         self.tools = tools
         self.sink_port = sink_port
@@ -931,6 +949,7 @@ class RelaySystem(System):
             f'base_url = "http://{HOST}:{web_port}"\n'
             f"[delivery]\nprocesses = {self.delivery_processes}\n"
             + ("" if self.delivery_nice is None else f"nice = {self.delivery_nice}\n")
+            + f"spare_processes = {spare_value(self.spare_processes)}\n"
             + f'[delivery.routes]\n"*" = "smtp://{HOST}:{self.sink_port}"\n'
             f'[[delivery.throttle]]\nmatch = "*"\n'
             f"max_connections = {throttle_connections(self.delivery_processes)}\n"
@@ -1617,6 +1636,7 @@ def run_relay(
                 settings.delivery_processes,
                 settings.smtp_processes,
                 settings.delivery_nice,
+                settings.spare_processes,
             )
             if settings.purge_backlog:
                 # Only smartrelay-ctl purge deletes, when the script says: the relay's own
@@ -1780,6 +1800,7 @@ def _queue_run(
             tmp,
             delivery_processes=settings.delivery_processes,
             smtp_processes=settings.smtp_processes,
+            spare_processes=settings.spare_processes,
         )
         title = (
             f"queue run: SmartRelay/{engine}, {total:,} messages, next hop {how}"
@@ -1917,6 +1938,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=range(20),
         metavar="0-19",
         help="SmartRelay's [delivery] nice (default: the relay's, 10)",
+    )
+    parser.add_argument(
+        "--spare-processes",
+        type=spare_argument,
+        default="auto",
+        help=(
+            "SmartRelay's [delivery] spare_processes (default: as etc/production.toml's"
+            ' spare_processes = "auto": 1 with delivery processes and no accepting processes)'
+        ),
     )
     parser.add_argument("--pg-fsync", choices=("on", "off"), default="on")
     parser.add_argument(
@@ -2088,9 +2118,14 @@ def main() -> int:
         "SmartRelay: SQLite WAL synchronous=FULL; full re-wrap chain incl. DKIM RSA-2048;"
         f" [delivery] processes = {args.delivery_processes}, throttle"
         f" {throttle_connections(args.delivery_processes)} connections to the sink"
-        + (" in each" if args.delivery_processes > 1 else "")
+        + (
+            " shared between them"
+            if args.delivery_processes > 1 or args.spare_processes != "0"
+            else ""
+        )
         + f"; [smtp] processes = {args.smtp_processes}"
         + ("" if args.delivery_nice is None else f"; [delivery] nice = {args.delivery_nice}")
+        + f"; [delivery] spare_processes = {args.spare_processes}"
     )
     if args.purge_backlog:
         print(purge_line(args.purge_backlog, args))
@@ -2112,6 +2147,7 @@ def main() -> int:
         delivery_processes=args.delivery_processes,
         smtp_processes=args.smtp_processes,
         delivery_nice=args.delivery_nice,
+        spare_processes=args.spare_processes,
         shape=shape,
         queue_engine=args.queue_engine,
         purge_backlog=args.purge_backlog,
@@ -2177,6 +2213,7 @@ def main() -> int:
     print(
         f"{load_line}messages: {description};"
         f" SmartRelay [delivery] processes={args.delivery_processes}"
+        f" spare_processes={args.spare_processes}"
         + ("" if args.delivery_nice is None else f" nice={args.delivery_nice}")
         + (f"; PostgreSQL {pg_settings}" if pg_settings else "")
     )

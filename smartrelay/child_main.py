@@ -5,7 +5,8 @@ process (:mod:`smartrelay.delivery_process`) or an accepting process
 It runs a :class:`~smartrelay.relay.RelayService` in the child's role, logs each event on
 standard output as the relay's log shows it, its level in front (``LEVEL TIMESTAMP [SYSTEM]
 KIND[N] TEXT``, :func:`smartrelay.logs.child_log_observer`), sends its metrics there too, takes
-each read on standard input as "work was queued" (a delivery process), re-reads its keys and
+each read on standard input as "work was queued" (a delivery process; a spare one also reads
+"hold" and "release" there), re-reads its keys and
 certificates on SIGHUP, and stops, as on SIGTERM, when standard input is closed.
 
 Like the twistd plugin (``tap.py``), an entry point (a composition root): it sits at the top of
@@ -31,7 +32,7 @@ from zope.interface import implementer
 
 from smartrelay.child_processes import METRICS_INTERVAL, metrics_line
 from smartrelay.config import ConfigError, load_config
-from smartrelay.delivery.processes import ADAPTIVE_PREFIX, adaptive_line
+from smartrelay.delivery.processes import ADAPTIVE_PREFIX, adaptive_line, claims_held
 from smartrelay.gc_freeze import freeze_startup_objects
 from smartrelay.logs import child_log_observer
 from smartrelay.metrics import RelayMetrics
@@ -44,9 +45,13 @@ __all__ = ["MetricsReporter", "WakePipe", "run"]
 
 @implementer(IReadDescriptor)
 class WakePipe:
-    """Standard input: each read means "work was queued"; its end means "stop"."""
+    """Standard input: each read means "work was queued" (``on_wake``, with what was read:
+    a spare delivery process's hold and release bytes come this way too); its end means
+    "stop"."""
 
-    def __init__(self, fd: int, on_wake: Callable[[], object], on_end: Callable[[], object]):
+    def __init__(
+        self, fd: int, on_wake: Callable[[bytes], object], on_end: Callable[[], object]
+    ) -> None:
         self._fd = fd
         self._on_wake = on_wake
         self._on_end = on_end
@@ -64,7 +69,7 @@ class WakePipe:
             return Failure(net_error.ConnectionLost())
         if not data:
             return Failure(net_error.ConnectionDone())
-        self._on_wake()
+        self._on_wake(data)
         return None
 
     def connectionLost(self, reason: Failure) -> None:
@@ -146,9 +151,14 @@ def run(role: Literal["delivery", "listener"], argv: Sequence[str] | None = None
     except (TlsError, DkimError) as error:
         raise SystemExit(f"critical smartrelay: {error}") from None
 
-    def wake() -> None:
-        if relay.delivery is not None:
-            relay.delivery.wake()
+    def wake(data: bytes) -> None:
+        delivery = relay.delivery
+        if delivery is None:
+            return
+        held = claims_held(data)
+        if held is not None:
+            delivery.hold_claims(held)
+        delivery.wake()
 
     def parent_gone() -> None:
         stop_reactor(relay_reactor)

@@ -45,7 +45,12 @@ from smartrelay.delivery.manager import (
 from smartrelay.delivery.mta_sts import MtaSts, PolicyFetcher
 from smartrelay.delivery.mx import MxResolver, make_system_resolver
 from smartrelay.delivery.pools import check_source_addresses
-from smartrelay.delivery.processes import DeliveryProcesses, share_of_limits, worker_command
+from smartrelay.delivery.processes import (
+    DeliveryProcesses,
+    is_spare,
+    share_of_limits,
+    worker_command,
+)
 from smartrelay.feedback.mailboxes import (
     DEFAULT_TUNABLES as MAILBOX_TUNABLES,
 )
@@ -69,6 +74,7 @@ from smartrelay.retention.purge import PurgeService
 from smartrelay.retention.rollup import RollupService
 from smartrelay.rewrap.chain import RewrapChain, RewrapSettings
 from smartrelay.rewrap.dkim import DkimError, DkimSigner
+from smartrelay.smtp.activity import ListenerActivity
 from smartrelay.smtp.backends import InboundBackend, SubmissionBackend
 from smartrelay.smtp.listener import SmtpFactory, listener_services
 from smartrelay.smtp.processes import (
@@ -210,6 +216,9 @@ class RelayService(MultiService):
             forwarder.setServiceParent(self)  # type: ignore[no-untyped-call]
         #: The accepting processes (``[smtp] processes`` >= 1, main process).
         self.listener_processes: ListenerProcesses | None = None
+        #: Whether the submission listener has clients (main process): the spare delivery
+        #: processes claim work only while it has none.
+        self.listener_activity = ListenerActivity(reactor)
         if (serving and (config.smtp.listen or config.inbound.listen)) or accepting:
             self._add_smtp_listeners()
         signer = DkimSigner(config.dkim_keys, now=reactor.seconds)
@@ -264,6 +273,7 @@ class RelayService(MultiService):
                     if config.delivery.mta_sts
                     else None
                 ),
+                spare=role == "delivery" and is_spare(config.delivery, worker_index),
             )
         else:
             config_path = self._config_path
@@ -273,6 +283,8 @@ class RelayService(MultiService):
                 lambda index: worker_command(config_path, index),
                 self.storage.when_ready,
                 self.metrics,
+                spare=config.delivery.spare_processes,
+                activity=self.listener_activity,
             )
         self.web: ListeningService | None = None
         if serving:
@@ -410,6 +422,7 @@ class RelayService(MultiService):
             tls,
             name="smtp",
             metrics=self.metrics,
+            activity=self.listener_activity,
         )
         # With accepting processes the main process listens (it may bind privileged ports)
         # and they accept, on the sockets they inherit.

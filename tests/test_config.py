@@ -351,6 +351,7 @@ def test_repo_dev_config_loads() -> None:
     assert config.delivery.routes == (Route("*", "smtp://127.0.0.1:2600"),)
     assert len(config.delivery.throttles) == 1
     assert config.delivery.processes == 1
+    assert config.delivery.spare_processes == 1
     assert config.suppression == Config().suppression
     assert (config.dkim_keys, config.feedback_mailboxes, config.webhooks) == ((), (), ())
 

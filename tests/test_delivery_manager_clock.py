@@ -72,6 +72,7 @@ class Simulation:
         tmp_path: Path,
         connector: FakeConnector,
         tunables: DeliveryTunables = QUIET,
+        spare: bool = False,
         **delivery: Any,
     ) -> None:
         self.store = store
@@ -104,6 +105,7 @@ class Simulation:
             chain_factory(tmp_path),
             tunables=tunables,
             rng=NoJitter(),
+            spare=spare,
         )
 
     def _counted(self, name: str, method: Callable[..., Any]) -> Callable[..., Any]:
@@ -524,6 +526,41 @@ async def test_a_full_batch_is_followed_by_the_next_claim_at_once(
     try:
         assert sim.claims == [clock.seconds()] * 3  # 2 + 2 + 1, no clock time between them
         await sim.run_until(lambda: len(connector.sent) == 5, before=clock.seconds() + 1)
+    finally:
+        await sim.stop()
+
+
+# -- a spare delivery process ([delivery] spare_processes) --------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_a_spare_claims_only_while_released(
+    store: Store, clock: Clock, tmp_path: Path
+) -> None:
+    """A spare's manager starts held: it claims nothing, however often it is woken, until it
+    is released; held again, it delivers what it has claimed and claims no more."""
+    connector = FakeConnector(clock, delay=2.0)
+    sim = Simulation(store, clock, tmp_path, connector, spare=True)
+    for i in range(3):
+        await queue(store, f"first{i}@example.net")
+    sim.manager.startService()
+    try:
+        for _ in range(5):
+            sim.manager.wake()
+            await sim.advance(1.0)
+        assert sim.claims == [] and connector.sent == []
+        sim.manager.hold_claims(False)
+        await sim.settle()
+        assert len(sim.claims) == 1  # at once, not at the next poll
+        sim.manager.hold_claims(True)  # while the three are on the wire
+        for i in range(3):
+            await queue(store, f"second{i}@example.net")  # each commit wakes the manager
+        await sim.advance(30.0)
+        assert sorted(s.recipients[0] for s in connector.sent) == [
+            f"first{i}@example.net" for i in range(3)
+        ]
+        assert len(sim.claims) == 1
+        sim.manager.hold_claims(False)
+        await sim.run_until(lambda: len(connector.sent) == 6, before=clock.seconds() + 5)
+        assert len(sim.claims) == 2
     finally:
         await sim.stop()
 

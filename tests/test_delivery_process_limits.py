@@ -12,7 +12,7 @@ from attrs import evolve
 from smartrelay.config import ConfigError, load_config
 from smartrelay.config.model import DeliveryConfig, Throttle
 from smartrelay.config.reader import auto_delivery_processes
-from smartrelay.delivery.processes import share_of_limits
+from smartrelay.delivery.processes import claims_held, is_spare, share_of_limits
 from smartrelay.relay import RelayService
 from tests.conftest import real_reactor
 from tests.support.relay import relay_config
@@ -88,3 +88,64 @@ def test_a_delivery_process_runs_with_its_share(tmp_path: Path) -> None:
     assert child.config.delivery == share_of_limits(config.delivery, 1)
     assert child.config.delivery.max_connections == 100
     assert child.config.delivery.throttles[0].max_rate_per_second == 5.0
+
+
+# -- spare delivery processes ([delivery] spare_processes) --------------------------------------
+def _spare_config(tmp_path: Path, delivery: str, smtp: str = "") -> DeliveryConfig:
+    path = tmp_path / "relay.toml"
+    path.write_text(f"[server]\ndata_dir = '{tmp_path}'\n[smtp]\n{smtp}\n[delivery]\n{delivery}\n")
+    return load_config(str(path)).delivery
+
+
+def test_spare_processes_default_to_none(tmp_path: Path) -> None:
+    assert _spare_config(tmp_path, "processes = 1").spare_processes == 0
+
+
+@pytest.mark.parametrize(
+    "delivery, smtp, spare",
+    [
+        ('processes = 1\nspare_processes = "auto"', "", 1),
+        ('processes = "auto"\nspare_processes = "auto"', "", 1),
+        ("processes = 3\nspare_processes = 2", "", 2),
+        # "auto" gives none where a spare could not work: nothing delivers in children, or
+        # accepting processes hold the clients (the main process cannot see them).
+        ('processes = 0\nspare_processes = "auto"', "", 0),
+        ('processes = 1\nspare_processes = "auto"', "processes = 2", 0),
+    ],
+)
+def test_spare_processes(tmp_path: Path, delivery: str, smtp: str, spare: int) -> None:
+    assert _spare_config(tmp_path, delivery, smtp).spare_processes == spare
+
+
+@pytest.mark.parametrize(
+    "delivery, smtp, message",
+    [
+        ("processes = 0\nspare_processes = 1", "", r"spare_processes.*needs processes of 1"),
+        ("processes = 1\nspare_processes = 1", "processes = 1", r"needs \[smtp\] processes = 0"),
+        ('processes = 1\nspare_processes = "some"', "", r'integer or "auto", got string'),
+        ("processes = 1\nspare_processes = -1", "", r"from 0 to 64, got -1"),
+    ],
+)
+def test_spare_processes_refused(tmp_path: Path, delivery: str, smtp: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _spare_config(tmp_path, delivery, smtp)
+
+
+def test_spares_get_their_share_of_the_limits_too() -> None:
+    """The node's limits hold with the spares working beside the others."""
+    delivery = evolve(_delivery(1), spare_processes=1)
+    shares = [share_of_limits(delivery, index) for index in range(2)]
+    assert [s.max_connections for s in shares] == [100, 100]
+    assert [s.throttles[0].max_connections for s in shares] == [3, 2]
+    assert [s.throttles[1].max_connections for s in shares] == [1, 1]
+    assert [is_spare(delivery, index) for index in range(2)] == [False, True]
+
+
+@pytest.mark.parametrize(
+    "data, held",
+    [(b"w", None), (b"", None), (b"h", True), (b"r", False), (b"wwhw", True), (b"hwr", False)],
+)
+def test_what_the_main_process_says_to_a_spare(data: bytes, held: bool | None) -> None:
+    """A read may hold several bytes (the pipe keeps what a busy child has not read): the
+    last hold or release one counts; wake-ups say nothing of it."""
+    assert claims_held(data) is held

@@ -60,6 +60,8 @@ def test_the_shipped_config_is_valid_and_production_minded() -> None:
     assert config.smtp.require_tls and config.smtp.require_auth
     assert config.web.listen == "tcp:8080:interface=127.0.0.1"
     assert [(r.domain, r.target) for r in config.delivery.routes] == [("*", "mx")]
+    # Delivery processes on every core but the listener's, and a spare for that one.
+    assert config.delivery.processes >= 1 and config.delivery.spare_processes == 1
 
 
 def test_the_unit_runs_the_installed_config_from_the_packaged_venv() -> None:

@@ -300,6 +300,9 @@ class DeliveryConfig:
     #: Separate delivery processes (0: the main process delivers). Re-wrapping and delivery
     #: then run on other cores than the listener; they share the database.
     processes: int = 0
+    #: Addition: delivery processes besides ``processes`` that claim work only while no SMTP
+    #: client is connected to the listener (docs/delivery.md, "Spare delivery processes").
+    spare_processes: int = 0
     #: Addition: added to the delivery processes' nice value (0 to 19), so that on a busy
     #: machine the listener, whose clients wait for each reply, gets the CPU first; delivery
     #: takes what is left (docs/delivery.md, "Delivery processes").

@@ -151,15 +151,16 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
         raise ConfigError(path, "", f"expected a table, got {_describe(data)}")
     root = _Table(path, "", data, _TOP_LEVEL_KEYS)
     feedback = root.table("feedback", ("mailboxes", "rules"))
+    smtp = _parse_smtp(root.table("smtp", _SMTP_KEYS))
     return Config(
         path=path,
         server=_parse_server(root.table("server", ("hostname", "data_dir"))),
         database=_parse_database(root.table("database", ("url",))),
-        smtp=_parse_smtp(root.table("smtp", _SMTP_KEYS)),
+        smtp=smtp,
         inbound=_parse_inbound(root.table("inbound", ("listen", "return_path_domain"))),
         rewrap=_parse_rewrap(root.table("rewrap", _REWRAP_KEYS)),
         web=_parse_web(root.table("web", _WEB_KEYS)),
-        delivery=_parse_delivery(root.table("delivery", _DELIVERY_KEYS)),
+        delivery=_parse_delivery(root.table("delivery", _DELIVERY_KEYS), smtp),
         dkim_keys=_parse_dkim(root.table("dkim", ("keys",))),
         feedback_mailboxes=_parse_feedback(feedback),
         feedback_rules=_parse_feedback_rules(feedback),
@@ -222,6 +223,7 @@ _DELIVERY_KEYS = (
     "tls",
     "mta_sts",
     "processes",
+    "spare_processes",
     "nice",
     "routes",
     "throttle",
@@ -370,8 +372,9 @@ def _parse_web(t: _Table) -> WebConfig:
     )
 
 
-def _parse_delivery(t: _Table) -> DeliveryConfig:
+def _parse_delivery(t: _Table, smtp: SmtpConfig) -> DeliveryConfig:
     d = DeliveryConfig()
+    processes = _parse_processes(t, d.processes)
     schedule_raw = t.array("retry_schedule", str)
     if schedule_raw is None:
         schedule = d.retry_schedule
@@ -387,7 +390,8 @@ def _parse_delivery(t: _Table) -> DeliveryConfig:
         connect_timeout=t.duration("connect_timeout", d.connect_timeout),
         tls=tls,
         mta_sts=t.boolean("mta_sts", d.mta_sts),
-        processes=_parse_processes(t, d.processes),
+        processes=processes,
+        spare_processes=_parse_spare_processes(t, d.spare_processes, processes, smtp),
         nice=t.integer_in("nice", d.nice, 0, 19),
         routes=_parse_routes(t),
         throttles=_parse_throttles(t),
@@ -428,6 +432,23 @@ def _parse_processes(t: _Table, default: int) -> int:
     if isinstance(value, str):
         raise t.error("processes", f'expected an integer or "auto", got {_describe(value)}')
     return t.integer_in("processes", default, 0, MAX_DELIVERY_PROCESSES)
+
+
+def _parse_spare_processes(t: _Table, default: int, processes: int, smtp: SmtpConfig) -> int:
+    """``spare_processes``: "auto" is 1 where it can work (delivery processes, and the main
+    process accepting: it alone knows when the listener has clients), else 0."""
+    value = t.get("spare_processes")
+    workable = processes > 0 and smtp.processes == 0
+    if value == "auto":
+        return 1 if workable else 0
+    if isinstance(value, str):
+        raise t.error("spare_processes", f'expected an integer or "auto", got {_describe(value)}')
+    spare = t.integer_in("spare_processes", default, 0, MAX_DELIVERY_PROCESSES)
+    if spare and processes == 0:
+        raise t.error("spare_processes", 'needs processes of 1 or more (or "auto")')
+    if spare and smtp.processes:
+        raise t.error("spare_processes", "needs [smtp] processes = 0 (the main process accepting)")
+    return spare
 
 
 def _parse_routes(delivery: _Table) -> tuple[Route, ...]:

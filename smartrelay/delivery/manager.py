@@ -259,6 +259,7 @@ class DeliveryManager(Service):
         metrics: RelayMetrics | None = None,
         source_connector: Callable[[SourceAddress], Connector] | None = None,
         mta_sts: MtaSts | None = None,
+        spare: bool = False,
     ) -> None:
         """``connector`` opens a session with a next hop (:class:`SmtpConnector` in
         production); ``chain_factory`` builds the re-wrap chain once the store is ready;
@@ -266,7 +267,8 @@ class DeliveryManager(Service):
         ``source_connector``: the connector dialling from a pool's source address
         (``SmtpConnector.from_source``), required when ``config.pools`` has pools;
         ``mta_sts``: the recipient domains' MTA-STS policies, applied on ``mx`` routes (None:
-        not looked up)."""
+        not looked up); ``spare``: a spare delivery process's manager (``[delivery]
+        spare_processes``), which claims only while :meth:`hold_claims` lets it."""
         if config.pools and source_connector is None:
             raise ValueError("[[delivery.pools]] need a source_connector")
         self._source_connector = source_connector
@@ -308,6 +310,10 @@ class DeliveryManager(Service):
                 config.max_connections * tunables.claim_ahead_per_connection,
             ),
         )
+        #: A spare process claims nothing while this is set (it starts so: the main process
+        #: says when its listener has no client).
+        self._claims_held = spare
+        self._spare = spare
         #: Bytes of the messages of the jobs admitted (queued or being delivered).
         self._in_memory_bytes = 0
         #: Claimed jobs waiting for room in the byte window, in claim order.
@@ -375,8 +381,11 @@ class DeliveryManager(Service):
         self._chain = self._chain_factory(store)
         self._store = store
         log.info(
-            "delivery: node {node} started{released}",
+            "delivery: node {node} started{spare}{released}",
             node=self.node_id,
+            spare=" (a spare: it claims work while the listener has no client)"
+            if self._spare
+            else "",
             released=f", taking back {released} recipient(s) it had claimed" if released else "",
         )
         self.wake()
@@ -438,6 +447,16 @@ class DeliveryManager(Service):
             self._spaced_wake.cancel()
         self._start_pump()
 
+    def hold_claims(self, held: bool) -> None:
+        """Held: claim nothing more (what is claimed is still delivered); released: claim
+        again at once. A spare delivery process is held while the listener has clients
+        (docs/delivery.md, "Spare delivery processes")."""
+        if held == self._claims_held:
+            return
+        self._claims_held = held
+        if not held:
+            self._refill()
+
     def _may_pump(self) -> bool:
         """Whether a claim may start now; if one is running, it goes round once more."""
         if not self.running or self._store is None:
@@ -458,6 +477,8 @@ class DeliveryManager(Service):
         try:
             while self.running:
                 self._pump_again = False
+                if self._claims_held:
+                    break  # hold_claims(False) claims again
                 room = self.claim_window - self._in_memory
                 if room <= 0 or self._bytes_full():
                     self._held_back = True  # _finish wakes us when there is room again

@@ -23,6 +23,7 @@ from smartrelay.listening import ListenError, ListeningService, split_fields, un
 from smartrelay.metrics import RelayMetrics
 from smartrelay.reactor import IRelayReactor
 from smartrelay.smtp import replies as R
+from smartrelay.smtp.activity import ListenerActivity
 from smartrelay.smtp.protocol import SmtpServerProtocol
 from smartrelay.smtp.ratelimit import AuthFailureLimiter
 from smartrelay.smtp.replies import Reply
@@ -47,9 +48,12 @@ class SmtpFactory(ServerFactory):
         tls: IOpenSSLServerConnectionCreator | None,
         name: str = "smtp",
         metrics: RelayMetrics | None = None,
+        activity: ListenerActivity | None = None,
     ) -> None:
-        """``metrics``: where accepted messages and open sessions are counted, by ``name``."""
+        """``metrics``: where accepted messages and open sessions are counted, by ``name``;
+        ``activity``: told of every admitted session's start and end."""
         self.settings = settings
+        self.activity = activity
         self.backend = backend
         self.clock = clock
         self.tls = tls
@@ -92,6 +96,8 @@ class SmtpFactory(ServerFactory):
         else:
             self.connections.add(protocol)
             self.per_client[host] += 1
+            if self.activity is not None:
+                self.activity.opened()
         return protocol
 
     def refusal(self, host: str) -> Reply | None:
@@ -129,6 +135,8 @@ class SmtpFactory(ServerFactory):
             self.per_client[host] -= 1
             if self.per_client[host] <= 0:
                 del self.per_client[host]
+            if self.activity is not None:
+                self.activity.closed()
 
 
 @implementer(ISSLTransport)
