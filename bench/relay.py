@@ -377,6 +377,11 @@ def children_cpu_seconds(root: int, module: str) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def children_cpu(roots: Sequence[int]) -> dict[int, float]:
+    """Each descendant's own CPU seconds (a delivery process's, say), by pid."""
+    return {pid: own_cpu_seconds(pid) for pid in process_tree(roots) if pid not in roots}
+
+
 def own_cpu_seconds(pid: int) -> float:
     """User + system CPU of ``pid`` alone (not its children: SmartRelay's main process,
     apart from its delivery processes)."""
@@ -1374,6 +1379,7 @@ def measure(
         base = sink.count
         cpu_before = sum(tree_cpu_seconds(pid) for pid in system.roots())
         main_before = sum(own_cpu_seconds(pid) for pid in system.roots())
+        children_before = children_cpu(system.roots())
         accepting_before = sum(
             children_cpu_seconds(pid, ACCEPTING_MODULE) for pid in system.roots()
         )
@@ -1385,6 +1391,10 @@ def measure(
         reached = sink.wait_for(base + settings.messages, settings.timeout)
         result.cpu_s = sum(tree_cpu_seconds(pid) for pid in system.roots()) - cpu_before
         main_cpu = sum(own_cpu_seconds(pid) for pid in system.roots()) - main_before
+        each_child = [
+            cpu - children_before.get(pid, 0.0)
+            for pid, cpu in sorted(children_cpu(system.roots()).items())
+        ]
         accepting_cpu = (
             sum(children_cpu_seconds(pid, ACCEPTING_MODULE) for pid in system.roots())
             - accepting_before
@@ -1407,6 +1417,11 @@ def measure(
         f" CPU {result.cpu_s:.1f} s"
         + (
             f" (main process {main_cpu:.1f} s, its children {result.cpu_s - main_cpu:.1f} s"
+            + (
+                f" ({', '.join(f'{cpu:.1f}' for cpu in each_child)} s each)"
+                if len(each_child) > 1
+                else ""
+            )
             + (
                 f" of which the accepting processes {accepting_cpu:.1f} s"
                 if isinstance(system, RelaySystem) and system.smtp_processes
