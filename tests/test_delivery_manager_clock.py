@@ -552,7 +552,8 @@ async def test_a_spare_claims_only_while_released(
         assert len(sim.claims) == 1  # at once, not at the next poll
         sim.manager.hold_claims(True)  # while the three are on the wire
         for i in range(3):
-            await queue(store, f"second{i}@example.net")  # each commit wakes the manager
+            await queue(store, f"second{i}@example.net")
+            sim.manager.wake()  # as the main process's wake-ups would
         await sim.advance(30.0)
         assert sorted(s.recipients[0] for s in connector.sent) == [
             f"first{i}@example.net" for i in range(3)

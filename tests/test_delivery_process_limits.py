@@ -5,15 +5,31 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import cast
 
 import pytest
 from attrs import evolve
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IProcessTransport
+from twisted.internet.task import Clock
+from zope.interface import implementer
 
 from smartrelay.config import ConfigError, load_config
 from smartrelay.config.model import DeliveryConfig, Throttle
 from smartrelay.config.reader import auto_delivery_processes
-from smartrelay.delivery.processes import claims_held, is_spare, share_of_limits
+from smartrelay.delivery.processes import (
+    HOLD,
+    RELEASE,
+    WAKE,
+    DeliveryProcesses,
+    _Child,
+    claims_held,
+    is_spare,
+    share_of_limits,
+)
+from smartrelay.reactor import IRelayReactor
 from smartrelay.relay import RelayService
+from smartrelay.smtp.activity import ListenerActivity
 from tests.conftest import real_reactor
 from tests.support.relay import relay_config
 
@@ -149,3 +165,43 @@ def test_what_the_main_process_says_to_a_spare(data: bytes, held: bool | None) -
     """A read may hold several bytes (the pipe keeps what a busy child has not read): the
     last hold or release one counts; wake-ups say nothing of it."""
     assert claims_held(data) is held
+
+
+@implementer(IProcessTransport)
+class _Pipe:  # type: ignore[misc]  # only write() is used
+    """A child's standard input, as written by the main process."""
+
+    def __init__(self) -> None:
+        self.written = b""
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+
+def test_the_main_process_holds_releases_and_wakes_the_spare() -> None:
+    """Hold at the listener's first client, release once it is quiet; wake-ups go to every
+    process but a held spare (it would claim nothing)."""
+    clock = Clock()
+    activity = ListenerActivity(clock)
+    processes = DeliveryProcesses(
+        cast(IRelayReactor, clock),
+        1,
+        lambda index: ["true"],
+        lambda: Deferred(),
+        spare=1,
+        activity=activity,
+    )
+    pipes = {}
+    for index in (0, 1):
+        child = _Child(processes, index)
+        child.transport = pipes[index] = _Pipe()
+        processes.children[index] = child
+    processes.wake()
+    assert (pipes[0].written, pipes[1].written) == (WAKE, WAKE)
+    activity.opened()
+    processes.wake()
+    assert (pipes[0].written, pipes[1].written) == (WAKE * 2, WAKE + HOLD)
+    activity.closed()
+    clock.advance(1.0)
+    processes.wake()
+    assert (pipes[0].written, pipes[1].written) == (WAKE * 3, WAKE + HOLD + RELEASE + WAKE)

@@ -359,7 +359,10 @@ class DeliveryManager(Service):
         while True:
             try:
                 released = await store.release_claims(self.node_id)
-                await store.engine.listen(QUEUE_CHANNEL, self.wake)
+                if not self._spare:
+                    # A spare is woken by the main process only (which listens itself and
+                    # passes wake-ups on), and not at all while it is held.
+                    await store.engine.listen(QUEUE_CHANNEL, self.wake)
                 break
             except DatabaseUnavailable as error:
                 if not self.running:

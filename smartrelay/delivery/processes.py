@@ -184,8 +184,14 @@ class DeliveryProcesses(ChildProcesses):
         return True
 
     def wake(self) -> None:
-        """Work was queued: tell every child (one byte each; pipes keep it if they are busy)."""
-        self.send(WAKE)
+        """Work was queued: tell every child (one byte each; pipes keep it if they are busy)
+        but the held spares, which would claim nothing (their release wakes them)."""
+        if self._spare_from == self._count or not self._listener_is_busy():
+            self.send(WAKE)
+            return
+        for index in list(self.children):
+            if index < self._spare_from:
+                self._send_to(index, WAKE)
 
     def _child_line(self, index: int, text: str) -> bool:
         if text.startswith(ADAPTIVE_PREFIX):
