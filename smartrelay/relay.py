@@ -216,7 +216,7 @@ class RelayService(MultiService):
             forwarder.setServiceParent(self)  # type: ignore[no-untyped-call]
         #: The accepting processes (``[smtp] processes`` >= 1, main process).
         self.listener_processes: ListenerProcesses | None = None
-        #: Whether the submission listener has clients (main process): the spare delivery
+        #: Whether the submission listener's clients are sending (main process): the spare delivery
         #: processes claim work only while it has none.
         self.listener_activity = ListenerActivity(reactor)
         if (serving and (config.smtp.listen or config.inbound.listen)) or accepting:
@@ -669,6 +669,7 @@ class RelayService(MultiService):
             if service.running or isinstance(service, ListeningService):
                 await maybeDeferred(service.stopService)
         self._signing_threads.stop()
+        self.listener_activity.stop()
 
     def fatal(self, reason: str) -> None:
         """Log ``reason`` as one line and stop the reactor; the process exits with status 1."""

@@ -198,10 +198,9 @@ def test_the_main_process_holds_releases_and_wakes_the_spare() -> None:
         processes.children[index] = child
     processes.wake()
     assert (pipes[0].written, pipes[1].written) == (WAKE, WAKE)
-    activity.opened()
+    activity.heard()
     processes.wake()
     assert (pipes[0].written, pipes[1].written) == (WAKE * 2, WAKE + HOLD)
-    activity.closed()
     clock.advance(1.0)
     processes.wake()
     assert (pipes[0].written, pipes[1].written) == (WAKE * 3, WAKE + HOLD + RELEASE + WAKE)

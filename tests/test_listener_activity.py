@@ -1,5 +1,5 @@
 """The listener's activity, which the spare delivery processes go by: busy from a session's
-admission, quiet once no session has been open for ``QUIET_AFTER`` seconds."""
+admission or a client's bytes, quiet once neither has come for ``QUIET_AFTER`` seconds."""
 
 from __future__ import annotations
 
@@ -24,48 +24,46 @@ def test_busy_at_once_and_quiet_after_the_pause() -> None:
     clock = Clock()
     activity, changes = watched(clock)
     assert not activity.busy
-    activity.opened()
+    activity.heard()
     assert activity.busy and changes == [True]
-    activity.opened()
-    activity.closed()
-    clock.advance(QUIET_AFTER * 4)
-    assert activity.busy and changes == [True], "one session is still open"
-    activity.closed()
     clock.advance(QUIET_AFTER * 0.9)
-    assert activity.busy and changes == [True]
+    activity.heard()
+    clock.advance(QUIET_AFTER * 0.9)
+    assert activity.busy and changes == [True], "heard 0.9 pauses ago"
     clock.advance(QUIET_AFTER * 0.2)
     assert not activity.busy and changes == [True, False]
+    assert not clock.getDelayedCalls()
 
 
-def test_a_session_within_the_pause_keeps_it_busy() -> None:
-    """Clients that connect once per message, a few a second, do not switch it back and
-    forth between their sessions."""
+def test_clients_sending_a_few_messages_a_second_keep_it_busy() -> None:
+    """Not switched back and forth between their messages; one timer at a time, however
+    many reads."""
     clock = Clock()
     activity, changes = watched(clock)
     for _ in range(20):
-        activity.opened()
-        clock.advance(0.01)
-        activity.closed()
+        for _ in range(50):  # the reads of one message
+            activity.heard()
+        assert len(clock.getDelayedCalls()) == 1
         clock.advance(QUIET_AFTER / 2)
     assert changes == [True]
     clock.advance(QUIET_AFTER)
     assert changes == [True, False]
     assert not clock.getDelayedCalls()
-    activity.opened()
+    activity.heard()
     assert changes == [True, False, True]
 
 
-def test_more_closes_than_opens_do_not_go_below_zero() -> None:
+def test_stop_leaves_no_timer() -> None:
     clock = Clock()
-    activity, changes = watched(clock)
-    activity.closed()
-    assert changes == [] and not clock.getDelayedCalls()
-    activity.opened()
-    assert changes == [True]
+    activity, _ = watched(clock)
+    activity.heard()
+    activity.stop()
+    assert not clock.getDelayedCalls()
 
 
-def test_the_factory_reports_admitted_sessions_only() -> None:
-    """A refused connection (here: over ``max_connections``) is not a client being served."""
+def test_the_factory_reports_admitted_sessions_and_their_input() -> None:
+    """A refused connection (here: over ``max_connections``) is not a client being served,
+    and a connection left open and silent is not a client sending."""
     clock = Clock()
     activity, changes = watched(clock)
     settings = evolve(SETTINGS, max_connections=1)
@@ -73,12 +71,13 @@ def test_the_factory_reports_admitted_sessions_only() -> None:
     first = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1000))
     first.makeConnection(StringTransport())  # type: ignore[no-untyped-call]
     assert changes == [True]
+    clock.advance(QUIET_AFTER * 2)
+    assert changes == [True, False], "open, but silent"
     refused = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1001))
     assert refused.refusal is not None
     refused.makeConnection(StringTransport())  # type: ignore[no-untyped-call]
-    refused.connectionLost()
-    clock.advance(QUIET_AFTER * 2)
-    assert changes == [True], "the refused connection's end is not the first one's"
-    first.connectionLost()
-    clock.advance(QUIET_AFTER * 2)
     assert changes == [True, False]
+    first.dataReceived(b"NOOP\r\n")
+    assert changes == [True, False, True]
+    clock.advance(QUIET_AFTER * 2)
+    assert changes == [True, False, True, False]

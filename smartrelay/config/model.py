@@ -301,7 +301,7 @@ class DeliveryConfig:
     #: then run on other cores than the listener; they share the database.
     processes: int = 0
     #: Addition: delivery processes besides ``processes`` that claim work only while no SMTP
-    #: client is connected to the listener (docs/delivery.md, "Spare delivery processes").
+    #: client of the listener is sending (docs/delivery.md, "Spare delivery processes").
     spare_processes: int = 0
     #: Addition: added to the delivery processes' nice value (0 to 19), so that on a busy
     #: machine the listener, whose clients wait for each reply, gets the CPU first; delivery

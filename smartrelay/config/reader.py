@@ -436,7 +436,7 @@ def _parse_processes(t: _Table, default: int) -> int:
 
 def _parse_spare_processes(t: _Table, default: int, processes: int, smtp: SmtpConfig) -> int:
     """``spare_processes``: "auto" is 1 where it can work (delivery processes, and the main
-    process accepting: it alone knows when the listener has clients), else 0."""
+    process accepting: it alone hears the listener's clients), else 0."""
     value = t.get("spare_processes")
     workable = processes > 0 and smtp.processes == 0
     if value == "auto":

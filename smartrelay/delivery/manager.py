@@ -311,7 +311,7 @@ class DeliveryManager(Service):
             ),
         )
         #: A spare process claims nothing while this is set (it starts so: the main process
-        #: says when its listener has no client).
+        #: says when no client of its listener is sending).
         self._claims_held = spare
         self._spare = spare
         #: Bytes of the messages of the jobs admitted (queued or being delivered).
@@ -386,7 +386,7 @@ class DeliveryManager(Service):
         log.info(
             "delivery: node {node} started{spare}{released}",
             node=self.node_id,
-            spare=" (a spare: it claims work while the listener has no client)"
+            spare=" (a spare: it claims work while no SMTP client is sending)"
             if self._spare
             else "",
             released=f", taking back {released} recipient(s) it had claimed" if released else "",
@@ -452,7 +452,7 @@ class DeliveryManager(Service):
 
     def hold_claims(self, held: bool) -> None:
         """Held: claim nothing more (what is claimed is still delivered); released: claim
-        again at once. A spare delivery process is held while the listener has clients
+        again at once. A spare delivery process is held while the listener's clients send
         (docs/delivery.md, "Spare delivery processes")."""
         if held == self._claims_held:
             return

@@ -11,7 +11,7 @@ Besides its log and metrics lines, a child sends its adaptive throttles' limits
 (``adaptive {json}``, docs/delivery.md, "Adaptive throttles").
 
 ``[delivery] spare_processes = M`` adds M children after those N, which start with their
-claims held: they claim work only while the main process's listener has no client (``r``
+claims held: they claim work only while no client of the main process's listener is sending (``r``
 on their standard input releases them, ``h`` holds them again; what they have claimed they
 deliver either way), so that the listener keeps its core while clients send and the queue
 gets every core when they do not (docs/delivery.md, "Spare delivery processes").
@@ -67,7 +67,7 @@ __all__ = [
 log = Logger()
 
 WAKE = b"w"
-#: To a spare delivery process: claim nothing more (the listener has clients) / claim again.
+#: To a spare delivery process: claim nothing more (clients are sending) / claim again.
 HOLD = b"h"
 RELEASE = b"r"
 #: A child's adaptive throttles' limits (docs/delivery.md, "Adaptive throttles").
@@ -177,7 +177,7 @@ class DeliveryProcesses(ChildProcesses):
         if spares:
             log.info(
                 "delivery: {spares} of the delivery processes spare (delivery[{first}] on):"
-                " they claim work while the listener has no client",
+                " they claim work while no SMTP client is sending",
                 spares=spares,
                 first=self._spare_from,
             )

@@ -51,7 +51,7 @@ class SmtpFactory(ServerFactory):
         activity: ListenerActivity | None = None,
     ) -> None:
         """``metrics``: where accepted messages and open sessions are counted, by ``name``;
-        ``activity``: told of every admitted session's start and end."""
+        ``activity``: told of every admitted session and every read from its client."""
         self.settings = settings
         self.activity = activity
         self.backend = backend
@@ -85,6 +85,7 @@ class SmtpFactory(ServerFactory):
             self.auth_limiter,
             self._closed,
             self._accepted,
+            None if self.activity is None else self.activity.heard,
         )
         protocol.factory = self
         host = str(getattr(addr, "host", ""))
@@ -97,7 +98,7 @@ class SmtpFactory(ServerFactory):
             self.connections.add(protocol)
             self.per_client[host] += 1
             if self.activity is not None:
-                self.activity.opened()
+                self.activity.heard()
         return protocol
 
     def refusal(self, host: str) -> Reply | None:
@@ -135,8 +136,6 @@ class SmtpFactory(ServerFactory):
             self.per_client[host] -= 1
             if self.per_client[host] <= 0:
                 del self.per_client[host]
-            if self.activity is not None:
-                self.activity.closed()
 
 
 @implementer(ISSLTransport)

@@ -115,8 +115,10 @@ class SmtpServerProtocol(Protocol):
         auth_limiter: AuthFailureLimiter,
         on_close: Callable[[SmtpServerProtocol], None] = lambda p: None,
         on_accepted: Callable[[int], None] = lambda recipients: None,
+        on_input: Callable[[], None] | None = None,
     ) -> None:
-        """``on_accepted(recipients)``: a message was accepted (2xx after DATA)."""
+        """``on_accepted(recipients)``: a message was accepted (2xx after DATA);
+        ``on_input()``: the client sent something (every read)."""
         self.settings = settings
         self.backend = backend
         self.clock = clock
@@ -124,6 +126,7 @@ class SmtpServerProtocol(Protocol):
         self.auth_limiter = auth_limiter
         self._on_close = on_close
         self._on_accepted = on_accepted
+        self._on_input = on_input
         self.session = Session("", 0)
         #: Set by the factory when this connection is to be refused at the greeting.
         self.refusal: Reply | None = None
@@ -288,6 +291,8 @@ class SmtpServerProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
+        if self._on_input is not None:
+            self._on_input()
         self._buffer += data
         if self._handshaking:  # TLS hands over application data only after the handshake
             self.handshakeCompleted()
