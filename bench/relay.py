@@ -4,8 +4,9 @@
     make bench-queue                      # the queue run alone (about 6 minutes)
     .venv/bin/python bench/relay.py [--systems postfix,sqlite,postgresql|none] [--messages 5000]
         [--sessions 20] [--latency-messages 2000] [--latency-sessions 50] [--pg-fsync on|off]
-        [--delivery-processes N] [--smtp-processes N] [--delivery-nice 0-19]
-        [--seed 1] [--shape transactional|newsletter] [--identical] [--queue-run]
+        [--delivery-processes N] [--spare-processes auto|N] [--smtp-processes N]
+        [--delivery-nice 0-19] [--seed 1] [--shape transactional|newsletter] [--identical]
+        [--queue-run]
         [--queue-messages 100000] [--queue-next-hop refuse|defer] [--queue-engine sqlite|postgresql]
         [--purge-backlog EVENTS [--purge-backlog-kind full|events]
         [--purge-kept-bodies 20000] [--purge-rounds 2]] [--rollup-cost [--rounds 3]]
@@ -27,7 +28,10 @@ system, and smtp-sink takes 12-27k msg/s here, far above what is measured):
   SQLite (WAL, synchronous=FULL), then on a throwaway PostgreSQL server (fsync on by default,
   as PostgreSQL ships; `--pg-fsync off` for the test suite's setting). `[delivery] processes`
   as etc/production.toml's "auto" (one per core less one) unless --delivery-processes says,
-  `[delivery] nice` the relay's default unless --delivery-nice says.
+  `spare_processes` as its "auto" (one spare, which delivers while no client is sending)
+  unless --spare-processes says, `[delivery] nice` the relay's default unless
+  --delivery-nice says; the throttle's 20 connections are the node's, shared between the
+  delivery processes by the relay.
 
 The load is personalized, as real transactional mail is: every message different (its own
 recipient, name, order number, amounts, URLs with ids and tokens; receipts, password resets,

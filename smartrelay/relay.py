@@ -216,8 +216,8 @@ class RelayService(MultiService):
             forwarder.setServiceParent(self)  # type: ignore[no-untyped-call]
         #: The accepting processes (``[smtp] processes`` >= 1, main process).
         self.listener_processes: ListenerProcesses | None = None
-        #: Whether the submission listener's clients are sending (main process): the spare delivery
-        #: processes claim work only while it has none.
+        #: Whether the submission listener's clients are sending (main process): the spare
+        #: delivery processes claim work only while they are not.
         self.listener_activity = ListenerActivity(reactor)
         if (serving and (config.smtp.listen or config.inbound.listen)) or accepting:
             self._add_smtp_listeners()

@@ -11,10 +11,11 @@ Besides its log and metrics lines, a child sends its adaptive throttles' limits
 (``adaptive {json}``, docs/delivery.md, "Adaptive throttles").
 
 ``[delivery] spare_processes = M`` adds M children after those N, which start with their
-claims held: they claim work only while no client of the main process's listener is sending (``r``
-on their standard input releases them, ``h`` holds them again; what they have claimed they
-deliver either way), so that the listener keeps its core while clients send and the queue
-gets every core when they do not (docs/delivery.md, "Spare delivery processes").
+claims held: they claim work only while no client of the main process's listener is
+sending (``r`` on their standard input releases them, ``h`` holds them again; what they
+have claimed they deliver either way), so that the listener keeps its core while clients
+send and the queue gets every core when they do not (docs/delivery.md, "Spare delivery
+processes").
 
 A reload of the relay (SIGHUP) is passed on to the children (SIGHUP), which re-read their
 DKIM keys. On shutdown they finish or cut off what is on the wire like the in-process
