@@ -232,10 +232,15 @@ class ChildProcesses(Service):
 
     def send(self, data: bytes) -> None:
         """Write ``data`` to every child's standard input."""
-        for child in self.children.values():
-            process = child.process
-            if process is not None:
-                process.write(data)
+        for index in list(self.children):
+            self.send_to(index, data)
+
+    def send_to(self, index: int, data: bytes) -> None:
+        """Write ``data`` to child ``index``'s standard input, if it runs."""
+        child = self.children.get(index)
+        process = None if child is None else child.process
+        if process is not None:
+            process.write(data)
 
     def reload(self) -> None:
         """The relay was told to reload (SIGHUP): so is every child."""

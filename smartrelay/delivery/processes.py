@@ -156,7 +156,7 @@ class DeliveryProcesses(ChildProcesses):
         super()._spawn(index)
         # A spare starts held; it is released at once if the listener is quiet.
         if index >= self._spare_from and not self._listener_is_busy():
-            self._send_to(index, RELEASE)
+            self.send_to(index, RELEASE)
 
     def _listener_is_busy(self) -> bool:
         return self._activity is None or self._activity.busy
@@ -164,13 +164,7 @@ class DeliveryProcesses(ChildProcesses):
     def _listener_busy(self, busy: bool) -> None:
         for index in list(self.children):
             if index >= self._spare_from:
-                self._send_to(index, HOLD if busy else RELEASE)
-
-    def _send_to(self, index: int, data: bytes) -> None:
-        child = self.children.get(index)
-        process = None if child is None else child.process
-        if process is not None:
-            process.write(data)
+                self.send_to(index, HOLD if busy else RELEASE)
 
     async def _prepare(self, store: Store) -> bool:
         await store.engine.listen(QUEUE_CHANNEL, self.wake)
@@ -192,7 +186,7 @@ class DeliveryProcesses(ChildProcesses):
             return
         for index in list(self.children):
             if index < self._spare_from:
-                self._send_to(index, WAKE)
+                self.send_to(index, WAKE)
 
     def _child_line(self, index: int, text: str) -> bool:
         if text.startswith(ADAPTIVE_PREFIX):
