@@ -173,7 +173,9 @@ HELO = "bench.test"
 QUEUE_RUN_START = 1_000_000
 POSTFIX_DIR = Path(tempfile.gettempdir()) / "smartrelay-bench-postfix"
 SAMPLE_INTERVAL = 1.0  # a sample of Postfix's ~130 processes takes ~30 ms of CPU
-THROTTLE_CONNECTIONS = 20  # SmartRelay's per-destination connections; Postfix's default is 20
+#: SmartRelay's per-destination connections (Postfix's default is 20): the node's, which the
+#: relay divides between its delivery processes (share_of_limits), whatever their number.
+THROTTLE_CONNECTIONS = 20
 
 
 def spare_argument(value: str) -> str:
@@ -186,13 +188,6 @@ def spare_argument(value: str) -> str:
 def spare_value(value: str) -> str:
     """The config file's spelling of a --spare-processes value."""
     return '"auto"' if value == "auto" else value
-
-
-def throttle_connections(delivery_processes: int) -> int:
-    """The node's: the relay divides a throttle's connections between its delivery
-    processes (smartrelay/delivery/processes.py, share_of_limits), so the total is 20
-    whatever their number."""
-    return THROTTLE_CONNECTIONS
 
 
 class BenchError(Exception):
@@ -961,7 +956,7 @@ class RelaySystem(System):
             + f"spare_processes = {spare_value(self.spare_processes)}\n"
             + f'[delivery.routes]\n"*" = "smtp://{HOST}:{self.sink_port}"\n'
             f'[[delivery.throttle]]\nmatch = "*"\n'
-            f"max_connections = {throttle_connections(self.delivery_processes)}\n"
+            f"max_connections = {THROTTLE_CONNECTIONS}\n"
             'max_messages_per_connection = 1000\nmax_rate = "100000/s"\n'
             '[[dkim.keys]]\ndomain = "example.com"\nselector = "bench"\n'
             f'private_key = "{key_path}"\nalgorithm = "rsa-sha256"\n'
@@ -2136,7 +2131,7 @@ def main() -> int:
     print(
         "SmartRelay: SQLite WAL synchronous=FULL; full re-wrap chain incl. DKIM RSA-2048;"
         f" [delivery] processes = {args.delivery_processes}, throttle"
-        f" {throttle_connections(args.delivery_processes)} connections to the sink"
+        f" {THROTTLE_CONNECTIONS} connections to the sink"
         + (
             " shared between them"
             if args.delivery_processes > 1 or args.spare_processes != "0"

@@ -216,9 +216,12 @@ class RelayService(MultiService):
             forwarder.setServiceParent(self)  # type: ignore[no-untyped-call]
         #: The accepting processes (``[smtp] processes`` >= 1, main process).
         self.listener_processes: ListenerProcesses | None = None
-        #: Whether the submission listener's clients are sending (main process): the spare
-        #: delivery processes claim work only while they are not.
-        self.listener_activity = ListenerActivity(reactor)
+        #: Whether the submission listener's clients are sending (main process, with spare
+        #: delivery processes: they claim work only while they are not). None without spares,
+        #: so that no read of a client's pays for it.
+        self.listener_activity = (
+            ListenerActivity(reactor) if role == "all" and config.delivery.spare_processes else None
+        )
         if (serving and (config.smtp.listen or config.inbound.listen)) or accepting:
             self._add_smtp_listeners()
         signer = DkimSigner(config.dkim_keys, now=reactor.seconds)
@@ -669,7 +672,8 @@ class RelayService(MultiService):
             if service.running or isinstance(service, ListeningService):
                 await maybeDeferred(service.stopService)
         self._signing_threads.stop()
-        self.listener_activity.stop()
+        if self.listener_activity is not None:
+            self.listener_activity.stop()
 
     def fatal(self, reason: str) -> None:
         """Log ``reason`` as one line and stop the reactor; the process exits with status 1."""

@@ -204,3 +204,17 @@ def test_the_main_process_holds_releases_and_wakes_the_spare() -> None:
     clock.advance(1.0)
     processes.wake()
     assert (pipes[0].written, pipes[1].written) == (WAKE * 3, WAKE + HOLD + RELEASE + WAKE)
+
+
+@pytest.mark.parametrize("spare", [0, 1])
+def test_the_listener_hears_its_clients_only_for_spares(tmp_path: Path, spare: int) -> None:
+    """Each read of a client's notes the time only where a spare goes by it."""
+    config = relay_config(tmp_path, f"sqlite:{tmp_path / 'db'}", 1, 2, 3)
+    config = evolve(config, delivery=evolve(config.delivery, processes=1, spare_processes=spare))
+    relay = RelayService(config, real_reactor())
+    assert relay.submission is not None
+    if spare:
+        assert relay.listener_activity is not None
+        assert relay.submission.activity is relay.listener_activity
+    else:
+        assert relay.listener_activity is None and relay.submission.activity is None

@@ -181,11 +181,9 @@ class DeliveryProcesses(ChildProcesses):
     def wake(self) -> None:
         """Work was queued: tell every child (one byte each; pipes keep it if they are busy)
         but the held spares, which would claim nothing (their release wakes them)."""
-        if self._spare_from == self._count or not self._listener_is_busy():
-            self.send(WAKE)
-            return
+        spares_held = self._listener_is_busy()
         for index in list(self.children):
-            if index < self._spare_from:
+            if not (spares_held and index >= self._spare_from):
                 self.send_to(index, WAKE)
 
     def _child_line(self, index: int, text: str) -> bool:
