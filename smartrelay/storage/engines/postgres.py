@@ -101,6 +101,70 @@ def to_pyformat(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
 
 
+@lru_cache(maxsize=1024)
+def _around_placeholders(sql: str) -> tuple[str, ...]:
+    """The text of ``sql`` before, between and after its ``?`` placeholders."""
+    return tuple(sql.split("?"))
+
+
+#: psycopg2's error for a string holding a NUL, which no text value of PostgreSQL can.
+_NUL_IN_STRING = "A string literal cannot contain NUL (0x00) characters."
+
+
+def _quoted_like_psycopg2(connection: Any) -> bool:
+    """Whether :func:`_bind` may write the literals of ``str`` values for ``connection`` (a
+    psycopg2 connection): psycopg2 writes a ``str`` in the connection's encoding, escaped by
+    libpq's ``PQescapeStringConn``, which with ``standard_conforming_strings`` on only
+    doubles each quote; so with UTF8 and that setting on (checked at every statement, as
+    :func:`_escape_format_usable` does) the literal is the text, quotes doubled, in quotes."""
+    return bool(
+        connection.encoding == "UTF8"
+        and connection.get_parameter_status("standard_conforming_strings") == "on"
+    )
+
+
+def _bind(
+    pieces: tuple[str, ...],
+    rows: Sequence[Sequence[Any]],
+    quote: Callable[[Any], bytes],
+    head: str = "",
+) -> bytes:
+    """``head``, then for each row the SQL text ``pieces`` (:func:`_around_placeholders`)
+    joined by the row's values as SQL literals, the rows separated by commas (the groups of
+    a multi-row INSERT; a statement is one row): what psycopg2's ``mogrify`` makes of the
+    statement and its values (tests/test_postgres_binding.py compares them), for a
+    connection where :func:`_quoted_like_psycopg2` holds. psycopg2 adapts each value through
+    adapter objects, about 1 µs a value, and a group commit binds some 40 values a message:
+    ``str``, ``int`` and None are written here (docs/performance.md), anything else (message
+    bodies, floats, booleans) by ``quote``."""
+    placeholders = len(pieces) - 1
+    first, rest = pieces[0], pieces[1:]
+    out: list[bytes] = []
+    text = [head]
+    for index, row in enumerate(rows):
+        if len(row) != placeholders:
+            raise TypeError(f"{placeholders} placeholders for {len(row)} values")
+        text.append(", " + first if index else first)
+        for value, piece in zip(row, rest, strict=True):
+            kind = type(value)
+            if kind is str:
+                if "\x00" in value:
+                    raise ValueError(_NUL_IN_STRING)
+                text.append("'" + value.replace("'", "''") + "'")
+            elif kind is int:
+                # psycopg2 puts a space before a negative number: "1-%s" is not "1--5"
+                text.append(str(value) if value >= 0 else f" {value}")
+            elif value is None:
+                text.append("NULL")
+            else:
+                out.append("".join(text).encode("utf-8"))
+                out.append(quote(value))
+                text = []
+            text.append(piece)
+    out.append("".join(text).encode("utf-8"))
+    return out[0] if len(out) == 1 else b"".join(out)
+
+
 def _statements(sql: str, rows: Sequence[Sequence[Any]]) -> Iterator[tuple[str, list[Any]]]:
     """The statements running ``sql`` once per row: an INSERT ... VALUES (...) as one
     multi-row INSERT per chunk of rows, anything else row by row."""
@@ -226,25 +290,45 @@ class PostgresCursor(NotifyingCursor):
         return b"; ".join(parts)
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Deferred[None]:
-        query = to_pyformat(sql)
-        if self._unsent or self._begin is not None:
-            # One query string: PostgreSQL runs its statements in order, so BEGIN and the
-            # unsent writes cost no round trip of their own. Bound here (psycopg2 binds on
-            # our side anyway), so the string goes without parameters: a "%" in a bound
-            # value is then never taken for a placeholder.
-            try:
-                text = self._with_unsent(self._cursor.mogrify(query, self._bound(args)))
-            except Exception:
-                return fail()
-            return self._cursor.execute(text).addCallback(self._executed)
+        # Bound here (psycopg2 binds on our side anyway): the query goes without parameters,
+        # so a "%" in a bound value is never taken for a placeholder. With unsent writes (or
+        # BEGIN), in one query string: PostgreSQL runs its statements in order, so BEGIN and
+        # the unsent writes cost no round trip of their own.
         try:
-            bound = self._bound(args)
+            query = self._bound_query(sql, args)
         except Exception:
             return fail()
-        return self._cursor.execute(query, bound).addCallback(self._executed)
+        if self._unsent or self._begin is not None:
+            query = self._with_unsent(query)
+        return self._cursor.execute(query).addCallback(self._executed)
 
-    def _bound(self, args: Sequence[Any]) -> tuple[Any, ...]:
-        return _escaped_bytea(args, self._cursor.pollable())
+    def _bound_query(self, sql: str, args: Sequence[Any]) -> bytes:
+        """``sql`` with ``args`` bound, as psycopg2 would bind them (:func:`_bind`)."""
+        connection = self._cursor.pollable()
+        if _quoted_like_psycopg2(connection):
+            return _bind(_around_placeholders(sql), (args,), self._quoted)
+        query: bytes = self._cursor.mogrify(to_pyformat(sql), _escaped_bytea(args, connection))
+        return query
+
+    def _bound_statements(self, sql: str, rows: Sequence[Sequence[Any]]) -> Iterator[bytes]:
+        """The statements of :func:`_statements`, bound: an INSERT's rows one group each."""
+        match = _INSERT_VALUES.match(sql)
+        if match is None or not _quoted_like_psycopg2(self._cursor.pollable()):
+            for statement, args in _statements(sql, rows):
+                yield self._bound_query(statement, args)
+            return
+        head, group = match[1], _around_placeholders(match[2])
+        for start in range(0, len(rows), _ROWS_PER_INSERT):
+            yield _bind(group, rows[start : start + _ROWS_PER_INSERT], self._quoted, head)
+
+    def _quoted(self, value: Any) -> bytes:
+        """psycopg2's literal of one value, a message body in the escape format if shorter."""
+        if type(value) is bytes and _escape_format_usable(self._cursor.pollable()):
+            quoted = _shorter_literal(value)
+            if isinstance(quoted, _QuotedBytea):
+                return quoted.getquoted()
+        literal: bytes = self._cursor.mogrify("%s", (value,))
+        return literal
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Deferred[None]:
         return Deferred.fromCoroutine(self._executemany(sql, rows))
@@ -261,8 +345,7 @@ class PostgresCursor(NotifyingCursor):
 
     def write_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> Deferred[None]:
         try:
-            for statement, args in _statements(sql, rows):
-                self._unsent.append(self._cursor.mogrify(to_pyformat(statement), self._bound(args)))
+            self._unsent.extend(self._bound_statements(sql, rows))
         except Exception:
             return fail()
         self._has_rows = False
