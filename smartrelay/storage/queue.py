@@ -155,12 +155,13 @@ class QueueStore(StoreBase):
         suppression: SuppressionConfig | None = None,
     ) -> None:
         super().__init__(engine, clock, suppression)
-        # SQLite has one writer at a time anyway; PostgreSQL overlaps two commits (three
-        # gave more, smaller transactions: 15% more server CPU, no better p99, since a
-        # group commit became one round trip; docs/performance.md, third session).
-        in_flight = 1 if engine.name == "sqlite" else 2
+        # One group commit at a time on both engines: SQLite has one writer anyway. On
+        # PostgreSQL a second one in flight mostly carried the one message that came just
+        # after the first started, at the cost of a transaction: with one, end to end +8%
+        # and acceptance +10% with 6% less CPU, p99 no worse (eight alternating rounds;
+        # docs/performance.md, eleventh session). Its WAL is flushed in commit order anyway.
         self._queue_committer: GroupCommitter[NewMessage, QueuedMessage] = GroupCommitter(
-            self._queue_batch, max_batch=200, max_in_flight=in_flight
+            self._queue_batch, max_batch=200
         )
         # Outcomes: one commit at a time on both engines, so that outcomes wait in bigger
         # groups (a delivery process has a few dozen connections finishing at once).
