@@ -306,29 +306,50 @@ class PostgresCursor(NotifyingCursor):
         """``sql`` with ``args`` bound, as psycopg2 would bind them (:func:`_bind`)."""
         connection = self._cursor.pollable()
         if _quoted_like_psycopg2(connection):
-            return _bind(_around_placeholders(sql), (args,), self._quoted)
-        query: bytes = self._cursor.mogrify(to_pyformat(sql), _escaped_bytea(args, connection))
-        return query
+            return _bind(_around_placeholders(sql), (args,), self._quoter(connection))
+        return self._mogrified(connection, sql, args)
 
     def _bound_statements(self, sql: str, rows: Sequence[Sequence[Any]]) -> Iterator[bytes]:
         """The statements of :func:`_statements`, bound: an INSERT's rows one group each."""
-        match = _INSERT_VALUES.match(sql)
-        if match is None or not _quoted_like_psycopg2(self._cursor.pollable()):
+        connection = self._cursor.pollable()
+        if not _quoted_like_psycopg2(connection):
             for statement, args in _statements(sql, rows):
-                yield self._bound_query(statement, args)
+                yield self._mogrified(connection, statement, args)
+            return
+        quote = self._quoter(connection)
+        match = _INSERT_VALUES.match(sql)
+        if match is None:
+            for row in rows:
+                yield _bind(_around_placeholders(sql), (row,), quote)
             return
         head, group = match[1], _around_placeholders(match[2])
         for start in range(0, len(rows), _ROWS_PER_INSERT):
-            yield _bind(group, rows[start : start + _ROWS_PER_INSERT], self._quoted, head)
+            yield _bind(group, rows[start : start + _ROWS_PER_INSERT], quote, head)
 
-    def _quoted(self, value: Any) -> bytes:
-        """psycopg2's literal of one value, a message body in the escape format if shorter."""
-        if type(value) is bytes and _escape_format_usable(self._cursor.pollable()):
-            quoted = _shorter_literal(value)
-            if isinstance(quoted, _QuotedBytea):
-                return quoted.getquoted()
-        literal: bytes = self._cursor.mogrify("%s", (value,))
-        return literal
+    def _mogrified(self, connection: Any, sql: str, args: Sequence[Any]) -> bytes:
+        """psycopg2's binding of the whole statement (bodies in the escape format if shorter)."""
+        query: bytes = self._cursor.mogrify(to_pyformat(sql), _escaped_bytea(args, connection))
+        return query
+
+    def _quoter(self, connection: Any) -> Callable[[Any], bytes]:
+        """psycopg2's literal of one value, a message body in the escape format if shorter;
+        whether that format may be used is checked once, at the statements' first body (as
+        :func:`_escaped_bytea` checks it once for a statement's values)."""
+        escape: bool | None = None
+
+        def quote(value: Any) -> bytes:
+            nonlocal escape
+            if type(value) is bytes:
+                if escape is None:
+                    escape = _escape_format_usable(connection)
+                if escape:
+                    quoted = _shorter_literal(value)
+                    if isinstance(quoted, _QuotedBytea):
+                        return quoted.getquoted()
+            literal: bytes = self._cursor.mogrify("%s", (value,))
+            return literal
+
+        return quote
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Deferred[None]:
         return Deferred.fromCoroutine(self._executemany(sql, rows))
