@@ -85,6 +85,19 @@ async def test_message_bodies_are_compressed_with_lz4_on_postgresql(
 
 
 @pytest_twisted.ensureDeferred
+async def test_messages_queued_during_a_group_commit_share_the_next_one(store: Store) -> None:
+    """One group commit of accepted messages at a time, on both engines: the first message
+    goes alone, the four that come while it commits wait and go together in the next
+    (docs/storage.md; a second commit in flight would have taken the second message alone)."""
+    batches_before = store._queue_committer.batches
+    queued = await gatherResults(
+        [ensureDeferred(store.queue_message(message(f"r{i}@example.net"))) for i in range(5)]
+    )
+    assert len({q.queue_id for q in queued}) == 5
+    assert store._queue_committer.batches - batches_before == 2
+
+
+@pytest_twisted.ensureDeferred
 async def test_queue_message_writes_message_recipients_and_events(
     store: Store, engine: IDatabaseEngine
 ) -> None:
