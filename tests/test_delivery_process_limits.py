@@ -28,7 +28,7 @@ from smartrelay.delivery.processes import (
     share_of_limits,
 )
 from smartrelay.reactor import IRelayReactor
-from smartrelay.relay import RelayService
+from smartrelay.relay import DELIVERY_PROCESS_CONNECTIONS, RelayService
 from smartrelay.smtp.activity import ListenerActivity
 from tests.conftest import real_reactor
 from tests.support.relay import relay_config
@@ -104,6 +104,16 @@ def test_a_delivery_process_runs_with_its_share(tmp_path: Path) -> None:
     assert child.config.delivery == share_of_limits(config.delivery, 1)
     assert child.config.delivery.max_connections == 100
     assert child.config.delivery.throttles[0].max_rate_per_second == 5.0
+
+
+def test_a_delivery_process_has_two_database_connections(tmp_path: Path) -> None:
+    """Its transactions would otherwise run side by side on the database server, taking CPU
+    from the accepting processes' group commits (relay.DELIVERY_PROCESS_CONNECTIONS)."""
+    config = relay_config(tmp_path, f"sqlite:{tmp_path / 'db'}", 1, 2, 3)
+    assert RelayService(config, real_reactor()).storage.pool_size is None  # the engine's own
+    assert RelayService(config, real_reactor(), role="listener").storage.pool_size is None
+    child = RelayService(config, real_reactor(), role="delivery", worker_index=0)
+    assert child.storage.pool_size == DELIVERY_PROCESS_CONNECTIONS == 2
 
 
 # -- spare delivery processes ([delivery] spare_processes) --------------------------------------

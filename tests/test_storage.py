@@ -8,13 +8,15 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import ensureDeferred, gatherResults
-from twisted.internet.task import Clock
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
+from twisted.internet.task import Clock, deferLater
 
 from smartrelay.config import SoftBouncePolicy, SuppressionConfig
 from smartrelay.events import BouncedEvent, DeferredEvent, DeliveredEvent
+from smartrelay.storage.engines import create_engine
 from smartrelay.storage.interfaces import ICursor, IDatabaseEngine
 from smartrelay.storage.migrations import current_version, latest_version, migrate
+from smartrelay.storage.pool import PooledEngine
 from smartrelay.storage.store import (
     ClaimedRecipient,
     DuplicateName,
@@ -23,6 +25,8 @@ from smartrelay.storage.store import (
     Store,
 )
 from smartrelay.timefmt import rfc3339
+from tests.conftest import real_reactor
+from tests.support.postgres import PostgresServer
 
 
 def message(*recipients: str, key: str | None = None) -> NewMessage:
@@ -227,6 +231,45 @@ async def test_a_claim_reads_its_messages_sizes_in_the_same_transaction(
     assert await store.count_recipients("delivering") == 3
     empty = await store.claim_due_with_sizes("node-b", limit=10, lease=60)
     assert (empty.recipients, empty.sizes) == ((), {})
+
+
+@pytest_twisted.ensureDeferred
+async def test_postgresql_runs_as_many_transactions_at_once_as_it_has_connections(
+    postgres_server: PostgresServer,
+) -> None:
+    """A delivery process's engine has two connections (relay.DELIVERY_PROCESS_CONNECTIONS):
+    a third transaction waits until one of the two under way ends. (SQLite's transactions
+    wait only for their own cursor.)"""
+    url = postgres_server.create_database()
+    engine = create_engine(real_reactor(), url, pool_size=2)
+    await engine.start()
+    try:
+        assert isinstance(engine, PooledEngine) and engine.pool_size == 2
+        started: list[int] = []
+        gates = [Deferred[None]() for _ in range(3)]
+
+        def holding(index: int) -> Callable[[ICursor], Any]:
+            async def txn(cursor: ICursor) -> int:
+                await cursor.execute("SELECT 1")
+                started.append(index)
+                await gates[index]
+                return index
+
+            return txn
+
+        running = [engine.run_interaction(f"hold {i}", holding(i)) for i in range(3)]
+        await deferLater(real_reactor(), 0.2, lambda: None)
+        assert sorted(started) == [0, 1]  # the third waits for a connection
+        gates[0].callback(None)
+        assert await running[0] == 0
+        await deferLater(real_reactor(), 0.2, lambda: None)
+        assert sorted(started) == [0, 1, 2]
+        gates[1].callback(None)
+        gates[2].callback(None)
+        assert await gatherResults(running[1:]) == [1, 2]
+    finally:
+        await engine.close()
+        postgres_server.drop_database(url)
 
 
 @pytest_twisted.ensureDeferred

@@ -71,6 +71,11 @@ class PooledEngine(ABC, Generic[C]):
         self._last_error = ""
 
     @property
+    def pool_size(self) -> int:
+        """How many transactions may run at once (one a connection)."""
+        return self._pool_size
+
+    @property
     def _connections(self) -> list[C]:
         return [slot.connection for slot in self._slots if slot.connection is not None]
 

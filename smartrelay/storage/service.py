@@ -39,10 +39,13 @@ class StorageService(Service):
         redacted_url: str,
         on_fatal: Callable[[str], object],
         suppression: SuppressionConfig | None = None,
+        pool_size: int | None = None,
     ) -> None:
         self._reactor = reactor
         self._suppression = suppression
         self._url = url
+        #: The engine's connections (None: the engine's default).
+        self.pool_size = pool_size
         self._redacted_url = redacted_url
         self._on_fatal = on_fatal
         self._engine: IDatabaseEngine | None = None
@@ -57,7 +60,7 @@ class StorageService(Service):
         self._starting.addErrback(self._failed)
 
     async def _start(self) -> None:
-        engine = create_engine(self._reactor, self._url)
+        engine = create_engine(self._reactor, self._url, self.pool_size)
         self._engine = engine
         await engine.start()
         applied = await migrate(engine, to_ms(self._reactor.seconds()))
