@@ -123,9 +123,9 @@ SIGNING_THREADS = 4  # at most; no more than the machine's cores
 #: A delivery process's database connections: its claims and loads on one while its
 #: outcomes commit on the other. More only let its transactions run side by side on the
 #: database server, where they take CPU from the accepting processes' group commits: on a
-#: shared machine PostgreSQL's DATA->250 p99 fell from 41.0 to 35.0 ms (median of ten
-#: alternating rounds) with 4 -> 2, end to end unchanged (docs/performance.md, twelfth
-#: session).
+#: shared machine PostgreSQL's DATA->250 p99 was lower with 2 than with 4 in 15 of 20
+#: alternating rounds (medians 41.0 -> 35.0 ms in ten of them), end to end unchanged
+#: (docs/performance.md, twelfth session).
 DELIVERY_PROCESS_CONNECTIONS = 2
 
 
