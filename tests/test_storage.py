@@ -243,31 +243,41 @@ async def test_postgresql_runs_as_many_transactions_at_once_as_it_has_connection
     url = postgres_server.create_database()
     engine = create_engine(real_reactor(), url, pool_size=2)
     await engine.start()
+    started: list[int] = []
+    gates = [Deferred[None]() for _ in range(3)]
+
+    def holding(index: int) -> Callable[[ICursor], Any]:
+        async def txn(cursor: ICursor) -> int:
+            await cursor.execute("SELECT 1")
+            started.append(index)
+            await gates[index]
+            return index
+
+        return txn
+
+    async def until_started(count: int) -> None:
+        for _ in range(200):  # 10 s at most
+            if len(started) >= count:
+                return
+            await deferLater(real_reactor(), 0.05, lambda: None)
+
     try:
         assert isinstance(engine, PooledEngine) and engine.pool_size == 2
-        started: list[int] = []
-        gates = [Deferred[None]() for _ in range(3)]
-
-        def holding(index: int) -> Callable[[ICursor], Any]:
-            async def txn(cursor: ICursor) -> int:
-                await cursor.execute("SELECT 1")
-                started.append(index)
-                await gates[index]
-                return index
-
-            return txn
-
         running = [engine.run_interaction(f"hold {i}", holding(i)) for i in range(3)]
-        await deferLater(real_reactor(), 0.2, lambda: None)
+        await until_started(2)
+        await deferLater(real_reactor(), 0.3, lambda: None)
         assert sorted(started) == [0, 1]  # the third waits for a connection
         gates[0].callback(None)
         assert await running[0] == 0
-        await deferLater(real_reactor(), 0.2, lambda: None)
+        await until_started(3)
         assert sorted(started) == [0, 1, 2]
         gates[1].callback(None)
         gates[2].callback(None)
         assert await gatherResults(running[1:]) == [1, 2]
     finally:
+        for gate in gates:  # closing waits for the transactions under way
+            if not gate.called:
+                gate.callback(None)
         await engine.close()
         postgres_server.drop_database(url)
 
