@@ -12,15 +12,14 @@ def create_engine(
     reactor: IRelayReactor, url: str, pool_size: int | None = None
 ) -> IDatabaseEngine:
     """An engine for a ``sqlite:PATH`` or ``postgresql://...`` URL (validated by the config),
-    with ``pool_size`` connections (None: the engine's default, 4 on PostgreSQL, 2 on
-    SQLite)."""
+    with ``pool_size`` connections (None: the engine's own default)."""
     if url.startswith(("postgresql://", "postgres://")):
-        return PostgresEngine(reactor, url, 4 if pool_size is None else pool_size)
+        return PostgresEngine(reactor, url, pool_size)
     if url.startswith("sqlite:"):
         path = url.removeprefix("sqlite:")
         if path.startswith("//"):
             path = path[2:]
-        return SqliteEngine(reactor, path, 2 if pool_size is None else pool_size)
+        return SqliteEngine(reactor, path, pool_size)
     raise ValueError(f"unsupported database URL {url!r}")
 
 

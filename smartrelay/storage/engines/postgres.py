@@ -465,8 +465,8 @@ class PostgresEngine(PooledEngine[Connection]):
     name = "postgresql"
     supports_skip_locked = True
 
-    def __init__(self, reactor: IRelayReactor, dsn: str, pool_size: int = 4) -> None:
-        super().__init__(pool_size, reactor)
+    def __init__(self, reactor: IRelayReactor, dsn: str, pool_size: int | None = None) -> None:
+        super().__init__(4 if pool_size is None else pool_size, reactor)
         self._reactor = reactor
         self._dsn = dsn
         # txpostgres hands NOTIFY observers to a Cooperator; give it one on our reactor.

@@ -307,8 +307,8 @@ class SqliteEngine(PooledEngine[SqliteConnection]):
     name = "sqlite"
     supports_skip_locked = False
 
-    def __init__(self, reactor: IRelayReactor, path: str, pool_size: int = 2) -> None:
-        super().__init__(pool_size, reactor)
+    def __init__(self, reactor: IRelayReactor, path: str, pool_size: int | None = None) -> None:
+        super().__init__(2 if pool_size is None else pool_size, reactor)
         self._reactor = reactor
         self.path = path
         self._opened = 0
