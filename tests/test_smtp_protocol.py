@@ -18,7 +18,7 @@ from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
 from smartrelay.smtp.listener import SmtpFactory
-from smartrelay.smtp.protocol import MAX_PENDING_INPUT, SmtpServerProtocol
+from smartrelay.smtp.protocol import MAX_DATA_LINE, MAX_PENDING_INPUT, SmtpServerProtocol
 from smartrelay.smtp.replies import Reply
 from smartrelay.smtp.session import (
     Admitted,
@@ -381,6 +381,20 @@ def test_only_crlf_dot_crlf_ends_data() -> None:
     assert client.codes(b"tail\r\n.\r\n") == ["250 2.0.0 Ok: queued as Q1"]
     message = client.backend.messages[0][1]
     assert b"MAIL FROM:<x@y.test>\r\n" in message and message.endswith(b"tail\r\n")
+
+
+def test_lf_line_ends_throughout_become_crlf() -> None:
+    """A message sent with LF line ends (as many programs write them), dot-stuffed,
+    with a line longer than MAX_DATA_LINE, is stored with CRLF and unstuffed."""
+    client = Client(evolve(SETTINGS, max_message_size=4 * MAX_DATA_LINE))
+    client.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n")
+    long_line = b"x" * (MAX_DATA_LINE + 100)
+    # The last line ends in CRLF: only CRLF . CRLF ends the data.
+    body = b"Subject: lf\n\n..dot\n" + long_line + b"\n..\nlast\r\n"
+    assert client.send(body) == []
+    assert client.codes(b".\r\n") == ["250 2.0.0 Ok: queued as Q1"]
+    expected = b"Subject: lf\r\n\r\n.dot\r\n" + long_line + b"\r\n.\r\nlast\r\n"
+    assert client.backend.messages[0][1] == expected
 
 
 @pytest.mark.parametrize(

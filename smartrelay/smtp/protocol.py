@@ -55,7 +55,13 @@ MAX_PENDING_INPUT = 1 << 20
 #: A DATA line longer than this is handed on in pieces instead of being buffered whole.
 MAX_DATA_LINE = 64 * 1024
 
-_BARE_LF = re.compile(rb"(?<!\r)\n")
+# Searches over DATA content that start with a literal, so that the regex engine skips to each
+# candidate at C speed: on a 355 KB message each takes ~0.15 ms, where counting CR, LF and CRLF
+# took 0.66 ms and a lookbehind-first pattern for a bare LF 3.8 ms (docs/performance.md).
+_BARE_LF = re.compile(rb"\n(?<!\r\n)")
+_BARE_CR = re.compile(rb"\r(?!\n)")
+_STUFFED_DOT = re.compile(rb"\n\.")
+_END_OF_DATA = re.compile(rb"\r\n\.\r\n")
 _ADDRESS = re.compile(rb"^\s*(FROM|TO)\s*:\s*<([^<>\s]*)>\s*(.*)$", re.IGNORECASE)
 _LOCAL_PART = re.compile(r"^[^\s@\"\\,;:<>()\[\]]+$|^\"(?:[^\"\\]|\\.)*\"$")
 _DOMAIN = re.compile(r"^(?:[^\W_](?:[\w-]{0,61}[^\W_])?\.)*[^\W_](?:[\w-]{0,61}[^\W_])?$")
@@ -716,8 +722,9 @@ class SmtpServerProtocol(Protocol):
                 self._end_of_data()
                 return True
             complete = bytes(buffer[: last_newline + 1])
-            end = complete.find(b"\r\n.\r\n")
-            if end >= 0:
+            found = _END_OF_DATA.search(complete)
+            if found is not None:
+                end = found.start()
                 del buffer[: end + 5]
                 self._add_content(complete[: end + 2])
                 self._end_of_data()
@@ -733,21 +740,21 @@ class SmtpServerProtocol(Protocol):
         return False
 
     def _add_content(self, data: bytes) -> None:
-        """Append ``data`` (whole lines, or a piece of a long line) to the message."""
+        """Append ``data`` (whole lines, or a piece of a long line) to the message.
+
+        A piece never ends with a CR (the caller keeps it for the LF that may follow), so a CR
+        not followed by an LF here is a bare CR."""
         if self._line_start and data.startswith(b"."):
             data = data[1:]
         if b"\n." in data:
-            data = data.replace(b"\n.", b"\n")
-        # Three counts tell everything: every LF after a CR and every CR before an LF.
-        newlines = data.count(b"\n")
-        returns = data.count(b"\r")
-        line_ends = data.count(b"\r\n") if newlines and returns else 0
-        if newlines:
+            data = _STUFFED_DOT.sub(b"\n", data)
+        if b"\n" in data:
             self._after_crlf = data.endswith(b"\r\n")  # as sent, before normalising
-            if line_ends != newlines:
-                data = _BARE_LF.sub(b"\r\n", data)
-                returns += newlines - line_ends  # a CR for each bare LF
-                line_ends = newlines
+            if _BARE_LF.search(data) is not None:
+                if b"\r" in data:
+                    data = _BARE_LF.sub(b"\r\n", data)
+                else:  # LF line ends throughout, as many programs send them
+                    data = data.replace(b"\n", b"\r\n")
         self._line_start = data.endswith(b"\n")
         self._size += len(data)
         if self._oversize:
@@ -758,7 +765,7 @@ class SmtpServerProtocol(Protocol):
             return
         if b"\0" in data:
             self._has_nul = True
-        if returns != line_ends:
+        if _BARE_CR.search(data) is not None:
             self._has_bare_cr = True
         if self._body is not None:
             self._body.write(data)
