@@ -72,7 +72,7 @@ from smartrelay.metrics import RelayMetrics
 from smartrelay.reactor import IRelayReactor
 from smartrelay.retention.purge import PurgeService
 from smartrelay.retention.rollup import RollupService
-from smartrelay.rewrap.chain import RewrapChain, RewrapSettings
+from smartrelay.rewrap.chain import InThread, RewrapChain, RewrapSettings
 from smartrelay.rewrap.dkim import DkimError, DkimSigner
 from smartrelay.smtp.activity import ListenerActivity
 from smartrelay.smtp.backends import InboundBackend, SubmissionBackend
@@ -127,6 +127,23 @@ SIGNING_THREADS = 4  # at most; no more than the machine's cores
 #: alternating rounds (medians 41.0 -> 35.0 ms in ten of them), end to end unchanged
 #: (docs/performance.md, twelfth session).
 DELIVERY_PROCESS_CONNECTIONS = 2
+
+
+def signs_in_threads(role: str, database_url: str) -> bool:
+    """Whether DKIM's private-key operations run in signing threads (``cryptography``
+    releases the GIL for them, so they use another core while the reactor goes on) rather
+    than in the reactor's thread.
+
+    Threads, where the reactor also serves clients (the main process, an accepting
+    process): an RSA-2048 signature holds a reactor thread some 0.25 ms a copy. A delivery
+    process serves none, and on SQLite (its database work in its own process, at its own
+    priority) signing inline measured better in every respect: end to end +12 %, CPU -8 %,
+    DATA->250 p99 35.0 -> 32.1 ms (six alternating rounds; +8 % in eight rounds of the
+    eleventh session). On PostgreSQL the faster delivery sends more work to the server
+    (whose processes run at the listener's priority) and the listener's p99 rose (38.4 ->
+    45.5 ms, 49.2 -> 60 in the eleventh session) for +2 % end to end: threads there
+    (docs/performance.md, thirteenth session)."""
+    return role != "delivery" or not database_url.startswith("sqlite:")
 
 
 class RelayService(MultiService):
@@ -248,6 +265,10 @@ class RelayService(MultiService):
         self._signing_threads = WorkerThreads(
             reactor, min(SIGNING_THREADS, os.cpu_count() or 1), name="dkim-sign"
         )
+        #: Where DKIM signs: signing threads, or None for the reactor's thread.
+        self.dkim_in_thread: InThread | None = (
+            self._in_thread if signs_in_threads(role, config.database.url) else None
+        )
         self.delivery: DeliveryManager | None = None
         #: The delivery processes (``[delivery] processes`` >= 1, main process).
         self.delivery_processes: DeliveryProcesses | None = None
@@ -273,7 +294,7 @@ class RelayService(MultiService):
                     self._started_codec(),
                     signer,
                     store,
-                    in_thread=self._in_thread,
+                    in_thread=self.dkim_in_thread,
                     record_warnings=store.record_warnings,
                 ),
                 tunables=delivery_tunables,
@@ -661,7 +682,8 @@ class RelayService(MultiService):
         except OSError as error:
             self._cannot_start(f"{error.strerror or error}: {error.filename}")
             return
-        self._signing_threads.start()
+        if self.dkim_in_thread is not None:
+            self._signing_threads.start()
         super().startService()  # type: ignore[no-untyped-call]
 
     def _cannot_start(self, reason: str) -> None:

@@ -28,7 +28,7 @@ from smartrelay.delivery.processes import (
     share_of_limits,
 )
 from smartrelay.reactor import IRelayReactor
-from smartrelay.relay import DELIVERY_PROCESS_CONNECTIONS, RelayService
+from smartrelay.relay import DELIVERY_PROCESS_CONNECTIONS, RelayService, signs_in_threads
 from smartrelay.smtp.activity import ListenerActivity
 from tests.conftest import real_reactor
 from tests.support.relay import relay_config
@@ -114,6 +114,20 @@ def test_a_delivery_process_has_two_database_connections(tmp_path: Path) -> None
     assert RelayService(config, real_reactor(), role="listener").storage.pool_size is None
     child = RelayService(config, real_reactor(), role="delivery", worker_index=0)
     assert child.storage.pool_size == DELIVERY_PROCESS_CONNECTIONS == 2
+
+
+def test_a_delivery_process_on_sqlite_signs_in_its_reactor_thread(tmp_path: Path) -> None:
+    """Signing threads where the reactor serves clients, and for a delivery process on
+    PostgreSQL; a delivery process on SQLite signs inline (relay.signs_in_threads)."""
+    sqlite = relay_config(tmp_path, f"sqlite:{tmp_path / 'db'}", 1, 2, 3)
+    assert RelayService(sqlite, real_reactor()).dkim_in_thread is not None
+    assert RelayService(sqlite, real_reactor(), role="listener").dkim_in_thread is not None
+    child = RelayService(sqlite, real_reactor(), role="delivery", worker_index=0)
+    assert child.dkim_in_thread is None
+    postgresql = relay_config(tmp_path, "postgresql://relay@127.0.0.1:1/relay", 1, 2, 3)
+    child = RelayService(postgresql, real_reactor(), role="delivery", worker_index=0)
+    assert child.dkim_in_thread is not None
+    assert signs_in_threads("all", "sqlite:x") and not signs_in_threads("delivery", "sqlite:x")
 
 
 # -- spare delivery processes ([delivery] spare_processes) --------------------------------------
