@@ -4,6 +4,7 @@ where the connection's settings make that format mean what it says."""
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import AsyncIterator
 
@@ -11,7 +12,7 @@ import psycopg2
 import pytest_twisted
 
 from smartrelay.storage.engines import create_engine
-from smartrelay.storage.engines.postgres import _escaped_bytea, _QuotedBytea
+from smartrelay.storage.engines.postgres import _escaped_bytea, _QuotedBytea, _text_usable
 from smartrelay.storage.interfaces import ICursor, IDatabaseEngine
 from smartrelay.storage.migrations import migrate
 from smartrelay.storage.store import NewMessage, Store
@@ -29,6 +30,12 @@ VALUES = [
     b"Subject: caf\xc3\xa9\r\n\r\n=C3=A9 \x00\x7f\xff\r\n.\r\n",
     random.Random(7).randbytes(65536),
 ]
+
+
+def _value(row: tuple[memoryview] | None) -> bytes:
+    """The bytea of a one-column row as bytes (psycopg2 gives a memoryview)."""
+    assert row is not None
+    return bytes(row[0])
 
 
 @pytest_twisted.async_yield_fixture
@@ -78,6 +85,62 @@ async def test_without_standard_conforming_strings_values_go_hex_and_still_round
     written = await _round_trip(pg_engine, "SET LOCAL standard_conforming_strings = off")
     assert written == [*VALUES, VALUES[-1]]
     assert await _round_trip(pg_engine) == [*VALUES, VALUES[-1]]  # and on again after it
+
+
+def test_utf8_text_goes_as_it_is_into_a_utf8_database(postgres_server: PostgresServer) -> None:
+    """A body that is UTF-8 text without NUL (all mail but a hostile client's) is written as
+    it is, backslashes and quotes doubled: no escape for its line ends and 8-bit text."""
+    connection = psycopg2.connect(postgres_server.dsn())
+    try:
+        assert _text_usable(connection)
+        body = "Subject: caf\u00e9\r\n\r\n\\x41 ' \\ \x01\x7f text \u2603\r\n".encode()
+        (quoted,) = _escaped_bytea((body,), connection)
+        assert isinstance(quoted, _QuotedBytea)
+        literal = quoted.getquoted()
+        assert literal == (b"'" + body.replace(b"\\", b"\\\\").replace(b"'", b"''") + b"'::bytea")
+        assert b"\r\n" in literal and "\u00e9".encode() in literal
+        with connection.cursor() as cursor:
+            cursor.execute(b"SELECT " + literal)
+            assert _value(cursor.fetchone()) == body
+        # Not UTF-8, or with a NUL: libpq's escapes, as before
+        for bad in (b"caf\xe9\r\n", b"a\x00b", b"\xed\xa0\x80 a surrogate"):
+            value = bad + b" text" * 20  # mostly printable: the escape format is shorter
+            (quoted,) = _escaped_bytea((value,), connection)
+            assert isinstance(quoted, _QuotedBytea)
+            assert b"\\" in quoted.getquoted()  # an octal escape
+            with connection.cursor() as cursor:
+                cursor.execute(b"SELECT " + quoted.getquoted())
+                assert _value(cursor.fetchone()) == value
+    finally:
+        connection.close()
+
+
+def test_a_database_in_another_encoding_gets_escapes(postgres_server: PostgresServer) -> None:
+    """The literal's bytes could be converted on the way: every byte but printable ASCII is
+    escaped, and the values come back as they were."""
+    admin = psycopg2.connect(postgres_server.dsn())
+    admin.autocommit = True
+    name = f"latin1_{os.getpid()}"
+    with admin.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {name} ENCODING 'LATIN1' TEMPLATE template0")
+    try:
+        connection = psycopg2.connect(postgres_server.dsn(name))
+        connection.set_client_encoding("UTF8")
+        try:
+            assert not _text_usable(connection)
+            body = "Subject: caf\u00e9\r\n".encode()
+            (quoted,) = _escaped_bytea((body,), connection)
+            assert isinstance(quoted, _QuotedBytea)
+            assert quoted.getquoted() == b"'Subject: caf\\303\\251\\015\\012'::bytea"
+            with connection.cursor() as cursor:
+                cursor.execute(b"SELECT " + quoted.getquoted())
+                assert _value(cursor.fetchone()) == body
+        finally:
+            connection.close()
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE {name}")
+        admin.close()
 
 
 def test_the_escape_format_is_used_where_it_means_what_it_says(

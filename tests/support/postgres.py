@@ -75,6 +75,11 @@ class PostgresServer:
             "trust",
             "-U",
             "postgres",
+            # UTF8 whatever the environment's locale, as a production database is (message
+            # bodies go as text to a UTF8 database: tests/test_postgres_bytea.py)
+            "-E",
+            "UTF8",
+            "--locale=C",
             *(() if self._durable else ("--no-sync",)),
         )
         for attempt in range(3):

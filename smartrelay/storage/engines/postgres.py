@@ -224,6 +224,16 @@ def _escape_format_usable(connection: Any) -> bool:
     )
 
 
+def _text_usable(connection: Any) -> bool:
+    """Whether bytes that are UTF-8 text may go in a bytea literal as they are
+    (:func:`_bytea_literal`): the client and the database both UTF8, so that nothing converts
+    the literal's bytes on the way (the escape format must be usable as well)."""
+    return bool(
+        connection.encoding == "UTF8"
+        and connection.get_parameter_status("server_encoding") == "UTF8"
+    )
+
+
 def _escaped_bytea(args: Sequence[Any], connection: Any) -> tuple[Any, ...]:
     """``args`` with each ``bytes`` value quoted in the escape format when the connection
     allows it (:func:`_escape_format_usable`) and that is the shorter literal, else as they
@@ -232,7 +242,33 @@ def _escaped_bytea(args: Sequence[Any], connection: Any) -> tuple[Any, ...]:
         return tuple(args)
     if not _escape_format_usable(connection):
         return tuple(args)
-    return tuple(_shorter_literal(value) if type(value) is bytes else value for value in args)
+    text = _text_usable(connection)
+    return tuple(_bytea_literal(value, text) if type(value) is bytes else value for value in args)
+
+
+def _bytea_literal(value: bytes, text: bool) -> _QuotedBytea | bytes:
+    """The bytea literal of ``value`` in the escape format (:func:`_escape_format_usable`
+    holds), or ``value`` itself where psycopg2's hex literal is shorter.
+
+    With ``text`` (:func:`_text_usable`), a value that is UTF-8 text without NUL (mail: an
+    8bit body is UTF-8, any other is ASCII) goes as it is, only its backslashes doubled and
+    its quotes doubled: the escape format takes every other byte literally (PostgreSQL's
+    manual, "bytea Escape Format"), and the query text stays valid UTF-8. That is some 50
+    times less work than libpq's escaping (13 µs for a 7.5 KB body, whose every line end
+    becomes ``\\015\\012``) and a shorter literal for the server to parse
+    (docs/performance.md, thirteenth session)."""
+    if text and b"\x00" not in value and (value.isascii() or _is_utf8(value)):
+        escaped = value.replace(b"\\", b"\\\\").replace(b"'", b"''")
+        return _QuotedBytea(b"".join((b"'", escaped, b"'::bytea")))  # one copy
+    return _shorter_literal(value)
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _shorter_literal(value: bytes) -> _QuotedBytea | bytes:
@@ -336,14 +372,16 @@ class PostgresCursor(NotifyingCursor):
         whether that format may be used is checked once, at the statements' first body (as
         :func:`_escaped_bytea` checks it once for a statement's values)."""
         escape: bool | None = None
+        text = False
 
         def quote(value: Any) -> bytes:
-            nonlocal escape
+            nonlocal escape, text
             if type(value) is bytes:
                 if escape is None:
                     escape = _escape_format_usable(connection)
+                    text = escape and _text_usable(connection)
                 if escape:
-                    quoted = _shorter_literal(value)
+                    quoted = _bytea_literal(value, text)
                     if isinstance(quoted, _QuotedBytea):
                         return quoted.getquoted()
             literal: bytes = self._cursor.mogrify("%s", (value,))
