@@ -9,10 +9,17 @@ import random
 from collections.abc import AsyncIterator
 
 import psycopg2
+import pytest
 import pytest_twisted
 
 from smartrelay.storage.engines import create_engine
-from smartrelay.storage.engines.postgres import _escaped_bytea, _QuotedBytea, _text_usable
+from smartrelay.storage.engines.postgres import (
+    _UTF8_CHECK_PIECE,
+    _escaped_bytea,
+    _is_utf8,
+    _QuotedBytea,
+    _text_usable,
+)
 from smartrelay.storage.interfaces import ICursor, IDatabaseEngine
 from smartrelay.storage.migrations import migrate
 from smartrelay.storage.store import NewMessage, Store
@@ -113,6 +120,19 @@ def test_utf8_text_goes_as_it_is_into_a_utf8_database(postgres_server: PostgresS
                 assert _value(cursor.fetchone()) == value
     finally:
         connection.close()
+
+
+@pytest.mark.parametrize("shift", [-3, -2, -1, 0, 1])
+def test_utf8_is_checked_piece_by_piece_as_a_whole_would_be(shift: int) -> None:
+    """A character cut by a piece's end still counts as valid, a bad sequence there not."""
+    head = b"a" * (_UTF8_CHECK_PIECE + shift)
+    for tail in ("\u00e9", "\u2603", "\U0001f600"):
+        value = head + tail.encode() + b" text"
+        assert _is_utf8(value)
+        assert not _is_utf8(value[:-6])  # the character cut short at the end
+        assert not _is_utf8(head + tail.encode()[:1] + b"a" + tail.encode()[1:])
+    assert not _is_utf8(head + b"\xed\xa0\x80")  # an encoded surrogate
+    assert _is_utf8(b"") and _is_utf8(b"plain")
 
 
 def test_a_database_in_another_encoding_gets_escapes(postgres_server: PostgresServer) -> None:
