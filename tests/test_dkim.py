@@ -313,6 +313,23 @@ async def test_signing_in_a_thread_pool_gives_the_same_fields(
 
 
 @pytest.mark.parametrize("name", MESSAGE_IDS)
+def test_signing_inline_with_the_split_gives_the_same_fields(
+    name: str, key_files: KeyFiles
+) -> None:
+    """A delivery process on SQLite signs in its own thread, from the copy as the chain has
+    it split: the same fields as the threaded way and as signing the whole message."""
+    message = MESSAGES[name]
+    signer = DkimSigner([key_files.rsa, key_files.ed25519], now=lambda: NOW)
+    whole = signer.signature_fields(message)
+    assert b"".join(signer.signature_field_list(message, split_header_block(message))) == whole
+    assert b"".join(signer.signature_field_list(message)) == whole
+    lf = message.replace(b"\r\n", b"\n")  # not a plain split: dkimpy's parse, same fields
+    fields = signer.signature_field_list(lf, split_header_block(lf))
+    assert b"".join(fields) == signer.signature_fields(lf)
+    assert signer.signature_field_list(b"Subject: no From\r\n\r\nbody\r\n") == []
+
+
+@pytest.mark.parametrize("name", MESSAGE_IDS)
 def test_dual_signature(name: str, key_files: KeyFiles, perl_verify: PerlVerify) -> None:
     """A domain with an RSA and an Ed25519 key gets both signatures, the first configured on
     top. Mail::DKIM checks the RSA one (over the same h= and bh= as the Ed25519 one)."""

@@ -371,8 +371,9 @@ class DkimStep:
     def apply(self, copy: OutgoingCopy) -> OutgoingCopy | Deferred[OutgoingCopy]:
         if not self._signer.keys:
             return copy  # nothing to sign with: no copy of the whole message
-        if self._in_thread is None:
-            return self._add(copy, self._signer.signature_fields(copy.data))
+        if self._in_thread is None:  # the split spares dkimpy's parse of the whole copy
+            fields = self._signer.signature_field_list(copy.data, (copy.fields, copy.body))
+            return self._put(copy, fields)
         signing = self._signer.signature_fields_off_thread(
             copy.data, self._in_thread, (copy.fields, copy.body)
         )

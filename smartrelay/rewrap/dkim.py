@@ -263,6 +263,17 @@ class DkimSigner:
         pending, linesep = prepared
         return _assemble(pending, [p.key.sign_digest(p.digest) for p in pending], linesep)
 
+    def signature_field_list(
+        self, message: bytes, split: tuple[Sequence[bytes], bytes] | None = None
+    ) -> list[bytes]:
+        """:meth:`signature_fields_off_thread`'s fields, signed in the caller's thread (a
+        delivery process that serves no client: relay.signs_in_threads)."""
+        prepared = self._prepare(message, split)
+        if prepared is None:
+            return []
+        pending, linesep = prepared
+        return _assembled_fields(pending, [p.key.sign_digest(p.digest) for p in pending], linesep)
+
     async def signature_fields_off_thread(
         self,
         message: bytes,
