@@ -129,21 +129,19 @@ SIGNING_THREADS = 4  # at most; no more than the machine's cores
 DELIVERY_PROCESS_CONNECTIONS = 2
 
 
-def signs_in_threads(role: str, database_url: str) -> bool:
+def signs_in_threads(role: str) -> bool:
     """Whether DKIM's private-key operations run in signing threads (``cryptography``
     releases the GIL for them, so they use another core while the reactor goes on) rather
     than in the reactor's thread.
 
     Threads, where the reactor also serves clients (the main process, an accepting
     process): an RSA-2048 signature holds a reactor thread some 0.25 ms a copy. A delivery
-    process serves none, and on SQLite (its database work in its own process, at its own
-    priority) signing inline measured better in every respect: end to end +12 %, CPU -8 %,
-    DATA->250 p99 35.0 -> 32.1 ms (six alternating rounds; +8 % in eight rounds of the
-    eleventh session). On PostgreSQL the faster delivery sends more work to the server
-    (whose processes run at the listener's priority) and the listener's p99 rose (38.4 ->
-    45.5 ms, 49.2 -> 60 in the eleventh session) for +2 % end to end: threads there
-    (docs/performance.md, thirteenth session)."""
-    return role != "delivery" or not database_url.startswith("sqlite:")
+    process serves none, and each signature in a thread cost it a queue hand-off, a wake-up
+    of its reactor and GIL switches: signing inline measured end to end +5 % on
+    PostgreSQL and on SQLite (+12 % there before the inline path was given the chain's
+    split), CPU -6 to -9 %, DATA->250 p99 no higher (docs/performance.md, thirteenth
+    session)."""
+    return role != "delivery"
 
 
 class RelayService(MultiService):
@@ -266,9 +264,7 @@ class RelayService(MultiService):
             reactor, min(SIGNING_THREADS, os.cpu_count() or 1), name="dkim-sign"
         )
         #: Where DKIM signs: signing threads, or None for the reactor's thread.
-        self.dkim_in_thread: InThread | None = (
-            self._in_thread if signs_in_threads(role, config.database.url) else None
-        )
+        self.dkim_in_thread: InThread | None = self._in_thread if signs_in_threads(role) else None
         self.delivery: DeliveryManager | None = None
         #: The delivery processes (``[delivery] processes`` >= 1, main process).
         self.delivery_processes: DeliveryProcesses | None = None
