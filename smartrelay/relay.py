@@ -137,10 +137,10 @@ def signs_in_threads(role: str) -> bool:
     Threads, where the reactor also serves clients (the main process, an accepting
     process): an RSA-2048 signature holds a reactor thread some 0.25 ms a copy. A delivery
     process serves none, and each signature in a thread cost it a queue hand-off, a wake-up
-    of its reactor and GIL switches: signing inline measured end to end +5 % on
-    PostgreSQL and on SQLite (+12 % there before the inline path was given the chain's
-    split), CPU -6 to -9 %, DATA->250 p99 no higher (docs/performance.md, thirteenth
-    session)."""
+    of its reactor and GIL switches: signing inline measured end to end +12 % on SQLite
+    (+5 % more once the inline path was given the chain's split, as the threaded one had)
+    and +5 % on PostgreSQL, CPU -6 to -9 %, DATA->250 p99 no higher (docs/performance.md,
+    thirteenth session)."""
     return role != "delivery"
 
 

@@ -316,8 +316,8 @@ async def test_signing_in_a_thread_pool_gives_the_same_fields(
 def test_signing_inline_with_the_split_gives_the_same_fields(
     name: str, key_files: KeyFiles
 ) -> None:
-    """A delivery process on SQLite signs in its own thread, from the copy as the chain has
-    it split: the same fields as the threaded way and as signing the whole message."""
+    """A delivery process signs in its reactor's thread, from the copy as the chain has it
+    split: the same fields as the threaded way and as signing the whole message."""
     message = MESSAGES[name]
     signer = DkimSigner([key_files.rsa, key_files.ed25519], now=lambda: NOW)
     whole = signer.signature_fields(message)
