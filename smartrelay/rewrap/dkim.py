@@ -257,17 +257,14 @@ class DkimSigner:
 
     def signature_fields(self, message: bytes) -> bytes:
         """The DKIM-Signature field(s) :meth:`sign` would prepend (empty when none)."""
-        prepared = self._prepare(message)
-        if prepared is None:
-            return b""
-        pending, linesep = prepared
-        return _assemble(pending, [p.key.sign_digest(p.digest) for p in pending], linesep)
+        return b"".join(self.signature_field_list(message))
 
     def signature_field_list(
         self, message: bytes, split: tuple[Sequence[bytes], bytes] | None = None
     ) -> list[bytes]:
-        """:meth:`signature_fields_off_thread`'s fields, signed in the caller's thread (a
-        delivery process that serves no client: relay.signs_in_threads)."""
+        """:meth:`signature_fields`, a field each, as :meth:`signature_fields_off_thread`
+        gives them, signed in the caller's thread (a delivery process, which serves no
+        client: relay.signs_in_threads). ``split`` as for that method."""
         prepared = self._prepare(message, split)
         if prepared is None:
             return []
